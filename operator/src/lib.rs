@@ -2,10 +2,20 @@
 //! to worker pods.
 //!
 //! The decision logic (task state machine, DAG, templating, retry arithmetic, queues, scaling) is
-//! pure and lives in [`engine`]; the Kubernetes and HTTP code around it is a thin shell.
+//! pure and lives in [`engine`]; the task [`driver`] applies its decisions through a storage
+//! trait, so the same code runs against the Kubernetes API ([`controller`]) and in memory
+//! ([`memory`]); the [`dispatch`]er sends ready tasks to worker pods.
 
 pub mod api;
+pub mod controller;
+pub mod dispatch;
+pub mod driver;
 pub mod engine;
+pub mod memory;
+pub mod workload;
+
+#[cfg(test)]
+mod fixtures;
 
 /// Everything that can go wrong in the operator.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +26,35 @@ pub enum Error {
     /// A resource could not be (de)serialised.
     #[error("serialisation: {0}")]
     Json(#[from] serde_json::Error),
+    /// Someone else kept writing the object; the caller retries later.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// An object the operation needs does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// An object lacks a field the operator needs.
+    #[error("object has no {0}")]
+    MissingField(&'static str),
+    /// Adding or removing a finalizer failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// Short label for the `error` label of reconcile error metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(kube::Error::Api(s)) if s.code == 404 => "not_found",
+            Error::Kube(kube::Error::Api(_)) => "api",
+            Error::Kube(_) => "transport",
+            Error::Json(_) => "serialisation",
+            Error::Conflict(_) => "conflict",
+            Error::NotFound(_) => "not_found",
+            Error::MissingField(_) => "invalid_object",
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
 }
 
 /// Result with the operator's [`Error`].
