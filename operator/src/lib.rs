@@ -6,6 +6,11 @@
 
 pub mod api;
 pub mod engine;
+pub mod lease;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod worker_client;
 
 /// Everything that can go wrong in the operator.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +21,15 @@ pub enum Error {
     /// A resource could not be (de)serialised.
     #[error("serialisation: {0}")]
     Json(#[from] serde_json::Error),
+    /// The HTTP client could not be built (e.g. the TLS backend failed to initialise).
+    #[error("HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    /// A metric could not be registered or the registry could not be encoded.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A socket could not be bound or served.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// Result with the operator's [`Error`].
