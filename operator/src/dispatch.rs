@@ -21,7 +21,7 @@ use crate::engine::FailureReason;
 use crate::engine::queue::{Endpoints, ModelQueue};
 use crate::engine::state::{DispatchState, Event};
 use crate::metrics::Metrics;
-use crate::protocol::ModelRequest;
+use crate::worker_client::ModelRequest;
 use crate::worker_client::AttemptError;
 
 /// Identifies a task: namespace and name.
@@ -455,3 +455,26 @@ impl Executor for NoopExecutor {
         Ok(())
     }
 }
+
+impl Executor for crate::worker_client::WorkerClient {
+    async fn execute(&self, endpoint: Option<&str>, job: &Job) -> Result<Value, AttemptError> {
+        match (&job.work, endpoint) {
+            (Work::Model(request), Some(endpoint)) => self.run_task(endpoint, request, job.timeout).await,
+            (Work::Model(request), None) => Err(AttemptError {
+                reason: FailureReason::Unreachable,
+                message: format!("no worker endpoint for model {}", request.model),
+            }),
+            (Work::Http { call, body, bearer }, _) => {
+                self.call_http(call, body.as_deref(), bearer.as_deref(), &job.idempotency_key, job.timeout)
+                    .await
+            }
+        }
+    }
+
+    async fn deliver(&self, url: &str, bearer: Option<&str>, key: &str, payload: &Value) -> Result<(), AttemptError> {
+        self.deliver_webhook(url, bearer, key, payload, WEBHOOK_TIMEOUT).await
+    }
+}
+
+/// Limit on one webhook delivery.
+const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(30);

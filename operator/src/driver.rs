@@ -19,7 +19,7 @@ use crate::dispatch::{Dispatcher, Executor, Job, Lane, ReportFuture, ReportSink,
 use crate::engine::dag::find_cycles;
 use crate::engine::state::{step, DepState, Event, Observation, Transition};
 use crate::metrics::Metrics;
-use crate::protocol::ModelRequest;
+use crate::worker_client::ModelRequest;
 use crate::{Error, Result};
 
 /// Name of the condition that tells whether the output was delivered.

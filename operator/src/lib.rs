@@ -11,7 +11,13 @@ pub mod controller;
 pub mod dispatch;
 pub mod driver;
 pub mod engine;
+pub mod lease;
+pub mod manifest;
 pub mod memory;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod worker_client;
 pub mod workload;
 
 #[cfg(test)]
@@ -26,6 +32,15 @@ pub enum Error {
     /// A resource could not be (de)serialised.
     #[error("serialisation: {0}")]
     Json(#[from] serde_json::Error),
+    /// The HTTP client could not be built (e.g. the TLS backend failed to initialise).
+    #[error("HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    /// A metric could not be registered or the registry could not be encoded.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A socket could not be bound or served.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
     /// Someone else kept writing the object; the caller retries later.
     #[error("conflict: {0}")]
     Conflict(String),
@@ -53,6 +68,9 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::MissingField(_) => "invalid_object",
             Error::Finalizer(_) => "finalizer",
+            Error::HttpClient(_) => "http_client",
+            Error::Metrics(_) => "metrics",
+            Error::Io(_) => "io",
         }
     }
 }

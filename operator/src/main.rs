@@ -126,7 +126,8 @@ async fn main() -> anyhow::Result<()> {
     let mut elector = None;
     if args.leader_election {
         let lease_api: Api<Lease> = Api::namespaced(client.clone(), &args.lease_namespace);
-        let e = LeaderElector::new(lease_api, &args.lease_name, &args.identity, Duration::from_secs(args.lease_seconds));
+        let duration = Duration::from_secs(args.lease_seconds);
+        let e = LeaderElector::new(lease_api, &args.lease_name, &args.identity, duration, duration / 3);
         tracing::info!(lease = %args.lease_name, identity = %args.identity, "waiting for leadership");
         loop {
             match e.try_acquire_or_renew().await {
@@ -141,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
         elector = Some(e);
     }
 
-    let executor = Arc::new(WorkerClient::new());
+    let executor = Arc::new(WorkerClient::new(Duration::from_secs(5)).context("building the HTTP client")?);
     let dispatcher = Arc::new(Dispatcher::new(
         executor,
         Arc::clone(&metrics),

@@ -18,6 +18,7 @@ pub const DEFAULT_SCALE_DOWN_DELAY_SECONDS: u32 = 300;
 pub const WORKER_PORT: i32 = 8080;
 
 /// A transformer model served by worker pods.
+#[allow(clippy::duplicated_attributes)] // several printer columns share a type
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[kube(
     group = "atomic.dev",

@@ -22,6 +22,7 @@ pub const DEFAULT_BACKOFF_SECONDS: u32 = 5;
 pub const DEFAULT_MAX_BACKOFF_SECONDS: u32 = 300;
 
 /// One unit of AI work on a named ModelDeployment.
+#[allow(clippy::duplicated_attributes)] // several printer columns share a type
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[kube(
     group = "atomic.dev",

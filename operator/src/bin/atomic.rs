@@ -104,7 +104,7 @@ async fn run(
     }
 
     let metrics = Arc::new(Metrics::new()?);
-    let dispatcher = Arc::new(Dispatcher::new(Arc::new(WorkerClient::new()), Arc::clone(&metrics), max_in_flight, 16));
+    let dispatcher = Arc::new(Dispatcher::new(Arc::new(WorkerClient::new(Duration::from_secs(5))?), Arc::clone(&metrics), max_in_flight, 16));
     let (store, wakeups) = MemoryStore::new();
     let driver = Driver::new(Arc::clone(&store), Arc::clone(&dispatcher), metrics, DriverConfig::default());
     for task in manifests.tasks {

@@ -211,7 +211,7 @@ mod tests {
     use crate::dispatch::{Dispatcher, Job, NoopExecutor, TaskKey, Work};
     use crate::fixtures::{mock_client, status_body, Expect};
     use crate::metrics::Metrics;
-    use crate::protocol::ModelRequest;
+    use crate::worker_client::ModelRequest;
 
     const MD_PATH: &str = "/apis/atomic.dev/v1alpha1/namespaces/ns/modeldeployments/intent";
     const DEPLOY_PATH: &str = "/apis/apps/v1/namespaces/ns/deployments/intent-worker";
