@@ -8,6 +8,9 @@ pub mod retry;
 pub mod state;
 pub mod template;
 
+#[cfg(test)]
+mod sim_tests;
+
 /// Why one attempt of a task failed, as seen by whoever ran it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FailureReason {
