@@ -2,6 +2,15 @@
 //! templating, retry and timeout arithmetic, dispatch queues and autoscaling decisions.
 //! Nothing here touches the network or the clock; callers pass `now` in.
 
+pub mod dag;
+pub mod queue;
+pub mod retry;
+pub mod state;
+pub mod template;
+
+#[cfg(test)]
+mod sim_tests;
+
 /// Why one attempt of a task failed, as seen by whoever ran it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FailureReason {
