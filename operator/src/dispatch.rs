@@ -115,7 +115,7 @@ pub trait ReportSink: Send + Sync + 'static {
 
 enum Slot {
     Queued { lane: Lane },
-    InFlight { lane: Lane, attempt: u32, abort: Option<AbortHandle> },
+    InFlight { attempt: u32, abort: Option<AbortHandle> },
 }
 
 struct LaneState {
@@ -232,7 +232,7 @@ impl<E: Executor> Dispatcher<E> {
             }
             state.slots.insert(job.key.clone(), Slot::Queued { lane: lane.clone() });
             let lane_state = state.lanes.entry(lane.clone()).or_insert_with(|| self.new_lane(&lane));
-            let was_idle = lane_state.queue.len() == 0 && lane_state.in_flight == 0;
+            let was_idle = lane_state.queue.is_empty() && lane_state.in_flight == 0;
             lane_state
                 .queue
                 .push(job.key.to_string(), job.priority, job.not_before, job.clone());
@@ -304,7 +304,7 @@ impl<E: Executor> Dispatcher<E> {
         state.lanes.get(lane).map_or(LaneLoad::default(), |l| LaneLoad {
             queued: u32::try_from(l.queue.len()).unwrap_or(u32::MAX),
             in_flight: l.in_flight,
-            endpoints: l.endpoints.ready_count(),
+            endpoints: u32::try_from(l.endpoints.ready()).unwrap_or(u32::MAX),
         })
     }
 
@@ -315,14 +315,14 @@ impl<E: Executor> Dispatcher<E> {
         let mut started = Vec::new();
         let mut next_due: Option<Timestamp> = None;
         for (lane, lane_state) in lanes.iter_mut() {
-            while lane_state.queue.len() > 0 {
+            while !lane_state.queue.is_empty() {
                 let Some(endpoint) = lane_state.endpoints.acquire() else { break };
-                match lane_state.queue.pop_ready(now) {
+                match lane_state.queue.pop_ready(now).map(|entry| entry.payload) {
                     Some(job) => {
                         lane_state.in_flight += 1;
                         slots.insert(
                             job.key.clone(),
-                            Slot::InFlight { lane: lane.clone(), attempt: job.attempt, abort: None },
+                            Slot::InFlight { attempt: job.attempt, abort: None },
                         );
                         started.push((lane.clone(), job, endpoint));
                     }
@@ -332,7 +332,7 @@ impl<E: Executor> Dispatcher<E> {
                     }
                 }
             }
-            if let Some(t) = lane_state.queue.next_ready_time() {
+            if let Some(t) = lane_state.queue.next_ready_time(now) {
                 next_due = Some(next_due.map_or(t, |n| n.min(t)));
             }
             self.metrics.set_queue_depth(&lane_label(lane), lane_state.queue.len());
@@ -407,7 +407,7 @@ impl<E: Executor> Dispatcher<E> {
         let Some(sink) = self.sink.get() else { return };
         let worker = if lane.model.is_some() { endpoint.to_owned() } else { "http".to_owned() };
         if !sink
-            .report(job.key.clone(), Event::AttemptStarted { worker })
+            .report(job.key.clone(), Event::AttemptStarted { attempt: job.attempt, worker })
             .await
         {
             return;

@@ -274,7 +274,7 @@ pub fn worker_deployment(md: &ModelDeployment, defaults: &WorkerDefaults, replic
     meta.annotations = Some(BTreeMap::from([(REVISION_ANNOTATION.to_owned(), revision(&template))]));
     Deployment {
         metadata: meta,
-        spec: Some(DeploymentSpec {
+        spec: DeploymentSpec {
             replicas: Some(replicas),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(md)),
@@ -290,7 +290,7 @@ pub fn worker_deployment(md: &ModelDeployment, defaults: &WorkerDefaults, replic
                 }),
             }),
             ..DeploymentSpec::default()
-        }),
+        },
         status: None,
     }
 }
@@ -363,7 +363,7 @@ mod tests {
         let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!(owner.kind, "ModelDeployment");
         assert_eq!(owner.controller, Some(true));
-        let spec = d.spec.unwrap();
+        let spec = d.spec;
         assert_eq!(spec.replicas, Some(3));
         let pod = spec.template.spec.unwrap();
         assert_eq!(pod.automount_service_account_token, Some(false));
@@ -385,7 +385,7 @@ mod tests {
     #[test]
     fn gpu_workers_request_gpus_and_tolerate_gpu_taints() {
         let d = worker_deployment(&model(2), &defaults(), 1);
-        let pod = d.spec.unwrap().template.spec.unwrap();
+        let pod = d.spec.template.spec.unwrap();
         let limits = pod.containers[0].resources.as_ref().unwrap().limits.clone().unwrap();
         assert_eq!(limits["nvidia.com/gpu"], Quantity("2".to_owned()));
         assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some("nvidia.com/gpu"));
@@ -399,7 +399,7 @@ mod tests {
             persistent_volume_claim: None,
             host_path: Some(HostPathSource { path: "/data/minilm".to_owned() }),
         };
-        let pod = worker_deployment(&md, &defaults(), 1).spec.unwrap().template.spec.unwrap();
+        let pod = worker_deployment(&md, &defaults(), 1).spec.template.spec.unwrap();
         let vol = &pod.volumes.unwrap()[0];
         assert_eq!(vol.host_path.as_ref().unwrap().path, "/data/minilm");
         assert!(pod.containers[0].args.as_ref().unwrap().join(" ").contains("--model-dir /models "));
@@ -422,7 +422,7 @@ mod tests {
         let md = model(0);
         let svc = worker_service(&md);
         let d = worker_deployment(&md, &defaults(), 1);
-        assert_eq!(svc.spec.unwrap().selector, d.spec.unwrap().selector.match_labels);
+        assert_eq!(svc.spec.unwrap().selector, d.spec.selector.match_labels);
         assert_eq!(selector_string(&md), "app.kubernetes.io/instance=intent,app.kubernetes.io/name=atomic-worker,atomic.dev/model=intent");
     }
 }

@@ -99,7 +99,7 @@ fn ready_addresses(slice: &EndpointSlice) -> BTreeSet<String> {
         .and_then(|p| p.port);
     let Some(port) = port else { return BTreeSet::new() };
     let mut out = BTreeSet::new();
-    for endpoint in &slice.endpoints {
+    for endpoint in slice.endpoints.iter().flatten() {
         let conditions = endpoint.conditions.clone().unwrap_or_default();
         if conditions.ready == Some(false) || conditions.terminating == Some(true) {
             continue;
@@ -130,7 +130,8 @@ mod tests {
                 ..ObjectMeta::default()
             },
             address_type: "IPv4".to_owned(),
-            endpoints: endpoints
+            endpoints: Some(
+                endpoints
                 .iter()
                 .map(|(ip, ready)| Endpoint {
                     addresses: vec![(*ip).to_owned()],
@@ -138,6 +139,7 @@ mod tests {
                     ..Endpoint::default()
                 })
                 .collect(),
+            ),
             ports: Some(vec![EndpointPort {
                 name: Some("http".to_owned()),
                 port: Some(8080),

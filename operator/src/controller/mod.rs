@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use kube::runtime::controller::Action;
 use kube::Client;
 
-use crate::dispatch::{Dispatcher, Executor};
+use crate::dispatch::Dispatcher;
 use crate::metrics::Metrics;
 use crate::workload::WorkerDefaults;
 use crate::Error;

@@ -71,8 +71,7 @@ async fn apply<E: Executor>(md: &ModelDeployment, ctx: &Context<E>) -> Result<Ac
     let existing = deployments.get_opt(&name).await?;
     let current = existing
         .as_ref()
-        .and_then(|d| d.spec.as_ref())
-        .and_then(|s| s.replicas)
+        .and_then(|d| d.spec.replicas)
         .unwrap_or(0);
     let old_status = md.status.clone().unwrap_or_default();
     let last_scale = old_status.last_scale_time.as_ref().map(|t| t.0);

@@ -81,10 +81,9 @@ impl TaskStore for KubeStore {
         let mut updated = task.clone();
         updated.status = Some(status.clone());
         // replace_status sends the resourceVersion we read: a stale one answers 409.
-        let body = serde_json::to_vec(&updated)?;
         match self
             .tasks(&namespace)
-            .replace_status(&task.name_any(), &PostParams::default(), body)
+            .replace_status(&task.name_any(), &PostParams::default(), &updated)
             .await
         {
             Ok(written) => Ok(Some(written)),

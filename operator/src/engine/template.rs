@@ -2,6 +2,9 @@
 //! `{{ tasks.NAME[.FIELD...] }}` placeholders, and checks statically that a template only
 //! references tasks listed in `dependsOn`.
 //!
+//! A placeholder may end in `| json` to insert the value JSON-encoded (strings quoted and
+//! escaped), which is what a JSON request body needs.
+//!
 //! Task names are Kubernetes names and may themselves contain `.`, so a path such as
 //! `tasks.a.b.c` is resolved against the *longest* known task name that it starts with.
 
@@ -32,6 +35,14 @@ pub enum TemplateError {
     Empty {
         /// Byte offset of the `{{` in the template.
         offset: usize,
+    },
+    /// A `| filter` other than `json`.
+    #[error("unknown filter `{filter}` in `{{{{ {placeholder} }}}}`: the only filter is `json`")]
+    UnknownFilter {
+        /// The placeholder's contents, trimmed.
+        placeholder: String,
+        /// The filter name.
+        filter: String,
     },
     /// The placeholder is neither `input.text` nor `tasks.NAME...`.
     #[error(
@@ -80,9 +91,11 @@ fn list(items: &[String]) -> String {
 #[derive(Debug, PartialEq, Eq)]
 enum Piece<'t> {
     Literal(&'t str),
-    Input,
-    /// The path after `tasks.`, still to be split into task name and field path.
-    Task(&'t str),
+    /// `input.text`; the flag says whether to JSON-encode it.
+    Input(bool),
+    /// The path after `tasks.`, still to be split into task name and field path, and whether
+    /// to JSON-encode the value.
+    Task(&'t str, bool),
 }
 
 /// Splits a template into literals and placeholders, validating placeholder syntax.
@@ -104,10 +117,20 @@ fn parse(template: &str) -> Result<Vec<Piece<'_>>, TemplateError> {
                 offset: offset + open,
             });
         }
+        let (inner, json) = match inner.split_once('|') {
+            None => (inner, false),
+            Some((value, filter)) if filter.trim() == "json" => (value.trim(), true),
+            Some((_, filter)) => {
+                return Err(TemplateError::UnknownFilter {
+                    placeholder: inner.to_string(),
+                    filter: filter.trim().to_string(),
+                });
+            }
+        };
         if inner == "input.text" {
-            pieces.push(Piece::Input);
+            pieces.push(Piece::Input(json));
         } else if let Some(path) = inner.strip_prefix("tasks.").filter(|p| !p.is_empty()) {
-            pieces.push(Piece::Task(path));
+            pieces.push(Piece::Task(path, json));
         } else {
             return Err(TemplateError::UnknownRoot {
                 placeholder: inner.to_string(),
@@ -140,7 +163,7 @@ pub fn referenced_tasks(template: &str) -> Result<Vec<String>, TemplateError> {
     Ok(parse(template)?
         .into_iter()
         .filter_map(|p| match p {
-            Piece::Task(path) => Some(path.to_string()),
+            Piece::Task(path, _) => Some(path.to_string()),
             _ => None,
         })
         .collect())
@@ -150,7 +173,7 @@ pub fn referenced_tasks(template: &str) -> Result<Vec<String>, TemplateError> {
 /// in `depends_on`, so a typo fails the task at once instead of blocking it forever.
 pub fn check_references(template: &str, depends_on: &[String]) -> Result<(), TemplateError> {
     for piece in parse(template)? {
-        if let Piece::Task(path) = piece
+        if let Piece::Task(path, _) = piece
             && split_task(path, |n| depends_on.iter().any(|d| d == n)).is_none()
         {
             return Err(TemplateError::UnknownTask {
@@ -168,14 +191,18 @@ pub fn render(template: &str, ctx: &TemplateContext) -> Result<String, TemplateE
     for piece in parse(template)? {
         match piece {
             Piece::Literal(text) => out.push_str(text),
-            Piece::Input => out.push_str(ctx.input_text.ok_or(TemplateError::InputMissing)?),
-            Piece::Task(path) => {
-                let value = lookup(path, ctx.tasks)?;
-                match value {
-                    Value::String(s) => out.push_str(s),
-                    other => out.push_str(&other.to_string()),
+            Piece::Input(json) => {
+                let text = ctx.input_text.ok_or(TemplateError::InputMissing)?;
+                if json {
+                    out.push_str(&Value::String(text.to_string()).to_string());
+                } else {
+                    out.push_str(text);
                 }
             }
+            Piece::Task(path, json) => match lookup(path, ctx.tasks)? {
+                Value::String(s) if !json => out.push_str(s),
+                other => out.push_str(&other.to_string()),
+            },
         }
     }
     Ok(out)
@@ -251,6 +278,17 @@ mod tests {
                 tasks: &t,
             },
         )
+    }
+
+    #[test]
+    fn the_json_filter_encodes_values() {
+        assert_eq!(r("{{ input.text | json }}").unwrap(), "\"hello\"");
+        assert_eq!(r("{\"t\": {{ tasks.summ|json }}}").unwrap(), "{\"t\": \"short text\"}");
+        assert_eq!(r("{{ tasks.classify.score | json }}").unwrap(), "0.9");
+        assert!(matches!(
+            r("{{ tasks.summ | upper }}"),
+            Err(TemplateError::UnknownFilter { filter, .. }) if filter == "upper"
+        ));
     }
 
     #[test]
