@@ -15,7 +15,7 @@ use atomic_operator::api::task::{AtomicTaskSpec, Operation, TaskInput};
 use atomic_operator::api::{AtomicTask, TaskPhase};
 use atomic_operator::dispatch::{Dispatcher, Lane, NoopExecutor};
 use atomic_operator::driver::{Driver, DriverConfig};
-use atomic_operator::memory::{run_until_settled, MemoryStore};
+use atomic_operator::memory::{MemoryStore, run_until_settled};
 use atomic_operator::metrics::Metrics;
 
 const LAYERS: usize = 10;
@@ -28,7 +28,10 @@ fn task(name: String, depends_on: Vec<String>, prompt: Option<String>) -> Atomic
             operation: Operation::Generate,
             depends_on,
             prompt,
-            input: Some(TaskInput { text: Some(format!("input of {name}")), value_from: None }),
+            input: Some(TaskInput {
+                text: Some(format!("input of {name}")),
+                value_from: None,
+            }),
             ..AtomicTaskSpec::default()
         },
     );
@@ -53,11 +56,24 @@ fn setup() -> (
     Arc<Driver<MemoryStore, NoopExecutor>>,
 ) {
     let metrics = Arc::new(Metrics::new().expect("metrics"));
-    let dispatcher = Arc::new(Dispatcher::new(Arc::new(NoopExecutor), Arc::clone(&metrics), 64, 64));
-    let lane = Lane { namespace: "bench".to_owned(), model: Some("noop".to_owned()) };
+    let dispatcher = Arc::new(Dispatcher::new(
+        Arc::new(NoopExecutor),
+        Arc::clone(&metrics),
+        64,
+        64,
+    ));
+    let lane = Lane {
+        namespace: "bench".to_owned(),
+        model: Some("noop".to_owned()),
+    };
     dispatcher.set_endpoints(lane, (0..8).map(|i| format!("10.0.0.{i}:8080")).collect());
     let (store, wakeups) = MemoryStore::new();
-    let driver = Driver::new(Arc::clone(&store), Arc::clone(&dispatcher), metrics, DriverConfig::default());
+    let driver = Driver::new(
+        Arc::clone(&store),
+        Arc::clone(&dispatcher),
+        metrics,
+        DriverConfig::default(),
+    );
     tokio::spawn(Arc::clone(&dispatcher).run(std::future::pending()));
     (store, wakeups, driver)
 }
@@ -87,18 +103,16 @@ async fn throughput(n: usize) {
             }
         }
         edges += deps.len();
-        let prompt = deps.first().map(|d| format!("continue from {{{{ tasks.{d}.attempt }}}}: {{{{ input.text }}}}"));
+        let prompt = deps
+            .first()
+            .map(|d| format!("continue from {{{{ tasks.{d}.attempt }}}}: {{{{ input.text }}}}"));
         store.insert(task(format!("t{i}"), deps, prompt));
     }
     let settled = run_until_settled(&store, &driver, wakeups, Duration::from_secs(300))
         .await
         .expect("run");
     let elapsed = started.elapsed().as_secs_f64();
-    let tasks = store.tasks();
-    let succeeded = tasks
-        .iter()
-        .filter(|t| t.status.as_ref().is_some_and(|s| s.phase == TaskPhase::Succeeded))
-        .count();
+    let succeeded = store.count_in(TaskPhase::Succeeded);
     println!(
         "throughput: {n} tasks ({edges} dependency edges, {LAYERS} layers) settled={settled} succeeded={succeeded} in {elapsed:.2} s = {:.0} tasks/s; peak RSS {:.0} MiB",
         n as f64 / elapsed,
@@ -108,26 +122,20 @@ async fn throughput(n: usize) {
 }
 
 async fn memory(known: usize) {
-    let (store, _wakeups, driver) = setup();
+    let (store, wakeups, driver) = setup();
+    // Nothing runs here, so wake-ups are not needed; dropping the receiver keeps them from piling up.
+    drop(wakeups);
     let before = peak_rss_mib();
     for i in 0..known {
         store.insert(task(format!("k{i}"), vec!["not-yet-created".to_owned()], None));
     }
-    for t in store.tasks() {
-        let key = atomic_operator::dispatch::TaskKey {
-            namespace: "bench".to_owned(),
-            name: t.metadata.name.clone().unwrap_or_default(),
-        };
+    for key in store.keys() {
         driver
             .apply(&key, atomic_operator::engine::state::Event::Observe)
             .await
             .expect("observe");
     }
-    let blocked = store
-        .tasks()
-        .iter()
-        .filter(|t| t.status.as_ref().is_some_and(|s| s.phase == TaskPhase::Blocked))
-        .count();
+    let blocked = store.count_in(TaskPhase::Blocked);
     println!(
         "memory: {known} tasks known ({blocked} blocked): peak RSS {:.0} MiB (was {before:.0} MiB before loading)",
         peak_rss_mib()

@@ -21,8 +21,8 @@ use crate::engine::FailureReason;
 use crate::engine::queue::{Endpoints, ModelQueue};
 use crate::engine::state::{DispatchState, Event};
 use crate::metrics::Metrics;
-use crate::worker_client::ModelRequest;
 use crate::worker_client::AttemptError;
+use crate::worker_client::ModelRequest;
 
 /// Identifies a task: namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -114,8 +114,13 @@ pub trait ReportSink: Send + Sync + 'static {
 }
 
 enum Slot {
-    Queued { lane: Lane },
-    InFlight { attempt: u32, abort: Option<AbortHandle> },
+    Queued {
+        lane: Lane,
+    },
+    InFlight {
+        attempt: u32,
+        abort: Option<AbortHandle>,
+    },
 }
 
 struct LaneState {
@@ -141,6 +146,9 @@ pub struct LaneLoad {
     pub endpoints: u32,
 }
 
+/// Called with a lane whose queue went from empty to non-empty.
+pub type DemandCallback = Box<dyn Fn(&Lane) + Send + Sync>;
+
 /// The dispatcher. Cheap to share behind an `Arc`; `run` drives it.
 pub struct Dispatcher<E> {
     state: Mutex<State>,
@@ -151,13 +159,18 @@ pub struct Dispatcher<E> {
     max_in_flight_per_endpoint: u32,
     http_concurrency: u32,
     /// Called with a lane whose queue went from empty to non-empty, so its model can scale up.
-    on_demand: OnceLock<Box<dyn Fn(&Lane) + Send + Sync>>,
+    on_demand: OnceLock<DemandCallback>,
 }
 
 impl<E: Executor> Dispatcher<E> {
     /// A dispatcher with `http_concurrency` slots for `http` tasks per namespace and a default
     /// per-endpoint limit for models whose limit is not set through [`Self::set_endpoints`].
-    pub fn new(executor: Arc<E>, metrics: Arc<Metrics>, max_in_flight_per_endpoint: u32, http_concurrency: u32) -> Self {
+    pub fn new(
+        executor: Arc<E>,
+        metrics: Arc<Metrics>,
+        max_in_flight_per_endpoint: u32,
+        http_concurrency: u32,
+    ) -> Self {
         Dispatcher {
             state: Mutex::new(State::default()),
             executor,
@@ -181,7 +194,7 @@ impl<E: Executor> Dispatcher<E> {
     }
 
     /// Sets the callback for lanes that start to have demand; the first call wins.
-    pub fn set_on_demand(&self, callback: Box<dyn Fn(&Lane) + Send + Sync>) {
+    pub fn set_on_demand(&self, callback: DemandCallback) {
         let _ = self.on_demand.set(callback);
     }
 
@@ -223,26 +236,29 @@ impl<E: Executor> Dispatcher<E> {
                 return;
             }
             let State { lanes, slots } = &mut *state;
-            if let Some(Slot::Queued { lane: old }) = slots.get(&job.key) {
-                if *old != lane {
-                    if let Some(l) = lanes.get_mut(old) {
-                        l.queue.remove(&job.key.to_string());
-                    }
-                }
+            if let Some(Slot::Queued { lane: old }) = slots.get(&job.key)
+                && *old != lane
+                && let Some(l) = lanes.get_mut(old)
+            {
+                l.queue.remove(&job.key.to_string());
             }
-            state.slots.insert(job.key.clone(), Slot::Queued { lane: lane.clone() });
-            let lane_state = state.lanes.entry(lane.clone()).or_insert_with(|| self.new_lane(&lane));
+            state
+                .slots
+                .insert(job.key.clone(), Slot::Queued { lane: lane.clone() });
+            let lane_state = state
+                .lanes
+                .entry(lane.clone())
+                .or_insert_with(|| self.new_lane(&lane));
             let was_idle = lane_state.queue.is_empty() && lane_state.in_flight == 0;
             lane_state
                 .queue
                 .push(job.key.to_string(), job.priority, job.not_before, job.clone());
-            self.metrics.set_queue_depth(&lane_label(&lane), lane_state.queue.len());
+            self.metrics
+                .set_queue_depth(&lane_label(&lane), lane_state.queue.len());
             was_idle
         };
-        if demand {
-            if let Some(callback) = self.on_demand.get() {
-                callback(&lane);
-            }
+        if demand && let Some(callback) = self.on_demand.get() {
+            callback(&lane);
         }
         self.wake.notify_one();
     }
@@ -257,13 +273,11 @@ impl<E: Executor> Dispatcher<E> {
                     self.metrics.set_queue_depth(&lane_label(&lane), l.queue.len());
                 }
             }
-            Some(Slot::InFlight { abort, .. }) => {
-                // The attempt's own completion path releases the endpoint when it sees the abort.
-                if let Some(abort) = abort {
-                    abort.abort();
-                }
-            }
-            None => {}
+            // The watcher spawned with the attempt releases the endpoint when it sees the abort.
+            Some(Slot::InFlight {
+                abort: Some(abort), ..
+            }) => abort.abort(),
+            Some(Slot::InFlight { abort: None, .. }) | None => {}
         }
     }
 
@@ -271,7 +285,10 @@ impl<E: Executor> Dispatcher<E> {
     pub fn set_endpoints(&self, lane: Lane, addresses: Vec<String>) {
         {
             let mut state = self.lock();
-            let lane_state = state.lanes.entry(lane.clone()).or_insert_with(|| self.new_lane(&lane));
+            let lane_state = state
+                .lanes
+                .entry(lane.clone())
+                .or_insert_with(|| self.new_lane(&lane));
             lane_state.endpoints.set_ready(addresses);
         }
         self.wake.notify_one();
@@ -281,7 +298,10 @@ impl<E: Executor> Dispatcher<E> {
     pub fn set_endpoint_limit(&self, lane: &Lane, max_in_flight: u32) {
         {
             let mut state = self.lock();
-            let lane_state = state.lanes.entry(lane.clone()).or_insert_with(|| self.new_lane(lane));
+            let lane_state = state
+                .lanes
+                .entry(lane.clone())
+                .or_insert_with(|| self.new_lane(lane));
             lane_state.endpoints.set_limit(max_in_flight);
         }
         self.wake.notify_one();
@@ -316,13 +336,18 @@ impl<E: Executor> Dispatcher<E> {
         let mut next_due: Option<Timestamp> = None;
         for (lane, lane_state) in lanes.iter_mut() {
             while !lane_state.queue.is_empty() {
-                let Some(endpoint) = lane_state.endpoints.acquire() else { break };
+                let Some(endpoint) = lane_state.endpoints.acquire() else {
+                    break;
+                };
                 match lane_state.queue.pop_ready(now).map(|entry| entry.payload) {
                     Some(job) => {
                         lane_state.in_flight += 1;
                         slots.insert(
                             job.key.clone(),
-                            Slot::InFlight { attempt: job.attempt, abort: None },
+                            Slot::InFlight {
+                                attempt: job.attempt,
+                                abort: None,
+                            },
                         );
                         started.push((lane.clone(), job, endpoint));
                     }
@@ -335,8 +360,10 @@ impl<E: Executor> Dispatcher<E> {
             if let Some(t) = lane_state.queue.next_ready_time(now) {
                 next_due = Some(next_due.map_or(t, |n| n.min(t)));
             }
-            self.metrics.set_queue_depth(&lane_label(lane), lane_state.queue.len());
-            self.metrics.set_in_flight(&lane_label(lane), lane_state.in_flight);
+            self.metrics
+                .set_queue_depth(&lane_label(lane), lane_state.queue.len());
+            self.metrics
+                .set_in_flight(&lane_label(lane), lane_state.in_flight);
         }
         (started, next_due)
     }
@@ -388,26 +415,38 @@ impl<E: Executor> Dispatcher<E> {
         });
         let mut state = self.lock();
         match state.slots.get_mut(&key) {
-            Some(Slot::InFlight { attempt: a, abort, .. }) if *a == attempt => *abort = Some(handle.abort_handle()),
+            Some(Slot::InFlight {
+                attempt: a, abort, ..
+            }) if *a == attempt => *abort = Some(handle.abort_handle()),
             _ => {}
         }
         drop(state);
         // An abort skips `finish`, so a watcher gives the endpoint back.
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            if let Err(e) = handle.await {
-                if e.is_cancelled() {
-                    this.finish(&lane, &key, attempt, &endpoint);
-                }
+            if let Err(e) = handle.await
+                && e.is_cancelled()
+            {
+                this.finish(&lane, &key, attempt, &endpoint);
             }
         });
     }
 
     async fn attempt(&self, lane: &Lane, job: &Job, endpoint: &str) {
         let Some(sink) = self.sink.get() else { return };
-        let worker = if lane.model.is_some() { endpoint.to_owned() } else { "http".to_owned() };
+        let worker = if lane.model.is_some() {
+            endpoint.to_owned()
+        } else {
+            "http".to_owned()
+        };
         if !sink
-            .report(job.key.clone(), Event::AttemptStarted { attempt: job.attempt, worker })
+            .report(
+                job.key.clone(),
+                Event::AttemptStarted {
+                    attempt: job.attempt,
+                    worker,
+                },
+            )
             .await
         {
             return;
@@ -417,14 +456,25 @@ impl<E: Executor> Dispatcher<E> {
             Ok(outcome) => outcome,
             Err(_) => Err(AttemptError {
                 reason: FailureReason::Timeout,
-                message: format!("attempt {} ran past its {}s timeout", job.attempt, job.timeout.as_secs()),
+                message: format!(
+                    "attempt {} ran past its {}s timeout",
+                    job.attempt,
+                    job.timeout.as_secs()
+                ),
             }),
         };
         let event = match outcome {
-            Ok(result) => Event::AttemptSucceeded { attempt: job.attempt, result },
+            Ok(result) => Event::AttemptSucceeded {
+                attempt: job.attempt,
+                result,
+            },
             Err(e) => {
                 self.metrics.dispatch_error(e.reason.as_str());
-                Event::AttemptFailed { attempt: job.attempt, reason: e.reason, message: e.message }
+                Event::AttemptFailed {
+                    attempt: job.attempt,
+                    reason: e.reason,
+                    message: e.message,
+                }
             }
         };
         sink.report(job.key.clone(), event).await;
@@ -451,7 +501,13 @@ impl Executor for NoopExecutor {
         Ok(serde_json::json!({ "ok": true, "attempt": job.attempt }))
     }
 
-    async fn deliver(&self, _url: &str, _bearer: Option<&str>, _key: &str, _payload: &Value) -> Result<(), AttemptError> {
+    async fn deliver(
+        &self,
+        _url: &str,
+        _bearer: Option<&str>,
+        _key: &str,
+        _payload: &Value,
+    ) -> Result<(), AttemptError> {
         Ok(())
     }
 }
@@ -465,14 +521,27 @@ impl Executor for crate::worker_client::WorkerClient {
                 message: format!("no worker endpoint for model {}", request.model),
             }),
             (Work::Http { call, body, bearer }, _) => {
-                self.call_http(call, body.as_deref(), bearer.as_deref(), &job.idempotency_key, job.timeout)
-                    .await
+                self.call_http(
+                    call,
+                    body.as_deref(),
+                    bearer.as_deref(),
+                    &job.idempotency_key,
+                    job.timeout,
+                )
+                .await
             }
         }
     }
 
-    async fn deliver(&self, url: &str, bearer: Option<&str>, key: &str, payload: &Value) -> Result<(), AttemptError> {
-        self.deliver_webhook(url, bearer, key, payload, WEBHOOK_TIMEOUT).await
+    async fn deliver(
+        &self,
+        url: &str,
+        bearer: Option<&str>,
+        key: &str,
+        payload: &Value,
+    ) -> Result<(), AttemptError> {
+        self.deliver_webhook(url, bearer, key, payload, WEBHOOK_TIMEOUT)
+            .await
     }
 }
 

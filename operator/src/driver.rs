@@ -14,10 +14,12 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 
-use crate::api::task::{AtomicTask, AtomicTaskStatus, InputSource, KeyRef, Operation, TaskPhase, DEFAULT_TIMEOUT_SECONDS};
+use crate::api::task::{
+    AtomicTask, AtomicTaskStatus, DEFAULT_TIMEOUT_SECONDS, InputSource, KeyRef, Operation, TaskPhase,
+};
 use crate::dispatch::{Dispatcher, Executor, Job, Lane, ReportFuture, ReportSink, TaskKey, Work};
 use crate::engine::dag::find_cycles;
-use crate::engine::state::{step, DepState, Event, Observation, Transition};
+use crate::engine::state::{CYCLE_REASON, DepState, Event, Observation, Transition, step};
 use crate::metrics::Metrics;
 use crate::worker_client::ModelRequest;
 use crate::{Error, Result};
@@ -104,7 +106,12 @@ pub struct Driver<S, E> {
 
 impl<S: TaskStore, E: Executor> Driver<S, E> {
     /// A driver that reports attempts through `dispatcher`, wired both ways.
-    pub fn new(store: Arc<S>, dispatcher: Arc<Dispatcher<E>>, metrics: Arc<Metrics>, config: DriverConfig) -> Arc<Self> {
+    pub fn new(
+        store: Arc<S>,
+        dispatcher: Arc<Dispatcher<E>>,
+        metrics: Arc<Metrics>,
+        config: DriverConfig,
+    ) -> Arc<Self> {
         let driver = Arc::new(Driver {
             store,
             dispatcher: Arc::clone(&dispatcher),
@@ -127,7 +134,11 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
             let Some(task) = self.store.get(key).await? else {
                 self.dispatcher.abandon(key);
                 self.wake_waiters(key);
-                return Ok(Applied { task: None, requeue_after: None, accepted: false });
+                return Ok(Applied {
+                    task: None,
+                    requeue_after: None,
+                    accepted: false,
+                });
             };
             let old = task.status.clone().unwrap_or_default();
             let deps = self.dependencies(&task).await?;
@@ -174,7 +185,15 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
                 self.dispatcher.abandon(key);
             }
             if let Some(dispatch) = decision.enqueue {
-                let job = self.job(&current, dispatch.prompt, dispatch.attempt, dispatch.priority, dispatch.not_before).await;
+                let job = self
+                    .job(
+                        &current,
+                        dispatch.prompt,
+                        dispatch.attempt,
+                        dispatch.priority,
+                        dispatch.not_before,
+                    )
+                    .await;
                 self.dispatcher.enqueue(lane_of(&current), job);
                 accepted = true;
             }
@@ -183,18 +202,28 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
             } else {
                 self.register_waiter(key, &deps);
             }
-            if status.phase == TaskPhase::Succeeded {
-                if let Some(refreshed) = self.deliver_output(&current).await? {
-                    current = refreshed;
-                }
+            if status.phase == TaskPhase::Succeeded
+                && let Some(refreshed) = self.deliver_output(&current).await?
+            {
+                current = refreshed;
             }
             if decision.delete {
                 self.store.delete(key).await?;
-                return Ok(Applied { task: None, requeue_after: None, accepted: true });
+                return Ok(Applied {
+                    task: None,
+                    requeue_after: None,
+                    accepted: true,
+                });
             }
-            return Ok(Applied { task: Some(current), requeue_after: decision.requeue_after, accepted });
+            return Ok(Applied {
+                task: Some(current),
+                requeue_after: decision.requeue_after,
+                accepted,
+            });
         }
-        Err(Error::Conflict(format!("status of {key} kept changing while being written")))
+        Err(Error::Conflict(format!(
+            "status of {key} kept changing while being written"
+        )))
     }
 
     /// The state of each dependency, with its result loaded where it is stored elsewhere.
@@ -202,7 +231,10 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
         let namespace = task.metadata.namespace.clone().unwrap_or_default();
         let mut deps = BTreeMap::new();
         for name in &task.spec.depends_on {
-            let key = TaskKey { namespace: namespace.clone(), name: name.clone() };
+            let key = TaskKey {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            };
             let dep = match self.store.get(&key).await? {
                 None => Dependency::Missing,
                 Some(dep) => {
@@ -212,14 +244,18 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
                         (None, Some(at)) if status.phase == TaskPhase::Succeeded => {
                             match self.store.load_result(&namespace, at).await {
                                 Ok(result) => Some(result),
-                                Err(message) => {
-                                    Some(Value::String(format!("result of {name} could not be loaded: {message}")))
-                                }
+                                Err(message) => Some(Value::String(format!(
+                                    "result of {name} could not be loaded: {message}"
+                                ))),
                             }
                         }
                         _ => None,
                     };
-                    Dependency::Present { phase: status.phase, result, message: status.message }
+                    Dependency::Present {
+                        phase: status.phase,
+                        result,
+                        message: status.message,
+                    }
                 }
             };
             deps.insert(name.clone(), dep);
@@ -228,7 +264,8 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
     }
 
     /// The dependency cycle this task lies on, if any. Tasks past `Blocked` were checked when
-    /// they got there, so the search stops at them.
+    /// they got there, so the search stops at them, except those that failed on a cycle (which
+    /// this task may close).
     async fn cycle_through(&self, task: &AtomicTask) -> Result<Option<Vec<String>>> {
         let namespace = task.metadata.namespace.clone().unwrap_or_default();
         let root = task.metadata.name.clone().unwrap_or_default();
@@ -239,10 +276,15 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
                 if graph.contains_key(dep) || *dep == name {
                     continue;
                 }
-                let key = TaskKey { namespace: namespace.clone(), name: dep.clone() };
+                let key = TaskKey {
+                    namespace: namespace.clone(),
+                    name: dep.clone(),
+                };
                 if let Some(t) = self.store.get(&key).await? {
-                    let phase = t.status.as_ref().map_or(TaskPhase::Pending, |s| s.phase);
-                    if matches!(phase, TaskPhase::Pending | TaskPhase::Blocked) {
+                    let status = t.status.as_ref();
+                    let phase = status.map_or(TaskPhase::Pending, |s| s.phase);
+                    let failed_on_cycle = status.and_then(|s| s.reason.as_deref()) == Some(CYCLE_REASON);
+                    if matches!(phase, TaskPhase::Pending | TaskPhase::Blocked) || failed_on_cycle {
                         pending.push((dep.clone(), t.spec.depends_on.clone()));
                     }
                 }
@@ -253,7 +295,9 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
     }
 
     async fn offload_large_result(&self, task: &AtomicTask, status: &mut AtomicTaskStatus) -> Result<()> {
-        let Some(result) = &status.result else { return Ok(()) };
+        let Some(result) = &status.result else {
+            return Ok(());
+        };
         if serde_json::to_vec(result)?.len() <= self.config.max_inline_result_bytes {
             return Ok(());
         }
@@ -278,7 +322,11 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
                     Some(secret) => self.token(&namespace, secret).await,
                     None => None,
                 };
-                Work::Http { call: call.clone(), body: call.body.as_ref().map(|_| prompt), bearer }
+                Work::Http {
+                    call: call.clone(),
+                    body: call.body.as_ref().map(|_| prompt),
+                    bearer,
+                }
             }
             (operation, _) => Work::Model(ModelRequest {
                 model: spec.model.clone().unwrap_or_default(),
@@ -289,7 +337,10 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
             }),
         };
         Job {
-            key: TaskKey { namespace, name: task.metadata.name.clone().unwrap_or_default() },
+            key: TaskKey {
+                namespace,
+                name: task.metadata.name.clone().unwrap_or_default(),
+            },
             idempotency_key: idempotency_key(task),
             attempt,
             priority,
@@ -302,16 +353,27 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
     async fn token(&self, namespace: &str, secret: &str) -> Option<String> {
         let source = InputSource {
             config_map_key_ref: None,
-            secret_key_ref: Some(KeyRef { name: secret.to_owned(), key: "token".to_owned() }),
+            secret_key_ref: Some(KeyRef {
+                name: secret.to_owned(),
+                key: "token".to_owned(),
+            }),
         };
-        self.store.read_value(namespace, &source).await.ok().map(|t| t.trim().to_owned())
+        self.store
+            .read_value(namespace, &source)
+            .await
+            .ok()
+            .map(|t| t.trim().to_owned())
     }
 
     /// Delivers a succeeded task's output once; failures are recorded in the `OutputDelivered`
     /// condition and retried on the next observation.
     async fn deliver_output(&self, task: &AtomicTask) -> Result<Option<AtomicTask>> {
-        let Some(output) = &task.spec.output else { return Ok(None) };
-        let Some(status) = &task.status else { return Ok(None) };
+        let Some(output) = &task.spec.output else {
+            return Ok(None);
+        };
+        let Some(status) = &task.status else {
+            return Ok(None);
+        };
         let delivered = status
             .conditions
             .iter()
@@ -322,14 +384,18 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
         let namespace = task.metadata.namespace.clone().unwrap_or_default();
         let result = match (&status.result, &status.result_ref) {
             (Some(r), _) => r.clone(),
-            (None, Some(at)) => self.store.load_result(&namespace, at).await.unwrap_or(Value::Null),
+            (None, Some(at)) => self
+                .store
+                .load_result(&namespace, at)
+                .await
+                .unwrap_or(Value::Null),
             (None, None) => Value::Null,
         };
         let mut problems = Vec::new();
-        if let Some(cm) = &output.config_map {
-            if let Err(e) = self.store.write_output(task, cm, &result).await {
-                problems.push(format!("configMap {cm}: {e}"));
-            }
+        if let Some(cm) = &output.config_map
+            && let Err(e) = self.store.write_output(task, cm, &result).await
+        {
+            problems.push(format!("configMap {cm}: {e}"));
         }
         if let Some(hook) = &output.webhook {
             let bearer = match &hook.secret_ref {
@@ -360,28 +426,42 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
         };
         new_status.conditions.retain(|c| c.type_ != OUTPUT_CONDITION);
         new_status.conditions.push(condition);
-        Ok(self.store.write_status(task, &new_status).await?)
+        self.store.write_status(task, &new_status).await
     }
 
     async fn observe_transition(&self, task: &AtomicTask, old: &AtomicTaskStatus, transition: &Transition) {
         let operation = task.spec.operation.as_str();
-        self.metrics.transition(transition.from.as_str(), transition.to.as_str());
+        self.metrics
+            .transition(transition.from.as_str(), transition.to.as_str());
         if transition.to == TaskPhase::Running {
             self.metrics.attempt(operation);
-            if let (Some(queued), Some(started)) = (&old.queued_time, task.status.as_ref().and_then(|s| s.attempt_start_time.as_ref())) {
+            if let (Some(queued), Some(started)) = (
+                &old.queued_time,
+                task.status.as_ref().and_then(|s| s.attempt_start_time.as_ref()),
+            ) {
                 let lane = lane_of(task);
-                self.metrics.queue_wait(&crate::dispatch::lane_label(&lane), seconds_between(queued.0, started.0));
+                self.metrics.queue_wait(
+                    &crate::dispatch::lane_label(&lane),
+                    seconds_between(queued.0, started.0),
+                );
             }
         }
         if transition.from == TaskPhase::Running && transition.to == TaskPhase::Queued {
             self.metrics.retry(transition.reason);
         }
-        if transition.to.is_terminal() {
-            if let Some(status) = &task.status {
-                let start = status.start_time.as_ref().or(task.metadata.creation_timestamp.as_ref());
-                if let (Some(start), Some(end)) = (start, &status.completion_time) {
-                    self.metrics.task_duration(operation, transition.to.as_str(), seconds_between(start.0, end.0));
-                }
+        if transition.to.is_terminal()
+            && let Some(status) = &task.status
+        {
+            let start = status
+                .start_time
+                .as_ref()
+                .or(task.metadata.creation_timestamp.as_ref());
+            if let (Some(start), Some(end)) = (start, &status.completion_time) {
+                self.metrics.task_duration(
+                    operation,
+                    transition.to.as_str(),
+                    seconds_between(start.0, end.0),
+                );
             }
         }
         self.store.record(task, transition).await;
@@ -391,7 +471,10 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
         let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
         for (name, dep) in deps {
             if !dep.is_terminal() {
-                let awaited = TaskKey { namespace: key.namespace.clone(), name: name.clone() };
+                let awaited = TaskKey {
+                    namespace: key.namespace.clone(),
+                    name: name.clone(),
+                };
                 waiters.entry(awaited).or_default().insert(key.clone());
             }
         }
@@ -442,14 +525,22 @@ impl<S: TaskStore, E: Executor> ReportSink for Driver<S, E> {
 #[derive(Debug)]
 enum Dependency {
     Missing,
-    Present { phase: TaskPhase, result: Option<Value>, message: Option<String> },
+    Present {
+        phase: TaskPhase,
+        result: Option<Value>,
+        message: Option<String>,
+    },
 }
 
 impl Dependency {
     fn as_state(&self) -> DepState<'_> {
         match self {
             Dependency::Missing => DepState::Missing,
-            Dependency::Present { phase, result, message } => DepState::Present {
+            Dependency::Present {
+                phase,
+                result,
+                message,
+            } => DepState::Present {
                 phase: *phase,
                 result: result.as_ref(),
                 message: message.as_deref(),

@@ -2,10 +2,13 @@
 //! request the code under test makes, in order, and answers it.
 
 use http::{Method, Request, Response, StatusCode};
-use kube::client::Body;
 use kube::Client;
-use serde_json::{json, Value};
+use kube::client::Body;
+use serde_json::{Value, json};
 use tower_test::mock::{self, Handle};
+
+/// A check on a request body.
+pub type BodyCheck = Box<dyn FnOnce(&Value) + Send>;
 
 /// One expected request: method, path (without query), and the answer.
 pub struct Expect {
@@ -18,7 +21,7 @@ pub struct Expect {
     /// Body of the answer.
     pub body: Value,
     /// Checks on the request body.
-    pub check: Option<Box<dyn FnOnce(&Value) + Send>>,
+    pub check: Option<BodyCheck>,
 }
 
 impl Expect {
@@ -63,7 +66,12 @@ async fn serve(mut handle: Handle<Request<Body>, Response<Body>>, script: Vec<Ex
         let Ok(Some((request, send))) = next else {
             panic!("request {i} ({} {}) never came", expect.method, expect.path);
         };
-        assert_eq!(request.method(), expect.method, "request {i}: method of {}", request.uri());
+        assert_eq!(
+            request.method(),
+            expect.method,
+            "request {i}: method of {}",
+            request.uri()
+        );
         assert_eq!(request.uri().path(), expect.path, "request {i}: path");
         let bytes = request.into_body().collect_bytes().await.unwrap_or_default();
         if let Some(check) = expect.check {

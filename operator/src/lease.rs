@@ -128,13 +128,7 @@ impl LeaderElector {
             .map(|lease| lease.spec.clone().unwrap_or_default());
         let action = decide(spec.as_ref(), &self.identity, now, self.duration);
         let written = match (action, current) {
-            (
-                LeaseAction::Follow {
-                    holder,
-                    retry_after,
-                },
-                _,
-            ) => {
+            (LeaseAction::Follow { holder, retry_after }, _) => {
                 tracing::debug!(lease = %self.name, %holder, ?retry_after, "following");
                 return Ok(false);
             }
@@ -157,9 +151,7 @@ impl LeaderElector {
                 lease.spec = Some(self.held_spec(spec, now, action == LeaseAction::TakeOver));
                 // `lease.metadata.resourceVersion` is the one read above: a concurrent writer
                 // makes this replace fail with 409.
-                self.api
-                    .replace(&self.name, &PostParams::default(), &lease)
-                    .await
+                self.api.replace(&self.name, &PostParams::default(), &lease).await
             }
         };
         match written {
@@ -185,8 +177,7 @@ impl LeaderElector {
         }
         spec.holder_identity = Some(self.identity.clone());
         spec.renew_time = Some(MicroTime(now));
-        spec.lease_duration_seconds =
-            Some(i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX));
+        spec.lease_duration_seconds = Some(i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX));
         spec
     }
 }
@@ -226,10 +217,7 @@ mod tests {
     fn decide_renews_own_lease_even_when_expired() {
         let spec = held("me", "2025-01-01T00:00:00Z");
         for now in ["2025-01-01T00:00:05Z", "2025-01-01T01:00:00Z"] {
-            assert_eq!(
-                decide(Some(&spec), "me", ts(now), DURATION),
-                LeaseAction::Renew
-            );
+            assert_eq!(decide(Some(&spec), "me", ts(now), DURATION), LeaseAction::Renew);
         }
     }
 
@@ -282,12 +270,7 @@ mod tests {
             ..held("other", "2025-01-01T00:00:00Z")
         };
         assert_eq!(
-            decide(
-                Some(&never_renewed),
-                "me",
-                ts("2025-01-01T00:00:01Z"),
-                DURATION
-            ),
+            decide(Some(&never_renewed), "me", ts("2025-01-01T00:00:01Z"), DURATION),
             LeaseAction::TakeOver
         );
     }
@@ -406,10 +389,7 @@ mod tests {
             .await;
             let (req, send) = handle.next_request().await.expect("POST lease");
             assert_eq!(req.method(), Method::POST);
-            send.send_response(respond(
-                StatusCode::CONFLICT,
-                &status_body(409, "AlreadyExists"),
-            ));
+            send.send_response(respond(StatusCode::CONFLICT, &status_body(409, "AlreadyExists")));
         });
         assert!(!elector.try_acquire_or_renew().await.unwrap());
         server.await.unwrap();
@@ -444,11 +424,7 @@ mod tests {
         let (elector, mut handle) = elector();
         let recent = Timestamp::now() - SignedDuration::from_secs(5);
         let server = tokio::spawn(async move {
-            expect_get(
-                &mut handle,
-                respond(StatusCode::OK, &lease_json("me", recent, 3)),
-            )
-            .await;
+            expect_get(&mut handle, respond(StatusCode::OK, &lease_json("me", recent, 3))).await;
             let (req, send) = handle.next_request().await.expect("PUT lease");
             assert_eq!(req.method(), Method::PUT);
             let body = body_json(req).await;

@@ -4,8 +4,8 @@
 //! alongside the new leader.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -16,7 +16,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{watcher, Controller, WatchStreamExt};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
 
@@ -40,7 +40,11 @@ struct Args {
     #[arg(long, env = "ATOMIC_NAMESPACE", default_value = "")]
     namespace: String,
     /// Worker image for ModelDeployments that name none.
-    #[arg(long, env = "ATOMIC_WORKER_IMAGE", default_value = "ghcr.io/atomic-dev/atomic-worker:latest")]
+    #[arg(
+        long,
+        env = "ATOMIC_WORKER_IMAGE",
+        default_value = "ghcr.io/atomic-dev/atomic-worker:latest"
+    )]
     worker_image: String,
     /// Pull policy of worker images.
     #[arg(long, env = "ATOMIC_WORKER_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
@@ -104,7 +108,9 @@ where
     }
 }
 
-fn receiver_stream<T: Send + 'static>(rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> + Send {
+fn receiver_stream<T: Send + 'static>(
+    rx: mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send {
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
 }
 
@@ -117,17 +123,28 @@ async fn main() -> anyhow::Result<()> {
 
     let server = tokio::spawn(server::serve(
         args.metrics_addr,
-        server::ServerState { metrics: Arc::clone(&metrics), ready: Arc::clone(&ready) },
+        server::ServerState {
+            metrics: Arc::clone(&metrics),
+            ready: Arc::clone(&ready),
+        },
         shutdown_signal(),
     ));
 
-    let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
 
     let mut elector = None;
     if args.leader_election {
         let lease_api: Api<Lease> = Api::namespaced(client.clone(), &args.lease_namespace);
         let duration = Duration::from_secs(args.lease_seconds);
-        let e = LeaderElector::new(lease_api, &args.lease_name, &args.identity, duration, duration / 3);
+        let e = LeaderElector::new(
+            lease_api,
+            &args.lease_name,
+            &args.identity,
+            duration,
+            duration / 3,
+        );
         tracing::info!(lease = %args.lease_name, identity = %args.identity, "waiting for leadership");
         loop {
             match e.try_acquire_or_renew().await {
@@ -158,14 +175,19 @@ async fn main() -> anyhow::Result<()> {
     }));
     let recorder = Recorder::new(
         client.clone(),
-        Reporter { controller: "atomic-operator".into(), instance: Some(args.identity.clone()) },
+        Reporter {
+            controller: "atomic-operator".into(),
+            instance: Some(args.identity.clone()),
+        },
     );
     let store = Arc::new(KubeStore::new(client.clone(), recorder, task_wake_tx));
     let driver = Driver::new(
         store,
         Arc::clone(&dispatcher),
         Arc::clone(&metrics),
-        DriverConfig { max_inline_result_bytes: args.max_inline_result_bytes },
+        DriverConfig {
+            max_inline_result_bytes: args.max_inline_result_bytes,
+        },
     );
 
     let model_ctx = Arc::new(Context {
@@ -177,39 +199,54 @@ async fn main() -> anyhow::Result<()> {
         dispatcher: Arc::clone(&dispatcher),
         metrics: Arc::clone(&metrics),
     });
-    let models = Controller::new(namespaced::<ModelDeployment>(&client, &args.namespace), watcher::Config::default())
-        .owns(
-            namespaced::<Deployment>(&client, &args.namespace),
-            watcher::Config::default().labels("app.kubernetes.io/managed-by=atomic-operator"),
-        )
-        .reconcile_on(receiver_stream(demand_rx))
-        .graceful_shutdown_on(shutdown_signal())
-        .run(
-            |md, ctx: Arc<Context<WorkerClient>>| async move {
-                let metrics = Arc::clone(&ctx.metrics);
-                controller::timed("modeldeployment", &metrics, controller::model::reconcile(md, ctx)).await
-            },
-            |_, error, ctx| controller::error_policy("modeldeployment", error, &ctx.metrics),
-            model_ctx,
-        )
-        .for_each(|_| futures::future::ready(()));
+    let models = Controller::new(
+        namespaced::<ModelDeployment>(&client, &args.namespace),
+        watcher::Config::default(),
+    )
+    .owns(
+        namespaced::<Deployment>(&client, &args.namespace),
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=atomic-operator"),
+    )
+    .reconcile_on(receiver_stream(demand_rx))
+    .graceful_shutdown_on(shutdown_signal())
+    .run(
+        |md, ctx: Arc<Context<WorkerClient>>| async move {
+            let metrics = Arc::clone(&ctx.metrics);
+            controller::timed("modeldeployment", &metrics, controller::model::reconcile(md, ctx)).await
+        },
+        |_, error, ctx| controller::error_policy("modeldeployment", error, &ctx.metrics),
+        model_ctx,
+    )
+    .for_each(|_| futures::future::ready(()));
 
-    let task_ctx = Arc::new(TaskContext { driver, metrics: Arc::clone(&metrics) });
-    let tasks = Controller::new(namespaced::<AtomicTask>(&client, &args.namespace), watcher::Config::default())
-        .reconcile_on(receiver_stream(task_wake_rx))
-        .graceful_shutdown_on(shutdown_signal())
-        .run(
-            |task, ctx: Arc<TaskContext<WorkerClient>>| async move {
-                let metrics = Arc::clone(&ctx.metrics);
-                controller::timed("atomictask", &metrics, controller::task::reconcile(task, ctx)).await
-            },
-            |_, error, ctx| controller::error_policy("atomictask", error, &ctx.metrics),
-            task_ctx,
-        )
-        .for_each(|_| futures::future::ready(()));
+    let task_ctx = Arc::new(TaskContext {
+        driver,
+        metrics: Arc::clone(&metrics),
+    });
+    let tasks = Controller::new(
+        namespaced::<AtomicTask>(&client, &args.namespace),
+        watcher::Config::default(),
+    )
+    .reconcile_on(receiver_stream(task_wake_rx))
+    .graceful_shutdown_on(shutdown_signal())
+    .run(
+        |task, ctx: Arc<TaskContext<WorkerClient>>| async move {
+            let metrics = Arc::clone(&ctx.metrics);
+            controller::timed("atomictask", &metrics, controller::task::reconcile(task, ctx)).await
+        },
+        |_, error, ctx| controller::error_policy("atomictask", error, &ctx.metrics),
+        task_ctx,
+    )
+    .for_each(|_| futures::future::ready(()));
 
-    let endpoints = watch_endpoints(namespaced::<EndpointSlice>(&client, &args.namespace), Arc::clone(&dispatcher));
-    let deletions = watch_deletions(namespaced::<AtomicTask>(&client, &args.namespace), Arc::clone(&dispatcher));
+    let endpoints = watch_endpoints(
+        namespaced::<EndpointSlice>(&client, &args.namespace),
+        Arc::clone(&dispatcher),
+    );
+    let deletions = watch_deletions(
+        namespaced::<AtomicTask>(&client, &args.namespace),
+        Arc::clone(&dispatcher),
+    );
     let dispatch = Arc::clone(&dispatcher).run(shutdown_signal());
     let leadership = hold_leadership(elector, args.lease_seconds);
 
@@ -252,7 +289,10 @@ async fn hold_leadership(elector: Option<LeaderElector>, lease_seconds: u64) -> 
 }
 
 /// Feeds ready worker endpoints to the dispatcher.
-async fn watch_endpoints(api: Api<EndpointSlice>, dispatcher: Arc<Dispatcher<WorkerClient>>) -> anyhow::Result<()> {
+async fn watch_endpoints(
+    api: Api<EndpointSlice>,
+    dispatcher: Arc<Dispatcher<WorkerClient>>,
+) -> anyhow::Result<()> {
     let config = watcher::Config::default().labels(atomic_operator::workload::MODEL_LABEL);
     let mut index = EndpointIndex::default();
     let mut listing = Vec::new();
@@ -284,7 +324,10 @@ async fn watch_endpoints(api: Api<EndpointSlice>, dispatcher: Arc<Dispatcher<Wor
 }
 
 /// Abandons the queued or running work of deleted tasks at once.
-async fn watch_deletions(api: Api<AtomicTask>, dispatcher: Arc<Dispatcher<WorkerClient>>) -> anyhow::Result<()> {
+async fn watch_deletions(
+    api: Api<AtomicTask>,
+    dispatcher: Arc<Dispatcher<WorkerClient>>,
+) -> anyhow::Result<()> {
     let mut events = watcher(api, watcher::Config::default()).default_backoff().boxed();
     while let Some(event) = events.next().await {
         if let Ok(watcher::Event::Delete(task)) = event {

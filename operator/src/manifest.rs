@@ -41,7 +41,11 @@ struct TypeMeta {
 pub fn parse(file: &Path, text: &str, into: &mut Manifests) -> Result<(), Vec<ManifestError>> {
     let mut errors = Vec::new();
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let at = |problem: String| ManifestError { file: file.to_owned(), document: index + 1, problem };
+        let at = |problem: String| ManifestError {
+            file: file.to_owned(),
+            document: index + 1,
+            problem,
+        };
         let value = match serde_yaml::Value::deserialize(document) {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(v) => v,
@@ -101,7 +105,11 @@ pub fn parse(file: &Path, text: &str, into: &mut Manifests) -> Result<(), Vec<Ma
 /// Reads every manifest of a folder (or one file), sorted by file name.
 pub fn load(path: &Path) -> Result<Manifests, Vec<ManifestError>> {
     let io_error = |file: &Path, e: std::io::Error| {
-        vec![ManifestError { file: file.to_owned(), document: 0, problem: e.to_string() }]
+        vec![ManifestError {
+            file: file.to_owned(),
+            document: 0,
+            problem: e.to_string(),
+        }]
     };
     let mut files = Vec::new();
     if path.is_dir() {
@@ -123,7 +131,11 @@ pub fn load(path: &Path) -> Result<Manifests, Vec<ManifestError>> {
             errors.append(&mut e);
         }
     }
-    if errors.is_empty() { Ok(manifests) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(manifests)
+    } else {
+        Err(errors)
+    }
 }
 
 #[cfg(test)]
@@ -156,7 +168,11 @@ mod tests {
     fn cel_rules_apply_locally() {
         let text = "apiVersion: atomic.dev/v1alpha1\nkind: AtomicTask\nmetadata: {name: a}\nspec: {model: m, operation: generate, dependsOn: [a]}\n";
         let errors = parse_str(text).unwrap_err();
-        assert!(errors[0].problem.contains("may not depend on itself"), "{}", errors[0]);
+        assert!(
+            errors[0].problem.contains("may not depend on itself"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]

@@ -22,7 +22,8 @@ use crate::{Error, Result};
 
 #[derive(Default)]
 struct Objects {
-    tasks: BTreeMap<TaskKey, AtomicTask>,
+    /// Behind `Arc`s, as in a reflector cache: large values would bloat the map's nodes.
+    tasks: BTreeMap<TaskKey, Arc<AtomicTask>>,
     config_maps: HashMap<(String, String), BTreeMap<String, String>>,
     secrets: HashMap<(String, String), BTreeMap<String, String>>,
     transitions: Vec<(TaskKey, Transition)>,
@@ -39,7 +40,13 @@ impl MemoryStore {
     /// An empty store and the receiver of its wake-ups (feed it to [`run_until_settled`]).
     pub fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<TaskKey>) {
         let (wake, rx) = mpsc::unbounded_channel();
-        (Arc::new(MemoryStore { objects: Mutex::default(), wake }), rx)
+        (
+            Arc::new(MemoryStore {
+                objects: Mutex::default(),
+                wake,
+            }),
+            rx,
+        )
     }
 
     fn lock(&self) -> MutexGuard<'_, Objects> {
@@ -48,18 +55,25 @@ impl MemoryStore {
 
     /// Adds a task as `kubectl apply` would (namespace `default` when unset); wakes it.
     pub fn insert(&self, mut task: AtomicTask) -> TaskKey {
-        let namespace = task.metadata.namespace.get_or_insert_with(|| "default".to_owned()).clone();
+        let namespace = task
+            .metadata
+            .namespace
+            .get_or_insert_with(|| "default".to_owned())
+            .clone();
         let name = task.metadata.name.clone().unwrap_or_default();
         let key = TaskKey { namespace, name };
         {
             let mut objects = self.lock();
             objects.next_version += 1;
             task.metadata.resource_version = Some(objects.next_version.to_string());
-            task.metadata.uid.get_or_insert_with(|| format!("uid-{}", objects.next_version));
+            task.metadata
+                .uid
+                .get_or_insert_with(|| format!("uid-{}", objects.next_version));
             task.metadata.generation = Some(1);
-            task.metadata.creation_timestamp =
-                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()));
-            objects.tasks.insert(key.clone(), task);
+            task.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                Timestamp::now(),
+            ));
+            objects.tasks.insert(key.clone(), Arc::new(task));
         }
         let _ = self.wake.send(key.clone());
         key
@@ -72,6 +86,7 @@ impl MemoryStore {
             objects.next_version += 1;
             let version = objects.next_version.to_string();
             if let Some(task) = objects.tasks.get_mut(key) {
+                let task = Arc::make_mut(task);
                 task.spec.cancel = true;
                 task.metadata.resource_version = Some(version);
             }
@@ -81,22 +96,48 @@ impl MemoryStore {
 
     /// Adds a ConfigMap.
     pub fn insert_config_map(&self, namespace: &str, name: &str, data: BTreeMap<String, String>) {
-        self.lock().config_maps.insert((namespace.to_owned(), name.to_owned()), data);
+        self.lock()
+            .config_maps
+            .insert((namespace.to_owned(), name.to_owned()), data);
     }
 
     /// Adds a Secret (values in plain text).
     pub fn insert_secret(&self, namespace: &str, name: &str, data: BTreeMap<String, String>) {
-        self.lock().secrets.insert((namespace.to_owned(), name.to_owned()), data);
+        self.lock()
+            .secrets
+            .insert((namespace.to_owned(), name.to_owned()), data);
     }
 
     /// A snapshot of every task.
     pub fn tasks(&self) -> Vec<AtomicTask> {
-        self.lock().tasks.values().cloned().collect()
+        self.lock().tasks.values().map(|t| AtomicTask::clone(t)).collect()
+    }
+
+    /// The keys of every task.
+    pub fn keys(&self) -> Vec<TaskKey> {
+        self.lock().tasks.keys().cloned().collect()
+    }
+
+    /// How many tasks are in `phase`.
+    pub fn count_in(&self, phase: crate::api::TaskPhase) -> usize {
+        self.lock()
+            .tasks
+            .values()
+            .filter(|t| {
+                t.status
+                    .as_ref()
+                    .map_or(crate::api::TaskPhase::Pending, |s| s.phase)
+                    == phase
+            })
+            .count()
     }
 
     /// A ConfigMap's data.
     pub fn config_map(&self, namespace: &str, name: &str) -> Option<BTreeMap<String, String>> {
-        self.lock().config_maps.get(&(namespace.to_owned(), name.to_owned())).cloned()
+        self.lock()
+            .config_maps
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
     }
 
     /// Every phase change recorded so far, in order.
@@ -115,7 +156,7 @@ impl MemoryStore {
 
 impl TaskStore for MemoryStore {
     async fn get(&self, key: &TaskKey) -> Result<Option<AtomicTask>> {
-        Ok(self.lock().tasks.get(key).cloned())
+        Ok(self.lock().tasks.get(key).map(|t| AtomicTask::clone(t)))
     }
 
     async fn write_status(&self, task: &AtomicTask, status: &AtomicTaskStatus) -> Result<Option<AtomicTask>> {
@@ -133,6 +174,7 @@ impl TaskStore for MemoryStore {
             if current.metadata.resource_version != task.metadata.resource_version {
                 return Ok(None);
             }
+            let current = Arc::make_mut(current);
             current.status = Some(status.clone());
             current.metadata.resource_version = Some(version);
             current.clone()
@@ -175,7 +217,10 @@ impl TaskStore for MemoryStore {
     }
 
     async fn load_result(&self, namespace: &str, at: &KeyRef) -> std::result::Result<Value, String> {
-        let source = InputSource { config_map_key_ref: Some(at.clone()), secret_key_ref: None };
+        let source = InputSource {
+            config_map_key_ref: Some(at.clone()),
+            secret_key_ref: None,
+        };
         let text = self.read_value(namespace, &source).await?;
         serde_json::from_str(&text).map_err(|e| format!("ConfigMap {}: {e}", at.name))
     }

@@ -11,8 +11,8 @@ use crate::Error;
 /// Buckets for task durations and queue waits: tasks run from milliseconds (an embedding on a
 /// warm model) to many minutes (long generations, cold starts).
 const TASK_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-    1800.0, 3600.0,
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+    3600.0,
 ];
 
 /// Buckets for one reconcile: API round-trips, milliseconds to a few seconds.
@@ -58,20 +58,14 @@ impl Metrics {
             tasks: register(
                 &registry,
                 IntGaugeVec::new(
-                    Opts::new(
-                        "atomic_tasks",
-                        "AtomicTasks currently known, by phase and model.",
-                    ),
+                    Opts::new("atomic_tasks", "AtomicTasks currently known, by phase and model."),
                     &["phase", "model"],
                 )?,
             )?,
             task_transitions: register(
                 &registry,
                 IntCounterVec::new(
-                    Opts::new(
-                        "atomic_task_transitions_total",
-                        "AtomicTask phase transitions.",
-                    ),
+                    Opts::new("atomic_task_transitions_total", "AtomicTask phase transitions."),
                     &["from", "to"],
                 )?,
             )?,
@@ -127,20 +121,14 @@ impl Metrics {
             queue_depth: register(
                 &registry,
                 IntGaugeVec::new(
-                    Opts::new(
-                        "atomic_queue_depth",
-                        "Tasks waiting for a worker, by model.",
-                    ),
+                    Opts::new("atomic_queue_depth", "Tasks waiting for a worker, by model."),
                     &["model"],
                 )?,
             )?,
             in_flight: register(
                 &registry,
                 IntGaugeVec::new(
-                    Opts::new(
-                        "atomic_in_flight",
-                        "Task attempts currently running, by model.",
-                    ),
+                    Opts::new("atomic_in_flight", "Task attempts currently running, by model."),
                     &["model"],
                 )?,
             )?,
@@ -213,7 +201,9 @@ impl Metrics {
 
     /// A task finished in `phase` after `seconds`.
     pub fn task_duration(&self, operation: &str, phase: &str, seconds: f64) {
-        self.task_duration.with_label_values(&[operation, phase]).observe(seconds);
+        self.task_duration
+            .with_label_values(&[operation, phase])
+            .observe(seconds);
     }
 
     /// Tasks waiting in a model's queue.
@@ -225,17 +215,23 @@ impl Metrics {
 
     /// Attempts running on a model's workers.
     pub fn set_in_flight(&self, model: &str, in_flight: u32) {
-        self.in_flight.with_label_values(&[model]).set(i64::from(in_flight));
+        self.in_flight
+            .with_label_values(&[model])
+            .set(i64::from(in_flight));
     }
 
     /// A reconcile took `seconds`.
     pub fn reconcile_duration(&self, controller: &str, seconds: f64) {
-        self.reconcile_duration.with_label_values(&[controller]).observe(seconds);
+        self.reconcile_duration
+            .with_label_values(&[controller])
+            .observe(seconds);
     }
 
     /// A reconcile failed.
     pub fn reconcile_error(&self, controller: &str, error: &str) {
-        self.reconcile_errors.with_label_values(&[controller, error]).inc();
+        self.reconcile_errors
+            .with_label_values(&[controller, error])
+            .inc();
     }
 
     /// This replica gained or lost leadership.
@@ -247,7 +243,9 @@ impl Metrics {
     pub fn set_task_counts(&self, counts: &std::collections::BTreeMap<(String, String), i64>) {
         self.tasks.reset();
         for ((phase, model), count) in counts {
-            self.tasks.with_label_values(&[phase.as_str(), model.as_str()]).set(*count);
+            self.tasks
+                .with_label_values(&[phase.as_str(), model.as_str()])
+                .set(*count);
         }
     }
 }
@@ -269,9 +267,7 @@ mod tests {
         let m = Metrics::new().unwrap();
         // Vectors without children are not exported, so touch one child of each.
         m.tasks.with_label_values(&["Running", "m"]).set(2);
-        m.task_transitions
-            .with_label_values(&["Queued", "Running"])
-            .inc();
+        m.task_transitions.with_label_values(&["Queued", "Running"]).inc();
         m.task_duration
             .with_label_values(&["embed", "Succeeded"])
             .observe(0.3);
@@ -281,12 +277,8 @@ mod tests {
         m.dispatch_errors.with_label_values(&["Timeout"]).inc();
         m.queue_depth.with_label_values(&["m"]).set(3);
         m.in_flight.with_label_values(&["m"]).set(1);
-        m.reconcile_duration
-            .with_label_values(&["task"])
-            .observe(0.01);
-        m.reconcile_errors
-            .with_label_values(&["task", "Kube"])
-            .inc();
+        m.reconcile_duration.with_label_values(&["task"]).observe(0.01);
+        m.reconcile_errors.with_label_values(&["task", "Kube"]).inc();
         m.leader.set(1);
 
         let text = m.encode().unwrap();

@@ -232,15 +232,11 @@ mod tests {
 
     #[test]
     fn embedding_input_accepts_string_or_list() {
-        let one: EmbeddingRequest =
-            serde_json::from_value(json!({"model": "m", "input": "hi"})).unwrap();
+        let one: EmbeddingRequest = serde_json::from_value(json!({"model": "m", "input": "hi"})).unwrap();
         assert_eq!(one.input, EmbeddingInput::One("hi".into()));
         let many: EmbeddingRequest =
             serde_json::from_value(json!({"model": "m", "input": ["a", "b"]})).unwrap();
-        assert_eq!(
-            many.input,
-            EmbeddingInput::Many(vec!["a".into(), "b".into()])
-        );
+        assert_eq!(many.input, EmbeddingInput::Many(vec!["a".into(), "b".into()]));
     }
 
     #[test]
@@ -256,10 +252,9 @@ mod tests {
             serde_json::to_value(&e).unwrap(),
             json!({"type": "ORDER", "text": "A-1", "start": 0, "end": 3, "score": 0.5})
         );
-        let err: ErrorResponse = serde_json::from_value(
-            json!({"error": {"message": "no", "type": "invalid_request_error"}}),
-        )
-        .unwrap();
+        let err: ErrorResponse =
+            serde_json::from_value(json!({"error": {"message": "no", "type": "invalid_request_error"}}))
+                .unwrap();
         assert_eq!(err.error.code, None);
         assert_eq!(err.error.error_type, "invalid_request_error");
     }

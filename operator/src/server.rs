@@ -122,10 +122,7 @@ mod tests {
         state.metrics.leader.set(1);
         let r = http.get(format!("{base}/metrics")).send().await.unwrap();
         assert_eq!(r.status(), 200);
-        assert_eq!(
-            r.headers()[header::CONTENT_TYPE],
-            "text/plain; version=0.0.4"
-        );
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "text/plain; version=0.0.4");
         assert!(r.text().await.unwrap().contains("atomic_leader 1"));
 
         let r = http.get(format!("{base}/nope")).send().await.unwrap();

@@ -18,8 +18,8 @@ use crate::api::task::{GenerationParameters, HttpCall, HttpMethod, Operation};
 use crate::engine::FailureReason;
 use crate::protocol::{
     CLASSIFY_PATH, COMPLETIONS_PATH, ClassifyRequest, ClassifyResponse, CompletionRequest,
-    CompletionResponse, EMBEDDINGS_PATH, EXTRACT_PATH, EmbeddingInput, EmbeddingRequest,
-    EmbeddingResponse, ErrorResponse, ExtractRequest, ExtractResponse,
+    CompletionResponse, EMBEDDINGS_PATH, EXTRACT_PATH, EmbeddingInput, EmbeddingRequest, EmbeddingResponse,
+    ErrorResponse, ExtractRequest, ExtractResponse,
 };
 
 /// Name of the header that lets receivers deduplicate redelivered requests.
@@ -163,10 +163,7 @@ impl WorkerClient {
         for (name, value) in &call.headers {
             // A bad header in the manifest will be just as bad on the next attempt.
             let name = HeaderName::try_from(name.as_str()).map_err(|e| {
-                AttemptError::new(
-                    FailureReason::Rejected,
-                    format!("header name {name:?}: {e}"),
-                )
+                AttemptError::new(FailureReason::Rejected, format!("header name {name:?}: {e}"))
             })?;
             let value = HeaderValue::try_from(value.as_str()).map_err(|e| {
                 AttemptError::new(FailureReason::Rejected, format!("header {name} value: {e}"))
@@ -237,10 +234,7 @@ impl WorkerClient {
         serde_json::from_slice(&bytes).map_err(|e| {
             AttemptError::new(
                 FailureReason::BadResponse,
-                format!(
-                    "{peer} answered {} with an unreadable body: {e}",
-                    status.as_u16()
-                ),
+                format!("{peer} answered {} with an unreadable body: {e}", status.as_u16()),
             )
         })
     }
@@ -422,10 +416,7 @@ fn normalise_extraction(resp: ExtractResponse) -> Value {
         // `entities` is reserved for the full list, so an entity type of that name is only
         // reachable through it.
         if entity.entity_type != "entities" && !out.contains_key(&entity.entity_type) {
-            out.insert(
-                entity.entity_type.clone(),
-                Value::String(entity.text.clone()),
-            );
+            out.insert(entity.entity_type.clone(), Value::String(entity.text.clone()));
         }
     }
     out.insert("entities".to_owned(), json!(resp.entities));
@@ -470,26 +461,15 @@ mod tests {
         ];
         for (code, reason) in cases {
             let status = StatusCode::from_u16(code).unwrap();
-            assert_eq!(
-                classify_status("worker w", status, b"").reason,
-                reason,
-                "{code}"
-            );
+            assert_eq!(classify_status("worker w", status, b"").reason, reason, "{code}");
         }
     }
 
     #[test]
     fn error_message_prefers_openai_body_then_text_then_reason() {
         let body = br#"{"error":{"message":"model loading","type":"server_error"}}"#;
-        let e = classify_status(
-            "worker 10.0.0.5:8080",
-            StatusCode::SERVICE_UNAVAILABLE,
-            body,
-        );
-        assert_eq!(
-            e.to_string(),
-            "worker 10.0.0.5:8080 answered 503: model loading"
-        );
+        let e = classify_status("worker 10.0.0.5:8080", StatusCode::SERVICE_UNAVAILABLE, body);
+        assert_eq!(e.to_string(), "worker 10.0.0.5:8080 answered 503: model loading");
         let e = classify_status("worker w", StatusCode::BAD_GATEWAY, b" upstream down \n");
         assert_eq!(e.message, "worker w answered 502: upstream down");
         let e = classify_status("worker w", StatusCode::BAD_GATEWAY, b"");

@@ -66,7 +66,10 @@ fn owner_reference(md: &ModelDeployment) -> Option<OwnerReference> {
 
 fn metadata(md: &ModelDeployment) -> ObjectMeta {
     let mut labels = selector_labels(md);
-    labels.insert("app.kubernetes.io/managed-by".to_owned(), "atomic-operator".to_owned());
+    labels.insert(
+        "app.kubernetes.io/managed-by".to_owned(),
+        "atomic-operator".to_owned(),
+    );
     labels.insert("app.kubernetes.io/component".to_owned(), "worker".to_owned());
     ObjectMeta {
         name: Some(worker_name(md)),
@@ -271,7 +274,10 @@ pub fn revision(template: &PodTemplateSpec) -> String {
 pub fn worker_deployment(md: &ModelDeployment, defaults: &WorkerDefaults, replicas: i32) -> Deployment {
     let template = pod_template(md, defaults);
     let mut meta = metadata(md);
-    meta.annotations = Some(BTreeMap::from([(REVISION_ANNOTATION.to_owned(), revision(&template))]));
+    meta.annotations = Some(BTreeMap::from([(
+        REVISION_ANNOTATION.to_owned(),
+        revision(&template),
+    )]));
     Deployment {
         metadata: meta,
         spec: DeploymentSpec {
@@ -376,7 +382,10 @@ mod tests {
         assert!(c.readiness_probe.is_some() && c.liveness_probe.is_some() && c.startup_probe.is_some());
         let args = c.args.as_ref().unwrap().join(" ");
         assert!(args.contains("--model-dir /models/all-MiniLM-L6-v2"), "{args}");
-        assert!(args.contains("--task classify") && args.contains("--labels billing,other"), "{args}");
+        assert!(
+            args.contains("--task classify") && args.contains("--labels billing,other"),
+            "{args}"
+        );
         assert!(pod.tolerations.is_none());
         let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
         assert!(!limits.contains_key("nvidia.com/gpu"));
@@ -386,10 +395,22 @@ mod tests {
     fn gpu_workers_request_gpus_and_tolerate_gpu_taints() {
         let d = worker_deployment(&model(2), &defaults(), 1);
         let pod = d.spec.template.spec.unwrap();
-        let limits = pod.containers[0].resources.as_ref().unwrap().limits.clone().unwrap();
+        let limits = pod.containers[0]
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .clone()
+            .unwrap();
         assert_eq!(limits["nvidia.com/gpu"], Quantity("2".to_owned()));
         assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some("nvidia.com/gpu"));
-        assert!(pod.containers[0].args.as_ref().unwrap().contains(&"cuda:0".to_owned()));
+        assert!(
+            pod.containers[0]
+                .args
+                .as_ref()
+                .unwrap()
+                .contains(&"cuda:0".to_owned())
+        );
     }
 
     #[test]
@@ -397,12 +418,21 @@ mod tests {
         let mut md = model(0);
         md.spec.model.source = crate::api::model::ModelSource {
             persistent_volume_claim: None,
-            host_path: Some(HostPathSource { path: "/data/minilm".to_owned() }),
+            host_path: Some(HostPathSource {
+                path: "/data/minilm".to_owned(),
+            }),
         };
         let pod = worker_deployment(&md, &defaults(), 1).spec.template.spec.unwrap();
         let vol = &pod.volumes.unwrap()[0];
         assert_eq!(vol.host_path.as_ref().unwrap().path, "/data/minilm");
-        assert!(pod.containers[0].args.as_ref().unwrap().join(" ").contains("--model-dir /models "));
+        assert!(
+            pod.containers[0]
+                .args
+                .as_ref()
+                .unwrap()
+                .join(" ")
+                .contains("--model-dir /models ")
+        );
     }
 
     #[test]
@@ -410,11 +440,19 @@ mod tests {
         let md = model(0);
         let a = worker_deployment(&md, &defaults(), 1);
         let b = worker_deployment(&md, &defaults(), 5);
-        let annotation = |d: &Deployment| d.metadata.annotations.as_ref().unwrap()[REVISION_ANNOTATION].clone();
-        assert_eq!(annotation(&a), annotation(&b), "replica count is not a new revision");
+        let annotation =
+            |d: &Deployment| d.metadata.annotations.as_ref().unwrap()[REVISION_ANNOTATION].clone();
+        assert_eq!(
+            annotation(&a),
+            annotation(&b),
+            "replica count is not a new revision"
+        );
         let mut other = md.clone();
         other.spec.image = Some("atomic-worker:v2".to_owned());
-        assert_ne!(annotation(&a), annotation(&worker_deployment(&other, &defaults(), 1)));
+        assert_ne!(
+            annotation(&a),
+            annotation(&worker_deployment(&other, &defaults(), 1))
+        );
     }
 
     #[test]
@@ -423,6 +461,9 @@ mod tests {
         let svc = worker_service(&md);
         let d = worker_deployment(&md, &defaults(), 1);
         assert_eq!(svc.spec.unwrap().selector, d.spec.selector.match_labels);
-        assert_eq!(selector_string(&md), "app.kubernetes.io/instance=intent,app.kubernetes.io/name=atomic-worker,atomic.dev/model=intent");
+        assert_eq!(
+            selector_string(&md),
+            "app.kubernetes.io/instance=intent,app.kubernetes.io/name=atomic-worker,atomic.dev/model=intent"
+        );
     }
 }

@@ -133,7 +133,13 @@ fn crds_have_printer_columns_and_subresources() {
     }
     assert!(version.subresources.as_ref().unwrap().status.is_some());
     let md = ModelDeployment::crd();
-    let scale = md.spec.versions[0].subresources.as_ref().unwrap().scale.as_ref().unwrap();
+    let scale = md.spec.versions[0]
+        .subresources
+        .as_ref()
+        .unwrap()
+        .scale
+        .as_ref()
+        .unwrap();
     assert_eq!(scale.spec_replicas_path, ".spec.replicas.min");
     assert_eq!(scale.label_selector_path.as_deref(), Some(".status.selector"));
 }

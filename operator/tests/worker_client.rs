@@ -8,9 +8,8 @@ use std::time::Duration;
 use atomic_operator::api::task::{GenerationParameters, HttpCall, HttpMethod, Operation};
 use atomic_operator::engine::FailureReason;
 use atomic_operator::protocol::{
-    ClassifyResponse, CompletionChoice, CompletionResponse, CompletionUsage, Embedding,
-    EmbeddingResponse, EmbeddingUsage, Entity, ErrorDetail, ErrorResponse, ExtractResponse,
-    LabelScore,
+    ClassifyResponse, CompletionChoice, CompletionResponse, CompletionUsage, Embedding, EmbeddingResponse,
+    EmbeddingUsage, Entity, ErrorDetail, ErrorResponse, ExtractResponse, LabelScore,
 };
 use atomic_operator::worker_client::{AttemptError, ModelRequest, WorkerClient};
 use axum::Router;
@@ -108,18 +107,10 @@ async fn handle(
     let model = request["model"].as_str().unwrap_or_default().to_owned();
     match model.as_str() {
         "loading" => {
-            return error_body(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "model loading",
-                "server_error",
-            );
+            return error_body(StatusCode::SERVICE_UNAVAILABLE, "model loading", "server_error");
         }
         "busy" => {
-            return error_body(
-                StatusCode::TOO_MANY_REQUESTS,
-                "queue full",
-                "rate_limit_error",
-            );
+            return error_body(StatusCode::TOO_MANY_REQUESTS, "queue full", "rate_limit_error");
         }
         "conflict" => return error_body(StatusCode::CONFLICT, "busy", "server_error"),
         "picky" => {
@@ -237,10 +228,7 @@ async fn run(fake: &Fake, model: &str, operation: Operation) -> Result<Value, At
 async fn embed_is_normalised() {
     let fake = start_fake().await;
     let result = run(&fake, "minilm", Operation::Embed).await.unwrap();
-    assert_eq!(
-        result,
-        json!({"embedding": [0.5, -0.25, 0.125], "dimensions": 3})
-    );
+    assert_eq!(result, json!({"embedding": [0.5, -0.25, 0.125], "dimensions": 3}));
     let seen = fake.last();
     assert_eq!(seen.method, Method::POST);
     assert_eq!(seen.path, "/v1/embeddings");
@@ -332,9 +320,7 @@ async fn too_many_requests_is_overloaded() {
 #[tokio::test]
 async fn conflict_is_retryable() {
     let fake = start_fake().await;
-    let err = run(&fake, "conflict", Operation::Generate)
-        .await
-        .unwrap_err();
+    let err = run(&fake, "conflict", Operation::Generate).await.unwrap_err();
     assert_eq!(err.reason, FailureReason::ServerError);
     assert!(err.reason.is_retryable());
 }
@@ -389,8 +375,7 @@ async fn closed_port_is_unreachable() {
         .unwrap_err();
     assert_eq!(err.reason, FailureReason::Unreachable);
     assert!(
-        err.message
-            .starts_with(&format!("worker {addr} is unreachable")),
+        err.message.starts_with(&format!("worker {addr} is unreachable")),
         "{err}"
     );
 }
@@ -427,10 +412,7 @@ async fn http_call_sends_key_token_headers_and_json_body() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        result,
-        json!({"status": 200, "body": {"ok": true, "id": 7}})
-    );
+    assert_eq!(result, json!({"status": 200, "body": {"ok": true, "id": 7}}));
     let seen = fake.last();
     assert_eq!(seen.method, Method::PUT);
     assert_eq!(seen.header("idempotency-key"), Some("ns/task/1"));
@@ -474,10 +456,7 @@ async fn http_call_failure_is_classified() {
     assert_eq!(err.reason, FailureReason::ServerError);
     assert_eq!(
         err.message,
-        format!(
-            "POST http://{}/api/down answered 502: upstream down",
-            fake.addr
-        )
+        format!("POST http://{}/api/down answered 502: upstream down", fake.addr)
     );
 
     let bad_header = HttpCall {

@@ -40,7 +40,12 @@ pub const WORKER_PORT: i32 = 8080;
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredReplicas"),
     printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queueDepth"),
-    printcolumn(name = "Revision", type_ = "string", json_path = ".status.revision", priority = 1),
+    printcolumn(
+        name = "Revision",
+        type_ = "string",
+        json_path = ".status.revision",
+        priority = 1
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]

@@ -7,13 +7,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 use atomic_operator::api::Operation;
 use atomic_operator::dispatch::{Dispatcher, Lane};
 use atomic_operator::driver::{Driver, DriverConfig};
-use atomic_operator::memory::{run_until_settled, MemoryStore};
+use atomic_operator::memory::{MemoryStore, run_until_settled};
 use atomic_operator::metrics::Metrics;
 use atomic_operator::worker_client::WorkerClient;
 
@@ -55,9 +55,13 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
-        Command::Run { path, workers, out, timeout_seconds, max_in_flight } => {
-            run(path, workers, out, timeout_seconds, max_in_flight).await
-        }
+        Command::Run {
+            path,
+            workers,
+            out,
+            timeout_seconds,
+            max_in_flight,
+        } => run(path, workers, out, timeout_seconds, max_in_flight).await,
     }
 }
 
@@ -85,7 +89,10 @@ async fn run(
         let (model, addr) = w
             .split_once('=')
             .with_context(|| format!("--worker {w:?} is not MODEL=HOST:PORT"))?;
-        endpoints.entry(model.to_owned()).or_default().push(addr.to_owned());
+        endpoints
+            .entry(model.to_owned())
+            .or_default()
+            .push(addr.to_owned());
     }
     let missing: Vec<_> = manifests
         .tasks
@@ -104,13 +111,26 @@ async fn run(
     }
 
     let metrics = Arc::new(Metrics::new()?);
-    let dispatcher = Arc::new(Dispatcher::new(Arc::new(WorkerClient::new(Duration::from_secs(5))?), Arc::clone(&metrics), max_in_flight, 16));
+    let dispatcher = Arc::new(Dispatcher::new(
+        Arc::new(WorkerClient::new(Duration::from_secs(5))?),
+        Arc::clone(&metrics),
+        max_in_flight,
+        16,
+    ));
     let (store, wakeups) = MemoryStore::new();
-    let driver = Driver::new(Arc::clone(&store), Arc::clone(&dispatcher), metrics, DriverConfig::default());
+    let driver = Driver::new(
+        Arc::clone(&store),
+        Arc::clone(&dispatcher),
+        metrics,
+        DriverConfig::default(),
+    );
     for task in manifests.tasks {
         let key = store.insert(task);
         for (model, addrs) in &endpoints {
-            let lane = Lane { namespace: key.namespace.clone(), model: Some(model.clone()) };
+            let lane = Lane {
+                namespace: key.namespace.clone(),
+                model: Some(model.clone()),
+            };
             dispatcher.set_endpoints(lane, addrs.clone());
         }
     }
@@ -118,7 +138,10 @@ async fn run(
     let settled = run_until_settled(&store, &driver, wakeups, Duration::from_secs(timeout_seconds)).await?;
 
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    println!("{:<24} {:<10} {:>8}  {}", "TASK", "PHASE", "ATTEMPTS", "RESULT / MESSAGE");
+    println!(
+        "{:<24} {:<10} {:>8}  RESULT / MESSAGE",
+        "TASK", "PHASE", "ATTEMPTS"
+    );
     let mut failed = 0;
     for task in store.tasks() {
         let name = task.metadata.name.clone().unwrap_or_default();
@@ -130,7 +153,13 @@ async fn run(
             Some(result) => summarise(result),
             None => status.message.clone().unwrap_or_default(),
         };
-        println!("{:<24} {:<10} {:>8}  {}", name, status.phase.as_str(), status.attempts, detail);
+        println!(
+            "{:<24} {:<10} {:>8}  {}",
+            name,
+            status.phase.as_str(),
+            status.attempts,
+            detail
+        );
         let file = out.join(format!("{name}.json"));
         std::fs::write(&file, serde_json::to_vec_pretty(&status)?)
             .with_context(|| format!("writing {}", file.display()))?;

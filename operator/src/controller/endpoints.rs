@@ -37,7 +37,8 @@ impl EndpointIndex {
         self.slices.clear();
         for slice in slices {
             if let Some(lane) = lane_of(slice) {
-                self.slices.insert(slice_key(slice), (lane, ready_addresses(slice)));
+                self.slices
+                    .insert(slice_key(slice), (lane, ready_addresses(slice)));
             }
         }
         let mut lanes: BTreeMap<(String, String), Lane> = BTreeMap::new();
@@ -95,7 +96,12 @@ fn ready_addresses(slice: &EndpointSlice) -> BTreeSet<String> {
     let port = slice
         .ports
         .as_ref()
-        .and_then(|ports| ports.iter().find(|p| p.name.as_deref() == Some("http")).or(ports.first()))
+        .and_then(|ports| {
+            ports
+                .iter()
+                .find(|p| p.name.as_deref() == Some("http"))
+                .or(ports.first())
+        })
         .and_then(|p| p.port);
     let Some(port) = port else { return BTreeSet::new() };
     let mut out = BTreeSet::new();
@@ -132,13 +138,16 @@ mod tests {
             address_type: "IPv4".to_owned(),
             endpoints: Some(
                 endpoints
-                .iter()
-                .map(|(ip, ready)| Endpoint {
-                    addresses: vec![(*ip).to_owned()],
-                    conditions: Some(EndpointConditions { ready: *ready, ..EndpointConditions::default() }),
-                    ..Endpoint::default()
-                })
-                .collect(),
+                    .iter()
+                    .map(|(ip, ready)| Endpoint {
+                        addresses: vec![(*ip).to_owned()],
+                        conditions: Some(EndpointConditions {
+                            ready: *ready,
+                            ..EndpointConditions::default()
+                        }),
+                        ..Endpoint::default()
+                    })
+                    .collect(),
             ),
             ports: Some(vec![EndpointPort {
                 name: Some("http".to_owned()),
@@ -152,11 +161,21 @@ mod tests {
     fn only_ready_endpoints_count_and_slices_of_a_model_merge() {
         let mut index = EndpointIndex::default();
         let (lane, addrs) = index
-            .apply(&slice("a", "intent", &[("10.0.0.1", Some(true)), ("10.0.0.2", Some(false)), ("10.0.0.3", None)]))
+            .apply(&slice(
+                "a",
+                "intent",
+                &[
+                    ("10.0.0.1", Some(true)),
+                    ("10.0.0.2", Some(false)),
+                    ("10.0.0.3", None),
+                ],
+            ))
             .unwrap();
         assert_eq!(lane.model.as_deref(), Some("intent"));
         assert_eq!(addrs, ["10.0.0.1:8080", "10.0.0.3:8080"]);
-        let (_, addrs) = index.apply(&slice("b", "intent", &[("10.0.0.9", Some(true))])).unwrap();
+        let (_, addrs) = index
+            .apply(&slice("b", "intent", &[("10.0.0.9", Some(true))]))
+            .unwrap();
         assert_eq!(addrs.len(), 3);
         let (_, addrs) = index.remove(&slice("a", "intent", &[])).unwrap();
         assert_eq!(addrs, ["10.0.0.9:8080"]);
@@ -167,9 +186,15 @@ mod tests {
         let mut index = EndpointIndex::default();
         index.apply(&slice("a", "intent", &[("10.0.0.1", Some(true))]));
         let lanes = index.reset(&[slice("b", "reply", &[("10.0.0.5", Some(true))])]);
-        let intent = lanes.iter().find(|(l, _)| l.model.as_deref() == Some("intent")).unwrap();
+        let intent = lanes
+            .iter()
+            .find(|(l, _)| l.model.as_deref() == Some("intent"))
+            .unwrap();
         assert!(intent.1.is_empty(), "a vanished model's endpoints are cleared");
-        let reply = lanes.iter().find(|(l, _)| l.model.as_deref() == Some("reply")).unwrap();
+        let reply = lanes
+            .iter()
+            .find(|(l, _)| l.model.as_deref() == Some("reply"))
+            .unwrap();
         assert_eq!(reply.1, ["10.0.0.5:8080"]);
     }
 

@@ -8,13 +8,13 @@ pub mod task;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube::runtime::controller::Action;
 use kube::Client;
+use kube::runtime::controller::Action;
 
+use crate::Error;
 use crate::dispatch::Dispatcher;
 use crate::metrics::Metrics;
 use crate::workload::WorkerDefaults;
-use crate::Error;
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "atomic-operator";

@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
@@ -20,7 +20,7 @@ use super::{Context, FIELD_MANAGER};
 use crate::api::model::{ModelDeployment, ModelDeploymentStatus, ModelPhase};
 use crate::dispatch::{Executor, Lane};
 use crate::engine::queue::desired_replicas;
-use crate::workload::{selector_string, worker_deployment, worker_service, REVISION_ANNOTATION};
+use crate::workload::{REVISION_ANNOTATION, selector_string, worker_deployment, worker_service};
 use crate::{Error, Result};
 
 /// Finalizer that lets the operator forget the model's queue before the object goes.
@@ -69,13 +69,17 @@ async fn apply<E: Executor>(md: &ModelDeployment, ctx: &Context<E>) -> Result<Ac
         .set_endpoint_limit(&lane, md.spec.replicas.max_in_flight_per_replica);
     let load = ctx.dispatcher.load(&lane);
     let existing = deployments.get_opt(&name).await?;
-    let current = existing
-        .as_ref()
-        .and_then(|d| d.spec.replicas)
-        .unwrap_or(0);
+    let current = existing.as_ref().and_then(|d| d.spec.replicas).unwrap_or(0);
     let old_status = md.status.clone().unwrap_or_default();
     let last_scale = old_status.last_scale_time.as_ref().map(|t| t.0);
-    let desired = desired_replicas(&md.spec.replicas, load.queued, load.in_flight, current, last_scale, now);
+    let desired = desired_replicas(
+        &md.spec.replicas,
+        load.queued,
+        load.in_flight,
+        current,
+        last_scale,
+        now,
+    );
 
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let deployment = worker_deployment(md, &ctx.worker_defaults, desired);
@@ -86,7 +90,16 @@ async fn apply<E: Executor>(md: &ModelDeployment, ctx: &Context<E>) -> Result<Ac
         .patch(&name, &params, &Patch::Apply(&worker_service(md)))
         .await?;
 
-    let status = status_from(md, &applied, desired, current, load.queued, load.in_flight, &old_status, now);
+    let status = status_from(
+        md,
+        &applied,
+        desired,
+        current,
+        load.queued,
+        load.in_flight,
+        &old_status,
+        now,
+    );
     let busy = load.queued + load.in_flight > 0 || status.ready_replicas != desired;
     let patch = json!({
         "apiVersion": ModelDeployment::api_version(&()),
@@ -148,8 +161,15 @@ fn status_from(
         old,
         "Progressing",
         !rolled_out || ready < desired,
-        if rolled_out && ready >= desired { "RolledOut" } else { "RollingOut" },
-        &format!("revision {}: {updated} updated, {ready} ready, {desired} desired", revision.as_deref().unwrap_or("-")),
+        if rolled_out && ready >= desired {
+            "RolledOut"
+        } else {
+            "RollingOut"
+        },
+        &format!(
+            "revision {}: {updated} updated, {ready} ready, {desired} desired",
+            revision.as_deref().unwrap_or("-")
+        ),
         generation,
         now,
     );
@@ -203,12 +223,12 @@ mod tests {
     use std::sync::Arc;
 
     use http::Method;
-    use serde_json::{json, Value};
+    use serde_json::{Value, json};
 
     use super::*;
     use crate::api::model::{HostPathSource, ModelDeploymentSpec, ModelSource, ModelSpec, ReplicaPolicy};
     use crate::dispatch::{Dispatcher, Job, NoopExecutor, TaskKey, Work};
-    use crate::fixtures::{mock_client, status_body, Expect};
+    use crate::fixtures::{Expect, mock_client, status_body};
     use crate::metrics::Metrics;
     use crate::worker_client::ModelRequest;
 
@@ -223,11 +243,17 @@ mod tests {
                 model: ModelSpec {
                     source: ModelSource {
                         persistent_volume_claim: None,
-                        host_path: Some(HostPathSource { path: "/models/minilm".to_owned() }),
+                        host_path: Some(HostPathSource {
+                            path: "/models/minilm".to_owned(),
+                        }),
                     },
                     ..ModelSpec::default()
                 },
-                replicas: ReplicaPolicy { min, max, ..ReplicaPolicy::default() },
+                replicas: ReplicaPolicy {
+                    min,
+                    max,
+                    ..ReplicaPolicy::default()
+                },
                 ..ModelDeploymentSpec::default()
             },
         );
@@ -248,7 +274,12 @@ mod tests {
                 image: "atomic-worker:test".to_owned(),
                 image_pull_policy: "IfNotPresent".to_owned(),
             },
-            dispatcher: Arc::new(Dispatcher::new(Arc::new(NoopExecutor), Arc::clone(&metrics), 4, 4)),
+            dispatcher: Arc::new(Dispatcher::new(
+                Arc::new(NoopExecutor),
+                Arc::clone(&metrics),
+                4,
+                4,
+            )),
             metrics,
         })
     }
@@ -267,7 +298,10 @@ mod tests {
             ctx.dispatcher.enqueue(
                 lane(&model(true, 0, 3)),
                 Job {
-                    key: TaskKey { namespace: "ns".to_owned(), name: format!("t{i}") },
+                    key: TaskKey {
+                        namespace: "ns".to_owned(),
+                        name: format!("t{i}"),
+                    },
                     idempotency_key: format!("t{i}"),
                     attempt: 1,
                     priority: 0,
@@ -288,11 +322,13 @@ mod tests {
     #[tokio::test]
     async fn a_new_model_gets_the_finalizer_before_anything_else() {
         let md = model(false, 1, 1);
-        let answer = serde_json::to_value(&model(true, 1, 1)).unwrap();
-        let (client, server) = mock_client(vec![Expect::new(Method::PATCH, MD_PATH, 200, answer).checking(|body| {
-            assert_eq!(body[1]["op"], "add");
-            assert_eq!(body[1]["value"][0], FINALIZER);
-        })]);
+        let answer = serde_json::to_value(model(true, 1, 1)).unwrap();
+        let (client, server) = mock_client(vec![Expect::new(Method::PATCH, MD_PATH, 200, answer).checking(
+            |body| {
+                assert_eq!(body[1]["op"], "add");
+                assert_eq!(body[1]["value"][0], FINALIZER);
+            },
+        )]);
         let action = reconcile(Arc::new(md), context(client)).await.unwrap();
         assert_eq!(action, Action::await_change());
         server.await.unwrap();
@@ -308,7 +344,7 @@ mod tests {
                 assert_eq!(body["spec"]["template"]["spec"]["automountServiceAccountToken"], false);
             }),
             Expect::new(Method::PATCH, SVC_PATH, 200, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "intent-worker"}})),
-            Expect::new(Method::PATCH, &format!("{MD_PATH}/status"), 200, serde_json::to_value(model(true, 0, 3)).unwrap())
+            Expect::new(Method::PATCH, format!("{MD_PATH}/status"), 200, serde_json::to_value(model(true, 0, 3)).unwrap())
                 .checking(|body| {
                     assert_eq!(body["status"]["phase"], "ScaledToZero");
                     assert_eq!(body["status"]["desiredReplicas"], 0);
@@ -317,7 +353,9 @@ mod tests {
                     assert_eq!(body["status"]["selector"], "app.kubernetes.io/instance=intent,app.kubernetes.io/name=atomic-worker,atomic.dev/model=intent");
                 }),
         ]);
-        let action = reconcile(Arc::new(model(true, 0, 3)), context(client)).await.unwrap();
+        let action = reconcile(Arc::new(model(true, 0, 3)), context(client))
+            .await
+            .unwrap();
         assert_eq!(action, Action::requeue(IDLE_REQUEUE));
         server.await.unwrap();
     }
@@ -328,13 +366,23 @@ mod tests {
             Expect::new(Method::GET, DEPLOY_PATH, 200, deployment_answer(0, 0)),
             Expect::new(Method::PATCH, DEPLOY_PATH, 200, deployment_answer(2, 0))
                 .checking(|body| assert_eq!(body["spec"]["replicas"], 2, "40 tasks / 32 per replica")),
-            Expect::new(Method::PATCH, SVC_PATH, 200, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "intent-worker"}})),
-            Expect::new(Method::PATCH, &format!("{MD_PATH}/status"), 200, serde_json::to_value(model(true, 0, 3)).unwrap())
-                .checking(|body| {
-                    assert_eq!(body["status"]["queueDepth"], 40);
-                    assert_eq!(body["status"]["phase"], "Progressing");
-                    assert!(body["status"]["lastScaleTime"].is_string());
-                }),
+            Expect::new(
+                Method::PATCH,
+                SVC_PATH,
+                200,
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "intent-worker"}}),
+            ),
+            Expect::new(
+                Method::PATCH,
+                format!("{MD_PATH}/status"),
+                200,
+                serde_json::to_value(model(true, 0, 3)).unwrap(),
+            )
+            .checking(|body| {
+                assert_eq!(body["status"]["queueDepth"], 40);
+                assert_eq!(body["status"]["phase"], "Progressing");
+                assert!(body["status"]["lastScaleTime"].is_string());
+            }),
         ]);
         let ctx = context(client);
         queue_tasks(&ctx, 40);
@@ -350,7 +398,9 @@ mod tests {
             Expect::new(Method::PATCH, DEPLOY_PATH, 409, status_body(409, "Conflict")),
         ]);
         let ctx = context(client);
-        let err = reconcile(Arc::new(model(true, 1, 1)), Arc::clone(&ctx)).await.unwrap_err();
+        let err = reconcile(Arc::new(model(true, 1, 1)), Arc::clone(&ctx))
+            .await
+            .unwrap_err();
         assert_eq!(err.metric_label(), "finalizer");
         assert!(err.to_string().contains("apply"), "{err}");
         let action = crate::controller::error_policy("modeldeployment", &err, &ctx.metrics);
@@ -366,7 +416,11 @@ mod tests {
             504,
             status_body(504, "Timeout"),
         )]);
-        assert!(reconcile(Arc::new(model(true, 1, 1)), context(client)).await.is_err());
+        assert!(
+            reconcile(Arc::new(model(true, 1, 1)), context(client))
+                .await
+                .is_err()
+        );
         server.await.unwrap();
     }
 
@@ -374,16 +428,18 @@ mod tests {
     async fn deletion_forgets_the_queue_and_removes_the_finalizer() {
         let mut md = model(true, 0, 3);
         md.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
-        let (client, server) = mock_client(vec![Expect::new(
-            Method::PATCH,
-            MD_PATH,
-            200,
-            serde_json::to_value(model(false, 0, 3)).unwrap(),
-        )
-        .checking(|body| {
-            assert_eq!(body[0]["op"], "test");
-            assert_eq!(body[1]["op"], "remove");
-        })]);
+        let (client, server) = mock_client(vec![
+            Expect::new(
+                Method::PATCH,
+                MD_PATH,
+                200,
+                serde_json::to_value(model(false, 0, 3)).unwrap(),
+            )
+            .checking(|body| {
+                assert_eq!(body[0]["op"], "test");
+                assert_eq!(body[1]["op"], "remove");
+            }),
+        ]);
         let ctx = context(client);
         queue_tasks(&ctx, 3);
         assert_eq!(ctx.dispatcher.load(&lane(&md)).queued, 3);

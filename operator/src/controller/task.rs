@@ -36,8 +36,16 @@ pub struct KubeStore {
 
 impl KubeStore {
     /// A store whose wake-ups go to `wake` (the controller's `reconcile_on` stream).
-    pub fn new(client: Client, recorder: Recorder, wake: mpsc::UnboundedSender<ObjectRef<AtomicTask>>) -> Self {
-        KubeStore { client, recorder, wake }
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        wake: mpsc::UnboundedSender<ObjectRef<AtomicTask>>,
+    ) -> Self {
+        KubeStore {
+            client,
+            recorder,
+            wake,
+        }
     }
 
     fn tasks(&self, namespace: &str) -> Api<AtomicTask> {
@@ -58,10 +66,7 @@ fn result_config_map(task: &AtomicTask, name: String, data: BTreeMap<String, Str
         metadata: ObjectMeta {
             name: Some(name),
             namespace: task.namespace(),
-            labels: Some(BTreeMap::from([(
-                "atomic.dev/task".to_owned(),
-                task.name_any(),
-            )])),
+            labels: Some(BTreeMap::from([("atomic.dev/task".to_owned(), task.name_any())])),
             // Owned by the task, so it goes when the task goes.
             owner_references: task.controller_owner_ref(&()).map(|o| vec![o]),
             ..ObjectMeta::default()
@@ -88,7 +93,9 @@ impl TaskStore for KubeStore {
         {
             Ok(written) => Ok(Some(written)),
             Err(e) if is_conflict(&e) => Ok(None),
-            Err(e) if is_not_found(&e) => Err(Error::NotFound(format!("task {namespace}/{}", task.name_any()))),
+            Err(e) if is_not_found(&e) => {
+                Err(Error::NotFound(format!("task {namespace}/{}", task.name_any())))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -146,15 +153,23 @@ impl TaskStore for KubeStore {
             BTreeMap::from([(at.key.clone(), serde_json::to_string(result)?)]),
         );
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &task.namespace().unwrap_or_default());
-        api.patch(&at.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&cm))
-            .await?;
+        api.patch(
+            &at.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&cm),
+        )
+        .await?;
         Ok(at)
     }
 
     async fn load_result(&self, namespace: &str, at: &KeyRef) -> std::result::Result<Value, String> {
-        let source = InputSource { config_map_key_ref: Some(at.clone()), secret_key_ref: None };
+        let source = InputSource {
+            config_map_key_ref: Some(at.clone()),
+            secret_key_ref: None,
+        };
         let text = self.read_value(namespace, &source).await?;
-        serde_json::from_str(&text).map_err(|e| format!("ConfigMap {namespace}/{} holds no JSON result: {e}", at.name))
+        serde_json::from_str(&text)
+            .map_err(|e| format!("ConfigMap {namespace}/{} holds no JSON result: {e}", at.name))
     }
 
     async fn write_output(&self, task: &AtomicTask, config_map: &str, result: &Value) -> Result<()> {
@@ -171,15 +186,23 @@ impl TaskStore for KubeStore {
             "metadata": { "name": config_map },
             "data": { task.name_any(): value },
         });
-        api.patch(config_map, &PatchParams::apply(&manager).force(), &Patch::Apply(&patch))
-            .await?;
+        api.patch(
+            config_map,
+            &PatchParams::apply(&manager).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
         Ok(())
     }
 
     async fn record(&self, task: &AtomicTask, transition: &Transition) {
         let warning = matches!(transition.to, TaskPhase::Failed | TaskPhase::TimedOut);
         let event = KubeEvent {
-            type_: if warning { EventType::Warning } else { EventType::Normal },
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: transition.reason.to_owned(),
             note: Some(truncate(&transition.message, 1024)),
             action: format!("{}To{}", transition.from.as_str(), transition.to.as_str()),
@@ -191,9 +214,7 @@ impl TaskStore for KubeStore {
     }
 
     fn wake(&self, key: TaskKey) {
-        let _ = self
-            .wake
-            .send(ObjectRef::new(&key.name).within(&key.namespace));
+        let _ = self.wake.send(ObjectRef::new(&key.name).within(&key.namespace));
     }
 }
 
@@ -220,7 +241,9 @@ pub struct TaskContext<E> {
 /// says something becomes due.
 pub async fn reconcile<E: Executor>(task: Arc<AtomicTask>, ctx: Arc<TaskContext<E>>) -> Result<Action> {
     let key = TaskKey {
-        namespace: task.namespace().ok_or(Error::MissingField("metadata.namespace"))?,
+        namespace: task
+            .namespace()
+            .ok_or(Error::MissingField("metadata.namespace"))?,
         name: task.name_any(),
     };
     let applied = ctx.driver.apply(&key, Event::Observe).await?;

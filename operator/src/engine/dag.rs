@@ -109,13 +109,7 @@ fn strongly_connected(adj: &[Vec<usize>]) -> Vec<Vec<usize>> {
 }
 
 /// Breadth-first parents within the component, from `root`, following `edges`.
-fn bfs(
-    edges: &[Vec<usize>],
-    member: &[bool],
-    root: usize,
-    dist: &mut [usize],
-    parent: &mut [usize],
-) {
+fn bfs(edges: &[Vec<usize>], member: &[bool], root: usize, dist: &mut [usize], parent: &mut [usize]) {
     let mut queue = VecDeque::from([root]);
     dist[root] = 0;
     while let Some(v) = queue.pop_front() {
@@ -283,12 +277,7 @@ mod tests {
 
     #[test]
     fn acyclic_graph_has_no_cycles() {
-        let g = graph(&[
-            ("a", &["b", "c"]),
-            ("b", &["c"]),
-            ("c", &[]),
-            ("d", &["missing"]),
-        ]);
+        let g = graph(&[("a", &["b", "c"]), ("b", &["c"]), ("c", &[]), ("d", &["missing"])]);
         assert!(find_cycles(&g).is_empty());
     }
 

@@ -59,13 +59,7 @@ impl<T> ModelQueue<T> {
 
     /// Adds an entry, replacing (and sending to the back of its priority) any entry with the
     /// same key, so a task is never queued twice.
-    pub fn push(
-        &mut self,
-        key: impl Into<String>,
-        priority: i32,
-        not_before: Option<Timestamp>,
-        payload: T,
-    ) {
+    pub fn push(&mut self, key: impl Into<String>, priority: i32, not_before: Option<Timestamp>, payload: T) {
         let key = key.into();
         self.remove(&key);
         let seq = self.next_seq;
@@ -81,14 +75,7 @@ impl<T> ModelQueue<T> {
             not_before,
             payload,
         };
-        self.slots.insert(
-            key,
-            Slot {
-                entry,
-                seq,
-                delayed,
-            },
-        );
+        self.slots.insert(key, Slot { entry, seq, delayed });
     }
 
     /// Removes and returns the entry for `key`, if queued.
@@ -128,8 +115,7 @@ impl<T> ModelQueue<T> {
             let key = entry.remove();
             if let Some(slot) = self.slots.get_mut(&key) {
                 slot.delayed = false;
-                self.ready
-                    .insert((Reverse(slot.entry.priority), slot.seq), key);
+                self.ready.insert((Reverse(slot.entry.priority), slot.seq), key);
             }
         }
     }
@@ -216,9 +202,7 @@ impl Endpoints {
 
     /// Attempts in flight on ready endpoints.
     pub fn in_flight(&self) -> u32 {
-        self.in_flight
-            .values()
-            .fold(0u32, |a, n| a.saturating_add(*n))
+        self.in_flight.values().fold(0u32, |a, n| a.saturating_add(*n))
     }
 
     /// Number of ready endpoints.
@@ -387,22 +371,10 @@ mod tests {
         let p = policy(0, 5, 10, 300);
         let now = ts(1000);
         assert_eq!(desired_replicas(&p, 0, 0, 0, None, now), 0);
-        assert_eq!(
-            desired_replicas(&p, 1, 0, 0, None, now),
-            1,
-            "scale from zero"
-        );
-        assert_eq!(
-            desired_replicas(&p, 15, 6, 1, Some(now), now),
-            3,
-            "up at once"
-        );
+        assert_eq!(desired_replicas(&p, 1, 0, 0, None, now), 1, "scale from zero");
+        assert_eq!(desired_replicas(&p, 15, 6, 1, Some(now), now), 3, "up at once");
         assert_eq!(desired_replicas(&p, 500, 0, 1, Some(now), now), 5, "capped");
-        assert_eq!(
-            desired_replicas(&p, 0, 0, 3, Some(ts(900)), now),
-            3,
-            "down waits"
-        );
+        assert_eq!(desired_replicas(&p, 0, 0, 3, Some(ts(900)), now), 3, "down waits");
         assert_eq!(
             desired_replicas(&p, 0, 0, 3, Some(ts(700)), now),
             0,

@@ -52,10 +52,7 @@ mod tests {
         for n in [1, 2, 33, 63, 64, 65, 1000, u32::MAX] {
             assert!(backoff(&p, n) <= Duration::from_secs(u64::from(u32::MAX)));
         }
-        assert_eq!(
-            backoff(&p, u32::MAX),
-            Duration::from_secs(u64::from(u32::MAX))
-        );
+        assert_eq!(backoff(&p, u32::MAX), Duration::from_secs(u64::from(u32::MAX)));
         assert_eq!(backoff(&policy(0, 300), 50), Duration::ZERO);
         assert_eq!(backoff(&policy(7, 0), 3), Duration::ZERO);
     }

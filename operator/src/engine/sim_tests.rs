@@ -33,16 +33,14 @@ fn task_cfg() -> impl Strategy<Value = TaskCfg> {
         prop::bool::weighted(0.1),
         prop::option::weighted(0.2, 30u32..200),
     )
-        .prop_map(
-            |(limit, backoff, timeout, priority, cancel, deadline)| TaskCfg {
-                limit,
-                backoff,
-                timeout,
-                priority,
-                cancel,
-                deadline,
-            },
-        )
+        .prop_map(|(limit, backoff, timeout, priority, cancel, deadline)| TaskCfg {
+            limit,
+            backoff,
+            timeout,
+            priority,
+            cancel,
+            deadline,
+        })
 }
 
 struct Sim {
@@ -175,12 +173,7 @@ impl Sim {
             prop_assert!(d.enqueue.is_none());
         }
         if old.result.is_some() {
-            prop_assert_eq!(
-                &old.result,
-                &new.result,
-                "result of {} changed",
-                &self.names[i]
-            );
+            prop_assert_eq!(&old.result, &new.result, "result of {} changed", &self.names[i]);
         }
         if new.phase == TaskPhase::Succeeded && old.phase != TaskPhase::Succeeded {
             self.succeeded[i] += 1;
@@ -297,9 +290,7 @@ impl Sim {
     fn restart(&mut self) {
         self.queue = ModelQueue::new();
         self.zombies.append(&mut self.running);
-        self.dispatch
-            .iter_mut()
-            .for_each(|d| *d = DispatchState::Idle);
+        self.dispatch.iter_mut().for_each(|d| *d = DispatchState::Idle);
     }
 
     fn all_terminal(&self) -> bool {

@@ -15,15 +15,15 @@ use serde_json::Value;
 use super::FailureReason;
 use super::retry::backoff;
 use super::template::{self, TemplateContext};
-use crate::api::task::{
-    AtomicTaskSpec, AtomicTaskStatus, DEFAULT_TIMEOUT_SECONDS, Operation, TaskPhase,
-};
+use crate::api::task::{AtomicTaskSpec, AtomicTaskStatus, DEFAULT_TIMEOUT_SECONDS, Operation, TaskPhase};
 
 /// Template used when `spec.prompt` is not set.
 pub const DEFAULT_PROMPT: &str = "{{ input.text }}";
 /// Condition type that records how many attempts were lost (they do not count against
 /// `retries.limit`); its message starts with the count.
 pub const LOST_CONDITION: &str = "AttemptsLost";
+/// Status reason of a task that lies on a dependency cycle.
+pub const CYCLE_REASON: &str = "DependencyCycle";
 /// Condition type set when the task finishes: `True` once it succeeded.
 pub const READY_CONDITION: &str = "Ready";
 
@@ -205,11 +205,7 @@ fn set_lost_attempts(status: &mut AtomicTaskStatus, n: u32, now: Timestamp) {
 }
 
 fn upsert_condition(status: &mut AtomicTaskStatus, condition: Condition) {
-    match status
-        .conditions
-        .iter_mut()
-        .find(|c| c.type_ == condition.type_)
-    {
+    match status.conditions.iter_mut().find(|c| c.type_ == condition.type_) {
         Some(c) => *c = condition,
         None => status.conditions.push(condition),
     }
@@ -407,11 +403,7 @@ impl Machine<'_, '_> {
                 Ok(()) => {
                     self.status.next_attempt_time = not_before.map(Time);
                     self.status.queued_time = Some(second(self.now));
-                    self.go(
-                        TaskPhase::Queued,
-                        reason.as_str(),
-                        format!("{what}; {when}"),
-                    );
+                    self.go(TaskPhase::Queued, reason.as_str(), format!("{what}; {when}"));
                 }
                 Err((r, m)) => self.finish(TaskPhase::Failed, r, m),
             }
@@ -435,7 +427,7 @@ impl Machine<'_, '_> {
         if let Some(cycle) = self.obs.cycle {
             self.finish(
                 TaskPhase::Failed,
-                "DependencyCycle",
+                CYCLE_REASON,
                 format!("dependency cycle: {}", cycle.join(" -> ")),
             );
             return;
@@ -447,11 +439,7 @@ impl Machine<'_, '_> {
         let (spec, obs) = (self.spec, self.obs);
         let mut waiting = Vec::new();
         for dep in &spec.depends_on {
-            let state = obs
-                .deps
-                .get(dep.as_str())
-                .copied()
-                .unwrap_or(DepState::Missing);
+            let state = obs.deps.get(dep.as_str()).copied().unwrap_or(DepState::Missing);
             match state {
                 DepState::Missing => waiting.push(format!("{dep} (not found)")),
                 DepState::Present { phase, message, .. } => match phase {
@@ -508,10 +496,7 @@ impl Machine<'_, '_> {
     }
 
     /// Renders the prompt and sets `enqueue` for the next attempt.
-    fn enqueue_attempt(
-        &mut self,
-        not_before: Option<Timestamp>,
-    ) -> Result<(), (&'static str, String)> {
+    fn enqueue_attempt(&mut self, not_before: Option<Timestamp>) -> Result<(), (&'static str, String)> {
         let input = self
             .obs
             .input_text
@@ -533,8 +518,7 @@ impl Machine<'_, '_> {
             input_text: input,
             tasks: &tasks,
         };
-        let prompt = template::render(self.template(), &ctx)
-            .map_err(|e| ("TemplateError", e.to_string()))?;
+        let prompt = template::render(self.template(), &ctx).map_err(|e| ("TemplateError", e.to_string()))?;
         self.enqueue = Some(Dispatch {
             prompt,
             not_before,
@@ -595,10 +579,7 @@ impl Machine<'_, '_> {
 
     /// When the running attempt times out.
     fn attempt_end(&self) -> Option<Timestamp> {
-        Some(add(
-            self.status.attempt_start_time.as_ref()?.0,
-            self.timeout(),
-        ))
+        Some(add(self.status.attempt_start_time.as_ref()?.0, self.timeout()))
     }
 
     /// When a finished task is to be deleted.

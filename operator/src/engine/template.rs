@@ -283,7 +283,10 @@ mod tests {
     #[test]
     fn the_json_filter_encodes_values() {
         assert_eq!(r("{{ input.text | json }}").unwrap(), "\"hello\"");
-        assert_eq!(r("{\"t\": {{ tasks.summ|json }}}").unwrap(), "{\"t\": \"short text\"}");
+        assert_eq!(
+            r("{\"t\": {{ tasks.summ|json }}}").unwrap(),
+            "{\"t\": \"short text\"}"
+        );
         assert_eq!(r("{{ tasks.classify.score | json }}").unwrap(), "0.9");
         assert!(matches!(
             r("{{ tasks.summ | upper }}"),
@@ -295,10 +298,7 @@ mod tests {
     fn renders_input_and_literals() {
         assert_eq!(r("say {{ input.text }}!").unwrap(), "say hello!");
         assert_eq!(r("{{input.text}}{{  input.text  }}").unwrap(), "hellohello");
-        assert_eq!(
-            r("no placeholders }} here").unwrap(),
-            "no placeholders }} here"
-        );
+        assert_eq!(r("no placeholders }} here").unwrap(), "no placeholders }} here");
         assert_eq!(r("").unwrap(), "");
     }
 
@@ -336,10 +336,7 @@ mod tests {
             r("{{ tasks. }}"),
             Err(TemplateError::UnknownRoot { .. })
         ));
-        assert!(matches!(
-            r("{{ input }}"),
-            Err(TemplateError::UnknownRoot { .. })
-        ));
+        assert!(matches!(r("{{ input }}"), Err(TemplateError::UnknownRoot { .. })));
     }
 
     #[test]

@@ -98,10 +98,7 @@ fn cycle_fails() {
     let d = observe(&spec(), &AtomicTaskStatus::default(), &o);
     assert_eq!(d.status.phase, TaskPhase::Failed);
     assert_eq!(d.status.reason.as_deref(), Some("DependencyCycle"));
-    assert_eq!(
-        d.status.message.as_deref(),
-        Some("dependency cycle: t -> u -> t")
-    );
+    assert_eq!(d.status.message.as_deref(), Some("dependency cycle: t -> u -> t"));
     assert!(d.status.completion_time.is_some());
     let ready = d
         .status
