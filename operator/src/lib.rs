@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod memory;
 pub mod metrics;
 pub mod protocol;
+pub mod run;
 pub mod server;
 pub mod worker_client;
 pub mod workload;

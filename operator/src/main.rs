@@ -10,26 +10,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client};
-use tokio::sync::mpsc;
 
-use atomic_operator::api::{AtomicTask, ModelDeployment};
-use atomic_operator::controller::endpoints::EndpointIndex;
-use atomic_operator::controller::task::{KubeStore, TaskContext};
-use atomic_operator::controller::{self, Context};
-use atomic_operator::dispatch::{Dispatcher, TaskKey};
-use atomic_operator::driver::{Driver, DriverConfig};
 use atomic_operator::lease::LeaderElector;
 use atomic_operator::metrics::Metrics;
+use atomic_operator::run::{Settings, Shutdown, run};
 use atomic_operator::server;
-use atomic_operator::worker_client::WorkerClient;
 use atomic_operator::workload::WorkerDefaults;
 
 /// Kubernetes operator for AtomicTask and ModelDeployment resources.
@@ -97,29 +84,13 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-fn namespaced<K>(client: &Client, namespace: &str) -> Api<K>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-{
-    if namespace.is_empty() {
-        Api::all(client.clone())
-    } else {
-        Api::namespaced(client.clone(), namespace)
-    }
-}
-
-fn receiver_stream<T: Send + 'static>(
-    rx: mpsc::UnboundedReceiver<T>,
-) -> impl futures::Stream<Item = T> + Send {
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(args.log_format);
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let ready = Arc::new(AtomicBool::new(false));
+    let (shutdown, stop) = Shutdown::new();
 
     let server = tokio::spawn(server::serve(
         args.metrics_addr,
@@ -127,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
             metrics: Arc::clone(&metrics),
             ready: Arc::clone(&ready),
         },
-        shutdown_signal(),
+        shutdown.wait(),
     ));
 
     let client = Client::try_default()
@@ -152,117 +123,49 @@ async fn main() -> anyhow::Result<()> {
                 Ok(false) => {}
                 Err(err) => tracing::warn!(error = %err, "leader election"),
             }
-            tokio::time::sleep(Duration::from_secs(args.lease_seconds / 3 + 1)).await;
+            tokio::select! {
+                _ = shutdown_signal() => return Ok(()),
+                _ = tokio::time::sleep(e.renew_every()) => {}
+            }
         }
         metrics.set_leader(true);
         tracing::info!("leading");
         elector = Some(e);
     }
 
-    let executor = Arc::new(WorkerClient::new(Duration::from_secs(5)).context("building the HTTP client")?);
-    let dispatcher = Arc::new(Dispatcher::new(
-        executor,
-        Arc::clone(&metrics),
-        args.max_in_flight_per_pod,
-        args.http_concurrency,
-    ));
-    let (task_wake_tx, task_wake_rx) = mpsc::unbounded_channel::<ObjectRef<AtomicTask>>();
-    let (demand_tx, demand_rx) = mpsc::unbounded_channel::<ObjectRef<ModelDeployment>>();
-    dispatcher.set_on_demand(Box::new(move |lane| {
-        if let Some(model) = &lane.model {
-            let _ = demand_tx.send(ObjectRef::new(model).within(&lane.namespace));
-        }
-    }));
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "atomic-operator".into(),
-            instance: Some(args.identity.clone()),
-        },
-    );
-    let store = Arc::new(KubeStore::new(client.clone(), recorder, task_wake_tx));
-    let driver = Driver::new(
-        store,
-        Arc::clone(&dispatcher),
-        Arc::clone(&metrics),
-        DriverConfig {
-            max_inline_result_bytes: args.max_inline_result_bytes,
-        },
-    );
-
-    let model_ctx = Arc::new(Context {
-        client: client.clone(),
+    let settings = Settings {
+        namespace: args.namespace.clone(),
         worker_defaults: WorkerDefaults {
             image: args.worker_image.clone(),
             image_pull_policy: args.worker_image_pull_policy.clone(),
         },
-        dispatcher: Arc::clone(&dispatcher),
-        metrics: Arc::clone(&metrics),
-    });
-    let models = Controller::new(
-        namespaced::<ModelDeployment>(&client, &args.namespace),
-        watcher::Config::default(),
-    )
-    .owns(
-        namespaced::<Deployment>(&client, &args.namespace),
-        watcher::Config::default().labels("app.kubernetes.io/managed-by=atomic-operator"),
-    )
-    .reconcile_on(receiver_stream(demand_rx))
-    .graceful_shutdown_on(shutdown_signal())
-    .run(
-        |md, ctx: Arc<Context<WorkerClient>>| async move {
-            let metrics = Arc::clone(&ctx.metrics);
-            controller::timed("modeldeployment", &metrics, controller::model::reconcile(md, ctx)).await
-        },
-        |_, error, ctx| controller::error_policy("modeldeployment", error, &ctx.metrics),
-        model_ctx,
-    )
-    .for_each(|_| futures::future::ready(()));
-
-    let task_ctx = Arc::new(TaskContext {
-        driver,
-        metrics: Arc::clone(&metrics),
-    });
-    let tasks = Controller::new(
-        namespaced::<AtomicTask>(&client, &args.namespace),
-        watcher::Config::default(),
-    )
-    .reconcile_on(receiver_stream(task_wake_rx))
-    .graceful_shutdown_on(shutdown_signal())
-    .run(
-        |task, ctx: Arc<TaskContext<WorkerClient>>| async move {
-            let metrics = Arc::clone(&ctx.metrics);
-            controller::timed("atomictask", &metrics, controller::task::reconcile(task, ctx)).await
-        },
-        |_, error, ctx| controller::error_policy("atomictask", error, &ctx.metrics),
-        task_ctx,
-    )
-    .for_each(|_| futures::future::ready(()));
-
-    let endpoints = watch_endpoints(
-        namespaced::<EndpointSlice>(&client, &args.namespace),
-        Arc::clone(&dispatcher),
-    );
-    let deletions = watch_deletions(
-        namespaced::<AtomicTask>(&client, &args.namespace),
-        Arc::clone(&dispatcher),
-    );
-    let dispatch = Arc::clone(&dispatcher).run(shutdown_signal());
-    let leadership = hold_leadership(elector, args.lease_seconds);
-
+        identity: args.identity.clone(),
+        max_inline_result_bytes: args.max_inline_result_bytes,
+        max_in_flight_per_pod: args.max_in_flight_per_pod,
+        http_concurrency: args.http_concurrency,
+    };
+    let controllers = tokio::spawn(run(client, settings, Arc::clone(&metrics), shutdown.clone()));
     ready.store(true, Ordering::SeqCst);
-    tokio::select! {
-        _ = async { tokio::join!(models, tasks, dispatch) } => tracing::info!("controllers stopped"),
-        r = endpoints => tracing::error!(?r, "endpoint watch ended"),
-        r = deletions => tracing::error!(?r, "task watch ended"),
-        lost = leadership => {
+
+    let outcome = tokio::select! {
+        _ = shutdown_signal() => Ok(()),
+        lost = hold_leadership(elector, args.lease_seconds) => {
             metrics.set_leader(false);
-            anyhow::bail!("lost leadership: {lost}");
+            Err(anyhow::anyhow!("lost leadership: {lost}"))
         }
-    }
+    };
+    // Stop taking work, let in-flight reconciles finish, then exit; after a lost lease the
+    // process exits non-zero so that its pod restarts as a follower.
     ready.store(false, Ordering::SeqCst);
-    server.abort();
-    Ok(())
+    stop();
+    match tokio::time::timeout(Duration::from_secs(20), controllers).await {
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "controllers failed"),
+        Ok(Err(e)) => tracing::error!(error = %e, "controllers panicked"),
+        Err(_) => tracing::warn!("controllers did not stop within 20 s"),
+        Ok(Ok(Ok(()))) => {}
+    }
+    let _ = server.await;
+    outcome
 }
 
 /// Keeps the Lease renewed; returns when leadership is lost (never without an elector).
@@ -270,10 +173,9 @@ async fn hold_leadership(elector: Option<LeaderElector>, lease_seconds: u64) -> 
     let Some(elector) = elector else {
         return std::future::pending().await;
     };
-    let renew_every = Duration::from_secs((lease_seconds / 3).max(1));
     let mut failures_since = None;
     loop {
-        tokio::time::sleep(renew_every).await;
+        tokio::time::sleep(elector.renew_every()).await;
         match elector.try_acquire_or_renew().await {
             Ok(true) => failures_since = None,
             Ok(false) => return "another replica holds the lease".to_owned(),
@@ -286,58 +188,6 @@ async fn hold_leadership(elector: Option<LeaderElector>, lease_seconds: u64) -> 
             }
         }
     }
-}
-
-/// Feeds ready worker endpoints to the dispatcher.
-async fn watch_endpoints(
-    api: Api<EndpointSlice>,
-    dispatcher: Arc<Dispatcher<WorkerClient>>,
-) -> anyhow::Result<()> {
-    let config = watcher::Config::default().labels(atomic_operator::workload::MODEL_LABEL);
-    let mut index = EndpointIndex::default();
-    let mut listing = Vec::new();
-    let mut events = watcher(api, config).default_backoff().boxed();
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(watcher::Event::Apply(slice)) => {
-                if let Some((lane, addresses)) = index.apply(&slice) {
-                    dispatcher.set_endpoints(lane, addresses);
-                }
-            }
-            Ok(watcher::Event::Delete(slice)) => {
-                if let Some((lane, addresses)) = index.remove(&slice) {
-                    dispatcher.set_endpoints(lane, addresses);
-                }
-            }
-            Ok(watcher::Event::Init) => listing.clear(),
-            Ok(watcher::Event::InitApply(slice)) => listing.push(slice),
-            Ok(watcher::Event::InitDone) => {
-                for (lane, addresses) in index.reset(&listing) {
-                    dispatcher.set_endpoints(lane, addresses);
-                }
-                listing.clear();
-            }
-            Err(e) => tracing::warn!(error = %e, "endpoint slice watch"),
-        }
-    }
-    Ok(())
-}
-
-/// Abandons the queued or running work of deleted tasks at once.
-async fn watch_deletions(
-    api: Api<AtomicTask>,
-    dispatcher: Arc<Dispatcher<WorkerClient>>,
-) -> anyhow::Result<()> {
-    let mut events = watcher(api, watcher::Config::default()).default_backoff().boxed();
-    while let Some(event) = events.next().await {
-        if let Ok(watcher::Event::Delete(task)) = event {
-            dispatcher.abandon(&TaskKey {
-                namespace: task.metadata.namespace.unwrap_or_default(),
-                name: task.metadata.name.unwrap_or_default(),
-            });
-        }
-    }
-    Ok(())
 }
 
 async fn shutdown_signal() {

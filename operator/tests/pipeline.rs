@@ -442,3 +442,39 @@ async fn cancelling_a_running_task_abandons_it() {
         "the late answer must not complete a cancelled task"
     );
 }
+
+#[tokio::test]
+async fn tasks_found_running_after_an_operator_restart_run_again_exactly_once() {
+    let (addr, seen) = fake_worker().await;
+    let mut h = harness(&[("intent", addr.to_string())]);
+    // The status a previous operator process left behind when it died mid-attempt.
+    let mut t = task("t", "intent", Operation::Classify);
+    t.status = Some(atomic_operator::api::AtomicTaskStatus {
+        phase: TaskPhase::Running,
+        attempts: 1,
+        worker: Some("10.0.0.9:8080".to_owned()),
+        start_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        )),
+        attempt_start_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        )),
+        ..Default::default()
+    });
+    let key = h.store.insert(t);
+    h.settle().await;
+    let s = h.status("t");
+    assert_eq!(s.phase, TaskPhase::Succeeded, "{:?}", s.message);
+    assert_eq!(s.attempts, 2, "the lost attempt is redone as attempt 2");
+    assert_eq!(seen.prompts.lock().unwrap().len(), 1);
+
+    // A late answer from the lost attempt changes nothing: no task completes twice.
+    let late = atomic_operator::engine::state::Event::AttemptSucceeded {
+        attempt: 1,
+        result: json!({"label": "stale"}),
+    };
+    let applied = h.driver.apply(&key, late).await.unwrap();
+    assert!(!applied.accepted);
+    assert_eq!(h.status("t").result, s.result);
+    assert_eq!(h.status("t").completion_time, s.completion_time);
+}
