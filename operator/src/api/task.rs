@@ -387,6 +387,10 @@ pub struct AtomicTaskStatus {
     /// Attempts started so far.
     #[serde(default)]
     pub attempts: u32,
+    /// Attempts lost before they reported (operator restart, worker gone); they are retried at
+    /// once and do not count against `retries.limit`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lost_attempts: u32,
     /// Worker endpoint of the latest attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
@@ -424,6 +428,10 @@ pub struct AtomicTaskStatus {
     /// Standard conditions: `Ready` (true once succeeded) and `OutputDelivered`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Schema for a free-form JSON value (`x-kubernetes-preserve-unknown-fields`).

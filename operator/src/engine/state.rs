@@ -19,9 +19,6 @@ use crate::api::task::{AtomicTaskSpec, AtomicTaskStatus, DEFAULT_TIMEOUT_SECONDS
 
 /// Template used when `spec.prompt` is not set.
 pub const DEFAULT_PROMPT: &str = "{{ input.text }}";
-/// Condition type that records how many attempts were lost (they do not count against
-/// `retries.limit`); its message starts with the count.
-pub const LOST_CONDITION: &str = "AttemptsLost";
 /// Status reason of a task that lies on a dependency cycle.
 pub const CYCLE_REASON: &str = "DependencyCycle";
 /// Condition type set when the task finishes: `True` once it succeeded.
@@ -182,26 +179,7 @@ pub fn step(
 
 /// Number of lost attempts recorded in the status.
 pub fn lost_attempts(status: &AtomicTaskStatus) -> u32 {
-    status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == LOST_CONDITION)
-        .and_then(|c| c.message.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn set_lost_attempts(status: &mut AtomicTaskStatus, n: u32, now: Timestamp) {
-    let condition = Condition {
-        type_: LOST_CONDITION.to_string(),
-        status: "True".to_string(),
-        reason: FailureReason::Lost.as_str().to_string(),
-        message: format!(
-            "{n} attempt(s) lost before reporting (operator restart or worker gone); they do not count against retries.limit"
-        ),
-        last_transition_time: second(now),
-        observed_generation: None,
-    };
-    upsert_condition(status, condition);
+    status.lost_attempts
 }
 
 fn upsert_condition(status: &mut AtomicTaskStatus, condition: Condition) {
@@ -377,11 +355,10 @@ impl Machine<'_, '_> {
     /// Handles the end of the current attempt without a result: retry or give up.
     fn fail_attempt(&mut self, reason: FailureReason, message: String) {
         let attempt = self.status.attempts;
-        let mut lost = lost_attempts(&self.status);
         if reason == FailureReason::Lost {
-            lost = lost.saturating_add(1);
-            set_lost_attempts(&mut self.status, lost, self.now);
+            self.status.lost_attempts = self.status.lost_attempts.saturating_add(1);
         }
+        let lost = self.status.lost_attempts;
         if matches!(reason, FailureReason::Lost | FailureReason::Timeout) {
             // The worker may still be busy with it; its answer must not be waited for.
             self.abandon = true;
