@@ -251,3 +251,291 @@ pub async fn reconcile<E: Executor>(task: Arc<AtomicTask>, ctx: Arc<TaskContext<
         .requeue_after
         .map_or_else(Action::await_change, Action::requeue))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use http::Method;
+    use kube::runtime::events::Reporter;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::api::task::{AtomicTaskSpec, Operation, TaskInput};
+    use crate::dispatch::{Dispatcher, NoopExecutor};
+    use crate::driver::DriverConfig;
+    use crate::engine::state::DispatchState;
+    use crate::fixtures::{Expect, mock_client, status_body};
+    use crate::metrics::Metrics;
+
+    const TASKS: &str = "/apis/atomic.dev/v1alpha1/namespaces/ns/atomictasks";
+    const TASK_PATH: &str = "/apis/atomic.dev/v1alpha1/namespaces/ns/atomictasks/summarize";
+    const STATUS_PATH: &str = "/apis/atomic.dev/v1alpha1/namespaces/ns/atomictasks/summarize/status";
+    const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/ns/events";
+    const CM_PATH: &str = "/api/v1/namespaces/ns/configmaps/inputs";
+
+    fn spec() -> AtomicTaskSpec {
+        AtomicTaskSpec {
+            model: Some("intent".to_owned()),
+            operation: Operation::Generate,
+            input: Some(TaskInput {
+                text: Some("hello".to_owned()),
+                value_from: None,
+            }),
+            ..AtomicTaskSpec::default()
+        }
+    }
+
+    fn task_with(spec: AtomicTaskSpec, resource_version: &str) -> AtomicTask {
+        let mut task = AtomicTask::new("summarize", spec);
+        task.metadata.namespace = Some("ns".to_owned());
+        task.metadata.uid = Some("uid-summarize".to_owned());
+        task.metadata.generation = Some(1);
+        task.metadata.resource_version = Some(resource_version.to_owned());
+        task
+    }
+
+    fn task(resource_version: &str) -> AtomicTask {
+        task_with(spec(), resource_version)
+    }
+
+    /// The API server's answer to a status write: the task at a new resourceVersion.
+    fn written(task: &AtomicTask, resource_version: &str, phase: &str) -> Value {
+        let mut answer = serde_json::to_value(task).unwrap();
+        answer["metadata"]["resourceVersion"] = json!(resource_version);
+        answer["status"] = json!({ "phase": phase });
+        answer
+    }
+
+    fn event_answer() -> Value {
+        json!({
+            "apiVersion": "events.k8s.io/v1", "kind": "Event",
+            "metadata": {"name": "summarize.1", "namespace": "ns"}
+        })
+    }
+
+    /// Expects the Event of a phase change of the task `summarize`.
+    fn expect_event(reason: &'static str, type_: &'static str, action: &'static str) -> Expect {
+        Expect::new(Method::POST, EVENTS_PATH, 201, event_answer()).checking(move |body| {
+            assert_eq!(body["reason"], reason, "{body}");
+            assert_eq!(body["type"], type_, "{body}");
+            assert_eq!(body["action"], action, "{body}");
+            assert_eq!(body["regarding"]["kind"], "AtomicTask");
+            assert_eq!(body["regarding"]["name"], "summarize");
+            assert_eq!(body["regarding"]["namespace"], "ns");
+            assert_eq!(body["reportingController"], "atomic-operator");
+        })
+    }
+
+    fn context(client: Client) -> Arc<TaskContext<NoopExecutor>> {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let dispatcher = Arc::new(Dispatcher::new(
+            Arc::new(NoopExecutor),
+            Arc::clone(&metrics),
+            4,
+            4,
+        ));
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "atomic-operator".into(),
+                instance: None,
+            },
+        );
+        let (wake, _) = mpsc::unbounded_channel();
+        let store = Arc::new(KubeStore::new(client, recorder, wake));
+        let driver = Driver::new(store, dispatcher, Arc::clone(&metrics), DriverConfig::default());
+        Arc::new(TaskContext { driver, metrics })
+    }
+
+    fn key() -> TaskKey {
+        TaskKey {
+            namespace: "ns".to_owned(),
+            name: "summarize".to_owned(),
+        }
+    }
+
+    fn dispatch_state(ctx: &TaskContext<NoopExecutor>) -> DispatchState {
+        ctx.driver.dispatcher().state_of(&key())
+    }
+
+    #[tokio::test]
+    async fn a_new_task_is_queued_with_the_resource_version_it_read() {
+        let t = task("1");
+        let (client, server) = mock_client(vec![
+            Expect::new(Method::GET, TASK_PATH, 200, serde_json::to_value(&t).unwrap()),
+            Expect::new(Method::PUT, STATUS_PATH, 200, written(&t, "2", "Queued")).checking(|body| {
+                assert_eq!(body["metadata"]["resourceVersion"], "1");
+                assert_eq!(body["status"]["phase"], "Queued");
+                assert_eq!(body["status"]["reason"], "Queued");
+                assert_eq!(body["status"]["observedGeneration"], 1);
+            }),
+            expect_event("Queued", "Normal", "PendingToQueued"),
+        ]);
+        let ctx = context(client);
+        let action = reconcile(Arc::new(t), Arc::clone(&ctx)).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        assert_eq!(dispatch_state(&ctx), DispatchState::Queued);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_conflict_on_the_status_write_rereads_and_writes_again() {
+        let t = task("1");
+        let (client, server) = mock_client(vec![
+            Expect::new(Method::GET, TASK_PATH, 200, serde_json::to_value(&t).unwrap()),
+            Expect::new(Method::PUT, STATUS_PATH, 409, status_body(409, "Conflict"))
+                .checking(|body| assert_eq!(body["metadata"]["resourceVersion"], "1")),
+            Expect::new(
+                Method::GET,
+                TASK_PATH,
+                200,
+                serde_json::to_value(task("2")).unwrap(),
+            ),
+            Expect::new(Method::PUT, STATUS_PATH, 200, written(&t, "3", "Queued")).checking(|body| {
+                assert_eq!(body["metadata"]["resourceVersion"], "2");
+                assert_eq!(body["status"]["phase"], "Queued");
+            }),
+            expect_event("Queued", "Normal", "PendingToQueued"),
+        ]);
+        let ctx = context(client);
+        reconcile(Arc::new(t), Arc::clone(&ctx)).await.unwrap();
+        assert_eq!(dispatch_state(&ctx), DispatchState::Queued);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_task_that_is_gone_is_not_written() {
+        let (client, server) = mock_client(vec![Expect::new(
+            Method::GET,
+            TASK_PATH,
+            404,
+            status_body(404, "NotFound"),
+        )]);
+        let ctx = context(client);
+        let action = reconcile(Arc::new(task("1")), Arc::clone(&ctx)).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        assert_eq!(dispatch_state(&ctx), DispatchState::Idle);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_missing_dependency_blocks_the_task() {
+        let t = task_with(
+            AtomicTaskSpec {
+                depends_on: vec!["extract".to_owned()],
+                ..spec()
+            },
+            "1",
+        );
+        let dep = format!("{TASKS}/extract");
+        let (client, server) = mock_client(vec![
+            Expect::new(Method::GET, TASK_PATH, 200, serde_json::to_value(&t).unwrap()),
+            // Once for the dependency's state, once for the cycle check.
+            Expect::new(Method::GET, &dep, 404, status_body(404, "NotFound")),
+            Expect::new(Method::GET, &dep, 404, status_body(404, "NotFound")),
+            Expect::new(Method::PUT, STATUS_PATH, 200, written(&t, "2", "Blocked")).checking(|body| {
+                assert_eq!(body["metadata"]["resourceVersion"], "1");
+                assert_eq!(body["status"]["phase"], "Blocked");
+                assert_eq!(body["status"]["reason"], "WaitingForDependencies");
+                let message = body["status"]["message"].as_str().unwrap_or_default();
+                assert!(message.contains("extract (not found)"), "{message}");
+            }),
+            expect_event("WaitingForDependencies", "Normal", "PendingToBlocked"),
+        ]);
+        let ctx = context(client);
+        reconcile(Arc::new(t), Arc::clone(&ctx)).await.unwrap();
+        assert_eq!(dispatch_state(&ctx), DispatchState::Idle);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_api_error_on_the_status_write_is_an_error_not_a_panic() {
+        for (code, reason) in [(500, "InternalError"), (504, "Timeout")] {
+            let t = task("1");
+            let (client, server) = mock_client(vec![
+                Expect::new(Method::GET, TASK_PATH, 200, serde_json::to_value(&t).unwrap()),
+                Expect::new(Method::PUT, STATUS_PATH, code, status_body(code, reason)),
+            ]);
+            let ctx = context(client);
+            let err = reconcile(Arc::new(t), Arc::clone(&ctx)).await.unwrap_err();
+            assert_eq!(err.metric_label(), "api", "{code}: {err}");
+            let action = crate::controller::error_policy("atomictask", &err, &ctx.metrics);
+            assert_eq!(action, Action::requeue(std::time::Duration::from_secs(5)));
+            // Nothing was queued for a status that was never written.
+            assert_eq!(dispatch_state(&ctx), DispatchState::Idle);
+            server.await.unwrap();
+        }
+    }
+
+    fn config_map_input() -> AtomicTask {
+        task_with(
+            AtomicTaskSpec {
+                input: Some(TaskInput {
+                    text: None,
+                    value_from: Some(InputSource {
+                        config_map_key_ref: Some(KeyRef {
+                            name: "inputs".to_owned(),
+                            key: "text".to_owned(),
+                        }),
+                        secret_key_ref: None,
+                    }),
+                }),
+                ..spec()
+            },
+            "1",
+        )
+    }
+
+    fn config_map(data: Value) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "inputs", "namespace": "ns"},
+            "data": data
+        })
+    }
+
+    #[tokio::test]
+    async fn input_from_a_config_map_is_read_and_the_task_queued() {
+        let t = config_map_input();
+        let (client, server) = mock_client(vec![
+            Expect::new(Method::GET, TASK_PATH, 200, serde_json::to_value(&t).unwrap()),
+            Expect::new(
+                Method::GET,
+                CM_PATH,
+                200,
+                config_map(json!({"text": "from a config map"})),
+            ),
+            Expect::new(Method::PUT, STATUS_PATH, 200, written(&t, "2", "Queued"))
+                .checking(|body| assert_eq!(body["status"]["phase"], "Queued")),
+            expect_event("Queued", "Normal", "PendingToQueued"),
+        ]);
+        let ctx = context(client);
+        reconcile(Arc::new(t), Arc::clone(&ctx)).await.unwrap();
+        assert_eq!(dispatch_state(&ctx), DispatchState::Queued);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_config_map_without_the_key_fails_the_task() {
+        let t = config_map_input();
+        let (client, server) = mock_client(vec![
+            Expect::new(Method::GET, TASK_PATH, 200, serde_json::to_value(&t).unwrap()),
+            Expect::new(Method::GET, CM_PATH, 200, config_map(json!({"other": "x"}))),
+            Expect::new(Method::PUT, STATUS_PATH, 200, written(&t, "2", "Failed")).checking(|body| {
+                assert_eq!(body["status"]["phase"], "Failed");
+                assert_eq!(body["status"]["reason"], "InputUnavailable");
+                let message = body["status"]["message"].as_str().unwrap_or_default();
+                assert!(
+                    message.contains("ConfigMap ns/inputs") && message.contains("no key text"),
+                    "{message}"
+                );
+            }),
+            expect_event("InputUnavailable", "Warning", "PendingToFailed"),
+        ]);
+        let ctx = context(client);
+        reconcile(Arc::new(t), Arc::clone(&ctx)).await.unwrap();
+        assert_eq!(dispatch_state(&ctx), DispatchState::Idle);
+        server.await.unwrap();
+    }
+}
