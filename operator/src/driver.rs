@@ -33,7 +33,8 @@ const MAX_CONFLICT_RETRIES: usize = 8;
 pub trait TaskStore: Send + Sync + 'static {
     /// The current task, or `None` when it is gone.
     fn get(&self, key: &TaskKey) -> impl Future<Output = Result<Option<AtomicTask>>> + Send;
-    /// Writes the status if the task has not changed since it was read; `Ok(None)` on a conflict.
+    /// Writes the status if the task has not changed since it was read; `Ok(None)` when it has
+    /// (a conflict) or is gone, so the caller reads it again.
     fn write_status(
         &self,
         task: &AtomicTask,
@@ -141,9 +142,10 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
                 });
             };
             let old = task.status.clone().unwrap_or_default();
-            let deps = self.dependencies(&task).await?;
+            let dep_objects = self.read_dependencies(&task).await?;
+            let deps = self.dependencies(&key.namespace, &dep_objects).await;
             let cycle = if matches!(old.phase, TaskPhase::Pending | TaskPhase::Blocked) {
-                self.cycle_through(&task).await?
+                self.cycle_through(&task, &dep_objects).await?
             } else {
                 None
             };
@@ -226,23 +228,35 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
         )))
     }
 
-    /// The state of each dependency, with its result loaded where it is stored elsewhere.
-    async fn dependencies(&self, task: &AtomicTask) -> Result<BTreeMap<String, Dependency>> {
+    /// Reads every dependency of a task once; `None` for those that do not exist.
+    async fn read_dependencies(&self, task: &AtomicTask) -> Result<BTreeMap<String, Option<AtomicTask>>> {
         let namespace = task.metadata.namespace.clone().unwrap_or_default();
-        let mut deps = BTreeMap::new();
+        let mut objects = BTreeMap::new();
         for name in &task.spec.depends_on {
             let key = TaskKey {
                 namespace: namespace.clone(),
                 name: name.clone(),
             };
-            let dep = match self.store.get(&key).await? {
+            objects.insert(name.clone(), self.store.get(&key).await?);
+        }
+        Ok(objects)
+    }
+
+    /// The state of each dependency, with its result loaded where it is stored elsewhere.
+    async fn dependencies(
+        &self,
+        namespace: &str,
+        objects: &BTreeMap<String, Option<AtomicTask>>,
+    ) -> BTreeMap<String, Dependency> {
+        let mut deps = BTreeMap::new();
+        for (name, object) in objects {
+            let dep = match object.as_ref().map(|t| t.status.clone().unwrap_or_default()) {
                 None => Dependency::Missing,
-                Some(dep) => {
-                    let status = dep.status.unwrap_or_default();
+                Some(status) => {
                     let result = match (&status.result, &status.result_ref) {
                         (Some(result), _) => Some(result.clone()),
                         (None, Some(at)) if status.phase == TaskPhase::Succeeded => {
-                            match self.store.load_result(&namespace, at).await {
+                            match self.store.load_result(namespace, at).await {
                                 Ok(result) => Some(result),
                                 Err(message) => Some(Value::String(format!(
                                     "result of {name} could not be loaded: {message}"
@@ -260,27 +274,40 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
             };
             deps.insert(name.clone(), dep);
         }
-        Ok(deps)
+        deps
     }
 
     /// The dependency cycle this task lies on, if any. Tasks past `Blocked` were checked when
     /// they got there, so the search stops at them, except those that failed on a cycle (which
-    /// this task may close).
-    async fn cycle_through(&self, task: &AtomicTask) -> Result<Option<Vec<String>>> {
+    /// this task may close). `known` holds the dependencies already read.
+    async fn cycle_through(
+        &self,
+        task: &AtomicTask,
+        known: &BTreeMap<String, Option<AtomicTask>>,
+    ) -> Result<Option<Vec<String>>> {
         let namespace = task.metadata.namespace.clone().unwrap_or_default();
         let root = task.metadata.name.clone().unwrap_or_default();
         let mut graph: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut seen: std::collections::BTreeSet<String> = [root.clone()].into();
         let mut pending = vec![(root.clone(), task.spec.depends_on.clone())];
         while let Some((name, deps)) = pending.pop() {
             for dep in &deps {
-                if graph.contains_key(dep) || *dep == name {
+                if !seen.insert(dep.clone()) {
                     continue;
                 }
-                let key = TaskKey {
-                    namespace: namespace.clone(),
-                    name: dep.clone(),
+                let fetched;
+                let object = match known.get(dep) {
+                    Some(object) => object.as_ref(),
+                    None => {
+                        let key = TaskKey {
+                            namespace: namespace.clone(),
+                            name: dep.clone(),
+                        };
+                        fetched = self.store.get(&key).await?;
+                        fetched.as_ref()
+                    }
                 };
-                if let Some(t) = self.store.get(&key).await? {
+                if let Some(t) = object {
                     let status = t.status.as_ref();
                     let phase = status.map_or(TaskPhase::Pending, |s| s.phase);
                     let failed_on_cycle = status.and_then(|s| s.reason.as_deref()) == Some(CYCLE_REASON);

@@ -45,9 +45,6 @@ pub enum Error {
     /// Someone else kept writing the object; the caller retries later.
     #[error("conflict: {0}")]
     Conflict(String),
-    /// An object the operation needs does not exist.
-    #[error("not found: {0}")]
-    NotFound(String),
     /// An object lacks a field the operator needs.
     #[error("object has no {0}")]
     MissingField(&'static str),
@@ -66,7 +63,6 @@ impl Error {
             Error::Kube(_) => "transport",
             Error::Json(_) => "serialisation",
             Error::Conflict(_) => "conflict",
-            Error::NotFound(_) => "not_found",
             Error::MissingField(_) => "invalid_object",
             Error::Finalizer(_) => "finalizer",
             Error::HttpClient(_) => "http_client",

@@ -18,7 +18,7 @@ use crate::api::task::{AtomicTask, AtomicTaskStatus, InputSource, KeyRef};
 use crate::dispatch::{Executor, TaskKey};
 use crate::driver::{Driver, TaskStore};
 use crate::engine::state::{Event, Transition};
-use crate::{Error, Result};
+use crate::Result;
 
 #[derive(Default)]
 struct Objects {
@@ -169,7 +169,7 @@ impl TaskStore for MemoryStore {
             objects.next_version += 1;
             let version = objects.next_version.to_string();
             let Some(current) = objects.tasks.get_mut(&key) else {
-                return Err(Error::NotFound(format!("task {key}")));
+                return Ok(None);
             };
             if current.metadata.resource_version != task.metadata.resource_version {
                 return Ok(None);

@@ -93,9 +93,8 @@ impl TaskStore for KubeStore {
         {
             Ok(written) => Ok(Some(written)),
             Err(e) if is_conflict(&e) => Ok(None),
-            Err(e) if is_not_found(&e) => {
-                Err(Error::NotFound(format!("task {namespace}/{}", task.name_any())))
-            }
+            // Gone since it was read: the driver re-reads, finds nothing and treats it as deleted.
+            Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
@@ -420,6 +419,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_task_deleted_between_read_and_write_is_treated_as_gone() {
+        let t = task("1");
+        let (client, server) = mock_client(vec![
+            Expect::new(Method::GET, TASK_PATH, 200, serde_json::to_value(&t).unwrap()),
+            Expect::new(Method::PUT, STATUS_PATH, 404, status_body(404, "NotFound")),
+            Expect::new(Method::GET, TASK_PATH, 404, status_body(404, "NotFound")),
+        ]);
+        let ctx = context(client);
+        let action = reconcile(Arc::new(t), Arc::clone(&ctx)).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        assert_eq!(dispatch_state(&ctx), DispatchState::Idle);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn a_missing_dependency_blocks_the_task() {
         let t = task_with(
             AtomicTaskSpec {
@@ -431,8 +445,7 @@ mod tests {
         let dep = format!("{TASKS}/extract");
         let (client, server) = mock_client(vec![
             Expect::new(Method::GET, TASK_PATH, 200, serde_json::to_value(&t).unwrap()),
-            // Once for the dependency's state, once for the cycle check.
-            Expect::new(Method::GET, &dep, 404, status_body(404, "NotFound")),
+            // Read once: the cycle check reuses what the dependency state read.
             Expect::new(Method::GET, &dep, 404, status_body(404, "NotFound")),
             Expect::new(Method::PUT, STATUS_PATH, 200, written(&t, "2", "Blocked")).checking(|body| {
                 assert_eq!(body["metadata"]["resourceVersion"], "1");
