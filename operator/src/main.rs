@@ -27,11 +27,7 @@ struct Args {
     #[arg(long, env = "ATOMIC_NAMESPACE", default_value = "")]
     namespace: String,
     /// Worker image for ModelDeployments that name none.
-    #[arg(
-        long,
-        env = "ATOMIC_WORKER_IMAGE",
-        default_value = "ghcr.io/atomic-dev/atomic-worker:latest"
-    )]
+    #[arg(long, env = "ATOMIC_WORKER_IMAGE", default_value = "atomic-worker:latest")]
     worker_image: String,
     /// Pull policy of worker images.
     #[arg(long, env = "ATOMIC_WORKER_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
@@ -104,6 +100,9 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
+    // Ready once connected, leader or not: a follower that never became ready would stall
+    // rolling updates of the operator's own Deployment. `atomic_leader` says who leads.
+    ready.store(true, Ordering::SeqCst);
 
     let mut elector = None;
     if args.leader_election {
@@ -145,7 +144,6 @@ async fn main() -> anyhow::Result<()> {
         http_concurrency: args.http_concurrency,
     };
     let controllers = tokio::spawn(run(client, settings, Arc::clone(&metrics), shutdown.clone()));
-    ready.store(true, Ordering::SeqCst);
 
     let outcome = tokio::select! {
         _ = shutdown_signal() => Ok(()),

@@ -14,11 +14,11 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::Result;
 use crate::api::task::{AtomicTask, AtomicTaskStatus, InputSource, KeyRef};
 use crate::dispatch::{Executor, TaskKey};
 use crate::driver::{Driver, TaskStore};
 use crate::engine::state::{Event, Transition};
-use crate::Result;
 
 #[derive(Default)]
 struct Objects {
