@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use atomic_operator::api::task::{AtomicTaskSpec, Operation, TaskInput};
 use atomic_operator::api::{AtomicTask, TaskPhase};
-use atomic_operator::dispatch::{Dispatcher, Lane, NoopExecutor};
-use atomic_operator::driver::{Driver, DriverConfig};
-use atomic_operator::memory::{MemoryStore, run_until_settled};
+use atomic_operator::dispatch::{Lane, NoopExecutor};
+use atomic_operator::driver::DriverConfig;
+use atomic_operator::memory::LocalRun;
 use atomic_operator::metrics::Metrics;
 
 const LAYERS: usize = 10;
@@ -50,36 +50,21 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn setup() -> (
-    Arc<MemoryStore>,
-    tokio::sync::mpsc::UnboundedReceiver<atomic_operator::dispatch::TaskKey>,
-    Arc<Driver<MemoryStore, NoopExecutor>>,
-) {
+fn setup() -> LocalRun<NoopExecutor> {
     let metrics = Arc::new(Metrics::new().expect("metrics"));
-    let dispatcher = Arc::new(Dispatcher::new(
-        Arc::new(NoopExecutor),
-        Arc::clone(&metrics),
-        64,
-        64,
-    ));
+    let run = LocalRun::start(Arc::new(NoopExecutor), metrics, 64, 64, DriverConfig::default());
     let lane = Lane {
         namespace: "bench".to_owned(),
         model: Some("noop".to_owned()),
     };
-    dispatcher.set_endpoints(lane, (0..8).map(|i| format!("10.0.0.{i}:8080")).collect());
-    let (store, wakeups) = MemoryStore::new();
-    let driver = Driver::new(
-        Arc::clone(&store),
-        Arc::clone(&dispatcher),
-        metrics,
-        DriverConfig::default(),
-    );
-    tokio::spawn(Arc::clone(&dispatcher).run(std::future::pending()));
-    (store, wakeups, driver)
+    run.dispatcher
+        .set_endpoints(lane, (0..8).map(|i| format!("10.0.0.{i}:8080")).collect());
+    run
 }
 
 async fn throughput(n: usize) {
-    let (store, wakeups, driver) = setup();
+    let run = setup();
+    let store = Arc::clone(&run.store);
     let per_layer = n.div_ceil(LAYERS);
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = || {
@@ -108,9 +93,7 @@ async fn throughput(n: usize) {
             .map(|d| format!("continue from {{{{ tasks.{d}.attempt }}}}: {{{{ input.text }}}}"));
         store.insert(task(format!("t{i}"), deps, prompt));
     }
-    let settled = run_until_settled(&store, &driver, wakeups, Duration::from_secs(300))
-        .await
-        .expect("run");
+    let settled = run.settle(Duration::from_secs(300)).await.expect("run");
     let elapsed = started.elapsed().as_secs_f64();
     let succeeded = store.count_in(TaskPhase::Succeeded);
     println!(
@@ -122,7 +105,12 @@ async fn throughput(n: usize) {
 }
 
 async fn memory(known: usize) {
-    let (store, wakeups, driver) = setup();
+    let LocalRun {
+        store,
+        driver,
+        wakeups,
+        ..
+    } = setup();
     // Nothing runs here, so wake-ups are not needed; dropping the receiver keeps them from piling up.
     drop(wakeups);
     let before = peak_rss_mib();

@@ -33,6 +33,16 @@ pub struct TaskKey {
     pub name: String,
 }
 
+impl TaskKey {
+    /// The key of a task object.
+    pub fn of(task: &crate::api::AtomicTask) -> Self {
+        TaskKey {
+            namespace: task.metadata.namespace.clone().unwrap_or_default(),
+            name: task.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
 impl std::fmt::Display for TaskKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)

@@ -55,7 +55,17 @@ pub trait TaskStore: Send + Sync + 'static {
         &self,
         namespace: &str,
         at: &KeyRef,
-    ) -> impl Future<Output = std::result::Result<Value, String>> + Send;
+    ) -> impl Future<Output = std::result::Result<Value, String>> + Send {
+        async move {
+            let source = InputSource {
+                config_map_key_ref: Some(at.clone()),
+                secret_key_ref: None,
+            };
+            let text = self.read_value(namespace, &source).await?;
+            serde_json::from_str(&text)
+                .map_err(|e| format!("ConfigMap {namespace}/{} holds no JSON result: {e}", at.name))
+        }
+    }
     /// Writes a result into the output ConfigMap named by the task.
     fn write_output(
         &self,
@@ -364,10 +374,7 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
             }),
         };
         Job {
-            key: TaskKey {
-                namespace,
-                name: task.metadata.name.clone().unwrap_or_default(),
-            },
+            key: TaskKey::of(task),
             idempotency_key: idempotency_key(task),
             attempt,
             priority,

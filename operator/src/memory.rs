@@ -16,9 +16,10 @@ use tokio::sync::mpsc;
 
 use crate::Result;
 use crate::api::task::{AtomicTask, AtomicTaskStatus, InputSource, KeyRef};
-use crate::dispatch::{Executor, TaskKey};
-use crate::driver::{Driver, TaskStore};
+use crate::dispatch::{Dispatcher, Executor, TaskKey};
+use crate::driver::{Driver, DriverConfig, TaskStore};
 use crate::engine::state::{Event, Transition};
+use crate::metrics::Metrics;
 
 #[derive(Default)]
 struct Objects {
@@ -160,10 +161,7 @@ impl TaskStore for MemoryStore {
     }
 
     async fn write_status(&self, task: &AtomicTask, status: &AtomicTaskStatus) -> Result<Option<AtomicTask>> {
-        let key = TaskKey {
-            namespace: task.metadata.namespace.clone().unwrap_or_default(),
-            name: task.metadata.name.clone().unwrap_or_default(),
-        };
+        let key = TaskKey::of(task);
         let updated = {
             let mut objects = self.lock();
             objects.next_version += 1;
@@ -216,15 +214,6 @@ impl TaskStore for MemoryStore {
         Ok(at)
     }
 
-    async fn load_result(&self, namespace: &str, at: &KeyRef) -> std::result::Result<Value, String> {
-        let source = InputSource {
-            config_map_key_ref: Some(at.clone()),
-            secret_key_ref: None,
-        };
-        let text = self.read_value(namespace, &source).await?;
-        serde_json::from_str(&text).map_err(|e| format!("ConfigMap {}: {e}", at.name))
-    }
-
     async fn write_output(&self, task: &AtomicTask, config_map: &str, result: &Value) -> Result<()> {
         let namespace = task.metadata.namespace.clone().unwrap_or_default();
         let name = task.metadata.name.clone().unwrap_or_default();
@@ -238,15 +227,57 @@ impl TaskStore for MemoryStore {
     }
 
     async fn record(&self, task: &AtomicTask, transition: &Transition) {
-        let key = TaskKey {
-            namespace: task.metadata.namespace.clone().unwrap_or_default(),
-            name: task.metadata.name.clone().unwrap_or_default(),
-        };
+        let key = TaskKey::of(task);
         self.lock().transitions.push((key, transition.clone()));
     }
 
     fn wake(&self, key: TaskKey) {
         let _ = self.wake.send(key);
+    }
+}
+
+/// Everything a run without a cluster needs: store, driver and a running dispatcher.
+pub struct LocalRun<E> {
+    /// The tasks.
+    pub store: Arc<MemoryStore>,
+    /// The driver over `store`.
+    pub driver: Arc<Driver<MemoryStore, E>>,
+    /// The dispatcher (already running); give it endpoints with `set_endpoints`.
+    pub dispatcher: Arc<Dispatcher<E>>,
+    /// Wake-ups of the store, for [`run_until_settled`].
+    pub wakeups: mpsc::UnboundedReceiver<TaskKey>,
+}
+
+impl<E: Executor> LocalRun<E> {
+    /// Wires a store, a driver and a dispatcher (spawned on the current runtime, running until
+    /// the runtime stops) around `executor`.
+    pub fn start(
+        executor: Arc<E>,
+        metrics: Arc<Metrics>,
+        max_in_flight_per_endpoint: u32,
+        http_concurrency: u32,
+        config: DriverConfig,
+    ) -> Self {
+        let dispatcher = Arc::new(Dispatcher::new(
+            executor,
+            Arc::clone(&metrics),
+            max_in_flight_per_endpoint,
+            http_concurrency,
+        ));
+        let (store, wakeups) = MemoryStore::new();
+        let driver = Driver::new(Arc::clone(&store), Arc::clone(&dispatcher), metrics, config);
+        tokio::spawn(Arc::clone(&dispatcher).run(std::future::pending()));
+        LocalRun {
+            store,
+            driver,
+            dispatcher,
+            wakeups,
+        }
+    }
+
+    /// Runs until every task is terminal or `limit` passes; returns whether all settled.
+    pub async fn settle(self, limit: Duration) -> Result<bool> {
+        run_until_settled(&self.store, &self.driver, self.wakeups, limit).await
     }
 }
 

@@ -13,7 +13,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 use tokio::sync::{mpsc, watch};
 
 use crate::Result;
@@ -249,10 +249,7 @@ async fn watch_deletions(api: Api<AtomicTask>, dispatcher: Arc<Dispatcher<Worker
     let mut events = watcher(api, watcher::Config::default()).default_backoff().boxed();
     while let Some(event) = events.next().await {
         if let Ok(watcher::Event::Delete(task)) = event {
-            dispatcher.abandon(&TaskKey {
-                namespace: task.namespace().unwrap_or_default(),
-                name: task.name_any(),
-            });
+            dispatcher.abandon(&TaskKey::of(&task));
         }
     }
 }

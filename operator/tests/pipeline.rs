@@ -16,9 +16,9 @@ use serde_json::{Value, json};
 
 use atomic_operator::api::task::{AtomicTaskSpec, HttpCall, OutputSpec, RetryPolicy, TaskInput, Webhook};
 use atomic_operator::api::{AtomicTask, Operation, TaskPhase};
-use atomic_operator::dispatch::{Dispatcher, Lane};
+use atomic_operator::dispatch::Lane;
 use atomic_operator::driver::{Driver, DriverConfig};
-use atomic_operator::memory::{MemoryStore, run_until_settled};
+use atomic_operator::memory::{LocalRun, MemoryStore, run_until_settled};
 use atomic_operator::metrics::Metrics;
 use atomic_operator::worker_client::WorkerClient;
 
@@ -146,28 +146,26 @@ struct Harness {
 fn harness(endpoints: &[(&str, String)]) -> Harness {
     let metrics = Arc::new(Metrics::new().unwrap());
     let client = WorkerClient::new(Duration::from_millis(500)).unwrap();
-    let dispatcher = Arc::new(Dispatcher::new(Arc::new(client), Arc::clone(&metrics), 4, 4));
+    let run = LocalRun::start(
+        Arc::new(client),
+        Arc::clone(&metrics),
+        4,
+        4,
+        DriverConfig {
+            max_inline_result_bytes: 16 * 1024,
+        },
+    );
     for (model, addr) in endpoints {
         let lane = Lane {
             namespace: "ns".to_owned(),
             model: Some((*model).to_owned()),
         };
-        dispatcher.set_endpoints(lane, vec![addr.clone()]);
+        run.dispatcher.set_endpoints(lane, vec![addr.clone()]);
     }
-    let (store, wakeups) = MemoryStore::new();
-    let driver = Driver::new(
-        Arc::clone(&store),
-        Arc::clone(&dispatcher),
-        Arc::clone(&metrics),
-        DriverConfig {
-            max_inline_result_bytes: 16 * 1024,
-        },
-    );
-    tokio::spawn(Arc::clone(&dispatcher).run(std::future::pending()));
     Harness {
-        store,
-        driver,
-        wakeups: Some(wakeups),
+        store: run.store,
+        driver: run.driver,
+        wakeups: Some(run.wakeups),
         metrics,
     }
 }

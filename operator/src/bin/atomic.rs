@@ -11,9 +11,9 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 use atomic_operator::api::Operation;
-use atomic_operator::dispatch::{Dispatcher, Lane};
-use atomic_operator::driver::{Driver, DriverConfig};
-use atomic_operator::memory::{MemoryStore, run_until_settled};
+use atomic_operator::dispatch::Lane;
+use atomic_operator::driver::DriverConfig;
+use atomic_operator::memory::LocalRun;
 use atomic_operator::metrics::Metrics;
 use atomic_operator::worker_client::WorkerClient;
 
@@ -111,19 +111,14 @@ async fn run(
     }
 
     let metrics = Arc::new(Metrics::new()?);
-    let dispatcher = Arc::new(Dispatcher::new(
+    let run = LocalRun::start(
         Arc::new(WorkerClient::new(Duration::from_secs(5))?),
-        Arc::clone(&metrics),
+        metrics,
         max_in_flight,
         16,
-    ));
-    let (store, wakeups) = MemoryStore::new();
-    let driver = Driver::new(
-        Arc::clone(&store),
-        Arc::clone(&dispatcher),
-        metrics,
         DriverConfig::default(),
     );
+    let store = Arc::clone(&run.store);
     for task in manifests.tasks {
         let key = store.insert(task);
         for (model, addrs) in &endpoints {
@@ -131,11 +126,10 @@ async fn run(
                 namespace: key.namespace.clone(),
                 model: Some(model.clone()),
             };
-            dispatcher.set_endpoints(lane, addrs.clone());
+            run.dispatcher.set_endpoints(lane, addrs.clone());
         }
     }
-    tokio::spawn(Arc::clone(&dispatcher).run(std::future::pending()));
-    let settled = run_until_settled(&store, &driver, wakeups, Duration::from_secs(timeout_seconds)).await?;
+    let settled = run.settle(Duration::from_secs(timeout_seconds)).await?;
 
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     println!(

@@ -161,16 +161,6 @@ impl TaskStore for KubeStore {
         Ok(at)
     }
 
-    async fn load_result(&self, namespace: &str, at: &KeyRef) -> std::result::Result<Value, String> {
-        let source = InputSource {
-            config_map_key_ref: Some(at.clone()),
-            secret_key_ref: None,
-        };
-        let text = self.read_value(namespace, &source).await?;
-        serde_json::from_str(&text)
-            .map_err(|e| format!("ConfigMap {namespace}/{} holds no JSON result: {e}", at.name))
-    }
-
     async fn write_output(&self, task: &AtomicTask, config_map: &str, result: &Value) -> Result<()> {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &task.namespace().unwrap_or_default());
         let value = match result {
