@@ -84,12 +84,15 @@ pub trait TaskStore: Send + Sync + 'static {
 pub struct DriverConfig {
     /// Results whose JSON is larger than this go to a ConfigMap named in `status.resultRef`.
     pub max_inline_result_bytes: usize,
+    /// Wait between tries of an output delivery that failed.
+    pub output_retry: Duration,
 }
 
 impl Default for DriverConfig {
     fn default() -> Self {
         DriverConfig {
             max_inline_result_bytes: 16 * 1024,
+            output_retry: Duration::from_secs(30),
         }
     }
 }
@@ -214,10 +217,13 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
             } else {
                 self.register_waiter(key, &deps);
             }
-            if status.phase == TaskPhase::Succeeded
-                && let Some(refreshed) = self.deliver_output(&current).await?
-            {
-                current = refreshed;
+            let mut requeue_after = decision.requeue_after;
+            if status.phase == TaskPhase::Succeeded {
+                let (refreshed, retry) = self.deliver_output(&current).await?;
+                if let Some(refreshed) = refreshed {
+                    current = refreshed;
+                }
+                requeue_after = earliest(requeue_after, retry);
             }
             if decision.delete {
                 self.store.delete(key).await?;
@@ -229,7 +235,7 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
             }
             return Ok(Applied {
                 task: Some(current),
-                requeue_after: decision.requeue_after,
+                requeue_after,
                 accepted,
             });
         }
@@ -399,21 +405,23 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
             .map(|t| t.trim().to_owned())
     }
 
-    /// Delivers a succeeded task's output once; failures are recorded in the `OutputDelivered`
-    /// condition and retried on the next observation.
-    async fn deliver_output(&self, task: &AtomicTask) -> Result<Option<AtomicTask>> {
-        let Some(output) = &task.spec.output else {
-            return Ok(None);
+    /// Delivers a succeeded task's output once. A failed delivery is recorded in the
+    /// `OutputDelivered` condition (its transition time is the last try) and tried again after
+    /// `output_retry`; returns the updated task, if written, and when to look again.
+    async fn deliver_output(&self, task: &AtomicTask) -> Result<(Option<AtomicTask>, Option<Duration>)> {
+        let (Some(output), Some(status)) = (&task.spec.output, &task.status) else {
+            return Ok((None, None));
         };
-        let Some(status) = &task.status else {
-            return Ok(None);
-        };
-        let delivered = status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == OUTPUT_CONDITION && c.status == "True");
-        if delivered {
-            return Ok(None);
+        let previous = status.conditions.iter().find(|c| c.type_ == OUTPUT_CONDITION);
+        if previous.is_some_and(|c| c.status == "True") {
+            return Ok((None, None));
+        }
+        if let Some(last_try) = previous.map(|c| c.last_transition_time.0) {
+            let due = add_duration(last_try, self.config.output_retry);
+            let now = Timestamp::now();
+            if due > now {
+                return Ok((None, Some(crate::dispatch::duration_until(now, due))));
+            }
         }
         let namespace = task.metadata.namespace.clone().unwrap_or_default();
         let result = match (&status.result, &status.result_ref) {
@@ -458,9 +466,10 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
         } else {
             condition(OUTPUT_CONDITION, false, "DeliveryFailed", &problems.join("; "))
         };
+        let retry = (!problems.is_empty()).then_some(self.config.output_retry);
         new_status.conditions.retain(|c| c.type_ != OUTPUT_CONDITION);
         new_status.conditions.push(condition);
-        self.store.write_status(task, &new_status).await
+        Ok((self.store.write_status(task, &new_status).await?, retry))
     }
 
     async fn observe_transition(&self, task: &AtomicTask, old: &AtomicTaskStatus, transition: &Transition) {
@@ -625,6 +634,19 @@ pub fn condition(
         last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
         observed_generation: None,
     }
+}
+
+/// The sooner of two optional delays.
+fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn add_duration(t: Timestamp, d: Duration) -> Timestamp {
+    let millis = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    Timestamp::from_millisecond(t.as_millisecond().saturating_add(millis)).unwrap_or(Timestamp::MAX)
 }
 
 fn seconds_between(from: Timestamp, to: Timestamp) -> f64 {

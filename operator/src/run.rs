@@ -121,6 +121,7 @@ pub async fn run(
         Arc::clone(&metrics),
         DriverConfig {
             max_inline_result_bytes: settings.max_inline_result_bytes,
+            ..DriverConfig::default()
         },
     );
 

@@ -30,6 +30,7 @@ struct Seen {
     prompts: Mutex<Vec<String>>,
     hooks: Mutex<Vec<Delivery>>,
     flaky_calls: AtomicU32,
+    flaky_hook_calls: AtomicU32,
 }
 
 async fn classify(State(seen): State<Arc<Seen>>, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
@@ -98,6 +99,14 @@ async fn hook(State(seen): State<Arc<Seen>>, headers: HeaderMap, Json(body): Jso
     StatusCode::OK
 }
 
+async fn flaky_hook(State(seen): State<Arc<Seen>>) -> StatusCode {
+    if seen.flaky_hook_calls.fetch_add(1, Ordering::SeqCst) == 0 {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::OK
+    }
+}
+
 async fn fake_worker() -> (SocketAddr, Arc<Seen>) {
     let seen = Arc::new(Seen::default());
     let app = Router::new()
@@ -106,6 +115,7 @@ async fn fake_worker() -> (SocketAddr, Arc<Seen>) {
         .route("/v1/completions", post(complete))
         .route("/hook", post(hook))
         .route("/send", post(hook))
+        .route("/flaky-hook", post(flaky_hook))
         .with_state(Arc::clone(&seen));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -153,6 +163,7 @@ fn harness(endpoints: &[(&str, String)]) -> Harness {
         4,
         DriverConfig {
             max_inline_result_bytes: 16 * 1024,
+            output_retry: Duration::from_millis(300),
         },
     );
     for (model, addr) in endpoints {
@@ -475,4 +486,53 @@ async fn tasks_found_running_after_an_operator_restart_run_again_exactly_once() 
     assert!(!applied.accepted);
     assert_eq!(h.status("t").result, s.result);
     assert_eq!(h.status("t").completion_time, s.completion_time);
+}
+
+#[tokio::test]
+async fn a_failed_webhook_delivery_is_retried_after_a_pause_not_in_a_loop() {
+    let (addr, seen) = fake_worker().await;
+    let mut h = harness(&[("intent", addr.to_string())]);
+    let mut t = task("t", "intent", Operation::Classify);
+    t.spec.output = Some(OutputSpec {
+        config_map: None,
+        webhook: Some(Webhook {
+            url: format!("http://{addr}/flaky-hook"),
+            secret_ref: None,
+        }),
+    });
+    let key = h.store.insert(t);
+    h.settle().await;
+    let failed = h.status("t");
+    let condition = |s: &atomic_operator::api::AtomicTaskStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == "OutputDelivered")
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(condition(&failed).status, "False");
+    assert!(
+        condition(&failed).message.contains("500"),
+        "{:?}",
+        condition(&failed)
+    );
+    assert_eq!(seen.flaky_hook_calls.load(Ordering::SeqCst), 1);
+
+    // Observed again at once: no new try, and a requeue for when the pause ends.
+    let applied = h
+        .driver
+        .apply(&key, atomic_operator::engine::state::Event::Observe)
+        .await
+        .unwrap();
+    assert_eq!(seen.flaky_hook_calls.load(Ordering::SeqCst), 1);
+    let wait = applied.requeue_after.expect("a retry is scheduled");
+    assert!(wait <= Duration::from_millis(300));
+
+    tokio::time::sleep(wait + Duration::from_millis(20)).await;
+    h.driver
+        .apply(&key, atomic_operator::engine::state::Event::Observe)
+        .await
+        .unwrap();
+    assert_eq!(seen.flaky_hook_calls.load(Ordering::SeqCst), 2);
+    assert_eq!(condition(&h.status("t")).status, "True");
 }
