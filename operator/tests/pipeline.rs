@@ -536,3 +536,43 @@ async fn a_failed_webhook_delivery_is_retried_after_a_pause_not_in_a_loop() {
     assert_eq!(seen.flaky_hook_calls.load(Ordering::SeqCst), 2);
     assert_eq!(condition(&h.status("t")).status, "True");
 }
+
+#[tokio::test]
+async fn finished_tasks_are_deleted_after_their_ttl() {
+    let (addr, _) = fake_worker().await;
+    let h = harness(&[("intent", addr.to_string())]);
+    let mut short = task("short", "intent", Operation::Classify);
+    short.spec.ttl_seconds_after_finished = Some(0);
+    let mut kept = task("kept", "intent", Operation::Classify);
+    kept.spec.ttl_seconds_after_finished = None;
+    h.store.insert(short);
+    h.store.insert(kept);
+    let mut wakeups = h.wakeups.unwrap();
+    // Drive observations until the TTL task is gone (or give up after a few seconds).
+    for _ in 0..200 {
+        if h.store.tasks().len() == 1 {
+            break;
+        }
+        match tokio::time::timeout(Duration::from_millis(50), wakeups.recv()).await {
+            Ok(Some(key)) => {
+                let applied = h
+                    .driver
+                    .apply(&key, atomic_operator::engine::state::Event::Observe)
+                    .await
+                    .unwrap();
+                if let Some(after) = applied.requeue_after {
+                    tokio::time::sleep(after.min(Duration::from_millis(50))).await;
+                    atomic_operator::driver::TaskStore::wake(&*h.store, key);
+                }
+            }
+            _ => continue,
+        }
+    }
+    let names: Vec<_> = h
+        .store
+        .tasks()
+        .into_iter()
+        .filter_map(|t| t.metadata.name)
+        .collect();
+    assert_eq!(names, ["kept"]);
+}
