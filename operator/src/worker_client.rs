@@ -63,6 +63,9 @@ impl AttemptError {
     }
 }
 
+/// Largest response body read from a worker or endpoint (a 32k-token generation is far below).
+pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+
 /// HTTP client for workers, `http` tasks and webhooks. Cheap to clone: clones share one
 /// connection pool.
 #[derive(Clone, Debug)]
@@ -158,7 +161,7 @@ impl WorkerClient {
             HttpMethod::Put => reqwest::Method::PUT,
             HttpMethod::Get => reqwest::Method::GET,
         };
-        let peer = format!("{method} {}", call.url);
+        let peer = format!("{method} {}", without_query(&call.url));
         let mut headers = HeaderMap::new();
         for (name, value) in &call.headers {
             // A bad header in the manifest will be just as bad on the next attempt.
@@ -208,7 +211,7 @@ impl WorkerClient {
         payload: &Value,
         timeout: Duration,
     ) -> Result<(), AttemptError> {
-        let peer = format!("webhook {hook_url}");
+        let peer = format!("webhook {}", without_query(hook_url));
         let mut headers = HeaderMap::new();
         add_standard_headers(&mut headers, bearer, idempotency_key)?;
         let builder = self.http.post(hook_url).headers(headers).json(payload);
@@ -253,12 +256,37 @@ impl WorkerClient {
             .await
             .map_err(|e| transport_error(peer, &e, timeout))?;
         let status = resp.status();
-        let bytes = resp
-            .bytes()
+        // Read in chunks with a cap: a runaway endpoint must not exhaust the operator's memory.
+        let mut resp = resp;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
             .await
-            .map_err(|e| transport_error(peer, &e, timeout))?;
-        let bytes = Vec::from(bytes);
+            .map_err(|e| transport_error(peer, &e, timeout))?
+        {
+            if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(AttemptError::new(
+                    FailureReason::BadResponse,
+                    format!("{peer} answered more than {MAX_RESPONSE_BYTES} bytes"),
+                ));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         Ok((status, bytes))
+    }
+}
+
+/// A URL without its query string and user info, for messages: those parts may carry secrets
+/// and messages end up in task statuses and events.
+fn without_query(url: &str) -> String {
+    let base = url.split(['?', '#']).next().unwrap_or(url);
+    let Some((scheme, rest)) = base.split_once("://") else {
+        return base.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => base.to_owned(),
     }
 }
 
@@ -440,6 +468,25 @@ fn normalise_completion(peer: &str, resp: CompletionResponse) -> Result<Value, A
             "totalTokens": resp.usage.total_tokens,
         },
     }))
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::without_query;
+
+    #[test]
+    fn messages_do_not_carry_query_strings_or_credentials() {
+        assert_eq!(
+            without_query("https://api.x/send?token=abc"),
+            "https://api.x/send"
+        );
+        assert_eq!(
+            without_query("https://user:pw@api.x/send#f"),
+            "https://api.x/send"
+        );
+        assert_eq!(without_query("http://api.x/a@b"), "http://api.x/a@b");
+        assert_eq!(without_query("http://10.0.0.1:8080"), "http://10.0.0.1:8080");
+    }
 }
 
 #[cfg(test)]
