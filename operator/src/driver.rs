@@ -180,6 +180,7 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
                 input_text: input.as_ref().map(|t| t.as_deref()).map_err(|e| e.as_str()),
                 dispatch: self.dispatcher.state_of(key),
                 deleted: task.metadata.deletion_timestamp.is_some(),
+                created: task.metadata.creation_timestamp.as_ref().map(|t| t.0),
             };
             let decision = step(&key.name, &task.spec, &old, &obs, event.clone());
             let mut status = decision.status.clone();

@@ -95,8 +95,8 @@ pub struct AtomicTaskSpec {
     #[schemars(range(min = 1, max = 86400))]
     pub timeout_seconds: Option<u32>,
 
-    /// Limit on the whole task from its first attempt, retries and backoff included. When it
-    /// passes, the task ends in `TimedOut`.
+    /// Limit on the whole task from its creation: waiting for dependencies and workers, attempts,
+    /// retries and backoff included. When it passes, the task ends in `TimedOut`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub active_deadline_seconds: Option<u32>,

@@ -153,6 +153,7 @@ impl Sim {
             input_text: Ok(Some("x")),
             dispatch: self.dispatch[i],
             deleted: false,
+            created: None,
         };
         step(&self.names[i], spec, &self.statuses[i], &obs, event)
     }

@@ -69,6 +69,9 @@ pub struct Observation<'a> {
     pub dispatch: DispatchState,
     /// Whether the object has a deletionTimestamp.
     pub deleted: bool,
+    /// When the task was created (`metadata.creationTimestamp`); `activeDeadlineSeconds` counts
+    /// from here, falling back to `status.startTime` when unknown.
+    pub created: Option<Timestamp>,
 }
 
 /// What happened to the task.
@@ -264,7 +267,7 @@ impl Machine<'_, '_> {
             self.finish(
                 TaskPhase::TimedOut,
                 "DeadlineExceeded",
-                format!("the task ran longer than activeDeadlineSeconds ({limit}s) since its first attempt"),
+                format!("the task took longer than activeDeadlineSeconds ({limit}s) since it was created"),
             );
             return;
         }
@@ -548,9 +551,13 @@ impl Machine<'_, '_> {
         secs(self.spec.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECONDS))
     }
 
-    /// When the active deadline passes (counted from the first attempt).
+    /// When the active deadline passes (counted from creation, or the first attempt when the
+    /// creation time is unknown).
     fn deadline(&self) -> Option<Timestamp> {
-        let start = self.status.start_time.as_ref()?.0;
+        let start = self
+            .obs
+            .created
+            .or_else(|| self.status.start_time.as_ref().map(|t| t.0))?;
         Some(add(start, secs(self.spec.active_deadline_seconds?)))
     }
 

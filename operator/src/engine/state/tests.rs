@@ -32,6 +32,7 @@ fn obs<'a>(now: i64) -> Observation<'a> {
         input_text: Ok(Some("hi")),
         dispatch: DispatchState::Idle,
         deleted: false,
+        created: None,
     }
 }
 
@@ -448,6 +449,21 @@ fn active_deadline_times_out() {
     assert_eq!(d.status.phase, TaskPhase::TimedOut);
     assert_eq!(d.status.reason.as_deref(), Some("DeadlineExceeded"));
     assert!(d.abandon);
+}
+
+#[test]
+fn active_deadline_counts_from_creation_so_a_task_waiting_for_workers_ends() {
+    let mut s = spec();
+    s.active_deadline_seconds = Some(20);
+    let queued = observe(&s, &AtomicTaskStatus::default(), &obs(0)).status;
+    assert_eq!(queued.phase, TaskPhase::Queued);
+    let mut o = obs(25);
+    o.created = Some(ts(0));
+    o.dispatch = DispatchState::Queued;
+    let d = observe(&s, &queued, &o);
+    assert_eq!(d.status.phase, TaskPhase::TimedOut);
+    assert_eq!(d.status.reason.as_deref(), Some("DeadlineExceeded"));
+    assert!(d.abandon, "the queued job is dropped");
 }
 
 #[test]
