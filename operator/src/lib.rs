@@ -15,7 +15,6 @@ pub mod lease;
 pub mod manifest;
 pub mod memory;
 pub mod metrics;
-pub mod protocol;
 pub mod run;
 pub mod server;
 pub mod worker_client;

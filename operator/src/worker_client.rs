@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 use crate::Error;
 use crate::api::task::{GenerationParameters, HttpCall, HttpMethod, Operation};
 use crate::engine::FailureReason;
-use crate::protocol::{
+use atomic_protocol::{
     CLASSIFY_PATH, COMPLETIONS_PATH, ClassifyRequest, ClassifyResponse, CompletionRequest,
     CompletionResponse, EMBEDDINGS_PATH, EXTRACT_PATH, EmbeddingInput, EmbeddingRequest, EmbeddingResponse,
     ErrorResponse, ExtractRequest, ExtractResponse,
@@ -492,7 +492,7 @@ mod url_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Entity, LabelScore};
+    use atomic_protocol::{Entity, LabelScore};
 
     #[test]
     fn status_classification() {
@@ -530,7 +530,7 @@ mod tests {
     fn embedding_keeps_short_decimals() {
         let resp = EmbeddingResponse {
             object: "list".into(),
-            data: vec![crate::protocol::Embedding {
+            data: vec![atomic_protocol::Embedding {
                 object: "embedding".into(),
                 index: 0,
                 embedding: vec![0.1, -0.25],

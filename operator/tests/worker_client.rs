@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use atomic_operator::api::task::{GenerationParameters, HttpCall, HttpMethod, Operation};
 use atomic_operator::engine::FailureReason;
-use atomic_operator::protocol::{
+use atomic_operator::worker_client::{AttemptError, ModelRequest, WorkerClient};
+use atomic_protocol::{
     ClassifyResponse, CompletionChoice, CompletionResponse, CompletionUsage, Embedding, EmbeddingResponse,
     EmbeddingUsage, Entity, ErrorDetail, ErrorResponse, ExtractResponse, LabelScore,
 };
-use atomic_operator::worker_client::{AttemptError, ModelRequest, WorkerClient};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;

@@ -4,8 +4,8 @@
 //! The shapes follow the OpenAI API where it has an equivalent (`/v1/embeddings`,
 //! `/v1/completions`, the error body), so that an OpenAI-compatible server can stand in for a
 //! worker for those operations. `/v1/classify` and `/v1/extract` are Atomic's own. Only serde is
-//! used here (no kube types), so the worker crate can depend on this module without pulling in
-//! the Kubernetes machinery.
+//! used here (no kube types), so the worker depends on this crate without pulling in the
+//! Kubernetes machinery.
 
 use serde::{Deserialize, Serialize};
 
