@@ -237,12 +237,16 @@ impl<E: Executor> Dispatcher<E> {
         }
     }
 
-    /// Queues a job (replacing a queued job of the same task). Ignored while an attempt of the
-    /// task is in flight: the engine only enqueues after that attempt reported.
+    /// Queues a job (replacing a queued job of the same task). A job for an attempt that is not
+    /// newer than the one in flight is ignored; a newer one (a retry decided while the failed
+    /// attempt is still reporting) takes the task's slot, and the old attempt only gives its
+    /// endpoint back when it ends.
     pub fn enqueue(&self, lane: Lane, job: Job) {
         let demand = {
             let mut state = self.lock();
-            if matches!(state.slots.get(&job.key), Some(Slot::InFlight { .. })) {
+            if let Some(Slot::InFlight { attempt, .. }) = state.slots.get(&job.key)
+                && *attempt >= job.attempt
+            {
                 return;
             }
             let State { lanes, slots } = &mut *state;
@@ -557,3 +561,198 @@ impl Executor for crate::worker_client::WorkerClient {
 
 /// Limit on one webhook delivery.
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+    use crate::api::Operation;
+
+    /// Records what ran; attempt 1 of task "retry" fails, everything else succeeds after `delay`.
+    struct Recorder {
+        order: Mutex<Vec<String>>,
+        running: AtomicU32,
+        peak: AtomicU32,
+        delay: Duration,
+    }
+
+    impl Executor for Recorder {
+        async fn execute(&self, _endpoint: Option<&str>, job: &Job) -> Result<Value, AttemptError> {
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.peak.fetch_max(now, Ordering::SeqCst);
+            self.order
+                .lock()
+                .unwrap()
+                .push(format!("{}#{}", job.key.name, job.attempt));
+            tokio::time::sleep(self.delay).await;
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            if job.key.name == "retry" && job.attempt == 1 {
+                return Err(AttemptError {
+                    reason: FailureReason::ServerError,
+                    message: "boom".into(),
+                });
+            }
+            Ok(serde_json::json!({}))
+        }
+
+        async fn deliver(&self, _: &str, _: Option<&str>, _: &str, _: &Value) -> Result<(), AttemptError> {
+            Ok(())
+        }
+    }
+
+    /// Plays the driver: accepts every start, and answers a failure by queueing the next attempt
+    /// at once, from inside the report (as the engine does on a retryable failure).
+    struct RetryingSink {
+        dispatcher: Mutex<Option<Arc<Dispatcher<Recorder>>>>,
+        done: AtomicU32,
+    }
+
+    impl ReportSink for RetryingSink {
+        fn report(&self, key: TaskKey, event: Event) -> ReportFuture<'_> {
+            Box::pin(async move {
+                match event {
+                    Event::AttemptFailed { attempt, .. } => {
+                        let dispatcher = self.dispatcher.lock().unwrap().clone().unwrap();
+                        dispatcher.enqueue(lane(), job(&key.name, attempt + 1, 0));
+                    }
+                    Event::AttemptSucceeded { .. } => {
+                        self.done.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => {}
+                }
+                true
+            })
+        }
+    }
+
+    fn lane() -> Lane {
+        Lane {
+            namespace: "ns".into(),
+            model: Some("m".into()),
+        }
+    }
+
+    fn job(name: &str, attempt: u32, priority: i32) -> Job {
+        Job {
+            key: TaskKey {
+                namespace: "ns".into(),
+                name: name.into(),
+            },
+            idempotency_key: name.into(),
+            attempt,
+            priority,
+            not_before: None,
+            timeout: Duration::from_secs(5),
+            work: Work::Model(ModelRequest {
+                model: "m".into(),
+                operation: Operation::Generate,
+                prompt: String::new(),
+                labels: vec![],
+                parameters: None,
+            }),
+        }
+    }
+
+    fn setup(
+        delay: Duration,
+        per_endpoint: u32,
+    ) -> (Arc<Dispatcher<Recorder>>, Arc<Recorder>, Arc<RetryingSink>) {
+        let executor = Arc::new(Recorder {
+            order: Mutex::default(),
+            running: AtomicU32::new(0),
+            peak: AtomicU32::new(0),
+            delay,
+        });
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let dispatcher = Arc::new(Dispatcher::new(Arc::clone(&executor), metrics, per_endpoint, 4));
+        let sink = Arc::new(RetryingSink {
+            dispatcher: Mutex::new(Some(Arc::clone(&dispatcher))),
+            done: AtomicU32::new(0),
+        });
+        dispatcher.set_sink(Arc::clone(&sink) as Arc<dyn ReportSink>);
+        tokio::spawn(Arc::clone(&dispatcher).run(std::future::pending()));
+        (dispatcher, executor, sink)
+    }
+
+    async fn wait_done(sink: &RetryingSink, n: u32) {
+        for _ in 0..500 {
+            if sink.done.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("only {} of {n} jobs finished", sink.done.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_retry_queued_while_the_failed_attempt_reports_still_runs() {
+        let (dispatcher, executor, sink) = setup(Duration::ZERO, 1);
+        dispatcher.set_endpoints(lane(), vec!["a:1".into()]);
+        dispatcher.enqueue(lane(), job("retry", 1, 0));
+        wait_done(&sink, 1).await;
+        assert_eq!(*executor.order.lock().unwrap(), ["retry#1", "retry#2"]);
+        assert_eq!(dispatcher.state_of(&job("retry", 1, 0).key), DispatchState::Idle);
+        assert_eq!(
+            dispatcher.load(&lane()),
+            LaneLoad {
+                queued: 0,
+                in_flight: 0,
+                endpoints: 1
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn in_flight_work_never_exceeds_endpoints_times_the_limit() {
+        let (dispatcher, executor, sink) = setup(Duration::from_millis(20), 2);
+        for i in 0..12 {
+            dispatcher.enqueue(lane(), job(&format!("t{i}"), 1, 0));
+        }
+        dispatcher.set_endpoints(lane(), vec!["a:1".into(), "b:1".into()]);
+        wait_done(&sink, 12).await;
+        assert_eq!(executor.peak.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn higher_priority_runs_first_then_arrival_order() {
+        let (dispatcher, executor, sink) = setup(Duration::ZERO, 1);
+        for (name, priority) in [("low", 0), ("high", 10), ("mid", 5), ("high2", 10)] {
+            dispatcher.enqueue(lane(), job(name, 1, priority));
+        }
+        // Endpoints appear only now, so all four compete.
+        dispatcher.set_endpoints(lane(), vec!["a:1".into()]);
+        wait_done(&sink, 4).await;
+        assert_eq!(
+            *executor.order.lock().unwrap(),
+            ["high#1", "high2#1", "mid#1", "low#1"]
+        );
+    }
+
+    #[tokio::test]
+    async fn abandoning_a_running_attempt_frees_its_endpoint() {
+        let (dispatcher, executor, sink) = setup(Duration::from_secs(30), 1);
+        dispatcher.set_endpoints(lane(), vec!["a:1".into()]);
+        dispatcher.enqueue(lane(), job("stuck", 1, 0));
+        for _ in 0..200 {
+            if executor.running.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        dispatcher.abandon(&job("stuck", 1, 0).key);
+        dispatcher.enqueue(lane(), job("next", 1, 0));
+        for _ in 0..200 {
+            if executor.order.lock().unwrap().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            *executor.order.lock().unwrap(),
+            ["stuck#1", "next#1"],
+            "the endpoint was given back"
+        );
+        assert_eq!(sink.done.load(Ordering::SeqCst), 0);
+    }
+}
