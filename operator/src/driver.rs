@@ -155,7 +155,18 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
                 });
             };
             let old = task.status.clone().unwrap_or_default();
-            let dep_objects = self.read_dependencies(&task).await?;
+            // Dependencies and input matter only where the engine may render the prompt: before
+            // dispatch, and on a retry. Starts, successes and finished tasks skip those reads.
+            let may_render = !old.phase.is_terminal()
+                && !matches!(
+                    event,
+                    Event::AttemptStarted { .. } | Event::AttemptSucceeded { .. }
+                );
+            let dep_objects = if may_render {
+                self.read_dependencies(&task).await?
+            } else {
+                BTreeMap::new()
+            };
             let deps = self.dependencies(&key.namespace, &dep_objects).await;
             let cycle = if matches!(old.phase, TaskPhase::Pending | TaskPhase::Blocked) {
                 self.cycle_through(&task, &dep_objects).await?
@@ -163,12 +174,12 @@ impl<S: TaskStore, E: Executor> Driver<S, E> {
                 None
             };
             let input = match task.spec.input.as_ref() {
-                Some(i) => match (&i.text, &i.value_from) {
+                Some(i) if may_render => match (&i.text, &i.value_from) {
                     (Some(text), _) => Ok(Some(text.clone())),
                     (None, Some(source)) => self.store.read_value(&key.namespace, source).await.map(Some),
                     (None, None) => Ok(None),
                 },
-                None => Ok(None),
+                _ => Ok(None),
             };
             let obs = Observation {
                 now: Timestamp::now(),
