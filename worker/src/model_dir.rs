@@ -3,13 +3,13 @@
 //!
 //! Opening checks what can be checked before any request arrives, so that a bad deployment fails
 //! at start-up with a message naming the file: required files exist, the configuration is valid,
-//! and for BERT encoders every tensor the configuration implies is present with the right shape.
+//! and every tensor the configuration implies is present with the right shape.
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::config::{BertConfig, ModelConfig, PoolingConfig, read_optional};
+use crate::config::{ModelConfig, PoolingConfig, read_optional};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -59,9 +59,12 @@ impl ModelDir {
         let pooling = PoolingConfig::load_dir(path)?;
         let weights = open_weights(path)?;
         let tensor_prefix = tensor_prefix(&config, &weights)?;
-        if let ModelConfig::Bert(bert) = &config {
-            check_bert_tensors(bert, &weights, &tensor_prefix)?;
-        }
+        let expected = match &config {
+            ModelConfig::Bert(c) => c.expected_tensors(&tensor_prefix),
+            ModelConfig::Gpt2(c) => c.expected_tensors(&tensor_prefix),
+            ModelConfig::Llama(c) => c.expected_tensors(&tensor_prefix),
+        };
+        check_tensors(&expected, &weights)?;
         Ok(Self {
             path: path.to_path_buf(),
             config,
@@ -132,17 +135,19 @@ fn tensor_prefix(config: &ModelConfig, weights: &Weights) -> Result<String> {
         })
 }
 
-fn check_bert_tensors(config: &BertConfig, weights: &Weights, prefix: &str) -> Result<()> {
-    for (name, shape) in config.expected_tensors(prefix) {
-        let found = weights.shape(&name).ok_or_else(|| Error::MissingTensor {
+/// Checks that every expected tensor is present with its shape: a checkpoint that does not match
+/// its configuration is refused at start-up rather than on the first request.
+fn check_tensors(expected: &[(String, Vec<usize>)], weights: &Weights) -> Result<()> {
+    for (name, shape) in expected {
+        let found = weights.shape(name).ok_or_else(|| Error::MissingTensor {
             path: weights.path().to_path_buf(),
             name: name.clone(),
         })?;
         if found != shape.as_slice() {
             return Err(Error::TensorShape {
                 path: weights.path().to_path_buf(),
-                name,
-                expected: shape,
+                name: name.clone(),
+                expected: shape.clone(),
                 found: found.to_vec(),
             });
         }
@@ -153,7 +158,7 @@ fn check_bert_tensors(config: &BertConfig, weights: &Weights, prefix: &str) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BertHead, PoolingMode};
+    use crate::config::{BertConfig, BertHead, PoolingMode};
     use safetensors::Dtype;
     use safetensors::tensor::TensorView;
 
