@@ -1,0 +1,3 @@
+//! The Atomic inference worker: model runtime and the compute backends it runs on.
+
+pub mod backend;
