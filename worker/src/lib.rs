@@ -1,5 +1,6 @@
-//! `atomic-worker` library: everything the inference worker needs to turn a model folder on disk
-//! into typed, validated pieces (configuration, tokenizer, pooling, memory-mapped weights).
+//! `atomic-worker` library: turns a model folder on disk into typed, validated pieces
+//! (configuration, tokenizer, pooling, memory-mapped weights) and runs the models on a compute
+//! [`backend`].
 //!
 //! The crate has one error type, [`Error`]. Every variant names the file it concerns (and the
 //! tensor or field where there is one), because the person reading the message is usually an
@@ -7,8 +8,10 @@
 
 use std::path::PathBuf;
 
+pub mod backend;
 pub mod config;
 pub mod model_dir;
+pub mod models;
 pub mod tokenizer;
 pub mod weights;
 
@@ -116,6 +119,14 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+
+    /// A compute operation failed (shape mismatch, out-of-range token id, device error).
+    #[error("backend: {0}")]
+    Backend(#[from] backend::BackendError),
+
+    /// A request's input cannot be run on the model (too long, wrong head, unsupported mode).
+    #[error("{0}")]
+    Input(String),
 }
 
 /// The crate's result type.

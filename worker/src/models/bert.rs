@@ -40,7 +40,9 @@ impl Batch {
         };
         for e in encodings {
             let pad = seq - e.ids.len();
-            batch.ids.extend(e.ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
+            batch
+                .ids
+                .extend(e.ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
             batch
                 .type_ids
                 .extend(e.type_ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
@@ -53,7 +55,10 @@ impl Batch {
 
     /// Number of real tokens of sequence `b`.
     pub fn len_of(&self, b: usize) -> usize {
-        self.valid[b * self.seq..(b + 1) * self.seq].iter().filter(|v| **v).count()
+        self.valid[b * self.seq..(b + 1) * self.seq]
+            .iter()
+            .filter(|v| **v)
+            .count()
     }
 }
 
@@ -196,11 +201,12 @@ impl<B: Backend> Bert<B> {
         let pos = backend.embedding(&positions, &self.position_embeddings)?;
         let types = backend.embedding(&batch.type_ids, &self.token_type_embeddings)?;
         let summed = backend.add(&backend.add(&words, &pos)?, &types)?;
+        let eps = c.layer_norm_eps as f32;
         let mut x = backend.layer_norm(
             &summed,
             &self.embedding_norm_weight,
             &self.embedding_norm_bias,
-            c.layer_norm_eps,
+            eps,
         )?;
         let mask = AttentionMask::padding(&batch.valid);
         let head_dim = h / heads;
@@ -208,7 +214,9 @@ impl<B: Backend> Bert<B> {
             let qkv = backend.linear(&x, &layer.qkv_weight, Some(&layer.qkv_bias))?;
             let mut parts = backend.split_last(&qkv, &[h, h, h])?.into_iter();
             let (Some(q), Some(k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(Error::Input("split of the fused QKV projection failed".to_owned()));
+                return Err(Error::Input(
+                    "split of the fused QKV projection failed".to_owned(),
+                ));
             };
             let shape = [batch.batch, batch.seq, heads, head_dim];
             let q = backend.reshape(q, &shape)?;
@@ -216,29 +224,19 @@ impl<B: Backend> Bert<B> {
             let v = backend.reshape(v, &shape)?;
             let context = backend.reshape(backend.attention(&q, &k, &v, &mask)?, &[tokens, h])?;
             let attn = backend.linear(&context, &layer.attn_out_weight, Some(&layer.attn_out_bias))?;
-            x = backend.add_layer_norm(
-                &attn,
-                &x,
-                &layer.attn_norm_weight,
-                &layer.attn_norm_bias,
-                c.layer_norm_eps,
-            )?;
+            x = backend.add_layer_norm(&attn, &x, &layer.attn_norm_weight, &layer.attn_norm_bias, eps)?;
             let inner = backend.linear(&x, &layer.intermediate_weight, Some(&layer.intermediate_bias))?;
             let inner = match c.hidden_act {
                 Activation::Gelu => backend.gelu(&inner)?,
                 Activation::GeluTanh => backend.gelu_tanh(&inner)?,
                 other => {
-                    return Err(Error::Input(format!("BERT activation {other:?} is not supported")));
+                    return Err(Error::Input(format!(
+                        "BERT activation {other:?} is not supported"
+                    )));
                 }
             };
             let out = backend.linear(&inner, &layer.output_weight, Some(&layer.output_bias))?;
-            x = backend.add_layer_norm(
-                &out,
-                &x,
-                &layer.output_norm_weight,
-                &layer.output_norm_bias,
-                c.layer_norm_eps,
-            )?;
+            x = backend.add_layer_norm(&out, &x, &layer.output_norm_weight, &layer.output_norm_bias, eps)?;
         }
         Ok(x)
     }
@@ -280,15 +278,26 @@ impl<B: Backend> Bert<B> {
 
     /// Sequence classification logits `[batch][labels]`.
     pub fn sequence_logits(&self, backend: &B, batch: &Batch) -> Result<Vec<Vec<f32>>> {
-        let Head::Sequence { pooler_weight, pooler_bias, classifier_weight, classifier_bias } = &self.head else {
-            return Err(Error::Input("the model has no sequence classification head".to_owned()));
+        let Head::Sequence {
+            pooler_weight,
+            pooler_bias,
+            classifier_weight,
+            classifier_bias,
+        } = &self.head
+        else {
+            return Err(Error::Input(
+                "the model has no sequence classification head".to_owned(),
+            ));
         };
         let h = self.config.hidden_size;
         let hidden = self.hidden_states(backend, batch)?;
         Ok((0..batch.batch)
             .map(|b| {
                 let first = &hidden[b * batch.seq * h..b * batch.seq * h + h];
-                let pooled: Vec<f32> = dense(first, pooler_weight, pooler_bias).iter().map(|v| v.tanh()).collect();
+                let pooled: Vec<f32> = dense(first, pooler_weight, pooler_bias)
+                    .iter()
+                    .map(|v| v.tanh())
+                    .collect();
                 dense(&pooled, classifier_weight, classifier_bias)
             })
             .collect())
@@ -296,8 +305,14 @@ impl<B: Backend> Bert<B> {
 
     /// Token classification logits `[batch][real tokens][labels]`.
     pub fn token_logits(&self, backend: &B, batch: &Batch) -> Result<Vec<Vec<Vec<f32>>>> {
-        let Head::Token { classifier_weight, classifier_bias } = &self.head else {
-            return Err(Error::Input("the model has no token classification head".to_owned()));
+        let Head::Token {
+            classifier_weight,
+            classifier_bias,
+        } = &self.head
+        else {
+            return Err(Error::Input(
+                "the model has no token classification head".to_owned(),
+            ));
         };
         let h = self.config.hidden_size;
         let hidden = self.hidden_states(backend, batch)?;
@@ -318,6 +333,12 @@ impl<B: Backend> Bert<B> {
 fn dense(x: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
     bias.iter()
         .enumerate()
-        .map(|(o, b)| b + weight[o * x.len()..(o + 1) * x.len()].iter().zip(x).map(|(w, v)| w * v).sum::<f32>())
+        .map(|(o, b)| {
+            b + weight[o * x.len()..(o + 1) * x.len()]
+                .iter()
+                .zip(x)
+                .map(|(w, v)| w * v)
+                .sum::<f32>()
+        })
         .collect()
 }

@@ -1,0 +1,679 @@
+//! The CPU backend: `f32` row-major host tensors. Matrix products go through `gemm` (packed SIMD
+//! kernels, multithreaded); the row-wise operations are single-pass loops over contiguous rows,
+//! split across the backend's own rayon pool when a tensor is large enough to pay for it.
+
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+use super::shapes::{self, AttnDims};
+use super::{AttentionMask, Backend, BackendError, Result};
+
+/// A dense row-major `f32` tensor in host memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor {
+    data: Vec<f32>,
+    shape: Vec<usize>,
+}
+
+impl CpuTensor {
+    pub(crate) fn new(data: Vec<f32>, shape: Vec<usize>) -> Self {
+        debug_assert_eq!(data.len(), shapes::numel(&shape), "shape {shape:?}");
+        Self { data, shape }
+    }
+
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn into_data(self) -> Vec<f32> {
+        self.data
+    }
+}
+
+/// Below this many output elements an operation runs on the calling thread: splitting costs more
+/// than it saves.
+const PARALLEL_MIN: usize = 1 << 15;
+
+/// Elements per task for elementwise operations.
+const ELEMENTWISE_CHUNK: usize = 1 << 13;
+
+/// The CPU backend, with its own thread pool (shared by gemm and the row loops).
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+    threads: usize,
+}
+
+impl std::fmt::Debug for CpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuBackend")
+            .field("threads", &self.threads)
+            .finish()
+    }
+}
+
+impl CpuBackend {
+    /// A backend running on `threads` threads; 0 means one per available core.
+    pub fn new(threads: usize) -> Result<Self> {
+        let threads = match threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("cpu-backend-{i}"))
+            .build()
+            .map_err(|e| BackendError::Device(format!("cannot start {threads} CPU threads: {e}")))?;
+        Ok(Self { pool, threads })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Calls `f(index, chunk)` for every `chunk_len`-sized chunk of `out` (the last may be
+    /// shorter), in parallel when `out` is large. Row-wise operations pass the row length.
+    fn for_chunks(&self, out: &mut [f32], chunk_len: usize, f: impl Fn(usize, &mut [f32]) + Send + Sync) {
+        if chunk_len == 0 || out.is_empty() {
+            return;
+        }
+        if self.threads == 1 || out.len() < PARALLEL_MIN {
+            out.chunks_mut(chunk_len).enumerate().for_each(|(i, c)| f(i, c));
+            return;
+        }
+        // Several small rows per task, so that the per-task overhead stays small.
+        let per_task = (ELEMENTWISE_CHUNK / chunk_len).max(1);
+        self.pool.install(|| {
+            out.par_chunks_mut(per_task * chunk_len)
+                .enumerate()
+                .for_each(|(t, group)| {
+                    for (i, c) in group.chunks_mut(chunk_len).enumerate() {
+                        f(t * per_task + i, c);
+                    }
+                })
+        });
+    }
+
+    /// `out = f(x)` elementwise.
+    fn unary(&self, x: &CpuTensor, f: impl Fn(f32) -> f32 + Send + Sync) -> CpuTensor {
+        let mut out = vec![0.0; x.data.len()];
+        self.for_chunks(&mut out, ELEMENTWISE_CHUNK, |i, o| {
+            let xs = &x.data[i * ELEMENTWISE_CHUNK..][..o.len()];
+            for (o, &v) in o.iter_mut().zip(xs) {
+                *o = f(v);
+            }
+        });
+        CpuTensor::new(out, x.shape.clone())
+    }
+
+    /// `out = f(a, b)` elementwise over equal shapes.
+    fn binary(
+        &self,
+        op: &'static str,
+        a: &CpuTensor,
+        b: &CpuTensor,
+        f: impl Fn(f32, f32) -> f32 + Send + Sync,
+    ) -> Result<CpuTensor> {
+        shapes::same(op, &a.shape, &b.shape)?;
+        let mut out = vec![0.0; a.data.len()];
+        self.for_chunks(&mut out, ELEMENTWISE_CHUNK, |i, o| {
+            let start = i * ELEMENTWISE_CHUNK;
+            let (xs, ys) = (&a.data[start..][..o.len()], &b.data[start..][..o.len()]);
+            for ((o, &x), &y) in o.iter_mut().zip(xs).zip(ys) {
+                *o = f(x, y);
+            }
+        });
+        Ok(CpuTensor::new(out, a.shape.clone()))
+    }
+
+    fn gemm_parallelism(&self) -> Parallelism {
+        if self.threads == 1 {
+            Parallelism::None
+        } else {
+            Parallelism::Rayon(self.threads)
+        }
+    }
+}
+
+/// A matrix operand for [`sgemm`]: a pointer to element (0, 0) and its row and column strides.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    rs: usize,
+    cs: usize,
+}
+
+/// `dst[m×n] = (dst if accumulate) + scale · lhs[m×k] · rhs[k×n]`; `dst` has unit column stride.
+///
+/// # Safety
+/// Every element addressed by the pointers and strides must be in bounds, and `dst` must not
+/// overlap the operands or be written by another thread meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    parallelism: Parallelism,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return; // nothing to add: the destination already holds its initial value
+    }
+    // gemm computes dst := alpha·dst + beta·lhs·rhs, reading dst only when asked to.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.ptr,
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: the tasks holding a `SharedOut` write disjoint elements (see `attention`).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: callers stay within the buffer the pointer came from.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// `e^x` to about 1 ulp, in plain arithmetic that the compiler vectorises (std's `exp` is a
+/// libm call per element): `x = n·ln2 + r` with `|r| <= ln2/2`, `e^r` by its degree-7 Taylor
+/// polynomial (truncation below 6e-9 relative), `2^n` built in the exponent bits. Underflows to 0
+/// below -87 (so `-inf` gives 0) and saturates at `e^88`.
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding and subtracting it rounds to an integer
+    let xc = x.clamp(-87.0, 88.0);
+    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.0 { 0.0 } else { p * scale }
+}
+
+/// `erf` (Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7), returned as `1 + erf(z)` so
+/// that negative arguments keep their relative precision.
+#[inline]
+fn one_plus_erf(z: f32) -> f32 {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [0.254_829_6, -0.284_496_74, 1.421_413_8, -1.453_152, 1.061_405_4];
+    let a = z.abs();
+    let t = 1.0 / (1.0 + P * a);
+    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
+    let erfc = poly * fast_exp(-a * a); // erfc(|z|)
+    if z >= 0.0 { 2.0 - erfc } else { erfc }
+}
+
+#[inline]
+fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * one_plus_erf(x * std::f32::consts::FRAC_1_SQRT_2)
+}
+
+#[inline]
+fn gelu_tanh(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    // 1 + tanh(y) = 2 - 2 / (e^(2y) + 1)
+    let y = C * (x + 0.044_715 * x * x * x);
+    0.5 * x * (2.0 - 2.0 / (fast_exp(2.0 * y) + 1.0))
+}
+
+/// `Σ f(x)` over eight interleaved partial sums, which the compiler keeps in one vector register
+/// (a single running sum is a serial dependency chain that cannot be vectorised).
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder().iter().map(|&v| f(v)).sum::<f32>();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Normalises one row in place: `(x - mean) / sqrt(var + eps) * gamma + beta`.
+#[inline]
+fn layer_norm_row(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let d = row.len() as f32;
+    let mean = lane_sum(row, |v| v) / d;
+    let var = lane_sum(row, |v| (v - mean) * (v - mean)) / d;
+    let inv = 1.0 / (var + eps).sqrt();
+    for ((v, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
+        *v = (*v - mean) * inv * g + b;
+    }
+}
+
+/// Softmax of one row in place; an all `-inf` row becomes zeros.
+#[inline]
+fn softmax_row(row: &mut [f32]) {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    // Exponentials and their sum in separate loops: both vectorise that way.
+    row.iter_mut().for_each(|v| *v = fast_exp(*v - max));
+    let inv = 1.0 / lane_sum(row, |v| v);
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+impl CpuBackend {
+    /// One (batch, head) of attention: `softmax(q kᵀ · scale + mask) v`, written into `out`.
+    ///
+    /// # Safety
+    /// `out` must address this (batch, head)'s rows of the output and nothing another task writes.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn attention_head(
+        dims: &AttnDims,
+        (b, h): (usize, usize),
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: &AttentionMask<'_>,
+        scores: &mut Vec<f32>,
+        out: SharedOut,
+    ) {
+        let AttnDims {
+            s_q,
+            s_k,
+            heads,
+            kv_heads,
+            head_dim: d,
+            ..
+        } = *dims;
+        let kvh = h / dims.group();
+        let q_off = (b * s_q * heads + h) * d;
+        let kv_off = (b * s_k * kv_heads + kvh) * d;
+        scores.clear();
+        scores.resize(s_q * s_k, 0.0);
+        let scale = 1.0 / (d as f32).sqrt();
+        // scores[s_q × s_k] = scale · q · kᵀ; kᵀ is k read with swapped strides.
+        unsafe {
+            sgemm(
+                (s_q, s_k, d),
+                scores.as_mut_ptr(),
+                s_k,
+                false,
+                Mat {
+                    ptr: q[q_off..].as_ptr(),
+                    rs: heads * d,
+                    cs: 1,
+                },
+                Mat {
+                    ptr: k[kv_off..].as_ptr(),
+                    rs: 1,
+                    cs: kv_heads * d,
+                },
+                scale,
+                Parallelism::None,
+            );
+        }
+        let valid = mask.key_valid.map(|m| &m[b * s_k..(b + 1) * s_k]);
+        for (i, row) in scores.chunks_mut(s_k).enumerate() {
+            let visible = mask.causal_offset.map_or(s_k, |off| (off + i + 1).min(s_k));
+            row[visible..].fill(f32::NEG_INFINITY);
+            if let Some(valid) = valid {
+                for (s, &ok) in row.iter_mut().zip(valid) {
+                    if !ok {
+                        *s = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            softmax_row(row);
+        }
+        // out[s_q × d] = p · v, into the strided rows of this head.
+        unsafe {
+            sgemm(
+                (s_q, d, s_k),
+                out.at(q_off),
+                heads * d,
+                false,
+                Mat {
+                    ptr: scores.as_ptr(),
+                    rs: s_k,
+                    cs: 1,
+                },
+                Mat {
+                    ptr: v[kv_off..].as_ptr(),
+                    rs: kv_heads * d,
+                    cs: 1,
+                },
+                1.0,
+                Parallelism::None,
+            );
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+
+    fn name(&self) -> &str {
+        "cpu"
+    }
+
+    fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<CpuTensor> {
+        shapes::host("from_host", data.len(), shape)?;
+        Ok(CpuTensor::new(data.to_vec(), shape.to_vec()))
+    }
+
+    fn to_host(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(t.data.clone())
+    }
+
+    fn shape<'t>(&self, t: &'t CpuTensor) -> &'t [usize] {
+        &t.shape
+    }
+
+    fn reshape(&self, t: CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
+        shapes::reshape(&t.shape, shape)?;
+        Ok(CpuTensor::new(t.data, shape.to_vec()))
+    }
+
+    fn split_last(&self, x: &CpuTensor, widths: &[usize]) -> Result<Vec<CpuTensor>> {
+        let (rows, d) = shapes::split_last(&x.shape, widths)?;
+        let mut start = 0;
+        let pieces = widths
+            .iter()
+            .map(|&w| {
+                let mut data = Vec::with_capacity(rows * w);
+                for row in x.data.chunks_exact(d) {
+                    data.extend_from_slice(&row[start..start + w]);
+                }
+                start += w;
+                let mut shape = x.shape.clone();
+                *shape.last_mut().expect("rank checked") = w;
+                CpuTensor::new(data, shape)
+            })
+            .collect();
+        Ok(pieces)
+    }
+
+    fn linear(&self, x: &CpuTensor, weight: &CpuTensor, bias: Option<&CpuTensor>) -> Result<CpuTensor> {
+        let (n, k, m) = shapes::linear(&x.shape, &weight.shape, bias.map(|b| b.shape.as_slice()))?;
+        let mut out = match bias {
+            Some(b) => b.data.repeat(n),
+            None => vec![0.0; n * m],
+        };
+        // out[n × m] (+)= x[n × k] · weightᵀ, weightᵀ being weight [m × k] with swapped strides.
+        // SAFETY: the shapes were checked against the buffers' lengths above.
+        self.pool.install(|| unsafe {
+            sgemm(
+                (n, m, k),
+                out.as_mut_ptr(),
+                m,
+                bias.is_some(),
+                Mat {
+                    ptr: x.data.as_ptr(),
+                    rs: k,
+                    cs: 1,
+                },
+                Mat {
+                    ptr: weight.data.as_ptr(),
+                    rs: 1,
+                    cs: k,
+                },
+                1.0,
+                self.gemm_parallelism(),
+            )
+        });
+        let mut shape = x.shape.clone();
+        *shape.last_mut().expect("rank checked") = m;
+        Ok(CpuTensor::new(out, shape))
+    }
+
+    fn matmul(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
+        let shapes::MatmulDims {
+            batch,
+            n,
+            k,
+            m,
+            out_shape: shape,
+        } = shapes::matmul(&a.shape, &b.shape)?;
+        let mut out = vec![0.0; batch * n * m];
+        if out.is_empty() {
+            return Ok(CpuTensor::new(out, shape));
+        }
+        let one = |z: usize, dst: &mut [f32], par: Parallelism| {
+            // SAFETY: each product reads its own [n × k] and [k × m] blocks and writes `dst`.
+            unsafe {
+                sgemm(
+                    (n, m, k),
+                    dst.as_mut_ptr(),
+                    m,
+                    false,
+                    Mat {
+                        ptr: a.data[z * n * k..].as_ptr(),
+                        rs: k,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: b.data[z * k * m..].as_ptr(),
+                        rs: m,
+                        cs: 1,
+                    },
+                    1.0,
+                    par,
+                )
+            }
+        };
+        self.pool.install(|| {
+            if batch > 1 && n * m * k < 1 << 18 {
+                // Many small products: one per task.
+                out.par_chunks_mut(n * m)
+                    .enumerate()
+                    .for_each(|(z, dst)| one(z, dst, Parallelism::None));
+            } else {
+                let par = self.gemm_parallelism();
+                out.chunks_mut(n * m)
+                    .enumerate()
+                    .for_each(|(z, dst)| one(z, dst, par));
+            }
+        });
+        Ok(CpuTensor::new(out, shape))
+    }
+
+    fn add(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
+        self.binary("add", a, b, |x, y| x + y)
+    }
+
+    fn layer_norm(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        let (_, d) = shapes::norm(
+            "layer_norm",
+            &x.shape,
+            &[("gamma", &gamma.shape), ("beta", &beta.shape)],
+        )?;
+        let mut out = x.data.clone();
+        self.for_chunks(&mut out, d, |_, row| {
+            layer_norm_row(row, &gamma.data, &beta.data, eps)
+        });
+        Ok(CpuTensor::new(out, x.shape.clone()))
+    }
+
+    fn add_layer_norm(
+        &self,
+        x: &CpuTensor,
+        residual: &CpuTensor,
+        gamma: &CpuTensor,
+        beta: &CpuTensor,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        let op = "add_layer_norm";
+        shapes::same(op, &x.shape, &residual.shape)?;
+        let (_, d) = shapes::norm(op, &x.shape, &[("gamma", &gamma.shape), ("beta", &beta.shape)])?;
+        let mut out = vec![0.0; x.data.len()];
+        self.for_chunks(&mut out, d, |r, row| {
+            let (xs, rs) = (&x.data[r * d..][..d], &residual.data[r * d..][..d]);
+            for ((o, &a), &b) in row.iter_mut().zip(xs).zip(rs) {
+                *o = a + b;
+            }
+            layer_norm_row(row, &gamma.data, &beta.data, eps);
+        });
+        Ok(CpuTensor::new(out, x.shape.clone()))
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, weight: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        let (_, d) = shapes::norm("rms_norm", &x.shape, &[("weight", &weight.shape)])?;
+        let mut out = x.data.clone();
+        self.for_chunks(&mut out, d, |_, row| {
+            let ms = lane_sum(row, |v| v * v) / d as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for (v, &w) in row.iter_mut().zip(&weight.data) {
+                *v *= inv * w;
+            }
+        });
+        Ok(CpuTensor::new(out, x.shape.clone()))
+    }
+
+    fn gelu(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        Ok(self.unary(x, gelu_erf))
+    }
+
+    fn gelu_tanh(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        Ok(self.unary(x, gelu_tanh))
+    }
+
+    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
+        self.binary("silu_mul", gate, up, |g, u| g / (1.0 + fast_exp(-g)) * u)
+    }
+
+    fn softmax_rows(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        let (_, d) = shapes::rows("softmax_rows", &x.shape)?;
+        let mut out = x.data.clone();
+        self.for_chunks(&mut out, d, |_, row| softmax_row(row));
+        Ok(CpuTensor::new(out, x.shape.clone()))
+    }
+
+    fn embedding(&self, ids: &[u32], table: &CpuTensor) -> Result<CpuTensor> {
+        let (_, d) = shapes::embedding(ids, &table.shape)?;
+        let mut out = vec![0.0; ids.len() * d];
+        if d > 0 {
+            self.for_chunks(&mut out, d, |r, row| {
+                let id = ids[r] as usize;
+                row.copy_from_slice(&table.data[id * d..(id + 1) * d]);
+            });
+        }
+        Ok(CpuTensor::new(out, vec![ids.len(), d]))
+    }
+
+    fn rope(&self, x: &CpuTensor, positions: &[usize], theta: f32) -> Result<CpuTensor> {
+        let (_, h, d) = shapes::rope(&x.shape, positions)?;
+        let half = d / 2;
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| (theta as f64).powf(-2.0 * i as f64 / d as f64))
+            .collect();
+        let mut out = vec![0.0; x.data.len()];
+        if h == 0 || d == 0 {
+            return Ok(CpuTensor::new(out, x.shape.clone()));
+        }
+        self.for_chunks(&mut out, h * d, |t, token| {
+            // Angles in f64: positions times frequencies lose precision in f32 at long contexts.
+            let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
+                .iter()
+                .map(|f| {
+                    let (s, c) = (positions[t] as f64 * f).sin_cos();
+                    (c as f32, s as f32)
+                })
+                .unzip();
+            let src = &x.data[t * h * d..][..h * d];
+            for (o, xs) in token.chunks_exact_mut(d).zip(src.chunks_exact(d)) {
+                let (lo, hi) = o.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (xs[i], xs[i + half]);
+                    lo[i] = a * cos[i] - b * sin[i];
+                    hi[i] = b * cos[i] + a * sin[i];
+                }
+            }
+        });
+        Ok(CpuTensor::new(out, x.shape.clone()))
+    }
+
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        mask: &AttentionMask<'_>,
+    ) -> Result<CpuTensor> {
+        let dims = shapes::attention(&q.shape, &k.shape, &v.shape, mask)?;
+        let mut out = vec![0.0; q.data.len()];
+        if out.is_empty() {
+            return Ok(CpuTensor::new(out, q.shape.clone()));
+        }
+        let shared = SharedOut(out.as_mut_ptr());
+        let tasks = dims.batch * dims.heads;
+        let run = |scores: &mut Vec<f32>, task: usize| {
+            let bh = (task / dims.heads, task % dims.heads);
+            // SAFETY: shapes are checked; task (b, h) writes only the elements
+            // out[b, :, h, :], which no other task touches, and `out` outlives the loop.
+            unsafe { Self::attention_head(&dims, bh, &q.data, &k.data, &v.data, mask, scores, shared) }
+        };
+        if self.threads == 1 || tasks == 1 {
+            let mut scores = Vec::new();
+            (0..tasks).for_each(|t| run(&mut scores, t));
+        } else {
+            self.pool
+                .install(|| (0..tasks).into_par_iter().for_each_init(Vec::new, run));
+        }
+        Ok(CpuTensor::new(out, q.shape.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fast_exp;
+
+    #[test]
+    fn fast_exp_is_within_a_few_ulps() {
+        // Relative error against f64 `exp` below 3e-7 (~2.5 ulp) over the whole normal range.
+        for i in -87_000..88_000 {
+            let x = i as f32 / 1000.0 + 0.000_37;
+            let want = (x as f64).exp();
+            let got = fast_exp(x) as f64;
+            assert!(
+                ((got - want) / want).abs() < 3e-7,
+                "exp({x}) = {got}, want {want}"
+            );
+        }
+        assert_eq!(fast_exp(0.0), 1.0);
+        assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(fast_exp(-100.0), 0.0);
+        assert!(fast_exp(f32::INFINITY).is_finite());
+    }
+}

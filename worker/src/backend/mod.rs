@@ -1,0 +1,195 @@
+//! The compute backend: a small set of tensor operations that the transformer models (BERT encoders,
+//! GPT-2, Llama/Qwen2 decoders) are written against once.
+//!
+//! A backend owns its tensors (`Backend::Tensor`: host memory for the CPU backend, device buffers
+//! for a GPU backend). Tensors are dense, row-major `f32`; every operation allocates its output and
+//! checks its shapes first, so a mismatch is an `Err`, never a panic or an out-of-bounds read. Host
+//! data crosses the boundary only through `from_host`/`to_host` and the small host-side arguments
+//! (token ids, positions, attention masks), which a device backend uploads per call.
+//!
+//! - [`cpu::CpuBackend`]: the fast CPU implementation (gemm for matrix products, rayon for rows).
+//! - [`reference::ReferenceBackend`]: naive loops in `f64`, the ground truth for tests of every
+//!   other backend.
+//!
+//! Layout conventions (the Hugging Face / PyTorch ones, so checkpoints load without reshuffling):
+//! - `linear` weights are `[out, in]` (`nn.Linear`); GPT-2's `Conv1D` weights are transposed at load.
+//! - attention tensors are `[batch, seq, heads, head_dim]`, which is what a linear projection of
+//!   `[batch * seq, hidden]` already is; no transposes are needed between projection and attention.
+//! - rotary embeddings use the "rotate_half" pairing: element `i` rotates with `i + head_dim / 2`.
+
+pub mod cpu;
+pub mod reference;
+mod shapes;
+
+#[cfg(test)]
+mod tests;
+
+pub use cpu::{CpuBackend, CpuTensor};
+pub use reference::ReferenceBackend;
+
+/// Errors from backend operations.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The operands' shapes do not fit the operation.
+    #[error("{op}: {detail}")]
+    Shape { op: &'static str, detail: String },
+    /// An index (a token id) is outside the table it selects from.
+    #[error("{op}: index {index} is out of range for {len} rows")]
+    OutOfRange {
+        op: &'static str,
+        index: usize,
+        len: usize,
+    },
+    /// The device failed (allocation, launch, copy); unused by the CPU backend.
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// Masking for [`Backend::attention`]. The default attends every query to every key.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttentionMask<'a> {
+    /// `[batch * s_k]`, row-major: `true` where a key position holds a real token (padding mask).
+    pub key_valid: Option<&'a [bool]>,
+    /// Causal masking with an offset: query `i` attends keys `0..=offset + i`. The offset is the
+    /// number of cached positions before this call's queries (0 for a prompt, the cache length
+    /// when decoding), so `offset + s_q <= s_k`.
+    pub causal_offset: Option<usize>,
+}
+
+impl<'a> AttentionMask<'a> {
+    /// Every query attends every key (a bidirectional encoder without padding).
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Bidirectional attention over the keys marked valid (an encoder batch with padding).
+    pub fn padding(key_valid: &'a [bool]) -> Self {
+        Self {
+            key_valid: Some(key_valid),
+            causal_offset: None,
+        }
+    }
+
+    /// Causal attention for queries that follow `offset` cached positions.
+    pub fn causal(offset: usize) -> Self {
+        Self {
+            key_valid: None,
+            causal_offset: Some(offset),
+        }
+    }
+
+    /// Adds a padding mask to this mask.
+    pub fn with_padding(self, key_valid: &'a [bool]) -> Self {
+        Self {
+            key_valid: Some(key_valid),
+            ..self
+        }
+    }
+}
+
+/// The tensor operations the models need. All tensors are dense row-major `f32`.
+///
+/// "Rows" below means all leading dimensions flattened: an op over rows of `x` with shape
+/// `[.., d]` treats it as `[x.len() / d, d]` and returns the same shape as `x`.
+pub trait Backend: Send + Sync {
+    /// A tensor owned by this backend (host vector, device buffer) together with its shape.
+    type Tensor: Send + Sync;
+
+    /// A short name for logs ("cpu", "cuda:0").
+    fn name(&self) -> &str;
+
+    /// Copies host data into a new tensor; `data.len()` must equal the product of `shape`.
+    #[allow(
+        clippy::wrong_self_convention,
+        reason = "the backend builds the tensor; the name says where the data comes from"
+    )]
+    fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
+
+    /// Copies a tensor back to host memory (row-major).
+    fn to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+
+    /// The tensor's shape.
+    fn shape<'t>(&self, t: &'t Self::Tensor) -> &'t [usize];
+
+    /// The same data under a new shape with the same number of elements (no copy).
+    fn reshape(&self, t: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+
+    /// Splits `x [.., d]` along its last dimension into pieces of the given widths (which must sum
+    /// to `d`), e.g. GPT-2's fused `c_attn` output into q, k, v.
+    fn split_last(&self, x: &Self::Tensor, widths: &[usize]) -> Result<Vec<Self::Tensor>>;
+
+    /// `x [.., k] · weightᵀ + bias`, with `weight [m, k]` (PyTorch `nn.Linear`) and `bias [m]`;
+    /// the result is `[.., m]`.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor>;
+
+    /// Batched matrix product: `a [b, n, k] · b [b, k, m] -> [b, n, m]` (rank 2 operands are a
+    /// batch of one and give a rank 2 result).
+    fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Elementwise `a + b`; the shapes must be equal.
+    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Layer normalisation over the last dimension `d`: `(x - mean) / sqrt(var + eps) * gamma + beta`
+    /// with the biased variance (as PyTorch); `gamma`, `beta` are `[d]`.
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+
+    /// `layer_norm(x + residual)` in one pass (BERT's post-norm residual blocks).
+    fn add_layer_norm(
+        &self,
+        x: &Self::Tensor,
+        residual: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+
+    /// RMS normalisation over the last dimension: `x / sqrt(mean(x²) + eps) * weight` (Llama).
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+
+    /// GELU, exact erf form: `x/2 · (1 + erf(x/√2))` (BERT, PyTorch's default).
+    fn gelu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// GELU, tanh approximation (GPT-2's "gelu_new").
+    fn gelu_tanh(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// SwiGLU: `silu(gate) * up` elementwise; the shapes must be equal.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Softmax over the last dimension, numerically stable. `-inf` entries are masked out; a row
+    /// that is entirely `-inf` gives zeros.
+    fn softmax_rows(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Rows of `table [v, d]` selected by `ids`: `[ids.len(), d]`. An id `>= v` is an error.
+    fn embedding(&self, ids: &[u32], table: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Rotary position embedding of `x [tokens, heads, head_dim]` at `positions` (one per token),
+    /// in the Hugging Face "rotate_half" convention: with `h = head_dim / 2` and
+    /// `freq_i = theta^(-2i / head_dim)`, the pair `(x_i, x_{i+h})` is rotated by `pos · freq_i`.
+    fn rope(&self, x: &Self::Tensor, positions: &[usize], theta: f32) -> Result<Self::Tensor>;
+
+    /// Scaled dot-product attention with grouped-query heads.
+    ///
+    /// `q [b, s_q, h, d]`, `k` and `v [b, s_k, h_kv, d]` with `h` a multiple of `h_kv` (query head
+    /// `j` reads key/value head `j / (h / h_kv)`); scores are scaled by `1/sqrt(d)`. The result is
+    /// `[b, s_q, h, d]`. A query row whose keys are all masked gives zeros.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        mask: &AttentionMask<'_>,
+    ) -> Result<Self::Tensor>;
+}

