@@ -14,6 +14,7 @@ use atomic_worker::config::ModelConfig;
 use atomic_worker::models::bert::{Batch, Bert};
 
 fn main() -> anyhow::Result<()> {
+    atomic_worker::alloc::keep_freed_memory();
     let mut args = std::env::args().skip(1);
     let threads: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(0);
     let seconds: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10.0);

@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 
+pub mod alloc;
 pub mod backend;
 pub mod config;
 pub mod model_dir;
