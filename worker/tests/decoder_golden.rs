@@ -175,3 +175,39 @@ fn tiny_llama_matches_pytorch() {
 fn tiny_qwen2_matches_pytorch() {
     check("tiny-qwen2");
 }
+
+/// Decode throughput of the tiny models (single sequence and a batch of 8), printed; run with
+/// `cargo test --release -p atomic-worker --test decoder_golden -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing, not a check"]
+fn tiny_decode_throughput() {
+    for name in ["tiny-gpt2", "tiny-llama", "tiny-qwen2"] {
+        let (_dir, model, backend, r) = load(name);
+        let prompt: Vec<u32> = serde_json::from_value(r["input_ids"][0].clone()).unwrap();
+        let steps = model.max_positions() - prompt.len();
+        for batch in [1usize, 8] {
+            let rounds = 20;
+            let mut decode = std::time::Duration::ZERO;
+            for _ in 0..rounds {
+                let mut caches: Vec<KvCache> = (0..batch).map(|_| model.new_cache()).collect();
+                let mut next: Vec<u32> = caches
+                    .iter_mut()
+                    .map(|c| argmax(&model.prefill(&backend, c, &prompt).unwrap()))
+                    .collect();
+                let start = std::time::Instant::now();
+                for _ in 0..steps {
+                    let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                    let logits = model.decode_batch(&backend, &mut refs, &next).unwrap();
+                    next = logits.iter().map(|l| argmax(l)).collect();
+                }
+                decode += start.elapsed();
+            }
+            let secs = decode.as_secs_f64();
+            let tokens = (rounds * batch * steps) as f64;
+            eprintln!(
+                "{name}: batch {batch}: {steps} decode steps x {rounds} rounds: {:.0} decode tokens/s",
+                tokens / secs
+            );
+        }
+    }
+}
