@@ -292,3 +292,61 @@ impl<'c, 'k> Step<'c, 'k> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache_of(len: usize, capacity: usize) -> KvCache {
+        let mut c = KvCache::new(1, 1, 2, capacity);
+        c.layers[0].keys = vec![0.0; len * 2];
+        c.layers[0].values = vec![0.0; len * 2];
+        c.len = len;
+        c
+    }
+
+    #[test]
+    fn mixed_batch_is_left_padded() {
+        let (mut a, mut b) = (cache_of(3, 16), cache_of(0, 16));
+        let mut caches = [&mut a, &mut b];
+        let step = Step::new(&mut caches, &[&[7], &[1, 2]], 1, 1, 2, None).unwrap();
+        assert_eq!(step.positions, vec![3, 0, 1]);
+        assert_eq!((step.s_q, step.s_k), (2, 4));
+        assert_eq!(
+            step.key_valid,
+            vec![true, true, true, true, false, false, true, true]
+        );
+    }
+
+    #[test]
+    fn capacity_and_window_are_errors() {
+        let mut a = cache_of(15, 16);
+        let mut caches = [&mut a];
+        assert!(Step::new(&mut caches, &[&[1, 2]], 1, 1, 2, None).is_err());
+        assert!(Step::new(&mut caches, &[&[1]], 1, 1, 2, None).is_ok());
+        // Past the window: decoding keeps the last `w` keys, a multi-token step is refused.
+        let step = Step::new(&mut caches, &[&[1]], 1, 1, 2, Some(4)).unwrap();
+        assert_eq!(step.s_k, 4);
+        drop(step);
+        let mut b = cache_of(3, 16);
+        let mut caches = [&mut b];
+        assert!(Step::new(&mut caches, &[&[1, 2]], 1, 1, 2, Some(4)).is_err());
+        assert!(Step::new(&mut caches, &[&[]], 1, 1, 2, None).is_err());
+        assert!(
+            Step::new(&mut caches, &[&[1]], 2, 1, 2, None).is_err(),
+            "wrong model"
+        );
+    }
+
+    #[test]
+    fn failed_step_writes_are_rolled_back() {
+        let mut a = cache_of(2, 16);
+        a.layers[0].keys.extend([9.0, 9.0]);
+        a.layers[0].values.extend([9.0, 9.0]);
+        let mut caches = [&mut a];
+        let step = Step::new(&mut caches, &[&[1]], 1, 1, 2, None).unwrap();
+        drop(step);
+        assert_eq!(a.layers[0].keys.len(), 4);
+        assert_eq!(a.len(), 2);
+    }
+}
