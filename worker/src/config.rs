@@ -481,7 +481,39 @@ impl LlamaConfig {
                 return Err(fields.error("rope_scaling", "RoPE scaling is not supported"));
             }
         }
-        let rope_theta = fields.opt_f64("rope_theta")?.unwrap_or(10_000.0);
+        // transformers 5 writes `rope_parameters: {rope_type, rope_theta}` instead of a top-level
+        // `rope_theta`; any type other than "default" is a scaling scheme, which is not supported.
+        let mut rope_theta = fields.opt_f64("rope_theta")?;
+        match fields.object.get("rope_parameters") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(params)) => {
+                match params.get("rope_type") {
+                    None | Some(Value::Null) => {}
+                    Some(Value::String(t)) if t == "default" => {}
+                    Some(other) => {
+                        return Err(fields.error(
+                            "rope_parameters",
+                            &format!("RoPE type {other} is not supported (only \"default\")"),
+                        ));
+                    }
+                }
+                if rope_theta.is_none() {
+                    rope_theta = match params.get("rope_theta") {
+                        None | Some(Value::Null) => None,
+                        Some(v) => Some(v.as_f64().ok_or_else(|| {
+                            fields.error(
+                                "rope_parameters",
+                                &format!("rope_theta: expected a number, got {v}"),
+                            )
+                        })?),
+                    };
+                }
+            }
+            Some(other) => {
+                return Err(fields.error("rope_parameters", &format!("expected an object, got {other}")));
+            }
+        }
+        let rope_theta = rope_theta.unwrap_or(10_000.0);
         if !(rope_theta.is_finite() && rope_theta > 0.0) {
             return Err(fields.error("rope_theta", "must be a positive number"));
         }
@@ -1053,6 +1085,22 @@ mod tests {
         assert_eq!(c.rms_norm_eps, 1e-6);
         assert_eq!(c.hidden_act, Activation::Silu);
         assert!(c.eos_token_ids.is_empty());
+    }
+
+    #[test]
+    fn rope_parameters_of_transformers_5() {
+        let base = r#"{"model_type": "qwen2", "vocab_size": 400, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "max_position_embeddings": 64, "#;
+        let text =
+            format!(r#"{base} "rope_parameters": {{"rope_theta": 1000000.0, "rope_type": "default"}}}}"#);
+        let ModelConfig::Llama(c) = parse(&text).unwrap() else {
+            panic!("not llama")
+        };
+        assert_eq!(c.rope_theta, 1_000_000.0);
+        let text =
+            format!(r#"{base} "rope_parameters": {{"rope_theta": 1e6, "rope_type": "yarn", "factor": 4}}}}"#);
+        assert!(parse(&text).is_err());
     }
 
     #[test]

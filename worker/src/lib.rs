@@ -13,6 +13,7 @@ pub mod backend;
 pub mod config;
 pub mod model_dir;
 pub mod models;
+pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 

@@ -2,3 +2,7 @@
 //! after the Hugging Face implementation it mirrors.
 
 pub mod bert;
+pub mod decoder;
+pub mod gpt2;
+pub mod kv_cache;
+pub mod llama;

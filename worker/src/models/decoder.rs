@@ -1,0 +1,53 @@
+//! What every causal language model (GPT-2, the Llama family) offers the generation loop: a
+//! cache per sequence and a step that advances several sequences together.
+
+use crate::Result;
+use crate::backend::Backend;
+use crate::models::kv_cache::KvCache;
+
+/// A decoder-only language model run against backend `B`.
+pub trait CausalLm<B: Backend> {
+    /// An empty cache for one sequence, limited to the model's context length.
+    fn new_cache(&self) -> KvCache;
+
+    /// The longest sequence (prompt and generated tokens) the model's positions allow.
+    fn max_positions(&self) -> usize;
+
+    /// Number of logits per position.
+    fn vocab_size(&self) -> usize;
+
+    /// Token ids that end generation.
+    fn eos_token_ids(&self) -> &[u32];
+
+    /// Advances each sequence by its new tokens (a whole prompt, or one token) in one batched
+    /// forward pass and returns the logits of each sequence's last new token. Sequences may be
+    /// at different lengths; a sequence can join or leave between steps. On error no cache
+    /// changes.
+    fn step(&self, backend: &B, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> Result<Vec<Vec<f32>>>;
+
+    /// Logits for every position of `ids` (`[ids.len() * vocab]`), run from an empty cache.
+    fn forward_all(&self, backend: &B, ids: &[u32]) -> Result<Vec<f32>>;
+
+    /// Runs a prompt into an empty (or partly filled) cache; the logits of its last token.
+    fn prefill(&self, backend: &B, cache: &mut KvCache, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut logits = self.step(backend, &mut [cache], &[ids])?;
+        Ok(logits.pop().unwrap_or_default())
+    }
+
+    /// Feeds one token; the logits for the next.
+    fn decode_step(&self, backend: &B, cache: &mut KvCache, id: u32) -> Result<Vec<f32>> {
+        let mut logits = self.step(backend, &mut [cache], &[&[id]])?;
+        Ok(logits.pop().unwrap_or_default())
+    }
+
+    /// Feeds one token to each of several sequences together; the next logits of each.
+    fn decode_batch(&self, backend: &B, caches: &mut [&mut KvCache], ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let tokens: Vec<&[u32]> = ids.iter().map(std::slice::from_ref).collect();
+        self.step(backend, caches, &tokens)
+    }
+}
+
+/// Splits host logits `[rows * vocab]` into one vector per row.
+pub(crate) fn split_rows(logits: Vec<f32>, vocab: usize) -> Vec<Vec<f32>> {
+    logits.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect()
+}

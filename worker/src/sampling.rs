@@ -1,0 +1,369 @@
+//! Choosing the next token from logits (greedy, or temperature → top-k → top-p sampling with a
+//! seeded generator), stop sequences, and the generation loop over a [`CausalLm`].
+
+use crate::backend::Backend;
+use crate::models::decoder::CausalLm;
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+/// How to pick tokens and when to stop.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// Softmax temperature; `0` means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; `0` keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p`; `1` keeps all.
+    pub top_p: f32,
+    /// Seed of the random generator: the same seed gives the same tokens.
+    pub seed: u64,
+    /// The most tokens to generate.
+    pub max_tokens: usize,
+    /// Strings that end generation; the text returned stops before the first one.
+    pub stop: Vec<String>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            max_tokens: 16,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding of up to `max_tokens` tokens.
+    pub fn greedy(max_tokens: usize) -> Self {
+        Self {
+            temperature: 0.0,
+            max_tokens,
+            ..Self::default()
+        }
+    }
+
+    /// Rejects values that have no meaning (a request error, not a panic later).
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(Error::Input(format!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::Input(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(Error::Input("stop strings must not be empty".to_owned()));
+        }
+        Ok(())
+    }
+}
+
+/// SplitMix64: a small, fast, well-mixed generator; enough for sampling, and reproducible.
+#[derive(Clone, Debug)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)` with 53 bits.
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// Picks tokens from logits as [`SamplingParams`] say.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    rng: SplitMix64,
+}
+
+/// Index of the largest value; the first one on ties (as `torch.argmax`). NaN never wins.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] || logits[best].is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+impl Sampler {
+    /// A sampler seeded from `params.seed`.
+    pub fn new(params: &SamplingParams) -> Self {
+        Self {
+            temperature: params.temperature,
+            top_k: params.top_k,
+            top_p: params.top_p,
+            rng: SplitMix64(params.seed),
+        }
+    }
+
+    /// The next token: the argmax at temperature 0, else a draw from the tempered distribution
+    /// restricted to the top-k tokens and then to the top-p nucleus.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.temperature == 0.0 || logits.len() <= 1 {
+            return argmax(logits);
+        }
+        // Candidates sorted by logit, descending (index order on ties, so draws are stable).
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        if self.top_k > 0 && self.top_k < order.len() {
+            order.select_nth_unstable_by(self.top_k - 1, by_logit);
+            order.truncate(self.top_k);
+        }
+        order.sort_unstable_by(by_logit);
+        let inv_t = 1.0 / f64::from(self.temperature);
+        let max = f64::from(logits[order[0] as usize]);
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| ((f64::from(logits[i as usize]) - max) * inv_t).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        if self.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            let mut keep = probs.len();
+            for (n, p) in probs.iter().enumerate() {
+                cumulative += p;
+                if cumulative >= f64::from(self.top_p) {
+                    keep = n + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            order.truncate(keep);
+        }
+        let mass: f64 = probs.iter().sum();
+        let mut u = self.rng.next_f64() * mass;
+        for (&id, &p) in order.iter().zip(&probs) {
+            if u < p {
+                return id;
+            }
+            u -= p;
+        }
+        order[order.len() - 1]
+    }
+}
+
+/// The byte offset in `text` where the earliest of `stops` begins, if any occurs. The text a
+/// request returns is `&text[..offset]`: the stop string itself is excluded.
+pub fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens`, or the model's context is full.
+    Length,
+}
+
+impl FinishReason {
+    /// The OpenAI API's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// The result of [`generate`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// Generated token ids (an end-of-sequence token is not included; the token that completed
+    /// a stop string is).
+    pub ids: Vec<u32>,
+    /// Decoded text of the generated tokens, cut before a stop string.
+    pub text: String,
+    /// Why generation ended.
+    pub finish_reason: FinishReason,
+}
+
+/// Generates a continuation of `prompt_ids` with one sequence: prefill, then one decode step per
+/// token until an end-of-sequence id, a stop string, `max_tokens` or the context's end.
+pub fn generate<B: Backend, M: CausalLm<B> + ?Sized>(
+    backend: &B,
+    model: &M,
+    tokenizer: &Tokenizer,
+    prompt_ids: &[u32],
+    params: &SamplingParams,
+) -> Result<Generation> {
+    params.validate()?;
+    if prompt_ids.is_empty() {
+        return Err(Error::Input("the prompt has no tokens".to_owned()));
+    }
+    let mut cache = model.new_cache();
+    let mut sampler = Sampler::new(params);
+    let mut ids = Vec::new();
+    let mut text = String::new();
+    if params.max_tokens == 0 {
+        // Still check that the prompt fits.
+        model.prefill(backend, &mut cache, prompt_ids)?;
+        return Ok(Generation {
+            ids,
+            text,
+            finish_reason: FinishReason::Length,
+        });
+    }
+    let mut logits = model.prefill(backend, &mut cache, prompt_ids)?;
+    loop {
+        let id = sampler.sample(&logits);
+        if model.eos_token_ids().contains(&id) {
+            return Ok(Generation {
+                ids,
+                text,
+                finish_reason: FinishReason::Stop,
+            });
+        }
+        ids.push(id);
+        // Whole-text decoding each step keeps multi-byte characters and merges right; an
+        // incremental detokenizer replaces it when streaming lands.
+        text = tokenizer.decode(&ids, true)?;
+        if let Some(at) = find_stop(&text, &params.stop) {
+            text.truncate(at);
+            return Ok(Generation {
+                ids,
+                text,
+                finish_reason: FinishReason::Stop,
+            });
+        }
+        if ids.len() >= params.max_tokens || cache.remaining() == 0 {
+            return Ok(Generation {
+                ids,
+                text,
+                finish_reason: FinishReason::Length,
+            });
+        }
+        logits = model.decode_step(backend, &mut cache, id)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![0.1, 2.0, -1.0, 1.5, 0.7, 1.9, -3.0, 0.0]
+    }
+
+    fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            ..SamplingParams::default()
+        }
+    }
+
+    fn draws(p: &SamplingParams, n: usize) -> Vec<u32> {
+        let mut s = Sampler::new(p);
+        (0..n).map(|_| s.sample(&logits())).collect()
+    }
+
+    #[test]
+    fn greedy_picks_argmax() {
+        assert_eq!(draws(&params(0.0, 0, 1.0, 7), 5), vec![1; 5]);
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1, "first of ties");
+    }
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_are_greedy() {
+        assert_eq!(draws(&params(1.5, 1, 1.0, 3), 50), vec![1; 50]);
+        assert_eq!(draws(&params(1.5, 0, 1e-6, 3), 50), vec![1; 50]);
+    }
+
+    #[test]
+    fn top_k_restricts_to_the_k_best() {
+        let got = draws(&params(5.0, 3, 1.0, 11), 500);
+        assert!(got.iter().all(|id| [1, 5, 3].contains(id)));
+        for id in [1, 5, 3] {
+            assert!(got.contains(&id), "{id} never drawn");
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        // Probabilities at T=1 sorted: 1 (.32), 5 (.29), 3 (.19), ...: 0.5 needs the first two.
+        let got = draws(&params(1.0, 0, 0.5, 5), 500);
+        assert!(got.iter().all(|id| [1, 5].contains(id)), "{got:?}");
+        assert!(got.contains(&1) && got.contains(&5));
+    }
+
+    #[test]
+    fn same_seed_same_tokens_different_seed_differs() {
+        let a = draws(&params(1.0, 0, 1.0, 42), 200);
+        assert_eq!(a, draws(&params(1.0, 0, 1.0, 42), 200));
+        assert_ne!(a, draws(&params(1.0, 0, 1.0, 43), 200));
+    }
+
+    #[test]
+    fn temperature_scales_the_distribution() {
+        let frequency = |t: f32| {
+            let got = draws(&params(t, 0, 1.0, 9), 4000);
+            got.iter().filter(|&&id| id == 1).count() as f64 / got.len() as f64
+        };
+        // Low temperature concentrates on the argmax, high flattens towards 1/8.
+        let (cold, warm, hot) = (frequency(0.05), frequency(1.0), frequency(100.0));
+        assert!(cold > 0.85, "cold {cold}");
+        assert!((warm - 0.32).abs() < 0.04, "warm {warm}");
+        assert!((hot - 0.125).abs() < 0.03, "hot {hot}");
+    }
+
+    #[test]
+    fn stop_strings_trim_the_text() {
+        let stops = vec!["\n\n".to_owned(), "END".to_owned()];
+        assert_eq!(find_stop("hello", &stops), None);
+        assert_eq!(find_stop("hello END more", &stops), Some(6));
+        assert_eq!(find_stop("a\n\nb END", &stops), Some(1), "earliest wins");
+        // A stop string split across two tokens: found only once the second token arrives.
+        let stops = vec!["STOP".to_owned()];
+        let tokens = ["Go ", "ST", "OP", " now"];
+        let mut text = String::new();
+        let mut found = None;
+        for (n, token) in tokens.iter().enumerate() {
+            text.push_str(token);
+            if let Some(at) = find_stop(&text, &stops) {
+                found = Some((n, at));
+                break;
+            }
+        }
+        assert_eq!(found, Some((2, 3)));
+        assert_eq!(&text[..3], "Go ");
+    }
+
+    #[test]
+    fn invalid_params_are_input_errors() {
+        assert!(params(-1.0, 0, 1.0, 0).validate().is_err());
+        assert!(params(f32::NAN, 0, 1.0, 0).validate().is_err());
+        assert!(params(1.0, 0, 0.0, 0).validate().is_err());
+        assert!(params(1.0, 0, 1.5, 0).validate().is_err());
+        assert!(params(0.0, 0, 1.0, 0).validate().is_ok());
+    }
+}

@@ -1,0 +1,213 @@
+//! GPT-2, Llama and Qwen2 decoders against PyTorch: the tiny random models in `fixtures/`
+//! (tokenizer ids, logits of every prompt position, last-token logits, 12 greedy tokens from
+//! `generate`). References come from `fixtures/generate.py`.
+
+use std::path::{Path, PathBuf};
+
+use atomic_worker::ModelDir;
+use atomic_worker::backend::CpuBackend;
+use atomic_worker::config::ModelConfig;
+use atomic_worker::models::decoder::CausalLm;
+use atomic_worker::models::gpt2::Gpt2;
+use atomic_worker::models::kv_cache::KvCache;
+use atomic_worker::models::llama::Llama;
+use atomic_worker::sampling::{FinishReason, SamplingParams, argmax, generate};
+use serde_json::Value;
+
+const GREEDY_TOKENS: usize = 12;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+fn reference(folder: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(folder.join("reference.json")).unwrap()).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    match v {
+        Value::Array(items) => items.iter().flat_map(floats).collect(),
+        Value::Number(n) => vec![n.as_f64().unwrap() as f32],
+        other => panic!("not a number: {other}"),
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+type Model = Box<dyn CausalLm<CpuBackend>>;
+
+fn load(name: &str) -> (ModelDir, Model, CpuBackend, Value) {
+    let folder = fixture(name);
+    let dir = ModelDir::open(&folder).unwrap();
+    let backend = CpuBackend::new(1).unwrap();
+    let model: Model = match &dir.config {
+        ModelConfig::Gpt2(c) => Box::new(Gpt2::load(&backend, c, &dir.weights, &dir.tensor_prefix).unwrap()),
+        ModelConfig::Llama(c) => {
+            Box::new(Llama::load(&backend, c, &dir.weights, &dir.tensor_prefix).unwrap())
+        }
+        ModelConfig::Bert(_) => panic!("not a decoder"),
+    };
+    (dir, model, backend, reference(&folder))
+}
+
+fn greedy(model: &Model, backend: &CpuBackend, prompt: &[u32]) -> Vec<u32> {
+    let mut cache = model.new_cache();
+    let mut logits = model.prefill(backend, &mut cache, prompt).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..GREEDY_TOKENS {
+        let id = argmax(&logits);
+        out.push(id);
+        logits = model.decode_step(backend, &mut cache, id).unwrap();
+    }
+    out
+}
+
+fn check(name: &str) {
+    let (dir, model, backend, r) = load(name);
+    let prompts: Vec<String> = serde_json::from_value(r["prompts"].clone()).unwrap();
+    let want_ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
+    let want_greedy: Vec<Vec<u32>> = serde_json::from_value(r["greedy_ids"].clone()).unwrap();
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| dir.tokenizer.encode(p).unwrap().ids)
+        .collect();
+    assert_eq!(ids, want_ids, "{name}: tokenizer parity");
+
+    // Every position of the first prompt, in one causal pass.
+    let all = model.forward_all(&backend, &ids[0]).unwrap();
+    let diff = max_abs_diff(&all, &floats(&r["logits"]));
+    eprintln!("{name}: forward_all max |diff| {diff:e}");
+    assert!(diff < 1e-4, "{name}: forward_all max |diff| {diff}");
+
+    for (b, prompt) in ids.iter().enumerate() {
+        let mut cache = model.new_cache();
+        let last = model.prefill(&backend, &mut cache, prompt).unwrap();
+        assert_eq!(cache.len(), prompt.len());
+        let diff = max_abs_diff(&last, &floats(&r["last_logits"][b]));
+        eprintln!("{name}: prompt {b} prefill max |diff| {diff:e}");
+        assert!(diff < 1e-4, "{name}: prompt {b} last logits max |diff| {diff}");
+        assert_eq!(
+            greedy(&model, &backend, prompt),
+            want_greedy[b],
+            "{name}: prompt {b} greedy"
+        );
+    }
+
+    // Both prompts decoded together (different lengths) give what each gives alone.
+    let mut caches: Vec<KvCache> = ids.iter().map(|_| model.new_cache()).collect();
+    let mut next: Vec<u32> = ids
+        .iter()
+        .zip(&mut caches)
+        .map(|(p, c)| argmax(&model.prefill(&backend, c, p).unwrap()))
+        .collect();
+    let mut batched = vec![Vec::new(); ids.len()];
+    for _ in 0..GREEDY_TOKENS {
+        for (out, &id) in batched.iter_mut().zip(&next) {
+            out.push(id);
+        }
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        let logits = model.decode_batch(&backend, &mut refs, &next).unwrap();
+        next = logits.iter().map(|l| argmax(l)).collect();
+    }
+    assert_eq!(batched, want_greedy, "{name}: batched decode");
+
+    // One step mixing a prompt's prefill with another sequence's decode token (a sequence
+    // joining a running batch) matches each alone.
+    let mut running = model.new_cache();
+    let first = argmax(&model.prefill(&backend, &mut running, &ids[0]).unwrap());
+    let mut joining = model.new_cache();
+    let mut refs = vec![&mut running, &mut joining];
+    let logits = model.step(&backend, &mut refs, &[&[first], &ids[1]]).unwrap();
+    assert_eq!(
+        argmax(&logits[0]),
+        want_greedy[0][1],
+        "{name}: mixed step, running sequence"
+    );
+    let diff = max_abs_diff(&logits[1], &floats(&r["last_logits"][1]));
+    assert!(
+        diff < 1e-4,
+        "{name}: mixed step, joining prompt max |diff| {diff}"
+    );
+
+    // generate() with greedy params reproduces the reference continuation.
+    let mut params = SamplingParams::greedy(GREEDY_TOKENS);
+    let g = generate(&backend, model.as_ref(), &dir.tokenizer, &ids[0], &params).unwrap();
+    if want_greedy[0].iter().any(|id| model.eos_token_ids().contains(id)) {
+        assert_eq!(g.finish_reason, FinishReason::Stop);
+    } else {
+        assert_eq!(g.ids, want_greedy[0], "{name}: generate");
+        assert_eq!(g.finish_reason, FinishReason::Length);
+        assert_eq!(g.text, dir.tokenizer.decode(&g.ids, true).unwrap());
+        // Sampling is reproducible from its seed.
+        params.temperature = 0.8;
+        params.seed = 17;
+        let a = generate(&backend, model.as_ref(), &dir.tokenizer, &ids[0], &params).unwrap();
+        let b = generate(&backend, model.as_ref(), &dir.tokenizer, &ids[0], &params).unwrap();
+        assert_eq!(a, b);
+    }
+
+    // A prompt longer than the positions is an error, not a panic, and leaves the cache usable.
+    let too_long = vec![ids[0][0]; model.max_positions() + 1];
+    let mut cache = model.new_cache();
+    assert!(model.prefill(&backend, &mut cache, &too_long).is_err());
+    assert!(model.forward_all(&backend, &too_long).is_err());
+    assert!(cache.is_empty());
+    // Filling the context exactly works; one more token is an error.
+    let full = vec![ids[0][0]; model.max_positions()];
+    model.prefill(&backend, &mut cache, &full).unwrap();
+    assert!(model.decode_step(&backend, &mut cache, ids[0][0]).is_err());
+}
+
+#[test]
+fn tiny_gpt2_matches_pytorch() {
+    check("tiny-gpt2");
+}
+
+#[test]
+fn tiny_llama_matches_pytorch() {
+    check("tiny-llama");
+}
+
+#[test]
+fn tiny_qwen2_matches_pytorch() {
+    check("tiny-qwen2");
+}
+
+/// Decode throughput of the tiny models (single sequence and a batch of 8), printed; run with
+/// `cargo test --release -p atomic-worker --test decoder_golden -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing, not a check"]
+fn tiny_decode_throughput() {
+    for name in ["tiny-gpt2", "tiny-llama", "tiny-qwen2"] {
+        let (_dir, model, backend, r) = load(name);
+        let prompt: Vec<u32> = serde_json::from_value(r["input_ids"][0].clone()).unwrap();
+        let steps = model.max_positions() - prompt.len();
+        for batch in [1usize, 8] {
+            let rounds = 20;
+            let mut decode = std::time::Duration::ZERO;
+            for _ in 0..rounds {
+                let mut caches: Vec<KvCache> = (0..batch).map(|_| model.new_cache()).collect();
+                let mut next: Vec<u32> = caches
+                    .iter_mut()
+                    .map(|c| argmax(&model.prefill(&backend, c, &prompt).unwrap()))
+                    .collect();
+                let start = std::time::Instant::now();
+                for _ in 0..steps {
+                    let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                    let logits = model.decode_batch(&backend, &mut refs, &next).unwrap();
+                    next = logits.iter().map(|l| argmax(l)).collect();
+                }
+                decode += start.elapsed();
+            }
+            let secs = decode.as_secs_f64();
+            let tokens = (rounds * batch * steps) as f64;
+            eprintln!(
+                "{name}: batch {batch}: {steps} decode steps x {rounds} rounds: {:.0} decode tokens/s",
+                tokens / secs
+            );
+        }
+    }
+}
