@@ -12,6 +12,8 @@ pub mod backend;
 pub mod config;
 pub mod model_dir;
 pub mod models;
+pub mod server;
+pub mod tasks;
 pub mod tokenizer;
 pub mod weights;
 
