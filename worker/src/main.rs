@@ -99,7 +99,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            // Plainly on stderr (not through the log format) so it is the pod's last line.
             eprintln!("atomic-worker: {e:#}");
             ExitCode::FAILURE
         }
