@@ -17,6 +17,12 @@ pub const COMPLETIONS_PATH: &str = "/v1/completions";
 pub const CLASSIFY_PATH: &str = "/v1/classify";
 /// Path of the entity extraction endpoint.
 pub const EXTRACT_PATH: &str = "/v1/extract";
+/// Path of the chat completions endpoint.
+pub const CHAT_COMPLETIONS_PATH: &str = "/v1/chat/completions";
+/// Path of the tokenization endpoint.
+pub const TOKENIZE_PATH: &str = "/v1/tokenize";
+/// Path of the model listing endpoint.
+pub const MODELS_PATH: &str = "/v1/models";
 
 /// `POST /v1/embeddings` request.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -203,6 +209,138 @@ pub struct Entity {
     pub end: usize,
     /// Confidence in `[0, 1]`.
     pub score: f64,
+}
+
+/// `POST /v1/chat/completions` request (OpenAI's shape, non-streaming fields).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct ChatCompletionRequest {
+    /// Model name.
+    pub model: String,
+    /// The conversation so far.
+    pub messages: Vec<ChatMessage>,
+    /// Most tokens to generate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature; 0 is greedy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling mass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Sample among the k most likely tokens (not in OpenAI's API; vLLM and others accept it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    /// Random seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Generation stops before any of these strings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+    /// Whether to stream the answer as server-sent events.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+}
+
+/// One message of a chat.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The message text.
+    pub content: String,
+}
+
+/// `POST /v1/chat/completions` response.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ChatCompletionResponse {
+    /// Identifier of this completion.
+    pub id: String,
+    /// Always `"chat.completion"`.
+    pub object: String,
+    /// Unix time (seconds) of creation.
+    pub created: u64,
+    /// Model that generated the answer.
+    pub model: String,
+    /// Generated alternatives; Atomic asks for one.
+    pub choices: Vec<ChatChoice>,
+    /// Token accounting.
+    pub usage: CompletionUsage,
+}
+
+/// One generated alternative of a [`ChatCompletionResponse`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ChatChoice {
+    /// Position among the choices.
+    pub index: u32,
+    /// The assistant's message.
+    pub message: ChatMessage,
+    /// Why generation stopped: `"stop"` or `"length"`.
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+}
+
+/// `POST /v1/tokenize` request.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TokenizeRequest {
+    /// Model name.
+    pub model: String,
+    /// Text (or texts) to tokenize.
+    pub input: EmbeddingInput,
+}
+
+/// `POST /v1/tokenize` response.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TokenizeResponse {
+    /// Model whose tokenizer was used.
+    pub model: String,
+    /// One entry per input text, in `index` order.
+    pub data: Vec<TokenizedText>,
+}
+
+/// The tokens of one input text.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TokenizedText {
+    /// Position of the input text.
+    pub index: u32,
+    /// Its tokens, special tokens included, after truncation to the model's limit.
+    pub tokens: Vec<Token>,
+}
+
+/// One token of a [`TokenizedText`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Token {
+    /// Token id.
+    pub id: u32,
+    /// The vocabulary entry of the id.
+    pub text: String,
+    /// Whether the tokenizer added it (e.g. `[CLS]`); special tokens have `start == end == 0`.
+    pub special: bool,
+    /// Byte offset of the first byte it covers in the input.
+    pub start: usize,
+    /// Byte offset one past the last byte it covers.
+    pub end: usize,
+}
+
+/// `GET /v1/models` response.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ModelList {
+    /// Always `"list"`.
+    pub object: String,
+    /// The models served.
+    pub data: Vec<ModelCard>,
+}
+
+/// One model of a [`ModelList`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ModelCard {
+    /// The name requests use in `model`.
+    pub id: String,
+    /// Always `"model"`.
+    pub object: String,
+    /// Unix time (seconds) the server started.
+    pub created: u64,
+    /// Owner, `"atomic"`.
+    pub owned_by: String,
 }
 
 /// Body of every non-2xx answer, as OpenAI sends it.

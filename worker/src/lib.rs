@@ -14,6 +14,8 @@ pub mod config;
 pub mod model_dir;
 pub mod models;
 pub mod sampling;
+pub mod server;
+pub mod tasks;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1,7 +1,191 @@
-//! `atomic-worker`: the inference worker. The model runtime is built under its own issue; until then
-//! the binary only reports that it is not implemented, so no deployment mistakes it for a worker.
+//! `atomic-worker`: the inference worker. `atomic-worker serve` loads a model folder and serves
+//! it over HTTP (see [`atomic_worker::server`]).
 
-fn main() {
-    eprintln!("atomic-worker: the inference runtime is not built yet (see the worker issue)");
-    std::process::exit(2);
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use atomic_worker::server::{self, AppState, Engine, Limits, Metrics, Task};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "atomic-worker",
+    version,
+    about = "Transformer inference worker for Atomic"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Load a model folder and serve it over HTTP.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Model folder: config.json, tokenizer.json and safetensors weights.
+    #[arg(long, env = "ATOMIC_WORKER_MODEL_DIR")]
+    model_dir: PathBuf,
+
+    /// Name the model is served under (the `model` field of requests); defaults to the folder name.
+    #[arg(long, env = "ATOMIC_WORKER_MODEL_NAME")]
+    model_name: Option<String>,
+
+    /// Task the deployment runs; the worker refuses to start when the model cannot do it.
+    #[arg(long, env = "ATOMIC_WORKER_TASK", value_enum)]
+    task: Option<Task>,
+
+    /// Comma-separated labels for classification requests that give none (zero-shot for models
+    /// without a head, a subset of the head's labels otherwise).
+    #[arg(long, env = "ATOMIC_WORKER_LABELS", value_delimiter = ',')]
+    labels: Vec<String>,
+
+    /// Port to listen on.
+    #[arg(long, env = "ATOMIC_WORKER_PORT", default_value_t = 8080)]
+    port: u16,
+
+    /// Address to listen on.
+    #[arg(long, env = "ATOMIC_WORKER_HOST", default_value = "0.0.0.0")]
+    host: IpAddr,
+
+    /// Compute threads; 0 uses every available core.
+    #[arg(long, env = "ATOMIC_WORKER_THREADS", default_value_t = 0)]
+    threads: usize,
+
+    /// Most padded tokens (sequences × longest sequence) in one forward pass.
+    #[arg(long, env = "ATOMIC_WORKER_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    max_batch_tokens: usize,
+
+    /// Requests handled at once; more are answered 429 (Too Many Requests).
+    #[arg(long, env = "ATOMIC_WORKER_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
+    max_concurrent_requests: usize,
+
+    /// Texts per request (a list `input`, or zero-shot labels).
+    #[arg(long, env = "ATOMIC_WORKER_MAX_INPUTS", default_value_t = 256)]
+    max_inputs: usize,
+
+    /// Characters per text; longer texts are answered 413.
+    #[arg(long, env = "ATOMIC_WORKER_MAX_INPUT_CHARS", default_value_t = 100_000)]
+    max_input_chars: usize,
+
+    /// Numeric precision: fp32. fp16 and bf16 are accepted and computed in fp32 (with a warning).
+    #[arg(long, env = "ATOMIC_WORKER_PRECISION", default_value = "fp32")]
+    precision: String,
+
+    /// Compute device: `cpu`. `cuda` or `cuda:N` falls back to the CPU with a warning until the
+    /// CUDA backend is built in.
+    #[arg(long, env = "ATOMIC_WORKER_DEVICE", default_value = "cpu")]
+    device: String,
+}
+
+fn main() -> ExitCode {
+    atomic_worker::alloc::keep_freed_memory();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Plainly on stderr (not through the log format) so it is the pod's last line.
+            eprintln!("atomic-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Checks `--device` and `--precision`, warning where the CPU in fp32 stands in.
+fn check_device(args: &ServeArgs) -> anyhow::Result<()> {
+    match args.device.as_str() {
+        "cpu" => {}
+        d if d == "cuda" || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok()) => {
+            tracing::warn!(
+                device = d,
+                "CUDA is not built into this worker yet; running on the CPU"
+            );
+        }
+        other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+    }
+    match args.precision.as_str() {
+        "fp32" => {}
+        "fp16" | "bf16" => {
+            tracing::warn!(precision = %args.precision, "reduced precision is not built in yet; computing in fp32");
+        }
+        other => bail!("--precision {other}: expected fp32, fp16 or bf16"),
+    }
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    check_device(&args)?;
+    let model_name = match &args.model_name {
+        Some(name) => name.clone(),
+        None => args
+            .model_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".to_owned()),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
+        let limits = Limits {
+            max_concurrent_requests: args.max_concurrent_requests,
+            max_inputs: args.max_inputs,
+            max_input_chars: args.max_input_chars,
+            ..Limits::default()
+        };
+        let state = AppState::new(model_name.clone(), limits, metrics.clone());
+        let addr = SocketAddr::new(args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        tracing::info!(%addr, model = %model_name, "listening; loading the model");
+
+        // Serve /health while the model loads; a load failure ends the process.
+        let app = server::router(state.clone());
+        let draining = state.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    server::shutdown_signal().await;
+                    tracing::info!("shutting down: finishing in-flight requests");
+                    draining.start_draining();
+                })
+                .await
+        });
+
+        let dir = args.model_dir.clone();
+        let threads = args.threads;
+        let parts = tokio::task::spawn_blocking(move || server::load_encoder(&dir, threads))
+            .await
+            .context("model loading did not finish")?
+            .with_context(|| format!("cannot load the model in {}", args.model_dir.display()))?;
+        server::check_task(args.task, &parts.head, &args.labels)?;
+        let engine = Engine::start(parts, args.labels, args.max_batch_tokens, metrics)?;
+        state.set_engine(engine);
+        tracing::info!("model loaded; ready");
+
+        server
+            .await
+            .context("the server task failed")?
+            .context("the server failed")?;
+        Ok(())
+    })
 }

@@ -1,0 +1,169 @@
+//! The model being served: loading a model folder into an [`Engine`], and what each kind of
+//! model can do. Encoders are served today; a decoder (text generation) variant joins
+//! [`Capability`] when the decoder models land, and the completion routes dispatch on it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, bail};
+
+use super::Task;
+use super::metrics::Metrics;
+use super::scheduler::{BertEncoder, Encoder, Scheduler};
+use crate::backend::CpuBackend;
+use crate::config::{BertHead, ModelConfig};
+use crate::model_dir::ModelDir;
+use crate::models::bert::Bert;
+use crate::tokenizer::Tokenizer;
+
+/// What sits on top of an encoder, with its class names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Head {
+    /// No head: embeddings, and zero-shot classification by embedding similarity.
+    None,
+    /// Sequence classification over these labels.
+    Sequence(Vec<String>),
+    /// Token classification over these (BIO) labels.
+    Token(Vec<String>),
+}
+
+/// What the loaded model can do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Capability {
+    /// An encoder (BERT family) with its head.
+    Encoder(Head),
+}
+
+/// A loaded encoder, before it is started: the pieces an [`Engine`] is made of. Tests replace
+/// `encoder` with a wrapper (to slow it down, say).
+pub struct EncoderParts {
+    /// The model's tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The head and its labels.
+    pub head: Head,
+    /// The model, run by the scheduler.
+    pub encoder: Box<dyn Encoder>,
+}
+
+/// Opens `dir` and loads the model on a CPU backend with `threads` threads (0: all cores).
+pub fn load_encoder(dir: &Path, threads: usize) -> anyhow::Result<EncoderParts> {
+    let dir = ModelDir::open(dir)?;
+    let config = match &dir.config {
+        ModelConfig::Bert(c) => c.clone(),
+        ModelConfig::Gpt2(_) | ModelConfig::Llama(_) => bail!(
+            "{}: decoder (text generation) models are not served by this build yet",
+            dir.path.display()
+        ),
+    };
+    let backend = CpuBackend::new(threads)?;
+    let model = Bert::load(&backend, &config, &dir.weights, &dir.tensor_prefix)?;
+    let labels = || {
+        let labels = config.id2label.clone();
+        match &config.head {
+            BertHead::SequenceClassification { num_labels }
+            | BertHead::TokenClassification { num_labels }
+                if labels.len() != *num_labels =>
+            {
+                (0..*num_labels).map(|i| format!("LABEL_{i}")).collect()
+            }
+            _ => labels,
+        }
+    };
+    let head = match config.head {
+        BertHead::None => Head::None,
+        BertHead::SequenceClassification { .. } => Head::Sequence(labels()),
+        BertHead::TokenClassification { .. } => Head::Token(labels()),
+    };
+    Ok(EncoderParts {
+        tokenizer: dir.tokenizer,
+        head,
+        encoder: Box::new(BertEncoder {
+            model,
+            backend,
+            pooling: dir.pooling,
+        }),
+    })
+}
+
+/// Checks that the model can do `task` with the configured `labels`, so that a deployment that
+/// cannot work fails at start-up rather than on every request.
+pub fn check_task(task: Option<Task>, head: &Head, labels: &[String]) -> anyhow::Result<()> {
+    if let Head::Sequence(known) = head
+        && let Some(unknown) = labels.iter().find(|l| !known.contains(l))
+    {
+        bail!(
+            "--labels: `{unknown}` is not a label of the model's classification head ({})",
+            known.join(", ")
+        );
+    }
+    match (task, head) {
+        (None | Some(Task::Embed), _) => Ok(()),
+        (Some(Task::Classify), Head::None | Head::Sequence(_)) => Ok(()),
+        (Some(Task::Classify), Head::Token(_)) => {
+            bail!("--task classify: the model is a token classifier; use --task extract")
+        }
+        (Some(Task::Extract), Head::Token(_)) => Ok(()),
+        (Some(Task::Extract), _) => {
+            bail!("--task extract: the model has no token classification head")
+        }
+        (Some(Task::Generate), _) => {
+            bail!("--task generate: the model is an encoder and does not generate text")
+        }
+    }
+}
+
+/// Label embeddings of zero-shot classification, per label set. Bounded: when full it is
+/// cleared, which only costs re-embedding the label sets still in use.
+const LABEL_CACHE_SETS: usize = 1024;
+
+/// Embeddings of a label set, one per label, shared between the cache and requests.
+pub type LabelEmbeddings = Arc<Vec<Vec<f32>>>;
+
+/// The served model: tokenizer, capability, default labels and the scheduler running it.
+pub struct Engine {
+    /// The model's tokenizer.
+    pub tokenizer: Arc<Tokenizer>,
+    /// What the model can do.
+    pub capability: Capability,
+    /// Labels used when a classification request gives none (`--labels`).
+    pub default_labels: Vec<String>,
+    /// The batching scheduler owning the model.
+    pub scheduler: Scheduler,
+    label_cache: Mutex<HashMap<Vec<String>, LabelEmbeddings>>,
+}
+
+impl Engine {
+    /// Starts the scheduler for `parts`.
+    pub fn start(
+        parts: EncoderParts,
+        default_labels: Vec<String>,
+        max_batch_tokens: usize,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let scheduler = Scheduler::start(parts.encoder, max_batch_tokens, metrics)
+            .context("cannot start the scheduler thread")?;
+        Ok(Self {
+            tokenizer: Arc::new(parts.tokenizer),
+            capability: Capability::Encoder(parts.head),
+            default_labels,
+            scheduler,
+            label_cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The cached embeddings of a label set.
+    pub fn cached_labels(&self, labels: &[String]) -> Option<LabelEmbeddings> {
+        self.label_cache.lock().ok()?.get(labels).cloned()
+    }
+
+    /// Caches the embeddings of a label set.
+    pub fn cache_labels(&self, labels: Vec<String>, embeddings: LabelEmbeddings) {
+        if let Ok(mut cache) = self.label_cache.lock() {
+            if cache.len() >= LABEL_CACHE_SETS {
+                cache.clear();
+            }
+            cache.insert(labels, embeddings);
+        }
+    }
+}

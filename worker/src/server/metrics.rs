@@ -1,0 +1,96 @@
+//! The worker's Prometheus metrics, in a registry of their own (one per server, so servers in
+//! one process, as in tests, do not share counters).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// All metrics of one server.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Sequences waiting in the scheduler (not yet run).
+    pub queue_size: IntGauge,
+    /// Requests being handled.
+    pub in_flight: IntGauge,
+    /// Sequences per forward pass.
+    pub batch_size: Histogram,
+    /// Padded tokens (batch × longest) per forward pass.
+    pub batch_tokens: Histogram,
+    /// Seconds spent per stage: `tokenize`, `queue`, `forward`.
+    pub stage_seconds: HistogramVec,
+    /// Requests by endpoint.
+    pub requests: IntCounterVec,
+    /// Failed requests by endpoint and reason (the error code).
+    pub failures: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers the metrics.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let queue_size = IntGauge::new("atomic_worker_queue_size", "Sequences waiting for a forward pass")?;
+        let in_flight = IntGauge::new("atomic_worker_requests_in_flight", "Requests being handled")?;
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new("atomic_worker_batch_size", "Sequences per forward pass")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
+        )?;
+        let batch_tokens = Histogram::with_opts(
+            HistogramOpts::new(
+                "atomic_worker_batch_tokens",
+                "Padded tokens (sequences times longest) per forward pass",
+            )
+            .buckets(prometheus::exponential_buckets(16.0, 2.0, 12)?),
+        )?;
+        let stage_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "atomic_worker_stage_duration_seconds",
+                "Seconds per request stage (tokenize, queue) or per batch (forward)",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+            &["stage"],
+        )?;
+        let requests = IntCounterVec::new(
+            Opts::new("atomic_worker_requests_total", "Requests by endpoint"),
+            &["endpoint"],
+        )?;
+        let failures = IntCounterVec::new(
+            Opts::new(
+                "atomic_worker_request_failures_total",
+                "Failed requests by endpoint and reason",
+            ),
+            &["endpoint", "reason"],
+        )?;
+        registry.register(Box::new(queue_size.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(batch_size.clone()))?;
+        registry.register(Box::new(batch_tokens.clone()))?;
+        registry.register(Box::new(stage_seconds.clone()))?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(failures.clone()))?;
+        Ok(Self {
+            registry,
+            queue_size,
+            in_flight,
+            batch_size,
+            batch_tokens,
+            stage_seconds,
+            requests,
+            failures,
+        })
+    }
+
+    /// Records how long a stage took.
+    pub fn observe_stage(&self, stage: &str, seconds: f64) {
+        self.stage_seconds.with_label_values(&[stage]).observe(seconds);
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> Result<String, String> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .map_err(|e| e.to_string())?;
+        String::from_utf8(out).map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,324 @@
+//! The batching scheduler: one thread owns the model and runs forward passes; request handlers
+//! send it their encodings over a channel and await a oneshot reply.
+//!
+//! Batches are formed per sequence, not per request, under a token budget counted as the model
+//! pays it: sequences × longest sequence (everything is padded to the longest). Sequences are
+//! taken first-come first-served from the requests waiting for the same kind of work, so a large
+//! request is spread over several batches and small requests ride along with others. A batch
+//! always holds at least one sequence, so a sequence longer than the budget still runs (alone).
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use super::metrics::Metrics;
+use crate::backend::CpuBackend;
+use crate::config::PoolingConfig;
+use crate::models::bert::{Batch, Bert};
+use crate::tokenizer::Encoding;
+
+/// What to compute for each sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// A pooled sentence embedding.
+    Embed,
+    /// Sequence classification logits.
+    SequenceLogits,
+    /// Per-token classification logits.
+    TokenLogits,
+}
+
+/// The result for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// An embedding or a row of sequence logits.
+    Vector(Vec<f32>),
+    /// One row of logits per real token.
+    Tokens(Vec<Vec<f32>>),
+}
+
+/// A model that runs a batch of encodings. This is where encoders plug into the scheduler; tests
+/// wrap one to slow it down.
+pub trait Encoder: Send {
+    /// Runs `work` on `encodings` (one batch), giving one output per encoding, in order.
+    fn run(&self, work: Work, encodings: &[Encoding]) -> crate::Result<Vec<Output>>;
+}
+
+/// A BERT-family encoder on the CPU backend.
+pub struct BertEncoder {
+    /// The model.
+    pub model: Bert<CpuBackend>,
+    /// The backend it runs on.
+    pub backend: CpuBackend,
+    /// Sentence-embedding pooling.
+    pub pooling: PoolingConfig,
+}
+
+impl Encoder for BertEncoder {
+    fn run(&self, work: Work, encodings: &[Encoding]) -> crate::Result<Vec<Output>> {
+        let batch = Batch::new(encodings);
+        Ok(match work {
+            Work::Embed => self
+                .model
+                .embed(&self.backend, &batch, &self.pooling)?
+                .into_iter()
+                .map(Output::Vector)
+                .collect(),
+            Work::SequenceLogits => self
+                .model
+                .sequence_logits(&self.backend, &batch)?
+                .into_iter()
+                .map(Output::Vector)
+                .collect(),
+            Work::TokenLogits => self
+                .model
+                .token_logits(&self.backend, &batch)?
+                .into_iter()
+                .map(Output::Tokens)
+                .collect(),
+        })
+    }
+}
+
+/// Why the scheduler could not answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    /// The scheduler thread has stopped.
+    #[error("the scheduler has stopped")]
+    Stopped,
+    /// The model failed on a batch holding this request.
+    #[error("{0}")]
+    Model(String),
+}
+
+type Reply = oneshot::Sender<Result<Vec<Output>, ScheduleError>>;
+
+struct Job {
+    work: Work,
+    encodings: Vec<Encoding>,
+    outputs: Vec<Output>,
+    reply: Option<Reply>,
+    enqueued: Instant,
+    started: bool,
+}
+
+/// The handle request handlers use to submit work. Dropping every handle stops the thread once
+/// the work already sent is done.
+#[derive(Clone)]
+pub struct Scheduler {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Scheduler {
+    /// Starts the scheduler thread, which owns `encoder`.
+    pub fn start(
+        encoder: Box<dyn Encoder>,
+        max_batch_tokens: usize,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("scheduler".to_owned())
+            .spawn(move || run(encoder.as_ref(), rx, max_batch_tokens.max(1), &metrics))?;
+        Ok(Self { tx })
+    }
+
+    /// Runs `work` on `encodings`, batched with whatever else is waiting; one output per
+    /// encoding, in order.
+    pub async fn submit(&self, work: Work, encodings: Vec<Encoding>) -> Result<Vec<Output>, ScheduleError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            work,
+            outputs: Vec::with_capacity(encodings.len()),
+            encodings,
+            reply: Some(reply),
+            enqueued: Instant::now(),
+            started: false,
+        };
+        self.tx.send(job).map_err(|_| ScheduleError::Stopped)?;
+        rx.await.map_err(|_| ScheduleError::Stopped)?
+    }
+}
+
+fn pending(queue: &VecDeque<Job>) -> i64 {
+    queue
+        .iter()
+        .map(|j| (j.encodings.len() - j.outputs.len()) as i64)
+        .sum()
+}
+
+fn run(encoder: &dyn Encoder, rx: mpsc::Receiver<Job>, budget: usize, metrics: &Metrics) {
+    let mut queue: VecDeque<Job> = VecDeque::new();
+    loop {
+        if queue.is_empty() {
+            match rx.recv() {
+                Ok(job) => queue.push_back(job),
+                Err(_) => return,
+            }
+        }
+        while let Ok(job) = rx.try_recv() {
+            queue.push_back(job);
+        }
+        // Requests whose caller has gone (client disconnected) are not worth running.
+        queue.retain(|j| j.reply.as_ref().is_some_and(|r| !r.is_closed()));
+        finish_done(&mut queue);
+        metrics.queue_size.set(pending(&queue));
+        let Some(first) = queue.front() else { continue };
+        let work = first.work;
+
+        // Take sequences under the budget: (job index, first, end) per job.
+        let mut picks: Vec<(usize, usize, usize)> = Vec::new();
+        let mut batch: Vec<Encoding> = Vec::new();
+        let mut longest = 0;
+        'jobs: for (j, job) in queue.iter_mut().enumerate() {
+            if job.work != work {
+                continue;
+            }
+            let start = job.outputs.len();
+            let mut end = start;
+            let mut full = false;
+            while end < job.encodings.len() {
+                let len = job.encodings[end].ids.len();
+                let new_longest = longest.max(len);
+                if !batch.is_empty() && (batch.len() + 1) * new_longest > budget {
+                    full = true;
+                    break;
+                }
+                longest = new_longest;
+                batch.push(job.encodings[end].clone());
+                end += 1;
+            }
+            if end > start {
+                picks.push((j, start, end));
+                if !job.started {
+                    job.started = true;
+                    metrics.observe_stage("queue", job.enqueued.elapsed().as_secs_f64());
+                }
+            }
+            if full {
+                break 'jobs;
+            }
+        }
+
+        metrics.batch_size.observe(batch.len() as f64);
+        metrics.batch_tokens.observe((batch.len() * longest) as f64);
+        let started = Instant::now();
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| encoder.run(work, &batch)));
+        metrics.observe_stage("forward", started.elapsed().as_secs_f64());
+        let outcome = match result {
+            Ok(Ok(outputs)) if outputs.len() == batch.len() => Ok(outputs),
+            Ok(Ok(outputs)) => Err(format!(
+                "the model gave {} outputs for {} inputs",
+                outputs.len(),
+                batch.len()
+            )),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the model panicked on this batch".to_owned()),
+        };
+        match outcome {
+            Ok(outputs) => {
+                let mut outputs = outputs.into_iter();
+                for (j, start, end) in picks {
+                    queue[j].outputs.extend(outputs.by_ref().take(end - start));
+                }
+            }
+            Err(message) => {
+                tracing::error!(%message, "forward pass failed");
+                for (j, _, _) in picks {
+                    if let Some(reply) = queue[j].reply.take() {
+                        let _ = reply.send(Err(ScheduleError::Model(message.clone())));
+                    }
+                }
+            }
+        }
+        finish_done(&mut queue);
+        metrics.queue_size.set(pending(&queue));
+    }
+}
+
+/// Answers the jobs that have all their outputs and drops those already answered.
+fn finish_done(queue: &mut VecDeque<Job>) {
+    for job in queue.iter_mut() {
+        if job.outputs.len() == job.encodings.len()
+            && let Some(reply) = job.reply.take()
+        {
+            let _ = reply.send(Ok(std::mem::take(&mut job.outputs)));
+        }
+    }
+    queue.retain(|j| j.reply.is_some());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Echoes each sequence's length and records the batch sizes it saw.
+    struct Echo(Arc<Mutex<Vec<usize>>>);
+
+    impl Encoder for Echo {
+        fn run(&self, _: Work, encodings: &[Encoding]) -> crate::Result<Vec<Output>> {
+            if let Ok(mut seen) = self.0.lock() {
+                seen.push(encodings.len());
+            }
+            Ok(encodings
+                .iter()
+                .map(|e| Output::Vector(vec![e.ids.len() as f32]))
+                .collect())
+        }
+    }
+
+    fn enc(len: usize) -> Encoding {
+        Encoding {
+            ids: vec![1; len],
+            type_ids: vec![0; len],
+            offsets: vec![(0, 0); len],
+            special_tokens_mask: vec![false; len],
+        }
+    }
+
+    #[tokio::test]
+    async fn splits_a_large_request_under_the_budget_and_keeps_order() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let s = Scheduler::start(Box::new(Echo(seen.clone())), 40, metrics).unwrap();
+        let lens: Vec<usize> = (1..=10).collect();
+        let out = s
+            .submit(Work::Embed, lens.iter().map(|&n| enc(n)).collect())
+            .await
+            .unwrap();
+        let got: Vec<_> = out
+            .iter()
+            .map(|o| match o {
+                Output::Vector(v) => v[0] as usize,
+                Output::Tokens(_) => 0,
+            })
+            .collect();
+        assert_eq!(got, lens);
+        let seen = seen.lock().unwrap().clone();
+        assert!(seen.len() > 1, "{seen:?}");
+        assert_eq!(seen.iter().sum::<usize>(), 10);
+        let empty = s.submit(Work::Embed, vec![]).await.unwrap();
+        assert!(empty.is_empty());
+    }
+
+    struct Failing;
+
+    impl Encoder for Failing {
+        fn run(&self, _: Work, _: &[Encoding]) -> crate::Result<Vec<Output>> {
+            Err(crate::Error::Input("boom".to_owned()))
+        }
+    }
+
+    #[tokio::test]
+    async fn model_errors_reach_the_caller() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let s = Scheduler::start(Box::new(Failing), 100, metrics).unwrap();
+        let err = s.submit(Work::Embed, vec![enc(3)]).await.unwrap_err();
+        assert_eq!(err, ScheduleError::Model("boom".to_owned()));
+    }
+}
