@@ -13,7 +13,9 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
 
-fn corrupt(bytes: &[u8], cut: usize, flips: &[(usize, u8)]) -> Vec<u8> {
+/// The first `keep` (a fraction, 1.0 or more keeps all) of `bytes`, with bytes flipped.
+fn corrupt(bytes: &[u8], keep: f64, flips: &[(usize, u8)]) -> Vec<u8> {
+    let cut = ((bytes.len() as f64) * keep) as usize;
     let mut out = bytes[..cut.min(bytes.len())].to_vec();
     for (at, x) in flips {
         if !out.is_empty() {
@@ -36,12 +38,12 @@ proptest! {
     #[test]
     fn corrupted_configs_are_errors_not_panics(
         model in prop::sample::select(vec!["tiny-bert-seqcls", "tiny-gpt2", "tiny-llama", "tiny-qwen2"]),
-        cut in 0usize..4000,
+        keep in 0.0f64..1.3,
         flips in prop::collection::vec((any::<usize>(), any::<u8>()), 0..4),
     ) {
         let path = fixture(model).join("config.json");
         let bytes = std::fs::read(&path).unwrap();
-        let text = String::from_utf8_lossy(&corrupt(&bytes, cut, &flips)).into_owned();
+        let text = String::from_utf8_lossy(&corrupt(&bytes, keep, &flips)).into_owned();
         let _ = ModelConfig::parse(&path, &text);
         let _ = TokenizerConfig::parse(&path, &text);
     }
@@ -49,13 +51,13 @@ proptest! {
     #[test]
     fn corrupted_tokenizers_are_errors_not_panics(
         model in prop::sample::select(vec!["tiny-bert", "tiny-llama"]),
-        cut in 0usize..40_000,
+        keep in 0.0f64..1.3,
         flips in prop::collection::vec((any::<usize>(), any::<u8>()), 0..4),
     ) {
         let bytes = std::fs::read(fixture(model).join("tokenizer.json")).unwrap();
         let dir = scratch(model);
         let path = dir.join("tokenizer.json");
-        std::fs::write(&path, corrupt(&bytes, cut, &flips)).unwrap();
+        std::fs::write(&path, corrupt(&bytes, keep, &flips)).unwrap();
         if let Ok(tokenizer) = Tokenizer::load(&path, None, Some(64)) {
             // A tokenizer that still loads must still encode without panicking.
             let _ = tokenizer.encode("My kettle (order A-1234) broke. 产品质量很差");
