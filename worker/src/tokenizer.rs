@@ -81,8 +81,14 @@ impl Tokenizer {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(error("file is empty".to_string()));
         }
-        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| error(format!("not a valid tokenizer.json: {e}")))?;
+        // Syntax first, with serde_json's precise message; then the tokenizers crate, whose
+        // deserialisers panic on some malformed inputs (a truncated decoder section, for one):
+        // a bad file must fail the load, not the process.
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .map_err(|e| error(format!("not valid JSON: {e}")))?;
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes))
+            .map_err(|_| error("the tokenizers library could not read this file".to_string()))?;
+        let mut inner = parsed.map_err(|e| error(format!("not a valid tokenizer.json: {e}")))?;
         inner.with_padding(None);
 
         let max_length = [model_limit, config.model_max_length].into_iter().flatten().min();
