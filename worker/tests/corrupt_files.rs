@@ -65,6 +65,13 @@ proptest! {
     }
 }
 
+fn open_error(dir: &Path, what: &str) -> String {
+    match ModelDir::open(dir) {
+        Ok(_) => panic!("{what}"),
+        Err(e) => e.to_string(),
+    }
+}
+
 #[test]
 fn a_folder_with_a_corrupted_file_names_that_file() {
     let dir = scratch("folder");
@@ -81,18 +88,12 @@ fn a_folder_with_a_corrupted_file_names_that_file() {
         b"{\"architectures\": [\"BertModel\"], \"hidden_size\": ",
     )
     .unwrap();
-    let err = ModelDir::open(&dir)
-        .err()
-        .expect("a truncated config.json is an error")
-        .to_string();
+    let err = open_error(&dir, "a truncated config.json is an error");
     assert!(err.contains("config.json"), "{err}");
 
     std::fs::copy(fixture("tiny-bert").join("config.json"), dir.join("config.json")).unwrap();
     std::fs::write(dir.join("tokenizer.json"), b"{\"model\": 42}").unwrap();
-    let err = ModelDir::open(&dir)
-        .err()
-        .expect("a broken tokenizer.json is an error")
-        .to_string();
+    let err = open_error(&dir, "a broken tokenizer.json is an error");
     assert!(err.contains("tokenizer.json"), "{err}");
 
     std::fs::copy(
@@ -102,9 +103,6 @@ fn a_folder_with_a_corrupted_file_names_that_file() {
     .unwrap();
     let weights = std::fs::read(fixture("tiny-bert").join("model.safetensors")).unwrap();
     std::fs::write(dir.join("model.safetensors"), &weights[..weights.len() / 2]).unwrap();
-    let err = ModelDir::open(&dir)
-        .err()
-        .expect("truncated weights are an error")
-        .to_string();
+    let err = open_error(&dir, "truncated weights are an error");
     assert!(err.contains("model.safetensors"), "{err}");
 }
