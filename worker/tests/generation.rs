@@ -411,3 +411,38 @@ async fn streams_hold_their_permit_and_the_limit_answers_429() {
     assert!(ok);
     s.stop();
 }
+
+/// Decode throughput through HTTP: 1 and 8 concurrent greedy completions on each tiny model,
+/// printed; run with `cargo test --release -p atomic-worker --test generation -- --ignored
+/// --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "timing, not a check"]
+async fn http_decode_throughput() {
+    for name in ["tiny-gpt2", "tiny-llama", "tiny-qwen2"] {
+        let mut s = Server::start(name).await;
+        let prompt = s.prompts()[0].clone();
+        let prompt_tokens = s.tokenizer.encode(&prompt).unwrap().ids.len();
+        let max_tokens = 64 - prompt_tokens;
+        for concurrency in [1usize, 8] {
+            let rounds = 10;
+            let started = std::time::Instant::now();
+            let mut tokens = 0;
+            for _ in 0..rounds {
+                let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
+                                  "temperature": 0});
+                let answers =
+                    join_all((0..concurrency).map(|_| s.post("/v1/completions", body.clone()))).await;
+                for (status, a) in answers {
+                    assert_eq!(status, 200, "{a}");
+                    tokens += a["usage"]["completion_tokens"].as_u64().unwrap();
+                }
+            }
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "{name}: {concurrency} concurrent: {tokens} tokens in {secs:.2} s: {:.0} tokens/s through HTTP",
+                tokens as f64 / secs
+            );
+        }
+        s.stop();
+    }
+}

@@ -232,6 +232,12 @@ impl Sequence {
     fn advance(&mut self, model: &dyn CausalLm<CpuBackend>, tokenizer: &Tokenizer, logits: &[f32]) -> bool {
         let id = self.sampler.sample(logits);
         if model.eos_token_ids().contains(&id) {
+            if let Ok(rest) = self.detokenizer.flush(tokenizer) {
+                self.text.push_str(&rest);
+            }
+            if let Some(at) = find_stop(&self.text, &self.params.stop) {
+                self.text.truncate(at);
+            }
             self.finish(FinishReason::Stop);
             return true;
         }
