@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use atomic_worker::server::{self, AppState, Engine, Limits, Metrics, Task};
+use atomic_worker::server::{self, AppState, Engine, Limits, Metrics, ModelParts, Task};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -173,12 +173,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
         let dir = args.model_dir.clone();
         let threads = args.threads;
-        let parts = tokio::task::spawn_blocking(move || server::load_encoder(&dir, threads))
+        let parts = tokio::task::spawn_blocking(move || server::load_model(&dir, threads))
             .await
             .context("model loading did not finish")?
             .with_context(|| format!("cannot load the model in {}", args.model_dir.display()))?;
-        server::check_task(args.task, &parts.head, &args.labels)?;
-        let engine = Engine::start(parts, args.labels, args.max_batch_tokens, metrics)?;
+        match &parts {
+            ModelParts::Encoder(p) => server::check_task(args.task, &p.head, &args.labels)?,
+            ModelParts::Decoder(_) => server::check_decoder_task(args.task, &args.labels)?,
+        }
+        let engine = Engine::start_model(parts, args.labels, args.max_batch_tokens, metrics)?;
         state.set_engine(engine);
         tracing::info!("model loaded; ready");
 

@@ -153,6 +153,20 @@ impl Tokenizer {
         Ok(convert(&encoding))
     }
 
+    /// Encodes one text for generation: the ids (with the model's special tokens when
+    /// `add_special_tokens`) and whether the text was longer than the maximum length (the ids
+    /// are then cut there).
+    pub fn encode_ids(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, bool)> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| self.error(format!("encoding failed: {e}")))?;
+        Ok((
+            encoding.get_ids().to_vec(),
+            !encoding.get_overflowing().is_empty(),
+        ))
+    }
+
     /// Encodes several texts (in parallel where the tokenizers crate does so), unpadded.
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Encoding>> {
         let encodings = self

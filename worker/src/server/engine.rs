@@ -1,6 +1,6 @@
 //! The model being served: loading a model folder into an [`Engine`], and what each kind of
-//! model can do. Encoders are served today; a decoder (text generation) variant joins
-//! [`Capability`] when the decoder models land, and the completion routes dispatch on it.
+//! model can do: encoders (embeddings, classification, extraction) run on the batching
+//! [`Scheduler`], decoders (text generation) on the continuous-batching [`Generator`].
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, bail};
 
 use super::Task;
+use super::generator::{DecoderParts, Generator, load_decoder_dir};
 use super::metrics::Metrics;
 use super::scheduler::{BertEncoder, Encoder, Scheduler};
 use crate::backend::CpuBackend;
@@ -33,6 +34,39 @@ pub enum Head {
 pub enum Capability {
     /// An encoder (BERT family) with its head.
     Encoder(Head),
+    /// A decoder (GPT-2, Llama family): text generation.
+    Decoder,
+}
+
+/// A loaded model of either kind, before it is started.
+pub enum ModelParts {
+    /// An encoder.
+    Encoder(EncoderParts),
+    /// A decoder.
+    Decoder(DecoderParts),
+}
+
+/// Opens `dir` and loads whichever kind of model it holds on a CPU backend with `threads`
+/// threads (0: all cores).
+pub fn load_model(dir: &Path, threads: usize) -> anyhow::Result<ModelParts> {
+    let opened = ModelDir::open(dir)?;
+    match opened.config {
+        ModelConfig::Bert(_) => load_encoder(dir, threads).map(ModelParts::Encoder),
+        ModelConfig::Gpt2(_) | ModelConfig::Llama(_) => {
+            load_decoder_dir(opened, threads).map(ModelParts::Decoder)
+        }
+    }
+}
+
+/// Checks that a decoder can do `task`: generation only, and no labels.
+pub fn check_decoder_task(task: Option<Task>, labels: &[String]) -> anyhow::Result<()> {
+    if !labels.is_empty() {
+        bail!("--labels: the model is a decoder (text generation) and does not classify");
+    }
+    match task {
+        None | Some(Task::Generate) => Ok(()),
+        Some(_) => bail!("--task: the model is a decoder and only generates text; use --task generate"),
+    }
 }
 
 /// A loaded encoder, before it is started: the pieces an [`Engine`] is made of. Tests replace
@@ -52,7 +86,7 @@ pub fn load_encoder(dir: &Path, threads: usize) -> anyhow::Result<EncoderParts> 
     let config = match &dir.config {
         ModelConfig::Bert(c) => c.clone(),
         ModelConfig::Gpt2(_) | ModelConfig::Llama(_) => bail!(
-            "{}: decoder (text generation) models are not served by this build yet",
+            "{}: the model is a decoder (text generation); load it with load_model",
             dir.path.display()
         ),
     };
@@ -128,8 +162,10 @@ pub struct Engine {
     pub capability: Capability,
     /// Labels used when a classification request gives none (`--labels`).
     pub default_labels: Vec<String>,
-    /// The batching scheduler owning the model.
-    pub scheduler: Scheduler,
+    /// The batching scheduler owning an encoder.
+    pub scheduler: Option<Scheduler>,
+    /// The generation thread owning a decoder.
+    pub generator: Option<Generator>,
     label_cache: Mutex<HashMap<Vec<String>, LabelEmbeddings>>,
 }
 
@@ -147,9 +183,49 @@ impl Engine {
             tokenizer: Arc::new(parts.tokenizer),
             capability: Capability::Encoder(parts.head),
             default_labels,
-            scheduler,
+            scheduler: Some(scheduler),
+            generator: None,
             label_cache: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Starts the generation thread for a decoder; at most `max_batch_tokens` prompt tokens
+    /// join a running batch in one step.
+    pub fn start_decoder(
+        parts: DecoderParts,
+        max_batch_tokens: usize,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let tokenizer = Arc::new(parts.tokenizer);
+        let generator = Generator::start(
+            parts.model,
+            parts.backend,
+            tokenizer.clone(),
+            max_batch_tokens,
+            metrics,
+        )
+        .context("cannot start the generation thread")?;
+        Ok(Self {
+            tokenizer,
+            capability: Capability::Decoder,
+            default_labels: Vec::new(),
+            scheduler: None,
+            generator: Some(generator),
+            label_cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Starts whichever kind of model `parts` holds.
+    pub fn start_model(
+        parts: ModelParts,
+        default_labels: Vec<String>,
+        max_batch_tokens: usize,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        match parts {
+            ModelParts::Encoder(p) => Self::start(p, default_labels, max_batch_tokens, metrics),
+            ModelParts::Decoder(p) => Self::start_decoder(p, max_batch_tokens, metrics),
+        }
     }
 
     /// The cached embeddings of a label set.

@@ -1,4 +1,5 @@
-//! The worker's HTTP server: OpenAI-compatible `/v1/embeddings` and `/v1/completions`, Atomic's
+//! The worker's HTTP server: OpenAI-compatible `/v1/embeddings`, `/v1/completions` and
+//! `/v1/chat/completions` (streaming or not), Atomic's
 //! `/v1/classify`, `/v1/extract` and `/v1/tokenize`, plus `/health`, `/ready` and `/metrics`.
 //!
 //! The server listens before the model is loaded, so that `/health` answers during a long load
@@ -17,12 +18,18 @@ use tokio::sync::Semaphore;
 
 pub mod engine;
 pub mod error;
+mod generate;
+pub mod generator;
 pub mod metrics;
 mod routes;
 pub mod scheduler;
 
-pub use engine::{Capability, EncoderParts, Engine, Head, check_task, load_encoder};
+pub use engine::{
+    Capability, EncoderParts, Engine, Head, ModelParts, check_decoder_task, check_task, load_encoder,
+    load_model,
+};
 pub use error::ApiError;
+pub use generator::{DecoderParts, Generator, load_decoder};
 pub use metrics::Metrics;
 
 /// The task a deployment runs (`--task`); the operator passes it, the worker checks the model

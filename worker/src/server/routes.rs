@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use atomic_protocol::{
-    ChatCompletionRequest, ClassifyRequest, ClassifyResponse, CompletionRequest, Embedding, EmbeddingInput,
-    EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, ExtractRequest, ExtractResponse, ModelCard,
-    ModelList, Token, TokenizeRequest, TokenizeResponse, TokenizedText,
+    ClassifyRequest, ClassifyResponse, Embedding, EmbeddingInput, EmbeddingRequest, EmbeddingResponse,
+    EmbeddingUsage, ExtractRequest, ExtractResponse, ModelCard, ModelList, Token, TokenizeRequest,
+    TokenizeResponse, TokenizedText,
 };
 use axum::Json;
 use axum::body::Bytes;
@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::engine::{Capability, Engine, Head};
 use super::error::ApiError;
@@ -28,7 +29,7 @@ use super::{AppState, Limits};
 use crate::tasks;
 use crate::tokenizer::Encoding;
 
-type Body = Result<Bytes, BytesRejection>;
+pub(super) type Body = Result<Bytes, BytesRejection>;
 
 pub(super) async fn health() -> &'static str {
     "ok"
@@ -76,6 +77,7 @@ pub(super) async fn embeddings(State(state): State<AppState>, body: Body) -> Res
             ));
         }
         state.check_model(&req.model)?;
+        encoder_head(&state, &engine)?;
         let texts = texts_of(req.input);
         state.check_inputs(&texts)?;
         let (_, encodings) = state.encode(&engine, texts).await?;
@@ -125,7 +127,7 @@ pub(super) async fn classify(State(state): State<AppState>, body: Body) -> Respo
                 format!("label `{dup}` is given twice"),
             ));
         }
-        let Capability::Encoder(head) = &engine.capability;
+        let head = encoder_head(&state, &engine)?;
         let scores = match head {
             Head::Sequence(known) => {
                 let (_, encodings) = state.encode(&engine, vec![req.input]).await?;
@@ -225,7 +227,7 @@ pub(super) async fn extract(State(state): State<AppState>, body: Body) -> Respon
         let (req, _): (ExtractRequest, _) = parse(&body, &["model", "input"])?;
         state.check_model(&req.model)?;
         state.check_inputs(std::slice::from_ref(&req.input))?;
-        let Capability::Encoder(head) = &engine.capability;
+        let head = encoder_head(&state, &engine)?;
         let Head::Token(id2label) = head else {
             return Err(ApiError::bad_request(
                 "wrong_task",
@@ -282,37 +284,22 @@ pub(super) async fn tokenize(State(state): State<AppState>, body: Body) -> Respo
 }
 
 pub(super) async fn completions(State(state): State<AppState>, body: Body) -> Response {
-    handle(state, "completions", body, |state, engine, body| async move {
-        // OpenAI clients send many optional fields; unknown ones are ignored here.
-        let (req, _): (CompletionRequest, _) = parse(&body, &[])?;
-        state.check_model(&req.model)?;
-        generate(&state, &engine)
-    })
-    .await
+    super::generate::completions(state, body).await
 }
 
 pub(super) async fn chat_completions(State(state): State<AppState>, body: Body) -> Response {
-    handle(
-        state,
-        "chat_completions",
-        body,
-        |state, engine, body| async move {
-            let (req, _): (ChatCompletionRequest, _) = parse(&body, &[])?;
-            state.check_model(&req.model)?;
-            generate(&state, &engine)
-        },
-    )
-    .await
+    super::generate::chat_completions(state, body).await
 }
 
-/// Text generation: decoders plug in here, as another [`Capability`]; encoders refuse.
-fn generate(state: &AppState, engine: &Engine) -> Result<Value, ApiError> {
+/// The head of an encoder; a decoder answers 400.
+fn encoder_head<'e>(state: &AppState, engine: &'e Engine) -> Result<&'e Head, ApiError> {
     match &engine.capability {
-        Capability::Encoder(_) => Err(ApiError::bad_request(
-            "model_not_generative",
+        Capability::Encoder(head) => Ok(head),
+        Capability::Decoder => Err(ApiError::bad_request(
+            "model_not_encoder",
             format!(
-                "model `{}` does not generate text: it is an encoder; use /v1/embeddings, \
-                 /v1/classify or /v1/extract",
+                "model `{}` is a decoder (text generation): it does not embed, classify or \
+                 extract; use /v1/completions or /v1/chat/completions",
                 state.0.model_name
             ),
         )),
@@ -330,27 +317,8 @@ where
     let metrics = state.metrics();
     metrics.requests.with_label_values(&[endpoint]).inc();
     let result = async {
-        let engine = state
-            .0
-            .engine
-            .get()
-            .cloned()
-            .ok_or_else(|| ApiError::unavailable("the model is loading"))?;
-        let _permit = state
-            .0
-            .permits
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ApiError::overloaded(state.0.limits.max_concurrent_requests))?;
-        metrics.in_flight.inc();
-        let _in_flight = InFlight(&state);
-        let body = body.map_err(|e| match e.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(format!(
-                "the body exceeds {} bytes",
-                state.0.limits.max_body_bytes
-            )),
-            _ => ApiError::malformed(e.body_text()),
-        })?;
+        let (engine, _admitted) = state.admit()?;
+        let body = state.read_body(body)?;
         f(state.clone(), engine, body).await
     }
     .await;
@@ -366,18 +334,25 @@ where
     }
 }
 
-/// Decrements the in-flight gauge when a request ends, however it ends.
-struct InFlight<'a>(&'a AppState);
+/// A request admitted under the concurrency limit: holds its permit and decrements the in-flight
+/// gauge when dropped, however the request ends (a stream holds it until it ends).
+pub(super) struct Admitted {
+    state: AppState,
+    _permit: OwnedSemaphorePermit,
+}
 
-impl Drop for InFlight<'_> {
+impl Drop for Admitted {
     fn drop(&mut self) {
-        self.0.metrics().in_flight.dec();
+        self.state.metrics().in_flight.dec();
     }
 }
 
 /// Parses a JSON body into `T`, refusing top-level fields outside `allowed` (unless empty).
 /// Gives the typed request and the raw fields.
-fn parse<T: DeserializeOwned>(body: &[u8], allowed: &[&str]) -> Result<(T, Map<String, Value>), ApiError> {
+pub(super) fn parse<T: DeserializeOwned>(
+    body: &[u8],
+    allowed: &[&str],
+) -> Result<(T, Map<String, Value>), ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::malformed(format!("the body is not valid JSON: {e}")))?;
     let fields = match &value {
@@ -423,6 +398,8 @@ fn first(outputs: Vec<Output>) -> Result<Output, ApiError> {
 async fn submit(engine: &Engine, work: Work, encodings: Vec<Encoding>) -> Result<Vec<Output>, ApiError> {
     engine
         .scheduler
+        .as_ref()
+        .ok_or_else(|| ApiError::bad_request("model_not_encoder", "the model is not an encoder"))?
         .submit(work, encodings)
         .await
         .map_err(|e| match e {
@@ -432,7 +409,41 @@ async fn submit(engine: &Engine, work: Work, encodings: Vec<Encoding>) -> Result
 }
 
 impl AppState {
-    fn check_model(&self, asked: &str) -> Result<(), ApiError> {
+    /// The engine, once loaded, and a permit under the concurrency limit (429 past it).
+    pub(super) fn admit(&self) -> Result<(Arc<Engine>, Admitted), ApiError> {
+        let engine = self
+            .0
+            .engine
+            .get()
+            .cloned()
+            .ok_or_else(|| ApiError::unavailable("the model is loading"))?;
+        let permit = self
+            .0
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::overloaded(self.0.limits.max_concurrent_requests))?;
+        self.metrics().in_flight.inc();
+        Ok((
+            engine,
+            Admitted {
+                state: self.clone(),
+                _permit: permit,
+            },
+        ))
+    }
+
+    /// The request body, or why it could not be read.
+    pub(super) fn read_body(&self, body: Body) -> Result<Bytes, ApiError> {
+        body.map_err(|e| match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::too_large(format!("the body exceeds {} bytes", self.0.limits.max_body_bytes))
+            }
+            _ => ApiError::malformed(e.body_text()),
+        })
+    }
+
+    pub(super) fn check_model(&self, asked: &str) -> Result<(), ApiError> {
         if asked.is_empty() || asked == self.0.model_name {
             Ok(())
         } else {
@@ -440,7 +451,7 @@ impl AppState {
         }
     }
 
-    fn check_inputs(&self, texts: &[String]) -> Result<(), ApiError> {
+    pub(super) fn check_inputs(&self, texts: &[String]) -> Result<(), ApiError> {
         let Limits {
             max_inputs,
             max_input_chars,

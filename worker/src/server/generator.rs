@@ -1,0 +1,448 @@
+//! Text generation: a decode scheduler with continuous batching.
+//!
+//! One thread owns the decoder. It keeps a set of active sequences, each with its own
+//! [`KvCache`], [`Sampler`] and incremental detokenizer, and every step advances all of them
+//! together with [`CausalLm::step`]: a sequence that just joined contributes its whole prompt
+//! (prefill), the others their last token. New requests join between steps; a sequence that
+//! finishes (end-of-sequence token, stop string, `max_tokens`, full context) leaves at once.
+//! Each sequence reports through a channel: text as it is produced (held back while it might be
+//! the start of a stop string), then how it ended.
+
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use anyhow::bail;
+use tokio::sync::mpsc as tokio_mpsc;
+
+use super::metrics::Metrics;
+use crate::backend::CpuBackend;
+use crate::config::ModelConfig;
+use crate::model_dir::ModelDir;
+use crate::models::decoder::CausalLm;
+use crate::models::gpt2::Gpt2;
+use crate::models::kv_cache::KvCache;
+use crate::models::llama::Llama;
+use crate::sampling::{FinishReason, Sampler, SamplingParams, find_stop};
+use crate::tokenizer::Tokenizer;
+
+/// A decoder model the generation thread can own.
+pub type Decoder = Box<dyn CausalLm<CpuBackend> + Send>;
+
+/// A loaded decoder, before it is started.
+pub struct DecoderParts {
+    /// The model's tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The model.
+    pub model: Decoder,
+    /// The backend it runs on.
+    pub backend: CpuBackend,
+}
+
+/// Loads a decoder (GPT-2 or Llama family) from an opened model folder.
+pub fn load_decoder_dir(dir: ModelDir, threads: usize) -> anyhow::Result<DecoderParts> {
+    let backend = CpuBackend::new(threads)?;
+    let model: Decoder = match &dir.config {
+        ModelConfig::Gpt2(c) => Box::new(Gpt2::load(&backend, c, &dir.weights, &dir.tensor_prefix)?),
+        ModelConfig::Llama(c) => Box::new(Llama::load(&backend, c, &dir.weights, &dir.tensor_prefix)?),
+        ModelConfig::Bert(_) => bail!("{}: the model is an encoder, not a decoder", dir.path.display()),
+    };
+    Ok(DecoderParts {
+        tokenizer: dir.tokenizer,
+        model,
+        backend,
+    })
+}
+
+/// Opens `dir` and loads its decoder on a CPU backend with `threads` threads (0: all cores).
+pub fn load_decoder(dir: &Path, threads: usize) -> anyhow::Result<DecoderParts> {
+    load_decoder_dir(ModelDir::open(dir)?, threads)
+}
+
+/// What a sequence reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// More text (never empty).
+    Text(String),
+    /// Generation ended, with the number of tokens generated.
+    Done {
+        /// Why.
+        finish_reason: FinishReason,
+        /// Tokens generated (an end-of-sequence token is not counted).
+        completion_tokens: usize,
+    },
+    /// The model failed; nothing more comes.
+    Error(String),
+}
+
+struct Request {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    events: tokio_mpsc::UnboundedSender<Event>,
+    enqueued: Instant,
+}
+
+/// The handle request handlers use to start generations. Dropping every handle stops the thread
+/// once the sequences already running are done.
+#[derive(Clone)]
+pub struct Generator {
+    tx: mpsc::Sender<Request>,
+    max_positions: usize,
+}
+
+impl Generator {
+    /// Starts the generation thread, which owns the model; prefills joining in one step are
+    /// limited to `max_batch_tokens` prompt tokens (at least one prompt joins).
+    pub fn start(
+        model: Decoder,
+        backend: CpuBackend,
+        tokenizer: Arc<Tokenizer>,
+        max_batch_tokens: usize,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let max_positions = model.max_positions();
+        std::thread::Builder::new()
+            .name("generator".to_owned())
+            .spawn(move || {
+                run(
+                    model.as_ref(),
+                    &backend,
+                    &tokenizer,
+                    rx,
+                    max_batch_tokens.max(1),
+                    &metrics,
+                )
+            })?;
+        Ok(Self { tx, max_positions })
+    }
+
+    /// The model's context length (prompt and generated tokens).
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// Starts generating a continuation of `prompt`; its events arrive on the receiver. `None`
+    /// when the generation thread has stopped. Dropping the receiver cancels the sequence.
+    pub fn submit(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Option<tokio_mpsc::UnboundedReceiver<Event>> {
+        let (events, rx) = tokio_mpsc::unbounded_channel();
+        self.tx
+            .send(Request {
+                prompt,
+                params,
+                events,
+                enqueued: Instant::now(),
+            })
+            .ok()?;
+        Some(rx)
+    }
+}
+
+/// Turns generated ids into text piece by piece, decoding only a window of recent tokens (as
+/// Hugging Face's text-generation-inference does): the text of `ids[prefix..]` minus that of
+/// `ids[prefix..read]` is what the newest tokens add, once it no longer ends in an incomplete
+/// character.
+#[derive(Debug, Default)]
+pub struct Detokenizer {
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+}
+
+impl Detokenizer {
+    /// Adds a token; the text it completes, if any.
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> crate::Result<String> {
+        self.ids.push(id);
+        let before = tokenizer.decode(&self.ids[self.prefix..self.read], true)?;
+        let now = tokenizer.decode(&self.ids[self.prefix..], true)?;
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
+            let added = now.get(before.len()..).unwrap_or_default().to_owned();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            Ok(added)
+        } else {
+            Ok(String::new())
+        }
+    }
+
+    /// Text still pending at the end (an incomplete character, shown as it decodes).
+    pub fn flush(&mut self, tokenizer: &Tokenizer) -> crate::Result<String> {
+        let before = tokenizer.decode(&self.ids[self.prefix..self.read], true)?;
+        let now = tokenizer.decode(&self.ids[self.prefix..], true)?;
+        self.prefix = self.ids.len();
+        self.read = self.ids.len();
+        Ok(now.get(before.len()..).unwrap_or_default().to_owned())
+    }
+}
+
+/// The length of the longest end of `text` that is a proper beginning of one of `stops`: text
+/// that must be held back because the next tokens may complete a stop string.
+pub fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
+    let mut held = 0;
+    for stop in stops {
+        for (i, _) in stop.char_indices().skip(1) {
+            if i > held && text.ends_with(&stop[..i]) {
+                held = i;
+            }
+        }
+    }
+    held
+}
+
+struct Sequence {
+    cache: KvCache,
+    sampler: Sampler,
+    params: SamplingParams,
+    /// Tokens to feed next step: the prompt, then the last generated token.
+    next: Vec<u32>,
+    generated: usize,
+    detokenizer: Detokenizer,
+    /// Text so far, and how much of it was sent.
+    text: String,
+    sent: usize,
+    events: tokio_mpsc::UnboundedSender<Event>,
+    enqueued: Option<Instant>,
+}
+
+impl Sequence {
+    fn send_text(&mut self, upto: usize) {
+        if upto > self.sent
+            && let Some(piece) = self.text.get(self.sent..upto)
+        {
+            let _ = self.events.send(Event::Text(piece.to_owned()));
+            self.sent = upto;
+        }
+    }
+
+    fn finish(&mut self, finish_reason: FinishReason) {
+        self.send_text(self.text.len());
+        let _ = self.events.send(Event::Done {
+            finish_reason,
+            completion_tokens: self.generated,
+        });
+    }
+
+    /// Takes the next token; whether the sequence is finished (and has reported so).
+    fn advance(&mut self, model: &dyn CausalLm<CpuBackend>, tokenizer: &Tokenizer, logits: &[f32]) -> bool {
+        let id = self.sampler.sample(logits);
+        if model.eos_token_ids().contains(&id) {
+            if let Ok(rest) = self.detokenizer.flush(tokenizer) {
+                self.text.push_str(&rest);
+            }
+            if let Some(at) = find_stop(&self.text, &self.params.stop) {
+                self.text.truncate(at);
+            }
+            self.finish(FinishReason::Stop);
+            return true;
+        }
+        self.generated += 1;
+        let piece = match self.detokenizer.push(tokenizer, id) {
+            Ok(piece) => piece,
+            Err(e) => {
+                let _ = self.events.send(Event::Error(e.to_string()));
+                return true;
+            }
+        };
+        self.text.push_str(&piece);
+        let length = self.generated >= self.params.max_tokens || self.cache.remaining() == 0;
+        if length && let Ok(rest) = self.detokenizer.flush(tokenizer) {
+            self.text.push_str(&rest);
+        }
+        if let Some(at) = find_stop(&self.text, &self.params.stop) {
+            self.text.truncate(at);
+            self.finish(FinishReason::Stop);
+            return true;
+        }
+        if length {
+            self.finish(FinishReason::Length);
+            return true;
+        }
+        let held = stop_prefix_len(&self.text, &self.params.stop);
+        self.send_text(self.text.len() - held);
+        self.next = vec![id];
+        false
+    }
+}
+
+fn run(
+    model: &dyn CausalLm<CpuBackend>,
+    backend: &CpuBackend,
+    tokenizer: &Tokenizer,
+    rx: mpsc::Receiver<Request>,
+    budget: usize,
+    metrics: &Metrics,
+) {
+    let mut active: Vec<Sequence> = Vec::new();
+    let mut waiting: std::collections::VecDeque<Request> = std::collections::VecDeque::new();
+    loop {
+        if active.is_empty() && waiting.is_empty() {
+            match rx.recv() {
+                Ok(request) => waiting.push_back(request),
+                Err(_) => return,
+            }
+        }
+        while let Ok(request) = rx.try_recv() {
+            waiting.push_back(request);
+        }
+        // Join between steps, under the prefill budget.
+        let mut joining = 0;
+        while let Some(request) = waiting.front() {
+            if joining > 0 && joining + request.prompt.len() > budget {
+                break;
+            }
+            let Some(request) = waiting.pop_front() else { break };
+            if request.events.is_closed() {
+                continue;
+            }
+            let cache = model.new_cache();
+            if request.prompt.is_empty() || request.prompt.len() > cache.remaining() {
+                let _ = request.events.send(Event::Error(format!(
+                    "the prompt has {} tokens; the model takes 1 to {}",
+                    request.prompt.len(),
+                    cache.remaining()
+                )));
+                continue;
+            }
+            joining += request.prompt.len();
+            active.push(Sequence {
+                cache,
+                sampler: Sampler::new(&request.params),
+                params: request.params,
+                next: request.prompt,
+                generated: 0,
+                detokenizer: Detokenizer::default(),
+                text: String::new(),
+                sent: 0,
+                events: request.events,
+                enqueued: Some(request.enqueued),
+            });
+        }
+        // Sequences whose caller has gone (client disconnected) are not worth running.
+        active.retain(|s| !s.events.is_closed());
+        metrics.queue_size.set(waiting.len() as i64);
+        if active.is_empty() {
+            continue;
+        }
+        for s in &mut active {
+            if let Some(enqueued) = s.enqueued.take() {
+                metrics.observe_stage("queue", enqueued.elapsed().as_secs_f64());
+            }
+        }
+
+        let tokens: usize = active.iter().map(|s| s.next.len()).sum();
+        metrics.batch_size.observe(active.len() as f64);
+        metrics.batch_tokens.observe(tokens as f64);
+        let started = Instant::now();
+        let result = {
+            let inputs: Vec<Vec<u32>> = active.iter().map(|s| s.next.clone()).collect();
+            let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+            let mut caches: Vec<&mut KvCache> = active.iter_mut().map(|s| &mut s.cache).collect();
+            std::panic::catch_unwind(AssertUnwindSafe(|| model.step(backend, &mut caches, &refs)))
+        };
+        metrics.observe_stage("decode_step", started.elapsed().as_secs_f64());
+        let logits = match result {
+            Ok(Ok(logits)) if logits.len() == active.len() => logits,
+            other => {
+                let message = match other {
+                    Ok(Ok(l)) => format!("the model gave {} rows for {} sequences", l.len(), active.len()),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "the model panicked on this step".to_owned(),
+                };
+                tracing::error!(%message, "decode step failed");
+                for s in active.drain(..) {
+                    let _ = s.events.send(Event::Error(message.clone()));
+                }
+                continue;
+            }
+        };
+        let mut done = vec![false; active.len()];
+        for ((s, row), d) in active.iter_mut().zip(&logits).zip(&mut done) {
+            *d = s.advance(model, tokenizer, row);
+        }
+        let mut flags = done.into_iter();
+        active.retain(|_| !flags.next().unwrap_or(true));
+    }
+}
+
+/// Renders a chat with a Hugging Face chat template (Jinja), as `apply_chat_template` does with
+/// `add_generation_prompt=True`.
+pub fn render_chat(
+    template: &str,
+    messages: &[atomic_protocol::ChatMessage],
+    bos_token: Option<&str>,
+    eos_token: Option<&str>,
+) -> Result<String, String> {
+    let mut env = minijinja::Environment::new();
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                message,
+            ))
+        },
+    );
+    env.add_template("chat", template)
+        .map_err(|e| format!("the chat template does not parse: {e}"))?;
+    let template = env
+        .get_template("chat")
+        .map_err(|e| format!("the chat template does not parse: {e}"))?;
+    template
+        .render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => bos_token.unwrap_or_default(),
+            eos_token => eos_token.unwrap_or_default(),
+        })
+        .map_err(|e| format!("the chat template failed on these messages: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atomic_protocol::ChatMessage;
+
+    #[test]
+    fn held_back_text_is_a_stop_prefix() {
+        let stops = vec!["END".to_owned(), "\n\n".to_owned()];
+        assert_eq!(stop_prefix_len("hello", &stops), 0);
+        assert_eq!(stop_prefix_len("hello E", &stops), 1);
+        assert_eq!(stop_prefix_len("hello EN", &stops), 2);
+        assert_eq!(stop_prefix_len("hello\n", &stops), 1);
+        assert_eq!(
+            stop_prefix_len("hello END", &stops),
+            0,
+            "a whole stop is found, not held"
+        );
+    }
+
+    #[test]
+    fn chatml_renders() {
+        let template = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + \
+                        message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if \
+                        add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+        let messages = vec![
+            ChatMessage {
+                role: "system".to_owned(),
+                content: "Be brief.".to_owned(),
+            },
+            ChatMessage {
+                role: "user".to_owned(),
+                content: "Hi".to_owned(),
+            },
+        ];
+        let got = render_chat(template, &messages, None, Some("<|im_end|>")).unwrap();
+        assert_eq!(
+            got,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let err = render_chat("{{ raise_exception('no system role') }}", &messages, None, None).unwrap_err();
+        assert!(err.contains("no system role"), "{err}");
+    }
+}
