@@ -3,12 +3,26 @@
 
 use crate::Result;
 use crate::backend::Backend;
-use crate::models::kv_cache::KvCache;
+use crate::models::kv_cache::{KvCache, Step};
 
-/// A decoder-only language model run against backend `B`.
+/// How a model's KV cache is laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheLayout {
+    /// Transformer layers.
+    pub layers: usize,
+    /// Key/value heads per layer.
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Sliding attention window (Mistral), if any.
+    pub window: Option<usize>,
+}
+
+/// A decoder-only language model run against backend `B`. A model provides its cache layout
+/// and [`CausalLm::run`]; batching, prefill and decode are built on those once.
 pub trait CausalLm<B: Backend> {
-    /// An empty cache for one sequence, limited to the model's context length.
-    fn new_cache(&self) -> KvCache;
+    /// The layout of this model's KV cache.
+    fn cache_layout(&self) -> CacheLayout;
 
     /// The longest sequence (prompt and generated tokens) the model's positions allow.
     fn max_positions(&self) -> usize;
@@ -19,14 +33,34 @@ pub trait CausalLm<B: Backend> {
     /// Token ids that end generation.
     fn eos_token_ids(&self) -> &[u32];
 
+    /// Runs a prepared step's tokens through the model and commits them to the caches; host
+    /// logits of every new token (`all`) or of each sequence's last one.
+    fn run(&self, backend: &B, step: Step<'_, '_>, all: bool) -> Result<Vec<f32>>;
+
+    /// An empty cache for one sequence, limited to the model's context length.
+    fn new_cache(&self) -> KvCache {
+        let l = self.cache_layout();
+        KvCache::new(l.layers, l.kv_heads, l.head_dim, self.max_positions())
+    }
+
     /// Advances each sequence by its new tokens (a whole prompt, or one token) in one batched
     /// forward pass and returns the logits of each sequence's last new token. Sequences may be
     /// at different lengths; a sequence can join or leave between steps. On error no cache
     /// changes.
-    fn step(&self, backend: &B, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> Result<Vec<Vec<f32>>>;
+    fn step(&self, backend: &B, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let l = self.cache_layout();
+        let step = Step::new(caches, tokens, l.layers, l.kv_heads, l.head_dim, l.window)?;
+        Ok(split_rows(self.run(backend, step, false)?, self.vocab_size()))
+    }
 
     /// Logits for every position of `ids` (`[ids.len() * vocab]`), run from an empty cache.
-    fn forward_all(&self, backend: &B, ids: &[u32]) -> Result<Vec<f32>>;
+    fn forward_all(&self, backend: &B, ids: &[u32]) -> Result<Vec<f32>> {
+        let l = self.cache_layout();
+        let mut cache = self.new_cache();
+        let mut caches = [&mut cache];
+        let step = Step::new(&mut caches, &[ids], l.layers, l.kv_heads, l.head_dim, l.window)?;
+        self.run(backend, step, true)
+    }
 
     /// Runs a prompt into an empty (or partly filled) cache; the logits of its last token.
     fn prefill(&self, backend: &B, cache: &mut KvCache, ids: &[u32]) -> Result<Vec<f32>> {

@@ -4,8 +4,8 @@
 
 use crate::backend::Backend;
 use crate::config::{Activation, Gpt2Config};
-use crate::models::decoder::{CausalLm, split_rows};
-use crate::models::kv_cache::{KvCache, Step};
+use crate::models::decoder::{CacheLayout, CausalLm};
+use crate::models::kv_cache::Step;
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -105,14 +105,31 @@ impl<B: Backend> Gpt2<B> {
     fn head_dim(&self) -> usize {
         self.config.n_embd / self.config.n_head
     }
+}
 
-    fn begin<'c, 'k>(&self, caches: &'c mut [&'k mut KvCache], tokens: &[&[u32]]) -> Result<Step<'c, 'k>> {
+impl<B: Backend> CausalLm<B> for Gpt2<B> {
+    fn cache_layout(&self) -> CacheLayout {
         let c = &self.config;
-        Step::new(caches, tokens, c.n_layer, c.n_head, self.head_dim(), None)
+        CacheLayout {
+            layers: c.n_layer,
+            kv_heads: c.n_head,
+            head_dim: self.head_dim(),
+            window: None,
+        }
     }
 
-    /// Runs the step's tokens through the model; host logits of every new token (`all`) or of
-    /// each sequence's last one.
+    fn max_positions(&self) -> usize {
+        self.config.n_positions
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn eos_token_ids(&self) -> &[u32] {
+        &self.config.eos_token_ids
+    }
+
     fn run(&self, backend: &B, mut step: Step<'_, '_>, all: bool) -> Result<Vec<f32>> {
         let c = &self.config;
         let (e, heads, d) = (c.n_embd, c.n_head, self.head_dim());
@@ -156,39 +173,5 @@ impl<B: Backend> Gpt2<B> {
         let logits = backend.to_host(&backend.linear(&x, &self.wte, None)?)?;
         step.commit();
         Ok(logits)
-    }
-}
-
-impl<B: Backend> CausalLm<B> for Gpt2<B> {
-    fn new_cache(&self) -> KvCache {
-        let c = &self.config;
-        KvCache::new(c.n_layer, c.n_head, self.head_dim(), c.n_positions)
-    }
-
-    fn max_positions(&self) -> usize {
-        self.config.n_positions
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-
-    fn eos_token_ids(&self) -> &[u32] {
-        &self.config.eos_token_ids
-    }
-
-    fn step(&self, backend: &B, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        let step = self.begin(caches, tokens)?;
-        Ok(split_rows(
-            self.run(backend, step, false)?,
-            self.config.vocab_size,
-        ))
-    }
-
-    fn forward_all(&self, backend: &B, ids: &[u32]) -> Result<Vec<f32>> {
-        let mut cache = self.new_cache();
-        let mut caches = [&mut cache];
-        let step = self.begin(&mut caches, &[ids])?;
-        self.run(backend, step, true)
     }
 }

@@ -5,8 +5,8 @@
 
 use crate::backend::Backend;
 use crate::config::{Activation, LlamaConfig, LlamaFamily};
-use crate::models::decoder::{CausalLm, split_rows};
-use crate::models::kv_cache::{KvCache, Step};
+use crate::models::decoder::{CacheLayout, CausalLm};
+use crate::models::kv_cache::Step;
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -103,21 +103,31 @@ impl<B: Backend> Llama<B> {
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }
+}
 
-    fn begin<'c, 'k>(&self, caches: &'c mut [&'k mut KvCache], tokens: &[&[u32]]) -> Result<Step<'c, 'k>> {
+impl<B: Backend> CausalLm<B> for Llama<B> {
+    fn cache_layout(&self) -> CacheLayout {
         let c = &self.config;
-        Step::new(
-            caches,
-            tokens,
-            c.num_hidden_layers,
-            c.num_key_value_heads,
-            c.head_dim,
-            c.sliding_window,
-        )
+        CacheLayout {
+            layers: c.num_hidden_layers,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            window: c.sliding_window,
+        }
     }
 
-    /// Runs the step's tokens through the model; host logits of every new token (`all`) or of
-    /// each sequence's last one.
+    fn max_positions(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn eos_token_ids(&self) -> &[u32] {
+        &self.config.eos_token_ids
+    }
+
     fn run(&self, backend: &B, mut step: Step<'_, '_>, all: bool) -> Result<Vec<f32>> {
         let c = &self.config;
         let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -161,44 +171,5 @@ impl<B: Backend> Llama<B> {
         let logits = backend.to_host(&backend.linear(&x, head, None)?)?;
         step.commit();
         Ok(logits)
-    }
-}
-
-impl<B: Backend> CausalLm<B> for Llama<B> {
-    fn new_cache(&self) -> KvCache {
-        let c = &self.config;
-        KvCache::new(
-            c.num_hidden_layers,
-            c.num_key_value_heads,
-            c.head_dim,
-            c.max_position_embeddings,
-        )
-    }
-
-    fn max_positions(&self) -> usize {
-        self.config.max_position_embeddings
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-
-    fn eos_token_ids(&self) -> &[u32] {
-        &self.config.eos_token_ids
-    }
-
-    fn step(&self, backend: &B, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        let step = self.begin(caches, tokens)?;
-        Ok(split_rows(
-            self.run(backend, step, false)?,
-            self.config.vocab_size,
-        ))
-    }
-
-    fn forward_all(&self, backend: &B, ids: &[u32]) -> Result<Vec<f32>> {
-        let mut cache = self.new_cache();
-        let mut caches = [&mut cache];
-        let step = self.begin(&mut caches, &[ids])?;
-        self.run(backend, step, true)
     }
 }
