@@ -154,6 +154,21 @@ pub struct LlamaConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// Parses `text` (the contents of `path`) as a JSON object, with errors naming the file.
+pub(crate) fn json_object(path: &Path, text: &str) -> Result<serde_json::Map<String, Value>> {
+    let value: Value = serde_json::from_str(text).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        message: format!("not valid JSON: {e}"),
+    })?;
+    match value {
+        Value::Object(object) => Ok(object),
+        _ => Err(Error::Config {
+            path: path.to_path_buf(),
+            message: "expected a JSON object".to_string(),
+        }),
+    }
+}
+
 impl ModelConfig {
     /// Reads and validates `config.json` at `path`.
     pub fn load(path: &Path) -> Result<Self> {
@@ -163,16 +178,7 @@ impl ModelConfig {
 
     /// Parses and validates the text of a `config.json`; `path` is only used in error messages.
     pub fn parse(path: &Path, text: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: format!("not valid JSON: {e}"),
-        })?;
-        let Value::Object(object) = value else {
-            return Err(Error::Config {
-                path: path.to_path_buf(),
-                message: "expected a JSON object".to_string(),
-            });
-        };
+        let object = json_object(path, text)?;
         let fields = Fields {
             path,
             object: &object,
@@ -657,16 +663,7 @@ impl PoolingConfig {
 
     /// Parses a sentence-transformers `1_Pooling/config.json`; exactly one mode must be set.
     pub fn parse_mode(path: &Path, text: &str) -> Result<PoolingMode> {
-        let value: Value = serde_json::from_str(text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: format!("not valid JSON: {e}"),
-        })?;
-        let Value::Object(object) = value else {
-            return Err(Error::Config {
-                path: path.to_path_buf(),
-                message: "expected a JSON object".to_string(),
-            });
-        };
+        let object = json_object(path, text)?;
         let fields = Fields {
             path,
             object: &object,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tokenizers::{PostProcessor, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use crate::config::{Fields, read_optional};
+use crate::config::{Fields, json_object, read_optional};
 use crate::{Error, Result};
 
 /// A loaded tokenizer, ready to encode text for one model.
@@ -239,16 +239,7 @@ impl TokenizerConfig {
 
     /// Parses the text of a `tokenizer_config.json`; `path` is only used in error messages.
     pub fn parse(path: &Path, text: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: format!("not valid JSON: {e}"),
-        })?;
-        let Value::Object(object) = value else {
-            return Err(Error::Config {
-                path: path.to_path_buf(),
-                message: "expected a JSON object".to_string(),
-            });
-        };
+        let object = json_object(path, text)?;
         let fields = Fields {
             path,
             object: &object,
