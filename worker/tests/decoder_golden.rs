@@ -2,8 +2,6 @@
 //! (tokenizer ids, logits of every prompt position, last-token logits, 12 greedy tokens from
 //! `generate`). References come from `fixtures/generate.py`.
 
-use std::path::{Path, PathBuf};
-
 use atomic_worker::ModelDir;
 use atomic_worker::backend::CpuBackend;
 use atomic_worker::config::ModelConfig;
@@ -14,28 +12,10 @@ use atomic_worker::models::llama::Llama;
 use atomic_worker::sampling::{FinishReason, SamplingParams, argmax, generate};
 use serde_json::Value;
 
+mod common;
+use common::{fixture, floats, max_abs_diff, reference};
+
 const GREEDY_TOKENS: usize = 12;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
-}
-
-fn reference(folder: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(folder.join("reference.json")).unwrap()).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    match v {
-        Value::Array(items) => items.iter().flat_map(floats).collect(),
-        Value::Number(n) => vec![n.as_f64().unwrap() as f32],
-        other => panic!("not a number: {other}"),
-    }
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
 
 type Model = Box<dyn CausalLm<CpuBackend>>;
 

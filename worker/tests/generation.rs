@@ -1,7 +1,6 @@
 //! Text generation over HTTP: each test starts a server in-process on 127.0.0.1:0 with a tiny
 //! decoder fixture and checks completions, chat and streaming against the PyTorch references.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use atomic_worker::Tokenizer;
@@ -9,9 +8,8 @@ use atomic_worker::server::{self, AppState, Engine, Limits, Metrics};
 use futures::future::join_all;
 use serde_json::{Value, json};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
-}
+mod common;
+use common::fixture;
 
 struct Server {
     base: String,

