@@ -418,7 +418,9 @@ impl Backend for CpuBackend {
                 }
                 start += w;
                 let mut shape = x.shape.clone();
-                *shape.last_mut().expect("rank checked") = w;
+                if let Some(last) = shape.last_mut() {
+                    *last = w;
+                }
                 CpuTensor::new(data, shape)
             })
             .collect();
@@ -454,7 +456,9 @@ impl Backend for CpuBackend {
             )
         });
         let mut shape = x.shape.clone();
-        *shape.last_mut().expect("rank checked") = m;
+        if let Some(last) = shape.last_mut() {
+            *last = m;
+        }
         Ok(CpuTensor::new(out, shape))
     }
 
