@@ -128,6 +128,11 @@ pub enum Error {
     #[error("backend: {0}")]
     Backend(#[from] backend::BackendError),
 
+    /// The worker cannot serve the model as configured (wrong task or labels for the model,
+    /// a thread that could not start).
+    #[error("{0}")]
+    Setup(String),
+
     /// A request's input cannot be run on the model (too long, wrong head, unsupported mode).
     #[error("{0}")]
     Input(String),

@@ -6,12 +6,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, bail};
-
 use super::Task;
 use super::generator::{DecoderParts, Generator, load_decoder_dir};
 use super::metrics::Metrics;
 use super::scheduler::{BertEncoder, Encoder, Scheduler};
+use crate::Error;
 use crate::backend::CpuBackend;
 use crate::config::{BertHead, ModelConfig};
 use crate::model_dir::ModelDir;
@@ -48,7 +47,7 @@ pub enum ModelParts {
 
 /// Opens `dir` and loads whichever kind of model it holds on a CPU backend with `threads`
 /// threads (0: all cores).
-pub fn load_model(dir: &Path, threads: usize) -> anyhow::Result<ModelParts> {
+pub fn load_model(dir: &Path, threads: usize) -> crate::Result<ModelParts> {
     let opened = ModelDir::open(dir)?;
     match opened.config {
         ModelConfig::Bert(_) => load_encoder(dir, threads).map(ModelParts::Encoder),
@@ -59,13 +58,17 @@ pub fn load_model(dir: &Path, threads: usize) -> anyhow::Result<ModelParts> {
 }
 
 /// Checks that a decoder can do `task`: generation only, and no labels.
-pub fn check_decoder_task(task: Option<Task>, labels: &[String]) -> anyhow::Result<()> {
+pub fn check_decoder_task(task: Option<Task>, labels: &[String]) -> crate::Result<()> {
     if !labels.is_empty() {
-        bail!("--labels: the model is a decoder (text generation) and does not classify");
+        return Err(Error::Setup(
+            "--labels: the model is a decoder (text generation) and does not classify".to_string(),
+        ));
     }
     match task {
         None | Some(Task::Generate) => Ok(()),
-        Some(_) => bail!("--task: the model is a decoder and only generates text; use --task generate"),
+        Some(_) => Err(Error::Setup(
+            "--task: the model is a decoder and only generates text; use --task generate".to_string(),
+        )),
     }
 }
 
@@ -81,14 +84,16 @@ pub struct EncoderParts {
 }
 
 /// Opens `dir` and loads the model on a CPU backend with `threads` threads (0: all cores).
-pub fn load_encoder(dir: &Path, threads: usize) -> anyhow::Result<EncoderParts> {
+pub fn load_encoder(dir: &Path, threads: usize) -> crate::Result<EncoderParts> {
     let dir = ModelDir::open(dir)?;
     let config = match &dir.config {
         ModelConfig::Bert(c) => c.clone(),
-        ModelConfig::Gpt2(_) | ModelConfig::Llama(_) => bail!(
-            "{}: the model is a decoder (text generation); load it with load_model",
-            dir.path.display()
-        ),
+        ModelConfig::Gpt2(_) | ModelConfig::Llama(_) => {
+            return Err(Error::Setup(format!(
+                "{}: the model is a decoder (text generation); load it with load_model",
+                dir.path.display()
+            )));
+        }
     };
     let backend = CpuBackend::new(threads)?;
     let model = Bert::load(&backend, &config, &dir.weights, &dir.tensor_prefix)?;
@@ -122,28 +127,28 @@ pub fn load_encoder(dir: &Path, threads: usize) -> anyhow::Result<EncoderParts> 
 
 /// Checks that the model can do `task` with the configured `labels`, so that a deployment that
 /// cannot work fails at start-up rather than on every request.
-pub fn check_task(task: Option<Task>, head: &Head, labels: &[String]) -> anyhow::Result<()> {
+pub fn check_task(task: Option<Task>, head: &Head, labels: &[String]) -> crate::Result<()> {
     if let Head::Sequence(known) = head
         && let Some(unknown) = labels.iter().find(|l| !known.contains(l))
     {
-        bail!(
+        return Err(Error::Setup(format!(
             "--labels: `{unknown}` is not a label of the model's classification head ({})",
             known.join(", ")
-        );
+        )));
     }
     match (task, head) {
         (None | Some(Task::Embed), _) => Ok(()),
         (Some(Task::Classify), Head::None | Head::Sequence(_)) => Ok(()),
-        (Some(Task::Classify), Head::Token(_)) => {
-            bail!("--task classify: the model is a token classifier; use --task extract")
-        }
+        (Some(Task::Classify), Head::Token(_)) => Err(Error::Setup(
+            "--task classify: the model is a token classifier; use --task extract".to_string(),
+        )),
         (Some(Task::Extract), Head::Token(_)) => Ok(()),
-        (Some(Task::Extract), _) => {
-            bail!("--task extract: the model has no token classification head")
-        }
-        (Some(Task::Generate), _) => {
-            bail!("--task generate: the model is an encoder and does not generate text")
-        }
+        (Some(Task::Extract), _) => Err(Error::Setup(
+            "--task extract: the model has no token classification head".to_string(),
+        )),
+        (Some(Task::Generate), _) => Err(Error::Setup(
+            "--task generate: the model is an encoder and does not generate text".to_string(),
+        )),
     }
 }
 
@@ -176,9 +181,9 @@ impl Engine {
         default_labels: Vec<String>,
         max_batch_tokens: usize,
         metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::Result<Self> {
         let scheduler = Scheduler::start(parts.encoder, max_batch_tokens, metrics)
-            .context("cannot start the scheduler thread")?;
+            .map_err(|e| Error::Setup(format!("cannot start the scheduler thread: {e}")))?;
         Ok(Self {
             tokenizer: Arc::new(parts.tokenizer),
             capability: Capability::Encoder(parts.head),
@@ -195,7 +200,7 @@ impl Engine {
         parts: DecoderParts,
         max_batch_tokens: usize,
         metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::Result<Self> {
         let tokenizer = Arc::new(parts.tokenizer);
         let generator = Generator::start(
             parts.model,
@@ -204,7 +209,7 @@ impl Engine {
             max_batch_tokens,
             metrics,
         )
-        .context("cannot start the generation thread")?;
+        .map_err(|e| Error::Setup(format!("cannot start the generation thread: {e}")))?;
         Ok(Self {
             tokenizer,
             capability: Capability::Decoder,
@@ -221,7 +226,7 @@ impl Engine {
         default_labels: Vec<String>,
         max_batch_tokens: usize,
         metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::Result<Self> {
         match parts {
             ModelParts::Encoder(p) => Self::start(p, default_labels, max_batch_tokens, metrics),
             ModelParts::Decoder(p) => Self::start_decoder(p, max_batch_tokens, metrics),

@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Instant;
 
-use anyhow::bail;
 use tokio::sync::mpsc as tokio_mpsc;
 
 use super::metrics::Metrics;
+use crate::Error;
 use crate::backend::CpuBackend;
 use crate::config::ModelConfig;
 use crate::model_dir::ModelDir;
@@ -42,12 +42,17 @@ pub struct DecoderParts {
 }
 
 /// Loads a decoder (GPT-2 or Llama family) from an opened model folder.
-pub fn load_decoder_dir(dir: ModelDir, threads: usize) -> anyhow::Result<DecoderParts> {
+pub fn load_decoder_dir(dir: ModelDir, threads: usize) -> crate::Result<DecoderParts> {
     let backend = CpuBackend::new(threads)?;
     let model: Decoder = match &dir.config {
         ModelConfig::Gpt2(c) => Box::new(Gpt2::load(&backend, c, &dir.weights, &dir.tensor_prefix)?),
         ModelConfig::Llama(c) => Box::new(Llama::load(&backend, c, &dir.weights, &dir.tensor_prefix)?),
-        ModelConfig::Bert(_) => bail!("{}: the model is an encoder, not a decoder", dir.path.display()),
+        ModelConfig::Bert(_) => {
+            return Err(Error::Setup(format!(
+                "{}: the model is an encoder, not a decoder",
+                dir.path.display()
+            )));
+        }
     };
     Ok(DecoderParts {
         tokenizer: dir.tokenizer,
@@ -57,7 +62,7 @@ pub fn load_decoder_dir(dir: ModelDir, threads: usize) -> anyhow::Result<Decoder
 }
 
 /// Opens `dir` and loads its decoder on a CPU backend with `threads` threads (0: all cores).
-pub fn load_decoder(dir: &Path, threads: usize) -> anyhow::Result<DecoderParts> {
+pub fn load_decoder(dir: &Path, threads: usize) -> crate::Result<DecoderParts> {
     load_decoder_dir(ModelDir::open(dir)?, threads)
 }
 
