@@ -19,7 +19,7 @@ use crate::engine::FailureReason;
 use atomic_protocol::{
     CLASSIFY_PATH, COMPLETIONS_PATH, ClassifyRequest, ClassifyResponse, CompletionRequest,
     CompletionResponse, EMBEDDINGS_PATH, EXTRACT_PATH, EmbeddingInput, EmbeddingRequest, EmbeddingResponse,
-    ErrorResponse, ExtractRequest, ExtractResponse,
+    ErrorResponse, ExtractRequest, ExtractResponse, SamplingOptions,
 };
 
 /// Name of the header that lets receivers deduplicate redelivered requests.
@@ -127,12 +127,14 @@ impl WorkerClient {
                 let body = CompletionRequest {
                     model: req.model.clone(),
                     prompt: req.prompt.clone(),
-                    max_tokens: params.max_tokens,
-                    temperature: params.temperature,
-                    top_p: params.top_p,
-                    top_k: params.top_k,
-                    seed: params.seed,
-                    stop: params.stop,
+                    sampling: SamplingOptions {
+                        max_tokens: params.max_tokens,
+                        temperature: params.temperature,
+                        top_p: params.top_p,
+                        top_k: params.top_k,
+                        seed: params.seed,
+                        stop: params.stop,
+                    },
                 };
                 let builder = self.http.post(url(COMPLETIONS_PATH)).json(&body);
                 let resp: CompletionResponse = self.exchange(&peer, builder, timeout).await?;

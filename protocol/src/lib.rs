@@ -76,13 +76,9 @@ pub struct EmbeddingUsage {
     pub total_tokens: u32,
 }
 
-/// `POST /v1/completions` request.
+/// The sampling fields that completion and chat requests share.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-pub struct CompletionRequest {
-    /// Model name.
-    pub model: String,
-    /// Text to continue.
-    pub prompt: String,
+pub struct SamplingOptions {
     /// Most tokens to generate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
@@ -101,6 +97,18 @@ pub struct CompletionRequest {
     /// Generation stops before any of these strings.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+}
+
+/// `POST /v1/completions` request.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct CompletionRequest {
+    /// Model name.
+    pub model: String,
+    /// Text to continue.
+    pub prompt: String,
+    /// How to sample; flattened, so the fields sit at the top level as in OpenAI's API.
+    #[serde(flatten)]
+    pub sampling: SamplingOptions,
 }
 
 /// `POST /v1/completions` response.
@@ -218,24 +226,9 @@ pub struct ChatCompletionRequest {
     pub model: String,
     /// The conversation so far.
     pub messages: Vec<ChatMessage>,
-    /// Most tokens to generate.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_tokens: Option<u32>,
-    /// Sampling temperature; 0 is greedy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f64>,
-    /// Nucleus sampling mass.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f64>,
-    /// Sample among the k most likely tokens (not in OpenAI's API; vLLM and others accept it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_k: Option<u32>,
-    /// Random seed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
-    /// Generation stops before any of these strings.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stop: Vec<String>,
+    /// How to sample; flattened, so the fields sit at the top level as in OpenAI's API.
+    #[serde(flatten)]
+    pub sampling: SamplingOptions,
     /// Whether to stream the answer as server-sent events.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stream: bool,

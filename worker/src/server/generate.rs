@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use atomic_protocol::{
     ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, CompletionChoice,
-    CompletionRequest, CompletionResponse, CompletionUsage,
+    CompletionRequest, CompletionResponse, CompletionUsage, SamplingOptions,
 };
 use axum::Json;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -92,7 +92,7 @@ async fn run(state: AppState, endpoint: &'static str, body: Body, chat: bool) ->
 /// Parses and checks the request, renders a chat and tokenizes the prompt.
 async fn prepare(state: &AppState, engine: &Engine, body: &[u8], chat: bool) -> Result<Prepared, ApiError> {
     let body = normalize(body)?;
-    let (text, add_special_tokens, fields, stream) = if chat {
+    let (text, add_special_tokens, sampling, stream) = if chat {
         let (req, extra): (ChatCompletionRequest, _) = parse(&body, &[])?;
         state.check_model(&req.model)?;
         check_decoder(state, engine)?;
@@ -120,20 +120,14 @@ async fn prepare(state: &AppState, engine: &Engine, body: &[u8], chat: bool) -> 
             config.eos_token.as_deref(),
         )
         .map_err(|m| ApiError::bad_request("chat_template_error", m))?;
-        let fields = Fields {
-            max_tokens: req.max_tokens.or_else(|| {
-                extra
-                    .get("max_completion_tokens")
-                    .and_then(Value::as_u64)
-                    .map(|n| n.min(u64::from(u32::MAX)) as u32)
-            }),
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            seed: req.seed,
-            stop: req.stop,
-        };
-        (rendered, false, fields, req.stream)
+        let mut sampling = req.sampling;
+        if sampling.max_tokens.is_none() {
+            sampling.max_tokens = extra
+                .get("max_completion_tokens")
+                .and_then(Value::as_u64)
+                .map(|n| n.min(u64::from(u32::MAX)) as u32);
+        }
+        (rendered, false, sampling, req.stream)
     } else {
         let (req, extra): (CompletionRequest, _) = parse(&body, &[])?;
         state.check_model(&req.model)?;
@@ -143,22 +137,14 @@ async fn prepare(state: &AppState, engine: &Engine, body: &[u8], chat: bool) -> 
             Some(Value::Bool(b)) => *b,
             Some(_) => return Err(ApiError::invalid("invalid request: `stream` must be a boolean")),
         };
-        let fields = Fields {
-            max_tokens: req.max_tokens,
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            seed: req.seed,
-            stop: req.stop,
-        };
-        (req.prompt, true, fields, stream)
+        (req.prompt, true, req.sampling, stream)
     };
     state.check_inputs(std::slice::from_ref(&text))?;
     let context = engine
         .generator
         .as_ref()
         .map_or(0, super::generator::Generator::max_positions);
-    let params = fields.params(context)?;
+    let params = sampling_params(sampling, context)?;
 
     let tokenizer = engine.tokenizer.clone();
     let started = Instant::now();
@@ -228,57 +214,46 @@ fn normalize(body: &[u8]) -> Result<Vec<u8>, ApiError> {
     serde_json::to_vec(&value).map_err(|e| ApiError::internal(format!("cannot re-encode the body: {e}")))
 }
 
-/// The sampling fields of either request.
-struct Fields {
-    max_tokens: Option<u32>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    top_k: Option<u32>,
-    seed: Option<u64>,
-    stop: Vec<String>,
-}
-
-impl Fields {
-    fn params(self, context: usize) -> Result<SamplingParams, ApiError> {
-        let temperature = self.temperature.unwrap_or(1.0);
-        if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
-            return Err(ApiError::bad_request(
-                "invalid_temperature",
-                format!("temperature must be between 0 and 2, got {temperature}"),
-            ));
-        }
-        let top_p = self.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(ApiError::bad_request(
-                "invalid_top_p",
-                format!("top_p must be in (0, 1], got {top_p}"),
-            ));
-        }
-        let max_tokens = self.max_tokens.map_or(DEFAULT_MAX_TOKENS, |n| n as usize);
-        if max_tokens == 0 || max_tokens > context {
-            return Err(ApiError::bad_request(
-                "invalid_max_tokens",
-                format!(
-                    "max_tokens must be between 1 and the model's context of {context} tokens, got {max_tokens}"
-                ),
-            ));
-        }
-        if self.stop.iter().any(String::is_empty) {
-            return Err(ApiError::bad_request(
-                "invalid_stop",
-                "stop strings must not be empty",
-            ));
-        }
-        let seed = self.seed.unwrap_or_else(random_seed);
-        Ok(SamplingParams {
-            temperature: temperature as f32,
-            top_k: self.top_k.map_or(0, |k| k as usize),
-            top_p: top_p as f32,
-            seed,
-            max_tokens,
-            stop: self.stop,
-        })
+/// Checks a request's sampling options against the model's context and fills in defaults.
+fn sampling_params(options: SamplingOptions, context: usize) -> Result<SamplingParams, ApiError> {
+    let temperature = options.temperature.unwrap_or(1.0);
+    if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
+        return Err(ApiError::bad_request(
+            "invalid_temperature",
+            format!("temperature must be between 0 and 2, got {temperature}"),
+        ));
     }
+    let top_p = options.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad_request(
+            "invalid_top_p",
+            format!("top_p must be in (0, 1], got {top_p}"),
+        ));
+    }
+    let max_tokens = options.max_tokens.map_or(DEFAULT_MAX_TOKENS, |n| n as usize);
+    if max_tokens == 0 || max_tokens > context {
+        return Err(ApiError::bad_request(
+            "invalid_max_tokens",
+            format!(
+                "max_tokens must be between 1 and the model's context of {context} tokens, got {max_tokens}"
+            ),
+        ));
+    }
+    if options.stop.iter().any(String::is_empty) {
+        return Err(ApiError::bad_request(
+            "invalid_stop",
+            "stop strings must not be empty",
+        ));
+    }
+    let seed = options.seed.unwrap_or_else(random_seed);
+    Ok(SamplingParams {
+        temperature: temperature as f32,
+        top_k: options.top_k.map_or(0, |k| k as usize),
+        top_p: top_p as f32,
+        seed,
+        max_tokens,
+        stop: options.stop,
+    })
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
