@@ -1,10 +1,12 @@
 //! The CPU backend: `f32` row-major host tensors. Matrix products go through `gemm` (packed SIMD
 //! kernels, multithreaded); the row-wise operations are single-pass loops over contiguous rows,
-//! split across the backend's own rayon pool when a tensor is large enough to pay for it.
+//! split across the backend's own rayon pool when a tensor is large enough to pay for it; the
+//! loops themselves are in [`super::kernels`], compiled per SIMD level.
 
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+use super::kernels;
 use super::shapes::{self, AttnDims};
 use super::{AttentionMask, Backend, BackendError, Result};
 
@@ -74,57 +76,48 @@ impl CpuBackend {
         self.threads
     }
 
-    /// Calls `f(index, chunk)` for every `chunk_len`-sized chunk of `out` (the last may be
-    /// shorter), in parallel when `out` is large. Row-wise operations pass the row length.
-    fn for_chunks(&self, out: &mut [f32], chunk_len: usize, f: impl Fn(usize, &mut [f32]) + Send + Sync) {
-        if chunk_len == 0 || out.is_empty() {
+    /// Calls `f(first_row, rows)` over groups of whole `row_len`-wide rows of `out` (elementwise
+    /// operations pass [`ELEMENTWISE_CHUNK`] as the row length; the last row may then be shorter),
+    /// in parallel when `out` is large.
+    fn for_rows(&self, out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Send + Sync) {
+        if row_len == 0 || out.is_empty() {
             return;
         }
         if self.threads == 1 || out.len() < PARALLEL_MIN {
-            out.chunks_mut(chunk_len).enumerate().for_each(|(i, c)| f(i, c));
+            f(0, out);
             return;
         }
         // Several small rows per task, so that the per-task overhead stays small.
-        let per_task = (ELEMENTWISE_CHUNK / chunk_len).max(1);
+        let per_task = (ELEMENTWISE_CHUNK / row_len).max(1);
         self.pool.install(|| {
-            out.par_chunks_mut(per_task * chunk_len)
+            out.par_chunks_mut(per_task * row_len)
                 .enumerate()
-                .for_each(|(t, group)| {
-                    for (i, c) in group.chunks_mut(chunk_len).enumerate() {
-                        f(t * per_task + i, c);
-                    }
-                })
+                .for_each(|(t, group)| f(t * per_task, group))
         });
     }
 
-    /// `out = f(x)` elementwise.
-    fn unary(&self, x: &CpuTensor, f: impl Fn(f32) -> f32 + Send + Sync) -> CpuTensor {
+    /// `out = kernel(x)` elementwise.
+    fn unary(&self, x: &CpuTensor, kernel: fn(&mut [f32], &[f32])) -> CpuTensor {
         let mut out = vec![0.0; x.data.len()];
-        self.for_chunks(&mut out, ELEMENTWISE_CHUNK, |i, o| {
-            let xs = &x.data[i * ELEMENTWISE_CHUNK..][..o.len()];
-            for (o, &v) in o.iter_mut().zip(xs) {
-                *o = f(v);
-            }
+        self.for_rows(&mut out, ELEMENTWISE_CHUNK, |i, o| {
+            kernel(o, &x.data[i * ELEMENTWISE_CHUNK..][..o.len()])
         });
         CpuTensor::new(out, x.shape.clone())
     }
 
-    /// `out = f(a, b)` elementwise over equal shapes.
+    /// `out = kernel(a, b)` elementwise over equal shapes.
     fn binary(
         &self,
         op: &'static str,
         a: &CpuTensor,
         b: &CpuTensor,
-        f: impl Fn(f32, f32) -> f32 + Send + Sync,
+        kernel: fn(&mut [f32], &[f32], &[f32]),
     ) -> Result<CpuTensor> {
         shapes::same(op, &a.shape, &b.shape)?;
         let mut out = vec![0.0; a.data.len()];
-        self.for_chunks(&mut out, ELEMENTWISE_CHUNK, |i, o| {
+        self.for_rows(&mut out, ELEMENTWISE_CHUNK, |i, o| {
             let start = i * ELEMENTWISE_CHUNK;
-            let (xs, ys) = (&a.data[start..][..o.len()], &b.data[start..][..o.len()]);
-            for ((o, &x), &y) in o.iter_mut().zip(xs).zip(ys) {
-                *o = f(x, y);
-            }
+            kernel(o, &a.data[start..][..o.len()], &b.data[start..][..o.len()])
         });
         Ok(CpuTensor::new(out, a.shape.clone()))
     }
@@ -205,94 +198,6 @@ impl SharedOut {
     }
 }
 
-/// `e^x` to about 1 ulp, in plain arithmetic that the compiler vectorises (std's `exp` is a
-/// libm call per element): `x = n·ln2 + r` with `|r| <= ln2/2`, `e^r` by its degree-7 Taylor
-/// polynomial (truncation below 6e-9 relative), `2^n` built in the exponent bits. Underflows to 0
-/// below -87 (so `-inf` gives 0) and saturates at `e^88`.
-#[inline(always)]
-fn fast_exp(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding and subtracting it rounds to an integer
-    let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    let r = (xc - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < -87.0 { 0.0 } else { p * scale }
-}
-
-/// `erf` (Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7), returned as `1 + erf(z)` so
-/// that negative arguments keep their relative precision.
-#[inline]
-fn one_plus_erf(z: f32) -> f32 {
-    const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [0.254_829_6, -0.284_496_74, 1.421_413_8, -1.453_152, 1.061_405_4];
-    let a = z.abs();
-    let t = 1.0 / (1.0 + P * a);
-    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    let erfc = poly * fast_exp(-a * a); // erfc(|z|)
-    if z >= 0.0 { 2.0 - erfc } else { erfc }
-}
-
-#[inline]
-fn gelu_erf(x: f32) -> f32 {
-    0.5 * x * one_plus_erf(x * std::f32::consts::FRAC_1_SQRT_2)
-}
-
-#[inline]
-fn gelu_tanh(x: f32) -> f32 {
-    const C: f32 = 0.797_884_6; // sqrt(2/pi)
-    // 1 + tanh(y) = 2 - 2 / (e^(2y) + 1)
-    let y = C * (x + 0.044_715 * x * x * x);
-    0.5 * x * (2.0 - 2.0 / (fast_exp(2.0 * y) + 1.0))
-}
-
-/// `Σ f(x)` over eight interleaved partial sums, which the compiler keeps in one vector register
-/// (a single running sum is a serial dependency chain that cannot be vectorised).
-#[inline(always)]
-fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = xs.chunks_exact(8);
-    let tail = chunks.remainder().iter().map(|&v| f(v)).sum::<f32>();
-    for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += f(v);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Normalises one row in place: `(x - mean) / sqrt(var + eps) * gamma + beta`.
-#[inline]
-fn layer_norm_row(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
-    let d = row.len() as f32;
-    let mean = lane_sum(row, |v| v) / d;
-    let var = lane_sum(row, |v| (v - mean) * (v - mean)) / d;
-    let inv = 1.0 / (var + eps).sqrt();
-    for ((v, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
-        *v = (*v - mean) * inv * g + b;
-    }
-}
-
-/// Softmax of one row in place; an all `-inf` row becomes zeros.
-#[inline]
-fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        row.fill(0.0);
-        return;
-    }
-    // Exponentials and their sum in separate loops: both vectorise that way.
-    row.iter_mut().for_each(|v| *v = fast_exp(*v - max));
-    let inv = 1.0 / lane_sum(row, |v| v);
-    row.iter_mut().for_each(|v| *v *= inv);
-}
-
 impl CpuBackend {
     /// One (batch, head) of attention: `softmax(q kᵀ · scale + mask) v`, written into `out`.
     ///
@@ -345,18 +250,7 @@ impl CpuBackend {
             );
         }
         let valid = mask.key_valid.map(|m| &m[b * s_k..(b + 1) * s_k]);
-        for (i, row) in scores.chunks_mut(s_k).enumerate() {
-            let visible = mask.causal_offset.map_or(s_k, |off| (off + i + 1).min(s_k));
-            row[visible..].fill(f32::NEG_INFINITY);
-            if let Some(valid) = valid {
-                for (s, &ok) in row.iter_mut().zip(valid) {
-                    if !ok {
-                        *s = f32::NEG_INFINITY;
-                    }
-                }
-            }
-            softmax_row(row);
-        }
+        kernels::masked_softmax(scores, s_k, mask.causal_offset, valid);
         // out[s_q × d] = p · v, into the strided rows of this head.
         unsafe {
             sgemm(
@@ -514,7 +408,7 @@ impl Backend for CpuBackend {
     }
 
     fn add(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
-        self.binary("add", a, b, |x, y| x + y)
+        self.binary("add", a, b, kernels::add)
     }
 
     fn layer_norm(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor, eps: f32) -> Result<CpuTensor> {
@@ -524,8 +418,8 @@ impl Backend for CpuBackend {
             &[("gamma", &gamma.shape), ("beta", &beta.shape)],
         )?;
         let mut out = x.data.clone();
-        self.for_chunks(&mut out, d, |_, row| {
-            layer_norm_row(row, &gamma.data, &beta.data, eps)
+        self.for_rows(&mut out, d, |_, rows| {
+            kernels::layer_norm(rows, &gamma.data, &beta.data, eps)
         });
         Ok(CpuTensor::new(out, x.shape.clone()))
     }
@@ -542,12 +436,12 @@ impl Backend for CpuBackend {
         shapes::same(op, &x.shape, &residual.shape)?;
         let (_, d) = shapes::norm(op, &x.shape, &[("gamma", &gamma.shape), ("beta", &beta.shape)])?;
         let mut out = vec![0.0; x.data.len()];
-        self.for_chunks(&mut out, d, |r, row| {
-            let (xs, rs) = (&x.data[r * d..][..d], &residual.data[r * d..][..d]);
-            for ((o, &a), &b) in row.iter_mut().zip(xs).zip(rs) {
-                *o = a + b;
-            }
-            layer_norm_row(row, &gamma.data, &beta.data, eps);
+        self.for_rows(&mut out, d, |r, rows| {
+            let (xs, rs) = (
+                &x.data[r * d..][..rows.len()],
+                &residual.data[r * d..][..rows.len()],
+            );
+            kernels::add_layer_norm(rows, xs, rs, &gamma.data, &beta.data, eps);
         });
         Ok(CpuTensor::new(out, x.shape.clone()))
     }
@@ -555,32 +449,26 @@ impl Backend for CpuBackend {
     fn rms_norm(&self, x: &CpuTensor, weight: &CpuTensor, eps: f32) -> Result<CpuTensor> {
         let (_, d) = shapes::norm("rms_norm", &x.shape, &[("weight", &weight.shape)])?;
         let mut out = x.data.clone();
-        self.for_chunks(&mut out, d, |_, row| {
-            let ms = lane_sum(row, |v| v * v) / d as f32;
-            let inv = 1.0 / (ms + eps).sqrt();
-            for (v, &w) in row.iter_mut().zip(&weight.data) {
-                *v *= inv * w;
-            }
-        });
+        self.for_rows(&mut out, d, |_, rows| kernels::rms_norm(rows, &weight.data, eps));
         Ok(CpuTensor::new(out, x.shape.clone()))
     }
 
     fn gelu(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        Ok(self.unary(x, gelu_erf))
+        Ok(self.unary(x, kernels::gelu_erf))
     }
 
     fn gelu_tanh(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        Ok(self.unary(x, gelu_tanh))
+        Ok(self.unary(x, kernels::gelu_tanh))
     }
 
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
-        self.binary("silu_mul", gate, up, |g, u| g / (1.0 + fast_exp(-g)) * u)
+        self.binary("silu_mul", gate, up, kernels::silu_mul)
     }
 
     fn softmax_rows(&self, x: &CpuTensor) -> Result<CpuTensor> {
         let (_, d) = shapes::rows("softmax_rows", &x.shape)?;
         let mut out = x.data.clone();
-        self.for_chunks(&mut out, d, |_, row| softmax_row(row));
+        self.for_rows(&mut out, d, |_, rows| kernels::softmax(rows, d));
         Ok(CpuTensor::new(out, x.shape.clone()))
     }
 
@@ -588,9 +476,11 @@ impl Backend for CpuBackend {
         let (_, d) = shapes::embedding(ids, &table.shape)?;
         let mut out = vec![0.0; ids.len() * d];
         if d > 0 {
-            self.for_chunks(&mut out, d, |r, row| {
-                let id = ids[r] as usize;
-                row.copy_from_slice(&table.data[id * d..(id + 1) * d]);
+            self.for_rows(&mut out, d, |first, rows| {
+                for (row, &id) in rows.chunks_exact_mut(d).zip(&ids[first..]) {
+                    let id = id as usize;
+                    row.copy_from_slice(&table.data[id * d..(id + 1) * d]);
+                }
             });
         }
         Ok(CpuTensor::new(out, vec![ids.len(), d]))
@@ -606,22 +496,24 @@ impl Backend for CpuBackend {
         if h == 0 || d == 0 {
             return Ok(CpuTensor::new(out, x.shape.clone()));
         }
-        self.for_chunks(&mut out, h * d, |t, token| {
-            // Angles in f64: positions times frequencies lose precision in f32 at long contexts.
-            let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
-                .iter()
-                .map(|f| {
-                    let (s, c) = (positions[t] as f64 * f).sin_cos();
-                    (c as f32, s as f32)
-                })
-                .unzip();
-            let src = &x.data[t * h * d..][..h * d];
-            for (o, xs) in token.chunks_exact_mut(d).zip(src.chunks_exact(d)) {
-                let (lo, hi) = o.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b) = (xs[i], xs[i + half]);
-                    lo[i] = a * cos[i] - b * sin[i];
-                    hi[i] = b * cos[i] + a * sin[i];
+        self.for_rows(&mut out, h * d, |first, tokens| {
+            for (t, token) in (first..).zip(tokens.chunks_exact_mut(h * d)) {
+                // Angles in f64: positions times frequencies lose precision in f32 at long contexts.
+                let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
+                    .iter()
+                    .map(|f| {
+                        let (s, c) = (positions[t] as f64 * f).sin_cos();
+                        (c as f32, s as f32)
+                    })
+                    .unzip();
+                let src = &x.data[t * h * d..][..h * d];
+                for (o, xs) in token.chunks_exact_mut(d).zip(src.chunks_exact(d)) {
+                    let (lo, hi) = o.split_at_mut(half);
+                    for i in 0..half {
+                        let (a, b) = (xs[i], xs[i + half]);
+                        lo[i] = a * cos[i] - b * sin[i];
+                        hi[i] = b * cos[i] + a * sin[i];
+                    }
                 }
             }
         });
@@ -656,28 +548,5 @@ impl Backend for CpuBackend {
                 .install(|| (0..tasks).into_par_iter().for_each_init(Vec::new, run));
         }
         Ok(CpuTensor::new(out, q.shape.clone()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::fast_exp;
-
-    #[test]
-    fn fast_exp_is_within_a_few_ulps() {
-        // Relative error against f64 `exp` below 3e-7 (~2.5 ulp) over the whole normal range.
-        for i in -87_000..88_000 {
-            let x = i as f32 / 1000.0 + 0.000_37;
-            let want = (x as f64).exp();
-            let got = fast_exp(x) as f64;
-            assert!(
-                ((got - want) / want).abs() < 3e-7,
-                "exp({x}) = {got}, want {want}"
-            );
-        }
-        assert_eq!(fast_exp(0.0), 1.0);
-        assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
-        assert_eq!(fast_exp(-100.0), 0.0);
-        assert!(fast_exp(f32::INFINITY).is_finite());
     }
 }

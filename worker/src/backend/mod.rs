@@ -18,6 +18,7 @@
 //! - rotary embeddings use the "rotate_half" pairing: element `i` rotates with `i + head_dim / 2`.
 
 pub mod cpu;
+pub mod kernels;
 pub mod reference;
 mod shapes;
 
