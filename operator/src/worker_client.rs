@@ -134,7 +134,9 @@ impl WorkerClient {
                         top_k: params.top_k,
                         seed: params.seed,
                         stop: params.stop,
+                        n: None,
                     },
+                    ..CompletionRequest::default()
                 };
                 let builder = self.http.post(url(COMPLETIONS_PATH)).json(&body);
                 let resp: CompletionResponse = self.exchange(&peer, builder, timeout).await?;

@@ -148,6 +148,7 @@ async fn handle(
             choices: vec![CompletionChoice {
                 index: 0,
                 text: "Your kettle ships tomorrow.".into(),
+                logprobs: None,
                 finish_reason: Some("stop".into()),
             }],
             usage: CompletionUsage {

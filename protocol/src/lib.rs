@@ -97,6 +97,18 @@ pub struct SamplingOptions {
     /// Generation stops before any of these strings.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+    /// How many alternatives to generate (default 1). Choice `i` samples with `seed + i`, so a
+    /// seeded request is reproducible choice by choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+}
+
+/// `stream_options` of a streaming request.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct StreamOptions {
+    /// Send a last chunk, before `data: [DONE]`, with no choices and the request's usage.
+    #[serde(default)]
+    pub include_usage: bool,
 }
 
 /// `POST /v1/completions` request.
@@ -109,6 +121,16 @@ pub struct CompletionRequest {
     /// How to sample; flattened, so the fields sit at the top level as in OpenAI's API.
     #[serde(flatten)]
     pub sampling: SamplingOptions,
+    /// Return the log-probabilities of each generated token and of this many most likely
+    /// alternatives (0 to 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
+    /// Whether to stream the answer as server-sent events.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+    /// Options of a streamed answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
 }
 
 /// `POST /v1/completions` response.
@@ -122,7 +144,7 @@ pub struct CompletionResponse {
     pub created: u64,
     /// Model that generated the text.
     pub model: String,
-    /// Generated alternatives; Atomic asks for one.
+    /// Generated alternatives (`n` of them).
     pub choices: Vec<CompletionChoice>,
     /// Token accounting.
     pub usage: CompletionUsage,
@@ -135,9 +157,26 @@ pub struct CompletionChoice {
     pub index: u32,
     /// Generated text.
     pub text: String,
+    /// Log-probabilities of the generated tokens, when the request asked for them.
+    #[serde(default)]
+    pub logprobs: Option<CompletionLogprobs>,
     /// Why generation stopped: `"stop"` or `"length"`. OpenAI allows null, so it is optional.
     #[serde(default)]
     pub finish_reason: Option<String>,
+}
+
+/// Log-probabilities of a completion, in the completions API's column layout: entry `i` of each
+/// list describes generated token `i`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct CompletionLogprobs {
+    /// The tokens' text.
+    pub tokens: Vec<String>,
+    /// Each token's natural-log probability under the model.
+    pub token_logprobs: Vec<f64>,
+    /// The most likely alternatives at each position, token text to log-probability.
+    pub top_logprobs: Vec<std::collections::BTreeMap<String, f64>>,
+    /// Byte offset of each token's text in the completion text.
+    pub text_offset: Vec<usize>,
 }
 
 /// Token accounting of a completions call.
@@ -229,9 +268,18 @@ pub struct ChatCompletionRequest {
     /// How to sample; flattened, so the fields sit at the top level as in OpenAI's API.
     #[serde(flatten)]
     pub sampling: SamplingOptions,
+    /// Return the log-probability of each generated token.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub logprobs: bool,
+    /// With `logprobs`, also this many most likely alternatives per token (0 to 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<u32>,
     /// Whether to stream the answer as server-sent events.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stream: bool,
+    /// Options of a streamed answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
 }
 
 /// One message of a chat.
@@ -239,8 +287,53 @@ pub struct ChatCompletionRequest {
 pub struct ChatMessage {
     /// `system`, `user` or `assistant`.
     pub role: String,
-    /// The message text.
+    /// The message text. Requests may also give OpenAI's list of content parts; the text parts
+    /// are joined with newlines, and any other part (an image, audio) is rejected by name.
+    #[serde(deserialize_with = "content_text")]
     pub content: String,
+}
+
+/// Reads a message's `content`: a string, or a list of `{"type": "text", "text": ...}` parts.
+fn content_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    use serde::de::Error;
+
+    /// One content part; other fields (`image_url`, `input_audio`) are ignored, the type decides.
+    #[derive(Deserialize)]
+    struct Part {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        text: Option<String>,
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Content {
+        Text(String),
+        Parts(Vec<Part>),
+    }
+    match Content::deserialize(deserializer) {
+        Ok(Content::Text(text)) => Ok(text),
+        Ok(Content::Parts(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for part in parts {
+                match (part.kind.as_deref(), part.text) {
+                    (Some("text"), Some(text)) => texts.push(text),
+                    (Some("text"), None) => {
+                        return Err(D::Error::custom("a `text` content part needs a string `text`"));
+                    }
+                    (Some(other), _) => {
+                        return Err(D::Error::custom(format!(
+                            "content parts of type `{other}` are not supported; only `text` is"
+                        )));
+                    }
+                    (None, _) => return Err(D::Error::custom("a content part has no `type`")),
+                }
+            }
+            Ok(texts.join("\n"))
+        }
+        Err(_) => Err(D::Error::custom(
+            "`content` must be a string or a list of content parts",
+        )),
+    }
 }
 
 /// `POST /v1/chat/completions` response.
@@ -254,7 +347,7 @@ pub struct ChatCompletionResponse {
     pub created: u64,
     /// Model that generated the answer.
     pub model: String,
-    /// Generated alternatives; Atomic asks for one.
+    /// Generated alternatives (`n` of them).
     pub choices: Vec<ChatChoice>,
     /// Token accounting.
     pub usage: CompletionUsage,
@@ -267,9 +360,43 @@ pub struct ChatChoice {
     pub index: u32,
     /// The assistant's message.
     pub message: ChatMessage,
+    /// Log-probabilities of the generated tokens, when the request asked for them.
+    #[serde(default)]
+    pub logprobs: Option<ChatLogprobs>,
     /// Why generation stopped: `"stop"` or `"length"`.
     #[serde(default)]
     pub finish_reason: Option<String>,
+}
+
+/// Log-probabilities of a chat answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct ChatLogprobs {
+    /// One entry per generated token.
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+/// One generated token of a chat answer with its log-probability and the likeliest alternatives.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct ChatTokenLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its natural-log probability under the model.
+    pub logprob: f64,
+    /// The UTF-8 bytes of `token`.
+    pub bytes: Vec<u8>,
+    /// The most likely tokens at this position (`top_logprobs` of them), likeliest first.
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// An alternative token and its log-probability.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct TopLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its natural-log probability.
+    pub logprob: f64,
+    /// The UTF-8 bytes of `token`.
+    pub bytes: Vec<u8>,
 }
 
 /// `POST /v1/tokenize` request.
@@ -401,5 +528,57 @@ mod tests {
             serde_json::to_value(&req).unwrap(),
             json!({"model": "m", "prompt": "p"})
         );
+    }
+
+    #[test]
+    fn chat_content_takes_a_string_or_text_parts() {
+        let text: ChatMessage = serde_json::from_value(json!({"role": "user", "content": "hi"})).unwrap();
+        assert_eq!(text.content, "hi");
+        let parts: ChatMessage = serde_json::from_value(json!({"role": "user", "content": [
+            {"type": "text", "text": "first"},
+            {"type": "text", "text": "second"}
+        ]}))
+        .unwrap();
+        assert_eq!(parts.content, "first\nsecond");
+        // Serialised back as the plain string.
+        assert_eq!(
+            serde_json::to_value(&parts).unwrap(),
+            json!({"role": "user", "content": "first\nsecond"})
+        );
+        let image = serde_json::from_value::<ChatMessage>(json!({"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "x"}}
+        ]}))
+        .unwrap_err();
+        assert!(
+            image.to_string().contains("`image_url` are not supported"),
+            "{image}"
+        );
+        for bad in [
+            json!(null),
+            json!(3),
+            json!([{"text": "no type"}]),
+            json!([{"type": "text"}]),
+        ] {
+            let err = serde_json::from_value::<ChatMessage>(json!({"role": "user", "content": bad}));
+            assert!(err.is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn streaming_and_logprob_fields_round_trip() {
+        let req: ChatCompletionRequest = serde_json::from_value(json!({
+            "model": "m", "messages": [], "n": 2, "logprobs": true, "top_logprobs": 3,
+            "stream": true, "stream_options": {"include_usage": true}
+        }))
+        .unwrap();
+        assert_eq!(req.sampling.n, Some(2));
+        assert!(req.logprobs && req.stream);
+        assert_eq!(req.top_logprobs, Some(3));
+        assert_eq!(req.stream_options, Some(StreamOptions { include_usage: true }));
+        let req: CompletionRequest =
+            serde_json::from_value(json!({"model": "m", "prompt": "p", "logprobs": 2})).unwrap();
+        assert_eq!(req.logprobs, Some(2));
+        assert!(!req.stream);
     }
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use atomic_worker::server::{self, AppState, Engine, Limits, Metrics, ModelParts, Task};
+use atomic_worker::server::{self, AppState, Engine, Limits, Metrics, ModelLimits, ModelParts, Task};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -61,6 +61,11 @@ struct ServeArgs {
     /// Most padded tokens (sequences × longest sequence) in one forward pass.
     #[arg(long, env = "ATOMIC_WORKER_MAX_BATCH_TOKENS", default_value_t = 16384)]
     max_batch_tokens: usize,
+
+    /// Mebibytes of key/value cache the running generations may reserve together (decoders);
+    /// each reserves its prompt plus `max_tokens` on joining, and the rest wait their turn.
+    #[arg(long, env = "ATOMIC_WORKER_KV_CACHE_MIB", default_value_t = 2048)]
+    kv_cache_mib: usize,
 
     /// Requests handled at once; more are answered 429 (Too Many Requests).
     #[arg(long, env = "ATOMIC_WORKER_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
@@ -181,7 +186,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ModelParts::Encoder(p) => server::check_task(args.task, &p.head, &args.labels)?,
             ModelParts::Decoder(_) => server::check_decoder_task(args.task, &args.labels)?,
         }
-        let engine = Engine::start_model(parts, args.labels, args.max_batch_tokens, metrics)?;
+        let engine = Engine::start_model(
+            parts,
+            args.labels,
+            &ModelLimits {
+                max_batch_tokens: args.max_batch_tokens,
+                kv_cache_bytes: args.kv_cache_mib.saturating_mul(1 << 20),
+            },
+            metrics,
+        )?;
         state.set_engine(engine);
         tracing::info!("model loaded; ready");
 

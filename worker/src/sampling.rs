@@ -164,6 +164,44 @@ impl Sampler {
     }
 }
 
+/// Log-probabilities of one step under the model's own distribution (the softmax of the raw
+/// logits, before temperature, top-k and top-p, as OpenAI's API reports them).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepLogprobs {
+    /// The chosen token's log-probability.
+    pub logprob: f64,
+    /// The `top` likeliest tokens and their log-probabilities, likeliest first (ties by id).
+    pub top: Vec<(u32, f64)>,
+}
+
+/// The log-probability of `chosen` and of the `top` likeliest tokens given `logits`.
+pub fn step_logprobs(logits: &[f32], chosen: u32, top: usize) -> StepLogprobs {
+    // log p_i = l_i - (max + ln Σ e^(l_j - max)), in f64 so that the sum keeps its precision.
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .map(|&l| (f64::from(l) - f64::from(max)).exp())
+        .sum();
+    let log_z = f64::from(max) + sum.ln();
+    let logprob = |id: u32| {
+        logits
+            .get(id as usize)
+            .map_or(f64::NEG_INFINITY, |&l| f64::from(l) - log_z)
+    };
+    let top = top.min(logits.len());
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    if top > 0 && top < order.len() {
+        order.select_nth_unstable_by(top - 1, by_logit);
+    }
+    order.truncate(top);
+    order.sort_unstable_by(by_logit);
+    StepLogprobs {
+        logprob: logprob(chosen),
+        top: order.into_iter().map(|id| (id, logprob(id))).collect(),
+    }
+}
+
 /// The byte offset in `text` where the earliest of `stops` begins, if any occurs. The text a
 /// request returns is `&text[..offset]`: the stop string itself is excluded.
 pub fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
@@ -365,5 +403,29 @@ mod tests {
         assert!(params(1.0, 0, 0.0, 0).validate().is_err());
         assert!(params(1.0, 0, 1.5, 0).validate().is_err());
         assert!(params(0.0, 0, 1.0, 0).validate().is_ok());
+    }
+
+    #[test]
+    fn step_logprobs_are_a_log_softmax() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0, -1.0];
+        let z: f64 = logits.iter().map(|&l| f64::from(l).exp()).sum();
+        let want = |i: usize| (f64::from(logits[i]).exp() / z).ln();
+        let got = step_logprobs(&logits, 2, 3);
+        assert!((got.logprob - want(2)).abs() < 1e-6);
+        // Likeliest first; the tie between ids 1 and 3 goes to the lower id.
+        let ids: Vec<u32> = got.top.iter().map(|&(id, _)| id).collect();
+        assert_eq!(ids, vec![1, 3, 2]);
+        for &(id, lp) in &got.top {
+            assert!((lp - want(id as usize)).abs() < 1e-6, "token {id}");
+        }
+        let total: f64 = (0..logits.len())
+            .map(|i| step_logprobs(&logits, i as u32, 0).logprob.exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-6, "probabilities sum to {total}");
+        assert!(step_logprobs(&logits, 0, 0).top.is_empty());
+        assert_eq!(step_logprobs(&logits, 0, 99).top.len(), logits.len());
+        // Large logits do not overflow.
+        let big = step_logprobs(&[1000.0, 999.0], 1, 1);
+        assert!((big.logprob - (-1.0 - (1.0 + (-1.0f64).exp()).ln())).abs() < 1e-9);
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use atomic_worker::Tokenizer;
-use atomic_worker::server::{self, AppState, Engine, Limits, Metrics};
+use atomic_worker::server::{self, AppState, Engine, Limits, Metrics, ModelLimits};
 use futures::future::join_all;
 use serde_json::{Value, json};
 
@@ -21,15 +21,15 @@ struct Server {
 
 impl Server {
     async fn start(name: &str) -> Server {
-        Self::start_with(name, Limits::default()).await
+        Self::start_with(name, Limits::default(), ModelLimits::default()).await
     }
 
-    async fn start_with(name: &str, limits: Limits) -> Server {
+    async fn start_with(name: &str, limits: Limits, model_limits: ModelLimits) -> Server {
         let folder = fixture(name);
         let metrics = Arc::new(Metrics::new().unwrap());
         let state = AppState::new("tiny", limits, metrics.clone());
         let parts = server::load_model(&folder, 2).unwrap();
-        state.set_engine(Engine::start_model(parts, vec![], 16384, metrics).unwrap());
+        state.set_engine(Engine::start_model(parts, vec![], &model_limits, metrics).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -94,6 +94,16 @@ impl Server {
         let ids: Vec<Vec<u32>> = serde_json::from_value(self.reference["greedy_ids"].clone()).unwrap();
         ids.iter()
             .map(|i| self.tokenizer.decode(i, true).unwrap())
+            .collect()
+    }
+
+    /// The events of a stream parsed as JSON, checking that it ends with `[DONE]`.
+    async fn stream_chunks(&self, path: &str, body: Value) -> Vec<Value> {
+        let events = self.stream(path, body).await;
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+        events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
             .collect()
     }
 
@@ -338,6 +348,13 @@ async fn bad_parameters_are_400_with_the_error_body() {
         (json!({"prompt": prompt, "top_p": 0}), "invalid_top_p"),
         (json!({"prompt": prompt, "stop": [""]}), "invalid_stop"),
         (json!({"prompt": long}), "context_length_exceeded"),
+        (json!({"prompt": prompt, "n": 0}), "invalid_n"),
+        (json!({"prompt": prompt, "n": 17}), "invalid_n"),
+        (json!({"prompt": prompt, "logprobs": 6}), "invalid_logprobs"),
+        (
+            json!({"prompt": prompt, "stream_options": {"include_usage": true}}),
+            "invalid_stream_options",
+        ),
     ];
     for (mut body, code) in cases {
         body["model"] = json!("tiny");
@@ -347,6 +364,34 @@ async fn bad_parameters_are_400_with_the_error_body() {
         assert_eq!(got["error"]["type"], "invalid_request_error");
         assert!(got["error"]["message"].is_string());
     }
+    // Chat-only checks.
+    let message = json!([{"role": "user", "content": "hi"}]);
+    let image = json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]);
+    for (extra, status_want, code) in [
+        (json!({"top_logprobs": 2}), 400, "invalid_top_logprobs"),
+        (
+            json!({"logprobs": true, "top_logprobs": 21}),
+            400,
+            "invalid_logprobs",
+        ),
+        (json!({"messages": image}), 422, "invalid_request"),
+    ] {
+        let mut body = json!({"model": "tiny", "messages": message});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, got) = s.post("/v1/chat/completions", body.clone()).await;
+        assert_eq!(status, status_want, "{body} -> {got}");
+        assert_eq!(got["error"]["code"], code, "{body} -> {got}");
+    }
+    let (_, got) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": image}),
+        )
+        .await;
+    let message = got["error"]["message"].as_str().unwrap();
+    assert!(message.contains("`image_url` are not supported"), "{message}");
     // Encoder routes on a decoder.
     for (path, body) in [
         ("/v1/embeddings", json!({"model": "tiny", "input": "hello"})),
@@ -380,7 +425,7 @@ async fn streams_hold_their_permit_and_the_limit_answers_429() {
         max_concurrent_requests: 1,
         ..Limits::default()
     };
-    let mut s = Server::start_with("tiny-gpt2", limits).await;
+    let mut s = Server::start_with("tiny-gpt2", limits, ModelLimits::default()).await;
     let prompt = s.prompts()[0].clone();
     // Open a stream and keep it unread; a second request meanwhile is refused.
     let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": 20, "stream": true});
@@ -408,6 +453,248 @@ async fn streams_hold_their_permit_and_the_limit_answers_429() {
     }
     assert!(ok);
     s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_equal_single_requests_seeded_one_apart() {
+    let mut s = Server::start("tiny-gpt2").await;
+    let prompt = s.prompts()[0].clone();
+    let body = |seed: u64, n: u32| {
+        json!({"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 1.5,
+               "seed": seed, "n": n})
+    };
+    let (status, many) = s.post("/v1/completions", body(40, 3)).await;
+    assert_eq!(status, 200, "{many}");
+    let choices = many["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let mut total = 0;
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], json!(i));
+        let (_, one) = s.post("/v1/completions", body(40 + i as u64, 1)).await;
+        assert_eq!(choice["text"], one["choices"][0]["text"], "choice {i}");
+        total += one["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    assert_eq!(many["usage"]["completion_tokens"], json!(total));
+    assert_eq!(many["usage"]["prompt_tokens"], one_prompt_tokens(&s, &prompt));
+
+    // Streamed, with usage: chunks of the three choices interleave; each choice's pieces add up
+    // to its text, each finishes once, and a last chunk without choices carries the usage.
+    let mut streamed = body(40, 3);
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let chunks = s.stream_chunks("/v1/completions", streamed).await;
+    let (usage_chunk, chunks) = chunks.split_last().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"], many["usage"]);
+    let mut texts = vec![String::new(); 3];
+    let mut finishes = [0; 3];
+    for chunk in chunks {
+        assert!(
+            chunk.get("usage").is_none(),
+            "usage only in the last chunk: {chunk}"
+        );
+        let choice = &chunk["choices"][0];
+        let i = choice["index"].as_u64().unwrap() as usize;
+        texts[i].push_str(choice["text"].as_str().unwrap());
+        finishes[i] += usize::from(!choice["finish_reason"].is_null());
+    }
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(json!(texts[i]), choice["text"], "streamed choice {i}");
+        assert_eq!(finishes[i], 1, "choice {i} finishes once");
+    }
+    s.stop();
+}
+
+fn one_prompt_tokens(s: &Server, prompt: &str) -> Value {
+    json!(s.tokenizer.encode(prompt).unwrap().ids.len())
+}
+
+/// `log_softmax(logits)`, in f64.
+fn log_softmax(logits: &[f64]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let z = logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln() + max;
+    logits.iter().map(|l| l - z).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_are_the_models_log_softmax() {
+    let mut s = Server::start("tiny-llama").await;
+    let prompt = s.prompts()[0].clone();
+    let greedy_text = s.greedy_texts()[0].clone();
+    let last_logits: Vec<Vec<f64>> = serde_json::from_value(s.reference["last_logits"].clone()).unwrap();
+    let greedy_ids: Vec<Vec<u32>> = serde_json::from_value(s.reference["greedy_ids"].clone()).unwrap();
+    let reference = log_softmax(&last_logits[0]);
+    let mut best: Vec<f64> = reference.clone();
+    best.sort_by(|a, b| b.total_cmp(a));
+
+    let mut body = greedy(&prompt);
+    body["logprobs"] = json!(3);
+    let (status, got) = s.post("/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{got}");
+    let choice = &got["choices"][0];
+    assert_eq!(choice["text"], json!(greedy_text));
+    let logprobs = &choice["logprobs"];
+    let tokens: Vec<&str> = logprobs["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.len(), 12, "one entry per generated token");
+    // Each token's text sits at its offset. Tokens that are part of a character (byte
+    // fallback in this random model) show as U+FFFD; they share the character's offset.
+    let offsets: Vec<usize> = serde_json::from_value(logprobs["text_offset"].clone()).unwrap();
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+    for (token, &offset) in tokens.iter().zip(&offsets) {
+        if !token.contains('\u{FFFD}') {
+            assert!(greedy_text[offset..].starts_with(token), "{token:?} at {offset}");
+        }
+    }
+    if !greedy_text.contains('\u{FFFD}') && tokens.iter().all(|t| !t.contains('\u{FFFD}')) {
+        assert_eq!(tokens.concat(), greedy_text, "the tokens spell the text");
+    }
+    // The first token's log-probability and its alternatives against PyTorch's logits.
+    let first = logprobs["token_logprobs"][0].as_f64().unwrap();
+    assert!(
+        (first - reference[greedy_ids[0][0] as usize]).abs() < 1e-4,
+        "{first}"
+    );
+    let mut top: Vec<f64> = logprobs["top_logprobs"][0]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    top.sort_by(|a, b| b.total_cmp(a));
+    assert!(!top.is_empty() && top.len() <= 3);
+    assert!(
+        (top[0] - best[0]).abs() < 1e-4,
+        "greedy picks the likeliest: {top:?}"
+    );
+    // Greedy: each chosen token is the likeliest at its position.
+    for (i, lp) in logprobs["token_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top_here = logprobs["top_logprobs"][i].as_object().unwrap();
+        let max = top_here
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert!((lp.as_f64().unwrap() - max).abs() < 1e-6, "token {i}");
+    }
+    // Without the field there are none.
+    let (_, plain) = s.post("/v1/completions", greedy(&prompt)).await;
+    assert!(plain["choices"][0]["logprobs"].is_null());
+
+    // Streamed: the chunks' tokens add up to the same list.
+    body["stream"] = json!(true);
+    let chunks = s.stream_chunks("/v1/completions", body).await;
+    let streamed: Vec<Value> = chunks
+        .iter()
+        .filter(|c| !c["choices"][0]["logprobs"].is_null())
+        .flat_map(|c| {
+            c["choices"][0]["logprobs"]["token_logprobs"]
+                .as_array()
+                .unwrap()
+                .clone()
+        })
+        .collect();
+    assert_eq!(json!(streamed), logprobs["token_logprobs"]);
+
+    // Chat: the `content` list with bytes and `top_logprobs` entries.
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 5, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let (status, got) = s.post("/v1/chat/completions", chat).await;
+    assert_eq!(status, 200, "{got}");
+    let content = got["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        content.len() as u64,
+        got["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    for entry in content {
+        let token = entry["token"].as_str().unwrap();
+        assert_eq!(entry["bytes"], json!(token.as_bytes()));
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        // Greedy: the chosen token is the likeliest.
+        assert_eq!(entry["logprob"], top[0]["logprob"]);
+        assert!(entry["logprob"].as_f64().unwrap() <= 0.0);
+    }
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_content_parts_read_as_their_text() {
+    let mut s = Server::start("tiny-llama").await;
+    let ask = |content: Value| {
+        json!({"model": "tiny", "messages": [{"role": "user", "content": content}],
+               "max_tokens": 6, "temperature": 0})
+    };
+    let (_, plain) = s.post("/v1/chat/completions", ask(json!("first\nsecond"))).await;
+    let parts = json!([{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]);
+    let (status, got) = s.post("/v1/chat/completions", ask(parts)).await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["choices"][0]["message"], plain["choices"][0]["message"]);
+    assert_eq!(got["usage"], plain["usage"]);
+    s.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kv_cache_budget_queues_sequences_and_refuses_what_cannot_fit() {
+    // tiny-gpt2: 2 layers x (keys + values) x 32 wide x 4 bytes = 512 bytes a position; room for
+    // 30 positions, so one 7-token prompt + 12 new tokens (19) at a time.
+    let model_limits = ModelLimits {
+        kv_cache_bytes: 30 * 512,
+        ..ModelLimits::default()
+    };
+    let mut s = Server::start_with("tiny-gpt2", Limits::default(), model_limits).await;
+    let prompts = s.prompts();
+    let want = s.greedy_texts();
+    let answers =
+        join_all((0..6).map(|i| s.post("/v1/completions", greedy(&prompts[i % prompts.len()])))).await;
+    for (i, (status, body)) in answers.iter().enumerate() {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(
+            body["choices"][0]["text"],
+            json!(want[i % prompts.len()]),
+            "request {i}"
+        );
+    }
+    let metrics = s
+        .http
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Every sequence ran one at a time: the largest batch was one sequence.
+    assert!(
+        metrics.contains("atomic_worker_batch_size_bucket{le=\"1\"} ")
+            && !metrics.contains("atomic_worker_batch_size_bucket{le=\"1\"} 0"),
+        "{metrics}"
+    );
+    let ones = metric(&metrics, "atomic_worker_batch_size_bucket{le=\"1\"}");
+    let all = metric(&metrics, "atomic_worker_batch_size_count");
+    assert_eq!(ones, all, "no step ran two sequences");
+    assert_eq!(metric(&metrics, "atomic_worker_kv_cache_reserved_positions"), 0.0);
+    // A request that needs more than the whole budget is refused up front.
+    let mut body = greedy(&prompts[0]);
+    body["max_tokens"] = json!(40);
+    let (status, got) = s.post("/v1/completions", body).await;
+    assert_eq!(status, 400, "{got}");
+    assert_eq!(got["error"]["code"], "kv_cache_exceeded");
+    assert!(
+        got["error"]["message"].as_str().unwrap().contains("holds 30"),
+        "{got}"
+    );
+    s.stop();
+}
+
+/// The value of the first sample line of `name` in a Prometheus text exposition.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} not in {text}"))
 }
 
 /// Decode throughput through HTTP: 1 and 8 concurrent greedy completions on each tiny model,

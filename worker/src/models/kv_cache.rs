@@ -61,6 +61,11 @@ impl KvCache {
         self.capacity
     }
 
+    /// Bytes one position takes across all layers (keys and values, `f32`).
+    pub fn bytes_per_position(&self) -> usize {
+        self.layers.len() * 2 * self.width() * std::mem::size_of::<f32>()
+    }
+
     /// Positions still free.
     pub fn remaining(&self) -> usize {
         self.capacity - self.len

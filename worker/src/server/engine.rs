@@ -152,6 +152,25 @@ pub fn check_task(task: Option<Task>, head: &Head, labels: &[String]) -> crate::
     }
 }
 
+/// How much work the model threads take on at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelLimits {
+    /// Most padded tokens in one encoder forward pass; for decoders, most prompt tokens joining
+    /// a running batch in one step.
+    pub max_batch_tokens: usize,
+    /// Bytes of key/value cache the running decoder sequences may reserve together.
+    pub kv_cache_bytes: usize,
+}
+
+impl Default for ModelLimits {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: 16384,
+            kv_cache_bytes: 2 << 30,
+        }
+    }
+}
+
 /// Label embeddings of zero-shot classification, per label set. Bounded: when full it is
 /// cleared, which only costs re-embedding the label sets still in use.
 const LABEL_CACHE_SETS: usize = 1024;
@@ -194,11 +213,10 @@ impl Engine {
         })
     }
 
-    /// Starts the generation thread for a decoder; at most `max_batch_tokens` prompt tokens
-    /// join a running batch in one step.
+    /// Starts the generation thread for a decoder under `limits`.
     pub fn start_decoder(
         parts: DecoderParts,
-        max_batch_tokens: usize,
+        limits: &ModelLimits,
         metrics: Arc<Metrics>,
     ) -> crate::Result<Self> {
         let tokenizer = Arc::new(parts.tokenizer);
@@ -206,7 +224,8 @@ impl Engine {
             parts.model,
             parts.backend,
             tokenizer.clone(),
-            max_batch_tokens,
+            limits.max_batch_tokens,
+            limits.kv_cache_bytes,
             metrics,
         )
         .map_err(|e| Error::Setup(format!("cannot start the generation thread: {e}")))?;
@@ -224,12 +243,12 @@ impl Engine {
     pub fn start_model(
         parts: ModelParts,
         default_labels: Vec<String>,
-        max_batch_tokens: usize,
+        limits: &ModelLimits,
         metrics: Arc<Metrics>,
     ) -> crate::Result<Self> {
         match parts {
-            ModelParts::Encoder(p) => Self::start(p, default_labels, max_batch_tokens, metrics),
-            ModelParts::Decoder(p) => Self::start_decoder(p, max_batch_tokens, metrics),
+            ModelParts::Encoder(p) => Self::start(p, default_labels, limits.max_batch_tokens, metrics),
+            ModelParts::Decoder(p) => Self::start_decoder(p, limits, metrics),
         }
     }
 

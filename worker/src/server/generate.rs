@@ -1,31 +1,47 @@
 //! The generation routes: `/v1/completions` and `/v1/chat/completions`, answered as one JSON
 //! object or, with `stream: true`, as server-sent events of OpenAI-shaped chunks ending with
-//! `data: [DONE]`.
+//! `data: [DONE]` (after a usage chunk when `stream_options.include_usage` asks for one).
+//!
+//! `n` alternatives run as `n` sequences of the generation thread (choice `i` seeded with
+//! `seed + i`), batched with everything else; their chunks interleave in the stream, each tagged
+//! with its choice index. Log-probabilities come from the model's raw distribution.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use atomic_protocol::{
-    ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, CompletionChoice,
-    CompletionRequest, CompletionResponse, CompletionUsage, SamplingOptions,
+    ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTokenLogprob,
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, CompletionUsage,
+    SamplingOptions, TopLogprob,
 };
 use axum::Json;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::AppState;
 use super::engine::{Capability, Engine};
 use super::error::ApiError;
-use super::generator::{Event, render_chat};
+use super::generator::{Event, GenerationRequest, TokenLogprob, kv_reservation, render_chat};
 use super::routes::{Admitted, Body, parse};
 use crate::sampling::{FinishReason, SamplingParams};
 
 /// `max_tokens` when a request gives none (OpenAI's default for completions).
 const DEFAULT_MAX_TOKENS: usize = 16;
+
+/// The most alternatives (`n`) one request may ask for.
+const MAX_CHOICES: u32 = 16;
+
+/// The most alternatives per token the completions API reports (`logprobs`), as OpenAI's.
+const MAX_COMPLETION_LOGPROBS: u32 = 5;
+
+/// The most alternatives per token the chat API reports (`top_logprobs`), as OpenAI's.
+const MAX_CHAT_TOP_LOGPROBS: u32 = 20;
 
 pub(super) async fn completions(state: AppState, body: Body) -> Response {
     run(state, "completions", body, false).await
@@ -39,7 +55,12 @@ pub(super) async fn chat_completions(state: AppState, body: Body) -> Response {
 struct Prepared {
     prompt: Vec<u32>,
     params: SamplingParams,
+    /// Alternatives to generate.
+    choices: u32,
+    /// Alternatives per token to report, when log-probabilities were asked for.
+    top_logprobs: Option<usize>,
     stream: bool,
+    include_usage: bool,
 }
 
 async fn run(state: AppState, endpoint: &'static str, body: Body, chat: bool) -> Response {
@@ -54,25 +75,47 @@ async fn run(state: AppState, endpoint: &'static str, body: Body, chat: bool) ->
             .as_ref()
             .ok_or_else(|| ApiError::internal("the decoder has no generation thread"))?;
         let prompt_tokens = prepared.prompt.len();
-        let rx = generator
-            .submit(prepared.prompt, prepared.params)
-            .ok_or_else(|| ApiError::unavailable("the model has stopped"))?;
+        let mut receivers = Vec::with_capacity(prepared.choices as usize);
+        for choice in 0..prepared.choices {
+            let request = GenerationRequest {
+                prompt: prepared.prompt.clone(),
+                params: SamplingParams {
+                    seed: prepared.params.seed.wrapping_add(u64::from(choice)),
+                    ..prepared.params.clone()
+                },
+                top_logprobs: prepared.top_logprobs,
+            };
+            let rx = generator
+                .submit(request)
+                .ok_or_else(|| ApiError::unavailable("the model has stopped"))?;
+            receivers.push(rx);
+        }
         let reply = Reply {
             id: new_id(chat),
             created: now(),
             model: state.0.model_name.clone(),
             chat,
+            logprobs: prepared.top_logprobs.is_some(),
         };
         if prepared.stream {
-            Ok(stream(reply, rx, admitted))
+            Ok(stream(
+                reply,
+                receivers,
+                prompt_tokens,
+                prepared.include_usage,
+                admitted,
+            ))
         } else {
             let started = Instant::now();
-            let out = collect(rx).await?;
+            let outputs = futures::future::join_all(receivers.into_iter().map(collect))
+                .await
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?;
             state
                 .metrics()
                 .observe_stage("generate", started.elapsed().as_secs_f64());
             drop(admitted);
-            Ok(reply.whole(out, prompt_tokens))
+            Ok(reply.whole(outputs, prompt_tokens))
         }
     }
     .await;
@@ -92,7 +135,7 @@ async fn run(state: AppState, endpoint: &'static str, body: Body, chat: bool) ->
 /// Parses and checks the request, renders a chat and tokenizes the prompt.
 async fn prepare(state: &AppState, engine: &Engine, body: &[u8], chat: bool) -> Result<Prepared, ApiError> {
     let body = normalize(body)?;
-    let (text, add_special_tokens, sampling, stream) = if chat {
+    let (text, add_special_tokens, sampling, top_logprobs, stream, stream_options) = if chat {
         let (req, extra): (ChatCompletionRequest, _) = parse(&body, &[])?;
         state.check_model(&req.model)?;
         check_decoder(state, engine)?;
@@ -127,23 +170,58 @@ async fn prepare(state: &AppState, engine: &Engine, body: &[u8], chat: bool) -> 
                 .and_then(Value::as_u64)
                 .map(|n| n.min(u64::from(u32::MAX)) as u32);
         }
-        (rendered, false, sampling, req.stream)
+        let top_logprobs = match (req.logprobs, req.top_logprobs) {
+            (false, Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "invalid_top_logprobs",
+                    "`top_logprobs` needs `logprobs: true`",
+                ));
+            }
+            (false, None) => None,
+            (true, top) => Some(top.unwrap_or(0)),
+        };
+        let top_logprobs = checked_logprobs(top_logprobs, MAX_CHAT_TOP_LOGPROBS, "top_logprobs")?;
+        (
+            rendered,
+            false,
+            sampling,
+            top_logprobs,
+            req.stream,
+            req.stream_options,
+        )
     } else {
-        let (req, extra): (CompletionRequest, _) = parse(&body, &[])?;
+        let (req, _): (CompletionRequest, _) = parse(&body, &[])?;
         state.check_model(&req.model)?;
         check_decoder(state, engine)?;
-        let stream = match extra.get("stream") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(ApiError::invalid("invalid request: `stream` must be a boolean")),
-        };
-        (req.prompt, true, req.sampling, stream)
+        let top_logprobs = checked_logprobs(req.logprobs, MAX_COMPLETION_LOGPROBS, "logprobs")?;
+        (
+            req.prompt,
+            true,
+            req.sampling,
+            top_logprobs,
+            req.stream,
+            req.stream_options,
+        )
     };
+    if stream_options.is_some() && !stream {
+        return Err(ApiError::bad_request(
+            "invalid_stream_options",
+            "`stream_options` is only allowed with `stream: true`",
+        ));
+    }
+    let choices = sampling.n.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&choices) {
+        return Err(ApiError::bad_request(
+            "invalid_n",
+            format!("n must be between 1 and {MAX_CHOICES}, got {choices}"),
+        ));
+    }
     state.check_inputs(std::slice::from_ref(&text))?;
-    let context = engine
+    let generator = engine
         .generator
         .as_ref()
-        .map_or(0, super::generator::Generator::max_positions);
+        .ok_or_else(|| ApiError::internal("the decoder has no generation thread"))?;
+    let context = generator.max_positions();
     let params = sampling_params(sampling, context)?;
 
     let tokenizer = engine.tokenizer.clone();
@@ -172,11 +250,38 @@ async fn prepare(state: &AppState, engine: &Engine, body: &[u8], chat: bool) -> 
             ),
         ));
     }
+    let need = kv_reservation(prompt.len(), params.max_tokens, context);
+    if need > generator.kv_budget_positions() {
+        return Err(ApiError::bad_request(
+            "kv_cache_exceeded",
+            format!(
+                "the prompt ({} tokens) plus max_tokens ({}) needs {need} key/value cache positions; \
+                 this worker holds {} (--kv-cache-mib): lower max_tokens or shorten the prompt",
+                prompt.len(),
+                params.max_tokens,
+                generator.kv_budget_positions()
+            ),
+        ));
+    }
     Ok(Prepared {
         prompt,
         params,
+        choices,
+        top_logprobs,
         stream,
+        include_usage: stream_options.is_some_and(|o| o.include_usage),
     })
+}
+
+/// Checks a requested number of log-probability alternatives against the API's maximum.
+fn checked_logprobs(requested: Option<u32>, max: u32, field: &str) -> Result<Option<usize>, ApiError> {
+    match requested {
+        Some(n) if n > max => Err(ApiError::bad_request(
+            "invalid_logprobs",
+            format!("`{field}` must be between 0 and {max}, got {n}"),
+        )),
+        other => Ok(other.map(|n| n as usize)),
+    }
 }
 
 fn check_decoder(state: &AppState, engine: &Engine) -> Result<(), ApiError> {
@@ -286,13 +391,21 @@ struct Output {
     text: String,
     finish_reason: FinishReason,
     completion_tokens: usize,
+    logprobs: Vec<TokenLogprob>,
 }
 
 async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Output, ApiError> {
     let mut text = String::new();
+    let mut all_logprobs = Vec::new();
     while let Some(event) = rx.recv().await {
         match event {
-            Event::Text(piece) => text.push_str(&piece),
+            Event::Text {
+                text: piece,
+                logprobs,
+            } => {
+                text.push_str(&piece);
+                all_logprobs.extend(logprobs);
+            }
             Event::Done {
                 finish_reason,
                 completion_tokens,
@@ -301,6 +414,7 @@ async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Output, ApiError> {
                     text,
                     finish_reason,
                     completion_tokens,
+                    logprobs: all_logprobs,
                 });
             }
             Event::Error(message) => return Err(ApiError::internal(message)),
@@ -311,59 +425,130 @@ async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Output, ApiError> {
     ))
 }
 
+/// Log-probabilities in the completions API's column layout.
+fn completion_logprobs(tokens: &[TokenLogprob]) -> CompletionLogprobs {
+    CompletionLogprobs {
+        tokens: tokens.iter().map(|t| t.text.clone()).collect(),
+        token_logprobs: tokens.iter().map(|t| t.logprob).collect(),
+        top_logprobs: tokens
+            .iter()
+            .map(|t| {
+                // A map keyed by text: alternatives that decode alike keep the likelier one.
+                let mut top = BTreeMap::new();
+                for (text, lp) in t.top.iter().rev() {
+                    top.insert(text.clone(), *lp);
+                }
+                top
+            })
+            .collect(),
+        text_offset: tokens.iter().map(|t| t.offset).collect(),
+    }
+}
+
+/// Log-probabilities in the chat API's layout.
+fn chat_logprobs(tokens: &[TokenLogprob]) -> ChatLogprobs {
+    ChatLogprobs {
+        content: tokens
+            .iter()
+            .map(|t| ChatTokenLogprob {
+                token: t.text.clone(),
+                logprob: t.logprob,
+                bytes: t.text.as_bytes().to_vec(),
+                top_logprobs: t
+                    .top
+                    .iter()
+                    .map(|(text, lp)| TopLogprob {
+                        token: text.clone(),
+                        logprob: *lp,
+                        bytes: text.as_bytes().to_vec(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
 /// What every answer of one request shares.
 struct Reply {
     id: String,
     created: u64,
     model: String,
     chat: bool,
+    /// Whether the request asked for log-probabilities.
+    logprobs: bool,
 }
 
 impl Reply {
-    fn whole(self, out: Output, prompt_tokens: usize) -> Response {
-        let usage = CompletionUsage {
-            prompt_tokens: prompt_tokens as u32,
-            completion_tokens: out.completion_tokens as u32,
-            total_tokens: (prompt_tokens + out.completion_tokens) as u32,
-        };
-        let finish_reason = Some(out.finish_reason.as_str().to_owned());
+    fn whole(self, outputs: Vec<Output>, prompt_tokens: usize) -> Response {
+        let completion_tokens: usize = outputs.iter().map(|o| o.completion_tokens).sum();
+        let usage = usage(prompt_tokens, completion_tokens);
+        let choices = outputs.into_iter().zip(0u32..);
         if self.chat {
+            let choices = choices
+                .map(|(out, index)| ChatChoice {
+                    index,
+                    logprobs: self.logprobs.then(|| chat_logprobs(&out.logprobs)),
+                    message: ChatMessage {
+                        role: "assistant".to_owned(),
+                        content: out.text,
+                    },
+                    finish_reason: Some(out.finish_reason.as_str().to_owned()),
+                })
+                .collect();
             Json(ChatCompletionResponse {
                 id: self.id,
                 object: "chat.completion".to_owned(),
                 created: self.created,
                 model: self.model,
-                choices: vec![ChatChoice {
-                    index: 0,
-                    message: ChatMessage {
-                        role: "assistant".to_owned(),
-                        content: out.text,
-                    },
-                    finish_reason,
-                }],
+                choices,
                 usage,
             })
             .into_response()
         } else {
+            let choices = choices
+                .map(|(out, index)| CompletionChoice {
+                    index,
+                    logprobs: self.logprobs.then(|| completion_logprobs(&out.logprobs)),
+                    text: out.text,
+                    finish_reason: Some(out.finish_reason.as_str().to_owned()),
+                })
+                .collect();
             Json(CompletionResponse {
                 id: self.id,
                 object: "text_completion".to_owned(),
                 created: self.created,
                 model: self.model,
-                choices: vec![CompletionChoice {
-                    index: 0,
-                    text: out.text,
-                    finish_reason,
-                }],
+                choices,
                 usage,
             })
             .into_response()
         }
     }
 
-    /// One streamed chunk: new text (or the assistant role, for chat's first chunk), or the end.
-    fn chunk(&self, text: Option<&str>, role: bool, finish_reason: Option<FinishReason>) -> SseEvent {
+    fn object(&self) -> &'static str {
+        if self.chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        }
+    }
+
+    /// One streamed chunk of choice `index`: new text with its tokens' log-probabilities (or
+    /// the assistant role, for chat's first chunk), or the end.
+    fn chunk(
+        &self,
+        index: usize,
+        text: Option<&str>,
+        role: bool,
+        logprobs: &[TokenLogprob],
+        finish_reason: Option<FinishReason>,
+    ) -> SseEvent {
         let finish = finish_reason.map(FinishReason::as_str);
+        let logprobs = match (self.logprobs && text.is_some(), self.chat) {
+            (false, _) => Value::Null,
+            (true, true) => serde_json::to_value(chat_logprobs(logprobs)).unwrap_or(Value::Null),
+            (true, false) => serde_json::to_value(completion_logprobs(logprobs)).unwrap_or(Value::Null),
+        };
         let choice = if self.chat {
             let mut delta = Map::new();
             if role {
@@ -373,45 +558,139 @@ impl Reply {
             if let Some(text) = text {
                 delta.insert("content".to_owned(), json!(text));
             }
-            json!({"index": 0, "delta": delta, "finish_reason": finish})
+            json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
         } else {
-            json!({"index": 0, "text": text.unwrap_or_default(), "finish_reason": finish})
+            json!({
+                "index": index,
+                "text": text.unwrap_or_default(),
+                "logprobs": logprobs,
+                "finish_reason": finish
+            })
         };
-        let object = if self.chat {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
-        let value = json!({
+        self.event(json!([choice]), None)
+    }
+
+    /// A chunk with these choices (and usage).
+    fn event(&self, choices: Value, usage: Option<CompletionUsage>) -> SseEvent {
+        let mut value = json!({
             "id": self.id,
-            "object": object,
+            "object": self.object(),
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
+            "choices": choices,
         });
+        if let (Some(usage), Some(map)) = (usage, value.as_object_mut()) {
+            map.insert("usage".to_owned(), json!(usage));
+        }
         SseEvent::default().data(value.to_string())
     }
 }
 
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> CompletionUsage {
+    let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    CompletionUsage {
+        prompt_tokens: clamp(prompt_tokens),
+        completion_tokens: clamp(completion_tokens),
+        total_tokens: clamp(prompt_tokens + completion_tokens),
+    }
+}
+
+/// An error as the last data of a stream, then the end marker.
+fn stream_error(pending: &mut VecDeque<SseEvent>, error: ApiError) {
+    let data = serde_json::to_string(&error.body()).unwrap_or_default();
+    pending.push_back(SseEvent::default().data(data));
+    pending.push_back(SseEvent::default().data("[DONE]"));
+}
+
 struct StreamState {
     reply: Reply,
-    rx: UnboundedReceiver<Event>,
+    /// Every choice's events, tagged with the choice index; `None` once a choice's channel
+    /// has closed.
+    events: BoxStream<'static, (usize, Option<Event>)>,
     pending: VecDeque<SseEvent>,
+    /// Which choices have finished.
+    done: Vec<bool>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    include_usage: bool,
     ended: bool,
     _admitted: Admitted,
 }
 
-/// Streams the generation as server-sent events. The permit is held until the stream ends; a
-/// client that goes away drops the stream, which cancels the sequence.
-fn stream(reply: Reply, rx: UnboundedReceiver<Event>, admitted: Admitted) -> Response {
+impl StreamState {
+    /// Turns one event of choice `index` into chunks.
+    fn on_event(&mut self, index: usize, event: Option<Event>) {
+        match event {
+            Some(Event::Text { text, logprobs }) => {
+                let chunk = self.reply.chunk(index, Some(&text), false, &logprobs, None);
+                self.pending.push_back(chunk);
+            }
+            Some(Event::Done {
+                finish_reason,
+                completion_tokens,
+            }) => {
+                let chunk = self.reply.chunk(index, None, false, &[], Some(finish_reason));
+                self.pending.push_back(chunk);
+                self.completion_tokens += completion_tokens;
+                if let Some(d) = self.done.get_mut(index) {
+                    *d = true;
+                }
+                if self.done.iter().all(|&d| d) {
+                    if self.include_usage {
+                        let usage = usage(self.prompt_tokens, self.completion_tokens);
+                        let chunk = self.reply.event(json!([]), Some(usage));
+                        self.pending.push_back(chunk);
+                    }
+                    self.pending.push_back(SseEvent::default().data("[DONE]"));
+                    self.ended = true;
+                }
+            }
+            Some(Event::Error(message)) => {
+                stream_error(&mut self.pending, ApiError::internal(message));
+                self.ended = true;
+            }
+            None if !self.done.get(index).copied().unwrap_or(true) => {
+                let error = ApiError::unavailable("the model stopped before the answer was complete");
+                stream_error(&mut self.pending, error);
+                self.ended = true;
+            }
+            None => {}
+        }
+    }
+}
+
+/// Streams the generations as server-sent events. The permit is held until the stream ends; a
+/// client that goes away drops the stream, which cancels the sequences.
+fn stream(
+    reply: Reply,
+    receivers: Vec<UnboundedReceiver<Event>>,
+    prompt_tokens: usize,
+    include_usage: bool,
+    admitted: Admitted,
+) -> Response {
     let mut pending = VecDeque::new();
     if reply.chat {
-        pending.push_back(reply.chunk(None, true, None));
+        for index in 0..receivers.len() {
+            pending.push_back(reply.chunk(index, None, true, &[], None));
+        }
     }
+    let choices = receivers.len();
+    let tagged = receivers.into_iter().enumerate().map(|(index, rx)| {
+        let events = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
+        events
+            .map(Some)
+            .chain(futures::stream::once(async { None }))
+            .map(move |event| (index, event))
+            .boxed()
+    });
     let start = StreamState {
         reply,
-        rx,
+        events: futures::stream::select_all(tagged).boxed(),
         pending,
+        done: vec![false; choices],
+        prompt_tokens,
+        completion_tokens: 0,
+        include_usage,
         ended: false,
         _admitted: admitted,
     };
@@ -423,32 +702,9 @@ fn stream(reply: Reply, rx: UnboundedReceiver<Event>, admitted: Admitted) -> Res
             if s.ended {
                 return None;
             }
-            match s.rx.recv().await {
-                Some(Event::Text(piece)) => {
-                    let chunk = s.reply.chunk(Some(&piece), false, None);
-                    s.pending.push_back(chunk);
-                }
-                Some(Event::Done { finish_reason, .. }) => {
-                    let chunk = s.reply.chunk(None, false, Some(finish_reason));
-                    s.pending.push_back(chunk);
-                    s.pending.push_back(SseEvent::default().data("[DONE]"));
-                    s.ended = true;
-                }
-                Some(Event::Error(message)) => {
-                    let body = ApiError::internal(message).body();
-                    let data = serde_json::to_string(&body).unwrap_or_default();
-                    s.pending.push_back(SseEvent::default().data(data));
-                    s.pending.push_back(SseEvent::default().data("[DONE]"));
-                    s.ended = true;
-                }
-                None => {
-                    let body =
-                        ApiError::unavailable("the model stopped before the answer was complete").body();
-                    let data = serde_json::to_string(&body).unwrap_or_default();
-                    s.pending.push_back(SseEvent::default().data(data));
-                    s.pending.push_back(SseEvent::default().data("[DONE]"));
-                    s.ended = true;
-                }
+            match s.events.next().await {
+                Some((index, event)) => s.on_event(index, event),
+                None => s.ended = true,
             }
         }
     });

@@ -6,7 +6,11 @@
 //! (prefill), the others their last token. New requests join between steps; a sequence that
 //! finishes (end-of-sequence token, stop string, `max_tokens`, full context) leaves at once.
 //! Each sequence reports through a channel: text as it is produced (held back while it might be
-//! the start of a stop string), then how it ended.
+//! the start of a stop string), with its tokens' log-probabilities when asked, then how it ended.
+//!
+//! Admission: every sequence reserves key/value cache for its prompt plus `max_tokens` (at most
+//! the context) when it joins. Sequences join in arrival order while the reservations fit the
+//! cache budget (`--kv-cache-mib`); the rest wait, so memory stays bounded under any load.
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
@@ -25,7 +29,7 @@ use crate::models::decoder::CausalLm;
 use crate::models::gpt2::Gpt2;
 use crate::models::kv_cache::KvCache;
 use crate::models::llama::Llama;
-use crate::sampling::{FinishReason, Sampler, SamplingParams, find_stop};
+use crate::sampling::{FinishReason, Sampler, SamplingParams, find_stop, step_logprobs};
 use crate::tokenizer::Tokenizer;
 
 /// A decoder model the generation thread can own.
@@ -66,11 +70,30 @@ pub fn load_decoder(dir: &Path, threads: usize) -> crate::Result<DecoderParts> {
     load_decoder_dir(ModelDir::open(dir)?, threads)
 }
 
+/// A generated token with its log-probability and the likeliest alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token's text (in the context of the token before it, so leading spaces show).
+    pub text: String,
+    /// Its natural-log probability under the model.
+    pub logprob: f64,
+    /// The likeliest tokens at this position, with their log-probabilities, likeliest first.
+    pub top: Vec<(String, f64)>,
+    /// Byte offset of the token's text in the generated text.
+    pub offset: usize,
+}
+
 /// What a sequence reports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// More text (never empty).
-    Text(String),
+    /// More text, and the tokens it came from when log-probabilities were asked for. The text
+    /// is empty only in a last event that carries the log-probabilities of tokens with no text.
+    Text {
+        /// The new text.
+        text: String,
+        /// Log-probabilities of the tokens behind `text` (empty unless requested).
+        logprobs: Vec<TokenLogprob>,
+    },
     /// Generation ended, with the number of tokens generated.
     Done {
         /// Why.
@@ -82,9 +105,19 @@ pub enum Event {
     Error(String),
 }
 
+/// What a caller asks the generation thread for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationRequest {
+    /// The prompt's token ids (at least one).
+    pub prompt: Vec<u32>,
+    /// How to sample and when to stop.
+    pub params: SamplingParams,
+    /// Report each token's log-probability and this many alternatives (`None`: none).
+    pub top_logprobs: Option<usize>,
+}
+
 struct Request {
-    prompt: Vec<u32>,
-    params: SamplingParams,
+    request: GenerationRequest,
     events: tokio_mpsc::UnboundedSender<Event>,
     enqueued: Instant,
 }
@@ -95,20 +128,24 @@ struct Request {
 pub struct Generator {
     tx: mpsc::Sender<Request>,
     max_positions: usize,
+    kv_budget: usize,
 }
 
 impl Generator {
     /// Starts the generation thread, which owns the model; prefills joining in one step are
-    /// limited to `max_batch_tokens` prompt tokens (at least one prompt joins).
+    /// limited to `max_batch_tokens` prompt tokens (at least one prompt joins), and the running
+    /// sequences' key/value cache reservations to `kv_cache_bytes`.
     pub fn start(
         model: Decoder,
         backend: CpuBackend,
         tokenizer: Arc<Tokenizer>,
         max_batch_tokens: usize,
+        kv_cache_bytes: usize,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let max_positions = model.max_positions();
+        let kv_budget = kv_cache_bytes / model.new_cache().bytes_per_position().max(1);
         std::thread::Builder::new()
             .name("generator".to_owned())
             .spawn(move || {
@@ -117,11 +154,24 @@ impl Generator {
                     &backend,
                     &tokenizer,
                     rx,
-                    max_batch_tokens.max(1),
+                    Budgets {
+                        prefill_tokens: max_batch_tokens.max(1),
+                        kv_positions: kv_budget,
+                    },
                     &metrics,
                 )
             })?;
-        Ok(Self { tx, max_positions })
+        Ok(Self {
+            tx,
+            max_positions,
+            kv_budget,
+        })
+    }
+
+    /// The most key/value cache positions the running sequences may reserve together: a
+    /// request whose prompt plus `max_tokens` needs more can never run.
+    pub fn kv_budget_positions(&self) -> usize {
+        self.kv_budget
     }
 
     /// The model's context length (prompt and generated tokens).
@@ -131,16 +181,11 @@ impl Generator {
 
     /// Starts generating a continuation of `prompt`; its events arrive on the receiver. `None`
     /// when the generation thread has stopped. Dropping the receiver cancels the sequence.
-    pub fn submit(
-        &self,
-        prompt: Vec<u32>,
-        params: SamplingParams,
-    ) -> Option<tokio_mpsc::UnboundedReceiver<Event>> {
+    pub fn submit(&self, request: GenerationRequest) -> Option<tokio_mpsc::UnboundedReceiver<Event>> {
         let (events, rx) = tokio_mpsc::unbounded_channel();
         self.tx
             .send(Request {
-                prompt,
-                params,
+                request,
                 events,
                 enqueued: Instant::now(),
             })
@@ -200,6 +245,12 @@ pub fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
     held
 }
 
+/// Key/value cache positions a request reserves: its prompt and every token it may generate,
+/// within the model's context.
+pub fn kv_reservation(prompt_tokens: usize, max_tokens: usize, max_positions: usize) -> usize {
+    prompt_tokens.saturating_add(max_tokens).min(max_positions)
+}
+
 struct Sequence {
     cache: KvCache,
     sampler: Sampler,
@@ -211,22 +262,66 @@ struct Sequence {
     /// Text so far, and how much of it was sent.
     text: String,
     sent: usize,
+    /// Alternatives to report per token, when log-probabilities were asked for.
+    top_logprobs: Option<usize>,
+    /// Tokens whose log-probabilities are not sent yet.
+    logprobs: Vec<TokenLogprob>,
+    /// Key/value cache positions reserved for this sequence.
+    reserved: usize,
     events: tokio_mpsc::UnboundedSender<Event>,
     enqueued: Option<Instant>,
 }
 
+/// The text `id` adds after `previous` (so that a leading space, which tokenizers attach to the
+/// following word, shows); special tokens are kept so an end-of-text alternative is visible.
+fn token_text(tokenizer: &Tokenizer, previous: Option<u32>, id: u32) -> String {
+    if let Some(prev) = previous
+        && let (Ok(before), Ok(both)) = (
+            tokenizer.decode(&[prev], false),
+            tokenizer.decode(&[prev, id], false),
+        )
+        && let Some(added) = both.strip_prefix(before.as_str())
+    {
+        return added.to_owned();
+    }
+    tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
 impl Sequence {
+    /// Sends the text up to byte `upto` and the log-probabilities of the tokens that start
+    /// before it.
     fn send_text(&mut self, upto: usize) {
-        if upto > self.sent
-            && let Some(piece) = self.text.get(self.sent..upto)
-        {
-            let _ = self.events.send(Event::Text(piece.to_owned()));
-            self.sent = upto;
+        if upto <= self.sent {
+            return;
         }
+        let Some(piece) = self.text.get(self.sent..upto) else {
+            return;
+        };
+        let ready = self.logprobs.iter().take_while(|t| t.offset < upto).count();
+        let logprobs = self.logprobs.drain(..ready).collect();
+        let _ = self.events.send(Event::Text {
+            text: piece.to_owned(),
+            logprobs,
+        });
+        self.sent = upto;
+    }
+
+    /// Cuts the text before a stop string at `at`, with the tokens that lie wholly inside it.
+    fn truncate(&mut self, at: usize) {
+        self.text.truncate(at);
+        self.logprobs.retain(|t| t.offset < at);
     }
 
     fn finish(&mut self, finish_reason: FinishReason) {
         self.send_text(self.text.len());
+        if !self.logprobs.is_empty() {
+            // Tokens that added no text of their own (a special token, say).
+            let logprobs = std::mem::take(&mut self.logprobs);
+            let _ = self.events.send(Event::Text {
+                text: String::new(),
+                logprobs,
+            });
+        }
         let _ = self.events.send(Event::Done {
             finish_reason,
             completion_tokens: self.generated,
@@ -241,7 +336,7 @@ impl Sequence {
                 self.text.push_str(&rest);
             }
             if let Some(at) = find_stop(&self.text, &self.params.stop) {
-                self.text.truncate(at);
+                self.truncate(at);
             }
             self.finish(FinishReason::Stop);
             return true;
@@ -255,12 +350,34 @@ impl Sequence {
             }
         };
         self.text.push_str(&piece);
+        if let Some(top) = self.top_logprobs {
+            let previous = self.next.last().copied();
+            let step = step_logprobs(logits, id, top);
+            let text = token_text(tokenizer, previous, id);
+            // The piece may also hold earlier tokens' text (bytes that only now made a whole
+            // character); this token's own text is at its end when it shows there.
+            let offset = if !text.is_empty() && piece.ends_with(&text) {
+                self.text.len() - text.len()
+            } else {
+                self.text.len() - piece.len()
+            };
+            self.logprobs.push(TokenLogprob {
+                text,
+                logprob: step.logprob,
+                top: step
+                    .top
+                    .into_iter()
+                    .map(|(alt, lp)| (token_text(tokenizer, previous, alt), lp))
+                    .collect(),
+                offset,
+            });
+        }
         let length = self.generated >= self.params.max_tokens || self.cache.remaining() == 0;
         if length && let Ok(rest) = self.detokenizer.flush(tokenizer) {
             self.text.push_str(&rest);
         }
         if let Some(at) = find_stop(&self.text, &self.params.stop) {
-            self.text.truncate(at);
+            self.truncate(at);
             self.finish(FinishReason::Stop);
             return true;
         }
@@ -275,15 +392,29 @@ impl Sequence {
     }
 }
 
+fn reserved_positions(active: &[Sequence]) -> i64 {
+    active.iter().map(|s| s.reserved as i64).sum()
+}
+
+/// The generation thread's limits.
+#[derive(Clone, Copy, Debug)]
+struct Budgets {
+    /// Prompt tokens that may join in one step (at least one prompt always joins).
+    prefill_tokens: usize,
+    /// Key/value cache positions the running sequences may reserve together.
+    kv_positions: usize,
+}
+
 fn run(
     model: &dyn CausalLm<CpuBackend>,
     backend: &CpuBackend,
     tokenizer: &Tokenizer,
     rx: mpsc::Receiver<Request>,
-    budget: usize,
+    budgets: Budgets,
     metrics: &Metrics,
 ) {
     let mut active: Vec<Sequence> = Vec::new();
+    let max_positions = model.max_positions();
     let mut waiting: std::collections::VecDeque<Request> = std::collections::VecDeque::new();
     loop {
         if active.is_empty() && waiting.is_empty() {
@@ -295,28 +426,48 @@ fn run(
         while let Ok(request) = rx.try_recv() {
             waiting.push_back(request);
         }
-        // Join between steps, under the prefill budget.
+        // Join between steps, in arrival order, under the prefill and cache budgets.
         let mut joining = 0;
-        while let Some(request) = waiting.front() {
-            if joining > 0 && joining + request.prompt.len() > budget {
+        let mut reserved: usize = active.iter().map(|s| s.reserved).sum();
+        while let Some(waiter) = waiting.front() {
+            let GenerationRequest { prompt, params, .. } = &waiter.request;
+            if waiter.events.is_closed() {
+                waiting.pop_front();
+                continue;
+            }
+            let need = kv_reservation(prompt.len(), params.max_tokens, max_positions);
+            if prompt.is_empty() || prompt.len() > max_positions || need > budgets.kv_positions {
+                let message = if need > budgets.kv_positions {
+                    format!(
+                        "the request needs {need} key/value cache positions; this worker holds {}",
+                        budgets.kv_positions
+                    )
+                } else {
+                    format!(
+                        "the prompt has {} tokens; the model takes 1 to {max_positions}",
+                        prompt.len()
+                    )
+                };
+                let _ = waiter.events.send(Event::Error(message));
+                waiting.pop_front();
+                continue;
+            }
+            let over_prefill = joining > 0 && joining + prompt.len() > budgets.prefill_tokens;
+            if over_prefill || reserved + need > budgets.kv_positions {
                 break;
             }
-            let Some(request) = waiting.pop_front() else { break };
-            if request.events.is_closed() {
-                continue;
-            }
-            let cache = model.new_cache();
-            if request.prompt.is_empty() || request.prompt.len() > cache.remaining() {
-                let _ = request.events.send(Event::Error(format!(
-                    "the prompt has {} tokens; the model takes 1 to {}",
-                    request.prompt.len(),
-                    cache.remaining()
-                )));
-                continue;
-            }
+            let Some(Request {
+                request,
+                events,
+                enqueued,
+            }) = waiting.pop_front()
+            else {
+                break;
+            };
             joining += request.prompt.len();
+            reserved += need;
             active.push(Sequence {
-                cache,
+                cache: model.new_cache(),
                 sampler: Sampler::new(&request.params),
                 params: request.params,
                 next: request.prompt,
@@ -324,13 +475,17 @@ fn run(
                 detokenizer: Detokenizer::default(),
                 text: String::new(),
                 sent: 0,
-                events: request.events,
-                enqueued: Some(request.enqueued),
+                top_logprobs: request.top_logprobs,
+                logprobs: Vec::new(),
+                reserved: need,
+                events,
+                enqueued: Some(enqueued),
             });
         }
         // Sequences whose caller has gone (client disconnected) are not worth running.
         active.retain(|s| !s.events.is_closed());
         metrics.queue_size.set(waiting.len() as i64);
+        metrics.kv_cache_reserved.set(reserved_positions(&active));
         if active.is_empty() {
             continue;
         }
@@ -372,6 +527,7 @@ fn run(
         }
         let mut flags = done.into_iter();
         active.retain(|_| !flags.next().unwrap_or(true));
+        metrics.kv_cache_reserved.set(reserved_positions(&active));
     }
 }
 

@@ -13,6 +13,8 @@ pub struct Metrics {
     pub queue_size: IntGauge,
     /// Requests being handled.
     pub in_flight: IntGauge,
+    /// Key/value cache positions reserved by the running sequences (decoders).
+    pub kv_cache_reserved: IntGauge,
     /// Sequences per forward pass.
     pub batch_size: Histogram,
     /// Padded tokens (batch × longest) per forward pass.
@@ -31,6 +33,10 @@ impl Metrics {
         let registry = Registry::new();
         let queue_size = IntGauge::new("atomic_worker_queue_size", "Sequences waiting for a forward pass")?;
         let in_flight = IntGauge::new("atomic_worker_requests_in_flight", "Requests being handled")?;
+        let kv_cache_reserved = IntGauge::new(
+            "atomic_worker_kv_cache_reserved_positions",
+            "Key/value cache positions reserved by the running sequences",
+        )?;
         let batch_size = Histogram::with_opts(
             HistogramOpts::new("atomic_worker_batch_size", "Sequences per forward pass")
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
@@ -63,6 +69,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(queue_size.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(kv_cache_reserved.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(batch_tokens.clone()))?;
         registry.register(Box::new(stage_seconds.clone()))?;
@@ -72,6 +79,7 @@ impl Metrics {
             registry,
             queue_size,
             in_flight,
+            kv_cache_reserved,
             batch_size,
             batch_tokens,
             stage_seconds,

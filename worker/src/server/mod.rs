@@ -25,11 +25,11 @@ mod routes;
 pub mod scheduler;
 
 pub use engine::{
-    Capability, EncoderParts, Engine, Head, ModelParts, check_decoder_task, check_task, load_encoder,
-    load_model,
+    Capability, EncoderParts, Engine, Head, ModelLimits, ModelParts, check_decoder_task, check_task,
+    load_encoder, load_model,
 };
 pub use error::ApiError;
-pub use generator::{DecoderParts, Generator, load_decoder};
+pub use generator::{DecoderParts, GenerationRequest, Generator, load_decoder};
 pub use metrics::Metrics;
 
 /// The task a deployment runs (`--task`); the operator passes it, the worker checks the model
