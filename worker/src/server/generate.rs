@@ -137,6 +137,7 @@ async fn prepare(state: &AppState, engine: &Engine, body: &[u8], chat: bool) -> 
     let body = normalize(body)?;
     let (text, add_special_tokens, sampling, top_logprobs, stream, stream_options) = if chat {
         let (req, extra): (ChatCompletionRequest, _) = parse(&body, &[])?;
+        refuse_unsupported(&extra)?;
         state.check_model(&req.model)?;
         check_decoder(state, engine)?;
         if req.messages.is_empty() {
@@ -190,7 +191,8 @@ async fn prepare(state: &AppState, engine: &Engine, body: &[u8], chat: bool) -> 
             req.stream_options,
         )
     } else {
-        let (req, _): (CompletionRequest, _) = parse(&body, &[])?;
+        let (req, extra): (CompletionRequest, _) = parse(&body, &[])?;
+        refuse_unsupported(&extra)?;
         state.check_model(&req.model)?;
         check_decoder(state, engine)?;
         let top_logprobs = checked_logprobs(req.logprobs, MAX_COMPLETION_LOGPROBS, "logprobs")?;
@@ -271,6 +273,47 @@ async fn prepare(state: &AppState, engine: &Engine, body: &[u8], chat: bool) -> 
         stream,
         include_usage: stream_options.is_some_and(|o| o.include_usage),
     })
+}
+
+/// Whether a parameter's value changes nothing.
+type IsInert = fn(&Value) -> bool;
+
+/// OpenAI (and vLLM) parameters this worker does not implement, each with a test for the value
+/// that changes nothing. Other unknown fields (`user`, `metadata`, ...) are ignored, as OpenAI's
+/// API ignores what it does not use; these are refused when set, so that a client never gets a
+/// silently different answer from the one it asked for.
+const UNSUPPORTED: &[(&str, IsInert)] = &[
+    ("echo", |v| v == &Value::Bool(false)),
+    ("best_of", |v| v.as_u64() == Some(1)),
+    ("suffix", |v| v.as_str() == Some("")),
+    ("logit_bias", |v| v.as_object().is_some_and(Map::is_empty)),
+    ("presence_penalty", |v| v.as_f64() == Some(0.0)),
+    ("frequency_penalty", |v| v.as_f64() == Some(0.0)),
+    ("repetition_penalty", |v| v.as_f64() == Some(1.0)),
+    ("min_p", |v| v.as_f64() == Some(0.0)),
+    ("tools", |v| v.as_array().is_some_and(Vec::is_empty)),
+    ("functions", |v| v.as_array().is_some_and(Vec::is_empty)),
+    ("tool_choice", |v| v.as_str() == Some("none")),
+    ("function_call", |v| v.as_str() == Some("none")),
+    ("response_format", |v| {
+        v.get("type").and_then(Value::as_str) == Some("text")
+    }),
+];
+
+/// Refuses a request that sets a parameter from [`UNSUPPORTED`] to a value that matters.
+fn refuse_unsupported(fields: &Map<String, Value>) -> Result<(), ApiError> {
+    for (name, inert) in UNSUPPORTED {
+        if let Some(value) = fields.get(*name)
+            && !value.is_null()
+            && !inert(value)
+        {
+            return Err(ApiError::bad_request(
+                "unsupported_parameter",
+                format!("`{name}` is not supported by this worker (got {value}); leave it out"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks a requested number of log-probability alternatives against the API's maximum.
