@@ -7,11 +7,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::Task;
-use super::generator::{DecoderParts, Generator, load_decoder_dir};
+use super::generator::{DecoderParts, Generator, load_decoder_on};
 use super::metrics::Metrics;
 use super::scheduler::{BertEncoder, Encoder, Scheduler};
 use crate::Error;
-use crate::backend::CpuBackend;
+use crate::backend::{Backend, CpuBackend};
 use crate::config::{BertHead, ModelConfig};
 use crate::model_dir::ModelDir;
 use crate::models::bert::Bert;
@@ -48,11 +48,16 @@ pub enum ModelParts {
 /// Opens `dir` and loads whichever kind of model it holds on a CPU backend with `threads`
 /// threads (0: all cores).
 pub fn load_model(dir: &Path, threads: usize) -> crate::Result<ModelParts> {
+    load_model_on(dir, CpuBackend::new(threads)?)
+}
+
+/// Opens `dir` and loads whichever kind of model it holds onto `backend`.
+pub fn load_model_on<B: Backend + 'static>(dir: &Path, backend: B) -> crate::Result<ModelParts> {
     let opened = ModelDir::open(dir)?;
     match opened.config {
-        ModelConfig::Bert(_) => load_encoder(dir, threads).map(ModelParts::Encoder),
+        ModelConfig::Bert(_) => load_encoder_on(opened, backend).map(ModelParts::Encoder),
         ModelConfig::Gpt2(_) | ModelConfig::Llama(_) => {
-            load_decoder_dir(opened, threads).map(ModelParts::Decoder)
+            load_decoder_on(opened, backend).map(ModelParts::Decoder)
         }
     }
 }
@@ -85,7 +90,11 @@ pub struct EncoderParts {
 
 /// Opens `dir` and loads the model on a CPU backend with `threads` threads (0: all cores).
 pub fn load_encoder(dir: &Path, threads: usize) -> crate::Result<EncoderParts> {
-    let dir = ModelDir::open(dir)?;
+    load_encoder_on(ModelDir::open(dir)?, CpuBackend::new(threads)?)
+}
+
+/// Loads an encoder from an opened model folder onto `backend`.
+pub fn load_encoder_on<B: Backend + 'static>(dir: ModelDir, backend: B) -> crate::Result<EncoderParts> {
     let config = match &dir.config {
         ModelConfig::Bert(c) => c.clone(),
         ModelConfig::Gpt2(_) | ModelConfig::Llama(_) => {
@@ -95,7 +104,6 @@ pub fn load_encoder(dir: &Path, threads: usize) -> crate::Result<EncoderParts> {
             )));
         }
     };
-    let backend = CpuBackend::new(threads)?;
     let model = Bert::load(&backend, &config, &dir.weights, &dir.tensor_prefix)?;
     let labels = || {
         let labels = config.id2label.clone();
@@ -222,7 +230,6 @@ impl Engine {
         let tokenizer = Arc::new(parts.tokenizer);
         let generator = Generator::start(
             parts.model,
-            parts.backend,
             tokenizer.clone(),
             limits.max_batch_tokens,
             limits.kv_cache_bytes,

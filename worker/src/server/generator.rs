@@ -22,7 +22,7 @@ use tokio::sync::mpsc as tokio_mpsc;
 
 use super::metrics::Metrics;
 use crate::Error;
-use crate::backend::CpuBackend;
+use crate::backend::{Backend, CpuBackend};
 use crate::config::ModelConfig;
 use crate::model_dir::ModelDir;
 use crate::models::decoder::CausalLm;
@@ -32,23 +32,62 @@ use crate::models::llama::Llama;
 use crate::sampling::{FinishReason, Sampler, SamplingParams, find_stop, step_logprobs};
 use crate::tokenizer::Tokenizer;
 
-/// A decoder model the generation thread can own.
-pub type Decoder = Box<dyn CausalLm<CpuBackend> + Send>;
+/// A decoder together with the backend it runs on, the backend's type erased, so that the
+/// generation thread and [`DecoderParts`] do not depend on which backend it is.
+pub trait Decoder: Send {
+    /// [`CausalLm::step`] on the decoder's backend.
+    fn step(&self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> crate::Result<Vec<Vec<f32>>>;
+    /// Token ids that end generation.
+    fn eos_token_ids(&self) -> &[u32];
+    /// An empty cache for one sequence.
+    fn new_cache(&self) -> KvCache;
+    /// The model's context length.
+    fn max_positions(&self) -> usize;
+}
+
+/// A [`CausalLm`] on backend `B`.
+pub struct DecoderOn<B: Backend> {
+    /// The model.
+    pub model: Box<dyn CausalLm<B> + Send>,
+    /// The backend it runs on.
+    pub backend: B,
+}
+
+impl<B: Backend> Decoder for DecoderOn<B> {
+    fn step(&self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> crate::Result<Vec<Vec<f32>>> {
+        self.model.step(&self.backend, caches, tokens)
+    }
+
+    fn eos_token_ids(&self) -> &[u32] {
+        self.model.eos_token_ids()
+    }
+
+    fn new_cache(&self) -> KvCache {
+        self.model.new_cache()
+    }
+
+    fn max_positions(&self) -> usize {
+        self.model.max_positions()
+    }
+}
 
 /// A loaded decoder, before it is started.
 pub struct DecoderParts {
     /// The model's tokenizer.
     pub tokenizer: Tokenizer,
-    /// The model.
-    pub model: Decoder,
-    /// The backend it runs on.
-    pub backend: CpuBackend,
+    /// The model on its backend.
+    pub model: Box<dyn Decoder>,
 }
 
-/// Loads a decoder (GPT-2 or Llama family) from an opened model folder.
+/// Loads a decoder (GPT-2 or Llama family) from an opened model folder on a CPU backend with
+/// `threads` threads (0: all cores).
 pub fn load_decoder_dir(dir: ModelDir, threads: usize) -> crate::Result<DecoderParts> {
-    let backend = CpuBackend::new(threads)?;
-    let model: Decoder = match &dir.config {
+    load_decoder_on(dir, CpuBackend::new(threads)?)
+}
+
+/// Loads a decoder (GPT-2 or Llama family) from an opened model folder onto `backend`.
+pub fn load_decoder_on<B: Backend + 'static>(dir: ModelDir, backend: B) -> crate::Result<DecoderParts> {
+    let model: Box<dyn CausalLm<B> + Send> = match &dir.config {
         ModelConfig::Gpt2(c) => Box::new(Gpt2::load(&backend, c, &dir.weights, &dir.tensor_prefix)?),
         ModelConfig::Llama(c) => Box::new(Llama::load(&backend, c, &dir.weights, &dir.tensor_prefix)?),
         ModelConfig::Bert(_) => {
@@ -60,8 +99,7 @@ pub fn load_decoder_dir(dir: ModelDir, threads: usize) -> crate::Result<DecoderP
     };
     Ok(DecoderParts {
         tokenizer: dir.tokenizer,
-        model,
-        backend,
+        model: Box::new(DecoderOn { model, backend }),
     })
 }
 
@@ -136,8 +174,7 @@ impl Generator {
     /// limited to `max_batch_tokens` prompt tokens (at least one prompt joins), and the running
     /// sequences' key/value cache reservations to `kv_cache_bytes`.
     pub fn start(
-        model: Decoder,
-        backend: CpuBackend,
+        model: Box<dyn Decoder>,
         tokenizer: Arc<Tokenizer>,
         max_batch_tokens: usize,
         kv_cache_bytes: usize,
@@ -151,7 +188,6 @@ impl Generator {
             .spawn(move || {
                 run(
                     model.as_ref(),
-                    &backend,
                     &tokenizer,
                     rx,
                     Budgets {
@@ -329,7 +365,7 @@ impl Sequence {
     }
 
     /// Takes the next token; whether the sequence is finished (and has reported so).
-    fn advance(&mut self, model: &dyn CausalLm<CpuBackend>, tokenizer: &Tokenizer, logits: &[f32]) -> bool {
+    fn advance(&mut self, model: &dyn Decoder, tokenizer: &Tokenizer, logits: &[f32]) -> bool {
         let id = self.sampler.sample(logits);
         if model.eos_token_ids().contains(&id) {
             if let Ok(rest) = self.detokenizer.flush(tokenizer) {
@@ -406,8 +442,7 @@ struct Budgets {
 }
 
 fn run(
-    model: &dyn CausalLm<CpuBackend>,
-    backend: &CpuBackend,
+    model: &dyn Decoder,
     tokenizer: &Tokenizer,
     rx: mpsc::Receiver<Request>,
     budgets: Budgets,
@@ -503,7 +538,7 @@ fn run(
             let inputs: Vec<Vec<u32>> = active.iter().map(|s| s.next.clone()).collect();
             let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
             let mut caches: Vec<&mut KvCache> = active.iter_mut().map(|s| &mut s.cache).collect();
-            std::panic::catch_unwind(AssertUnwindSafe(|| model.step(backend, &mut caches, &refs)))
+            std::panic::catch_unwind(AssertUnwindSafe(|| model.step(&mut caches, &refs)))
         };
         metrics.observe_stage("decode_step", started.elapsed().as_secs_f64());
         let logits = match result {

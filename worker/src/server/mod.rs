@@ -26,10 +26,10 @@ pub mod scheduler;
 
 pub use engine::{
     Capability, EncoderParts, Engine, Head, ModelLimits, ModelParts, check_decoder_task, check_task,
-    load_encoder, load_model,
+    load_encoder, load_encoder_on, load_model, load_model_on,
 };
 pub use error::ApiError;
-pub use generator::{DecoderParts, GenerationRequest, Generator, load_decoder};
+pub use generator::{Decoder, DecoderOn, DecoderParts, GenerationRequest, Generator, load_decoder};
 pub use metrics::Metrics;
 
 /// The task a deployment runs (`--task`); the operator passes it, the worker checks the model

@@ -16,7 +16,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::metrics::Metrics;
-use crate::backend::CpuBackend;
+use crate::backend::Backend;
 use crate::config::PoolingConfig;
 use crate::models::bert::{Batch, Bert};
 use crate::tokenizer::Encoding;
@@ -48,17 +48,17 @@ pub trait Encoder: Send {
     fn run(&self, work: Work, encodings: &[Encoding]) -> crate::Result<Vec<Output>>;
 }
 
-/// A BERT-family encoder on the CPU backend.
-pub struct BertEncoder {
+/// A BERT-family encoder on backend `B`.
+pub struct BertEncoder<B: Backend> {
     /// The model.
-    pub model: Bert<CpuBackend>,
+    pub model: Bert<B>,
     /// The backend it runs on.
-    pub backend: CpuBackend,
+    pub backend: B,
     /// Sentence-embedding pooling.
     pub pooling: PoolingConfig,
 }
 
-impl Encoder for BertEncoder {
+impl<B: Backend> Encoder for BertEncoder<B> {
     fn run(&self, work: Work, encodings: &[Encoding]) -> crate::Result<Vec<Output>> {
         let batch = Batch::new(encodings);
         Ok(match work {
