@@ -23,6 +23,8 @@ pub mod reference;
 mod shapes;
 
 #[cfg(test)]
+mod test_util;
+#[cfg(test)]
 mod tests;
 
 pub use cpu::{CpuBackend, CpuTensor};
