@@ -10,6 +10,7 @@
 //! - [`cpu::CpuBackend`]: the fast CPU implementation (gemm for matrix products, rayon for rows).
 //! - [`reference::ReferenceBackend`]: naive loops in `f64`, the ground truth for tests of every
 //!   other backend.
+//! - [`device::DeviceSpec`]: the `--device auto|cpu|cuda:N` choice and its fallback rules.
 //!
 //! Layout conventions (the Hugging Face / PyTorch ones, so checkpoints load without reshuffling):
 //! - `linear` weights are `[out, in]` (`nn.Linear`); GPT-2's `Conv1D` weights are transposed at load.
@@ -18,6 +19,7 @@
 //! - rotary embeddings use the "rotate_half" pairing: element `i` rotates with `i + head_dim / 2`.
 
 pub mod cpu;
+pub mod device;
 pub mod kernels;
 pub mod reference;
 mod shapes;
@@ -28,6 +30,7 @@ mod test_util;
 mod tests;
 
 pub use cpu::{CpuBackend, CpuTensor};
+pub use device::{DeviceSpec, Selected};
 pub use reference::ReferenceBackend;
 
 /// Errors from backend operations.
