@@ -199,6 +199,15 @@ impl CudaBackend {
             .map_err(|e| driver_err(&format!("uploading {what}"), e))
     }
 
+    /// Makes the context current on the calling thread. Kernel launches and copies do this
+    /// themselves; cuBLAS calls do not, and the backend may be used from another thread than the
+    /// one that created it.
+    pub(super) fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_err("making the CUDA context current", e))
+    }
+
     pub(super) fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()

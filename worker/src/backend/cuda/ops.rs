@@ -150,6 +150,7 @@ impl CudaBackend {
                 beta: 0.0f32,
                 ldc: mi,
             };
+            self.bind()?;
             // SAFETY: the shapes were checked: W holds m·k, x n·k and out n·m elements.
             unsafe { self.blas.gemm(cfg, &weight.buf, &x.buf, &mut out.buf) }
                 .map_err(|e| BackendError::Device(format!("cuBLAS sgemm ({n}x{k}x{m}): {e}")))?;
@@ -519,6 +520,7 @@ impl Backend for CudaBackend {
             stride_b: (n * k) as i64,
             stride_c: (n * m) as i64,
         };
+        self.bind()?;
         // SAFETY: the shapes were checked: b holds batch·k·m, a batch·n·k, out batch·n·m elements.
         unsafe { self.blas.gemm_strided_batched(cfg, &b.buf, &a.buf, &mut out.buf) }
             .map_err(|e| BackendError::Device(format!("cuBLAS batched sgemm ({batch}x{n}x{k}x{m}): {e}")))?;
