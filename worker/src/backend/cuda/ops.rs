@@ -289,14 +289,11 @@ impl CudaBackend {
                 format!("head_dim {d} exceeds the CUDA kernels' maximum of {ATTN_MAX_D}"),
             ));
         }
-        let mut out = self.alloc(q.shape.clone())?;
-        if q.numel() == 0 {
-            return Ok(out);
-        }
-        if s_k == 0 {
-            // No keys at all: every query row is fully masked.
+        if q.numel() == 0 || s_k == 0 {
+            // Nothing to compute, or no keys at all: every query row is fully masked.
             return self.zeros(q.shape.clone());
         }
+        let mut out = self.alloc(q.shape.clone())?;
         int(op, q.numel())?;
         int(op, k.numel())?;
         let valid: Vec<u8> = mask
