@@ -10,6 +10,9 @@
 //! - [`cpu::CpuBackend`]: the fast CPU implementation (gemm for matrix products, rayon for rows).
 //! - [`reference::ReferenceBackend`]: naive loops in `f64`, the ground truth for tests of every
 //!   other backend.
+//! - `cuda::CudaBackend` (cargo feature `cuda`): NVIDIA GPUs, our kernels compiled by NVRTC and
+//!   cuBLAS for matrix products.
+//! - [`device::DeviceSpec`]: the `--device auto|cpu|cuda:N` choice and its fallback rules.
 //!
 //! Layout conventions (the Hugging Face / PyTorch ones, so checkpoints load without reshuffling):
 //! - `linear` weights are `[out, in]` (`nn.Linear`); GPT-2's `Conv1D` weights are transposed at load.
@@ -18,14 +21,22 @@
 //! - rotary embeddings use the "rotate_half" pairing: element `i` rotates with `i + head_dim / 2`.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod kernels;
 pub mod reference;
 mod shapes;
 
 #[cfg(test)]
+mod test_util;
+#[cfg(test)]
 mod tests;
 
 pub use cpu::{CpuBackend, CpuTensor};
+#[cfg(feature = "cuda")]
+pub use cuda::{CudaBackend, CudaTensor};
+pub use device::{DeviceSpec, Selected};
 pub use reference::ReferenceBackend;
 
 /// Errors from backend operations.

@@ -5,51 +5,10 @@
 
 use proptest::prelude::*;
 
+use super::test_util::{EXACT, Rng, Tol, assert_close};
 use super::*;
 
 type Host = dyn Backend<Tensor = CpuTensor>;
-
-/// Seeded xorshift generator: reproducible inputs without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    /// Uniform in [-1, 1).
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next() + 1.0) / 2.0 * n as f32) as usize % n
-    }
-}
-
-/// `|got - want| <= atol + rtol * |want|`, elementwise.
-#[derive(Clone, Copy, Debug)]
-struct Tol {
-    atol: f32,
-    rtol: f32,
-}
-
-const EXACT: Tol = Tol { atol: 0.0, rtol: 0.0 };
-
-fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tol) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let ok = (g - w).abs() <= tol.atol + tol.rtol * w.abs() || (g == w);
-        assert!(ok, "{what}: element {i}: got {g}, want {w} ({tol:?})");
-    }
-}
 
 fn cpu(threads: usize) -> CpuBackend {
     CpuBackend::new(threads).expect("thread pool")

@@ -1,0 +1,220 @@
+//! The CUDA backend's device state: the context, its one stream, the cuBLAS handle and the
+//! kernels compiled at start-up, plus the helpers every op uses (allocation, uploads of small
+//! host arguments, launches) and the mapping of driver, NVRTC and cuBLAS failures to
+//! [`BackendError::Device`] messages.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUresult};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError};
+
+use super::kernels::{self, FILES};
+use super::tensor::CudaTensor;
+use crate::backend::{BackendError, Result};
+
+/// Oldest GPU generation accepted: Volta (7.0). The kernels need warp shuffles with masks and
+/// nothing newer; they are compile-checked for 8.0 and 9.0.
+const MIN_COMPUTE_CAPABILITY: (i32, i32) = (7, 0);
+
+/// Dynamic shared memory the flash attention kernel needs at the largest head dimension (256):
+/// 16 query rows, a K tile of 32 rows padded to d + 1 and a V tile of 32 rows, in floats.
+pub(super) const fn flash_smem_bytes(d: usize) -> usize {
+    (16 * d + 32 * (d + 1) + 32 * d) * size_of::<f32>()
+}
+
+/// The largest head dimension the attention kernels take (each lane keeps d / 32 outputs in
+/// registers).
+pub(super) const ATTN_MAX_D: usize = 256;
+
+/// The CUDA backend on one GPU. All work goes to one stream, in order; host reads
+/// (`to_host`) synchronise it, which is also where asynchronous kernel failures surface.
+pub struct CudaBackend {
+    name: String,
+    ctx: Arc<CudaContext>,
+    pub(super) stream: Arc<CudaStream>,
+    pub(super) blas: CudaBlas,
+    kernels: HashMap<&'static str, CudaFunction>,
+    /// One-element buffers passed where a kernel takes an optional pointer that is absent (the
+    /// kernels are told so by a flag and never read them).
+    pub(super) placeholder_u8: CudaSlice<u8>,
+    pub(super) placeholder_f32: CudaSlice<f32>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `context: error`, with out-of-memory spelled out because it is the failure an operator can act
+/// on (smaller batch, smaller model, another GPU).
+pub(super) fn driver_err(context: &str, e: DriverError) -> BackendError {
+    if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        BackendError::Device(format!("{context}: out of GPU memory"))
+    } else {
+        BackendError::Device(format!("{context}: {e}"))
+    }
+}
+
+fn library_missing(what: &str, lib: &str) -> BackendError {
+    BackendError::Device(format!(
+        "{what} ({lib}) not found on the library path; the CUDA backend cannot start"
+    ))
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`: loads the driver, NVRTC and cuBLAS libraries, creates the stream and
+    /// compiles every kernel for this GPU. Fails (never panics) when a library is missing, there
+    /// is no such GPU, the GPU is too old, or a kernel does not compile.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // cudarc panics on first use of a library it cannot load, so look for each one first.
+        // SAFETY: these only try to dlopen the libraries; no symbol is called.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(library_missing("the NVIDIA driver library", "libcuda.so"));
+        }
+        if !kernels::nvrtc_available() {
+            return Err(library_missing("NVRTC", "libnvrtc.so"));
+        }
+        // SAFETY: as above.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(library_missing("cuBLAS", "libcublas.so"));
+        }
+        let count = CudaContext::device_count().map_err(|e| driver_err("CUDA initialisation", e))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(BackendError::Device(format!(
+                "CUDA device {ordinal} requested, but {count} device(s) found"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_err(&format!("opening cuda:{ordinal}"), e))?;
+        let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| driver_err("reading the compute capability", e))?;
+        if (major, minor) < MIN_COMPUTE_CAPABILITY {
+            return Err(BackendError::Device(format!(
+                "{gpu} (cuda:{ordinal}) has compute capability {major}.{minor}; at least {}.{} is needed",
+                MIN_COMPUTE_CAPABILITY.0, MIN_COMPUTE_CAPABILITY.1
+            )));
+        }
+        // SAFETY: every buffer of this backend is allocated, used and freed on its one stream
+        // (cuBLAS is bound to the same stream), so the per-buffer events cudarc records to order
+        // work across streams are not needed; turned off before any allocation.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| driver_err("creating a stream", e))?;
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| BackendError::Device(format!("creating the cuBLAS handle: {e}")))?;
+
+        let arch = kernels::virtual_arch(major, minor);
+        let mut functions = HashMap::new();
+        for file in FILES {
+            let ptx = kernels::compile(file, &arch)?;
+            let module = ctx
+                .load_module(ptx)
+                .map_err(|e| driver_err(&format!("loading {} on {gpu}", file.name), e))?;
+            for &name in file.functions {
+                let f = module
+                    .load_function(name)
+                    .map_err(|e| driver_err(&format!("finding kernel {name} in {}", file.name), e))?;
+                functions.insert(name, f);
+            }
+        }
+        let backend = Self {
+            name: format!("cuda:{ordinal}"),
+            placeholder_u8: stream
+                .alloc_zeros::<u8>(1)
+                .map_err(|e| driver_err("allocating", e))?,
+            placeholder_f32: stream
+                .alloc_zeros::<f32>(1)
+                .map_err(|e| driver_err("allocating", e))?,
+            ctx,
+            stream,
+            blas,
+            kernels: functions,
+        };
+        backend.allow_flash_smem()?;
+        Ok(backend)
+    }
+
+    /// The GPU's name as the driver reports it.
+    pub fn device_name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "unknown GPU".into())
+    }
+
+    /// Kernels may use at most 48 KiB of dynamic shared memory unless they opt in to more; flash
+    /// attention at head dimension 256 needs ~80 KiB (available from compute capability 7.0).
+    fn allow_flash_smem(&self) -> Result<()> {
+        let need = flash_smem_bytes(ATTN_MAX_D);
+        let limit = self
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| driver_err("reading the shared memory limit", e))?;
+        let bytes = need.min(limit.max(0) as usize);
+        let f = self.kernel("flash_attention_f32")?;
+        // SAFETY: the function handle is valid for the life of its module, which it keeps alive.
+        unsafe {
+            cudarc::driver::result::function::set_function_attribute(
+                f.cu_function(),
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+        }
+        .map_err(|e| driver_err("raising flash attention's shared memory limit", e))
+    }
+
+    pub(super) fn kernel(&self, name: &'static str) -> Result<&CudaFunction> {
+        self.kernels
+            .get(name)
+            .ok_or_else(|| BackendError::Device(format!("kernel {name} was not loaded")))
+    }
+
+    /// An uninitialised tensor; every op writes all of its output.
+    pub(super) fn alloc(&self, shape: Vec<usize>) -> Result<CudaTensor> {
+        let n: usize = shape.iter().product();
+        // SAFETY: the callers overwrite every element before it is read.
+        let buf = unsafe { self.stream.alloc::<f32>(n.max(1)) }
+            .map_err(|e| driver_err(&format!("allocating {} bytes", n * 4), e))?;
+        Ok(CudaTensor { buf, shape })
+    }
+
+    pub(super) fn zeros(&self, shape: Vec<usize>) -> Result<CudaTensor> {
+        let n: usize = shape.iter().product();
+        let buf = self
+            .stream
+            .alloc_zeros::<f32>(n.max(1))
+            .map_err(|e| driver_err(&format!("allocating {} bytes", n * 4), e))?;
+        Ok(CudaTensor { buf, shape })
+    }
+
+    /// Copies a small host argument (ids, positions, a mask) to the device.
+    pub(super) fn upload<T: DeviceRepr>(&self, what: &str, data: &[T]) -> Result<CudaSlice<T>> {
+        if data.is_empty() {
+            return Err(BackendError::Device(format!("{what}: nothing to upload")));
+        }
+        self.stream
+            .clone_htod(data)
+            .map_err(|e| driver_err(&format!("uploading {what}"), e))
+    }
+
+    /// Makes the context current on the calling thread. Kernel launches and copies do this
+    /// themselves; cuBLAS calls do not, and the backend may be used from another thread than the
+    /// one that created it.
+    pub(super) fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_err("making the CUDA context current", e))
+    }
+
+    pub(super) fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_err("waiting for the GPU (an earlier kernel may have failed)", e))
+    }
+
+    pub(crate) fn backend_name(&self) -> &str {
+        &self.name
+    }
+}

@@ -1,0 +1,68 @@
+// Helpers shared by every kernel file. The backend prepends this text to each .cu source before
+// NVRTC compiles it (NVRTC has no include path of ours), so the files stay self-contained units.
+//
+// Conventions of all kernels:
+// - fp32, dense row-major tensors, sizes as `int` (the host refuses tensors of 2^31 or more
+//   elements before launching);
+// - block reductions assume blockDim.x is a multiple of 32 and at most 1024;
+// - KERNEL_CHECK is a device-side shape assert: it prints the failed condition and traps, which
+//   aborts the launch; the host then reports the sticky launch error on its next synchronisation.
+
+#define KERNEL_CHECK(cond)                                                                   \
+    do {                                                                                     \
+        if (!(cond)) {                                                                       \
+            printf("kernel check failed: %s (%s:%d)\n", #cond, __FILE__, __LINE__);        \
+            __trap();                                                                        \
+        }                                                                                    \
+    } while (0)
+
+#define FULL_MASK 0xffffffffu
+
+// NVRTC compiles without the C library headers that define these.
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#ifndef NAN
+#define NAN __int_as_float(0x7fffffff)
+#endif
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v += __shfl_xor_sync(FULL_MASK, v, offset);
+    }
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, offset));
+    }
+    return v;
+}
+
+// Sum of `v` over the block, returned to every thread. `scratch` holds 32 floats of shared
+// memory; the trailing barrier lets the caller reuse it for the next reduction at once.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = warp_sum(v);
+    if (lane == 0) {
+        scratch[warp] = v;
+    }
+    __syncthreads();
+    v = warp_sum(lane < warps ? scratch[lane] : 0.0f);
+    __syncthreads();
+    return v;
+}
+
+// Maximum of `v` over the block, returned to every thread (same contract as block_sum).
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = warp_max(v);
+    if (lane == 0) {
+        scratch[warp] = v;
+    }
+    __syncthreads();
+    v = warp_max(lane < warps ? scratch[lane] : -INFINITY);
+    __syncthreads();
+    return v;
+}

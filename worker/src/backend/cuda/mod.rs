@@ -1,0 +1,25 @@
+//! The CUDA backend (cargo feature `cuda`): [`CudaBackend`] runs every [`Backend`] operation on
+//! one NVIDIA GPU through cudarc, with its libraries loaded at run time, so the feature builds on
+//! machines without CUDA.
+//!
+//! - [`context`]: the device, its stream, cuBLAS, the compiled-kernel cache, error mapping.
+//! - [`kernels`]: the `.cu` sources (embedded) and their NVRTC compilation.
+//! - [`tensor`]: [`CudaTensor`], a device buffer and its shape.
+//! - [`ops`]: the operations: cuBLAS sgemm for matrix products, our kernels for the rest.
+//!
+//! fp32 throughout: results match the CPU backend to ~1e-5, which is what the GPU tests hold them
+//! to. Requires libcuda (the driver), libnvrtc and libcublas of CUDA 13 on the library path.
+//!
+//! [`Backend`]: crate::backend::Backend
+
+mod context;
+pub(crate) mod kernels;
+mod ops;
+mod tensor;
+
+#[cfg(test)]
+mod tests;
+
+pub use context::CudaBackend;
+pub use ops::Activation;
+pub use tensor::CudaTensor;

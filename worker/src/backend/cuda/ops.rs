@@ -1,0 +1,686 @@
+//! The [`Backend`] operations on the GPU, plus the device-only extras the models can use once
+//! they are specialised for it (fused linear + activation, embedding gather with positions, argmax
+//! on device). Shapes are checked on the host with the same checks as every backend before any
+//! launch; matrix products go to cuBLAS, everything else to the kernels in `kernels/`.
+
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::context::{ATTN_MAX_D, CudaBackend, driver_err, flash_smem_bytes};
+use super::tensor::CudaTensor;
+use crate::backend::shapes::{self, AttnDims};
+use crate::backend::{AttentionMask, Backend, BackendError, Result};
+
+/// Launches kernel `$name` with `$cfg` and the given argument references (locals, so that they
+/// outlive the launch call).
+macro_rules! launch {
+    ($self:expr, $name:literal, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let f = $self.kernel($name)?;
+        let mut builder = $self.stream.launch_builder(f);
+        $( builder.arg($arg); )+
+        // SAFETY: the arguments match the kernel's parameter list in order and type (pointers
+        // as device buffers, `int` as i32, `float` as f32), and the shapes were checked on the
+        // host so that every index the kernel computes is inside its buffer.
+        unsafe { builder.launch($cfg) }
+            .map(|_| ())
+            .map_err(|e| driver_err(concat!("launching ", $name), e))
+    }};
+}
+
+/// Threads per block for the row kernels (norms, softmax, argmax) and elementwise kernels.
+const BLOCK: u32 = 256;
+
+/// Grid-stride kernels need no more blocks than this to fill any current GPU.
+const MAX_BLOCKS: usize = 1 << 16;
+
+/// An activation applied in the epilogue of [`CudaBackend::linear_act`]; the values are the
+/// `ACT_*` constants of `activation.cu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Identity = 0,
+    Gelu = 1,
+    GeluTanh = 2,
+    Silu = 3,
+}
+
+/// Which attention kernel runs; [`Backend::attention`] picks by the number of queries, tests
+/// run both over every case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AttentionKernel {
+    /// Tiles of 16 queries x 32 keys in shared memory (prompts, encoders).
+    Flash,
+    /// One block per query, warps splitting the keys (decode steps over a KV cache).
+    Decode,
+}
+
+/// A size as the kernels' `int`, or an error for tensors too large for 32-bit indexing.
+fn int(op: &'static str, n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| shapes::err(op, format!("size {n} exceeds the CUDA kernels' 32-bit limit")))
+}
+
+fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn elementwise_cfg(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(BLOCK as usize).min(MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    if let Some(l) = s.last_mut() {
+        *l = last;
+    }
+    s
+}
+
+impl CudaBackend {
+    fn elementwise(&self, op: &'static str, x: &CudaTensor) -> Result<(CudaTensor, i32)> {
+        let n = x.numel();
+        Ok((self.alloc(x.shape.clone())?, int(op, n)?))
+    }
+
+    fn unary(&self, op: &'static str, x: &CudaTensor) -> Result<CudaTensor> {
+        let (mut out, n) = self.elementwise(op, x)?;
+        if n > 0 {
+            let cfg = elementwise_cfg(n as usize);
+            match op {
+                "gelu" => launch!(self, "gelu_erf_f32", cfg, &mut out.buf, &x.buf, &n)?,
+                _ => launch!(self, "gelu_tanh_f32", cfg, &mut out.buf, &x.buf, &n)?,
+            }
+        }
+        Ok(out)
+    }
+
+    fn binary(&self, op: &'static str, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        shapes::same(op, &a.shape, &b.shape)?;
+        let (mut out, n) = self.elementwise(op, a)?;
+        if n > 0 {
+            let cfg = elementwise_cfg(n as usize);
+            match op {
+                "add" => launch!(self, "add_f32", cfg, &mut out.buf, &a.buf, &b.buf, &n)?,
+                _ => launch!(self, "silu_mul_f32", cfg, &mut out.buf, &a.buf, &b.buf, &n)?,
+            }
+        }
+        Ok(out)
+    }
+
+    /// `act(x · weightᵀ + bias)`: the cuBLAS product followed by one epilogue kernel that adds
+    /// the bias and applies the activation in the same pass over the output.
+    pub fn linear_act(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        act: Activation,
+    ) -> Result<CudaTensor> {
+        let op = "linear";
+        let (n, k, m) = shapes::linear(&x.shape, &weight.shape, bias.map(|b| b.shape.as_slice()))?;
+        let shape = with_last(&x.shape, m);
+        if n * m == 0 {
+            return self.alloc(shape);
+        }
+        let (ni, ki, mi) = (int(op, n)?, int(op, k)?, int(op, m)?);
+        int(op, n * m)?;
+        let mut out = if k == 0 {
+            self.zeros(shape)?
+        } else {
+            let mut out = self.alloc(shape)?;
+            // Row-major out[n × m] = x[n × k] · Wᵀ is column-major outᵀ[m × n] = W · xᵀ, where the
+            // row-major buffers of W [m × k] and x [n × k] read column-major are Wᵀ (so op T)
+            // and xᵀ (op N).
+            let cfg = GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_T,
+                transb: cublasOperation_t::CUBLAS_OP_N,
+                m: mi,
+                n: ni,
+                k: ki,
+                alpha: 1.0f32,
+                lda: ki,
+                ldb: ki,
+                beta: 0.0f32,
+                ldc: mi,
+            };
+            self.bind()?;
+            // SAFETY: the shapes were checked: W holds m·k, x n·k and out n·m elements.
+            unsafe { self.blas.gemm(cfg, &weight.buf, &x.buf, &mut out.buf) }
+                .map_err(|e| BackendError::Device(format!("cuBLAS sgemm ({n}x{k}x{m}): {e}")))?;
+            out
+        };
+        if bias.is_some() || act != Activation::Identity {
+            let has_bias = i32::from(bias.is_some());
+            let act = act as i32;
+            let bias_buf = bias.map_or(&self.placeholder_f32, |b| &b.buf);
+            launch!(
+                self,
+                "bias_act_f32",
+                elementwise_cfg(n * m),
+                &mut out.buf,
+                bias_buf,
+                &has_bias,
+                &ni,
+                &mi,
+                &act
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// `table[ids] + pos_table[positions]` in one pass (BERT and GPT-2 embeddings); the lookup
+    /// tables are `[vocab, d]` and `[max_positions, d]`, one position per id.
+    pub fn embedding_add(
+        &self,
+        ids: &[u32],
+        table: &CudaTensor,
+        positions: &[usize],
+        pos_table: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        let op = "embedding_add";
+        let (vocab, d) = shapes::embedding(ids, &table.shape)?;
+        let pos: Vec<u32> = positions
+            .iter()
+            .map(|&p| u32::try_from(p).unwrap_or(u32::MAX))
+            .collect();
+        let (max_pos, pd) = shapes::embedding(&pos, &pos_table.shape)?;
+        if pd != d || positions.len() != ids.len() {
+            return Err(shapes::err(
+                op,
+                format!(
+                    "{} ids over table {:?} with {} positions over {:?}",
+                    ids.len(),
+                    table.shape,
+                    positions.len(),
+                    pos_table.shape
+                ),
+            ));
+        }
+        let mut out = self.alloc(vec![ids.len(), d])?;
+        if ids.is_empty() || d == 0 {
+            return Ok(out);
+        }
+        let (tokens, vocab, max_pos, di) = (
+            int(op, ids.len())?,
+            int(op, vocab)?,
+            int(op, max_pos)?,
+            int(op, d)?,
+        );
+        int(op, ids.len() * d)?;
+        let (ids_dev, pos_dev) = (self.upload("token ids", ids)?, self.upload("positions", &pos)?);
+        let cfg = rows_cfg(ids.len(), (d.min(BLOCK as usize) as u32).next_multiple_of(32));
+        launch!(
+            self,
+            "embedding_add_f32",
+            cfg,
+            &mut out.buf,
+            &table.buf,
+            &ids_dev,
+            &pos_table.buf,
+            &pos_dev,
+            &tokens,
+            &vocab,
+            &max_pos,
+            &di
+        )?;
+        Ok(out)
+    }
+
+    /// The index of the largest logit of each row of `logits [.., vocab]`, computed on the GPU
+    /// (first index on ties, NaN never wins), so only the ids cross to the host.
+    pub fn argmax_rows(&self, logits: &CudaTensor) -> Result<Vec<u32>> {
+        let op = "argmax_rows";
+        let (rows, vocab) = shapes::rows(op, &logits.shape)?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let (ri, vi) = (int(op, rows)?, int(op, vocab)?);
+        int(op, rows * vocab)?;
+        let mut ids = self
+            .stream
+            .alloc_zeros::<u32>(rows)
+            .map_err(|e| driver_err("allocating", e))?;
+        launch!(
+            self,
+            "argmax_rows_f32",
+            rows_cfg(rows, BLOCK),
+            &mut ids,
+            &logits.buf,
+            &ri,
+            &vi
+        )?;
+        let host = self
+            .stream
+            .clone_dtoh(&ids)
+            .map_err(|e| driver_err("copying token ids to the host", e))?;
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    /// Attention through the chosen kernel (the trait method picks one by the number of queries).
+    pub(crate) fn attention_with(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        mask: &AttentionMask<'_>,
+        kernel: AttentionKernel,
+    ) -> Result<CudaTensor> {
+        let op = "attention";
+        let dims = shapes::attention(&q.shape, &k.shape, &v.shape, mask)?;
+        let AttnDims {
+            batch,
+            s_q,
+            s_k,
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = dims;
+        if d > ATTN_MAX_D {
+            return Err(shapes::err(
+                op,
+                format!("head_dim {d} exceeds the CUDA kernels' maximum of {ATTN_MAX_D}"),
+            ));
+        }
+        if q.numel() == 0 || s_k == 0 {
+            // Nothing to compute, or no keys at all: every query row is fully masked.
+            return self.zeros(q.shape.clone());
+        }
+        let mut out = self.alloc(q.shape.clone())?;
+        int(op, q.numel())?;
+        int(op, k.numel())?;
+        let valid: Vec<u8> = mask
+            .key_valid
+            .map_or_else(Vec::new, |m| m.iter().map(|&b| u8::from(b)).collect());
+        let valid_dev = if valid.is_empty() {
+            None
+        } else {
+            Some(self.upload("padding mask", &valid)?)
+        };
+        let valid_buf = valid_dev.as_ref().unwrap_or(&self.placeholder_u8);
+        let has_valid = i32::from(valid_dev.is_some());
+        let causal = match mask.causal_offset {
+            Some(off) => int(op, off)?,
+            None => -1,
+        };
+        let (bi, sqi, ski, hi, kvi, di) = (
+            int(op, batch)?,
+            int(op, s_q)?,
+            int(op, s_k)?,
+            int(op, heads)?,
+            int(op, kv_heads)?,
+            int(op, d)?,
+        );
+        let scale = 1.0 / (d as f32).sqrt();
+        let cfg = match kernel {
+            AttentionKernel::Flash => LaunchConfig {
+                grid_dim: (s_q.div_ceil(16) as u32, heads as u32, batch as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: flash_smem_bytes(d) as u32,
+            },
+            AttentionKernel::Decode => LaunchConfig {
+                grid_dim: (heads as u32, s_q as u32, batch as u32),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: ((d + 8 * (d + 2)) * size_of::<f32>()) as u32,
+            },
+        };
+        if batch > 65_535 || (kernel == AttentionKernel::Decode && s_q > 65_535) {
+            return Err(shapes::err(op, format!("grid too large for {:?}", q.shape)));
+        }
+        macro_rules! attn {
+            ($name:literal) => {
+                launch!(
+                    self,
+                    $name,
+                    cfg,
+                    &mut out.buf,
+                    &q.buf,
+                    &k.buf,
+                    &v.buf,
+                    valid_buf,
+                    &has_valid,
+                    &causal,
+                    &bi,
+                    &sqi,
+                    &ski,
+                    &hi,
+                    &kvi,
+                    &di,
+                    &scale
+                )
+            };
+        }
+        match kernel {
+            AttentionKernel::Flash => attn!("flash_attention_f32")?,
+            AttentionKernel::Decode => attn!("decode_attention_f32")?,
+        }
+        Ok(out)
+    }
+
+    fn norm_launch(
+        &self,
+        x: &CudaTensor,
+        residual: Option<&CudaTensor>,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        eps: f32,
+        (rows, d): (usize, usize),
+    ) -> Result<CudaTensor> {
+        let op = "layer_norm";
+        let mut out = self.alloc(x.shape.clone())?;
+        if rows == 0 {
+            return Ok(out);
+        }
+        int(op, x.numel())?;
+        let (ri, di, has_residual) = (int(op, rows)?, int(op, d)?, i32::from(residual.is_some()));
+        let res = residual.map_or(&x.buf, |r| &r.buf);
+        launch!(
+            self,
+            "layer_norm_f32",
+            rows_cfg(rows, BLOCK),
+            &mut out.buf,
+            &x.buf,
+            res,
+            &has_residual,
+            &gamma.buf,
+            &beta.buf,
+            &ri,
+            &di,
+            &eps
+        )?;
+        Ok(out)
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+
+    fn name(&self) -> &str {
+        self.backend_name()
+    }
+
+    fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<CudaTensor> {
+        shapes::host("from_host", data.len(), shape)?;
+        if data.is_empty() {
+            return self.zeros(shape.to_vec());
+        }
+        let buf = self
+            .stream
+            .clone_htod(data)
+            .map_err(|e| driver_err(&format!("copying {} values to the GPU", data.len()), e))?;
+        Ok(CudaTensor {
+            buf,
+            shape: shape.to_vec(),
+        })
+    }
+
+    fn to_host(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        let n = t.numel();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let host = self
+            .stream
+            .clone_dtoh(&t.buf.slice(..n))
+            .map_err(|e| driver_err("copying a tensor to the host", e))?;
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    fn shape<'t>(&self, t: &'t CudaTensor) -> &'t [usize] {
+        &t.shape
+    }
+
+    fn reshape(&self, t: CudaTensor, shape: &[usize]) -> Result<CudaTensor> {
+        shapes::reshape(&t.shape, shape)?;
+        Ok(CudaTensor {
+            buf: t.buf,
+            shape: shape.to_vec(),
+        })
+    }
+
+    fn split_last(&self, x: &CudaTensor, widths: &[usize]) -> Result<Vec<CudaTensor>> {
+        let op = "split_last";
+        let (rows, d) = shapes::split_last(&x.shape, widths)?;
+        int(op, x.numel())?;
+        let (ri, di) = (int(op, rows)?, int(op, d)?);
+        let mut start = 0;
+        let mut pieces = Vec::with_capacity(widths.len());
+        for &w in widths {
+            let mut piece = self.alloc(with_last(&x.shape, w))?;
+            if rows * w > 0 {
+                let (si, wi) = (int(op, start)?, int(op, w)?);
+                launch!(
+                    self,
+                    "split_columns_f32",
+                    elementwise_cfg(rows * w),
+                    &mut piece.buf,
+                    &x.buf,
+                    &ri,
+                    &di,
+                    &si,
+                    &wi
+                )?;
+            }
+            start += w;
+            pieces.push(piece);
+        }
+        Ok(pieces)
+    }
+
+    fn linear(&self, x: &CudaTensor, weight: &CudaTensor, bias: Option<&CudaTensor>) -> Result<CudaTensor> {
+        self.linear_act(x, weight, bias, Activation::Identity)
+    }
+
+    fn matmul(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        let op = "matmul";
+        let shapes::MatmulDims {
+            batch,
+            n,
+            k,
+            m,
+            out_shape,
+        } = shapes::matmul(&a.shape, &b.shape)?;
+        if batch * n * m == 0 || k == 0 {
+            return self.zeros(out_shape);
+        }
+        int(op, batch * n * m)?;
+        int(op, a.numel())?;
+        int(op, b.numel())?;
+        let (ni, ki, mi, bi) = (int(op, n)?, int(op, k)?, int(op, m)?, int(op, batch)?);
+        let mut out = self.alloc(out_shape)?;
+        // Row-major c[n × m] = a[n × k] · b[k × m] is column-major cᵀ = bᵀ · aᵀ, and the row-major
+        // buffers of b and a read column-major are exactly bᵀ [m × k] and aᵀ [k × n]: no transposes.
+        let gemm = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_N,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: mi,
+            n: ni,
+            k: ki,
+            alpha: 1.0f32,
+            lda: mi,
+            ldb: ki,
+            beta: 0.0f32,
+            ldc: mi,
+        };
+        let cfg = StridedBatchedConfig {
+            gemm,
+            batch_size: bi,
+            stride_a: (k * m) as i64,
+            stride_b: (n * k) as i64,
+            stride_c: (n * m) as i64,
+        };
+        self.bind()?;
+        // SAFETY: the shapes were checked: b holds batch·k·m, a batch·n·k, out batch·n·m elements.
+        unsafe { self.blas.gemm_strided_batched(cfg, &b.buf, &a.buf, &mut out.buf) }
+            .map_err(|e| BackendError::Device(format!("cuBLAS batched sgemm ({batch}x{n}x{k}x{m}): {e}")))?;
+        Ok(out)
+    }
+
+    fn add(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        self.binary("add", a, b)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CudaTensor,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        let dims = shapes::norm(
+            "layer_norm",
+            &x.shape,
+            &[("gamma", &gamma.shape), ("beta", &beta.shape)],
+        )?;
+        self.norm_launch(x, None, gamma, beta, eps, dims)
+    }
+
+    fn add_layer_norm(
+        &self,
+        x: &CudaTensor,
+        residual: &CudaTensor,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        let op = "add_layer_norm";
+        shapes::same(op, &x.shape, &residual.shape)?;
+        let dims = shapes::norm(op, &x.shape, &[("gamma", &gamma.shape), ("beta", &beta.shape)])?;
+        self.norm_launch(x, Some(residual), gamma, beta, eps, dims)
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, weight: &CudaTensor, eps: f32) -> Result<CudaTensor> {
+        let op = "rms_norm";
+        let (rows, d) = shapes::norm(op, &x.shape, &[("weight", &weight.shape)])?;
+        let mut out = self.alloc(x.shape.clone())?;
+        if rows == 0 {
+            return Ok(out);
+        }
+        int(op, x.numel())?;
+        let (ri, di) = (int(op, rows)?, int(op, d)?);
+        launch!(
+            self,
+            "rms_norm_f32",
+            rows_cfg(rows, BLOCK),
+            &mut out.buf,
+            &x.buf,
+            &weight.buf,
+            &ri,
+            &di,
+            &eps
+        )?;
+        Ok(out)
+    }
+
+    fn gelu(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        self.unary("gelu", x)
+    }
+
+    fn gelu_tanh(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        self.unary("gelu_tanh", x)
+    }
+
+    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+        self.binary("silu_mul", gate, up)
+    }
+
+    fn softmax_rows(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        let op = "softmax_rows";
+        let (rows, d) = shapes::rows(op, &x.shape)?;
+        let mut out = self.alloc(x.shape.clone())?;
+        if rows == 0 {
+            return Ok(out);
+        }
+        int(op, x.numel())?;
+        let (ri, di) = (int(op, rows)?, int(op, d)?);
+        launch!(
+            self,
+            "softmax_rows_f32",
+            rows_cfg(rows, BLOCK),
+            &mut out.buf,
+            &x.buf,
+            &ri,
+            &di
+        )?;
+        Ok(out)
+    }
+
+    fn embedding(&self, ids: &[u32], table: &CudaTensor) -> Result<CudaTensor> {
+        let op = "embedding";
+        let (vocab, d) = shapes::embedding(ids, &table.shape)?;
+        let mut out = self.alloc(vec![ids.len(), d])?;
+        if ids.is_empty() || d == 0 {
+            return Ok(out);
+        }
+        int(op, ids.len() * d)?;
+        let (tokens, vocab, di) = (int(op, ids.len())?, int(op, vocab)?, int(op, d)?);
+        let ids_dev = self.upload("token ids", ids)?;
+        let cfg = rows_cfg(ids.len(), (d.min(BLOCK as usize) as u32).next_multiple_of(32));
+        launch!(
+            self,
+            "embedding_f32",
+            cfg,
+            &mut out.buf,
+            &table.buf,
+            &ids_dev,
+            &tokens,
+            &vocab,
+            &di
+        )?;
+        Ok(out)
+    }
+
+    fn rope(&self, x: &CudaTensor, positions: &[usize], theta: f32) -> Result<CudaTensor> {
+        let op = "rope";
+        let (tokens, heads, d) = shapes::rope(&x.shape, positions)?;
+        let mut out = self.alloc(x.shape.clone())?;
+        if x.numel() == 0 {
+            return Ok(out);
+        }
+        int(op, x.numel())?;
+        let pos = positions
+            .iter()
+            .map(|&p| u32::try_from(p).map_err(|_| shapes::err(op, format!("position {p} is too large"))))
+            .collect::<Result<Vec<u32>>>()?;
+        let pos_dev = self.upload("positions", &pos)?;
+        let (ti, hi, di) = (int(op, tokens)?, int(op, heads)?, int(op, d)?);
+        launch!(
+            self,
+            "rope_f32",
+            rows_cfg(tokens, 128),
+            &mut out.buf,
+            &x.buf,
+            &pos_dev,
+            &ti,
+            &hi,
+            &di,
+            &theta
+        )?;
+        Ok(out)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        mask: &AttentionMask<'_>,
+    ) -> Result<CudaTensor> {
+        // One query row per sequence (a decode step) leaves 15 of flash's 16 rows per block idle;
+        // the decode kernel spreads that row's keys over 8 warps instead.
+        let kernel = if q.shape.get(1) == Some(&1) {
+            AttentionKernel::Decode
+        } else {
+            AttentionKernel::Flash
+        };
+        self.attention_with(q, k, v, mask, kernel)
+    }
+}

@@ -1,0 +1,580 @@
+//! Tests of the CUDA backend.
+//!
+//! - NVRTC: every `.cu` file compiles to PTX for compute_80 and compute_90 and exports the kernels
+//!   the backend loads. Needs libnvrtc (see `scripts/fetch-nvrtc.sh`), not a GPU.
+//! - GPU: every operation against the `f64` reference backend over seeded random inputs and odd
+//!   shapes (batch 1 and larger, sequence lengths that are not multiples of the attention tiles,
+//!   padding masks with fully masked rows, causal offsets, grouped-query heads, head dimensions
+//!   that are not multiples of 32). Without a GPU each prints `SKIPPED <test>: ...` and returns.
+//!
+//! Tolerances are stated per test with the reason; fp32 throughout, so they are the CPU backend's.
+
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use super::kernels::{self, FILES};
+use super::ops::{Activation, AttentionKernel};
+use super::{CudaBackend, CudaTensor};
+use crate::backend::test_util::{EXACT, Rng, Tol, assert_close};
+use crate::backend::{AttentionMask, Backend, BackendError, CpuTensor, ReferenceBackend, Result};
+
+// ---------------------------------------------------------------------------------------------
+// NVRTC (no GPU needed)
+
+/// The architectures the kernels must compile for: A100 (8.0) and H100 (9.0).
+const ARCHS: [&str; 2] = ["compute_80", "compute_90"];
+
+fn nvrtc_or_skip(test: &str) -> bool {
+    if kernels::nvrtc_available() {
+        return true;
+    }
+    eprintln!(
+        "SKIPPED {test}: libnvrtc not found; run scripts/fetch-nvrtc.sh and put the folder it prints on \
+         LD_LIBRARY_PATH"
+    );
+    false
+}
+
+#[test]
+fn every_kernel_file_compiles_to_ptx() {
+    if !nvrtc_or_skip("every_kernel_file_compiles_to_ptx") {
+        return;
+    }
+    for arch in ARCHS {
+        for file in FILES {
+            let ptx = kernels::compile(file, arch).unwrap_or_else(|e| panic!("{e}"));
+            let text = ptx.to_src();
+            let target = arch.replace("compute_", "sm_");
+            assert!(
+                text.contains(&format!(".target {target}")),
+                "{}: PTX not for {target}",
+                file.name
+            );
+            for f in file.functions {
+                assert!(
+                    text.contains(&format!(".entry {f}(")),
+                    "{}: kernel {f} missing from the PTX for {arch}",
+                    file.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn compile_errors_carry_the_nvrtc_log() {
+    if !nvrtc_or_skip("compile_errors_carry_the_nvrtc_log") {
+        return;
+    }
+    let broken = kernels::KernelFile {
+        name: "broken.cu",
+        source: "extern \"C\" __global__ void broken(float* out) { out[0] = undeclared_name; }\n",
+        functions: &["broken"],
+    };
+    let err = kernels::compile(&broken, ARCHS[0])
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("broken.cu") && err.contains("undeclared_name") && err.contains("compute_80"),
+        "{err}"
+    );
+}
+
+#[test]
+fn every_cu_file_is_in_the_kernel_table() {
+    // A new .cu file that is not listed would never be compiled, loaded or checked.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/backend/cuda/kernels");
+    let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+        .expect("kernels folder")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".cu"))
+        .collect();
+    on_disk.sort();
+    let mut listed: Vec<String> = FILES.iter().map(|f| f.name.to_string()).collect();
+    listed.sort();
+    assert_eq!(on_disk, listed);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPU
+
+/// The GPU backend shared by the tests (kernels compile once), or why there is none. Tests take
+/// the lock so that their launches and cuBLAS calls do not interleave on the one stream.
+fn gpu(test: &str) -> Option<MutexGuard<'static, CudaBackend>> {
+    static GPU: OnceLock<std::result::Result<Mutex<CudaBackend>, String>> = OnceLock::new();
+    match GPU.get_or_init(|| CudaBackend::new(0).map(Mutex::new).map_err(|e| e.to_string())) {
+        Ok(m) => Some(m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())),
+        Err(e) => {
+            eprintln!("SKIPPED {test}: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+#[test]
+fn new_reports_a_missing_gpu_as_an_error() {
+    // On any machine: either GPU 0 opens, or the failure is a Device error with a reason; and
+    // an ordinal past the last GPU is always an error, never a panic.
+    match CudaBackend::new(0) {
+        Ok(b) => assert_eq!(b.name(), "cuda:0"),
+        Err(e) => assert!(matches!(e, BackendError::Device(ref m) if !m.is_empty()), "{e}"),
+    }
+    let err = CudaBackend::new(10_000).map(|_| ()).unwrap_err();
+    assert!(matches!(err, BackendError::Device(_)), "{err}");
+}
+
+type Inputs<'a> = &'a [(&'a [f32], &'a [usize])];
+
+/// Uploads the inputs to `b`, runs `op` and brings back the output's shape and values.
+fn run<B: Backend>(
+    b: &B,
+    inputs: Inputs<'_>,
+    op: impl Fn(&B, &[B::Tensor]) -> Result<B::Tensor>,
+) -> (Vec<usize>, Vec<f32>) {
+    let ts: Vec<B::Tensor> = inputs
+        .iter()
+        .map(|(d, s)| b.from_host(d, s).expect("input"))
+        .collect();
+    let out = op(b, &ts).unwrap_or_else(|e| panic!("{}: {e}", b.name()));
+    (b.shape(&out).to_vec(), b.to_host(&out).expect("to_host"))
+}
+
+/// Runs the same expression on the reference backend and on the GPU and compares the results.
+/// (A macro because the closure must be instantiated for two tensor types.)
+macro_rules! compare {
+    ($gpu:expr, $what:expr, $tol:expr, $inputs:expr, |$be:ident, $t:ident| $body:expr) => {{
+        let (want_shape, want) = run(&ReferenceBackend, $inputs, |$be, $t: &[CpuTensor]| $body);
+        let (shape, got) = run(&*$gpu, $inputs, |$be, $t: &[CudaTensor]| $body);
+        assert_eq!(shape, want_shape, "{}: shape", $what);
+        assert_close(&$what, &got, &want, $tol);
+    }};
+}
+
+#[test]
+fn gpu_linear_and_matmul_match_reference() {
+    let Some(g) = gpu("gpu_linear_and_matmul_match_reference") else {
+        return;
+    };
+    // fp32 products of up to k = 384 terms against f64: ~1e-6 relative per term, cuBLAS may sum
+    // in another order than the CPU; as the CPU backend's tests.
+    let tol = Tol {
+        atol: 1e-4,
+        rtol: 1e-4,
+    };
+    let mut rng = Rng::new(101);
+    for &(n, k, m) in &[
+        (1, 1, 1),
+        (3, 17, 5),
+        (17, 384, 65),
+        (65, 384, 1536),
+        (5, 64, 3),
+        (1, 768, 2304),
+    ] {
+        let (x, w, b) = (rng.vec(n * k, 1.0), rng.vec(m * k, 1.0), rng.vec(m, 1.0));
+        let inputs: Inputs<'_> = &[(&x, &[n, k]), (&w, &[m, k]), (&b, &[m])];
+        compare!(g, format!("linear {n}x{k}x{m} +bias"), tol, inputs, |be, t| be
+            .linear(&t[0], &t[1], Some(&t[2])));
+        compare!(g, format!("linear {n}x{k}x{m}"), tol, inputs, |be, t| be
+            .linear(&t[0], &t[1], None));
+    }
+    let (x, w) = (rng.vec(2 * 3 * 17, 1.0), rng.vec(5 * 17, 1.0));
+    compare!(
+        g,
+        "linear rank 3",
+        tol,
+        &[(&x, &[2, 3, 17]), (&w, &[5, 17])],
+        |be, t| be.linear(&t[0], &t[1], None)
+    );
+    for &(b, n, k, m) in &[
+        (1, 1, 1, 1),
+        (5, 3, 17, 65),
+        (1, 65, 384, 17),
+        (5, 128, 32, 128),
+        (3, 17, 1, 9),
+    ] {
+        let (x, y) = (rng.vec(b * n * k, 1.0), rng.vec(b * k * m, 1.0));
+        compare!(
+            g,
+            format!("matmul {b}x{n}x{k}x{m}"),
+            tol,
+            &[(&x, &[b, n, k]), (&y, &[b, k, m])],
+            |be, t| be.matmul(&t[0], &t[1])
+        );
+    }
+    let (x, y) = (rng.vec(17 * 9, 1.0), rng.vec(9 * 4, 1.0));
+    compare!(
+        g,
+        "matmul rank 2",
+        tol,
+        &[(&x, &[17, 9]), (&y, &[9, 4])],
+        |be, t| be.matmul(&t[0], &t[1])
+    );
+}
+
+/// The reference backend's separate activation op that a fused epilogue must equal.
+type RefActivation = fn(&ReferenceBackend, &CpuTensor) -> Result<CpuTensor>;
+
+#[test]
+fn gpu_fused_linear_activation_matches_reference() {
+    let Some(g) = gpu("gpu_fused_linear_activation_matches_reference") else {
+        return;
+    };
+    // The product's tolerance (above); the activations add ~2 ulp.
+    let tol = Tol {
+        atol: 1e-4,
+        rtol: 1e-4,
+    };
+    let mut rng = Rng::new(102);
+    let (n, k, m) = (33, 96, 130);
+    let (x, w, b) = (rng.vec(n * k, 1.0), rng.vec(m * k, 0.3), rng.vec(m, 1.0));
+    let want_of = |act: RefActivation| {
+        run(
+            &ReferenceBackend,
+            &[(&x, &[n, k]), (&w, &[m, k]), (&b, &[m])],
+            |be, t| act(be, &be.linear(&t[0], &t[1], Some(&t[2]))?),
+        )
+        .1
+    };
+    let cases: [(Activation, RefActivation); 3] = [
+        (Activation::Gelu, |be, t| be.gelu(t)),
+        (Activation::GeluTanh, |be, t| be.gelu_tanh(t)),
+        (Activation::Silu, |be, t| {
+            be.silu_mul(t, &be.from_host(&vec![1.0; t.data().len()], t.shape())?)
+        }),
+    ];
+    for (act, reference) in cases {
+        let (_, got) = run(&*g, &[(&x, &[n, k]), (&w, &[m, k]), (&b, &[m])], |be, t| {
+            be.linear_act(&t[0], &t[1], Some(&t[2]), act)
+        });
+        assert_close(&format!("linear_act {act:?}"), &got, &want_of(reference), tol);
+    }
+}
+
+#[test]
+fn gpu_elementwise_ops_match_reference() {
+    let Some(g) = gpu("gpu_elementwise_ops_match_reference") else {
+        return;
+    };
+    // erff, tanhf and expf are within 2 ulp; as the CPU backend's tests.
+    let tol = Tol {
+        atol: 2e-6,
+        rtol: 1e-5,
+    };
+    let mut rng = Rng::new(103);
+    for &shape in &[&[1usize][..], &[3, 17], &[65, 1536], &[5, 7, 9], &[1 << 20]] {
+        let n = shape.iter().product();
+        let (a, b) = (rng.vec(n, 6.0), rng.vec(n, 6.0));
+        let one: Inputs<'_> = &[(&a, shape)];
+        let two: Inputs<'_> = &[(&a, shape), (&b, shape)];
+        compare!(g, format!("add {shape:?}"), tol, two, |be, t| be
+            .add(&t[0], &t[1]));
+        compare!(g, format!("silu_mul {shape:?}"), tol, two, |be, t| be
+            .silu_mul(&t[0], &t[1]));
+        compare!(g, format!("gelu {shape:?}"), tol, one, |be, t| be.gelu(&t[0]));
+        compare!(g, format!("gelu_tanh {shape:?}"), tol, one, |be, t| be
+            .gelu_tanh(&t[0]));
+    }
+}
+
+#[test]
+fn gpu_norms_match_reference() {
+    let Some(g) = gpu("gpu_norms_match_reference") else {
+        return;
+    };
+    // Row statistics reduced in fp32 over up to 4096 values (block tree order): ~1e-6 relative
+    // on normalised outputs of order 1.
+    let tol = Tol {
+        atol: 1e-5,
+        rtol: 1e-5,
+    };
+    let mut rng = Rng::new(104);
+    for &rows in &[1, 3, 17, 65] {
+        for &d in &[1, 8, 33, 384, 768, 4096] {
+            let (x, r) = (rng.vec(rows * d, 3.0), rng.vec(rows * d, 3.0));
+            let (gm, b) = (rng.vec(d, 2.0), rng.vec(d, 1.0));
+            let inputs: Inputs<'_> = &[(&x, &[rows, d]), (&r, &[rows, d]), (&gm, &[d]), (&b, &[d])];
+            let what = format!("[{rows}, {d}]");
+            compare!(g, format!("layer_norm {what}"), tol, inputs, |be, t| be
+                .layer_norm(&t[0], &t[2], &t[3], 1e-12));
+            compare!(g, format!("add_layer_norm {what}"), tol, inputs, |be, t| be
+                .add_layer_norm(&t[0], &t[1], &t[2], &t[3], 1e-5));
+            compare!(g, format!("rms_norm {what}"), tol, inputs, |be, t| be
+                .rms_norm(&t[0], &t[2], 1e-6));
+        }
+    }
+}
+
+#[test]
+fn gpu_softmax_matches_reference_and_masks() {
+    let Some(g) = gpu("gpu_softmax_matches_reference_and_masks") else {
+        return;
+    };
+    // expf within 2 ulp, sums of up to 32000 terms in fp32.
+    let tol = Tol {
+        atol: 1e-6,
+        rtol: 1e-5,
+    };
+    let mut rng = Rng::new(105);
+    for &(rows, d) in &[(1, 1), (3, 17), (65, 128), (17, 1000), (2, 32000)] {
+        let mut x = rng.vec(rows * d, 20.0);
+        for _ in 0..rows * d / 4 {
+            x[rng.below(rows * d)] = f32::NEG_INFINITY;
+        }
+        compare!(
+            g,
+            format!("softmax [{rows}, {d}]"),
+            tol,
+            &[(&x, &[rows, d])],
+            |be, t| be.softmax_rows(&t[0])
+        );
+    }
+    let inf = f32::NEG_INFINITY;
+    let (_, out) = run(
+        &*g,
+        &[(&[inf, inf, inf, 0.0, 1000.0, -1000.0], &[2, 3])],
+        |be, t| be.softmax_rows(&t[0]),
+    );
+    assert_eq!(
+        out,
+        vec![0.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+        "a fully masked row gives zeros"
+    );
+}
+
+#[test]
+fn gpu_embedding_and_split_copy_exactly() {
+    let Some(g) = gpu("gpu_embedding_and_split_copy_exactly") else {
+        return;
+    };
+    let mut rng = Rng::new(106);
+    let table = rng.vec(50 * 33, 1.0);
+    let ids: Vec<u32> = (0..1500).map(|_| rng.below(50) as u32).collect();
+    compare!(g, "embedding", EXACT, &[(&table, &[50, 33])], |be, t| be
+        .embedding(&ids, &t[0]));
+    let t = g.from_host(&table, &[50, 33]).unwrap();
+    let err = g.embedding(&[3, 50], &t).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BackendError::OutOfRange {
+                index: 50,
+                len: 50,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(g.shape(&g.embedding(&[], &t).unwrap()), &[0, 33]);
+
+    // Gather plus learned positions in one pass equals gather + gather + add.
+    let pos_table = rng.vec(40 * 33, 1.0);
+    let positions: Vec<usize> = (0..ids.len()).map(|i| i % 40).collect();
+    let pos_ids: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+    let (_, want) = run(
+        &ReferenceBackend,
+        &[(&table, &[50, 33]), (&pos_table, &[40, 33])],
+        |be, t| be.add(&be.embedding(&ids, &t[0])?, &be.embedding(&pos_ids, &t[1])?),
+    );
+    let (_, got) = run(&*g, &[(&table, &[50, 33]), (&pos_table, &[40, 33])], |be, t| {
+        be.embedding_add(&ids, &t[0], &positions, &t[1])
+    });
+    assert_close("embedding_add", &got, &want, EXACT);
+
+    let x = rng.vec(3 * 5 * 37, 1.0);
+    for (i, w) in [[10usize, 20, 7], [37, 0, 0], [1, 35, 1]].iter().enumerate() {
+        let (_, got) = run(&*g, &[(&x, &[3, 5, 37])], |be, t| {
+            let parts = be.split_last(&t[0], w)?;
+            let host: Vec<f32> = parts.iter().flat_map(|p| be.to_host(p).unwrap()).collect();
+            be.from_host(&host, &[host.len()])
+        });
+        let (_, want) = run(&ReferenceBackend, &[(&x, &[3, 5, 37])], |be, t| {
+            let parts = be.split_last(&t[0], w)?;
+            let host: Vec<f32> = parts.iter().flat_map(|p| be.to_host(p).unwrap()).collect();
+            be.from_host(&host, &[host.len()])
+        });
+        assert_close(&format!("split_last case {i}"), &got, &want, EXACT);
+    }
+    let r = g
+        .reshape(g.from_host(&x, &[3, 5, 37]).unwrap(), &[15, 37])
+        .unwrap();
+    assert_eq!(g.shape(&r), &[15, 37]);
+    assert_eq!(g.to_host(&r).unwrap(), x);
+}
+
+#[test]
+fn gpu_rope_matches_reference() {
+    let Some(g) = gpu("gpu_rope_matches_reference") else {
+        return;
+    };
+    // Angles, sines and cosines in double as the reference; only the final fp32 products differ.
+    let tol = Tol {
+        atol: 1e-5,
+        rtol: 1e-5,
+    };
+    let mut rng = Rng::new(107);
+    for &(t, h, d, theta) in &[
+        (1, 1, 8, 10_000.0),
+        (17, 12, 32, 10_000.0),
+        (65, 9, 64, 1_000_000.0),
+        (3, 2, 2, 500.0),
+        (5, 32, 128, 500_000.0),
+    ] {
+        let x = rng.vec(t * h * d, 2.0);
+        let positions: Vec<usize> = (0..t).map(|_| rng.below(131_072)).collect();
+        compare!(
+            g,
+            format!("rope [{t}, {h}, {d}]"),
+            tol,
+            &[(&x, &[t, h, d])],
+            |be, ts| be.rope(&ts[0], &positions, theta)
+        );
+    }
+}
+
+#[test]
+fn gpu_argmax_matches_the_host_sampler() {
+    let Some(g) = gpu("gpu_argmax_matches_the_host_sampler") else {
+        return;
+    };
+    let mut rng = Rng::new(108);
+    for &(rows, vocab) in &[(1, 1), (3, 17), (7, 32000), (2, 151_936)] {
+        let mut x = rng.vec(rows * vocab, 10.0);
+        if vocab > 17 {
+            // A tie between two far-apart positions: the first must win.
+            let top = x.iter().cloned().fold(f32::MIN, f32::max) + 1.0;
+            x[vocab - 1] = top;
+            x[5] = top;
+        }
+        let t = g.from_host(&x, &[rows, vocab]).unwrap();
+        let got = g.argmax_rows(&t).unwrap();
+        let want: Vec<u32> = x.chunks(vocab).map(crate::sampling::argmax).collect();
+        assert_eq!(got, want, "argmax [{rows}, {vocab}]");
+    }
+    let t = g
+        .from_host(&[f32::NAN, 1.0, 3.0, f32::NAN, 3.0, -1.0], &[1, 6])
+        .unwrap();
+    assert_eq!(
+        g.argmax_rows(&t).unwrap(),
+        vec![2],
+        "NaN never wins; first of the tied maxima"
+    );
+}
+
+/// One attention case.
+struct AttnCase {
+    batch: usize,
+    s_q: usize,
+    s_k: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    padding: bool,
+    causal: Option<usize>,
+}
+
+#[test]
+fn gpu_attention_matches_reference_for_both_kernels() {
+    let Some(g) = gpu("gpu_attention_matches_reference_for_both_kernels") else {
+        return;
+    };
+    // fp32 dot products of up to 256 terms and an online softmax (rescaled running sums) against
+    // f64: as the CPU backend's attention tests.
+    let tol = Tol {
+        atol: 1e-5,
+        rtol: 1e-4,
+    };
+    let case = |batch, s_q, s_k, heads, kv_heads, d, padding, causal| AttnCase {
+        batch,
+        s_q,
+        s_k,
+        heads,
+        kv_heads,
+        d,
+        padding,
+        causal,
+    };
+    // Flash tiles are 16 queries x 32 keys: lengths straddle those; head dims include ones that
+    // are not multiples of 32 (each lane owns d / 32 dims) and the maximum, 256.
+    let cases = [
+        case(1, 1, 1, 1, 1, 8, false, None),
+        case(5, 17, 17, 12, 4, 32, true, None), // encoder batch with padding, GQA 12/4
+        case(1, 65, 65, 12, 12, 64, false, None), // plain multi-head
+        case(2, 7, 7, 9, 3, 64, false, Some(0)), // causal prompt, GQA 9/3
+        case(3, 1, 33, 12, 4, 64, true, Some(32)), // decode step with a KV cache and padding
+        case(2, 5, 20, 4, 4, 8, false, Some(15)), // several new tokens after a cache
+        case(5, 13, 13, 9, 3, 32, true, Some(0)), // causal with left padding
+        case(1, 128, 128, 12, 12, 32, false, None),
+        case(2, 33, 31, 4, 2, 80, true, None), // d = 80; s_k one short of a tile
+        case(1, 47, 129, 8, 1, 128, false, Some(82)), // multi-query, cache, partial last tiles
+        case(2, 16, 32, 2, 2, 256, true, None), // largest head dim, exact tiles
+        case(1, 3, 300, 32, 8, 128, false, Some(297)), // Llama-like decode of 3 tokens
+    ];
+    let mut rng = Rng::new(109);
+    for c in cases {
+        let q = rng.vec(c.batch * c.s_q * c.heads * c.d, 2.0);
+        let k = rng.vec(c.batch * c.s_k * c.kv_heads * c.d, 2.0);
+        let v = rng.vec(c.batch * c.s_k * c.kv_heads * c.d, 1.0);
+        // Random padding, with batch row 0 fully masked when padding is on.
+        let valid: Vec<bool> = (0..c.batch * c.s_k)
+            .map(|i| i >= c.s_k && (!c.padding || rng.next() > -0.6))
+            .collect();
+        let mask = AttentionMask {
+            key_valid: c.padding.then_some(valid.as_slice()),
+            causal_offset: c.causal,
+        };
+        let qs = [c.batch, c.s_q, c.heads, c.d];
+        let ks = [c.batch, c.s_k, c.kv_heads, c.d];
+        let inputs: Inputs<'_> = &[(&q, &qs), (&k, &ks), (&v, &ks)];
+        let (_, want) = run(&ReferenceBackend, inputs, |be, t| {
+            be.attention(&t[0], &t[1], &t[2], &mask)
+        });
+        for kernel in [AttentionKernel::Flash, AttentionKernel::Decode] {
+            let what = format!(
+                "{kernel:?} attention q {qs:?} k {ks:?} padding {} causal {:?}",
+                c.padding, c.causal
+            );
+            let (shape, got) = run(&*g, inputs, |be, t| {
+                be.attention_with(&t[0], &t[1], &t[2], &mask, kernel)
+            });
+            assert_eq!(shape, qs, "{what}");
+            assert_close(&what, &got, &want, tol);
+            if c.padding {
+                let row0 = &got[..c.s_q * c.heads * c.d];
+                assert!(
+                    row0.iter().all(|&x| x == 0.0),
+                    "{what}: a fully masked batch row must give zeros"
+                );
+            }
+            assert!(got.iter().all(|x| x.is_finite()), "{what}: NaN or inf");
+        }
+        // The trait method (which picks the kernel) agrees too.
+        compare!(g, format!("attention q {qs:?}"), tol, inputs, |be, t| be
+            .attention(&t[0], &t[1], &t[2], &mask));
+    }
+    // Head dims past the kernels' register budget are a shape error, not a launch failure.
+    let big = vec![0.0; 2 * 264];
+    let t = g.from_host(&big, &[1, 2, 1, 264]).unwrap();
+    assert!(matches!(
+        g.attention(&t, &t, &t, &AttentionMask::none()),
+        Err(BackendError::Shape { .. })
+    ));
+}
+
+#[test]
+fn gpu_shape_mismatches_are_errors() {
+    let Some(g) = gpu("gpu_shape_mismatches_are_errors") else {
+        return;
+    };
+    let t = |shape: &[usize]| g.from_host(&vec![0.5; shape.iter().product()], shape).unwrap();
+    assert!(g.from_host(&[1.0, 2.0, 3.0], &[2, 2]).is_err());
+    assert!(g.linear(&t(&[3, 4]), &t(&[5, 3]), None).is_err());
+    assert!(g.matmul(&t(&[2, 3, 4]), &t(&[3, 4, 5])).is_err());
+    assert!(g.add(&t(&[2, 3]), &t(&[3, 2])).is_err());
+    assert!(g.layer_norm(&t(&[2, 3]), &t(&[2]), &t(&[3]), 1e-5).is_err());
+    assert!(g.rope(&t(&[2, 1, 3]), &[0, 1], 1e4).is_err());
+    let (q, kv) = (t(&[1, 2, 4, 8]), t(&[1, 3, 3, 8]));
+    assert!(g.attention(&q, &kv, &kv, &AttentionMask::none()).is_err());
+    // Empty tensors are fine and stay empty.
+    let e = g.from_host(&[], &[0, 5]).unwrap();
+    assert_eq!(g.to_host(&g.gelu(&e).unwrap()).unwrap(), Vec::<f32>::new());
+}
