@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The test command: fetches the small real models the worker tests use (once; skipped when
-# present), then runs every test of the workspace. Tests that need what this machine lacks
-# (a cluster, a GPU) print why they skip.
+# present), runs every test of the workspace, then the worker's CUDA backend tests with the
+# `cuda` feature: every kernel is compiled to PTX through NVRTC (fetched once, no GPU needed),
+# and the GPU tests run where a GPU is present. Tests that need what this machine lacks (a
+# cluster, a GPU) print why they skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch-models.sh >/dev/null
 cargo test --workspace "$@"
+nvrtc_lib="$(bash scripts/fetch-nvrtc.sh)"
+LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    cargo test -p atomic-worker --features cuda --lib "$@" -- backend::cuda backend::device

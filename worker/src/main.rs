@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use atomic_worker::backend::CpuBackend;
+use atomic_worker::backend::device::{CUDA_BUILT, DeviceSpec, Selected, select};
 use atomic_worker::server::{self, AppState, Engine, Limits, Metrics, ModelLimits, ModelParts, Task};
 use clap::{Args, Parser, Subcommand};
 
@@ -83,10 +85,11 @@ struct ServeArgs {
     #[arg(long, env = "ATOMIC_WORKER_PRECISION", default_value = "fp32")]
     precision: String,
 
-    /// Compute device: `cpu`. `cuda` or `cuda:N` falls back to the CPU with a warning until the
-    /// CUDA backend is built in.
-    #[arg(long, env = "ATOMIC_WORKER_DEVICE", default_value = "cpu")]
-    device: String,
+    /// Compute device: `auto` (GPU 0 when this build has CUDA and a GPU is usable, else the CPU
+    /// with a warning), `cpu`, or `cuda:N` (that GPU or fail; needs a build with the `cuda`
+    /// feature).
+    #[arg(long, env = "ATOMIC_WORKER_DEVICE", default_value = "auto")]
+    device: DeviceSpec,
 }
 
 fn main() -> ExitCode {
@@ -112,18 +115,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Checks `--device` and `--precision`, warning where the CPU in fp32 stands in.
-fn check_device(args: &ServeArgs) -> anyhow::Result<()> {
-    match args.device.as_str() {
-        "cpu" => {}
-        d if d == "cuda" || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok()) => {
-            tracing::warn!(
-                device = d,
-                "CUDA is not built into this worker yet; running on the CPU"
-            );
-        }
-        other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
-    }
+/// Checks `--precision`, warning where fp32 stands in.
+fn check_precision(args: &ServeArgs) -> anyhow::Result<()> {
     match args.precision.as_str() {
         "fp32" => {}
         "fp16" | "bf16" => {
@@ -134,8 +127,38 @@ fn check_device(args: &ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens the device `--device` names and loads the model onto it.
+fn load_on_device(args: &ServeArgs) -> anyhow::Result<ModelParts> {
+    #[cfg(feature = "cuda")]
+    let selected = select(args.device, CUDA_BUILT, |n| {
+        atomic_worker::backend::cuda::CudaBackend::new(n).map_err(|e| e.to_string())
+    })?;
+    #[cfg(not(feature = "cuda"))]
+    let selected = select(args.device, CUDA_BUILT, |_| Err::<(), _>(String::new()))?;
+    let dir = &args.model_dir;
+    let parts = match selected {
+        Selected::Cpu { warning } => {
+            if let Some(warning) = warning {
+                tracing::warn!("{warning}");
+            }
+            let backend = CpuBackend::new(args.threads)?;
+            tracing::info!(threads = backend.threads(), "running on the CPU");
+            server::load_model_on(dir, backend)
+        }
+        #[cfg(feature = "cuda")]
+        Selected::Cuda(backend) => {
+            use atomic_worker::backend::Backend;
+            tracing::info!(device = backend.name(), "running on the GPU");
+            server::load_model_on(dir, backend)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Selected::Cuda(()) => bail!("--device {}: this build has no CUDA backend", args.device),
+    };
+    parts.with_context(|| format!("cannot load the model in {}", dir.display()))
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    check_device(&args)?;
+    check_precision(&args)?;
     let model_name = match &args.model_name {
         Some(name) => name.clone(),
         None => args
@@ -176,19 +199,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .await
         });
 
-        let dir = args.model_dir.clone();
-        let threads = args.threads;
-        let parts = tokio::task::spawn_blocking(move || server::load_model(&dir, threads))
+        // The device opens (and its kernels compile) while loading, so /ready stays 503 until
+        // both are done and a device error ends the process with its reason.
+        let args = Arc::new(args);
+        let loading = args.clone();
+        let parts = tokio::task::spawn_blocking(move || load_on_device(&loading))
             .await
-            .context("model loading did not finish")?
-            .with_context(|| format!("cannot load the model in {}", args.model_dir.display()))?;
+            .context("model loading did not finish")??;
         match &parts {
             ModelParts::Encoder(p) => server::check_task(args.task, &p.head, &args.labels)?,
             ModelParts::Decoder(_) => server::check_decoder_task(args.task, &args.labels)?,
         }
         let engine = Engine::start_model(
             parts,
-            args.labels,
+            args.labels.clone(),
             &ModelLimits {
                 max_batch_tokens: args.max_batch_tokens,
                 kv_cache_bytes: args.kv_cache_mib.saturating_mul(1 << 20),

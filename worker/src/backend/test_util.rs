@@ -1,5 +1,5 @@
-//! Test helpers shared by the backends' tests: a seeded input generator and an elementwise
-//! closeness check with explicit tolerances.
+//! Test helpers shared by the backends' tests: a seeded input generator, an elementwise
+//! closeness check with explicit tolerances, and the message of a skipped test.
 
 /// Seeded xorshift generator: reproducible inputs without a dependency.
 pub(crate) struct Rng(u64);
@@ -41,4 +41,11 @@ pub(crate) fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tol) {
         let ok = (g - w).abs() <= tol.atol + tol.rtol * w.abs() || (g == w);
         assert!(ok, "{what}: element {i}: got {g}, want {w} ({tol:?})");
     }
+}
+
+/// Reports that a test skips and why, straight to stderr: the test harness would swallow an
+/// `eprintln!` of a passing test, and a skip must never look like a pass.
+pub(crate) fn print_skip(test: &str, reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
 }

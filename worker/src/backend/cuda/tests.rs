@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use super::kernels::{self, FILES};
 use super::ops::{Activation, AttentionKernel};
 use super::{CudaBackend, CudaTensor};
-use crate::backend::test_util::{EXACT, Rng, Tol, assert_close};
+use crate::backend::test_util::{EXACT, Rng, Tol, assert_close, print_skip};
 use crate::backend::{AttentionMask, Backend, BackendError, CpuTensor, ReferenceBackend, Result};
 
 // ---------------------------------------------------------------------------------------------
@@ -27,9 +27,9 @@ fn nvrtc_or_skip(test: &str) -> bool {
     if kernels::nvrtc_available() {
         return true;
     }
-    eprintln!(
-        "SKIPPED {test}: libnvrtc not found; run scripts/fetch-nvrtc.sh and put the folder it prints on \
-         LD_LIBRARY_PATH"
+    print_skip(
+        test,
+        "libnvrtc not found; run scripts/fetch-nvrtc.sh and put the folder it prints on LD_LIBRARY_PATH",
     );
     false
 }
@@ -105,7 +105,7 @@ fn gpu(test: &str) -> Option<MutexGuard<'static, CudaBackend>> {
     match GPU.get_or_init(|| CudaBackend::new(0).map(Mutex::new).map_err(|e| e.to_string())) {
         Ok(m) => Some(m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())),
         Err(e) => {
-            eprintln!("SKIPPED {test}: no CUDA device ({e})");
+            print_skip(test, &format!("no CUDA device ({e})"));
             None
         }
     }
