@@ -1,11 +1,13 @@
 //! BERT against PyTorch: the tiny random models in `fixtures/` (hidden states, both heads) and the
 //! real all-MiniLM-L6-v2 against sentence-transformers' embeddings. References come from
-//! `fixtures/generate.py`; the tolerances are stated per test.
+//! `fixtures/generate.py`; the tolerances are stated per test. Each check is written once over
+//! the backend and runs on the CPU, and with the `cuda` feature on the GPU too (fp32 on both, so
+//! the same tolerances hold).
 
 use std::path::Path;
 
 use atomic_worker::ModelDir;
-use atomic_worker::backend::CpuBackend;
+use atomic_worker::backend::{Backend, CpuBackend};
 use atomic_worker::config::ModelConfig;
 use atomic_worker::models::bert::{Batch, Bert};
 use serde_json::Value;
@@ -13,15 +15,62 @@ use serde_json::Value;
 mod common;
 use common::{fixture, floats, max_abs_diff, minilm, reference};
 
-fn load(folder: &Path) -> (ModelDir, Bert<CpuBackend>, CpuBackend) {
+fn load<B: Backend>(folder: &Path, backend: &B) -> (ModelDir, Bert<B>) {
     let dir = ModelDir::open(folder).unwrap();
-    let backend = CpuBackend::new(2).unwrap();
     let ModelConfig::Bert(config) = &dir.config else {
         panic!("not BERT")
     };
-    let model = Bert::load(&backend, config, &dir.weights, &dir.tensor_prefix).unwrap();
-    (dir, model, backend)
+    let model = Bert::load(backend, config, &dir.weights, &dir.tensor_prefix).unwrap();
+    (dir, model)
 }
+
+fn cpu() -> CpuBackend {
+    CpuBackend::new(2).unwrap()
+}
+
+/// Runs a check on the CPU and, in `cuda` builds, on the GPU (or says why it skips).
+macro_rules! on_every_backend {
+    ($cpu_test:ident, $gpu_test:ident, $check:ident) => {
+        #[test]
+        fn $cpu_test() {
+            $check(&cpu());
+        }
+
+        #[cfg(feature = "cuda")]
+        #[test]
+        fn $gpu_test() {
+            if let Some(gpu) = common::gpu(stringify!($gpu_test)) {
+                $check(&gpu);
+            }
+        }
+    };
+}
+
+on_every_backend!(
+    tiny_bert_hidden_states_match_pytorch_batched_and_alone,
+    gpu_tiny_bert_hidden_states_match_pytorch_batched_and_alone,
+    tiny_bert_hidden_states
+);
+on_every_backend!(
+    tiny_bert_sequence_classification_logits_match_pytorch,
+    gpu_tiny_bert_sequence_classification_logits_match_pytorch,
+    tiny_bert_sequence_logits
+);
+on_every_backend!(
+    tiny_bert_token_classification_logits_match_pytorch,
+    gpu_tiny_bert_token_classification_logits_match_pytorch,
+    tiny_bert_token_logits
+);
+on_every_backend!(
+    a_sequence_longer_than_the_positions_is_an_error_not_a_panic,
+    gpu_a_sequence_longer_than_the_positions_is_an_error_not_a_panic,
+    too_long_is_an_error
+);
+on_every_backend!(
+    minilm_embeddings_match_sentence_transformers,
+    gpu_minilm_embeddings_match_sentence_transformers,
+    minilm_embeddings
+);
 
 fn texts(r: &Value) -> Vec<String> {
     r["texts"]
@@ -38,11 +87,10 @@ fn batch_of(dir: &ModelDir, texts: &[String]) -> (Batch, Vec<Vec<u32>>) {
     (Batch::new(&encodings), ids)
 }
 
-#[test]
-fn tiny_bert_hidden_states_match_pytorch_batched_and_alone() {
+fn tiny_bert_hidden_states<B: Backend>(backend: &B) {
     let folder = fixture("tiny-bert");
     let r = reference(&folder);
-    let (dir, model, backend) = load(&folder);
+    let (dir, model) = load(&folder, backend);
     let texts = texts(&r);
     let (batch, ids) = batch_of(&dir, &texts);
     let want_ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
@@ -52,7 +100,7 @@ fn tiny_bert_hidden_states_match_pytorch_batched_and_alone() {
     );
 
     let h = model.config().hidden_size;
-    let hidden = model.hidden_states(&backend, &batch).unwrap();
+    let hidden = model.hidden_states(backend, &batch).unwrap();
     for (b, want) in r["last_hidden_state"].as_array().unwrap().iter().enumerate() {
         let n = batch.len_of(b);
         let got = &hidden[b * batch.seq * h..(b * batch.seq + n) * h];
@@ -62,19 +110,18 @@ fn tiny_bert_hidden_states_match_pytorch_batched_and_alone() {
 
         // The same sequence alone gives the same rows as inside the padded batch.
         let (single, _) = batch_of(&dir, &texts[b..=b]);
-        let alone = model.hidden_states(&backend, &single).unwrap();
+        let alone = model.hidden_states(backend, &single).unwrap();
         let diff = max_abs_diff(&alone, got);
         assert!(diff < 1e-5, "sequence {b}: batched vs alone {diff}");
     }
 }
 
-#[test]
-fn tiny_bert_sequence_classification_logits_match_pytorch() {
+fn tiny_bert_sequence_logits<B: Backend>(backend: &B) {
     let folder = fixture("tiny-bert-seqcls");
     let r = reference(&folder);
-    let (dir, model, backend) = load(&folder);
+    let (dir, model) = load(&folder, backend);
     let (batch, _) = batch_of(&dir, &texts(&r));
-    let logits = model.sequence_logits(&backend, &batch).unwrap();
+    let logits = model.sequence_logits(backend, &batch).unwrap();
     let got: Vec<f32> = logits.into_iter().flatten().collect();
     let diff = max_abs_diff(&got, &floats(&r["logits"]));
     assert!(diff < 1e-4, "max |diff| {diff}");
@@ -84,13 +131,12 @@ fn tiny_bert_sequence_classification_logits_match_pytorch() {
     );
 }
 
-#[test]
-fn tiny_bert_token_classification_logits_match_pytorch() {
+fn tiny_bert_token_logits<B: Backend>(backend: &B) {
     let folder = fixture("tiny-bert-tokcls");
     let r = reference(&folder);
-    let (dir, model, backend) = load(&folder);
+    let (dir, model) = load(&folder, backend);
     let (batch, _) = batch_of(&dir, &texts(&r));
-    let logits = model.token_logits(&backend, &batch).unwrap();
+    let logits = model.token_logits(backend, &batch).unwrap();
     for (b, want) in r["logits"].as_array().unwrap().iter().enumerate() {
         let got: Vec<f32> = logits[b].iter().flatten().copied().collect();
         let diff = max_abs_diff(&got, &floats(want));
@@ -98,24 +144,22 @@ fn tiny_bert_token_classification_logits_match_pytorch() {
     }
 }
 
-#[test]
-fn a_sequence_longer_than_the_positions_is_an_error_not_a_panic() {
-    let (dir, model, backend) = load(&fixture("tiny-bert"));
+fn too_long_is_an_error<B: Backend>(backend: &B) {
+    let (dir, model) = load(&fixture("tiny-bert"), backend);
     let mut e = dir.tokenizer.encode("refund").unwrap();
     e.ids = vec![5; 65];
     e.type_ids = vec![0; 65];
-    let err = model.hidden_states(&backend, &Batch::new(&[e])).unwrap_err();
+    let err = model.hidden_states(backend, &Batch::new(&[e])).unwrap_err();
     assert!(err.to_string().contains("64 positions"), "{err}");
 }
 
-#[test]
-fn minilm_embeddings_match_sentence_transformers() {
+fn minilm_embeddings<B: Backend>(backend: &B) {
     let Some(folder) = minilm("minilm_embeddings_match_sentence_transformers") else {
         return;
     };
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("minilm-reference.json")).unwrap()).unwrap();
-    let (dir, model, backend) = load(&folder);
+    let (dir, model) = load(&folder, backend);
     assert_eq!(
         dir.max_length(),
         Some(r["max_seq_length"].as_u64().unwrap() as usize)
@@ -131,7 +175,7 @@ fn minilm_embeddings_match_sentence_transformers() {
         batch.seq, 256,
         "the over-long sentence is truncated to the model's limit"
     );
-    let embeddings = model.embed(&backend, &batch, &dir.pooling).unwrap();
+    let embeddings = model.embed(backend, &batch, &dir.pooling).unwrap();
     let mut lowest = f32::MAX;
     for (i, want) in r["embeddings"].as_array().unwrap().iter().enumerate() {
         let want = floats(want);
@@ -147,7 +191,8 @@ fn minilm_embeddings_match_sentence_transformers() {
         lowest = lowest.min(cosine);
     }
     println!(
-        "all-MiniLM-L6-v2: lowest cosine to sentence-transformers over {} sentences: {lowest}",
+        "all-MiniLM-L6-v2 on {}: lowest cosine to sentence-transformers over {} sentences: {lowest}",
+        backend.name(),
         sentences.len()
     );
 }

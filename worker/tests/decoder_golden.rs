@@ -1,9 +1,11 @@
 //! GPT-2, Llama and Qwen2 decoders against PyTorch: the tiny random models in `fixtures/`
 //! (tokenizer ids, logits of every prompt position, last-token logits, 12 greedy tokens from
-//! `generate`). References come from `fixtures/generate.py`.
+//! `generate`). References come from `fixtures/generate.py`. The check is written once over the
+//! backend and runs on the CPU, and with the `cuda` feature on the GPU too (fp32 on both, so the
+//! same tolerances hold).
 
 use atomic_worker::ModelDir;
-use atomic_worker::backend::CpuBackend;
+use atomic_worker::backend::{Backend, CpuBackend};
 use atomic_worker::config::ModelConfig;
 use atomic_worker::models::decoder::CausalLm;
 use atomic_worker::models::gpt2::Gpt2;
@@ -17,23 +19,20 @@ use common::{fixture, floats, max_abs_diff, reference};
 
 const GREEDY_TOKENS: usize = 12;
 
-type Model = Box<dyn CausalLm<CpuBackend>>;
+type Model<B> = Box<dyn CausalLm<B>>;
 
-fn load(name: &str) -> (ModelDir, Model, CpuBackend, Value) {
+fn load<B: Backend + 'static>(name: &str, backend: &B) -> (ModelDir, Model<B>, Value) {
     let folder = fixture(name);
     let dir = ModelDir::open(&folder).unwrap();
-    let backend = CpuBackend::new(1).unwrap();
-    let model: Model = match &dir.config {
-        ModelConfig::Gpt2(c) => Box::new(Gpt2::load(&backend, c, &dir.weights, &dir.tensor_prefix).unwrap()),
-        ModelConfig::Llama(c) => {
-            Box::new(Llama::load(&backend, c, &dir.weights, &dir.tensor_prefix).unwrap())
-        }
+    let model: Model<B> = match &dir.config {
+        ModelConfig::Gpt2(c) => Box::new(Gpt2::load(backend, c, &dir.weights, &dir.tensor_prefix).unwrap()),
+        ModelConfig::Llama(c) => Box::new(Llama::load(backend, c, &dir.weights, &dir.tensor_prefix).unwrap()),
         ModelConfig::Bert(_) => panic!("not a decoder"),
     };
-    (dir, model, backend, reference(&folder))
+    (dir, model, reference(&folder))
 }
 
-fn greedy(model: &Model, backend: &CpuBackend, prompt: &[u32]) -> Vec<u32> {
+fn greedy<B: Backend>(model: &Model<B>, backend: &B, prompt: &[u32]) -> Vec<u32> {
     let mut cache = model.new_cache();
     let mut logits = model.prefill(backend, &mut cache, prompt).unwrap();
     let mut out = Vec::new();
@@ -45,8 +44,8 @@ fn greedy(model: &Model, backend: &CpuBackend, prompt: &[u32]) -> Vec<u32> {
     out
 }
 
-fn check(name: &str) {
-    let (dir, model, backend, r) = load(name);
+fn check<B: Backend + 'static>(name: &str, backend: &B) {
+    let (dir, model, r) = load(name, backend);
     let prompts: Vec<String> = serde_json::from_value(r["prompts"].clone()).unwrap();
     let want_ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
     let want_greedy: Vec<Vec<u32>> = serde_json::from_value(r["greedy_ids"].clone()).unwrap();
@@ -57,20 +56,20 @@ fn check(name: &str) {
     assert_eq!(ids, want_ids, "{name}: tokenizer parity");
 
     // Every position of the first prompt, in one causal pass.
-    let all = model.forward_all(&backend, &ids[0]).unwrap();
+    let all = model.forward_all(backend, &ids[0]).unwrap();
     let diff = max_abs_diff(&all, &floats(&r["logits"]));
     eprintln!("{name}: forward_all max |diff| {diff:e}");
     assert!(diff < 1e-4, "{name}: forward_all max |diff| {diff}");
 
     for (b, prompt) in ids.iter().enumerate() {
         let mut cache = model.new_cache();
-        let last = model.prefill(&backend, &mut cache, prompt).unwrap();
+        let last = model.prefill(backend, &mut cache, prompt).unwrap();
         assert_eq!(cache.len(), prompt.len());
         let diff = max_abs_diff(&last, &floats(&r["last_logits"][b]));
         eprintln!("{name}: prompt {b} prefill max |diff| {diff:e}");
         assert!(diff < 1e-4, "{name}: prompt {b} last logits max |diff| {diff}");
         assert_eq!(
-            greedy(&model, &backend, prompt),
+            greedy(&model, backend, prompt),
             want_greedy[b],
             "{name}: prompt {b} greedy"
         );
@@ -81,7 +80,7 @@ fn check(name: &str) {
     let mut next: Vec<u32> = ids
         .iter()
         .zip(&mut caches)
-        .map(|(p, c)| argmax(&model.prefill(&backend, c, p).unwrap()))
+        .map(|(p, c)| argmax(&model.prefill(backend, c, p).unwrap()))
         .collect();
     let mut batched = vec![Vec::new(); ids.len()];
     for _ in 0..GREEDY_TOKENS {
@@ -89,7 +88,7 @@ fn check(name: &str) {
             out.push(id);
         }
         let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-        let logits = model.decode_batch(&backend, &mut refs, &next).unwrap();
+        let logits = model.decode_batch(backend, &mut refs, &next).unwrap();
         next = logits.iter().map(|l| argmax(l)).collect();
     }
     assert_eq!(batched, want_greedy, "{name}: batched decode");
@@ -97,10 +96,10 @@ fn check(name: &str) {
     // One step mixing a prompt's prefill with another sequence's decode token (a sequence
     // joining a running batch) matches each alone.
     let mut running = model.new_cache();
-    let first = argmax(&model.prefill(&backend, &mut running, &ids[0]).unwrap());
+    let first = argmax(&model.prefill(backend, &mut running, &ids[0]).unwrap());
     let mut joining = model.new_cache();
     let mut refs = vec![&mut running, &mut joining];
-    let logits = model.step(&backend, &mut refs, &[&[first], &ids[1]]).unwrap();
+    let logits = model.step(backend, &mut refs, &[&[first], &ids[1]]).unwrap();
     assert_eq!(
         argmax(&logits[0]),
         want_greedy[0][1],
@@ -114,7 +113,7 @@ fn check(name: &str) {
 
     // generate() with greedy params reproduces the reference continuation.
     let mut params = SamplingParams::greedy(GREEDY_TOKENS);
-    let g = generate(&backend, model.as_ref(), &dir.tokenizer, &ids[0], &params).unwrap();
+    let g = generate(backend, model.as_ref(), &dir.tokenizer, &ids[0], &params).unwrap();
     if want_greedy[0].iter().any(|id| model.eos_token_ids().contains(id)) {
         assert_eq!(g.finish_reason, FinishReason::Stop);
     } else {
@@ -124,37 +123,57 @@ fn check(name: &str) {
         // Sampling is reproducible from its seed.
         params.temperature = 0.8;
         params.seed = 17;
-        let a = generate(&backend, model.as_ref(), &dir.tokenizer, &ids[0], &params).unwrap();
-        let b = generate(&backend, model.as_ref(), &dir.tokenizer, &ids[0], &params).unwrap();
+        let a = generate(backend, model.as_ref(), &dir.tokenizer, &ids[0], &params).unwrap();
+        let b = generate(backend, model.as_ref(), &dir.tokenizer, &ids[0], &params).unwrap();
         assert_eq!(a, b);
     }
 
     // A prompt longer than the positions is an error, not a panic, and leaves the cache usable.
     let too_long = vec![ids[0][0]; model.max_positions() + 1];
     let mut cache = model.new_cache();
-    assert!(model.prefill(&backend, &mut cache, &too_long).is_err());
-    assert!(model.forward_all(&backend, &too_long).is_err());
+    assert!(model.prefill(backend, &mut cache, &too_long).is_err());
+    assert!(model.forward_all(backend, &too_long).is_err());
     assert!(cache.is_empty());
     // Filling the context exactly works; one more token is an error.
     let full = vec![ids[0][0]; model.max_positions()];
-    model.prefill(&backend, &mut cache, &full).unwrap();
-    assert!(model.decode_step(&backend, &mut cache, ids[0][0]).is_err());
+    model.prefill(backend, &mut cache, &full).unwrap();
+    assert!(model.decode_step(backend, &mut cache, ids[0][0]).is_err());
 }
 
-#[test]
-fn tiny_gpt2_matches_pytorch() {
-    check("tiny-gpt2");
+/// Runs the check of one fixture on the CPU and, in `cuda` builds, on the GPU (or says why it
+/// skips).
+macro_rules! on_every_backend {
+    ($cpu_test:ident, $gpu_test:ident, $fixture:literal) => {
+        #[test]
+        fn $cpu_test() {
+            check($fixture, &CpuBackend::new(1).unwrap());
+        }
+
+        #[cfg(feature = "cuda")]
+        #[test]
+        fn $gpu_test() {
+            if let Some(gpu) = common::gpu(stringify!($gpu_test)) {
+                check($fixture, &gpu);
+            }
+        }
+    };
 }
 
-#[test]
-fn tiny_llama_matches_pytorch() {
-    check("tiny-llama");
-}
-
-#[test]
-fn tiny_qwen2_matches_pytorch() {
-    check("tiny-qwen2");
-}
+on_every_backend!(
+    tiny_gpt2_matches_pytorch,
+    gpu_tiny_gpt2_matches_pytorch,
+    "tiny-gpt2"
+);
+on_every_backend!(
+    tiny_llama_matches_pytorch,
+    gpu_tiny_llama_matches_pytorch,
+    "tiny-llama"
+);
+on_every_backend!(
+    tiny_qwen2_matches_pytorch,
+    gpu_tiny_qwen2_matches_pytorch,
+    "tiny-qwen2"
+);
 
 /// Decode throughput of the tiny models (single sequence and a batch of 8), printed; run with
 /// `cargo test --release -p atomic-worker --test decoder_golden -- --ignored --nocapture`.
@@ -162,7 +181,8 @@ fn tiny_qwen2_matches_pytorch() {
 #[ignore = "timing, not a check"]
 fn tiny_decode_throughput() {
     for name in ["tiny-gpt2", "tiny-llama", "tiny-qwen2"] {
-        let (_dir, model, backend, r) = load(name);
+        let backend = CpuBackend::new(1).unwrap();
+        let (_dir, model, r) = load(name, &backend);
         let prompt: Vec<u32> = serde_json::from_value(r["input_ids"][0].clone()).unwrap();
         let steps = model.max_positions() - prompt.len();
         for batch in [1usize, 8] {

@@ -1,5 +1,5 @@
 //! Helpers shared by the worker's integration tests: fixture paths, reference files, the real
-//! MiniLM folder (skipping with a message when it is absent) and float comparisons.
+//! MiniLM folder and the GPU (each skipping with a message when absent) and float comparisons.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::io::Write;
@@ -52,4 +52,17 @@ pub fn minilm(test: &str) -> Option<PathBuf> {
         );
     }
     found
+}
+
+/// The GPU backend on device 0 (`cuda` builds). When there is none, says that `test` skips,
+/// straight to stderr, and returns `None`.
+#[cfg(feature = "cuda")]
+pub fn gpu(test: &str) -> Option<atomic_worker::backend::CudaBackend> {
+    match atomic_worker::backend::CudaBackend::new(0) {
+        Ok(backend) => Some(backend),
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no CUDA device ({e})");
+            None
+        }
+    }
 }
