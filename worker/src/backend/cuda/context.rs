@@ -208,7 +208,11 @@ impl CudaBackend {
             .map_err(|e| driver_err("making the CUDA context current", e))
     }
 
-    pub(super) fn synchronize(&self) -> Result<()> {
+    /// Waits until all work queued on the backend's stream has finished. Ops never need it
+    /// (host reads synchronise by themselves); it is public so that benchmarks can stop a clock
+    /// only once the GPU is done, and so that an asynchronous kernel failure can be surfaced at
+    /// a chosen point.
+    pub fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()
             .map_err(|e| driver_err("waiting for the GPU (an earlier kernel may have failed)", e))

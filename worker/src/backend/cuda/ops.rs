@@ -264,6 +264,20 @@ impl CudaBackend {
         Ok(host)
     }
 
+    /// A device-to-device copy of `x` into a new tensor of the same shape (queued on the stream,
+    /// like every op). Models never need one (ops allocate their outputs); it measures the copy
+    /// bandwidth that bounds every memory-bound kernel, decode steps above all.
+    pub fn copy(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        let mut out = self.alloc(x.shape.clone())?;
+        let n = x.numel();
+        if n > 0 {
+            self.stream
+                .memcpy_dtod(&x.buf.slice(..n), &mut out.buf.slice_mut(..n))
+                .map_err(|e| driver_err(&format!("copying {} bytes on the GPU", n * 4), e))?;
+        }
+        Ok(out)
+    }
+
     /// Attention through the chosen kernel (the trait method picks one by the number of queries).
     pub(crate) fn attention_with(
         &self,

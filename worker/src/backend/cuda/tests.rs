@@ -399,6 +399,15 @@ fn gpu_embedding_and_split_copy_exactly() {
         .unwrap();
     assert_eq!(g.shape(&r), &[15, 37]);
     assert_eq!(g.to_host(&r).unwrap(), x);
+
+    // The benchmark's device-to-device copy: same shape and bits, empty tensors included.
+    let c = g.copy(&r).unwrap();
+    g.synchronize().unwrap();
+    assert_eq!(g.shape(&c), &[15, 37]);
+    assert_eq!(g.to_host(&c).unwrap(), x);
+    let empty = g.copy(&g.from_host(&[], &[0, 4]).unwrap()).unwrap();
+    assert_eq!(g.shape(&empty), &[0, 4]);
+    assert!(g.to_host(&empty).unwrap().is_empty());
 }
 
 #[test]

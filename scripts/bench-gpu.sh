@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The GPU benchmark of issue 5 in one command, for a machine with an NVIDIA GPU, PyTorch and
+# transformers: generates the random models, runs the worker's CUDA backend and PyTorch on the
+# same GPU, and prints the ratios (encoders vs PyTorch eager, decode vs the bandwidth roofline,
+# matrix products vs the measured bf16 peak) and where the worker's time goes.
+#
+#   bash scripts/bench-gpu.sh [SECONDS=3]
+#
+# Environment:
+#   ATOMIC_GPU_BENCH   a prebuilt `gpu_bench` binary (built elsewhere with
+#                      `cargo build --release -p atomic-worker --features cuda --example gpu_bench`);
+#                      without it, cargo builds one here
+#   ATOMIC_GPU_MODELS  where the models go (default target/gpu-models; about 5 GB, reused)
+#   ATOMIC_BENCH_OUT   where the raw JSON lines and the report go (default target/gpu-bench)
+#   PYTHON             the Python that holds torch and transformers (default python3)
+#   MAX_STEPS          decode steps per timed run (default 256)
+#
+# Expected to take about 3 minutes on an H100 with the default 3 s per figure (an estimate: not
+# yet run on a GPU); writing and loading the 1.1B model in fp32 is most of it. Exits non-zero
+# when either side failed a section; the report still prints whatever was measured.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+seconds="${1:-3}"
+py="${PYTHON:-python3}"
+models="${ATOMIC_GPU_MODELS:-target/gpu-models}"
+out="${ATOMIC_BENCH_OUT:-target/gpu-bench}"
+max_steps="${MAX_STEPS:-256}"
+mkdir -p "$out"
+
+# The CUDA 13 libraries (libcublas, libcublasLt, libnvrtc) live in the pip nvidia-* packages of
+# the Python that holds PyTorch, not on the default library path. Newer wheels put them all in
+# nvidia/cu13/lib; older ones in one nvidia/<package>/lib each. The driver's libcuda.so.1 is on
+# the default path.
+lib_dirs="$("$py" - <<'PY'
+import glob, os
+try:
+    import nvidia
+except ImportError:
+    raise SystemExit(0)
+dirs = []
+for root in list(nvidia.__path__):
+    for pattern in ("cu13/lib", "*/lib"):
+        for d in sorted(glob.glob(os.path.join(root, pattern))):
+            if os.path.isdir(d) and d not in dirs:
+                dirs.append(d)
+print(":".join(dirs))
+PY
+)"
+if [ -n "$lib_dirs" ]; then
+    export LD_LIBRARY_PATH="$lib_dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+for lib in libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13; do
+    found=""
+    IFS=: read -ra search <<<"${LD_LIBRARY_PATH:-}"
+    for d in "${search[@]}"; do
+        [ -n "$d" ] && [ -e "$d/$lib" ] && found="$d" && break
+    done
+    if [ -z "$found" ] && ! ldconfig -p 2>/dev/null | grep -q "$lib"; then
+        echo "bench-gpu: warning: $lib not found in the nvidia-* packages or the linker cache" >&2
+    fi
+done
+echo "bench-gpu: LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" >&2
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader >&2 || true
+fi
+
+"$py" worker/bench/gpu_models.py "$models" || { echo "bench-gpu: generating the models failed" >&2; exit 1; }
+
+bin="${ATOMIC_GPU_BENCH:-}"
+if [ -z "$bin" ]; then
+    if ! command -v cargo >/dev/null; then
+        echo "bench-gpu: no ATOMIC_GPU_BENCH binary given and no cargo to build one" >&2
+        exit 1
+    fi
+    cargo build --release -q -p atomic-worker --features cuda --example gpu_bench || exit 1
+    bin="${CARGO_TARGET_DIR:-target}/release/examples/gpu_bench"
+fi
+
+status=0
+"$bin" "$models" --check >/dev/null || { echo "bench-gpu: the model folders do not open" >&2; exit 1; }
+echo "bench-gpu: worker (CUDA backend, fp32)" >&2
+"$bin" "$models" --seconds "$seconds" --max-steps "$max_steps" | tee "$out/atomic.jsonl" || status=1
+echo "bench-gpu: PyTorch eager" >&2
+"$py" worker/bench/gpu_torch.py "$models" --seconds "$seconds" --max-steps "$max_steps" | tee "$out/torch.jsonl" || status=1
+echo
+"$py" worker/bench/gpu_report.py "$out/atomic.jsonl" "$out/torch.jsonl" | tee "$out/report.txt"
+exit "$status"

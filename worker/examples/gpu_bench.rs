@@ -1,0 +1,773 @@
+//! The worker's side of the GPU benchmark (issue 5, "Performance"): the CUDA backend (fp32, the
+//! only precision it has) on the random models `worker/bench/gpu_models.py` writes, measured
+//! the way `worker/bench/gpu_torch.py` measures PyTorch on the same GPU.
+//!
+//! ```sh
+//! cargo build --release -p atomic-worker --features cuda --example gpu_bench
+//! gpu_bench MODELS_DIR [--seconds 3] [--max-steps 256] [--only copy,matmul,encoders,decode]
+//! ```
+//!
+//! `scripts/bench-gpu.sh` runs both sides and prints the ratios. Output: one JSON object per
+//! line on stdout (`"bench"` says what it is: `device`, `copy`, `matmul`, `encoder`, `model`,
+//! `decode`, `op`, `error`); progress goes to stderr. Every timed region ends with a device
+//! synchronisation (or a host read, which synchronises), so queued work is never left out.
+//!
+//! Sections run one after another; one that fails prints an `error` line and the rest still
+//! run, so a single GPU session gets every figure that can be had. The exit status is non-zero
+//! when any section failed or the GPU could not be opened.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use atomic_worker::ModelDir;
+use atomic_worker::backend::{AttentionMask, Backend, CudaBackend, CudaTensor};
+use atomic_worker::config::{BertConfig, LlamaConfig, ModelConfig};
+use atomic_worker::models::bert::{Batch, Bert};
+use atomic_worker::models::decoder::CausalLm;
+use atomic_worker::models::kv_cache::KvCache;
+use atomic_worker::models::llama::Llama;
+use clap::Parser;
+use serde_json::{Value, json};
+
+/// The sections, in the order they run (`--only` picks some).
+const SECTIONS: [&str; 4] = ["copy", "matmul", "encoders", "decode"];
+
+/// Folder names under MODELS_DIR, as `gpu_models.py` writes them.
+const ENCODERS: [&str; 2] = ["bert-base", "minilm"];
+const DECODER: &str = "llama-1b";
+
+/// The encoder workload of the issue: 32 sequences of 128 tokens.
+const ENC_BATCH: usize = 32;
+const ENC_SEQ: usize = 128;
+
+/// Decode: a short prompt per sequence, then single-token steps at these batch sizes.
+const PROMPT: usize = 16;
+const DECODE_BATCHES: [usize; 2] = [1, 32];
+
+/// Bytes copied to measure device bandwidth (the same on the PyTorch side): far larger than
+/// any cache, so the copy runs at the memory's speed.
+const COPY_BYTES: usize = 1 << 30;
+
+/// The square matrix product that shows what cuBLAS sgemm reaches at its best.
+const MATMUL_N: usize = 8192;
+
+/// Time spent measuring each single op (after a warm-up call).
+const OP_BUDGET: Duration = Duration::from_millis(150);
+
+#[derive(Parser)]
+#[command(about = "GPU benchmark of the worker's CUDA backend (JSON lines on stdout)")]
+struct Args {
+    /// Folder holding the model folders written by worker/bench/gpu_models.py.
+    models: PathBuf,
+    /// Seconds of timed work per throughput figure (after warm-up).
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Most decode steps per timed run (the context grows by one per step).
+    #[arg(long, default_value_t = 256)]
+    max_steps: usize,
+    /// Comma-separated sections to run: copy, matmul, encoders, decode (default: all).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// GPU ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Only open and validate the model folders (no GPU needed), then exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    // Printed here rather than returned from `main`, so that a missing GPU or library reads as
+    // one line and not as a backtrace (which RUST_BACKTRACE would add to a returned error).
+    match run(&Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gpu_bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    if let Some(unknown) = args.only.iter().find(|o| !SECTIONS.contains(&o.as_str())) {
+        bail!(
+            "--only: unknown section {unknown:?} (sections: {})",
+            SECTIONS.join(", ")
+        );
+    }
+    if args.check {
+        return check_models(&args.models);
+    }
+    let backend = CudaBackend::new(args.device).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open cuda:{}: {e} (the CUDA 13 libraries libcuda, libnvrtc and libcublas must be \
+             on LD_LIBRARY_PATH; scripts/bench-gpu.sh puts the pip nvidia-* packages' folders there)",
+            args.device
+        )
+    })?;
+    emit(json!({"bench": "device", "impl": "atomic", "name": backend.device_name(), "ordinal": args.device}));
+
+    let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
+    let mut failed = Vec::new();
+    let mut section = |name: &'static str, run: &dyn Fn() -> anyhow::Result<()>| {
+        if !wanted(name) {
+            return;
+        }
+        eprintln!("gpu_bench: {name}");
+        let started = Instant::now();
+        if let Err(e) = run() {
+            let message = format!("{e:#}");
+            eprintln!("gpu_bench: {name} failed: {message}");
+            emit(json!({"bench": "error", "impl": "atomic", "section": name, "message": message}));
+            failed.push(name);
+        }
+        eprintln!("gpu_bench: {name} took {:.1} s", started.elapsed().as_secs_f64());
+    };
+    section("copy", &|| copy_bandwidth(&backend));
+    section("matmul", &|| big_matmul(&backend));
+    section("encoders", &|| {
+        // Each model on its own: one that fails must not cost the other's figures.
+        let errors: Vec<String> = ENCODERS
+            .iter()
+            .filter_map(|name| {
+                let result = encoder(&backend, &args.models.join(name), name, args.seconds);
+                result.err().map(|e| format!("{name}: {e:#}"))
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", errors.join("; "))
+        }
+    });
+    section("decode", &|| decode(&backend, &args.models.join(DECODER), args));
+    if !failed.is_empty() {
+        bail!("sections failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// One result line.
+fn emit(v: Value) {
+    println!("{v}");
+}
+
+/// Deterministic values in [-0.5, 0.5): the benchmark needs finite, varied data, not a
+/// distribution (PyTorch's side draws its own).
+fn data(n: usize) -> Vec<f32> {
+    let mut s: u32 = 0x9e37_79b9;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+fn upload(b: &CudaBackend, shape: &[usize]) -> anyhow::Result<CudaTensor> {
+    let n = shape.iter().product();
+    Ok(b.from_host(&data(n), shape)?)
+}
+
+/// Mean microseconds per call of `f`, called back to back as a model calls its ops (so launch
+/// overhead counts, and the GPU overlaps consecutive calls as it would in a forward pass): one
+/// warm-up call, one timed call to size the run, then enough calls to fill `budget`, ending
+/// with a synchronisation.
+fn time_op(
+    b: &CudaBackend,
+    budget: Duration,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    f()?;
+    b.synchronize()?;
+    let t = Instant::now();
+    f()?;
+    b.synchronize()?;
+    let one = t.elapsed().as_secs_f64().max(1e-7);
+    let iters = ((budget.as_secs_f64() / one) as usize).clamp(3, 2000);
+    let t = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    b.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() * 1e6 / iters as f64)
+}
+
+/// Device-to-device copy bandwidth, counting bytes read and written (as PyTorch's side does),
+/// plus host-to-device upload bandwidth from pageable memory, which the host-side KV cache pays
+/// on every decode step.
+fn copy_bandwidth(b: &CudaBackend) -> anyhow::Result<()> {
+    let n = COPY_BYTES / 4;
+    let host = vec![0.0f32; n];
+    let t = Instant::now();
+    let x = b.from_host(&host, &[n])?;
+    b.synchronize()?;
+    let h2d = t.elapsed().as_secs_f64();
+    let us = time_op(b, Duration::from_millis(500), || {
+        drop(b.copy(&x)?);
+        Ok(())
+    })?;
+    emit(json!({
+        "bench": "copy", "impl": "atomic", "bytes": COPY_BYTES,
+        "d2d_gbs": 2.0 * COPY_BYTES as f64 / us / 1e3,
+        "h2d_gbs": COPY_BYTES as f64 / h2d / 1e9,
+    }));
+    Ok(())
+}
+
+/// The backend's `linear` (cuBLAS sgemm, fp32, no TF32) on a large square product: the best
+/// TFLOP/s the fp32 path reaches, to set beside PyTorch's bf16 peak.
+fn big_matmul(b: &CudaBackend) -> anyhow::Result<()> {
+    let n = MATMUL_N;
+    let x = upload(b, &[n, n])?;
+    let w = upload(b, &[n, n])?;
+    let us = time_op(b, Duration::from_secs(1), || {
+        drop(b.linear(&x, &w, None)?);
+        Ok(())
+    })?;
+    let flops = 2.0 * (n as f64).powi(3);
+    emit(json!({
+        "bench": "matmul", "impl": "atomic", "dtype": "fp32", "n": n,
+        "us": us, "tflops": flops / us / 1e6,
+    }));
+    Ok(())
+}
+
+/// Ids as the CPU MiniLM benchmark makes them: [CLS] random words [SEP], below `vocab`.
+fn encoder_batch(vocab: usize) -> Batch {
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let words = (vocab.saturating_sub(1000)).max(1) as u64;
+    let mut ids = Vec::with_capacity(ENC_BATCH * ENC_SEQ);
+    for _ in 0..ENC_BATCH {
+        ids.push(101);
+        for _ in 1..ENC_SEQ - 1 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            ids.push((1000 + seed % words) as u32);
+        }
+        ids.push(102);
+    }
+    Batch {
+        batch: ENC_BATCH,
+        seq: ENC_SEQ,
+        type_ids: vec![0; ids.len()],
+        valid: vec![true; ids.len()],
+        ids,
+    }
+}
+
+fn open(folder: &Path) -> anyhow::Result<ModelDir> {
+    ModelDir::open(folder).with_context(|| {
+        format!(
+            "opening {} (generate it with worker/bench/gpu_models.py)",
+            folder.display()
+        )
+    })
+}
+
+/// Sentences/s of `Bert::embed` (forward pass, hidden states to the host, mean pooling and
+/// normalisation on the host: what the worker's encoder thread does per batch), then the
+/// forward pass's ops one by one.
+fn encoder(b: &CudaBackend, folder: &Path, name: &str, seconds: f64) -> anyhow::Result<()> {
+    let dir = open(folder)?;
+    let ModelConfig::Bert(config) = &dir.config else {
+        bail!("{}: not a BERT model", folder.display())
+    };
+    let model = Bert::load(b, config, &dir.weights, &dir.tensor_prefix)?;
+    let batch = encoder_batch(config.vocab_size);
+    for _ in 0..3 {
+        model.embed(b, &batch, &dir.pooling)?;
+    }
+    let started = Instant::now();
+    let mut runs = 0;
+    while started.elapsed().as_secs_f64() < seconds {
+        model.embed(b, &batch, &dir.pooling)?;
+        runs += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    emit(json!({
+        "bench": "encoder", "impl": "atomic", "model": name, "dtype": "fp32",
+        "batch": ENC_BATCH, "seq": ENC_SEQ, "runs": runs,
+        "ms_per_batch": elapsed * 1e3 / runs as f64,
+        "sentences_per_s": (runs * ENC_BATCH) as f64 / elapsed,
+    }));
+    drop(model);
+    encoder_ops(b, config, name)
+}
+
+/// One `op` line: mean time per call, how often the forward pass (or decode step) calls it,
+/// and its arithmetic and memory traffic where they mean something, for TFLOP/s and GB/s.
+struct Op<'a> {
+    section: &'a str,
+    model: &'a str,
+    batch: usize,
+}
+
+impl Op<'_> {
+    fn emit(&self, op: &str, shape: String, us: f64, calls: usize, flops: f64, bytes: f64) {
+        emit(json!({
+            "bench": "op", "impl": "atomic", "section": self.section, "model": self.model,
+            "batch": self.batch, "op": op, "shape": shape, "us": us, "calls": calls,
+            "flops": flops, "bytes": bytes,
+        }));
+    }
+
+    /// Times `linear(x [n, k], w [m, k], bias)` and emits it.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call per product, each with its own shape"
+    )]
+    fn linear(
+        &self,
+        b: &CudaBackend,
+        op: &str,
+        n: usize,
+        k: usize,
+        m: usize,
+        bias: bool,
+        calls: usize,
+    ) -> anyhow::Result<()> {
+        let x = upload(b, &[n, k])?;
+        let w = upload(b, &[m, k])?;
+        let bias_t = if bias { Some(upload(b, &[m])?) } else { None };
+        let us = time_op(b, OP_BUDGET, || {
+            drop(b.linear(&x, &w, bias_t.as_ref())?);
+            Ok(())
+        })?;
+        let flops = 2.0 * (n * k * m) as f64;
+        let bytes = 4.0 * (m * k + n * k + n * m) as f64;
+        self.emit(op, format!("[{n},{k}]x[{m},{k}]ᵀ"), us, calls, flops, bytes);
+        Ok(())
+    }
+}
+
+/// The ops of one BERT forward pass at the benchmark's shape, each timed alone.
+fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()> {
+    let op = Op {
+        section: "encoder",
+        model: name,
+        batch: ENC_BATCH,
+    };
+    let (h, inter, heads, layers) = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_hidden_layers,
+    );
+    let d = h / heads;
+    let t = ENC_BATCH * ENC_SEQ;
+    let act = |n: usize| 4.0 * n as f64;
+
+    let batch = encoder_batch(c.vocab_size);
+    let words = upload(b, &[c.vocab_size, h])?;
+    let positions = upload(b, &[c.max_position_embeddings, h])?;
+    let types = upload(b, &[c.type_vocab_size, h])?;
+    let gamma = upload(b, &[h])?;
+    let beta = upload(b, &[h])?;
+    let pos_ids: Vec<u32> = (0..t).map(|i| (i % ENC_SEQ) as u32).collect();
+    let us = time_op(b, OP_BUDGET, || {
+        let w = b.embedding(&batch.ids, &words)?;
+        let p = b.embedding(&pos_ids, &positions)?;
+        let ty = b.embedding(&batch.type_ids, &types)?;
+        drop(b.layer_norm(&b.add(&b.add(&w, &p)?, &ty)?, &gamma, &beta, 1e-12)?);
+        Ok(())
+    })?;
+    op.emit(
+        "embeddings",
+        format!("3 gathers + 2 adds + layer_norm [{t},{h}]"),
+        us,
+        1,
+        0.0,
+        act(6 * t * h),
+    );
+
+    op.linear(b, "linear_qkv", t, h, 3 * h, true, layers)?;
+    let qkv = upload(b, &[t, 3 * h])?;
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.split_last(&qkv, &[h, h, h])?);
+        Ok(())
+    })?;
+    op.emit(
+        "split_qkv",
+        format!("[{t},{}]", 3 * h),
+        us,
+        layers,
+        0.0,
+        act(2 * t * 3 * h),
+    );
+
+    let q = upload(b, &[ENC_BATCH, ENC_SEQ, heads, d])?;
+    let k = upload(b, &[ENC_BATCH, ENC_SEQ, heads, d])?;
+    let v = upload(b, &[ENC_BATCH, ENC_SEQ, heads, d])?;
+    let mask = AttentionMask::padding(&batch.valid);
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.attention(&q, &k, &v, &mask)?);
+        Ok(())
+    })?;
+    let attn_flops = 4.0 * (ENC_BATCH * heads * ENC_SEQ * ENC_SEQ * d) as f64;
+    op.emit(
+        "attention_flash",
+        format!("[{ENC_BATCH},{ENC_SEQ},{heads},{d}] padding mask"),
+        us,
+        layers,
+        attn_flops,
+        act(4 * t * h),
+    );
+
+    op.linear(b, "linear_attn_out", t, h, h, true, layers)?;
+    let x = upload(b, &[t, h])?;
+    let r = upload(b, &[t, h])?;
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.add_layer_norm(&x, &r, &gamma, &beta, 1e-12)?);
+        Ok(())
+    })?;
+    op.emit(
+        "add_layer_norm",
+        format!("[{t},{h}]"),
+        us,
+        2 * layers,
+        0.0,
+        act(3 * t * h),
+    );
+
+    op.linear(b, "linear_ffn_up", t, h, inter, true, layers)?;
+    let up = upload(b, &[t, inter])?;
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.gelu(&up)?);
+        Ok(())
+    })?;
+    op.emit(
+        "gelu",
+        format!("[{t},{inter}]"),
+        us,
+        layers,
+        0.0,
+        act(2 * t * inter),
+    );
+    op.linear(b, "linear_ffn_down", t, inter, h, true, layers)?;
+
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.to_host(&x)?);
+        Ok(())
+    })?;
+    op.emit("hidden_to_host", format!("[{t},{h}]"), us, 1, 0.0, act(t * h));
+    Ok(())
+}
+
+/// Opens every model folder the benchmark needs, as the timed sections will, so that a bad
+/// folder shows up before any GPU time is spent.
+fn check_models(models: &Path) -> anyhow::Result<()> {
+    for name in ENCODERS.into_iter().chain([DECODER]) {
+        let dir = open(&models.join(name))?;
+        let kind = match &dir.config {
+            ModelConfig::Bert(c) if name != DECODER => {
+                if c.max_position_embeddings < ENC_SEQ {
+                    bail!(
+                        "{name}: {} positions, the benchmark needs {ENC_SEQ}",
+                        c.max_position_embeddings
+                    );
+                }
+                "bert"
+            }
+            ModelConfig::Llama(_) if name == DECODER => "llama",
+            _ => bail!("{name}: not the architecture the benchmark expects"),
+        };
+        let params: usize = dir
+            .weights
+            .names()
+            .into_iter()
+            .map(|n| dir.weights.shape(n).map_or(0, |s| s.iter().product::<usize>()))
+            .sum();
+        emit(json!({"bench": "check", "model": name, "kind": kind, "params": params}));
+    }
+    Ok(())
+}
+
+/// Parameters a decode step reads in full: every weight except the token embedding table, of
+/// which a step reads one row per token (unless it doubles as the output projection).
+fn weights_read_per_step(dir: &ModelDir, config: &LlamaConfig) -> (usize, usize) {
+    let mut total = 0;
+    let mut read = 0;
+    for name in dir.weights.names() {
+        let n: usize = dir.weights.shape(name).map_or(0, |s| s.iter().product());
+        total += n;
+        let gathered_only = name.ends_with("embed_tokens.weight") && !config.tie_word_embeddings;
+        if !gathered_only {
+            read += n;
+        }
+    }
+    (total, read)
+}
+
+/// The host-side greedy choice: the first index of the largest logit.
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Tokens/s of greedy decoding through `CausalLm::decode_batch` at batch 1 and 32 (prompt
+/// prefilled first, untimed), then the decode step's ops one by one at the mean context length
+/// the timed run saw.
+fn decode(b: &CudaBackend, folder: &Path, args: &Args) -> anyhow::Result<()> {
+    let dir = open(folder)?;
+    let ModelConfig::Llama(config) = &dir.config else {
+        bail!("{}: not a Llama model", folder.display())
+    };
+    let (params, read) = weights_read_per_step(&dir, config);
+    emit(json!({
+        "bench": "model", "impl": "atomic", "model": DECODER, "params": params,
+        "params_read_per_step": read, "dtype": "fp32", "bytes_per_param": 4,
+        "weight_bytes_per_step": 4 * read,
+    }));
+    let loaded = Instant::now();
+    let model = Llama::load(b, config, &dir.weights, &dir.tensor_prefix)?;
+    b.synchronize()?;
+    eprintln!(
+        "gpu_bench: {DECODER} loaded in {:.1} s",
+        loaded.elapsed().as_secs_f64()
+    );
+    let needed = PROMPT + args.max_steps + 8;
+    if needed > model.max_positions() {
+        bail!(
+            "--max-steps {} needs {needed} positions; the model has {}",
+            args.max_steps,
+            model.max_positions()
+        );
+    }
+    let vocab = model.vocab_size();
+    for batch in DECODE_BATCHES {
+        let prompts: Vec<Vec<u32>> = (0..batch)
+            .map(|s| {
+                (0..PROMPT)
+                    .map(|i| ((s * 7919 + i * 104_729) % (vocab - 3) + 3) as u32)
+                    .collect()
+            })
+            .collect();
+        let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let run = |steps: usize, seconds: f64| -> anyhow::Result<(usize, f64, f64)> {
+            let mut caches: Vec<KvCache> = (0..batch).map(|_| model.new_cache()).collect();
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            let t = Instant::now();
+            let logits = model.step(b, &mut refs, &prompt_refs)?;
+            let prefill = t.elapsed().as_secs_f64();
+            let mut next: Vec<u32> = logits.iter().map(|r| argmax(r)).collect();
+            let t = Instant::now();
+            let mut done = 0;
+            while done < steps && t.elapsed().as_secs_f64() < seconds {
+                let logits = model.decode_batch(b, &mut refs, &next)?;
+                next = logits.iter().map(|r| argmax(r)).collect();
+                done += 1;
+            }
+            Ok((done, t.elapsed().as_secs_f64(), prefill))
+        };
+        run(4, f64::INFINITY)?;
+        let (steps, elapsed, prefill) = run(args.max_steps, args.seconds)?;
+        let steps = steps.max(1);
+        let mean_context = PROMPT + steps / 2;
+        emit(json!({
+            "bench": "decode", "impl": "atomic", "model": DECODER, "dtype": "fp32", "batch": batch,
+            "prompt": PROMPT, "steps": steps, "mean_context": mean_context,
+            "prefill_ms": prefill * 1e3, "ms_per_step": elapsed * 1e3 / steps as f64,
+            "tokens_per_s": (batch * steps) as f64 / elapsed,
+        }));
+        decode_ops(b, config, batch, mean_context)?;
+    }
+    Ok(())
+}
+
+/// The ops of one Llama decode step (`batch` sequences, one new token each, `context` cached
+/// positions), each timed alone, in the order `Llama::run` and `Step::attend` call them.
+fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) -> anyhow::Result<()> {
+    let op = Op {
+        section: "decode",
+        model: DECODER,
+        batch,
+    };
+    let (h, heads, kvh, d, inter, layers, vocab) = (
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.intermediate_size,
+        c.num_hidden_layers,
+        c.vocab_size,
+    );
+    let (q, kv, t) = (heads * d, kvh * d, batch);
+    let act = |n: usize| 4.0 * n as f64;
+    let theta = c.rope_theta as f32;
+
+    let table = upload(b, &[vocab, h])?;
+    let ids: Vec<u32> = (0..t as u32).collect();
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.embedding(&ids, &table)?);
+        Ok(())
+    })?;
+    op.emit(
+        "embedding",
+        format!("{t} ids of [{vocab},{h}]"),
+        us,
+        1,
+        0.0,
+        act(2 * t * h),
+    );
+    drop(table);
+
+    let x = upload(b, &[t, h])?;
+    let w = upload(b, &[h])?;
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.rms_norm(&x, &w, 1e-5)?);
+        Ok(())
+    })?;
+    op.emit(
+        "rms_norm",
+        format!("[{t},{h}]"),
+        us,
+        2 * layers + 1,
+        0.0,
+        act(2 * t * h),
+    );
+
+    op.linear(b, "linear_qkv", t, h, q + 2 * kv, false, layers)?;
+    let qkv = upload(b, &[t, q + 2 * kv])?;
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.split_last(&qkv, &[q, kv, kv])?);
+        Ok(())
+    })?;
+    op.emit(
+        "split_qkv",
+        format!("[{t},{}]", q + 2 * kv),
+        us,
+        layers,
+        0.0,
+        act(2 * t * (q + 2 * kv)),
+    );
+
+    let positions: Vec<usize> = vec![context; t];
+    let xq = upload(b, &[t, heads, d])?;
+    let xk = upload(b, &[t, kvh, d])?;
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.rope(&xq, &positions, theta)?);
+        drop(b.rope(&xk, &positions, theta)?);
+        Ok(())
+    })?;
+    op.emit(
+        "rope_qk",
+        format!("[{t},{heads}+{kvh},{d}]"),
+        us,
+        layers,
+        0.0,
+        act(2 * t * (q + kv)),
+    );
+
+    // Step::attend: new keys and values to the host, the batch's whole cache back up.
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.to_host(&xk)?);
+        drop(b.to_host(&xk)?);
+        Ok(())
+    })?;
+    op.emit(
+        "kv_to_host",
+        format!("2 x [{t},{kvh},{d}]"),
+        us,
+        layers,
+        0.0,
+        act(2 * t * kv),
+    );
+    let cache = data(batch * context * kv);
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.from_host(&cache, &[batch, context, kvh, d])?);
+        drop(b.from_host(&cache, &[batch, context, kvh, d])?);
+        Ok(())
+    })?;
+    op.emit(
+        "kv_upload",
+        format!("2 x [{batch},{context},{kvh},{d}]"),
+        us,
+        layers,
+        0.0,
+        act(2 * batch * context * kv),
+    );
+
+    let qd = upload(b, &[batch, 1, heads, d])?;
+    let kd = b.from_host(&cache, &[batch, context, kvh, d])?;
+    let vd = b.from_host(&cache, &[batch, context, kvh, d])?;
+    let valid = vec![true; batch * context];
+    let mask = AttentionMask::causal(context - 1).with_padding(&valid);
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.attention(&qd, &kd, &vd, &mask)?);
+        Ok(())
+    })?;
+    op.emit(
+        "attention_decode",
+        format!("q [{batch},1,{heads},{d}] over {context} keys x {kvh} heads"),
+        us,
+        layers,
+        4.0 * (batch * heads * context * d) as f64,
+        act(2 * batch * context * kv + 2 * batch * q),
+    );
+    drop((qd, kd, vd));
+
+    op.linear(b, "linear_o", t, q, h, false, layers)?;
+    let y = upload(b, &[t, h])?;
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.add(&x, &y)?);
+        Ok(())
+    })?;
+    op.emit("add", format!("[{t},{h}]"), us, 2 * layers, 0.0, act(3 * t * h));
+
+    op.linear(b, "linear_gate_up", t, h, 2 * inter, false, layers)?;
+    let gate_up = upload(b, &[t, 2 * inter])?;
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.split_last(&gate_up, &[inter, inter])?);
+        Ok(())
+    })?;
+    op.emit(
+        "split_gate_up",
+        format!("[{t},{}]", 2 * inter),
+        us,
+        layers,
+        0.0,
+        act(4 * t * inter),
+    );
+    let gate = upload(b, &[t, inter])?;
+    let up = upload(b, &[t, inter])?;
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.silu_mul(&gate, &up)?);
+        Ok(())
+    })?;
+    op.emit(
+        "silu_mul",
+        format!("[{t},{inter}]"),
+        us,
+        layers,
+        0.0,
+        act(3 * t * inter),
+    );
+    op.linear(b, "linear_down", t, inter, h, false, layers)?;
+
+    op.linear(b, "linear_lm_head", t, h, vocab, false, 1)?;
+    let logits = upload(b, &[t, vocab])?;
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.to_host(&logits)?);
+        Ok(())
+    })?;
+    op.emit(
+        "logits_to_host",
+        format!("[{t},{vocab}]"),
+        us,
+        1,
+        0.0,
+        act(t * vocab),
+    );
+    Ok(())
+}
