@@ -28,38 +28,11 @@ out="${ATOMIC_BENCH_OUT:-target/gpu-bench}"
 max_steps="${MAX_STEPS:-256}"
 mkdir -p "$out"
 
-# The CUDA 13 libraries (libcublas, libcublasLt, libnvrtc) live in the pip nvidia-* packages of
-# the Python that holds PyTorch, not on the default library path. Newer wheels put them all in
-# nvidia/cu13/lib; older ones in one nvidia/<package>/lib each. The driver's libcuda.so.1 is on
-# the default path.
-lib_dirs="$("$py" - <<'PY'
-import glob, os
-try:
-    import nvidia
-except ImportError:
-    raise SystemExit(0)
-dirs = []
-for root in list(nvidia.__path__):
-    for pattern in ("cu13/lib", "*/lib"):
-        for d in sorted(glob.glob(os.path.join(root, pattern))):
-            if os.path.isdir(d) and d not in dirs:
-                dirs.append(d)
-print(":".join(dirs))
-PY
-)"
+# The CUDA 13 libraries live in the pip nvidia-* packages of the Python that holds PyTorch.
+lib_dirs="$(PYTHON="$py" bash scripts/cuda-libs.sh)"
 if [ -n "$lib_dirs" ]; then
     export LD_LIBRARY_PATH="$lib_dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
-for lib in libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13; do
-    found=""
-    IFS=: read -ra search <<<"${LD_LIBRARY_PATH:-}"
-    for d in "${search[@]}"; do
-        [ -n "$d" ] && [ -e "$d/$lib" ] && found="$d" && break
-    done
-    if [ -z "$found" ] && ! ldconfig -p 2>/dev/null | grep -q "$lib"; then
-        echo "bench-gpu: warning: $lib not found in the nvidia-* packages or the linker cache" >&2
-    fi
-done
 echo "bench-gpu: LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" >&2
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader >&2 || true

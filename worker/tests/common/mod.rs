@@ -7,9 +7,13 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-/// A folder (or file) under `worker/fixtures/`.
+/// A folder (or file) under `worker/fixtures/`, or under `$ATOMIC_FIXTURES` (for test binaries
+/// built on one machine and run on another, as on the GPU machines).
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    match std::env::var_os("ATOMIC_FIXTURES") {
+        Some(root) => PathBuf::from(root).join(name),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name),
+    }
 }
 
 /// The `reference.json` of a fixture folder.

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs the worker's GPU tests on a GPU machine from the binaries scripts/gpu-bundle.sh built
+# elsewhere: the CUDA backend's op tests (every kernel against the f64 reference) and the
+# whole-model golden tests (tiny BERT and heads, GPT-2, Llama, Qwen2 against PyTorch's outputs).
+# Every test binary runs even when one fails; the exit status says whether all passed.
+#   bash scripts/gpu-checks.sh [BUNDLE=target/gpu-bundle]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bundle="${1:-target/gpu-bundle}"
+lib_dirs="$(bash scripts/cuda-libs.sh)"
+export LD_LIBRARY_PATH="$lib_dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The test binaries were built elsewhere: tell them where the fixtures are here.
+export ATOMIC_FIXTURES="$PWD/worker/fixtures"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+status=0
+for test in "$bundle"/tests/*; do
+    name="$(basename "$test")"
+    echo "== $name"
+    if [ "$name" = atomic_worker ]; then
+        "$test" --test-threads=1 backend::cuda backend::device || status=1
+    else
+        "$test" --test-threads=1 || status=1
+    fi
+done
+exit "$status"
