@@ -142,7 +142,8 @@ fn load_on_device(args: &ServeArgs) -> anyhow::Result<ModelParts> {
                 tracing::warn!("{warning}");
             }
             let backend = CpuBackend::new(args.threads)?;
-            tracing::info!(threads = backend.threads(), "running on the CPU");
+            let simd = atomic_worker::backend::cpu_kernels::detected_simd_level();
+            tracing::info!(threads = backend.threads(), ?simd, "running on the CPU");
             server::load_model_on(dir, backend)
         }
         #[cfg(feature = "cuda")]

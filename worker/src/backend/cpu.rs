@@ -1,12 +1,12 @@
 //! The CPU backend: `f32` row-major host tensors. Matrix products go through `gemm` (packed SIMD
 //! kernels, multithreaded); the row-wise operations are single-pass loops over contiguous rows,
 //! split across the backend's own rayon pool when a tensor is large enough to pay for it; the
-//! loops themselves are in [`super::kernels`], compiled per SIMD level.
+//! loops themselves are in [`super::cpu_kernels`], compiled per SIMD level.
 
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use super::kernels;
+use super::cpu_kernels as kernels;
 use super::shapes::{self, AttnDims};
 use super::{AttentionMask, Backend, BackendError, Result};
 

@@ -21,10 +21,10 @@
 //! - rotary embeddings use the "rotate_half" pairing: element `i` rotates with `i + head_dim / 2`.
 
 pub mod cpu;
+pub mod cpu_kernels;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
-pub mod kernels;
 pub mod reference;
 mod shapes;
 
