@@ -27,6 +27,8 @@ struct Options {
     labels: Vec<String>,
     max_batch_tokens: usize,
     slow: Option<Duration>,
+    /// The encoder's device fails on every batch.
+    broken_device: bool,
     load: bool,
 }
 
@@ -37,6 +39,7 @@ impl Default for Options {
             labels: vec![],
             max_batch_tokens: 16384,
             slow: None,
+            broken_device: false,
             load: true,
         }
     }
@@ -52,6 +55,19 @@ impl Encoder for Slow {
     }
 }
 
+/// A device that fails the way a GPU does after a kernel fault.
+struct BrokenDevice;
+
+impl Encoder for BrokenDevice {
+    fn run(&self, _: Work, _: &[Encoding]) -> atomic_worker::Result<Vec<Output>> {
+        Err(atomic_worker::Error::Backend(
+            atomic_worker::backend::BackendError::Device(
+                "launching softmax_rows_f32: an illegal memory access was encountered".to_owned(),
+            ),
+        ))
+    }
+}
+
 impl Server {
     async fn start(folder: &Path, options: Options) -> Server {
         let metrics = Arc::new(Metrics::new().unwrap());
@@ -60,6 +76,9 @@ impl Server {
             let mut parts = server::load_encoder(folder, 2).unwrap();
             if let Some(delay) = options.slow {
                 parts.encoder = Box::new(Slow(parts.encoder, delay));
+            }
+            if options.broken_device {
+                parts.encoder = Box::new(BrokenDevice);
             }
             state
                 .set_engine(Engine::start(parts, options.labels, options.max_batch_tokens, metrics).unwrap());
@@ -582,5 +601,39 @@ async fn minilm_embeddings_match_sentence_transformers() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["label"], "billing problem", "{body}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_device_takes_the_worker_out_of_service() {
+    let options = Options {
+        broken_device: true,
+        ..Options::default()
+    };
+    let s = Server::start(&fixture("tiny-bert"), options).await;
+    assert_eq!(s.get("/ready").await.0, 200);
+    assert_eq!(s.get("/health").await.0, 200);
+    let body = json!({"model": "tiny", "input": "my kettle broke"});
+    let (status, got) = s.post("/v1/embeddings", body.clone()).await;
+    assert_eq!(status, 500, "{got}");
+    assert!(
+        got["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("illegal memory access")
+    );
+    // From now on: not ready, not live (so Kubernetes restarts it), and new work is refused
+    // at once with the reason.
+    for path in ["/ready", "/health"] {
+        let (status, text) = s.get(path).await;
+        assert_eq!(status, 503, "{path}: {text}");
+        assert!(
+            text.contains("compute device failed") && text.contains("illegal memory access"),
+            "{text}"
+        );
+    }
+    let (status, got) = s.post("/v1/embeddings", body).await;
+    assert_eq!(status, 503, "{got}");
+    assert!(got["error"]["message"].as_str().unwrap().contains("must restart"));
     s.stop().await;
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::Task;
+use super::fault::DeviceFault;
 use super::generator::{DecoderParts, Generator, load_decoder_on};
 use super::metrics::Metrics;
 use super::scheduler::{BertEncoder, Encoder, Scheduler};
@@ -198,6 +199,8 @@ pub struct Engine {
     pub scheduler: Option<Scheduler>,
     /// The generation thread owning a decoder.
     pub generator: Option<Generator>,
+    /// The compute device's failure, once the model thread has seen one.
+    pub fault: DeviceFault,
     label_cache: Mutex<HashMap<Vec<String>, LabelEmbeddings>>,
 }
 
@@ -209,7 +212,8 @@ impl Engine {
         max_batch_tokens: usize,
         metrics: Arc<Metrics>,
     ) -> crate::Result<Self> {
-        let scheduler = Scheduler::start(parts.encoder, max_batch_tokens, metrics)
+        let fault = DeviceFault::new();
+        let scheduler = Scheduler::start(parts.encoder, max_batch_tokens, fault.clone(), metrics)
             .map_err(|e| Error::Setup(format!("cannot start the scheduler thread: {e}")))?;
         Ok(Self {
             tokenizer: Arc::new(parts.tokenizer),
@@ -217,6 +221,7 @@ impl Engine {
             default_labels,
             scheduler: Some(scheduler),
             generator: None,
+            fault,
             label_cache: Mutex::new(HashMap::new()),
         })
     }
@@ -228,11 +233,13 @@ impl Engine {
         metrics: Arc<Metrics>,
     ) -> crate::Result<Self> {
         let tokenizer = Arc::new(parts.tokenizer);
+        let fault = DeviceFault::new();
         let generator = Generator::start(
             parts.model,
             tokenizer.clone(),
             limits.max_batch_tokens,
             limits.kv_cache_bytes,
+            fault.clone(),
             metrics,
         )
         .map_err(|e| Error::Setup(format!("cannot start the generation thread: {e}")))?;
@@ -242,6 +249,7 @@ impl Engine {
             default_labels: Vec::new(),
             scheduler: None,
             generator: Some(generator),
+            fault,
             label_cache: Mutex::new(HashMap::new()),
         })
     }

@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc as tokio_mpsc;
 
+use super::fault::DeviceFault;
 use super::metrics::Metrics;
 use crate::Error;
 use crate::backend::{Backend, CpuBackend};
@@ -178,6 +179,7 @@ impl Generator {
         tokenizer: Arc<Tokenizer>,
         max_batch_tokens: usize,
         kv_cache_bytes: usize,
+        fault: DeviceFault,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
@@ -194,6 +196,7 @@ impl Generator {
                         prefill_tokens: max_batch_tokens.max(1),
                         kv_positions: kv_budget,
                     },
+                    &fault,
                     &metrics,
                 )
             })?;
@@ -446,6 +449,7 @@ fn run(
     tokenizer: &Tokenizer,
     rx: mpsc::Receiver<Request>,
     budgets: Budgets,
+    fault: &DeviceFault,
     metrics: &Metrics,
 ) {
     let mut active: Vec<Sequence> = Vec::new();
@@ -546,7 +550,10 @@ fn run(
             other => {
                 let message = match other {
                     Ok(Ok(l)) => format!("the model gave {} rows for {} sequences", l.len(), active.len()),
-                    Ok(Err(e)) => e.to_string(),
+                    Ok(Err(e)) => {
+                        fault.note(&e);
+                        e.to_string()
+                    }
                     Err(_) => "the model panicked on this step".to_owned(),
                 };
                 tracing::error!(%message, "decode step failed");

@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 
 pub mod engine;
 pub mod error;
+pub mod fault;
 mod generate;
 pub mod generator;
 pub mod metrics;
@@ -110,9 +111,15 @@ impl AppState {
         self.0.draining.store(true, Ordering::SeqCst);
     }
 
-    /// Whether the model is loaded and the server is not shutting down.
+    /// Whether the model is loaded, its device works and the server is not shutting down.
     pub fn is_ready(&self) -> bool {
-        self.0.engine.get().is_some() && !self.0.draining.load(Ordering::SeqCst)
+        self.0.engine.get().is_some_and(|e| e.fault.get().is_none())
+            && !self.0.draining.load(Ordering::SeqCst)
+    }
+
+    /// The compute device's failure, once a model thread has recorded one.
+    pub fn device_fault(&self) -> Option<String> {
+        self.0.engine.get().and_then(|e| e.fault.get().map(str::to_owned))
     }
 
     /// The metrics.

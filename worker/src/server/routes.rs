@@ -31,12 +31,25 @@ use crate::tokenizer::Encoding;
 
 pub(super) type Body = Result<Bytes, BytesRejection>;
 
-pub(super) async fn health() -> &'static str {
-    "ok"
+/// Liveness: fails only once the compute device has failed, so that the pod restarts with a
+/// fresh device context.
+pub(super) async fn health(State(state): State<AppState>) -> Response {
+    match state.device_fault() {
+        None => (StatusCode::OK, "ok").into_response(),
+        Some(fault) => device_failed(&fault).into_response(),
+    }
+}
+
+fn device_failed(fault: &str) -> ApiError {
+    ApiError::unavailable(format!(
+        "the compute device failed ({fault}); the worker must restart"
+    ))
 }
 
 pub(super) async fn ready(State(state): State<AppState>) -> Response {
-    if state.is_ready() {
+    if let Some(fault) = state.device_fault() {
+        device_failed(&fault).into_response()
+    } else if state.is_ready() {
         (StatusCode::OK, "ready").into_response()
     } else if state.0.engine.get().is_some() {
         ApiError::unavailable("the worker is shutting down").into_response()
@@ -417,6 +430,9 @@ impl AppState {
             .get()
             .cloned()
             .ok_or_else(|| ApiError::unavailable("the model is loading"))?;
+        if let Some(fault) = engine.fault.get() {
+            return Err(device_failed(fault));
+        }
         let permit = self
             .0
             .permits

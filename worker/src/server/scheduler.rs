@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use super::fault::DeviceFault;
 use super::metrics::Metrics;
 use crate::backend::Backend;
 use crate::config::PoolingConfig;
@@ -114,16 +115,18 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the scheduler thread, which owns `encoder`.
+    /// Starts the scheduler thread, which owns `encoder` and records a device failure in
+    /// `fault`.
     pub fn start(
         encoder: Box<dyn Encoder>,
         max_batch_tokens: usize,
+        fault: DeviceFault,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("scheduler".to_owned())
-            .spawn(move || run(encoder.as_ref(), rx, max_batch_tokens.max(1), &metrics))?;
+            .spawn(move || run(encoder.as_ref(), rx, max_batch_tokens.max(1), &fault, &metrics))?;
         Ok(Self { tx })
     }
 
@@ -151,7 +154,13 @@ fn pending(queue: &VecDeque<Job>) -> i64 {
         .sum()
 }
 
-fn run(encoder: &dyn Encoder, rx: mpsc::Receiver<Job>, budget: usize, metrics: &Metrics) {
+fn run(
+    encoder: &dyn Encoder,
+    rx: mpsc::Receiver<Job>,
+    budget: usize,
+    fault: &DeviceFault,
+    metrics: &Metrics,
+) {
     let mut queue: VecDeque<Job> = VecDeque::new();
     loop {
         if queue.is_empty() {
@@ -216,7 +225,10 @@ fn run(encoder: &dyn Encoder, rx: mpsc::Receiver<Job>, budget: usize, metrics: &
                 outputs.len(),
                 batch.len()
             )),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => {
+                fault.note(&e);
+                Err(e.to_string())
+            }
             Err(_) => Err("the model panicked on this batch".to_owned()),
         };
         match outcome {
@@ -285,7 +297,7 @@ mod tests {
     async fn splits_a_large_request_under_the_budget_and_keeps_order() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let metrics = Arc::new(Metrics::new().unwrap());
-        let s = Scheduler::start(Box::new(Echo(seen.clone())), 40, metrics).unwrap();
+        let s = Scheduler::start(Box::new(Echo(seen.clone())), 40, DeviceFault::new(), metrics).unwrap();
         let lens: Vec<usize> = (1..=10).collect();
         let out = s
             .submit(Work::Embed, lens.iter().map(|&n| enc(n)).collect())
@@ -317,7 +329,7 @@ mod tests {
     #[tokio::test]
     async fn model_errors_reach_the_caller() {
         let metrics = Arc::new(Metrics::new().unwrap());
-        let s = Scheduler::start(Box::new(Failing), 100, metrics).unwrap();
+        let s = Scheduler::start(Box::new(Failing), 100, DeviceFault::new(), metrics).unwrap();
         let err = s.submit(Work::Embed, vec![enc(3)]).await.unwrap_err();
         assert_eq!(err, ScheduleError::Model("boom".to_owned()));
     }
