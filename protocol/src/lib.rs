@@ -382,7 +382,8 @@ pub struct ChatTokenLogprob {
     pub token: String,
     /// Its natural-log probability under the model.
     pub logprob: f64,
-    /// The UTF-8 bytes of `token`.
+    /// The raw bytes the token stands for (part of a UTF-8 character, for a token that splits
+    /// one: then `token` shows U+FFFD).
     pub bytes: Vec<u8>,
     /// The most likely tokens at this position (`top_logprobs` of them), likeliest first.
     pub top_logprobs: Vec<TopLogprob>,
@@ -395,7 +396,7 @@ pub struct TopLogprob {
     pub token: String,
     /// Its natural-log probability.
     pub logprob: f64,
-    /// The UTF-8 bytes of `token`.
+    /// The raw bytes the token stands for.
     pub bytes: Vec<u8>,
 }
 

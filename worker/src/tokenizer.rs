@@ -20,6 +20,24 @@ pub struct Tokenizer {
     path: PathBuf,
     max_length: Option<usize>,
     config: TokenizerConfig,
+    /// Whether tokens are byte-level BPE (GPT-2, Qwen2, Llama 3): each character of a token
+    /// stands for one byte.
+    byte_level: bool,
+}
+
+/// The byte a character of a byte-level BPE token stands for (GPT-2's table): the printable
+/// bytes `!`..`~`, `¡`..`¬` and `®`..`ÿ` are their own character; the other 68 bytes, in order,
+/// were moved to U+0100 onwards. `None` for a character outside the table.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let code = c as u32;
+    if code < 256 {
+        return printable(code).then_some(code as u8);
+    }
+    let moved = (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth((code - 256) as usize)?;
+    u8::try_from(moved).ok()
 }
 
 /// What `tokenizer_config.json` says beyond `tokenizer.json` (all optional).
@@ -84,8 +102,11 @@ impl Tokenizer {
         // Syntax first, with serde_json's precise message; then the tokenizers crate, whose
         // deserialisers panic on some malformed inputs (a truncated decoder section, for one):
         // a bad file must fail the load, not the process.
-        serde_json::from_slice::<serde_json::Value>(&bytes)
+        let json = serde_json::from_slice::<serde_json::Value>(&bytes)
             .map_err(|e| error(format!("not valid JSON: {e}")))?;
+        let byte_level = json
+            .get("decoder")
+            .is_some_and(|d| d.to_string().contains("\"ByteLevel\""));
         let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes))
             .map_err(|_| error("the tokenizers library could not read this file".to_string()))?;
         let mut inner = parsed.map_err(|e| error(format!("not a valid tokenizer.json: {e}")))?;
@@ -116,6 +137,7 @@ impl Tokenizer {
             path: tokenizer_json.to_path_buf(),
             max_length,
             config,
+            byte_level,
         })
     }
 
@@ -191,6 +213,28 @@ impl Tokenizer {
     /// The token text of an id, if the vocabulary has it.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+
+    /// The raw bytes token `id` stands for (what OpenAI's log-probabilities report as `bytes`):
+    /// a token that is part of a UTF-8 character has bytes even though it has no text of its own.
+    /// Byte-level tokens map back character by character, byte-fallback tokens (`<0xE2>`) are
+    /// their byte, SentencePiece's `▁` is a space; anything else is its text's UTF-8.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let token = self.inner.id_to_token(id)?;
+        if let Some(byte) = token
+            .strip_prefix("<0x")
+            .and_then(|t| t.strip_suffix('>'))
+            .filter(|hex| hex.len() == 2)
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+        {
+            return Some(vec![byte]);
+        }
+        if self.byte_level
+            && let Some(bytes) = token.chars().map(byte_level_byte).collect::<Option<Vec<u8>>>()
+        {
+            return Some(bytes);
+        }
+        Some(token.replace('\u{2581}', " ").into_bytes())
     }
 
     fn error(&self, message: String) -> Error {
@@ -405,5 +449,54 @@ mod tests {
         let absent = dir.join("absent.json");
         let err = Tokenizer::load(&absent, None, None).unwrap_err();
         assert!(matches!(err, Error::MissingFile { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn byte_level_characters_map_back_to_their_bytes() {
+        // GPT-2's table: printable bytes are themselves, the rest start at U+0100 in byte order.
+        assert_eq!(byte_level_byte('A'), Some(b'A'));
+        assert_eq!(byte_level_byte('\u{0100}'), Some(0)); // the first moved byte
+        assert_eq!(byte_level_byte('\u{0120}'), Some(b' ')); // "Ġ", the space
+        assert_eq!(byte_level_byte('\u{010A}'), Some(b'\n')); // "Ċ", the newline
+        assert_eq!(byte_level_byte('\u{0143}'), Some(0xAD)); // the last moved byte
+        assert_eq!(byte_level_byte('\u{0144}'), None);
+        assert_eq!(byte_level_byte('\u{00AD}'), None, "0xAD is moved, not itself");
+        // Every byte has exactly one character.
+        let mapped: std::collections::BTreeSet<u8> = (0u32..0x144)
+            .filter_map(char::from_u32)
+            .filter_map(byte_level_byte)
+            .collect();
+        assert_eq!(mapped.len(), 256);
+    }
+
+    #[test]
+    fn token_bytes_of_a_byte_level_tokenizer_spell_the_text() {
+        // The committed tiny GPT-2 tokenizer: the tokens' bytes concatenate to the UTF-8 of the
+        // decoded text, also for characters split across tokens.
+        let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-gpt2");
+        let t = Tokenizer::load(&folder.join("tokenizer.json"), None, None).unwrap();
+        let text = " kettle 〓 café\nrefund";
+        let ids = t.encode(text).unwrap().ids;
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| t.token_bytes(id).unwrap()).collect();
+        assert_eq!(bytes, t.decode(&ids, false).unwrap().into_bytes());
+        assert_eq!(t.token_bytes(u32::MAX), None);
+    }
+
+    #[test]
+    fn token_bytes_of_byte_fallback_and_sentencepiece_tokens() {
+        let dir = temp_dir("fallback");
+        let file = dir.join("tokenizer.json");
+        let json = TINY
+            .replace(r#""hello": 2, "world": 3"#, r#""<0xE2>": 2, "\u2581world": 3"#)
+            .replace(
+                r#""padding": {"strategy": {"Fixed": 8}, "direction": "Right", "pad_to_multiple_of": null,
+                    "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},"#,
+                r#""padding": null,"#,
+            );
+        std::fs::write(&file, json).unwrap();
+        let t = Tokenizer::load(&file, None, None).unwrap();
+        assert_eq!(t.token_bytes(2), Some(vec![0xE2]));
+        assert_eq!(t.token_bytes(3), Some(b" world".to_vec()));
+        assert_eq!(t.token_bytes(1), Some(b"[UNK]".to_vec()));
     }
 }

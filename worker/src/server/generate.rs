@@ -471,15 +471,15 @@ async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Output, ApiError> {
 /// Log-probabilities in the completions API's column layout.
 fn completion_logprobs(tokens: &[TokenLogprob]) -> CompletionLogprobs {
     CompletionLogprobs {
-        tokens: tokens.iter().map(|t| t.text.clone()).collect(),
-        token_logprobs: tokens.iter().map(|t| t.logprob).collect(),
+        tokens: tokens.iter().map(|t| t.token.text.clone()).collect(),
+        token_logprobs: tokens.iter().map(|t| t.token.logprob).collect(),
         top_logprobs: tokens
             .iter()
             .map(|t| {
                 // A map keyed by text: alternatives that decode alike keep the likelier one.
                 let mut top = BTreeMap::new();
-                for (text, lp) in t.top.iter().rev() {
-                    top.insert(text.clone(), *lp);
+                for alt in t.top.iter().rev() {
+                    top.insert(alt.text.clone(), alt.logprob);
                 }
                 top
             })
@@ -494,16 +494,16 @@ fn chat_logprobs(tokens: &[TokenLogprob]) -> ChatLogprobs {
         content: tokens
             .iter()
             .map(|t| ChatTokenLogprob {
-                token: t.text.clone(),
-                logprob: t.logprob,
-                bytes: t.text.as_bytes().to_vec(),
+                token: t.token.text.clone(),
+                logprob: t.token.logprob,
+                bytes: t.token.bytes.clone(),
                 top_logprobs: t
                     .top
                     .iter()
-                    .map(|(text, lp)| TopLogprob {
-                        token: text.clone(),
-                        logprob: *lp,
-                        bytes: text.as_bytes().to_vec(),
+                    .map(|alt| TopLogprob {
+                        token: alt.text.clone(),
+                        logprob: alt.logprob,
+                        bytes: alt.bytes.clone(),
                     })
                     .collect(),
             })

@@ -109,15 +109,25 @@ pub fn load_decoder(dir: &Path, threads: usize) -> crate::Result<DecoderParts> {
     load_decoder_dir(ModelDir::open(dir)?, threads)
 }
 
+/// A token and its log-probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenChoice {
+    /// The token's text (in the context of the token before it, so leading spaces show; U+FFFD
+    /// for a token that is only part of a character).
+    pub text: String,
+    /// The raw bytes the token stands for.
+    pub bytes: Vec<u8>,
+    /// Its natural-log probability under the model.
+    pub logprob: f64,
+}
+
 /// A generated token with its log-probability and the likeliest alternatives at its position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprob {
-    /// The token's text (in the context of the token before it, so leading spaces show).
-    pub text: String,
-    /// Its natural-log probability under the model.
-    pub logprob: f64,
-    /// The likeliest tokens at this position, with their log-probabilities, likeliest first.
-    pub top: Vec<(String, f64)>,
+    /// The generated token.
+    pub token: TokenChoice,
+    /// The likeliest tokens at this position, likeliest first.
+    pub top: Vec<TokenChoice>,
     /// Byte offset of the token's text in the generated text.
     pub offset: usize,
 }
@@ -392,22 +402,23 @@ impl Sequence {
         if let Some(top) = self.top_logprobs {
             let previous = self.next.last().copied();
             let step = step_logprobs(logits, id, top);
-            let text = token_text(tokenizer, previous, id);
+            let choice = |id: u32, logprob: f64| TokenChoice {
+                text: token_text(tokenizer, previous, id),
+                bytes: tokenizer.token_bytes(id).unwrap_or_default(),
+                logprob,
+            };
+            let token = choice(id, step.logprob);
+            let text = &token.text;
             // The piece may also hold earlier tokens' text (bytes that only now made a whole
             // character); this token's own text is at its end when it shows there.
-            let offset = if !text.is_empty() && piece.ends_with(&text) {
+            let offset = if !text.is_empty() && piece.ends_with(text.as_str()) {
                 self.text.len() - text.len()
             } else {
                 self.text.len() - piece.len()
             };
             self.logprobs.push(TokenLogprob {
-                text,
-                logprob: step.logprob,
-                top: step
-                    .top
-                    .into_iter()
-                    .map(|(alt, lp)| (token_text(tokenizer, previous, alt), lp))
-                    .collect(),
+                top: step.top.into_iter().map(|(alt, lp)| choice(alt, lp)).collect(),
+                token,
                 offset,
             });
         }
