@@ -2,9 +2,13 @@
 //! decoder fixture and checks completions, chat and streaming against the PyTorch references.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use atomic_worker::Tokenizer;
-use atomic_worker::server::{self, AppState, Engine, Limits, Metrics, ModelLimits};
+use atomic_worker::models::kv_cache::KvCache;
+use atomic_worker::server::{
+    self, AppState, Decoder, DecoderParts, Engine, Limits, Metrics, ModelLimits, ModelParts,
+};
 use futures::future::join_all;
 use serde_json::{Value, json};
 
@@ -25,10 +29,26 @@ impl Server {
     }
 
     async fn start_with(name: &str, limits: Limits, model_limits: ModelLimits) -> Server {
+        Self::start_slow(name, limits, model_limits, None).await
+    }
+
+    /// A server whose decoder sleeps `step_delay` before each step, so that generations last.
+    async fn start_slow(
+        name: &str,
+        limits: Limits,
+        model_limits: ModelLimits,
+        step_delay: Option<Duration>,
+    ) -> Server {
         let folder = fixture(name);
         let metrics = Arc::new(Metrics::new().unwrap());
         let state = AppState::new("tiny", limits, metrics.clone());
-        let parts = server::load_model(&folder, 2).unwrap();
+        let parts = match (step_delay, server::load_model(&folder, 2).unwrap()) {
+            (Some(delay), ModelParts::Decoder(d)) => ModelParts::Decoder(DecoderParts {
+                tokenizer: d.tokenizer,
+                model: Box::new(Slow(d.model, delay)),
+            }),
+            (_, parts) => parts,
+        };
         state.set_engine(Engine::start_model(parts, vec![], &model_limits, metrics).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -122,6 +142,28 @@ impl Server {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// Sleeps before each decode step.
+struct Slow(Box<dyn Decoder>, Duration);
+
+impl Decoder for Slow {
+    fn step(&self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> atomic_worker::Result<Vec<Vec<f32>>> {
+        std::thread::sleep(self.1);
+        self.0.step(caches, tokens)
+    }
+
+    fn eos_token_ids(&self) -> &[u32] {
+        self.0.eos_token_ids()
+    }
+
+    fn new_cache(&self) -> KvCache {
+        self.0.new_cache()
+    }
+
+    fn max_positions(&self) -> usize {
+        self.0.max_positions()
     }
 }
 
@@ -447,7 +489,9 @@ async fn streams_hold_their_permit_and_the_limit_answers_429() {
         max_concurrent_requests: 1,
         ..Limits::default()
     };
-    let mut s = Server::start_with("tiny-gpt2", limits, ModelLimits::default()).await;
+    // 20 ms a step: the stream below lasts about 400 ms.
+    let delay = Some(Duration::from_millis(20));
+    let mut s = Server::start_slow("tiny-gpt2", limits, ModelLimits::default(), delay).await;
     let prompt = s.prompts()[0].clone();
     // Open a stream and keep it unread; a second request meanwhile is refused.
     let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": 20, "stream": true});

@@ -40,6 +40,12 @@ impl CpuTensor {
 /// than it saves.
 const PARALLEL_MIN: usize = 1 << 15;
 
+/// Below this many multiply-adds a matrix product (or an attention call) runs on the calling
+/// thread: handing work to the pool costs a thread wake-up and a context switch (microseconds),
+/// more than splitting such a product saves. Decode steps of small models are made of them; with
+/// every op handed over, a tiny model decoded at a tenth of the speed.
+const PARALLEL_MIN_MACS: usize = 1 << 20;
+
 /// Elements per task for elementwise operations.
 const ELEMENTWISE_CHUNK: usize = 1 << 13;
 
@@ -122,11 +128,13 @@ impl CpuBackend {
         Ok(CpuTensor::new(out, a.shape.clone()))
     }
 
-    fn gemm_parallelism(&self) -> Parallelism {
-        if self.threads == 1 {
-            Parallelism::None
+    /// Runs `f` on the calling thread without splitting when the work (`macs` multiply-adds)
+    /// is small or the backend has one thread, else in the pool with every thread.
+    fn run_sized<R: Send>(&self, macs: usize, f: impl FnOnce(Parallelism) -> R + Send) -> R {
+        if self.threads == 1 || macs < PARALLEL_MIN_MACS {
+            f(Parallelism::None)
         } else {
-            Parallelism::Rayon(self.threads)
+            self.pool.install(|| f(Parallelism::Rayon(self.threads)))
         }
     }
 }
@@ -329,7 +337,7 @@ impl Backend for CpuBackend {
         };
         // out[n × m] (+)= x[n × k] · weightᵀ, weightᵀ being weight [m × k] with swapped strides.
         // SAFETY: the shapes were checked against the buffers' lengths above.
-        self.pool.install(|| unsafe {
+        self.run_sized(n * m * k, |parallelism| unsafe {
             sgemm(
                 (n, m, k),
                 out.as_mut_ptr(),
@@ -346,7 +354,7 @@ impl Backend for CpuBackend {
                     cs: k,
                 },
                 1.0,
-                self.gemm_parallelism(),
+                parallelism,
             )
         });
         let mut shape = x.shape.clone();
@@ -391,14 +399,13 @@ impl Backend for CpuBackend {
                 )
             }
         };
-        self.pool.install(|| {
-            if batch > 1 && n * m * k < 1 << 18 {
+        self.run_sized(batch * n * m * k, |par| {
+            if matches!(par, Parallelism::Rayon(_)) && batch > 1 && n * m * k < 1 << 18 {
                 // Many small products: one per task.
                 out.par_chunks_mut(n * m)
                     .enumerate()
                     .for_each(|(z, dst)| one(z, dst, Parallelism::None));
             } else {
-                let par = self.gemm_parallelism();
                 out.chunks_mut(n * m)
                     .enumerate()
                     .for_each(|(z, dst)| one(z, dst, par));
@@ -540,7 +547,9 @@ impl Backend for CpuBackend {
             // out[b, :, h, :], which no other task touches, and `out` outlives the loop.
             unsafe { Self::attention_head(&dims, bh, &q.data, &k.data, &v.data, mask, scores, shared) }
         };
-        if self.threads == 1 || tasks == 1 {
+        // Two products (scores and values) of s_q x s_k x head_dim per task.
+        let macs = 2 * tasks * dims.s_q * dims.s_k * dims.head_dim;
+        if self.threads == 1 || tasks == 1 || macs < PARALLEL_MIN_MACS {
             let mut scores = Vec::new();
             (0..tasks).for_each(|t| run(&mut scores, t));
         } else {

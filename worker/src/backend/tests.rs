@@ -1,7 +1,8 @@
 //! Every CPU operation against the reference backend over seeded random inputs and odd shapes,
 //! plus known values and the shape errors. Both backends use host tensors, so one harness drives
 //! both through `dyn Backend<Tensor = CpuTensor>`. The CPU backend runs with 1 thread (serial
-//! paths) and 3 threads (parallel paths; most cases are large enough to split).
+//! paths) and 3 threads (parallel paths: cases of 2^20 multiply-adds and more split, smaller
+//! ones run on the calling thread at any thread count).
 
 use proptest::prelude::*;
 
@@ -79,6 +80,8 @@ fn matmul_matches_reference() {
         (1, 65, 384, 17),
         (5, 128, 32, 128),
         (3, 17, 1, 9),
+        // Many small products, large in total: one task per product on the parallel path.
+        (64, 16, 32, 64),
     ] {
         let (x, y) = (rng.vec(b * n * k, 1.0), rng.vec(b * k * m, 1.0));
         compare(
