@@ -6,7 +6,7 @@
 
 use proptest::prelude::*;
 
-use super::test_util::{EXACT, Rng, Tol, assert_close};
+use super::test_util::{AttnCase, AttnInputs, EXACT, Rng, Tol, assert_close};
 use super::*;
 
 type Host = dyn Backend<Tensor = CpuTensor>;
@@ -257,18 +257,6 @@ fn rope_matches_reference() {
     }
 }
 
-/// One attention case: shapes, masking, and whether some batch row has no valid key at all.
-struct AttnCase {
-    batch: usize,
-    s_q: usize,
-    s_k: usize,
-    heads: usize,
-    kv_heads: usize,
-    d: usize,
-    padding: bool,
-    causal: Option<usize>,
-}
-
 #[test]
 fn attention_matches_reference() {
     let tol = Tol {
@@ -276,49 +264,10 @@ fn attention_matches_reference() {
         rtol: 1e-4,
     };
     let mut rng = Rng::new(8);
-    let case = |batch, s_q, s_k, heads, kv_heads, d, padding, causal| AttnCase {
-        batch,
-        s_q,
-        s_k,
-        heads,
-        kv_heads,
-        d,
-        padding,
-        causal,
-    };
-    let cases = [
-        case(1, 1, 1, 1, 1, 8, false, None),
-        case(5, 17, 17, 12, 4, 32, true, None), // encoder batch with padding, GQA 12/4
-        case(1, 65, 65, 12, 12, 64, false, None), // plain multi-head
-        case(2, 7, 7, 9, 3, 64, false, Some(0)), // causal prompt, GQA 9/3
-        case(3, 1, 33, 12, 4, 64, true, Some(32)), // decode step with a KV cache and padding
-        case(2, 5, 20, 4, 4, 8, false, Some(15)), // several new tokens after a cache
-        case(5, 13, 13, 9, 3, 32, true, Some(0)), // causal with left padding
-        case(1, 128, 128, 12, 12, 32, false, None),
-    ];
-    for c in cases {
-        let q = rng.vec(c.batch * c.s_q * c.heads * c.d, 2.0);
-        let k = rng.vec(c.batch * c.s_k * c.kv_heads * c.d, 2.0);
-        let v = rng.vec(c.batch * c.s_k * c.kv_heads * c.d, 1.0);
-        // Random padding, with batch row 0 fully masked when padding is on.
-        let valid: Vec<bool> = (0..c.batch * c.s_k)
-            .map(|i| i >= c.s_k && (!c.padding || rng.next() > -0.6))
-            .collect();
-        let valid_all = vec![true; c.batch * c.s_k];
-        let mask = AttentionMask {
-            key_valid: Some(if c.padding { &valid } else { &valid_all }),
-            causal_offset: c.causal,
-        };
-        let mask = if c.padding {
-            mask
-        } else {
-            AttentionMask {
-                key_valid: None,
-                ..mask
-            }
-        };
-        let qs = [c.batch, c.s_q, c.heads, c.d];
-        let ks = [c.batch, c.s_k, c.kv_heads, c.d];
+    for c in AttnCase::COMMON {
+        let AttnInputs { q, k, v, valid } = c.inputs(&mut rng);
+        let mask = c.mask(&valid);
+        let (qs, ks) = (c.q_shape(), c.kv_shape());
         let what = format!(
             "attention q {qs:?} k {ks:?} padding {} causal {:?}",
             c.padding, c.causal

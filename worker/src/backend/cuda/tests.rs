@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use super::kernels::{self, FILES};
 use super::ops::{Activation, AttentionKernel};
 use super::{CudaBackend, CudaTensor};
-use crate::backend::test_util::{EXACT, Rng, Tol, assert_close, print_skip};
+use crate::backend::test_util::{AttnCase, AttnInputs, EXACT, Rng, Tol, assert_close, print_skip};
 use crate::backend::{AttentionMask, Backend, BackendError, CpuTensor, ReferenceBackend, Result};
 
 // ---------------------------------------------------------------------------------------------
@@ -469,18 +469,6 @@ fn gpu_argmax_matches_the_host_sampler() {
     );
 }
 
-/// One attention case.
-struct AttnCase {
-    batch: usize,
-    s_q: usize,
-    s_k: usize,
-    heads: usize,
-    kv_heads: usize,
-    d: usize,
-    padding: bool,
-    causal: Option<usize>,
-}
-
 #[test]
 fn gpu_attention_matches_reference_for_both_kernels() {
     let Some(g) = gpu("gpu_attention_matches_reference_for_both_kernels") else {
@@ -492,47 +480,20 @@ fn gpu_attention_matches_reference_for_both_kernels() {
         atol: 1e-5,
         rtol: 1e-4,
     };
-    let case = |batch, s_q, s_k, heads, kv_heads, d, padding, causal| AttnCase {
-        batch,
-        s_q,
-        s_k,
-        heads,
-        kv_heads,
-        d,
-        padding,
-        causal,
-    };
-    // Flash tiles are 16 queries x 32 keys: lengths straddle those; head dims include ones that
-    // are not multiples of 32 (each lane owns d / 32 dims) and the maximum, 256.
-    let cases = [
-        case(1, 1, 1, 1, 1, 8, false, None),
-        case(5, 17, 17, 12, 4, 32, true, None), // encoder batch with padding, GQA 12/4
-        case(1, 65, 65, 12, 12, 64, false, None), // plain multi-head
-        case(2, 7, 7, 9, 3, 64, false, Some(0)), // causal prompt, GQA 9/3
-        case(3, 1, 33, 12, 4, 64, true, Some(32)), // decode step with a KV cache and padding
-        case(2, 5, 20, 4, 4, 8, false, Some(15)), // several new tokens after a cache
-        case(5, 13, 13, 9, 3, 32, true, Some(0)), // causal with left padding
-        case(1, 128, 128, 12, 12, 32, false, None),
-        case(2, 33, 31, 4, 2, 80, true, None), // d = 80; s_k one short of a tile
-        case(1, 47, 129, 8, 1, 128, false, Some(82)), // multi-query, cache, partial last tiles
-        case(2, 16, 32, 2, 2, 256, true, None), // largest head dim, exact tiles
-        case(1, 3, 300, 32, 8, 128, false, Some(297)), // Llama-like decode of 3 tokens
+    // Beyond the common cases: flash tiles are 16 queries x 32 keys, so lengths straddle those;
+    // head dims include ones that are not multiples of 32 (each lane owns d / 32 dims) and the
+    // maximum, 256.
+    let gpu_cases = [
+        AttnCase::new(2, 33, 31, 4, 2, 80, true, None), // d = 80; s_k one short of a tile
+        AttnCase::new(1, 47, 129, 8, 1, 128, false, Some(82)), // multi-query, cache, partial last tiles
+        AttnCase::new(2, 16, 32, 2, 2, 256, true, None), // largest head dim, exact tiles
+        AttnCase::new(1, 3, 300, 32, 8, 128, false, Some(297)), // Llama-like decode of 3 tokens
     ];
     let mut rng = Rng::new(109);
-    for c in cases {
-        let q = rng.vec(c.batch * c.s_q * c.heads * c.d, 2.0);
-        let k = rng.vec(c.batch * c.s_k * c.kv_heads * c.d, 2.0);
-        let v = rng.vec(c.batch * c.s_k * c.kv_heads * c.d, 1.0);
-        // Random padding, with batch row 0 fully masked when padding is on.
-        let valid: Vec<bool> = (0..c.batch * c.s_k)
-            .map(|i| i >= c.s_k && (!c.padding || rng.next() > -0.6))
-            .collect();
-        let mask = AttentionMask {
-            key_valid: c.padding.then_some(valid.as_slice()),
-            causal_offset: c.causal,
-        };
-        let qs = [c.batch, c.s_q, c.heads, c.d];
-        let ks = [c.batch, c.s_k, c.kv_heads, c.d];
+    for c in AttnCase::COMMON.into_iter().chain(gpu_cases) {
+        let AttnInputs { q, k, v, valid } = c.inputs(&mut rng);
+        let mask = c.mask(&valid);
+        let (qs, ks) = (c.q_shape(), c.kv_shape());
         let inputs: Inputs<'_> = &[(&q, &qs), (&k, &ks), (&v, &ks)];
         let (_, want) = run(&ReferenceBackend, inputs, |be, t| {
             be.attention(&t[0], &t[1], &t[2], &mask)
