@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use atomic_worker::ModelDir;
-use atomic_worker::backend::{AttentionMask, Backend, CudaBackend, CudaTensor};
+use atomic_worker::backend::{AttentionMask, Backend, CudaBackend, CudaTensor, PagedPlan, PagedSeq};
 use atomic_worker::config::{BertConfig, LlamaConfig, ModelConfig};
 use atomic_worker::models::bert::{Batch, Bert};
 use atomic_worker::models::decoder::CausalLm;
-use atomic_worker::models::kv_cache::KvCache;
+use atomic_worker::models::kv_cache::{BLOCK_SIZE, KvCache};
 use atomic_worker::models::llama::Llama;
 use clap::Parser;
 use serde_json::{Value, json};
@@ -555,16 +555,17 @@ fn decode(b: &CudaBackend, folder: &Path, args: &Args) -> anyhow::Result<()> {
             .collect();
         let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
         let run = |steps: usize, seconds: f64| -> anyhow::Result<(usize, f64, f64)> {
-            let mut caches: Vec<KvCache> = (0..batch).map(|_| model.new_cache()).collect();
+            let pool = &mut model.new_pool(b, batch * needed)?;
+            let mut caches: Vec<KvCache> = (0..batch).map(|_| pool.new_cache()).collect();
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
             let t = Instant::now();
-            let logits = model.step(b, &mut refs, &prompt_refs)?;
+            let logits = model.step(b, pool, &mut refs, &prompt_refs)?;
             let prefill = t.elapsed().as_secs_f64();
             let mut next: Vec<u32> = logits.iter().map(|r| argmax(r)).collect();
             let t = Instant::now();
             let mut done = 0;
             while done < steps && t.elapsed().as_secs_f64() < seconds {
-                let logits = model.decode_batch(b, &mut refs, &next)?;
+                let logits = model.decode_batch(b, pool, &mut refs, &next)?;
                 next = logits.iter().map(|r| argmax(r)).collect();
                 done += 1;
             }
@@ -669,53 +670,65 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
         act(2 * t * (q + kv)),
     );
 
-    // Step::attend: new keys and values to the host, the batch's whole cache back up.
+    // Step::attend: the new keys and values into the pool, then attention over it in place.
+    // Each sequence's blocks are contiguous here; in a server they are scattered, which costs
+    // the kernel nothing (it reads whole 16-position blocks either way).
+    let blocks_per_seq = context.div_ceil(BLOCK_SIZE);
+    let mut pool = b.zeros(&[batch * blocks_per_seq * BLOCK_SIZE, kvh, d])?;
+    let plan = PagedPlan {
+        block_size: BLOCK_SIZE,
+        window: None,
+        seqs: (0..batch)
+            .map(|s| PagedSeq {
+                q_len: 1,
+                k_len: context,
+                blocks: (0..blocks_per_seq)
+                    .map(|i| (s * blocks_per_seq + i) as u32)
+                    .collect(),
+            })
+            .collect(),
+    };
+    let paged = b.prepare_paged(&plan)?;
     let us = time_op(b, OP_BUDGET, || {
-        drop(b.to_host(&xk)?);
-        drop(b.to_host(&xk)?);
+        b.write_paged(&mut pool, &xk, &paged)?;
+        b.write_paged(&mut pool, &xk, &paged)?;
         Ok(())
     })?;
     op.emit(
-        "kv_to_host",
+        "write_kv",
         format!("2 x [{t},{kvh},{d}]"),
         us,
         layers,
         0.0,
-        act(2 * t * kv),
+        act(4 * t * kv),
     );
-    let cache = data(batch * context * kv);
     let us = time_op(b, OP_BUDGET, || {
-        drop(b.from_host(&cache, &[batch, context, kvh, d])?);
-        drop(b.from_host(&cache, &[batch, context, kvh, d])?);
+        drop(b.prepare_paged(&plan)?);
         Ok(())
     })?;
     op.emit(
-        "kv_upload",
-        format!("2 x [{batch},{context},{kvh},{d}]"),
+        "prepare_paged",
+        format!("{batch} block tables of {blocks_per_seq}"),
         us,
-        layers,
+        1,
         0.0,
-        act(2 * batch * context * kv),
+        4.0 * (batch * (blocks_per_seq + 4)) as f64,
     );
 
-    let qd = upload(b, &[batch, 1, heads, d])?;
-    let kd = b.from_host(&cache, &[batch, context, kvh, d])?;
-    let vd = b.from_host(&cache, &[batch, context, kvh, d])?;
-    let valid = vec![true; batch * context];
-    let mask = AttentionMask::causal(context - 1).with_padding(&valid);
+    let qd = upload(b, &[batch, heads, d])?;
     let us = time_op(b, OP_BUDGET, || {
-        drop(b.attention(&qd, &kd, &vd, &mask)?);
+        drop(b.paged_attention(&qd, &pool, &pool, &paged)?);
         Ok(())
     })?;
     op.emit(
         "attention_decode",
-        format!("q [{batch},1,{heads},{d}] over {context} keys x {kvh} heads"),
+        format!("q [{batch},{heads},{d}] over {context} cached keys x {kvh} heads"),
         us,
         layers,
         4.0 * (batch * heads * context * d) as f64,
         act(2 * batch * context * kv + 2 * batch * q),
     );
-    drop((qd, kd, vd));
+    drop((qd, pool, paged));
 
     op.linear(b, "linear_o", t, q, h, false, layers)?;
     let y = upload(b, &[t, h])?;

@@ -128,7 +128,7 @@ fn check_precision(args: &ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Opens the device `--device` names and loads the model onto it.
-fn load_on_device(args: &ServeArgs) -> anyhow::Result<ModelParts> {
+fn load_on_device(args: &ServeArgs, limits: &ModelLimits) -> anyhow::Result<ModelParts> {
     #[cfg(feature = "cuda")]
     let selected = select(args.device, CUDA_BUILT, |n| {
         atomic_worker::backend::cuda::CudaBackend::new(n).map_err(|e| e.to_string())
@@ -144,13 +144,13 @@ fn load_on_device(args: &ServeArgs) -> anyhow::Result<ModelParts> {
             let backend = CpuBackend::new(args.threads)?;
             let simd = atomic_worker::backend::cpu_kernels::detected_simd_level();
             tracing::info!(threads = backend.threads(), ?simd, "running on the CPU");
-            server::load_model_on(dir, backend)
+            server::load_model_on(dir, backend, limits)
         }
         #[cfg(feature = "cuda")]
         Selected::Cuda(backend) => {
             use atomic_worker::backend::Backend;
             tracing::info!(device = backend.name(), "running on the GPU");
-            server::load_model_on(dir, backend)
+            server::load_model_on(dir, backend, limits)
         }
         #[cfg(not(feature = "cuda"))]
         Selected::Cuda(()) => bail!("--device {}: this build has no CUDA backend", args.device),
@@ -202,24 +202,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
         // The device opens (and its kernels compile) while loading, so /ready stays 503 until
         // both are done and a device error ends the process with its reason.
+        let model_limits = ModelLimits {
+            max_batch_tokens: args.max_batch_tokens,
+            kv_cache_bytes: args.kv_cache_mib.saturating_mul(1 << 20),
+        };
         let args = Arc::new(args);
         let loading = args.clone();
-        let parts = tokio::task::spawn_blocking(move || load_on_device(&loading))
+        let parts = tokio::task::spawn_blocking(move || load_on_device(&loading, &model_limits))
             .await
             .context("model loading did not finish")??;
         match &parts {
             ModelParts::Encoder(p) => server::check_task(args.task, &p.head, &args.labels)?,
             ModelParts::Decoder(_) => server::check_decoder_task(args.task, &args.labels)?,
         }
-        let engine = Engine::start_model(
-            parts,
-            args.labels.clone(),
-            &ModelLimits {
-                max_batch_tokens: args.max_batch_tokens,
-                kv_cache_bytes: args.kv_cache_mib.saturating_mul(1 << 20),
-            },
-            metrics,
-        )?;
+        let engine = Engine::start_model(parts, args.labels.clone(), &model_limits, metrics)?;
         state.set_engine(engine);
         tracing::info!("model loaded; ready");
 

@@ -256,20 +256,25 @@ pub fn generate<B: Backend, M: CausalLm<B> + ?Sized>(
     if prompt_ids.is_empty() {
         return Err(Error::Input("the prompt has no tokens".to_owned()));
     }
-    let mut cache = model.new_cache();
+    let positions = prompt_ids
+        .len()
+        .saturating_add(params.max_tokens)
+        .min(model.max_positions());
+    let mut pool = model.new_pool(backend, positions)?;
+    let mut cache = pool.new_cache();
     let mut sampler = Sampler::new(params);
     let mut ids = Vec::new();
     let mut text = String::new();
     if params.max_tokens == 0 {
         // Still check that the prompt fits.
-        model.prefill(backend, &mut cache, prompt_ids)?;
+        model.prefill(backend, &mut pool, &mut cache, prompt_ids)?;
         return Ok(Generation {
             ids,
             text,
             finish_reason: FinishReason::Length,
         });
     }
-    let mut logits = model.prefill(backend, &mut cache, prompt_ids)?;
+    let mut logits = model.prefill(backend, &mut pool, &mut cache, prompt_ids)?;
     loop {
         let id = sampler.sample(&logits);
         if model.eos_token_ids().contains(&id) {
@@ -298,7 +303,7 @@ pub fn generate<B: Backend, M: CausalLm<B> + ?Sized>(
                 finish_reason: FinishReason::Length,
             });
         }
-        logits = model.decode_step(backend, &mut cache, id)?;
+        logits = model.decode_step(backend, &mut pool, &mut cache, id)?;
     }
 }
 

@@ -9,7 +9,7 @@ use atomic_worker::backend::{Backend, CpuBackend};
 use atomic_worker::config::ModelConfig;
 use atomic_worker::models::decoder::CausalLm;
 use atomic_worker::models::gpt2::Gpt2;
-use atomic_worker::models::kv_cache::KvCache;
+use atomic_worker::models::kv_cache::{KvCache, KvPool};
 use atomic_worker::models::llama::Llama;
 use atomic_worker::sampling::{FinishReason, SamplingParams, argmax, generate};
 use serde_json::Value;
@@ -32,14 +32,14 @@ fn load<B: Backend + 'static>(name: &str, backend: &B) -> (ModelDir, Model<B>, V
     (dir, model, reference(&folder))
 }
 
-fn greedy<B: Backend>(model: &Model<B>, backend: &B, prompt: &[u32]) -> Vec<u32> {
-    let mut cache = model.new_cache();
-    let mut logits = model.prefill(backend, &mut cache, prompt).unwrap();
+fn greedy<B: Backend>(model: &Model<B>, backend: &B, pool: &mut KvPool<B>, prompt: &[u32]) -> Vec<u32> {
+    let mut cache = pool.new_cache();
+    let mut logits = model.prefill(backend, pool, &mut cache, prompt).unwrap();
     let mut out = Vec::new();
     for _ in 0..GREEDY_TOKENS {
         let id = argmax(&logits);
         out.push(id);
-        logits = model.decode_step(backend, &mut cache, id).unwrap();
+        logits = model.decode_step(backend, pool, &mut cache, id).unwrap();
     }
     out
 }
@@ -61,26 +61,28 @@ fn check<B: Backend + 'static>(name: &str, backend: &B) {
     eprintln!("{name}: forward_all max |diff| {diff:e}");
     assert!(diff < 1e-4, "{name}: forward_all max |diff| {diff}");
 
+    // One pool for the rest, with room for a few whole contexts.
+    let pool = &mut model.new_pool(backend, 4 * model.max_positions()).unwrap();
     for (b, prompt) in ids.iter().enumerate() {
-        let mut cache = model.new_cache();
-        let last = model.prefill(backend, &mut cache, prompt).unwrap();
+        let mut cache = pool.new_cache();
+        let last = model.prefill(backend, pool, &mut cache, prompt).unwrap();
         assert_eq!(cache.len(), prompt.len());
         let diff = max_abs_diff(&last, &floats(&r["last_logits"][b]));
         eprintln!("{name}: prompt {b} prefill max |diff| {diff:e}");
         assert!(diff < 1e-4, "{name}: prompt {b} last logits max |diff| {diff}");
         assert_eq!(
-            greedy(&model, backend, prompt),
+            greedy(&model, backend, pool, prompt),
             want_greedy[b],
             "{name}: prompt {b} greedy"
         );
     }
 
     // Both prompts decoded together (different lengths) give what each gives alone.
-    let mut caches: Vec<KvCache> = ids.iter().map(|_| model.new_cache()).collect();
+    let mut caches: Vec<KvCache> = ids.iter().map(|_| pool.new_cache()).collect();
     let mut next: Vec<u32> = ids
         .iter()
         .zip(&mut caches)
-        .map(|(p, c)| argmax(&model.prefill(backend, c, p).unwrap()))
+        .map(|(p, c)| argmax(&model.prefill(backend, pool, c, p).unwrap()))
         .collect();
     let mut batched = vec![Vec::new(); ids.len()];
     for _ in 0..GREEDY_TOKENS {
@@ -88,18 +90,21 @@ fn check<B: Backend + 'static>(name: &str, backend: &B) {
             out.push(id);
         }
         let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-        let logits = model.decode_batch(backend, &mut refs, &next).unwrap();
+        let logits = model.decode_batch(backend, pool, &mut refs, &next).unwrap();
         next = logits.iter().map(|l| argmax(l)).collect();
     }
     assert_eq!(batched, want_greedy, "{name}: batched decode");
+    drop(caches);
 
     // One step mixing a prompt's prefill with another sequence's decode token (a sequence
     // joining a running batch) matches each alone.
-    let mut running = model.new_cache();
-    let first = argmax(&model.prefill(backend, &mut running, &ids[0]).unwrap());
-    let mut joining = model.new_cache();
+    let mut running = pool.new_cache();
+    let first = argmax(&model.prefill(backend, pool, &mut running, &ids[0]).unwrap());
+    let mut joining = pool.new_cache();
     let mut refs = vec![&mut running, &mut joining];
-    let logits = model.step(backend, &mut refs, &[&[first], &ids[1]]).unwrap();
+    let logits = model
+        .step(backend, pool, &mut refs, &[&[first], &ids[1]])
+        .unwrap();
     assert_eq!(
         argmax(&logits[0]),
         want_greedy[0][1],
@@ -109,6 +114,12 @@ fn check<B: Backend + 'static>(name: &str, backend: &B) {
     assert!(
         diff < 1e-4,
         "{name}: mixed step, joining prompt max |diff| {diff}"
+    );
+    drop((running, joining));
+    assert_eq!(
+        pool.free_positions(),
+        pool.capacity_positions(),
+        "{name}: every block returned"
     );
 
     // generate() with greedy params reproduces the reference continuation.
@@ -130,14 +141,41 @@ fn check<B: Backend + 'static>(name: &str, backend: &B) {
 
     // A prompt longer than the positions is an error, not a panic, and leaves the cache usable.
     let too_long = vec![ids[0][0]; model.max_positions() + 1];
-    let mut cache = model.new_cache();
-    assert!(model.prefill(backend, &mut cache, &too_long).is_err());
+    let mut cache = pool.new_cache();
+    assert!(model.prefill(backend, pool, &mut cache, &too_long).is_err());
     assert!(model.forward_all(backend, &too_long).is_err());
     assert!(cache.is_empty());
     // Filling the context exactly works; one more token is an error.
     let full = vec![ids[0][0]; model.max_positions()];
-    model.prefill(backend, &mut cache, &full).unwrap();
-    assert!(model.decode_step(backend, &mut cache, ids[0][0]).is_err());
+    model.prefill(backend, pool, &mut cache, &full).unwrap();
+    assert!(model.decode_step(backend, pool, &mut cache, ids[0][0]).is_err());
+    drop(cache);
+
+    // A full pool refuses the step that does not fit with an error that says so, and the
+    // sequences already in it carry on unharmed.
+    let small = &mut model.new_pool(backend, ids[0].len() + 1).unwrap();
+    let room = small.capacity_positions();
+    let mut first = small.new_cache();
+    let mut logits = model.prefill(backend, small, &mut first, &ids[0]).unwrap();
+    let mut other = small.new_cache();
+    let crowd = vec![ids[1][0]; room - ids[0].len().next_multiple_of(16) + 1];
+    let err = model.prefill(backend, small, &mut other, &crowd).unwrap_err();
+    assert!(
+        err.to_string().contains("key/value cache is full"),
+        "{name}: {err}"
+    );
+    assert!(other.is_empty());
+    let mut out = Vec::new();
+    while first.len() < room.min(ids[0].len() + GREEDY_TOKENS) {
+        let id = argmax(&logits);
+        out.push(id);
+        logits = model.decode_step(backend, small, &mut first, id).unwrap();
+    }
+    assert_eq!(
+        out,
+        want_greedy[0][..out.len()],
+        "{name}: decode after a refused step"
+    );
 }
 
 /// Runs the check of one fixture on the CPU and, in `cuda` builds, on the GPU (or says why it
@@ -188,16 +226,17 @@ fn tiny_decode_throughput() {
         for batch in [1usize, 8] {
             let rounds = 20;
             let mut decode = std::time::Duration::ZERO;
+            let pool = &mut model.new_pool(&backend, batch * model.max_positions()).unwrap();
             for _ in 0..rounds {
-                let mut caches: Vec<KvCache> = (0..batch).map(|_| model.new_cache()).collect();
+                let mut caches: Vec<KvCache> = (0..batch).map(|_| pool.new_cache()).collect();
                 let mut next: Vec<u32> = caches
                     .iter_mut()
-                    .map(|c| argmax(&model.prefill(&backend, c, &prompt).unwrap()))
+                    .map(|c| argmax(&model.prefill(&backend, pool, c, &prompt).unwrap()))
                     .collect();
                 let start = std::time::Instant::now();
                 for _ in 0..steps {
                     let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-                    let logits = model.decode_batch(&backend, &mut refs, &next).unwrap();
+                    let logits = model.decode_batch(&backend, pool, &mut refs, &next).unwrap();
                     next = logits.iter().map(|l| argmax(l)).collect();
                 }
                 decode += start.elapsed();

@@ -42,7 +42,7 @@ impl Server {
         let folder = fixture(name);
         let metrics = Arc::new(Metrics::new().unwrap());
         let state = AppState::new("tiny", limits, metrics.clone());
-        let parts = match (step_delay, server::load_model(&folder, 2).unwrap()) {
+        let parts = match (step_delay, server::load_model(&folder, 2, &model_limits).unwrap()) {
             (Some(delay), ModelParts::Decoder(d)) => ModelParts::Decoder(DecoderParts {
                 tokenizer: d.tokenizer,
                 model: Box::new(Slow(d.model, delay)),
@@ -149,7 +149,11 @@ impl Server {
 struct Slow(Box<dyn Decoder>, Duration);
 
 impl Decoder for Slow {
-    fn step(&self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> atomic_worker::Result<Vec<Vec<f32>>> {
+    fn step(
+        &mut self,
+        caches: &mut [&mut KvCache],
+        tokens: &[&[u32]],
+    ) -> atomic_worker::Result<Vec<Vec<f32>>> {
         std::thread::sleep(self.1);
         self.0.step(caches, tokens)
     }
@@ -164,6 +168,10 @@ impl Decoder for Slow {
 
     fn max_positions(&self) -> usize {
         self.0.max_positions()
+    }
+
+    fn kv_capacity_positions(&self) -> usize {
+        self.0.kv_capacity_positions()
     }
 }
 
@@ -716,9 +724,10 @@ async fn chat_content_parts_read_as_their_text() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kv_cache_budget_queues_sequences_and_refuses_what_cannot_fit() {
     // tiny-gpt2: 2 layers x (keys + values) x 32 wide x 4 bytes = 512 bytes a position; room for
-    // 30 positions, so one 7-token prompt + 12 new tokens (19) at a time.
+    // 50 positions, which the pool holds as 3 blocks of 16 (48). A 7-token prompt + 12 new
+    // tokens (19) reserves 2 blocks, so one sequence runs at a time.
     let model_limits = ModelLimits {
-        kv_cache_bytes: 30 * 512,
+        kv_cache_bytes: 50 * 512,
         ..ModelLimits::default()
     };
     let mut s = Server::start_with("tiny-gpt2", Limits::default(), model_limits).await;
@@ -753,12 +762,12 @@ async fn the_kv_cache_budget_queues_sequences_and_refuses_what_cannot_fit() {
     assert_eq!(reserved, 0.0);
     // A request that needs more than the whole budget is refused up front.
     let mut body = greedy(&prompts[0]);
-    body["max_tokens"] = json!(40);
+    body["max_tokens"] = json!(45);
     let (status, got) = s.post("/v1/completions", body).await;
     assert_eq!(status, 400, "{got}");
     assert_eq!(got["error"]["code"], "kv_cache_exceeded");
     assert!(
-        got["error"]["message"].as_str().unwrap().contains("holds 30"),
+        got["error"]["message"].as_str().unwrap().contains("holds 48"),
         "{got}"
     );
     s.stop();

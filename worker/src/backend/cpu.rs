@@ -7,8 +7,9 @@ use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
 use super::cpu_kernels as kernels;
+use super::paged::HostPaged;
 use super::shapes::{self, AttnDims};
-use super::{AttentionMask, Backend, BackendError, Result};
+use super::{AttentionMask, Backend, BackendError, PagedPlan, Result};
 
 /// A dense row-major `f32` tensor in host memory.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,6 +34,11 @@ impl CpuTensor {
 
     pub fn into_data(self) -> Vec<f32> {
         self.data
+    }
+
+    /// The elements, for ops that write a tensor in place (key/value pools).
+    pub(crate) fn data_mut(&mut self) -> &mut [f32] {
+        &mut self.data
     }
 }
 
@@ -204,35 +210,47 @@ impl SharedOut {
         // SAFETY: callers stay within the buffer the pointer came from.
         unsafe { self.0.add(offset) }
     }
+
+    fn offset(self, offset: usize) -> Self {
+        Self(self.at(offset))
+    }
 }
 
-impl CpuBackend {
-    /// One (batch, head) of attention: `softmax(q kᵀ · scale + mask) v`, written into `out`.
+/// Which keys a query row of one attention head sees: key `j` of query `i` is visible when
+/// `j <= causal_offset + i` (if causal), `j + window > causal_offset + i` (if windowed) and
+/// `key_valid[j]` (if given).
+#[derive(Clone, Copy, Debug, Default)]
+struct HeadMask<'a> {
+    causal_offset: Option<usize>,
+    window: Option<usize>,
+    key_valid: Option<&'a [bool]>,
+}
+
+/// One head of attention: `q [s_q × d]`, `k`, `v [s_k × d]` (rows at the given strides, elements
+/// contiguous) into `out [s_q × d]` at row stride `out_rs`.
+#[derive(Clone, Copy)]
+struct HeadJob<'a> {
+    q: *const f32,
+    q_rs: usize,
+    k: *const f32,
+    v: *const f32,
+    kv_rs: usize,
+    out: SharedOut,
+    out_rs: usize,
+    s_q: usize,
+    s_k: usize,
+    d: usize,
+    mask: HeadMask<'a>,
+}
+
+impl HeadJob<'_> {
+    /// `softmax(q kᵀ · scale + mask) v`, written into `out`.
     ///
     /// # Safety
-    /// `out` must address this (batch, head)'s rows of the output and nothing another task writes.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn attention_head(
-        dims: &AttnDims,
-        (b, h): (usize, usize),
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        mask: &AttentionMask<'_>,
-        scores: &mut Vec<f32>,
-        out: SharedOut,
-    ) {
-        let AttnDims {
-            s_q,
-            s_k,
-            heads,
-            kv_heads,
-            head_dim: d,
-            ..
-        } = *dims;
-        let kvh = h / dims.group();
-        let q_off = (b * s_q * heads + h) * d;
-        let kv_off = (b * s_k * kv_heads + kvh) * d;
+    /// Every row the job addresses must be in bounds, and `out`'s rows must be written by no
+    /// other task.
+    unsafe fn run(&self, scores: &mut Vec<f32>) {
+        let (s_q, s_k, d) = (self.s_q, self.s_k, self.d);
         scores.clear();
         scores.resize(s_q * s_k, 0.0);
         let scale = 1.0 / (d as f32).sqrt();
@@ -244,27 +262,27 @@ impl CpuBackend {
                 s_k,
                 false,
                 Mat {
-                    ptr: q[q_off..].as_ptr(),
-                    rs: heads * d,
+                    ptr: self.q,
+                    rs: self.q_rs,
                     cs: 1,
                 },
                 Mat {
-                    ptr: k[kv_off..].as_ptr(),
+                    ptr: self.k,
                     rs: 1,
-                    cs: kv_heads * d,
+                    cs: self.kv_rs,
                 },
                 scale,
                 Parallelism::None,
             );
         }
-        let valid = mask.key_valid.map(|m| &m[b * s_k..(b + 1) * s_k]);
-        kernels::masked_softmax(scores, s_k, mask.causal_offset, valid);
+        let m = self.mask;
+        kernels::masked_softmax(scores, s_k, m.causal_offset, m.window, m.key_valid);
         // out[s_q × d] = p · v, into the strided rows of this head.
         unsafe {
             sgemm(
                 (s_q, d, s_k),
-                out.at(q_off),
-                heads * d,
+                self.out.at(0),
+                self.out_rs,
                 false,
                 Mat {
                     ptr: scores.as_ptr(),
@@ -272,8 +290,8 @@ impl CpuBackend {
                     cs: 1,
                 },
                 Mat {
-                    ptr: v[kv_off..].as_ptr(),
-                    rs: kv_heads * d,
+                    ptr: self.v,
+                    rs: self.kv_rs,
                     cs: 1,
                 },
                 1.0,
@@ -283,8 +301,33 @@ impl CpuBackend {
     }
 }
 
+impl CpuBackend {
+    /// Runs attention jobs on this thread or the pool, by their total work.
+    fn run_heads(&self, jobs: &[HeadJob<'_>]) {
+        // Two products (scores and values) of s_q x s_k x head_dim per job.
+        let macs: usize = jobs.iter().map(|j| 2 * j.s_q * j.s_k * j.d).sum();
+        // SAFETY (both branches): the callers built every job inside its buffers, each writing
+        // rows no other job writes.
+        if self.threads == 1 || jobs.len() == 1 || macs < PARALLEL_MIN_MACS {
+            let mut scores = Vec::new();
+            jobs.iter().for_each(|j| unsafe { j.run(&mut scores) });
+        } else {
+            self.pool.install(|| {
+                jobs.par_iter()
+                    .for_each_init(Vec::new, |scores, j| unsafe { j.run(scores) })
+            });
+        }
+    }
+}
+
+// SAFETY: a job's pointers address buffers that outlive `run_heads`, read-only except `out`,
+// whose rows are disjoint between jobs.
+unsafe impl Send for HeadJob<'_> {}
+unsafe impl Sync for HeadJob<'_> {}
+
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
+    type Paged = HostPaged;
 
     fn name(&self) -> &str {
         "cpu"
@@ -297,6 +340,12 @@ impl Backend for CpuBackend {
 
     fn to_host(&self, t: &CpuTensor) -> Result<Vec<f32>> {
         Ok(t.data.clone())
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<CpuTensor> {
+        // Zeroed pages come from the kernel on first touch, so a large key/value pool costs
+        // memory only as sequences fill it.
+        Ok(CpuTensor::new(vec![0.0; shapes::numel(shape)], shape.to_vec()))
     }
 
     fn shape<'t>(&self, t: &'t CpuTensor) -> &'t [usize] {
@@ -535,27 +584,114 @@ impl Backend for CpuBackend {
         mask: &AttentionMask<'_>,
     ) -> Result<CpuTensor> {
         let dims = shapes::attention(&q.shape, &k.shape, &v.shape, mask)?;
+        let AttnDims {
+            batch,
+            s_q,
+            s_k,
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = dims;
         let mut out = vec![0.0; q.data.len()];
         if out.is_empty() {
             return Ok(CpuTensor::new(out, q.shape.clone()));
         }
         let shared = SharedOut(out.as_mut_ptr());
-        let tasks = dims.batch * dims.heads;
-        let run = |scores: &mut Vec<f32>, task: usize| {
-            let bh = (task / dims.heads, task % dims.heads);
-            // SAFETY: shapes are checked; task (b, h) writes only the elements
-            // out[b, :, h, :], which no other task touches, and `out` outlives the loop.
-            unsafe { Self::attention_head(&dims, bh, &q.data, &k.data, &v.data, mask, scores, shared) }
-        };
-        // Two products (scores and values) of s_q x s_k x head_dim per task.
-        let macs = 2 * tasks * dims.s_q * dims.s_k * dims.head_dim;
-        if self.threads == 1 || tasks == 1 || macs < PARALLEL_MIN_MACS {
-            let mut scores = Vec::new();
-            (0..tasks).for_each(|t| run(&mut scores, t));
-        } else {
-            self.pool
-                .install(|| (0..tasks).into_par_iter().for_each_init(Vec::new, run));
+        let mut jobs = Vec::with_capacity(batch * heads);
+        for b in 0..batch {
+            for h in 0..heads {
+                let q_off = (b * s_q * heads + h) * d;
+                let kv_off = (b * s_k * kv_heads + h / dims.group()) * d;
+                jobs.push(HeadJob {
+                    q: q.data.as_ptr().wrapping_add(q_off),
+                    q_rs: heads * d,
+                    k: k.data.as_ptr().wrapping_add(kv_off),
+                    v: v.data.as_ptr().wrapping_add(kv_off),
+                    kv_rs: kv_heads * d,
+                    out: shared.offset(q_off),
+                    out_rs: heads * d,
+                    s_q,
+                    s_k,
+                    d,
+                    mask: HeadMask {
+                        causal_offset: mask.causal_offset,
+                        window: None,
+                        key_valid: mask.key_valid.map(|m| &m[b * s_k..(b + 1) * s_k]),
+                    },
+                });
+            }
         }
+        self.run_heads(&jobs);
+        Ok(CpuTensor::new(out, q.shape.clone()))
+    }
+
+    fn prepare_paged(&self, plan: &PagedPlan) -> Result<HostPaged> {
+        HostPaged::new(plan)
+    }
+
+    fn write_paged(&self, pool: &mut CpuTensor, new: &CpuTensor, paged: &HostPaged) -> Result<()> {
+        paged.plan.check_write(&pool.shape, &new.shape)?;
+        let w = new.shape[1] * new.shape[2];
+        for (row, &slot) in new.data.chunks_exact(w).zip(&paged.slots) {
+            pool.data[slot as usize * w..][..w].copy_from_slice(row);
+        }
+        Ok(())
+    }
+
+    fn paged_attention(
+        &self,
+        q: &CpuTensor,
+        keys: &CpuTensor,
+        values: &CpuTensor,
+        paged: &HostPaged,
+    ) -> Result<CpuTensor> {
+        let plan = &paged.plan;
+        let (heads, kv_heads, d) = plan.check_attention(&q.shape, &keys.shape, &values.shape)?;
+        let w = kv_heads * d;
+        // Each sequence's visible keys are copied block by block into one contiguous run, so
+        // that the score and value products are plain strided matrix products.
+        let mut spans = Vec::with_capacity(plan.seqs.len());
+        let (mut k_run, mut v_run) = (Vec::new(), Vec::new());
+        for (n, seq) in plan.seqs.iter().enumerate() {
+            let first = plan.first_key(seq.k_len - seq.q_len);
+            spans.push((k_run.len(), first));
+            let mut pos = first;
+            while pos < seq.k_len {
+                let take = (plan.block_size - pos % plan.block_size).min(seq.k_len - pos);
+                let rows = plan.slot(n, pos) * w..(plan.slot(n, pos) + take) * w;
+                k_run.extend_from_slice(&keys.data[rows.clone()]);
+                v_run.extend_from_slice(&values.data[rows]);
+                pos += take;
+            }
+        }
+        let mut out = vec![0.0; q.data.len()];
+        let shared = SharedOut(out.as_mut_ptr());
+        let mut jobs = Vec::with_capacity(plan.seqs.len() * heads);
+        for (n, seq) in plan.seqs.iter().enumerate() {
+            let (run_start, first) = spans[n];
+            let q_off = paged.q_starts[n] * heads * d;
+            for h in 0..heads {
+                let kv_off = run_start + h / (heads / kv_heads) * d;
+                jobs.push(HeadJob {
+                    q: q.data.as_ptr().wrapping_add(q_off + h * d),
+                    q_rs: heads * d,
+                    k: k_run.as_ptr().wrapping_add(kv_off),
+                    v: v_run.as_ptr().wrapping_add(kv_off),
+                    kv_rs: w,
+                    out: shared.offset(q_off + h * d),
+                    out_rs: heads * d,
+                    s_q: seq.q_len,
+                    s_k: seq.k_len - first,
+                    d,
+                    mask: HeadMask {
+                        causal_offset: Some(seq.k_len - seq.q_len - first),
+                        window: plan.window,
+                        key_valid: None,
+                    },
+                });
+            }
+        }
+        self.run_heads(&jobs);
         Ok(CpuTensor::new(out, q.shape.clone()))
     }
 }

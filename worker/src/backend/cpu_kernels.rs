@@ -285,17 +285,23 @@ multiversion! {
 
 multiversion! {
     /// Attention probabilities from raw scores, in place: each `s_k`-wide row `i` (query `i`)
-    /// has the keys it may not see set to `-inf` (beyond `causal_offset + i` when causal, and
-    /// where `key_valid` is false) and is then softmaxed.
+    /// has the keys it may not see set to `-inf` (beyond `causal_offset + i` when causal, before
+    /// `causal_offset + i + 1 - window` when also windowed, and where `key_valid` is false) and
+    /// is then softmaxed.
     pub(crate) fn masked_softmax(
         scores: &mut [f32],
         s_k: usize,
         causal_offset: Option<usize>,
+        window: Option<usize>,
         key_valid: Option<&[bool]>,
     ) {
         for (i, row) in scores.chunks_exact_mut(s_k).enumerate() {
             let visible = causal_offset.map_or(s_k, |off| (off + i + 1).min(s_k));
             row[visible..].fill(f32::NEG_INFINITY);
+            if let (Some(w), Some(off)) = (window, causal_offset) {
+                let first = (off + i + 1).saturating_sub(w).min(s_k);
+                row[..first].fill(f32::NEG_INFINITY);
+            }
             if let Some(valid) = key_valid {
                 for (s, &ok) in row.iter_mut().zip(valid) {
                     if !ok {
@@ -399,7 +405,7 @@ mod tests {
                 softmax(&mut r, d);
                 outs.push(r);
                 let mut r = x.clone();
-                masked_softmax(&mut r, d, Some(2), Some(&valid));
+                masked_softmax(&mut r, d, Some(2), Some(3), Some(&valid));
                 outs.push(r);
                 outs.into_iter()
                     .map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())

@@ -19,12 +19,16 @@
 //! - attention tensors are `[batch, seq, heads, head_dim]`, which is what a linear projection of
 //!   `[batch * seq, hidden]` already is; no transposes are needed between projection and attention.
 //! - rotary embeddings use the "rotate_half" pairing: element `i` rotates with `i + head_dim / 2`.
+//!
+//! Decoders keep their keys and values in backend-owned pools that are written in place
+//! ([`Backend::write_paged`]) and read in place ([`Backend::paged_attention`]); see [`paged`].
 
 pub mod cpu;
 pub mod cpu_kernels;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod paged;
 pub mod reference;
 mod shapes;
 
@@ -37,6 +41,7 @@ pub use cpu::{CpuBackend, CpuTensor};
 #[cfg(feature = "cuda")]
 pub use cuda::{CudaBackend, CudaTensor};
 pub use device::{DeviceSpec, Selected};
+pub use paged::{PagedPlan, PagedSeq};
 pub use reference::ReferenceBackend;
 
 /// Errors from backend operations.
@@ -109,6 +114,10 @@ pub trait Backend: Send + Sync {
     /// A tensor owned by this backend (host vector, device buffer) together with its shape.
     type Tensor: Send + Sync;
 
+    /// A checked [`PagedPlan`] in the form this backend's paged ops read (for a GPU, its
+    /// indices in device memory): prepared once per forward step, used by every layer.
+    type Paged: Send + Sync;
+
     /// A short name for logs ("cpu", "cuda:0").
     fn name(&self) -> &str;
 
@@ -121,6 +130,9 @@ pub trait Backend: Send + Sync {
 
     /// Copies a tensor back to host memory (row-major).
     fn to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+
+    /// A tensor of zeros (key/value pools are made with it).
+    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
 
     /// The tensor's shape.
     fn shape<'t>(&self, t: &'t Self::Tensor) -> &'t [usize];
@@ -203,5 +215,25 @@ pub trait Backend: Send + Sync {
         k: &Self::Tensor,
         v: &Self::Tensor,
         mask: &AttentionMask<'_>,
+    ) -> Result<Self::Tensor>;
+
+    /// Checks a step's plan and prepares it for [`Backend::write_paged`] and
+    /// [`Backend::paged_attention`].
+    fn prepare_paged(&self, plan: &PagedPlan) -> Result<Self::Paged>;
+
+    /// Writes the step's new keys (or values) `new [tokens, kv_heads, head_dim]` into their pool
+    /// rows (see [`PagedPlan::new_slots`]); `pool` is `[slots, kv_heads, head_dim]`.
+    fn write_paged(&self, pool: &mut Self::Tensor, new: &Self::Tensor, paged: &Self::Paged) -> Result<()>;
+
+    /// Causal attention of the step's packed queries `q [tokens, heads, head_dim]` over each
+    /// sequence's cached keys and values, read in place from the pools (grouped-query heads as
+    /// in [`Backend::attention`], scale `1/sqrt(head_dim)`, the plan's sliding window). The
+    /// result is `[tokens, heads, head_dim]`. The step's own keys must be written first.
+    fn paged_attention(
+        &self,
+        q: &Self::Tensor,
+        keys: &Self::Tensor,
+        values: &Self::Tensor,
+        paged: &Self::Paged,
     ) -> Result<Self::Tensor>;
 }

@@ -2,7 +2,8 @@
 //! loops straight from the definitions. Slow; the ground truth that tests hold other backends to.
 
 use super::cpu::CpuTensor;
-use super::{AttentionMask, Backend, Result, shapes};
+use super::paged::HostPaged;
+use super::{AttentionMask, Backend, PagedPlan, Result, shapes};
 
 /// The reference backend. Its tensors are host tensors, like the CPU backend's.
 #[derive(Clone, Copy, Debug, Default)]
@@ -39,6 +40,7 @@ fn map(x: &CpuTensor, f: impl Fn(f64) -> f64) -> CpuTensor {
 
 impl Backend for ReferenceBackend {
     type Tensor = CpuTensor;
+    type Paged = HostPaged;
 
     fn name(&self) -> &str {
         "reference"
@@ -51,6 +53,10 @@ impl Backend for ReferenceBackend {
 
     fn to_host(&self, t: &CpuTensor) -> Result<Vec<f32>> {
         Ok(t.data().to_vec())
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<CpuTensor> {
+        Ok(CpuTensor::new(vec![0.0; shapes::numel(shape)], shape.to_vec()))
     }
 
     fn shape<'t>(&self, t: &'t CpuTensor) -> &'t [usize] {
@@ -306,6 +312,71 @@ impl Backend for ReferenceBackend {
                     for c in 0..d {
                         let acc: f64 = (0..s_k).map(|j| weights[j] * v_at(b, j, kvh, c)).sum();
                         out[((b * s_q + i) * heads + h) * d + c] = acc / total;
+                    }
+                }
+            }
+        }
+        Ok(tensor(out, q.shape()))
+    }
+
+    fn prepare_paged(&self, plan: &PagedPlan) -> Result<HostPaged> {
+        HostPaged::new(plan)
+    }
+
+    fn write_paged(&self, pool: &mut CpuTensor, new: &CpuTensor, paged: &HostPaged) -> Result<()> {
+        paged.plan.check_write(pool.shape(), new.shape())?;
+        let w = new.shape()[1] * new.shape()[2];
+        let values = new.data().to_vec();
+        let rows = pool.data_mut();
+        for (t, &slot) in paged.slots.iter().enumerate() {
+            for c in 0..w {
+                rows[slot as usize * w + c] = values[t * w + c];
+            }
+        }
+        Ok(())
+    }
+
+    fn paged_attention(
+        &self,
+        q: &CpuTensor,
+        keys: &CpuTensor,
+        values: &CpuTensor,
+        paged: &HostPaged,
+    ) -> Result<CpuTensor> {
+        let plan = &paged.plan;
+        let (heads, kv_heads, d) = plan.check_attention(q.shape(), keys.shape(), values.shape())?;
+        let (qs, ks, vs) = (wide(q), wide(keys), wide(values));
+        let scale = 1.0 / (d as f64).sqrt();
+        let group = heads / kv_heads;
+        let mut out = vec![0.0; qs.len()];
+        for (n, seq) in plan.seqs.iter().enumerate() {
+            for i in 0..seq.q_len {
+                let row = paged.q_starts[n] + i;
+                let pos = seq.k_len - seq.q_len + i;
+                let visible: Vec<usize> = (plan.first_key(pos)..=pos).collect();
+                for h in 0..heads {
+                    let kvh = h / group;
+                    let at =
+                        |pool: &[f64], p: usize, c: usize| pool[(plan.slot(n, p) * kv_heads + kvh) * d + c];
+                    let scores: Vec<f64> = visible
+                        .iter()
+                        .map(|&p| {
+                            (0..d)
+                                .map(|c| qs[(row * heads + h) * d + c] * at(&ks, p, c))
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    for c in 0..d {
+                        let acc: f64 = visible
+                            .iter()
+                            .zip(&weights)
+                            .map(|(&p, w)| w * at(&vs, p, c))
+                            .sum();
+                        out[(row * heads + h) * d + c] = acc / total;
                     }
                 }
             }

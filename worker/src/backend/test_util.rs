@@ -2,7 +2,7 @@
 //! closeness check with explicit tolerances, the attention cases every backend is checked on,
 //! and the message of a skipped test.
 
-use super::AttentionMask;
+use super::{AttentionMask, PagedPlan, PagedSeq};
 
 /// Seeded xorshift generator: reproducible inputs without a dependency.
 pub(crate) struct Rng(u64);
@@ -132,6 +132,115 @@ impl AttnCase {
     /// `[batch, s_k, kv_heads, d]`, the shape of keys and values.
     pub(crate) fn kv_shape(&self) -> [usize; 4] {
         [self.batch, self.s_k, self.kv_heads, self.d]
+    }
+}
+
+/// One paged-attention test case: sequences as `(new tokens, cached positions after the step)`,
+/// the head shapes, the block size and the sliding window.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PagedCase {
+    pub seqs: &'static [(usize, usize)],
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub d: usize,
+    pub block_size: usize,
+    pub window: Option<usize>,
+}
+
+/// Seeded inputs of one [`PagedCase`]: a pool whose rows are all random (so a wrong row read
+/// shows), block tables that scatter each sequence over the pool, and the step's new rows.
+pub(crate) struct PagedInputs {
+    pub plan: PagedPlan,
+    /// `[rows, kv_heads, d]`.
+    pub pool_shape: [usize; 3],
+    pub keys: Vec<f32>,
+    pub values: Vec<f32>,
+    /// `[tokens, kv_heads, d]`: the step's new keys and values.
+    pub new_keys: Vec<f32>,
+    pub new_values: Vec<f32>,
+    /// `[tokens, heads, d]`.
+    pub q: Vec<f32>,
+}
+
+impl PagedCase {
+    const fn new(
+        seqs: &'static [(usize, usize)],
+        (heads, kv_heads, d): (usize, usize, usize),
+        block_size: usize,
+        window: Option<usize>,
+    ) -> Self {
+        Self {
+            seqs,
+            heads,
+            kv_heads,
+            d,
+            block_size,
+            window,
+        }
+    }
+
+    /// The cases every backend's paged attention is checked on.
+    pub(crate) const COMMON: [PagedCase; 8] = [
+        Self::new(&[(1, 1)], (1, 1, 8), 16, None),
+        // Decode steps over caches of 1, 17, 33 and 64 positions (block edges), GQA 12/4.
+        Self::new(&[(1, 1), (1, 17), (1, 33), (1, 64)], (12, 4, 64), 16, None),
+        Self::new(&[(7, 7)], (9, 3, 64), 16, None), // a prompt
+        // A running batch with prompts joining: decode, fresh prompt, prompt after a cache.
+        Self::new(&[(1, 20), (13, 13), (5, 40)], (4, 4, 8), 16, None),
+        // Sliding window of 8 over decode, a windowed prompt after a cache, and a short one.
+        Self::new(&[(1, 40), (9, 30), (3, 3)], (4, 2, 32), 16, Some(8)),
+        Self::new(&[(70, 70), (1, 9)], (4, 1, 128), 16, None), // tiles of 16 queries, 32 keys
+        Self::new(&[(3, 19), (1, 5)], (4, 4, 80), 5, None),    // odd block size, d = 80
+        Self::new(&[(2, 50)], (2, 2, 256), 16, None),          // the widest head
+    ];
+
+    /// Seeded inputs; each sequence's blocks are taken from a shuffled pool with spare blocks.
+    pub(crate) fn inputs(&self, rng: &mut Rng) -> PagedInputs {
+        let bs = self.block_size;
+        let needed: usize = self.seqs.iter().map(|&(_, k)| k.div_ceil(bs)).sum();
+        let total = needed + 3;
+        let mut order: Vec<u32> = (0..total as u32).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        let mut next = order.into_iter();
+        let seqs = self
+            .seqs
+            .iter()
+            .map(|&(q_len, k_len)| PagedSeq {
+                q_len,
+                k_len,
+                blocks: next.by_ref().take(k_len.div_ceil(bs)).collect(),
+            })
+            .collect();
+        let plan = PagedPlan {
+            block_size: bs,
+            window: self.window,
+            seqs,
+        };
+        let tokens = plan.tokens();
+        let w = self.kv_heads * self.d;
+        PagedInputs {
+            pool_shape: [total * bs, self.kv_heads, self.d],
+            keys: rng.vec(total * bs * w, 2.0),
+            values: rng.vec(total * bs * w, 1.0),
+            new_keys: rng.vec(tokens * w, 2.0),
+            new_values: rng.vec(tokens * w, 1.0),
+            q: rng.vec(tokens * self.heads * self.d, 2.0),
+            plan,
+        }
+    }
+
+    /// `[tokens, heads, d]` of the queries and the output.
+    pub(crate) fn q_shape(&self) -> [usize; 3] {
+        let tokens = self.seqs.iter().map(|&(q, _)| q).sum();
+        [tokens, self.heads, self.d]
+    }
+
+    /// `[tokens, kv_heads, d]` of the new keys and values.
+    pub(crate) fn new_shape(&self) -> [usize; 3] {
+        let tokens = self.seqs.iter().map(|&(q, _)| q).sum();
+        [tokens, self.kv_heads, self.d]
     }
 }
 

@@ -6,10 +6,10 @@
 
 use proptest::prelude::*;
 
-use super::test_util::{AttnCase, AttnInputs, EXACT, Rng, Tol, assert_close};
+use super::test_util::{AttnCase, AttnInputs, EXACT, PagedCase, Rng, Tol, assert_close};
 use super::*;
 
-type Host = dyn Backend<Tensor = CpuTensor>;
+type Host = dyn Backend<Tensor = CpuTensor, Paged = paged::HostPaged>;
 
 fn cpu(threads: usize) -> CpuBackend {
     CpuBackend::new(threads).expect("thread pool")
@@ -288,6 +288,93 @@ fn attention_matches_reference() {
             );
             assert!(out.iter().all(|x| x.is_finite()), "{what}: NaN or inf");
         }
+    }
+}
+
+/// Writes a case's new keys and values into its pools and attends, on one backend: the output
+/// and both pools after the write.
+fn paged_step(b: &Host, inputs: &test_util::PagedInputs, c: &PagedCase) -> Result<[Vec<f32>; 3]> {
+    let paged = b.prepare_paged(&inputs.plan)?;
+    let mut keys = b.from_host(&inputs.keys, &inputs.pool_shape)?;
+    let mut values = b.from_host(&inputs.values, &inputs.pool_shape)?;
+    b.write_paged(&mut keys, &b.from_host(&inputs.new_keys, &c.new_shape())?, &paged)?;
+    b.write_paged(
+        &mut values,
+        &b.from_host(&inputs.new_values, &c.new_shape())?,
+        &paged,
+    )?;
+    let q = b.from_host(&inputs.q, &c.q_shape())?;
+    let out = b.paged_attention(&q, &keys, &values, &paged)?;
+    assert_eq!(b.shape(&out), c.q_shape());
+    Ok([b.to_host(&out)?, b.to_host(&keys)?, b.to_host(&values)?])
+}
+
+#[test]
+fn paged_attention_matches_reference() {
+    let tol = Tol {
+        atol: 1e-5,
+        rtol: 1e-4,
+    };
+    let mut rng = Rng::new(21);
+    for c in PagedCase::COMMON {
+        let inputs = c.inputs(&mut rng);
+        let [want, want_keys, want_values] = paged_step(&ReferenceBackend, &inputs, &c).unwrap();
+        // The write touches exactly the new tokens' rows.
+        let w = c.kv_heads * c.d;
+        let changed = (0..want_keys.len() / w)
+            .filter(|&r| want_keys[r * w..(r + 1) * w] != inputs.keys[r * w..(r + 1) * w])
+            .count();
+        assert_eq!(changed, c.q_shape()[0], "{c:?}: rows written");
+        for threads in [1, 3] {
+            let [got, keys, values] = paged_step(&cpu(threads), &inputs, &c).unwrap();
+            assert_close(
+                &format!("paged attention {c:?} ({threads} threads)"),
+                &got,
+                &want,
+                tol,
+            );
+            assert_eq!(
+                (keys, values),
+                (want_keys.clone(), want_values.clone()),
+                "{c:?}: pools"
+            );
+        }
+    }
+}
+
+#[test]
+fn paged_plans_that_do_not_fit_are_errors() {
+    let c = PagedCase::COMMON[4]; // GQA: queries and keys differ in shape
+    let inputs = c.inputs(&mut Rng::new(22));
+    for b in [&cpu(1) as &Host, &ReferenceBackend] {
+        let paged = b.prepare_paged(&inputs.plan).unwrap();
+        // A pool one block short of the largest block id the tables name.
+        let short = [(inputs.plan.blocks_needed() - 1) * c.block_size, c.kv_heads, c.d];
+        let mut pool = b.zeros(&short).unwrap();
+        let new = b.zeros(&c.new_shape()).unwrap();
+        assert!(matches!(
+            b.write_paged(&mut pool, &new, &paged),
+            Err(BackendError::OutOfRange { .. })
+        ));
+        let q = b.zeros(&c.q_shape()).unwrap();
+        assert!(matches!(
+            b.paged_attention(&q, &pool, &pool, &paged),
+            Err(BackendError::OutOfRange { .. })
+        ));
+        let mut pool = b.zeros(&inputs.pool_shape).unwrap();
+        assert!(
+            b.write_paged(&mut pool, &q, &paged).is_err(),
+            "queries are not keys"
+        );
+        let [t, h, d] = c.q_shape();
+        let fewer = b.zeros(&[t - 1, h, d]).unwrap();
+        assert!(
+            b.paged_attention(&fewer, &pool, &pool, &paged).is_err(),
+            "token count"
+        );
+        let mut bad = inputs.plan.clone();
+        bad.seqs[0].blocks.clear();
+        assert!(b.prepare_paged(&bad).is_err(), "table too short");
     }
 }
 

@@ -1,9 +1,10 @@
 //! What every causal language model (GPT-2, the Llama family) offers the generation loop: a
-//! cache per sequence and a step that advances several sequences together.
+//! key/value pool, a cache per sequence in it, and a step that advances several sequences
+//! together.
 
 use crate::Result;
 use crate::backend::Backend;
-use crate::models::kv_cache::{KvCache, Step};
+use crate::models::kv_cache::{KvCache, KvPool, Step};
 
 /// How a model's KV cache is laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,49 +36,71 @@ pub trait CausalLm<B: Backend> {
 
     /// Runs a prepared step's tokens through the model and commits them to the caches; host
     /// logits of every new token (`all`) or of each sequence's last one.
-    fn run(&self, backend: &B, step: Step<'_, '_>, all: bool) -> Result<Vec<f32>>;
+    fn run(&self, backend: &B, step: Step<'_, '_, '_, B>, all: bool) -> Result<Vec<f32>>;
 
-    /// An empty cache for one sequence, limited to the model's context length.
-    fn new_cache(&self) -> KvCache {
-        let l = self.cache_layout();
-        KvCache::new(l.layers, l.kv_heads, l.head_dim, self.max_positions())
+    /// A key/value pool for this model holding `positions` positions over all its sequences.
+    fn new_pool(&self, backend: &B, positions: usize) -> Result<KvPool<B>> {
+        KvPool::new(backend, self.cache_layout(), self.max_positions(), positions)
     }
 
     /// Advances each sequence by its new tokens (a whole prompt, or one token) in one batched
     /// forward pass and returns the logits of each sequence's last new token. Sequences may be
     /// at different lengths; a sequence can join or leave between steps. On error no cache
-    /// changes.
-    fn step(&self, backend: &B, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        let l = self.cache_layout();
-        let step = Step::new(caches, tokens, l.layers, l.kv_heads, l.head_dim, l.window)?;
+    /// changes length.
+    fn step(
+        &self,
+        backend: &B,
+        pool: &mut KvPool<B>,
+        caches: &mut [&mut KvCache],
+        tokens: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>> {
+        let step = Step::new(backend, pool, caches, tokens)?;
         Ok(split_rows(self.run(backend, step, false)?, self.vocab_size()))
     }
 
-    /// Logits for every position of `ids` (`[ids.len() * vocab]`), run from an empty cache.
+    /// Logits for every position of `ids` (`[ids.len() * vocab]`), run in a pool of its own.
     fn forward_all(&self, backend: &B, ids: &[u32]) -> Result<Vec<f32>> {
-        let l = self.cache_layout();
-        let mut cache = self.new_cache();
+        let mut pool = self.new_pool(backend, ids.len())?;
+        let mut cache = pool.new_cache();
         let mut caches = [&mut cache];
-        let step = Step::new(&mut caches, &[ids], l.layers, l.kv_heads, l.head_dim, l.window)?;
+        let step = Step::new(backend, &mut pool, &mut caches, &[ids])?;
         self.run(backend, step, true)
     }
 
     /// Runs a prompt into an empty (or partly filled) cache; the logits of its last token.
-    fn prefill(&self, backend: &B, cache: &mut KvCache, ids: &[u32]) -> Result<Vec<f32>> {
-        let mut logits = self.step(backend, &mut [cache], &[ids])?;
+    fn prefill(
+        &self,
+        backend: &B,
+        pool: &mut KvPool<B>,
+        cache: &mut KvCache,
+        ids: &[u32],
+    ) -> Result<Vec<f32>> {
+        let mut logits = self.step(backend, pool, &mut [cache], &[ids])?;
         Ok(logits.pop().unwrap_or_default())
     }
 
     /// Feeds one token; the logits for the next.
-    fn decode_step(&self, backend: &B, cache: &mut KvCache, id: u32) -> Result<Vec<f32>> {
-        let mut logits = self.step(backend, &mut [cache], &[&[id]])?;
+    fn decode_step(
+        &self,
+        backend: &B,
+        pool: &mut KvPool<B>,
+        cache: &mut KvCache,
+        id: u32,
+    ) -> Result<Vec<f32>> {
+        let mut logits = self.step(backend, pool, &mut [cache], &[&[id]])?;
         Ok(logits.pop().unwrap_or_default())
     }
 
     /// Feeds one token to each of several sequences together; the next logits of each.
-    fn decode_batch(&self, backend: &B, caches: &mut [&mut KvCache], ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+    fn decode_batch(
+        &self,
+        backend: &B,
+        pool: &mut KvPool<B>,
+        caches: &mut [&mut KvCache],
+        ids: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
         let tokens: Vec<&[u32]> = ids.iter().map(std::slice::from_ref).collect();
-        self.step(backend, caches, &tokens)
+        self.step(backend, pool, caches, &tokens)
     }
 }
 

@@ -130,7 +130,7 @@ impl<B: Backend> CausalLm<B> for Gpt2<B> {
         &self.config.eos_token_ids
     }
 
-    fn run(&self, backend: &B, mut step: Step<'_, '_>, all: bool) -> Result<Vec<f32>> {
+    fn run(&self, backend: &B, mut step: Step<'_, '_, '_, B>, all: bool) -> Result<Vec<f32>> {
         let c = &self.config;
         let (e, heads, d) = (c.n_embd, c.n_head, self.head_dim());
         let eps = c.layer_norm_epsilon as f32;
@@ -156,7 +156,7 @@ impl<B: Backend> CausalLm<B> for Gpt2<B> {
             let q = backend.reshape(q, &[tokens, heads, d])?;
             let k = backend.reshape(k, &[tokens, heads, d])?;
             let v = backend.reshape(v, &[tokens, heads, d])?;
-            let context = step.attend(backend, l, q, &k, &v)?;
+            let context = step.attend(backend, l, &q, &k, &v)?;
             let attn = backend.linear(&context, &layer.attn_proj_weight, Some(&layer.attn_proj_bias))?;
             x = backend.add(&x, &attn)?;
             let h = backend.layer_norm(&x, &layer.ln_2_weight, &layer.ln_2_bias, eps)?;

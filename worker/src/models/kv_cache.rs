@@ -1,51 +1,166 @@
-//! The key/value cache of a decoder and the attention step that reads and extends it.
+//! The key/value cache of a decoder: a paged pool shared by all sequences, each sequence's handle
+//! on it, and the forward step that writes and reads it.
 //!
-//! Each sequence owns one [`KvCache`]: per layer, the keys and values of every position seen so
-//! far, `[len, kv_heads, head_dim]` row-major. A forward step ([`Step`]) advances one or more
-//! sequences together: each contributes its new tokens (a prompt, or one token while decoding),
-//! so a sequence can join a running batch between steps with its own cache.
-//!
-//! The cache lives on the host for this CPU stage: the backend trait has no concatenation, so
-//! each step copies the new keys and values out of the backend, appends them here, and uploads
-//! the (padded) keys of the batch with `from_host`. This is the place a device backend replaces
-//! with caches in device memory (paged blocks) and an attention kernel that reads them in place.
+//! - [`BlockAllocator`]: which blocks of the pool are free (pure bookkeeping, no tensors).
+//! - [`KvPool`]: the per-layer key and value pools, allocated once on the backend (device memory
+//!   for a GPU) at load time and sized to the cache budget, plus the allocator.
+//! - [`KvCache`]: one sequence's block table and length; its blocks go back to the pool when it
+//!   is cleared or dropped.
+//! - [`Step`]: one forward step over a batch of sequences, each with its own new tokens (a whole
+//!   prompt, or one token while decoding). It grows each sequence's block table to fit, prepares
+//!   the backend's [`PagedPlan`] once, and per layer writes the new keys and values into their
+//!   pool rows and attends the packed queries to the cached keys in place: nothing is copied
+//!   between steps, and sequences of any lengths share a step without padding.
 
-use crate::backend::{AttentionMask, Backend};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::backend::{Backend, PagedPlan, PagedSeq};
+use crate::models::decoder::CacheLayout;
 use crate::{Error, Result};
 
-/// Keys and values of one layer of one sequence.
-#[derive(Clone, Debug, Default)]
-struct LayerCache {
-    keys: Vec<f32>,
-    values: Vec<f32>,
+/// Positions per cache block. Small blocks waste little on short sequences; 16 keeps the block
+/// tables short and each block's rows (16 × kv_heads × head_dim floats) contiguous.
+pub const BLOCK_SIZE: usize = 16;
+
+/// The free blocks of a pool. Blocks are handed out last-freed first, so a busy pool keeps
+/// reusing the same memory.
+#[derive(Debug)]
+pub struct BlockAllocator {
+    free: Vec<u32>,
+    total: usize,
 }
 
-/// The key/value cache of one sequence.
-#[derive(Clone, Debug)]
-pub struct KvCache {
-    layers: Vec<LayerCache>,
-    kv_heads: usize,
-    head_dim: usize,
-    capacity: usize,
-    /// Positions committed by completed steps; layer buffers longer than this hold the partial
-    /// writes of a step that failed and are cut back at the start of the next step.
-    len: usize,
-}
-
-impl KvCache {
-    /// An empty cache for a model with `layers` layers of `kv_heads` key/value heads of width
-    /// `head_dim`, holding at most `capacity` positions (the model's context length). Memory
-    /// grows with use; `capacity` is a limit, not an allocation.
-    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
+impl BlockAllocator {
+    /// An allocator over blocks `0..total`, all free.
+    pub fn new(total: usize) -> Self {
         Self {
-            layers: vec![LayerCache::default(); layers],
-            kv_heads,
-            head_dim,
-            capacity,
-            len: 0,
+            free: (0..total as u32).rev().collect(),
+            total,
         }
     }
 
+    /// `n` blocks, or `None` (and nothing taken) when fewer are free.
+    pub fn allocate(&mut self, n: usize) -> Option<Vec<u32>> {
+        let keep = self.free.len().checked_sub(n)?;
+        Some(self.free.split_off(keep))
+    }
+
+    /// Returns blocks to the pool.
+    pub fn release(&mut self, blocks: &[u32]) {
+        debug_assert!(blocks.iter().all(|&b| (b as usize) < self.total));
+        self.free.extend(blocks.iter().rev());
+    }
+
+    /// Blocks free now.
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Blocks in the pool.
+    pub fn total_blocks(&self) -> usize {
+        self.total
+    }
+}
+
+type SharedAllocator = Arc<Mutex<BlockAllocator>>;
+
+fn lock(a: &SharedAllocator) -> std::sync::MutexGuard<'_, BlockAllocator> {
+    // The allocator's state is a list of free ids, valid after any panic.
+    a.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The key/value pools of one model on one backend.
+pub struct KvPool<B: Backend> {
+    layout: CacheLayout,
+    /// The longest sequence a cache may hold (the model's context).
+    max_positions: usize,
+    /// Per layer, `[blocks * BLOCK_SIZE, kv_heads, head_dim]`.
+    keys: Vec<B::Tensor>,
+    values: Vec<B::Tensor>,
+    blocks: SharedAllocator,
+}
+
+impl<B: Backend> KvPool<B> {
+    /// Pools for at least `positions` positions (rounded up to whole blocks) of a model with this
+    /// layout, whose sequences hold at most `max_positions` positions each.
+    pub fn new(backend: &B, layout: CacheLayout, max_positions: usize, positions: usize) -> Result<Self> {
+        let blocks = positions.div_ceil(BLOCK_SIZE).max(1);
+        if blocks > u32::MAX as usize {
+            return Err(Error::Input(format!(
+                "a key/value pool of {blocks} blocks is too large"
+            )));
+        }
+        let shape = [blocks * BLOCK_SIZE, layout.kv_heads, layout.head_dim];
+        let mut keys = Vec::with_capacity(layout.layers);
+        let mut values = Vec::with_capacity(layout.layers);
+        for _ in 0..layout.layers {
+            keys.push(backend.zeros(&shape)?);
+            values.push(backend.zeros(&shape)?);
+        }
+        Ok(Self {
+            layout,
+            max_positions,
+            keys,
+            values,
+            blocks: Arc::new(Mutex::new(BlockAllocator::new(blocks))),
+        })
+    }
+
+    /// Pools of as many whole blocks as fit in `bytes` (at least one block).
+    pub fn with_bytes(backend: &B, layout: CacheLayout, max_positions: usize, bytes: usize) -> Result<Self> {
+        let positions = bytes / bytes_per_position(&layout).max(1);
+        let whole_blocks = (positions / BLOCK_SIZE).max(1);
+        Self::new(backend, layout, max_positions, whole_blocks * BLOCK_SIZE)
+    }
+
+    /// An empty cache for one sequence; it takes blocks as it grows.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            blocks: Vec::new(),
+            len: 0,
+            capacity: self.max_positions,
+            pool: self.blocks.clone(),
+        }
+    }
+
+    /// Positions the pool holds (whole blocks).
+    pub fn capacity_positions(&self) -> usize {
+        lock(&self.blocks).total_blocks() * BLOCK_SIZE
+    }
+
+    /// Positions in blocks no sequence holds.
+    pub fn free_positions(&self) -> usize {
+        lock(&self.blocks).free_blocks() * BLOCK_SIZE
+    }
+
+    /// The layout the pool was made for.
+    pub fn layout(&self) -> CacheLayout {
+        self.layout
+    }
+}
+
+/// Bytes one position takes across all layers (keys and values, `f32`).
+pub fn bytes_per_position(layout: &CacheLayout) -> usize {
+    layout.layers * 2 * layout.kv_heads * layout.head_dim * size_of::<f32>()
+}
+
+/// Positions reserved in whole blocks: what a sequence of `positions` positions takes from a pool.
+pub fn round_to_blocks(positions: usize) -> usize {
+    positions.div_ceil(BLOCK_SIZE) * BLOCK_SIZE
+}
+
+/// One sequence's share of a [`KvPool`]: the blocks holding its positions, in order.
+#[derive(Debug)]
+pub struct KvCache {
+    blocks: Vec<u32>,
+    /// Positions committed by completed steps; a failed step's writes past it are overwritten
+    /// by the next step.
+    len: usize,
+    capacity: usize,
+    pool: SharedAllocator,
+}
+
+impl KvCache {
     /// Number of cached positions (prompt and generated tokens so far).
     pub fn len(&self) -> usize {
         self.len
@@ -61,69 +176,67 @@ impl KvCache {
         self.capacity
     }
 
-    /// Bytes one position takes across all layers (keys and values, `f32`).
-    pub fn bytes_per_position(&self) -> usize {
-        self.layers.len() * 2 * self.width() * std::mem::size_of::<f32>()
-    }
-
     /// Positions still free.
     pub fn remaining(&self) -> usize {
         self.capacity - self.len
     }
 
-    /// Forgets every position, keeping the allocations (to reuse the cache for a new sequence).
+    /// Forgets every position and returns the blocks to the pool (to reuse the handle for a new
+    /// sequence).
     pub fn clear(&mut self) {
+        lock(&self.pool).release(&self.blocks);
+        self.blocks.clear();
         self.len = 0;
-        self.rollback();
     }
 
-    fn width(&self) -> usize {
-        self.kv_heads * self.head_dim
-    }
-
-    /// Cuts every layer back to the committed length (undoes a failed step's writes).
-    fn rollback(&mut self) {
-        let n = self.len * self.width();
-        for layer in &mut self.layers {
-            layer.keys.truncate(n);
-            layer.values.truncate(n);
+    /// Takes blocks until `positions` positions fit.
+    fn reserve(&mut self, positions: usize) -> Result<()> {
+        let need = positions.div_ceil(BLOCK_SIZE).saturating_sub(self.blocks.len());
+        if need == 0 {
+            return Ok(());
         }
+        let mut pool = lock(&self.pool);
+        let free = pool.free_blocks();
+        let blocks = pool.allocate(need).ok_or_else(|| {
+            Error::Input(format!(
+                "the key/value cache is full: {need} more blocks of {BLOCK_SIZE} positions \
+                 needed, {free} free"
+            ))
+        })?;
+        self.blocks.extend(blocks);
+        Ok(())
+    }
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        lock(&self.pool).release(&self.blocks);
     }
 }
 
 /// One forward step over a batch of sequences, each with its own cache and its own new tokens.
-///
-/// Attention runs on the batch left-padded so that every sequence's last token sits in the last
-/// query slot and its last key in the last key slot. With `s_q` query slots and `s_k` key slots,
-/// query slot `j` then sits at key slot `s_k - s_q + j` for every sequence, so one causal mask
-/// with offset `s_k - s_q` plus a padding mask over the leading empty key slots is exact for
-/// sequences of any lengths, prompts and single decode tokens mixed.
-pub struct Step<'c, 'k> {
+pub struct Step<'p, 'c, 'k, B: Backend> {
+    pool: &'p mut KvPool<B>,
     caches: &'c mut [&'k mut KvCache],
     /// New tokens per sequence.
     counts: Vec<usize>,
-    /// Keys each sequence attends to in this step (all of them, or the sliding window).
-    kept: Vec<usize>,
+    paged: B::Paged,
     /// All new token ids, sequence after sequence.
     pub ids: Vec<u32>,
     /// The position of each new token.
     pub positions: Vec<usize>,
-    s_q: usize,
-    s_k: usize,
-    /// `[batch * s_k]`: real key slots.
-    key_valid: Vec<bool>,
 }
 
-impl<'c, 'k> Step<'c, 'k> {
-    /// Checks the request against the caches (each sequence has tokens, they fit the context and
-    /// the attention window, the caches match the model) and lays out the batch.
+impl<'p, 'c, 'k, B: Backend> Step<'p, 'c, 'k, B> {
+    /// Checks the request against the caches (each sequence has tokens, they fit its context,
+    /// the caches belong to this pool), takes the blocks the new tokens need and prepares the
+    /// step's plan on the backend. A full pool is an error that leaves every cache's contents
+    /// as they were.
     pub fn new(
+        backend: &B,
+        pool: &'p mut KvPool<B>,
         caches: &'c mut [&'k mut KvCache],
         tokens: &[&[u32]],
-        layers: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        window: Option<usize>,
     ) -> Result<Self> {
         if caches.len() != tokens.len() {
             return Err(Error::Input(format!(
@@ -135,14 +248,10 @@ impl<'c, 'k> Step<'c, 'k> {
         if tokens.is_empty() {
             return Err(Error::Input("a step needs at least one sequence".to_owned()));
         }
-        let mut counts = Vec::with_capacity(tokens.len());
-        let mut kept = Vec::with_capacity(tokens.len());
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        for (i, (cache, new)) in caches.iter_mut().zip(tokens).enumerate() {
-            if cache.layers.len() != layers || cache.kv_heads != kv_heads || cache.head_dim != head_dim {
+        for (i, (cache, new)) in caches.iter().zip(tokens).enumerate() {
+            if !Arc::ptr_eq(&cache.pool, &pool.blocks) {
                 return Err(Error::Input(format!(
-                    "sequence {i}: the cache was made for a different model"
+                    "sequence {i}: the cache belongs to another model's pool"
                 )));
             }
             if new.is_empty() {
@@ -156,40 +265,36 @@ impl<'c, 'k> Step<'c, 'k> {
                     cache.capacity
                 )));
             }
-            cache.rollback();
+        }
+        let mut counts = Vec::with_capacity(tokens.len());
+        let mut seqs = Vec::with_capacity(tokens.len());
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        for (cache, new) in caches.iter_mut().zip(tokens) {
             let total = cache.len + new.len();
-            let keys = match window {
-                Some(w) if total > w => {
-                    if new.len() > 1 {
-                        return Err(Error::Input(format!(
-                            "sequence {i}: {total} tokens exceed the sliding window of {w} \
-                             within one step (windowed prefill is not supported yet)"
-                        )));
-                    }
-                    w
-                }
-                _ => total,
-            };
+            cache.reserve(total)?;
             counts.push(new.len());
-            kept.push(keys);
+            seqs.push(PagedSeq {
+                q_len: new.len(),
+                k_len: total,
+                blocks: cache.blocks.clone(),
+            });
             ids.extend_from_slice(new);
             positions.extend(cache.len..total);
         }
-        let s_q = counts.iter().copied().max().unwrap_or(0);
-        let s_k = kept.iter().copied().max().unwrap_or(0);
-        let key_valid = kept
-            .iter()
-            .flat_map(|&k| (0..s_k).map(move |slot| slot >= s_k - k))
-            .collect();
+        let plan = PagedPlan {
+            block_size: BLOCK_SIZE,
+            window: pool.layout.window,
+            seqs,
+        };
+        let paged = backend.prepare_paged(&plan)?;
         Ok(Self {
+            pool,
             caches,
             counts,
-            kept,
+            paged,
             ids,
             positions,
-            s_q,
-            s_k,
-            key_valid,
         })
     }
 
@@ -203,91 +308,47 @@ impl<'c, 'k> Step<'c, 'k> {
         self.ids.len()
     }
 
-    /// Whether every sequence has the same number of new tokens (no query padding needed).
-    fn uniform(&self) -> bool {
-        self.counts.iter().all(|&n| n == self.s_q)
-    }
-
-    /// Appends this layer's new keys and values to the caches and attends the new queries to
+    /// Writes this layer's new keys and values into the pool and attends the new queries to
     /// everything cached. `q [tokens, heads, head_dim]`, `k` and `v [tokens, kv_heads, head_dim]`
     /// (rotary embeddings already applied); returns `[tokens, heads * head_dim]`.
-    pub fn attend<B: Backend>(
+    pub fn attend(
         &mut self,
         backend: &B,
         layer: usize,
-        q: B::Tensor,
+        q: &B::Tensor,
         k: &B::Tensor,
         v: &B::Tensor,
     ) -> Result<B::Tensor> {
-        let (b, s_q, s_k) = (self.batch(), self.s_q, self.s_k);
-        let q_shape = backend.shape(&q).to_vec();
-        let [tokens, heads, head_dim] = q_shape[..] else {
-            return Err(Error::Input(format!("attention queries of shape {q_shape:?}")));
+        let (Some(keys), Some(values)) = (self.pool.keys.get_mut(layer), self.pool.values.get_mut(layer))
+        else {
+            return Err(Error::Input(format!("layer {layer} has no key/value pool")));
         };
-        let kv_heads = self.caches[0].kv_heads;
-        let w = kv_heads * head_dim;
-        let keys = backend.to_host(k)?;
-        let values = backend.to_host(v)?;
-        if keys.len() != tokens * w || values.len() != tokens * w || tokens != self.tokens() {
-            return Err(Error::Input("attention keys do not match the queries".to_owned()));
-        }
-        let mut padded_k = vec![0.0f32; b * s_k * w];
-        let mut padded_v = vec![0.0f32; b * s_k * w];
-        let mut row = 0;
-        for (i, cache) in self.caches.iter_mut().enumerate() {
-            let n = self.counts[i];
-            let lc = &mut cache.layers[layer];
-            lc.keys.extend_from_slice(&keys[row * w..(row + n) * w]);
-            lc.values.extend_from_slice(&values[row * w..(row + n) * w]);
-            row += n;
-            let total = lc.keys.len() / w;
-            let kept = self.kept[i];
-            let src = (total - kept) * w..total * w;
-            let dst = (i * s_k + s_k - kept) * w..(i + 1) * s_k * w;
-            padded_k[dst.clone()].copy_from_slice(&lc.keys[src.clone()]);
-            padded_v[dst].copy_from_slice(&lc.values[src]);
-        }
-        let k = backend.from_host(&padded_k, &[b, s_k, kv_heads, head_dim])?;
-        let v = backend.from_host(&padded_v, &[b, s_k, kv_heads, head_dim])?;
-        let mask = AttentionMask::causal(s_k - s_q).with_padding(&self.key_valid);
-        let hw = heads * head_dim;
-        if self.uniform() {
-            let q = backend.reshape(q, &[b, s_q, heads, head_dim])?;
-            let out = backend.attention(&q, &k, &v, &mask)?;
-            return Ok(backend.reshape(out, &[tokens, hw])?);
-        }
-        // Sequences with fewer new tokens than the longest get empty leading query slots.
-        let q_host = backend.to_host(&q)?;
-        let mut padded_q = vec![0.0f32; b * s_q * hw];
-        let mut row = 0;
-        for (i, &n) in self.counts.iter().enumerate() {
-            let dst = (i * s_q + s_q - n) * hw..(i + 1) * s_q * hw;
-            padded_q[dst].copy_from_slice(&q_host[row * hw..(row + n) * hw]);
-            row += n;
-        }
-        let q = backend.from_host(&padded_q, &[b, s_q, heads, head_dim])?;
-        let out = backend.to_host(&backend.attention(&q, &k, &v, &mask)?)?;
-        let mut packed = Vec::with_capacity(tokens * hw);
-        for (i, &n) in self.counts.iter().enumerate() {
-            packed.extend_from_slice(&out[(i * s_q + s_q - n) * hw..(i + 1) * s_q * hw]);
-        }
-        Ok(backend.from_host(&packed, &[tokens, hw])?)
+        backend.write_paged(keys, k, &self.paged)?;
+        backend.write_paged(values, v, &self.paged)?;
+        let out = backend.paged_attention(q, keys, values, &self.paged)?;
+        let &[tokens, heads, d] = backend.shape(&out) else {
+            return Err(Error::Input(
+                "paged attention returned an unexpected shape".to_owned(),
+            ));
+        };
+        Ok(backend.reshape(out, &[tokens, heads * d])?)
     }
 
     /// The rows of `x [tokens, d]` holding each sequence's last token: `[batch, d]`.
-    pub fn last_rows<B: Backend>(&self, backend: &B, x: B::Tensor) -> Result<B::Tensor> {
+    pub fn last_rows(&self, backend: &B, x: B::Tensor) -> Result<B::Tensor> {
         if self.counts.iter().all(|&n| n == 1) {
             return Ok(x);
         }
-        let d = backend.shape(&x).last().copied().unwrap_or(0);
-        let host = backend.to_host(&x)?;
-        let mut rows = Vec::with_capacity(self.batch() * d);
-        let mut end = 0;
-        for &n in &self.counts {
-            end += n;
-            rows.extend_from_slice(&host[(end - 1) * d..end * d]);
-        }
-        Ok(backend.from_host(&rows, &[self.batch(), d])?)
+        let last: Vec<u32> = self
+            .counts
+            .iter()
+            .scan(0u32, |end, &n| {
+                *end += n as u32;
+                Some(*end - 1)
+            })
+            .collect();
+        // A gather of rows is an embedding lookup with `x` as the table.
+        Ok(backend.embedding(&last, &x)?)
     }
 
     /// Records the step's tokens as cached (call after every layer has attended).
@@ -301,57 +362,80 @@ impl<'c, 'k> Step<'c, 'k> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::ReferenceBackend;
 
-    fn cache_of(len: usize, capacity: usize) -> KvCache {
-        let mut c = KvCache::new(1, 1, 2, capacity);
-        c.layers[0].keys = vec![0.0; len * 2];
-        c.layers[0].values = vec![0.0; len * 2];
-        c.len = len;
-        c
+    fn layout(window: Option<usize>) -> CacheLayout {
+        CacheLayout {
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 2,
+            window,
+        }
     }
 
     #[test]
-    fn mixed_batch_is_left_padded() {
-        let (mut a, mut b) = (cache_of(3, 16), cache_of(0, 16));
+    fn allocator_hands_out_and_takes_back() {
+        let mut a = BlockAllocator::new(4);
+        let first = a.allocate(3).unwrap();
+        assert_eq!(first, vec![2, 1, 0]);
+        assert_eq!(a.free_blocks(), 1);
+        assert!(a.allocate(2).is_none(), "too few free");
+        assert_eq!(a.free_blocks(), 1, "a failed allocation takes nothing");
+        a.release(&first);
+        assert_eq!(a.free_blocks(), 4);
+        let again = a.allocate(3).unwrap();
+        let mut sorted = again.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, vec![0, 1, 2], "freed blocks are reused first");
+    }
+
+    #[test]
+    fn caches_take_blocks_as_they_grow_and_return_them() {
+        let backend = ReferenceBackend;
+        let mut pool = KvPool::new(&backend, layout(None), 64, 3 * BLOCK_SIZE).unwrap();
+        assert_eq!(pool.capacity_positions(), 48);
+        let mut a = pool.new_cache();
+        let mut b = pool.new_cache();
+        let prompt: Vec<u32> = (0..17).collect();
         let mut caches = [&mut a, &mut b];
-        let step = Step::new(&mut caches, &[&[7], &[1, 2]], 1, 1, 2, None).unwrap();
-        assert_eq!(step.positions, vec![3, 0, 1]);
-        assert_eq!((step.s_q, step.s_k), (2, 4));
-        assert_eq!(
-            step.key_valid,
-            vec![true, true, true, true, false, false, true, true]
-        );
+        let step = Step::new(&backend, &mut pool, &mut caches, &[&prompt, &[1]]).unwrap();
+        assert_eq!(step.positions[..3], [0, 1, 2]);
+        assert_eq!(step.tokens(), 18);
+        step.commit();
+        assert_eq!((a.len(), b.len(), a.blocks.len(), b.blocks.len()), (17, 1, 2, 1));
+        assert_eq!(pool.free_positions(), 0);
+        // Block 4 of `b` does not exist: the step is refused and nothing is committed.
+        let too_much: Vec<u32> = (0..16).collect();
+        assert!(Step::new(&backend, &mut pool, &mut [&mut b], &[&too_much]).is_err());
+        assert_eq!(b.len(), 1);
+        drop(a);
+        assert_eq!(pool.free_positions(), 32);
+        b.clear();
+        assert_eq!(pool.free_positions(), 48);
     }
 
     #[test]
-    fn capacity_and_window_are_errors() {
-        let mut a = cache_of(15, 16);
-        let mut caches = [&mut a];
-        assert!(Step::new(&mut caches, &[&[1, 2]], 1, 1, 2, None).is_err());
-        assert!(Step::new(&mut caches, &[&[1]], 1, 1, 2, None).is_ok());
-        // Past the window: decoding keeps the last `w` keys, a multi-token step is refused.
-        let step = Step::new(&mut caches, &[&[1]], 1, 1, 2, Some(4)).unwrap();
-        assert_eq!(step.s_k, 4);
-        drop(step);
-        let mut b = cache_of(3, 16);
-        let mut caches = [&mut b];
-        assert!(Step::new(&mut caches, &[&[1, 2]], 1, 1, 2, Some(4)).is_err());
-        assert!(Step::new(&mut caches, &[&[]], 1, 1, 2, None).is_err());
+    fn steps_check_their_sequences() {
+        let backend = ReferenceBackend;
+        let mut pool = KvPool::new(&backend, layout(None), 4, 64).unwrap();
+        let mut other = KvPool::new(&backend, layout(None), 4, 64).unwrap();
+        let mut a = pool.new_cache();
         assert!(
-            Step::new(&mut caches, &[&[1]], 2, 1, 2, None).is_err(),
-            "wrong model"
+            Step::new(&backend, &mut pool, &mut [&mut a], &[&[1, 2, 3, 4, 5]]).is_err(),
+            "context"
         );
-    }
-
-    #[test]
-    fn failed_step_writes_are_rolled_back() {
-        let mut a = cache_of(2, 16);
-        a.layers[0].keys.extend([9.0, 9.0]);
-        a.layers[0].values.extend([9.0, 9.0]);
-        let mut caches = [&mut a];
-        let step = Step::new(&mut caches, &[&[1]], 1, 1, 2, None).unwrap();
-        drop(step);
-        assert_eq!(a.layers[0].keys.len(), 4);
-        assert_eq!(a.len(), 2);
+        assert!(
+            Step::new(&backend, &mut pool, &mut [&mut a], &[&[]]).is_err(),
+            "no tokens"
+        );
+        assert!(
+            Step::new(&backend, &mut pool, &mut [], &[]).is_err(),
+            "no sequences"
+        );
+        assert!(
+            Step::new(&backend, &mut other, &mut [&mut a], &[&[1]]).is_err(),
+            "foreign cache"
+        );
+        assert!(Step::new(&backend, &mut pool, &mut [&mut a], &[&[1, 2, 3, 4]]).is_ok());
     }
 }

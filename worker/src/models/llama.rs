@@ -128,7 +128,7 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         &self.config.eos_token_ids
     }
 
-    fn run(&self, backend: &B, mut step: Step<'_, '_>, all: bool) -> Result<Vec<f32>> {
+    fn run(&self, backend: &B, mut step: Step<'_, '_, '_, B>, all: bool) -> Result<Vec<f32>> {
         let c = &self.config;
         let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let inter = c.intermediate_size;
@@ -151,7 +151,7 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
             let q = backend.rope(&backend.reshape(q, &[tokens, heads, d])?, &positions, theta)?;
             let k = backend.rope(&backend.reshape(k, &[tokens, kv_heads, d])?, &positions, theta)?;
             let v = backend.reshape(v, &[tokens, kv_heads, d])?;
-            let context = step.attend(backend, l, q, &k, &v)?;
+            let context = step.attend(backend, l, &q, &k, &v)?;
             let attn = backend.linear(&context, &layer.o_weight, layer.o_bias.as_ref())?;
             x = backend.add(&x, &attn)?;
             let h = backend.rms_norm(&x, &layer.post_norm, eps)?;

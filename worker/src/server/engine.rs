@@ -47,18 +47,23 @@ pub enum ModelParts {
 }
 
 /// Opens `dir` and loads whichever kind of model it holds on a CPU backend with `threads`
-/// threads (0: all cores).
-pub fn load_model(dir: &Path, threads: usize) -> crate::Result<ModelParts> {
-    load_model_on(dir, CpuBackend::new(threads)?)
+/// threads (0: all cores); a decoder gets a key/value pool of `limits.kv_cache_bytes`.
+pub fn load_model(dir: &Path, threads: usize, limits: &ModelLimits) -> crate::Result<ModelParts> {
+    load_model_on(dir, CpuBackend::new(threads)?, limits)
 }
 
-/// Opens `dir` and loads whichever kind of model it holds onto `backend`.
-pub fn load_model_on<B: Backend + 'static>(dir: &Path, backend: B) -> crate::Result<ModelParts> {
+/// Opens `dir` and loads whichever kind of model it holds onto `backend`; a decoder gets a
+/// key/value pool of `limits.kv_cache_bytes`.
+pub fn load_model_on<B: Backend + 'static>(
+    dir: &Path,
+    backend: B,
+    limits: &ModelLimits,
+) -> crate::Result<ModelParts> {
     let opened = ModelDir::open(dir)?;
     match opened.config {
         ModelConfig::Bert(_) => load_encoder_on(opened, backend).map(ModelParts::Encoder),
         ModelConfig::Gpt2(_) | ModelConfig::Llama(_) => {
-            load_decoder_on(opened, backend).map(ModelParts::Decoder)
+            load_decoder_on(opened, backend, limits.kv_cache_bytes).map(ModelParts::Decoder)
         }
     }
 }
@@ -167,7 +172,8 @@ pub struct ModelLimits {
     /// Most padded tokens in one encoder forward pass; for decoders, most prompt tokens joining
     /// a running batch in one step.
     pub max_batch_tokens: usize,
-    /// Bytes of key/value cache the running decoder sequences may reserve together.
+    /// Bytes of the decoder's key/value pool (allocated at load, in device memory on a GPU),
+    /// which the running sequences' reservations share.
     pub kv_cache_bytes: usize,
 }
 
@@ -238,7 +244,6 @@ impl Engine {
             parts.model,
             tokenizer.clone(),
             limits.max_batch_tokens,
-            limits.kv_cache_bytes,
             fault.clone(),
             metrics,
         )

@@ -28,35 +28,54 @@ use crate::config::ModelConfig;
 use crate::model_dir::ModelDir;
 use crate::models::decoder::CausalLm;
 use crate::models::gpt2::Gpt2;
-use crate::models::kv_cache::KvCache;
+use crate::models::kv_cache::{KvCache, KvPool, round_to_blocks};
 use crate::models::llama::Llama;
 use crate::sampling::{FinishReason, Sampler, SamplingParams, find_stop, step_logprobs};
 use crate::tokenizer::Tokenizer;
 
-/// A decoder together with the backend it runs on, the backend's type erased, so that the
-/// generation thread and [`DecoderParts`] do not depend on which backend it is.
+/// A decoder together with the backend it runs on and its key/value pool, the backend's type
+/// erased, so that the generation thread and [`DecoderParts`] do not depend on which backend it
+/// is.
 pub trait Decoder: Send {
-    /// [`CausalLm::step`] on the decoder's backend.
-    fn step(&self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> crate::Result<Vec<Vec<f32>>>;
+    /// [`CausalLm::step`] on the decoder's backend and pool.
+    fn step(&mut self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> crate::Result<Vec<Vec<f32>>>;
     /// Token ids that end generation.
     fn eos_token_ids(&self) -> &[u32];
-    /// An empty cache for one sequence.
+    /// An empty cache for one sequence in the decoder's pool.
     fn new_cache(&self) -> KvCache;
     /// The model's context length.
     fn max_positions(&self) -> usize;
+    /// Positions the key/value pool holds over all sequences.
+    fn kv_capacity_positions(&self) -> usize;
 }
 
-/// A [`CausalLm`] on backend `B`.
+/// A [`CausalLm`] on backend `B`, with its key/value pool.
 pub struct DecoderOn<B: Backend> {
-    /// The model.
-    pub model: Box<dyn CausalLm<B> + Send>,
-    /// The backend it runs on.
-    pub backend: B,
+    model: Box<dyn CausalLm<B> + Send>,
+    backend: B,
+    pool: KvPool<B>,
 }
 
-impl<B: Backend> Decoder for DecoderOn<B> {
-    fn step(&self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> crate::Result<Vec<Vec<f32>>> {
-        self.model.step(&self.backend, caches, tokens)
+impl<B: Backend> DecoderOn<B> {
+    /// The model on `backend` with a key/value pool of `kv_cache_bytes` (at least one block),
+    /// allocated now so that running out of device memory shows at start-up.
+    pub fn new(model: Box<dyn CausalLm<B> + Send>, backend: B, kv_cache_bytes: usize) -> crate::Result<Self> {
+        let pool = KvPool::with_bytes(
+            &backend,
+            model.cache_layout(),
+            model.max_positions(),
+            kv_cache_bytes,
+        )?;
+        Ok(Self { model, backend, pool })
+    }
+}
+
+impl<B: Backend> Decoder for DecoderOn<B>
+where
+    B::Tensor: Send,
+{
+    fn step(&mut self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> crate::Result<Vec<Vec<f32>>> {
+        self.model.step(&self.backend, &mut self.pool, caches, tokens)
     }
 
     fn eos_token_ids(&self) -> &[u32] {
@@ -64,11 +83,15 @@ impl<B: Backend> Decoder for DecoderOn<B> {
     }
 
     fn new_cache(&self) -> KvCache {
-        self.model.new_cache()
+        self.pool.new_cache()
     }
 
     fn max_positions(&self) -> usize {
         self.model.max_positions()
+    }
+
+    fn kv_capacity_positions(&self) -> usize {
+        self.pool.capacity_positions()
     }
 }
 
@@ -81,13 +104,18 @@ pub struct DecoderParts {
 }
 
 /// Loads a decoder (GPT-2 or Llama family) from an opened model folder on a CPU backend with
-/// `threads` threads (0: all cores).
-pub fn load_decoder_dir(dir: ModelDir, threads: usize) -> crate::Result<DecoderParts> {
-    load_decoder_on(dir, CpuBackend::new(threads)?)
+/// `threads` threads (0: all cores) and a key/value pool of `kv_cache_bytes`.
+pub fn load_decoder_dir(dir: ModelDir, threads: usize, kv_cache_bytes: usize) -> crate::Result<DecoderParts> {
+    load_decoder_on(dir, CpuBackend::new(threads)?, kv_cache_bytes)
 }
 
-/// Loads a decoder (GPT-2 or Llama family) from an opened model folder onto `backend`.
-pub fn load_decoder_on<B: Backend + 'static>(dir: ModelDir, backend: B) -> crate::Result<DecoderParts> {
+/// Loads a decoder (GPT-2 or Llama family) from an opened model folder onto `backend`, with a
+/// key/value pool of `kv_cache_bytes`.
+pub fn load_decoder_on<B: Backend + 'static>(
+    dir: ModelDir,
+    backend: B,
+    kv_cache_bytes: usize,
+) -> crate::Result<DecoderParts> {
     let model: Box<dyn CausalLm<B> + Send> = match &dir.config {
         ModelConfig::Gpt2(c) => Box::new(Gpt2::load(&backend, c, &dir.weights, &dir.tensor_prefix)?),
         ModelConfig::Llama(c) => Box::new(Llama::load(&backend, c, &dir.weights, &dir.tensor_prefix)?),
@@ -100,13 +128,14 @@ pub fn load_decoder_on<B: Backend + 'static>(dir: ModelDir, backend: B) -> crate
     };
     Ok(DecoderParts {
         tokenizer: dir.tokenizer,
-        model: Box::new(DecoderOn { model, backend }),
+        model: Box::new(DecoderOn::new(model, backend, kv_cache_bytes)?),
     })
 }
 
-/// Opens `dir` and loads its decoder on a CPU backend with `threads` threads (0: all cores).
-pub fn load_decoder(dir: &Path, threads: usize) -> crate::Result<DecoderParts> {
-    load_decoder_dir(ModelDir::open(dir)?, threads)
+/// Opens `dir` and loads its decoder on a CPU backend with `threads` threads (0: all cores)
+/// and a key/value pool of `kv_cache_bytes`.
+pub fn load_decoder(dir: &Path, threads: usize, kv_cache_bytes: usize) -> crate::Result<DecoderParts> {
+    load_decoder_dir(ModelDir::open(dir)?, threads, kv_cache_bytes)
 }
 
 /// A token and its log-probability.
@@ -183,23 +212,22 @@ pub struct Generator {
 impl Generator {
     /// Starts the generation thread, which owns the model; prefills joining in one step are
     /// limited to `max_batch_tokens` prompt tokens (at least one prompt joins), and the running
-    /// sequences' key/value cache reservations to `kv_cache_bytes`.
+    /// sequences' key/value cache reservations to the decoder's pool.
     pub fn start(
-        model: Box<dyn Decoder>,
+        mut model: Box<dyn Decoder>,
         tokenizer: Arc<Tokenizer>,
         max_batch_tokens: usize,
-        kv_cache_bytes: usize,
         fault: DeviceFault,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let max_positions = model.max_positions();
-        let kv_budget = kv_cache_bytes / model.new_cache().bytes_per_position().max(1);
+        let kv_budget = model.kv_capacity_positions();
         std::thread::Builder::new()
             .name("generator".to_owned())
             .spawn(move || {
                 run(
-                    model.as_ref(),
+                    model.as_mut(),
                     &tokenizer,
                     rx,
                     Budgets {
@@ -295,9 +323,10 @@ pub fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
 }
 
 /// Key/value cache positions a request reserves: its prompt and every token it may generate,
-/// within the model's context.
+/// within the model's context, in whole blocks of the pool (so that reservations that fit the
+/// pool always find their blocks free).
 pub fn kv_reservation(prompt_tokens: usize, max_tokens: usize, max_positions: usize) -> usize {
-    prompt_tokens.saturating_add(max_tokens).min(max_positions)
+    round_to_blocks(prompt_tokens.saturating_add(max_tokens).min(max_positions))
 }
 
 struct Sequence {
@@ -456,7 +485,7 @@ struct Budgets {
 }
 
 fn run(
-    model: &dyn Decoder,
+    model: &mut dyn Decoder,
     tokenizer: &Tokenizer,
     rx: mpsc::Receiver<Request>,
     budgets: Budgets,

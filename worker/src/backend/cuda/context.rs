@@ -153,16 +153,20 @@ impl CudaBackend {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(|e| driver_err("reading the shared memory limit", e))?;
         let bytes = need.min(limit.max(0) as usize);
-        let f = self.kernel("flash_attention_f32")?;
-        // SAFETY: the function handle is valid for the life of its module, which it keeps alive.
-        unsafe {
-            cudarc::driver::result::function::set_function_attribute(
-                f.cu_function(),
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            )
+        for name in ["flash_attention_f32", "paged_flash_attention_f32"] {
+            let f = self.kernel(name)?;
+            // SAFETY: the function handle is valid for the life of its module, which it keeps
+            // alive.
+            unsafe {
+                cudarc::driver::result::function::set_function_attribute(
+                    f.cu_function(),
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+            }
+            .map_err(|e| driver_err(&format!("raising {name}'s shared memory limit"), e))?;
         }
-        .map_err(|e| driver_err("raising flash attention's shared memory limit", e))
+        Ok(())
     }
 
     pub(super) fn kernel(&self, name: &'static str) -> Result<&CudaFunction> {
@@ -180,7 +184,7 @@ impl CudaBackend {
         Ok(CudaTensor { buf, shape })
     }
 
-    pub(super) fn zeros(&self, shape: Vec<usize>) -> Result<CudaTensor> {
+    pub(super) fn alloc_zeros(&self, shape: Vec<usize>) -> Result<CudaTensor> {
         let n: usize = shape.iter().product();
         let buf = self
             .stream

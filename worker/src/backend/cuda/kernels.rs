@@ -49,7 +49,13 @@ pub(crate) const FILES: &[KernelFile] = &[
     KernelFile {
         name: "attention.cu",
         source: include_str!("kernels/attention.cu"),
-        functions: &["flash_attention_f32", "decode_attention_f32"],
+        functions: &[
+            "flash_attention_f32",
+            "decode_attention_f32",
+            "paged_flash_attention_f32",
+            "paged_decode_attention_f32",
+            "kv_write_f32",
+        ],
     },
     KernelFile {
         name: "rope.cu",

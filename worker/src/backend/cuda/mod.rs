@@ -5,7 +5,10 @@
 //! - [`context`]: the device, its stream, cuBLAS, the compiled-kernel cache, error mapping.
 //! - [`kernels`]: the `.cu` sources (embedded) and their NVRTC compilation.
 //! - [`tensor`]: [`CudaTensor`], a device buffer and its shape.
+//! - [`launch`]: the launch macro and launch shapes the ops share.
 //! - [`ops`]: the operations: cuBLAS sgemm for matrix products, our kernels for the rest.
+//! - [`paged`]: key/value pools: a step's block tables uploaded once, rows written in place,
+//!   attention read through the tables.
 //!
 //! fp32 throughout: results match the CPU backend to ~1e-5, which is what the GPU tests hold them
 //! to. Requires libcuda (the driver), libnvrtc and libcublas of CUDA 13 on the library path.
@@ -14,7 +17,9 @@
 
 mod context;
 pub(crate) mod kernels;
+mod launch;
 mod ops;
+mod paged;
 mod tensor;
 
 #[cfg(test)]
@@ -22,4 +27,5 @@ mod tests;
 
 pub use context::CudaBackend;
 pub use ops::Activation;
+pub use paged::CudaPaged;
 pub use tensor::CudaTensor;

@@ -5,34 +5,14 @@
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::context::{ATTN_MAX_D, CudaBackend, driver_err, flash_smem_bytes};
+use super::launch::{BLOCK, elementwise_cfg, int, launch, rows_cfg};
+use super::paged::CudaPaged;
 use super::tensor::CudaTensor;
 use crate::backend::shapes::{self, AttnDims};
-use crate::backend::{AttentionMask, Backend, BackendError, Result};
-
-/// Launches kernel `$name` with `$cfg` and the given argument references (locals, so that they
-/// outlive the launch call).
-macro_rules! launch {
-    ($self:expr, $name:literal, $cfg:expr, $($arg:expr),+ $(,)?) => {{
-        let f = $self.kernel($name)?;
-        let mut builder = $self.stream.launch_builder(f);
-        $( builder.arg($arg); )+
-        // SAFETY: the arguments match the kernel's parameter list in order and type (pointers
-        // as device buffers, `int` as i32, `float` as f32), and the shapes were checked on the
-        // host so that every index the kernel computes is inside its buffer.
-        unsafe { builder.launch($cfg) }
-            .map(|_| ())
-            .map_err(|e| driver_err(concat!("launching ", $name), e))
-    }};
-}
-
-/// Threads per block for the row kernels (norms, softmax, argmax) and elementwise kernels.
-const BLOCK: u32 = 256;
-
-/// Grid-stride kernels need no more blocks than this to fill any current GPU.
-const MAX_BLOCKS: usize = 1 << 16;
+use crate::backend::{AttentionMask, Backend, BackendError, PagedPlan, Result};
 
 /// An activation applied in the epilogue of [`CudaBackend::linear_act`]; the values are the
 /// `ACT_*` constants of `activation.cu`.
@@ -52,27 +32,6 @@ pub(crate) enum AttentionKernel {
     Flash,
     /// One block per query, warps splitting the keys (decode steps over a KV cache).
     Decode,
-}
-
-/// A size as the kernels' `int`, or an error for tensors too large for 32-bit indexing.
-fn int(op: &'static str, n: usize) -> Result<i32> {
-    i32::try_from(n).map_err(|_| shapes::err(op, format!("size {n} exceeds the CUDA kernels' 32-bit limit")))
-}
-
-fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-fn elementwise_cfg(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(BLOCK as usize).min(MAX_BLOCKS) as u32, 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    }
 }
 
 fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
@@ -132,7 +91,7 @@ impl CudaBackend {
         let (ni, ki, mi) = (int(op, n)?, int(op, k)?, int(op, m)?);
         int(op, n * m)?;
         let mut out = if k == 0 {
-            self.zeros(shape)?
+            self.alloc_zeros(shape)?
         } else {
             let mut out = self.alloc(shape)?;
             // Row-major out[n × m] = x[n × k] · Wᵀ is column-major outᵀ[m × n] = W · xᵀ, where the
@@ -305,7 +264,7 @@ impl CudaBackend {
         }
         if q.numel() == 0 || s_k == 0 {
             // Nothing to compute, or no keys at all: every query row is fully masked.
-            return self.zeros(q.shape.clone());
+            return self.alloc_zeros(q.shape.clone());
         }
         let mut out = self.alloc(q.shape.clone())?;
         int(op, q.numel())?;
@@ -415,6 +374,7 @@ impl CudaBackend {
 
 impl Backend for CudaBackend {
     type Tensor = CudaTensor;
+    type Paged = CudaPaged;
 
     fn name(&self) -> &str {
         self.backend_name()
@@ -423,7 +383,7 @@ impl Backend for CudaBackend {
     fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<CudaTensor> {
         shapes::host("from_host", data.len(), shape)?;
         if data.is_empty() {
-            return self.zeros(shape.to_vec());
+            return self.alloc_zeros(shape.to_vec());
         }
         let buf = self
             .stream
@@ -446,6 +406,10 @@ impl Backend for CudaBackend {
             .map_err(|e| driver_err("copying a tensor to the host", e))?;
         self.synchronize()?;
         Ok(host)
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<CudaTensor> {
+        self.alloc_zeros(shape.to_vec())
     }
 
     fn shape<'t>(&self, t: &'t CudaTensor) -> &'t [usize] {
@@ -503,7 +467,7 @@ impl Backend for CudaBackend {
             out_shape,
         } = shapes::matmul(&a.shape, &b.shape)?;
         if batch * n * m == 0 || k == 0 {
-            return self.zeros(out_shape);
+            return self.alloc_zeros(out_shape);
         }
         int(op, batch * n * m)?;
         int(op, a.numel())?;
@@ -696,5 +660,23 @@ impl Backend for CudaBackend {
             AttentionKernel::Flash
         };
         self.attention_with(q, k, v, mask, kernel)
+    }
+
+    fn prepare_paged(&self, plan: &PagedPlan) -> Result<CudaPaged> {
+        self.prepare_paged_plan(plan)
+    }
+
+    fn write_paged(&self, pool: &mut CudaTensor, new: &CudaTensor, paged: &CudaPaged) -> Result<()> {
+        self.write_paged_rows(pool, new, paged)
+    }
+
+    fn paged_attention(
+        &self,
+        q: &CudaTensor,
+        keys: &CudaTensor,
+        values: &CudaTensor,
+        paged: &CudaPaged,
+    ) -> Result<CudaTensor> {
+        self.paged_attention_with(q, keys, values, paged, Self::paged_kernel(paged))
     }
 }

@@ -14,7 +14,9 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use super::kernels::{self, FILES};
 use super::ops::{Activation, AttentionKernel};
 use super::{CudaBackend, CudaTensor};
-use crate::backend::test_util::{AttnCase, AttnInputs, EXACT, Rng, Tol, assert_close, print_skip};
+use crate::backend::test_util::{
+    AttnCase, AttnInputs, EXACT, PagedCase, PagedInputs, Rng, Tol, assert_close, print_skip,
+};
 use crate::backend::{AttentionMask, Backend, BackendError, CpuTensor, ReferenceBackend, Result};
 
 // ---------------------------------------------------------------------------------------------
@@ -527,6 +529,104 @@ fn gpu_attention_matches_reference_for_both_kernels() {
     assert!(matches!(
         g.attention(&t, &t, &t, &AttentionMask::none()),
         Err(BackendError::Shape { .. })
+    ));
+}
+
+/// A paged step on one backend: the pools after writing the new keys and values, then the
+/// attention output (by `attend`, which picks the kernel).
+fn paged_step<B: Backend>(
+    b: &B,
+    inputs: &PagedInputs,
+    c: &PagedCase,
+    attend: impl Fn(&B, &B::Tensor, &B::Tensor, &B::Tensor, &B::Paged) -> Result<B::Tensor>,
+) -> [Vec<f32>; 3] {
+    let step = || -> Result<[Vec<f32>; 3]> {
+        let paged = b.prepare_paged(&inputs.plan)?;
+        let mut keys = b.from_host(&inputs.keys, &inputs.pool_shape)?;
+        let mut values = b.from_host(&inputs.values, &inputs.pool_shape)?;
+        b.write_paged(&mut keys, &b.from_host(&inputs.new_keys, &c.new_shape())?, &paged)?;
+        b.write_paged(
+            &mut values,
+            &b.from_host(&inputs.new_values, &c.new_shape())?,
+            &paged,
+        )?;
+        let q = b.from_host(&inputs.q, &c.q_shape())?;
+        let out = attend(b, &q, &keys, &values, &paged)?;
+        assert_eq!(b.shape(&out), c.q_shape());
+        Ok([b.to_host(&out)?, b.to_host(&keys)?, b.to_host(&values)?])
+    };
+    step().unwrap_or_else(|e| panic!("{c:?} on {}: {e}", b.name()))
+}
+
+#[test]
+fn gpu_paged_attention_matches_reference_for_both_kernels() {
+    let Some(g) = gpu("gpu_paged_attention_matches_reference_for_both_kernels") else {
+        return;
+    };
+    // As the dense attention test: fp32 against f64.
+    let tol = Tol {
+        atol: 1e-5,
+        rtol: 1e-4,
+    };
+    // Beyond the common cases: a Llama-sized decode batch over long scattered caches, a long
+    // windowed prompt whose window starts mid-tile, and many short sequences in one launch.
+    const LONG: &[(usize, usize)] = &[(1, 300), (1, 511), (1, 1), (1, 129)];
+    const WINDOWED: &[(usize, usize)] = &[(45, 100), (1, 77)];
+    const MANY: &[(usize, usize)] = &[(2, 2); 40];
+    let gpu_cases = [
+        PagedCase {
+            seqs: LONG,
+            heads: 32,
+            kv_heads: 8,
+            d: 128,
+            block_size: 16,
+            window: None,
+        },
+        PagedCase {
+            seqs: WINDOWED,
+            heads: 8,
+            kv_heads: 2,
+            d: 64,
+            block_size: 16,
+            window: Some(37),
+        },
+        PagedCase {
+            seqs: MANY,
+            heads: 4,
+            kv_heads: 4,
+            d: 32,
+            block_size: 16,
+            window: None,
+        },
+    ];
+    let mut rng = Rng::new(121);
+    for c in PagedCase::COMMON.into_iter().chain(gpu_cases) {
+        let inputs = c.inputs(&mut rng);
+        let [want, want_keys, want_values] = paged_step(&ReferenceBackend, &inputs, &c, |b, q, k, v, p| {
+            b.paged_attention(q, k, v, p)
+        });
+        for kernel in [AttentionKernel::Flash, AttentionKernel::Decode] {
+            let [got, keys, values] = paged_step(&*g, &inputs, &c, |b, q, k, v, p| {
+                b.paged_attention_with(q, k, v, p, kernel)
+            });
+            let what = format!("{kernel:?} paged attention {c:?}");
+            assert_close(&what, &got, &want, tol);
+            assert_close(&format!("{what}: key pool"), &keys, &want_keys, EXACT);
+            assert_close(&format!("{what}: value pool"), &values, &want_values, EXACT);
+        }
+        let [got, ..] = paged_step(&*g, &inputs, &c, |b, q, k, v, p| b.paged_attention(q, k, v, p));
+        assert_close(&format!("paged attention {c:?}"), &got, &want, tol);
+    }
+    // A table naming a block past the pool is refused before any launch.
+    let c = PagedCase::COMMON[1];
+    let inputs = c.inputs(&mut rng);
+    let paged = g.prepare_paged(&inputs.plan).unwrap();
+    let short = [(inputs.plan.blocks_needed() - 1) * c.block_size, c.kv_heads, c.d];
+    let mut pool = g.zeros(&short).unwrap();
+    let new = g.zeros(&c.new_shape()).unwrap();
+    assert!(matches!(
+        g.write_paged(&mut pool, &new, &paged),
+        Err(BackendError::OutOfRange { .. })
     ));
 }
 

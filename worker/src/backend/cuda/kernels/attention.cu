@@ -1,28 +1,38 @@
-// Scaled dot-product attention with grouped-query heads, padding mask and causal offset.
+// Scaled dot-product attention with grouped-query heads, over dense keys (encoders: padding
+// mask, causal offset) or over a paged key/value pool (decoders: each sequence's keys read in
+// place through its block table).
 //
-// Shapes: q [batch, s_q, heads, d], k and v [batch, s_k, kv_heads, d], out like q; query head h
-// reads key/value head h / (heads / kv_heads). For query i of batch row b, key j is visible when
-//   j < s_k  and  (!has_valid || key_valid[b * s_k + j])  and  (causal_offset < 0 || j <= causal_offset + i)
-// and
-//   out[b, i, h, :] = sum_j softmax_j(scale * q . k_j) v_j     over visible j,
-// zeros when no key is visible. Both kernels use the online softmax: a running maximum m, a
-// running sum l of exp(s - m) and a running output, rescaled by exp(m_old - m_new) whenever the
-// maximum grows, so scores are never materialised in global memory.
+// Query head h reads key/value head h / (heads / kv_heads). For query i of sequence b, with
+// visible keys V(b, i),
+//   out[b, i, h, :] = sum_{j in V} softmax_j(scale * q . k_j) v_j,   zeros when V is empty.
+// Both kernel bodies use the online softmax: a running maximum m, a running sum l of
+// exp(s - m) and a running output, rescaled by exp(m_old - m_new) whenever the maximum grows, so
+// scores are never materialised in global memory.
 //
-// flash_attention_f32 (prefill / encoding):
-//   Launch: grid (ceil(s_q / 16), heads, batch), block 128 (4 warps), dynamic shared memory
+// The bodies are templates over a layout, which says where rows are and which keys are visible:
+// - DenseLayout: q [batch, s_q, heads, d], k and v [batch, s_k, kv_heads, d]; key j is visible
+//   to query i when (!has_valid || key_valid[b * s_k + j]) and (causal_offset < 0 ||
+//   j <= causal_offset + i).
+// - PagedLayout: q [tokens, heads, d] packed sequence after sequence; k and v pools [slots,
+//   kv_heads, d]. meta holds 4 ints per sequence: first query row, q_len, k_len, first entry of
+//   its block table in `tables`. Key position j of sequence b is pool row
+//   tables[table_start + j / block_size] * block_size + j % block_size. Query i is position
+//   p = k_len - q_len + i and sees keys max(0, p + 1 - window) ..= p (window <= 0: no window).
+//
+// flash_attention_f32 / paged_flash_attention_f32 (prefill / encoding):
+//   Launch: grid (ceil(max s_q / 16), heads, batch), block 128 (4 warps), dynamic shared memory
 //   (16 * d + 32 * (d + 1) + 32 * d) floats. The block stages 16 query rows (pre-scaled) in
 //   shared memory and walks the keys in tiles of 32, staging K (rows padded to d + 1 so that
 //   lanes reading different keys hit different banks) and V. Each warp owns 4 query rows; for a
 //   tile, lane j scores key j, the warp reduces max and sum with shuffles, then every lane
-//   accumulates its d / 32 output dims with each key's probability broadcast by shuffle. With a
-//   causal mask the walk stops after the last key the block's last query can see. Tiles past
-//   s_k and rows past s_q are padded and never written.
-// decode_attention_f32 (one or few queries over a KV cache):
-//   Launch: grid (heads, s_q, batch), block 256 (8 warps), dynamic shared memory
-//   (d + 8 * (d + 2)) floats. Warp w takes keys w, w + 8, ...; for each key the warp computes
-//   the dot product with lanes splitting d (coalesced reads of the cache row) and updates its
-//   running softmax; the 8 partial results are merged through shared memory at the end.
+//   accumulates its d / 32 output dims with each key's probability broadcast by shuffle. The
+//   walk covers only the keys some row of the block can see. Rows past the sequence's queries
+//   are padded and never written; a block with no rows exits at once.
+// decode_attention_f32 / paged_decode_attention_f32 (one or few queries over a KV cache):
+//   Launch: grid (heads, max s_q, batch), block 256 (8 warps), dynamic shared memory
+//   (d + 8 * (d + 2)) floats. Warp w takes visible keys w, w + 8, ...; for each key the warp
+//   computes the dot product with lanes splitting d (coalesced reads of the cache row) and
+//   updates its running softmax; the 8 partial results are merged through shared memory.
 //
 // d is at most ATTN_MAX_D (checked on the host and on the device): each lane keeps its share of
 // the output rows in registers.
@@ -35,35 +45,62 @@
 #define ATTN_BK 32
 #define DECODE_WARPS 8
 
-__device__ __forceinline__ bool key_visible(const unsigned char* key_valid, int has_valid, int causal_offset, int b,
-                                            int s_k, int i, int j) {
-    if (j >= s_k) {
-        return false;
+struct DenseLayout {
+    const unsigned char* key_valid;
+    int has_valid, causal_offset, s_q, s_k, b;
+
+    __device__ int q_len() const { return s_q; }
+    // The token row of query i and of key j (times heads or kv_heads gives the head row).
+    __device__ size_t q_token(int i) const { return (size_t)b * s_q + i; }
+    __device__ size_t k_token(int j) const { return (size_t)b * s_k + j; }
+    __device__ int key_begin(int) const { return 0; }
+    __device__ int key_end(int i) const { return causal_offset >= 0 ? min(s_k, causal_offset + i + 1) : s_k; }
+    __device__ bool valid(int j) const { return !has_valid || key_valid[(size_t)b * s_k + j]; }
+};
+
+struct PagedLayout {
+    const unsigned int* tables;
+    int block_size, window, q_start, q_count, k_len, table_start;
+
+    __device__ PagedLayout(const int* meta, const unsigned int* tables_, int block_size_, int window_, int b)
+        : tables(tables_), block_size(block_size_), window(window_), q_start(meta[4 * b]), q_count(meta[4 * b + 1]),
+          k_len(meta[4 * b + 2]), table_start(meta[4 * b + 3]) {}
+
+    __device__ int q_len() const { return q_count; }
+    __device__ size_t q_token(int i) const { return (size_t)q_start + i; }
+    __device__ size_t k_token(int j) const {
+        return (size_t)tables[table_start + j / block_size] * block_size + j % block_size;
     }
-    if (has_valid && !key_valid[(size_t)b * s_k + j]) {
-        return false;
-    }
-    return causal_offset < 0 || j <= causal_offset + i;
+    __device__ int key_end(int i) const { return k_len - q_count + i + 1; }
+    __device__ int key_begin(int i) const { return window > 0 ? max(0, key_end(i) - window) : 0; }
+    __device__ bool valid(int) const { return true; }
+};
+
+template <class L> __device__ __forceinline__ bool key_visible(const L& lay, int i, int j) {
+    return j >= lay.key_begin(i) && j < lay.key_end(i) && lay.valid(j);
 }
 
-extern "C" __global__ void flash_attention_f32(float* out, const float* q, const float* k, const float* v,
-                                               const unsigned char* key_valid, int has_valid, int causal_offset,
-                                               int batch, int s_q, int s_k, int heads, int kv_heads, int d,
-                                               float scale) {
+template <class L>
+__device__ void flash_body(const L& lay, float* out, const float* q, const float* k, const float* v, int heads,
+                           int kv_heads, int d, float scale) {
     KERNEL_CHECK(d > 0 && d <= ATTN_MAX_D && blockDim.x == 32 * ATTN_WARPS);
     KERNEL_CHECK(kv_heads > 0 && heads % kv_heads == 0);
+    const int s_q = lay.q_len(), q0 = blockIdx.x * ATTN_BQ;
+    if (q0 >= s_q) {
+        return; // uniform for the block: a shorter sequence of a packed batch
+    }
     extern __shared__ float smem[];
     float* qs = smem;                   // [ATTN_BQ][d]
     float* ks = qs + ATTN_BQ * d;       // [ATTN_BK][d + 1]
     float* vs = ks + ATTN_BK * (d + 1); // [ATTN_BK][d]
 
-    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * ATTN_BQ;
+    const int h = blockIdx.y;
     const int kvh = h / (heads / kv_heads);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
     for (int idx = threadIdx.x; idx < ATTN_BQ * d; idx += blockDim.x) {
         const int r = idx / d, c = idx % d, i = q0 + r;
-        qs[idx] = i < s_q ? q[(((size_t)b * s_q + i) * heads + h) * d + c] * scale : 0.0f;
+        qs[idx] = i < s_q ? q[(lay.q_token(i) * heads + h) * d + c] * scale : 0.0f;
     }
 
     float m[ATTN_ROWS_PER_WARP], l[ATTN_ROWS_PER_WARP], acc[ATTN_ROWS_PER_WARP][ATTN_DPL];
@@ -77,19 +114,18 @@ extern "C" __global__ void flash_attention_f32(float* out, const float* q, const
         }
     }
 
-    // Keys past the last one the block's last query row can see are skipped entirely.
-    int kv_end = s_k;
-    if (causal_offset >= 0) {
-        kv_end = min(s_k, causal_offset + min(q0 + ATTN_BQ, s_q));
-    }
+    // Only keys some row of the block can see are walked (visibility ranges grow with i).
+    const int last = min(q0 + ATTN_BQ, s_q) - 1;
+    const int kv_begin = lay.key_begin(q0), kv_end = lay.key_end(last);
 
-    for (int k0 = 0; k0 < kv_end; k0 += ATTN_BK) {
+    for (int k0 = kv_begin; k0 < kv_end; k0 += ATTN_BK) {
         __syncthreads(); // the previous tile (and, first time round, nothing) is fully consumed
         for (int idx = threadIdx.x; idx < ATTN_BK * d; idx += blockDim.x) {
             const int r = idx / d, c = idx % d, j = k0 + r;
-            const size_t src = (((size_t)b * s_k + j) * kv_heads + kvh) * d + c;
-            ks[r * (d + 1) + c] = j < s_k ? k[src] : 0.0f;
-            vs[r * d + c] = j < s_k ? v[src] : 0.0f;
+            const bool in = j < kv_end;
+            const size_t src = in ? (lay.k_token(j) * kv_heads + kvh) * d + c : 0;
+            ks[r * (d + 1) + c] = in ? k[src] : 0.0f;
+            vs[r * d + c] = in ? v[src] : 0.0f;
         }
         __syncthreads();
 
@@ -98,7 +134,7 @@ extern "C" __global__ void flash_attention_f32(float* out, const float* q, const
         for (int rr = 0; rr < ATTN_ROWS_PER_WARP; ++rr) {
             const int r = warp * ATTN_ROWS_PER_WARP + rr, i = q0 + r;
             if (i < s_q) { // uniform across the warp
-                const bool visible = key_visible(key_valid, has_valid, causal_offset, b, s_k, i, j);
+                const bool visible = j < kv_end && key_visible(lay, i, j);
                 float s = -INFINITY;
                 if (visible) {
                     float dot = 0.0f;
@@ -137,7 +173,7 @@ extern "C" __global__ void flash_attention_f32(float* out, const float* q, const
         const int i = q0 + warp * ATTN_ROWS_PER_WARP + rr;
         if (i < s_q) {
             const float inv = l[rr] > 0.0f ? 1.0f / l[rr] : 0.0f;
-            float* o = out + (((size_t)b * s_q + i) * heads + h) * d;
+            float* o = out + (lay.q_token(i) * heads + h) * d;
 #pragma unroll
             for (int t = 0; t < ATTN_DPL; ++t) {
                 const int c = lane + 32 * t;
@@ -149,35 +185,38 @@ extern "C" __global__ void flash_attention_f32(float* out, const float* q, const
     }
 }
 
-extern "C" __global__ void decode_attention_f32(float* out, const float* q, const float* k, const float* v,
-                                                const unsigned char* key_valid, int has_valid, int causal_offset,
-                                                int batch, int s_q, int s_k, int heads, int kv_heads, int d,
-                                                float scale) {
+template <class L>
+__device__ void decode_body(const L& lay, float* out, const float* q, const float* k, const float* v, int heads,
+                            int kv_heads, int d, float scale) {
     KERNEL_CHECK(d > 0 && d <= ATTN_MAX_D && blockDim.x == 32 * DECODE_WARPS);
     KERNEL_CHECK(kv_heads > 0 && heads % kv_heads == 0);
+    const int h = blockIdx.x, i = blockIdx.y;
+    if (i >= lay.q_len()) {
+        return; // uniform for the block
+    }
     extern __shared__ float smem[];
-    float* qs = smem;                 // [d], pre-scaled
-    float* part = qs + d;             // per warp: [m, l, acc[d]]
+    float* qs = smem;     // [d], pre-scaled
+    float* part = qs + d; // per warp: [m, l, acc[d]]
 
-    const int h = blockIdx.x, i = blockIdx.y, b = blockIdx.z;
     const int kvh = h / (heads / kv_heads);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const size_t q_row = (lay.q_token(i) * heads + h) * d;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        qs[c] = q[(((size_t)b * s_q + i) * heads + h) * d + c] * scale;
+        qs[c] = q[q_row + c] * scale;
     }
     __syncthreads();
 
-    const int kv_end = causal_offset >= 0 ? min(s_k, causal_offset + i + 1) : s_k;
+    const int kv_begin = lay.key_begin(i), kv_end = lay.key_end(i);
     float m = -INFINITY, l = 0.0f, acc[ATTN_DPL];
 #pragma unroll
     for (int t = 0; t < ATTN_DPL; ++t) {
         acc[t] = 0.0f;
     }
-    for (int j = warp; j < kv_end; j += DECODE_WARPS) {
-        if (!key_visible(key_valid, has_valid, causal_offset, b, s_k, i, j)) { // uniform per warp
+    for (int j = kv_begin + warp; j < kv_end; j += DECODE_WARPS) {
+        if (!lay.valid(j)) { // uniform per warp
             continue;
         }
-        const size_t row = (((size_t)b * s_k + j) * kv_heads + kvh) * d;
+        const size_t row = (lay.k_token(j) * kv_heads + kvh) * d;
         float partial = 0.0f;
 #pragma unroll
         for (int t = 0; t < ATTN_DPL; ++t) {
@@ -219,7 +258,7 @@ extern "C" __global__ void decode_attention_f32(float* out, const float* q, cons
     for (int w = 0; w < DECODE_WARPS; ++w) {
         m_all = fmaxf(m_all, part[w * (d + 2)]);
     }
-    float* o = out + (((size_t)b * s_q + i) * heads + h) * d;
+    float* o = out + q_row;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         if (m_all == -INFINITY) {
             o[c] = 0.0f; // no visible key
@@ -233,5 +272,50 @@ extern "C" __global__ void decode_attention_f32(float* out, const float* q, cons
             o_all += pw[2 + c] * wgt;
         }
         o[c] = o_all / l_all;
+    }
+}
+
+extern "C" __global__ void flash_attention_f32(float* out, const float* q, const float* k, const float* v,
+                                               const unsigned char* key_valid, int has_valid, int causal_offset,
+                                               int batch, int s_q, int s_k, int heads, int kv_heads, int d,
+                                               float scale) {
+    const DenseLayout lay{key_valid, has_valid, causal_offset, s_q, s_k, (int)blockIdx.z};
+    flash_body(lay, out, q, k, v, heads, kv_heads, d, scale);
+}
+
+extern "C" __global__ void decode_attention_f32(float* out, const float* q, const float* k, const float* v,
+                                                const unsigned char* key_valid, int has_valid, int causal_offset,
+                                                int batch, int s_q, int s_k, int heads, int kv_heads, int d,
+                                                float scale) {
+    const DenseLayout lay{key_valid, has_valid, causal_offset, s_q, s_k, (int)blockIdx.z};
+    decode_body(lay, out, q, k, v, heads, kv_heads, d, scale);
+}
+
+extern "C" __global__ void paged_flash_attention_f32(float* out, const float* q, const float* k_pool,
+                                                     const float* v_pool, const int* meta,
+                                                     const unsigned int* tables, int seqs, int block_size,
+                                                     int window, int heads, int kv_heads, int d, float scale) {
+    KERNEL_CHECK((int)blockIdx.z < seqs && block_size > 0);
+    const PagedLayout lay(meta, tables, block_size, window, blockIdx.z);
+    flash_body(lay, out, q, k_pool, v_pool, heads, kv_heads, d, scale);
+}
+
+extern "C" __global__ void paged_decode_attention_f32(float* out, const float* q, const float* k_pool,
+                                                      const float* v_pool, const int* meta,
+                                                      const unsigned int* tables, int seqs, int block_size,
+                                                      int window, int heads, int kv_heads, int d, float scale) {
+    KERNEL_CHECK((int)blockIdx.z < seqs && block_size > 0);
+    const PagedLayout lay(meta, tables, block_size, window, blockIdx.z);
+    decode_body(lay, out, q, k_pool, v_pool, heads, kv_heads, d, scale);
+}
+
+// kv_write_f32: pool[slots[t], :] = rows[t, :] for t < tokens, rows of `width` floats (one
+//   position's keys or values over all kv heads). Launch: grid-stride over tokens * width.
+extern "C" __global__ void kv_write_f32(float* pool, const float* rows, const unsigned int* slots, int tokens,
+                                        int width) {
+    const size_t n = (size_t)tokens * width;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += (size_t)gridDim.x * blockDim.x) {
+        const size_t t = idx / width, c = idx % width;
+        pool[(size_t)slots[t] * width + c] = rows[idx];
     }
 }

@@ -1,0 +1,167 @@
+//! Paged key/value pools on the GPU (see [`crate::backend::paged`]): a step's plan is uploaded
+//! once ([`CudaPaged`]: per-sequence metadata, block tables, the new tokens' pool rows), every
+//! layer then writes its new keys and values into their rows with one kernel each and attends
+//! through the block tables in place, so nothing of the cache crosses the bus between steps.
+
+use cudarc::driver::{CudaSlice, LaunchConfig};
+
+use super::context::{ATTN_MAX_D, CudaBackend, flash_smem_bytes};
+use super::launch::{elementwise_cfg, int, launch};
+use super::ops::AttentionKernel;
+use super::tensor::CudaTensor;
+use crate::backend::{PagedPlan, Result, shapes};
+
+/// A step's [`PagedPlan`] on the device.
+#[derive(Debug)]
+pub struct CudaPaged {
+    plan: PagedPlan,
+    /// 4 ints per sequence: first query row, new tokens, keys, first block table entry.
+    meta: CudaSlice<i32>,
+    /// Every sequence's block table, one after another.
+    tables: CudaSlice<u32>,
+    /// The pool row of each new token, in packed order.
+    slots: CudaSlice<u32>,
+    /// The most new tokens of any sequence (the query extent of the launch grids).
+    max_q_len: usize,
+}
+
+impl CudaBackend {
+    pub(super) fn prepare_paged_plan(&self, plan: &PagedPlan) -> Result<CudaPaged> {
+        let op = "paged";
+        plan.check()?;
+        let mut meta = Vec::with_capacity(4 * plan.seqs.len());
+        let mut tables = Vec::new();
+        let mut q_start = 0;
+        for s in &plan.seqs {
+            meta.extend([
+                int(op, q_start)?,
+                int(op, s.q_len)?,
+                int(op, s.k_len)?,
+                int(op, tables.len())?,
+            ]);
+            q_start += s.q_len;
+            tables.extend_from_slice(&s.blocks);
+        }
+        int(op, plan.window.unwrap_or(0))?;
+        int(op, plan.block_size)?;
+        Ok(CudaPaged {
+            meta: self.upload("block table metadata", &meta)?,
+            tables: self.upload("block tables", &tables)?,
+            slots: self.upload("cache slots", &plan.new_slots())?,
+            max_q_len: plan.seqs.iter().map(|s| s.q_len).max().unwrap_or(0),
+            plan: plan.clone(),
+        })
+    }
+
+    pub(super) fn write_paged_rows(
+        &self,
+        pool: &mut CudaTensor,
+        new: &CudaTensor,
+        paged: &CudaPaged,
+    ) -> Result<()> {
+        let op = "write_paged";
+        paged.plan.check_write(&pool.shape, &new.shape)?;
+        int(op, pool.numel())?;
+        let (tokens, width) = (int(op, new.shape[0])?, int(op, new.shape[1] * new.shape[2])?);
+        if new.numel() == 0 {
+            return Ok(());
+        }
+        launch!(
+            self,
+            "kv_write_f32",
+            elementwise_cfg(new.numel()),
+            &mut pool.buf,
+            &new.buf,
+            &paged.slots,
+            &tokens,
+            &width
+        )
+    }
+
+    /// Attention over the pools through the chosen kernel (the trait method picks one).
+    pub(crate) fn paged_attention_with(
+        &self,
+        q: &CudaTensor,
+        keys: &CudaTensor,
+        values: &CudaTensor,
+        paged: &CudaPaged,
+        kernel: AttentionKernel,
+    ) -> Result<CudaTensor> {
+        let op = "paged_attention";
+        let plan = &paged.plan;
+        let (heads, kv_heads, d) = plan.check_attention(&q.shape, &keys.shape, &values.shape)?;
+        if d > ATTN_MAX_D {
+            return Err(shapes::err(
+                op,
+                format!("head_dim {d} exceeds the CUDA kernels' maximum of {ATTN_MAX_D}"),
+            ));
+        }
+        let seqs = plan.seqs.len();
+        if seqs > 65_535 || heads > 65_535 || (kernel == AttentionKernel::Decode && paged.max_q_len > 65_535)
+        {
+            return Err(shapes::err(
+                op,
+                format!("grid too large for {seqs} sequences of {:?}", q.shape),
+            ));
+        }
+        int(op, q.numel())?;
+        int(op, keys.numel())?;
+        let mut out = self.alloc(q.shape.clone())?;
+        let (seqs_i, bs, window) = (
+            int(op, seqs)?,
+            int(op, plan.block_size)?,
+            int(op, plan.window.unwrap_or(0))?,
+        );
+        let (hi, kvi, di) = (int(op, heads)?, int(op, kv_heads)?, int(op, d)?);
+        let scale = 1.0 / (d as f32).sqrt();
+        let cfg = match kernel {
+            AttentionKernel::Flash => LaunchConfig {
+                grid_dim: (paged.max_q_len.div_ceil(16) as u32, heads as u32, seqs as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: flash_smem_bytes(d) as u32,
+            },
+            AttentionKernel::Decode => LaunchConfig {
+                grid_dim: (heads as u32, paged.max_q_len as u32, seqs as u32),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: ((d + 8 * (d + 2)) * size_of::<f32>()) as u32,
+            },
+        };
+        macro_rules! attn {
+            ($name:literal) => {
+                launch!(
+                    self,
+                    $name,
+                    cfg,
+                    &mut out.buf,
+                    &q.buf,
+                    &keys.buf,
+                    &values.buf,
+                    &paged.meta,
+                    &paged.tables,
+                    &seqs_i,
+                    &bs,
+                    &window,
+                    &hi,
+                    &kvi,
+                    &di,
+                    &scale
+                )
+            };
+        }
+        match kernel {
+            AttentionKernel::Flash => attn!("paged_flash_attention_f32")?,
+            AttentionKernel::Decode => attn!("paged_decode_attention_f32")?,
+        }
+        Ok(out)
+    }
+
+    /// The kernel for a step: decode steps (one new token per sequence) spread each query's
+    /// keys over 8 warps; anything with a prompt in it goes to flash.
+    pub(super) fn paged_kernel(paged: &CudaPaged) -> AttentionKernel {
+        if paged.max_q_len == 1 {
+            AttentionKernel::Decode
+        } else {
+            AttentionKernel::Flash
+        }
+    }
+}
