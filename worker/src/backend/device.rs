@@ -7,6 +7,9 @@
 //!   warning to log when a GPU was expected but failed.
 //! - `cuda:N` (`cuda` means `cuda:0`): GPU N or an error; an explicit request never falls back
 //!   silently to a backend that is orders of magnitude slower.
+//!
+//! Also the `--precision fp32|fp16|bf16` setting: the storage type of a GPU backend's tensors
+//! (the CPU backend computes in fp32 whatever is asked).
 
 use std::fmt;
 use std::str::FromStr;
@@ -63,6 +66,96 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
+/// The storage precision of a backend's tensors (weights, activations, key/value pools).
+/// Arithmetic is fp32 in every case: reduced precision halves memory and its traffic, and lets
+/// matrix products run on tensor cores with fp32 accumulation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// IEEE single precision.
+    #[default]
+    F32,
+    /// IEEE half precision (5 exponent bits: range to 65504).
+    F16,
+    /// bfloat16 (fp32's range, 8 significant bits).
+    Bf16,
+}
+
+impl Precision {
+    /// Every precision, for tests and tables.
+    pub const ALL: [Precision; 3] = [Precision::F32, Precision::F16, Precision::Bf16];
+
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::Bf16 => 2,
+        }
+    }
+
+    /// Stores `data` in this precision (little-endian bytes), rounding to nearest, ties to even.
+    pub fn encode(self, data: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(data.len() * self.bytes());
+        match self {
+            Self::F32 => data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            Self::F16 => data
+                .iter()
+                .for_each(|&v| out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())),
+            Self::Bf16 => data
+                .iter()
+                .for_each(|&v| out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes())),
+        }
+        out
+    }
+
+    /// Widens little-endian elements of this precision to `f32` (exact).
+    pub fn decode(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            Self::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Self::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Self::Bf16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        }
+    }
+
+    /// `data` rounded to this precision and widened back: what a tensor of this precision holds.
+    pub fn round(self, data: &[f32]) -> Vec<f32> {
+        self.decode(&self.encode(data))
+    }
+}
+
+impl FromStr for Precision {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "fp32" => Ok(Self::F32),
+            "fp16" => Ok(Self::F16),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(Error::Setup(format!(
+                "invalid precision `{other}`: expected fp32, fp16 or bf16"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "fp32",
+            Self::F16 => "fp16",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
 /// The outcome of [`select`]: the opened GPU (whatever `open_cuda` returns, e.g. a
 /// `CudaBackend`) or the CPU, with a warning to log when the CPU is a fallback.
 #[derive(Debug, PartialEq, Eq)]
@@ -104,6 +197,34 @@ pub fn select<G>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn precisions_parse_print_and_round_to_nearest_even() {
+        for p in Precision::ALL {
+            assert_eq!(p.to_string().parse::<Precision>().unwrap(), p);
+        }
+        assert!(
+            "half"
+                .parse::<Precision>()
+                .unwrap_err()
+                .to_string()
+                .contains("fp32, fp16 or bf16")
+        );
+        let values = [0.0, -1.5, 1.0 + 1.0 / 256.0, 3.0e38, 70000.0, f32::NAN, 1.0e-8];
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&Precision::F32.round(&values)), bits(&values));
+        // Expected values from PyTorch's .to(torch.bfloat16) / .to(torch.float16). 1 + 2^-8 is
+        // exactly halfway between two bf16 values: ties go to the even one, 1.0.
+        let bf = Precision::Bf16.round(&values);
+        assert_eq!(&bf[..5], &[0.0, -1.5, 1.0, 3.004_055_3e38, 70144.0]);
+        assert!(bf[5].is_nan());
+        assert_eq!(bf[6], 1.001_171_8e-8);
+        let h = Precision::F16.round(&values);
+        assert_eq!(&h[..5], &[0.0, -1.5, 1.0 + 1.0 / 256.0, f32::INFINITY, f32::INFINITY]);
+        assert!(h[5].is_nan());
+        assert_eq!(h[6], 0.0, "below fp16's smallest subnormal");
+        assert_eq!(Precision::F16.encode(&values).len(), 2 * values.len());
+    }
 
     #[test]
     fn parses_the_three_forms_and_rejects_the_rest() {

@@ -40,7 +40,7 @@ mod tests;
 pub use cpu::{CpuBackend, CpuTensor};
 #[cfg(feature = "cuda")]
 pub use cuda::{CudaBackend, CudaTensor};
-pub use device::{DeviceSpec, Selected};
+pub use device::{DeviceSpec, Precision, Selected};
 pub use paged::{PagedPlan, PagedSeq};
 pub use reference::ReferenceBackend;
 

@@ -12,7 +12,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRep
 
 use super::kernels::{self, FILES};
 use super::tensor::CudaTensor;
-use crate::backend::{BackendError, Result};
+use crate::backend::{BackendError, Precision, Result};
 
 /// Oldest GPU generation accepted: Volta (7.0). The kernels need warp shuffles with masks and
 /// nothing newer; they are compile-checked for 8.0 and 9.0.
@@ -29,9 +29,11 @@ pub(super) const fn flash_smem_bytes(d: usize) -> usize {
 pub(super) const ATTN_MAX_D: usize = 256;
 
 /// The CUDA backend on one GPU. All work goes to one stream, in order; host reads
-/// (`to_host`) synchronise it, which is also where asynchronous kernel failures surface.
+/// (`to_host`) synchronise it, which is also where asynchronous kernel failures surface. Every
+/// tensor is stored in the backend's [`Precision`].
 pub struct CudaBackend {
     name: String,
+    pub(super) precision: Precision,
     ctx: Arc<CudaContext>,
     pub(super) stream: Arc<CudaStream>,
     pub(super) blas: CudaBlas,
@@ -39,7 +41,7 @@ pub struct CudaBackend {
     /// One-element buffers passed where a kernel takes an optional pointer that is absent (the
     /// kernels are told so by a flag and never read them).
     pub(super) placeholder_u8: CudaSlice<u8>,
-    pub(super) placeholder_f32: CudaSlice<f32>,
+    pub(super) placeholder_elem: CudaSlice<u8>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -67,10 +69,16 @@ fn library_missing(what: &str, lib: &str) -> BackendError {
 }
 
 impl CudaBackend {
-    /// Opens GPU `ordinal`: loads the driver, NVRTC and cuBLAS libraries, creates the stream and
-    /// compiles every kernel for this GPU. Fails (never panics) when a library is missing, there
-    /// is no such GPU, the GPU is too old, or a kernel does not compile.
+    /// Opens GPU `ordinal` in fp32; see [`CudaBackend::with_precision`].
     pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_precision(ordinal, Precision::F32)
+    }
+
+    /// Opens GPU `ordinal` with tensors stored in `precision`: loads the driver, NVRTC and cuBLAS
+    /// libraries, creates the stream and compiles every kernel for this GPU and precision. Fails
+    /// (never panics) when a library is missing, there is no such GPU, the GPU is too old, or a
+    /// kernel does not compile.
+    pub fn with_precision(ordinal: usize, precision: Precision) -> Result<Self> {
         // cudarc panics on first use of a library it cannot load, so look for each one first.
         // SAFETY: these only try to dlopen the libraries; no symbol is called.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -111,7 +119,7 @@ impl CudaBackend {
         let arch = kernels::virtual_arch(major, minor);
         let mut functions = HashMap::new();
         for file in FILES {
-            let ptx = kernels::compile(file, &arch)?;
+            let ptx = kernels::compile(file, &arch, precision)?;
             let module = ctx
                 .load_module(ptx)
                 .map_err(|e| driver_err(&format!("loading {} on {gpu}", file.name), e))?;
@@ -124,11 +132,12 @@ impl CudaBackend {
         }
         let backend = Self {
             name: format!("cuda:{ordinal}"),
+            precision,
             placeholder_u8: stream
                 .alloc_zeros::<u8>(1)
                 .map_err(|e| driver_err("allocating", e))?,
-            placeholder_f32: stream
-                .alloc_zeros::<f32>(1)
+            placeholder_elem: stream
+                .alloc_zeros::<u8>(4)
                 .map_err(|e| driver_err("allocating", e))?,
             ctx,
             stream,
@@ -153,7 +162,7 @@ impl CudaBackend {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(|e| driver_err("reading the shared memory limit", e))?;
         let bytes = need.min(limit.max(0) as usize);
-        for name in ["flash_attention_f32", "paged_flash_attention_f32"] {
+        for name in ["flash_attention", "paged_flash_attention"] {
             let f = self.kernel(name)?;
             // SAFETY: the function handle is valid for the life of its module, which it keeps
             // alive.
@@ -177,20 +186,25 @@ impl CudaBackend {
 
     /// An uninitialised tensor; every op writes all of its output.
     pub(super) fn alloc(&self, shape: Vec<usize>) -> Result<CudaTensor> {
-        let n: usize = shape.iter().product();
+        let bytes = shape.iter().product::<usize>().max(1) * self.precision.bytes();
         // SAFETY: the callers overwrite every element before it is read.
-        let buf = unsafe { self.stream.alloc::<f32>(n.max(1)) }
-            .map_err(|e| driver_err(&format!("allocating {} bytes", n * 4), e))?;
+        let buf = unsafe { self.stream.alloc::<u8>(bytes) }
+            .map_err(|e| driver_err(&format!("allocating {bytes} bytes"), e))?;
         Ok(CudaTensor { buf, shape })
     }
 
     pub(super) fn alloc_zeros(&self, shape: Vec<usize>) -> Result<CudaTensor> {
-        let n: usize = shape.iter().product();
+        let bytes = shape.iter().product::<usize>().max(1) * self.precision.bytes();
         let buf = self
             .stream
-            .alloc_zeros::<f32>(n.max(1))
-            .map_err(|e| driver_err(&format!("allocating {} bytes", n * 4), e))?;
+            .alloc_zeros::<u8>(bytes)
+            .map_err(|e| driver_err(&format!("allocating {bytes} bytes"), e))?;
         Ok(CudaTensor { buf, shape })
+    }
+
+    /// The precision tensors are stored in.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Copies a small host argument (ids, positions, a mask) to the device.

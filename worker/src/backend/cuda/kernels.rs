@@ -1,11 +1,12 @@
 //! The CUDA kernel sources (the `.cu` files beside this module, embedded in the binary) and their
 //! compilation to PTX through NVRTC. The backend compiles every file once at start-up for the
-//! GPU's architecture; the NVRTC check in the tests compiles them for each architecture we ship
-//! for, which needs libnvrtc but no GPU.
+//! GPU's architecture and its storage precision (a define that sets `elem_t`, see
+//! `common.cuh`); the NVRTC check in the tests compiles them for each architecture we ship for
+//! in each precision, which needs libnvrtc but no GPU.
 
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
-use crate::backend::{BackendError, Result};
+use crate::backend::{BackendError, Precision, Result};
 
 /// Prepended to every source: reductions and the device-side shape check.
 const COMMON: &str = include_str!("kernels/common.cuh");
@@ -23,54 +24,48 @@ pub(crate) const FILES: &[KernelFile] = &[
     KernelFile {
         name: "embedding.cu",
         source: include_str!("kernels/embedding.cu"),
-        functions: &["embedding_f32", "embedding_add_f32"],
+        functions: &["embedding", "embedding_add"],
     },
     KernelFile {
         name: "norm.cu",
         source: include_str!("kernels/norm.cu"),
-        functions: &["layer_norm_f32", "rms_norm_f32"],
+        functions: &["layer_norm", "rms_norm"],
     },
     KernelFile {
         name: "activation.cu",
         source: include_str!("kernels/activation.cu"),
-        functions: &[
-            "add_f32",
-            "gelu_erf_f32",
-            "gelu_tanh_f32",
-            "silu_mul_f32",
-            "bias_act_f32",
-        ],
+        functions: &["add", "gelu_erf", "gelu_tanh", "silu_mul", "bias_act"],
     },
     KernelFile {
         name: "softmax.cu",
         source: include_str!("kernels/softmax.cu"),
-        functions: &["softmax_rows_f32"],
+        functions: &["softmax_rows"],
     },
     KernelFile {
         name: "attention.cu",
         source: include_str!("kernels/attention.cu"),
         functions: &[
-            "flash_attention_f32",
-            "decode_attention_f32",
-            "paged_flash_attention_f32",
-            "paged_decode_attention_f32",
-            "kv_write_f32",
+            "flash_attention",
+            "decode_attention",
+            "paged_flash_attention",
+            "paged_decode_attention",
+            "kv_write",
         ],
     },
     KernelFile {
         name: "rope.cu",
         source: include_str!("kernels/rope.cu"),
-        functions: &["rope_f32"],
+        functions: &["rope"],
     },
     KernelFile {
         name: "layout.cu",
         source: include_str!("kernels/layout.cu"),
-        functions: &["split_columns_f32"],
+        functions: &["split_columns"],
     },
     KernelFile {
         name: "sampling.cu",
         source: include_str!("kernels/sampling.cu"),
-        functions: &["argmax_rows_f32"],
+        functions: &["argmax_rows"],
     },
 ];
 
@@ -85,9 +80,18 @@ pub(crate) fn nvrtc_available() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// Compiles one file to PTX for `arch` (e.g. `compute_80`). The error carries NVRTC's log, which
-/// names the line and the problem.
-pub(crate) fn compile(file: &KernelFile, arch: &str) -> Result<Ptx> {
+/// The define that selects the kernels' storage type.
+fn precision_define(precision: Precision) -> Option<&'static str> {
+    match precision {
+        Precision::F32 => None,
+        Precision::F16 => Some("-DATOMIC_F16"),
+        Precision::Bf16 => Some("-DATOMIC_BF16"),
+    }
+}
+
+/// Compiles one file to PTX for `arch` (e.g. `compute_80`) with tensors stored in `precision`.
+/// The error carries NVRTC's log, which names the line and the problem.
+pub(crate) fn compile(file: &KernelFile, arch: &str, precision: Precision) -> Result<Ptx> {
     if !nvrtc_available() {
         return Err(BackendError::Device(
             "NVRTC (libnvrtc.so) not found on the library path; it is needed to compile the CUDA kernels"
@@ -100,7 +104,10 @@ pub(crate) fn compile(file: &KernelFile, arch: &str) -> Result<Ptx> {
         // are compared with the CPU backend at 1e-5); no fast-math intrinsics.
         prec_div: Some(true),
         prec_sqrt: Some(true),
-        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
+        options: [format!("--gpu-architecture={arch}"), "--std=c++17".into()]
+            .into_iter()
+            .chain(precision_define(precision).map(str::to_owned))
+            .collect(),
         ..Default::default()
     };
     // `#line` keeps NVRTC's messages pointing at the right file and line.
@@ -110,10 +117,13 @@ pub(crate) fn compile(file: &KernelFile, arch: &str) -> Result<Ptx> {
     );
     cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| match e {
         CompileError::CompileError { log, .. } => BackendError::Device(format!(
-            "NVRTC failed to compile {} for {arch}:\n{}",
+            "NVRTC failed to compile {} for {arch} ({precision}):\n{}",
             file.name,
             log.to_string_lossy()
         )),
-        other => BackendError::Device(format!("NVRTC failed on {} for {arch}: {other}", file.name)),
+        other => BackendError::Device(format!(
+            "NVRTC failed on {} for {arch} ({precision}): {other}",
+            file.name
+        )),
     })
 }

@@ -5,17 +5,25 @@
 //! - [`context`]: the device, its stream, cuBLAS, the compiled-kernel cache, error mapping.
 //! - [`kernels`]: the `.cu` sources (embedded) and their NVRTC compilation.
 //! - [`tensor`]: [`CudaTensor`], a device buffer and its shape.
+//! - [`gemm`]: matrix products through cuBLAS in the storage precision, fp32 accumulation.
 //! - [`launch`]: the launch macro and launch shapes the ops share.
-//! - [`ops`]: the operations: cuBLAS sgemm for matrix products, our kernels for the rest.
+//! - [`ops`]: the operations: cuBLAS for matrix products, our kernels for the rest.
 //! - [`paged`]: key/value pools: a step's block tables uploaded once, rows written in place,
 //!   attention read through the tables.
 //!
-//! fp32 throughout: results match the CPU backend to ~1e-5, which is what the GPU tests hold them
-//! to. Requires libcuda (the driver), libnvrtc and libcublas of CUDA 13 on the library path.
+//! Tensors are stored in the backend's [`Precision`] (fp32, fp16 or bf16; the kernels are
+//! compiled for it) and every op accumulates in fp32. In fp32 results match the CPU backend to
+//! ~1e-5, which is what the GPU tests hold them to; in half precision each stored value carries
+//! one rounding (2^-11 relative for fp16, 2^-8 for bf16) and the tests hold results to bounds
+//! derived from that. Requires libcuda (the driver), libnvrtc and libcublas of CUDA 13 on the
+//! library path.
+//!
+//! [`Precision`]: crate::backend::Precision
 //!
 //! [`Backend`]: crate::backend::Backend
 
 mod context;
+mod gemm;
 pub(crate) mod kernels;
 mod launch;
 mod ops;

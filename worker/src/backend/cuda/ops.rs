@@ -3,16 +3,15 @@
 //! on device). Shapes are checked on the host with the same checks as every backend before any
 //! launch; matrix products go to cuBLAS, everything else to the kernels in `kernels/`.
 
-use cudarc::cublas::sys::cublasOperation_t;
-use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::LaunchConfig;
 
 use super::context::{ATTN_MAX_D, CudaBackend, driver_err, flash_smem_bytes};
+use super::gemm::{Batch, Gemm};
 use super::launch::{BLOCK, elementwise_cfg, int, launch, rows_cfg};
 use super::paged::CudaPaged;
 use super::tensor::CudaTensor;
 use crate::backend::shapes::{self, AttnDims};
-use crate::backend::{AttentionMask, Backend, BackendError, PagedPlan, Result};
+use crate::backend::{AttentionMask, Backend, PagedPlan, Result};
 
 /// An activation applied in the epilogue of [`CudaBackend::linear_act`]; the values are the
 /// `ACT_*` constants of `activation.cu`.
@@ -53,8 +52,8 @@ impl CudaBackend {
         if n > 0 {
             let cfg = elementwise_cfg(n as usize);
             match op {
-                "gelu" => launch!(self, "gelu_erf_f32", cfg, &mut out.buf, &x.buf, &n)?,
-                _ => launch!(self, "gelu_tanh_f32", cfg, &mut out.buf, &x.buf, &n)?,
+                "gelu" => launch!(self, "gelu_erf", cfg, &mut out.buf, &x.buf, &n)?,
+                _ => launch!(self, "gelu_tanh", cfg, &mut out.buf, &x.buf, &n)?,
             }
         }
         Ok(out)
@@ -66,8 +65,8 @@ impl CudaBackend {
         if n > 0 {
             let cfg = elementwise_cfg(n as usize);
             match op {
-                "add" => launch!(self, "add_f32", cfg, &mut out.buf, &a.buf, &b.buf, &n)?,
-                _ => launch!(self, "silu_mul_f32", cfg, &mut out.buf, &a.buf, &b.buf, &n)?,
+                "add" => launch!(self, "add", cfg, &mut out.buf, &a.buf, &b.buf, &n)?,
+                _ => launch!(self, "silu_mul", cfg, &mut out.buf, &a.buf, &b.buf, &n)?,
             }
         }
         Ok(out)
@@ -97,31 +96,36 @@ impl CudaBackend {
             // Row-major out[n × m] = x[n × k] · Wᵀ is column-major outᵀ[m × n] = W · xᵀ, where the
             // row-major buffers of W [m × k] and x [n × k] read column-major are Wᵀ (so op T)
             // and xᵀ (op N).
-            let cfg = GemmConfig {
-                transa: cublasOperation_t::CUBLAS_OP_T,
-                transb: cublasOperation_t::CUBLAS_OP_N,
+            let g = Gemm {
+                transa: true,
+                transb: false,
                 m: mi,
                 n: ni,
                 k: ki,
-                alpha: 1.0f32,
                 lda: ki,
                 ldb: ki,
-                beta: 0.0f32,
                 ldc: mi,
             };
-            self.bind()?;
             // SAFETY: the shapes were checked: W holds m·k, x n·k and out n·m elements.
-            unsafe { self.blas.gemm(cfg, &weight.buf, &x.buf, &mut out.buf) }
-                .map_err(|e| BackendError::Device(format!("cuBLAS sgemm ({n}x{k}x{m}): {e}")))?;
+            unsafe {
+                self.gemm(
+                    &format!("{n}x{k}x{m}"),
+                    g,
+                    None,
+                    &weight.buf,
+                    &x.buf,
+                    &mut out.buf,
+                )?
+            };
             out
         };
         if bias.is_some() || act != Activation::Identity {
             let has_bias = i32::from(bias.is_some());
             let act = act as i32;
-            let bias_buf = bias.map_or(&self.placeholder_f32, |b| &b.buf);
+            let bias_buf = bias.map_or(&self.placeholder_elem, |b| &b.buf);
             launch!(
                 self,
-                "bias_act_f32",
+                "bias_act",
                 elementwise_cfg(n * m),
                 &mut out.buf,
                 bias_buf,
@@ -177,7 +181,7 @@ impl CudaBackend {
         let cfg = rows_cfg(ids.len(), (d.min(BLOCK as usize) as u32).next_multiple_of(32));
         launch!(
             self,
-            "embedding_add_f32",
+            "embedding_add",
             cfg,
             &mut out.buf,
             &table.buf,
@@ -208,7 +212,7 @@ impl CudaBackend {
             .map_err(|e| driver_err("allocating", e))?;
         launch!(
             self,
-            "argmax_rows_f32",
+            "argmax_rows",
             rows_cfg(rows, BLOCK),
             &mut ids,
             &logits.buf,
@@ -228,11 +232,11 @@ impl CudaBackend {
     /// bandwidth that bounds every memory-bound kernel, decode steps above all.
     pub fn copy(&self, x: &CudaTensor) -> Result<CudaTensor> {
         let mut out = self.alloc(x.shape.clone())?;
-        let n = x.numel();
+        let n = x.numel() * self.precision.bytes();
         if n > 0 {
             self.stream
                 .memcpy_dtod(&x.buf.slice(..n), &mut out.buf.slice_mut(..n))
-                .map_err(|e| driver_err(&format!("copying {} bytes on the GPU", n * 4), e))?;
+                .map_err(|e| driver_err(&format!("copying {n} bytes on the GPU"), e))?;
         }
         Ok(out)
     }
@@ -331,8 +335,8 @@ impl CudaBackend {
             };
         }
         match kernel {
-            AttentionKernel::Flash => attn!("flash_attention_f32")?,
-            AttentionKernel::Decode => attn!("decode_attention_f32")?,
+            AttentionKernel::Flash => attn!("flash_attention")?,
+            AttentionKernel::Decode => attn!("decode_attention")?,
         }
         Ok(out)
     }
@@ -356,7 +360,7 @@ impl CudaBackend {
         let res = residual.map_or(&x.buf, |r| &r.buf);
         launch!(
             self,
-            "layer_norm_f32",
+            "layer_norm",
             rows_cfg(rows, BLOCK),
             &mut out.buf,
             &x.buf,
@@ -387,7 +391,7 @@ impl Backend for CudaBackend {
         }
         let buf = self
             .stream
-            .clone_htod(data)
+            .clone_htod(&self.precision.encode(data))
             .map_err(|e| driver_err(&format!("copying {} values to the GPU", data.len()), e))?;
         Ok(CudaTensor {
             buf,
@@ -396,16 +400,16 @@ impl Backend for CudaBackend {
     }
 
     fn to_host(&self, t: &CudaTensor) -> Result<Vec<f32>> {
-        let n = t.numel();
-        if n == 0 {
+        let bytes = t.numel() * self.precision.bytes();
+        if bytes == 0 {
             return Ok(Vec::new());
         }
         let host = self
             .stream
-            .clone_dtoh(&t.buf.slice(..n))
+            .clone_dtoh(&t.buf.slice(..bytes))
             .map_err(|e| driver_err("copying a tensor to the host", e))?;
         self.synchronize()?;
-        Ok(host)
+        Ok(self.precision.decode(&host))
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<CudaTensor> {
@@ -437,7 +441,7 @@ impl Backend for CudaBackend {
                 let (si, wi) = (int(op, start)?, int(op, w)?);
                 launch!(
                     self,
-                    "split_columns_f32",
+                    "split_columns",
                     elementwise_cfg(rows * w),
                     &mut piece.buf,
                     &x.buf,
@@ -476,29 +480,25 @@ impl Backend for CudaBackend {
         let mut out = self.alloc(out_shape)?;
         // Row-major c[n × m] = a[n × k] · b[k × m] is column-major cᵀ = bᵀ · aᵀ, and the row-major
         // buffers of b and a read column-major are exactly bᵀ [m × k] and aᵀ [k × n]: no transposes.
-        let gemm = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_N,
-            transb: cublasOperation_t::CUBLAS_OP_N,
+        let g = Gemm {
+            transa: false,
+            transb: false,
             m: mi,
             n: ni,
             k: ki,
-            alpha: 1.0f32,
             lda: mi,
             ldb: ki,
-            beta: 0.0f32,
             ldc: mi,
         };
-        let cfg = StridedBatchedConfig {
-            gemm,
-            batch_size: bi,
+        let strides = Batch {
+            count: bi,
             stride_a: (k * m) as i64,
             stride_b: (n * k) as i64,
             stride_c: (n * m) as i64,
         };
-        self.bind()?;
+        let what = format!("{batch}x{n}x{k}x{m}");
         // SAFETY: the shapes were checked: b holds batch·k·m, a batch·n·k, out batch·n·m elements.
-        unsafe { self.blas.gemm_strided_batched(cfg, &b.buf, &a.buf, &mut out.buf) }
-            .map_err(|e| BackendError::Device(format!("cuBLAS batched sgemm ({batch}x{n}x{k}x{m}): {e}")))?;
+        unsafe { self.gemm(&what, g, Some(strides), &b.buf, &a.buf, &mut out.buf)? };
         Ok(out)
     }
 
@@ -546,7 +546,7 @@ impl Backend for CudaBackend {
         let (ri, di) = (int(op, rows)?, int(op, d)?);
         launch!(
             self,
-            "rms_norm_f32",
+            "rms_norm",
             rows_cfg(rows, BLOCK),
             &mut out.buf,
             &x.buf,
@@ -581,7 +581,7 @@ impl Backend for CudaBackend {
         let (ri, di) = (int(op, rows)?, int(op, d)?);
         launch!(
             self,
-            "softmax_rows_f32",
+            "softmax_rows",
             rows_cfg(rows, BLOCK),
             &mut out.buf,
             &x.buf,
@@ -604,7 +604,7 @@ impl Backend for CudaBackend {
         let cfg = rows_cfg(ids.len(), (d.min(BLOCK as usize) as u32).next_multiple_of(32));
         launch!(
             self,
-            "embedding_f32",
+            "embedding",
             cfg,
             &mut out.buf,
             &table.buf,
@@ -632,7 +632,7 @@ impl Backend for CudaBackend {
         let (ti, hi, di) = (int(op, tokens)?, int(op, heads)?, int(op, d)?);
         launch!(
             self,
-            "rope_f32",
+            "rope",
             rows_cfg(tokens, 128),
             &mut out.buf,
             &x.buf,

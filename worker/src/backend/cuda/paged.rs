@@ -68,7 +68,7 @@ impl CudaBackend {
         }
         launch!(
             self,
-            "kv_write_f32",
+            "kv_write",
             elementwise_cfg(new.numel()),
             &mut pool.buf,
             &new.buf,
@@ -149,8 +149,8 @@ impl CudaBackend {
             };
         }
         match kernel {
-            AttentionKernel::Flash => attn!("paged_flash_attention_f32")?,
-            AttentionKernel::Decode => attn!("paged_decode_attention_f32")?,
+            AttentionKernel::Flash => attn!("paged_flash_attention")?,
+            AttentionKernel::Decode => attn!("paged_decode_attention")?,
         }
         Ok(out)
     }

@@ -1,13 +1,14 @@
-//! The CUDA backend's tensor: a device buffer of `f32` and its shape.
+//! The CUDA backend's tensor: a device buffer and its shape.
 
 use cudarc::driver::CudaSlice;
 
-/// A dense row-major `f32` tensor in device memory. The buffer holds at least one element (CUDA
-/// allocations of zero bytes are refused), so its length can exceed the shape's element count;
-/// only the first `numel` elements are meaningful.
+/// A dense row-major tensor in device memory, its elements stored in the backend's precision
+/// (the buffer is raw bytes; the kernels read it as their `elem_t`). The buffer holds at least
+/// one element (CUDA allocations of zero bytes are refused), so it can be longer than the
+/// shape's element count; only the first `numel` elements are meaningful.
 #[derive(Debug)]
 pub struct CudaTensor {
-    pub(super) buf: CudaSlice<f32>,
+    pub(super) buf: CudaSlice<u8>,
     pub(super) shape: Vec<usize>,
 }
 

@@ -17,7 +17,7 @@ use super::{CudaBackend, CudaTensor};
 use crate::backend::test_util::{
     AttnCase, AttnInputs, EXACT, PagedCase, PagedInputs, Rng, Tol, assert_close, print_skip,
 };
-use crate::backend::{AttentionMask, Backend, BackendError, CpuTensor, ReferenceBackend, Result};
+use crate::backend::{AttentionMask, Backend, BackendError, CpuTensor, Precision, ReferenceBackend, Result};
 
 // ---------------------------------------------------------------------------------------------
 // NVRTC (no GPU needed)
@@ -41,20 +41,20 @@ fn every_kernel_file_compiles_to_ptx() {
     if !nvrtc_or_skip("every_kernel_file_compiles_to_ptx") {
         return;
     }
-    for arch in ARCHS {
+    for (arch, precision) in ARCHS.into_iter().flat_map(|a| Precision::ALL.map(|p| (a, p))) {
         for file in FILES {
-            let ptx = kernels::compile(file, arch).unwrap_or_else(|e| panic!("{e}"));
+            let ptx = kernels::compile(file, arch, precision).unwrap_or_else(|e| panic!("{e}"));
             let text = ptx.to_src();
             let target = arch.replace("compute_", "sm_");
             assert!(
                 text.contains(&format!(".target {target}")),
-                "{}: PTX not for {target}",
+                "{} ({precision}): PTX not for {target}",
                 file.name
             );
             for f in file.functions {
                 assert!(
                     text.contains(&format!(".entry {f}(")),
-                    "{}: kernel {f} missing from the PTX for {arch}",
+                    "{} ({precision}): kernel {f} missing from the PTX for {arch}",
                     file.name
                 );
             }
@@ -72,12 +72,15 @@ fn compile_errors_carry_the_nvrtc_log() {
         source: "extern \"C\" __global__ void broken(float* out) { out[0] = undeclared_name; }\n",
         functions: &["broken"],
     };
-    let err = kernels::compile(&broken, ARCHS[0])
+    let err = kernels::compile(&broken, ARCHS[0], Precision::Bf16)
         .map(|_| ())
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("broken.cu") && err.contains("undeclared_name") && err.contains("compute_80"),
+        err.contains("broken.cu")
+            && err.contains("undeclared_name")
+            && err.contains("compute_80")
+            && err.contains("bf16"),
         "{err}"
     );
 }

@@ -1,43 +1,45 @@
 // Elementwise operations and activations.
 //
-// add_f32:        out = a + b
-// gelu_erf_f32:   out = x/2 * (1 + erf(x / sqrt(2)))                  (BERT, PyTorch's default)
-// gelu_tanh_f32:  out = x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))   (GPT-2 "gelu_new")
-// silu_mul_f32:   out = gate / (1 + exp(-gate)) * up                  (SwiGLU, Llama)
-// bias_act_f32:   y[r, c] = act(y[r, c] + bias[c]) in place over a [rows, m] matrix: the
+// add:        out = a + b
+// gelu_erf:   out = x/2 * (1 + erf(x / sqrt(2)))                  (BERT, PyTorch's default)
+// gelu_tanh:  out = x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))   (GPT-2 "gelu_new")
+// silu_mul:   out = gate / (1 + exp(-gate)) * up                  (SwiGLU, Llama)
+// bias_act:   y[r, c] = act(y[r, c] + bias[c]) in place over a [rows, m] matrix: the
 //                 epilogue of a linear layer (the matrix product itself is cuBLAS), with
 //                 act 0 = identity, 1 = GELU (erf), 2 = GELU (tanh), 3 = SiLU.
 //
 // Launch: 1-D grid-stride loops, block 256, grid ceil(n / 256) capped by the host; any grid
 // size is correct. erff/tanhf/expf are CUDA's full-precision functions (no fast-math), within
-// 2 ulp, so the results match the CPU backend to ~1e-6 relative.
+// 2 ulp, so fp32 results match the CPU backend to ~1e-6 relative. The bias is added in fp32
+// to the stored product (rounded to the storage type once more in half precision, as a
+// PyTorch linear layer followed by an activation rounds).
 
 #define ACT_NONE 0
 #define ACT_GELU 1
 #define ACT_GELU_TANH 2
 #define ACT_SILU 3
 
-__device__ __forceinline__ float gelu_erf(float x) {
+__device__ __forceinline__ float act_gelu_erf(float x) {
     return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
 }
 
-__device__ __forceinline__ float gelu_tanh(float x) {
+__device__ __forceinline__ float act_gelu_tanh(float x) {
     const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
     return 0.5f * x * (1.0f + tanhf(inner));
 }
 
-__device__ __forceinline__ float silu(float x) {
+__device__ __forceinline__ float act_silu(float x) {
     return x / (1.0f + expf(-x));
 }
 
 __device__ __forceinline__ float activate(float x, int act) {
     switch (act) {
     case ACT_GELU:
-        return gelu_erf(x);
+        return act_gelu_erf(x);
     case ACT_GELU_TANH:
-        return gelu_tanh(x);
+        return act_gelu_tanh(x);
     case ACT_SILU:
-        return silu(x);
+        return act_silu(x);
     default:
         return x;
     }
@@ -46,26 +48,26 @@ __device__ __forceinline__ float activate(float x, int act) {
 #define GRID_STRIDE(i, n) for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (size_t)(n); \
                                i += (size_t)gridDim.x * blockDim.x)
 
-extern "C" __global__ void add_f32(float* out, const float* a, const float* b, int n) {
-    GRID_STRIDE(i, n) { out[i] = a[i] + b[i]; }
+extern "C" __global__ void add(elem_t* out, const elem_t* a, const elem_t* b, int n) {
+    GRID_STRIDE(i, n) { out[i] = store(load(a[i]) + load(b[i])); }
 }
 
-extern "C" __global__ void gelu_erf_f32(float* out, const float* x, int n) {
-    GRID_STRIDE(i, n) { out[i] = gelu_erf(x[i]); }
+extern "C" __global__ void gelu_erf(elem_t* out, const elem_t* x, int n) {
+    GRID_STRIDE(i, n) { out[i] = store(act_gelu_erf(load(x[i]))); }
 }
 
-extern "C" __global__ void gelu_tanh_f32(float* out, const float* x, int n) {
-    GRID_STRIDE(i, n) { out[i] = gelu_tanh(x[i]); }
+extern "C" __global__ void gelu_tanh(elem_t* out, const elem_t* x, int n) {
+    GRID_STRIDE(i, n) { out[i] = store(act_gelu_tanh(load(x[i]))); }
 }
 
-extern "C" __global__ void silu_mul_f32(float* out, const float* gate, const float* up, int n) {
-    GRID_STRIDE(i, n) { out[i] = silu(gate[i]) * up[i]; }
+extern "C" __global__ void silu_mul(elem_t* out, const elem_t* gate, const elem_t* up, int n) {
+    GRID_STRIDE(i, n) { out[i] = store(act_silu(load(gate[i])) * load(up[i])); }
 }
 
-extern "C" __global__ void bias_act_f32(float* y, const float* bias, int has_bias, int rows, int m, int act) {
+extern "C" __global__ void bias_act(elem_t* y, const elem_t* bias, int has_bias, int rows, int m, int act) {
     KERNEL_CHECK(m > 0 && act >= ACT_NONE && act <= ACT_SILU);
     GRID_STRIDE(i, (size_t)rows * m) {
-        const float v = has_bias ? y[i] + bias[i % m] : y[i];
-        y[i] = activate(v, act);
+        const float v = has_bias ? load(y[i]) + load(bias[i % m]) : load(y[i]);
+        y[i] = store(activate(v, act));
     }
 }

@@ -19,7 +19,7 @@
 //   tables[table_start + j / block_size] * block_size + j % block_size. Query i is position
 //   p = k_len - q_len + i and sees keys max(0, p + 1 - window) ..= p (window <= 0: no window).
 //
-// flash_attention_f32 / paged_flash_attention_f32 (prefill / encoding):
+// flash_attention / paged_flash_attention (prefill / encoding):
 //   Launch: grid (ceil(max s_q / 16), heads, batch), block 128 (4 warps), dynamic shared memory
 //   (16 * d + 32 * (d + 1) + 32 * d) floats. The block stages 16 query rows (pre-scaled) in
 //   shared memory and walks the keys in tiles of 32, staging K (rows padded to d + 1 so that
@@ -28,14 +28,15 @@
 //   accumulates its d / 32 output dims with each key's probability broadcast by shuffle. The
 //   walk covers only the keys some row of the block can see. Rows past the sequence's queries
 //   are padded and never written; a block with no rows exits at once.
-// decode_attention_f32 / paged_decode_attention_f32 (one or few queries over a KV cache):
+// decode_attention / paged_decode_attention (one or few queries over a KV cache):
 //   Launch: grid (heads, max s_q, batch), block 256 (8 warps), dynamic shared memory
 //   (d + 8 * (d + 2)) floats. Warp w takes visible keys w, w + 8, ...; for each key the warp
 //   computes the dot product with lanes splitting d (coalesced reads of the cache row) and
 //   updates its running softmax; the 8 partial results are merged through shared memory.
 //
 // d is at most ATTN_MAX_D (checked on the host and on the device): each lane keeps its share of
-// the output rows in registers.
+// the output rows in registers. Scores, softmax sums and outputs accumulate in fp32 whatever the
+// storage type; shared memory holds fp32 (queries, keys and values widened once as staged).
 
 #define ATTN_MAX_D 256
 #define ATTN_DPL (ATTN_MAX_D / 32)
@@ -81,7 +82,7 @@ template <class L> __device__ __forceinline__ bool key_visible(const L& lay, int
 }
 
 template <class L>
-__device__ void flash_body(const L& lay, float* out, const float* q, const float* k, const float* v, int heads,
+__device__ void flash_body(const L& lay, elem_t* out, const elem_t* q, const elem_t* k, const elem_t* v, int heads,
                            int kv_heads, int d, float scale) {
     KERNEL_CHECK(d > 0 && d <= ATTN_MAX_D && blockDim.x == 32 * ATTN_WARPS);
     KERNEL_CHECK(kv_heads > 0 && heads % kv_heads == 0);
@@ -100,7 +101,7 @@ __device__ void flash_body(const L& lay, float* out, const float* q, const float
 
     for (int idx = threadIdx.x; idx < ATTN_BQ * d; idx += blockDim.x) {
         const int r = idx / d, c = idx % d, i = q0 + r;
-        qs[idx] = i < s_q ? q[(lay.q_token(i) * heads + h) * d + c] * scale : 0.0f;
+        qs[idx] = i < s_q ? load(q[(lay.q_token(i) * heads + h) * d + c]) * scale : 0.0f;
     }
 
     float m[ATTN_ROWS_PER_WARP], l[ATTN_ROWS_PER_WARP], acc[ATTN_ROWS_PER_WARP][ATTN_DPL];
@@ -124,8 +125,8 @@ __device__ void flash_body(const L& lay, float* out, const float* q, const float
             const int r = idx / d, c = idx % d, j = k0 + r;
             const bool in = j < kv_end;
             const size_t src = in ? (lay.k_token(j) * kv_heads + kvh) * d + c : 0;
-            ks[r * (d + 1) + c] = in ? k[src] : 0.0f;
-            vs[r * d + c] = in ? v[src] : 0.0f;
+            ks[r * (d + 1) + c] = in ? load(k[src]) : 0.0f;
+            vs[r * d + c] = in ? load(v[src]) : 0.0f;
         }
         __syncthreads();
 
@@ -173,12 +174,12 @@ __device__ void flash_body(const L& lay, float* out, const float* q, const float
         const int i = q0 + warp * ATTN_ROWS_PER_WARP + rr;
         if (i < s_q) {
             const float inv = l[rr] > 0.0f ? 1.0f / l[rr] : 0.0f;
-            float* o = out + (lay.q_token(i) * heads + h) * d;
+            elem_t* o = out + (lay.q_token(i) * heads + h) * d;
 #pragma unroll
             for (int t = 0; t < ATTN_DPL; ++t) {
                 const int c = lane + 32 * t;
                 if (c < d) {
-                    o[c] = acc[rr][t] * inv;
+                    o[c] = store(acc[rr][t] * inv);
                 }
             }
         }
@@ -186,7 +187,7 @@ __device__ void flash_body(const L& lay, float* out, const float* q, const float
 }
 
 template <class L>
-__device__ void decode_body(const L& lay, float* out, const float* q, const float* k, const float* v, int heads,
+__device__ void decode_body(const L& lay, elem_t* out, const elem_t* q, const elem_t* k, const elem_t* v, int heads,
                             int kv_heads, int d, float scale) {
     KERNEL_CHECK(d > 0 && d <= ATTN_MAX_D && blockDim.x == 32 * DECODE_WARPS);
     KERNEL_CHECK(kv_heads > 0 && heads % kv_heads == 0);
@@ -202,7 +203,7 @@ __device__ void decode_body(const L& lay, float* out, const float* q, const floa
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const size_t q_row = (lay.q_token(i) * heads + h) * d;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        qs[c] = q[q_row + c] * scale;
+        qs[c] = load(q[q_row + c]) * scale;
     }
     __syncthreads();
 
@@ -222,7 +223,7 @@ __device__ void decode_body(const L& lay, float* out, const float* q, const floa
         for (int t = 0; t < ATTN_DPL; ++t) {
             const int c = lane + 32 * t;
             if (c < d) {
-                partial += qs[c] * k[row + c];
+                partial += qs[c] * load(k[row + c]);
             }
         }
         const float s = warp_sum(partial);
@@ -234,7 +235,7 @@ __device__ void decode_body(const L& lay, float* out, const float* q, const floa
         for (int t = 0; t < ATTN_DPL; ++t) {
             const int c = lane + 32 * t;
             if (c < d) {
-                acc[t] = acc[t] * alpha + p * v[row + c];
+                acc[t] = acc[t] * alpha + p * load(v[row + c]);
             }
         }
     }
@@ -258,10 +259,10 @@ __device__ void decode_body(const L& lay, float* out, const float* q, const floa
     for (int w = 0; w < DECODE_WARPS; ++w) {
         m_all = fmaxf(m_all, part[w * (d + 2)]);
     }
-    float* o = out + q_row;
+    elem_t* o = out + q_row;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         if (m_all == -INFINITY) {
-            o[c] = 0.0f; // no visible key
+            o[c] = store(0.0f); // no visible key
             continue;
         }
         float l_all = 0.0f, o_all = 0.0f;
@@ -271,11 +272,11 @@ __device__ void decode_body(const L& lay, float* out, const float* q, const floa
             l_all += pw[1] * wgt;
             o_all += pw[2 + c] * wgt;
         }
-        o[c] = o_all / l_all;
+        o[c] = store(o_all / l_all);
     }
 }
 
-extern "C" __global__ void flash_attention_f32(float* out, const float* q, const float* k, const float* v,
+extern "C" __global__ void flash_attention(elem_t* out, const elem_t* q, const elem_t* k, const elem_t* v,
                                                const unsigned char* key_valid, int has_valid, int causal_offset,
                                                int batch, int s_q, int s_k, int heads, int kv_heads, int d,
                                                float scale) {
@@ -283,7 +284,7 @@ extern "C" __global__ void flash_attention_f32(float* out, const float* q, const
     flash_body(lay, out, q, k, v, heads, kv_heads, d, scale);
 }
 
-extern "C" __global__ void decode_attention_f32(float* out, const float* q, const float* k, const float* v,
+extern "C" __global__ void decode_attention(elem_t* out, const elem_t* q, const elem_t* k, const elem_t* v,
                                                 const unsigned char* key_valid, int has_valid, int causal_offset,
                                                 int batch, int s_q, int s_k, int heads, int kv_heads, int d,
                                                 float scale) {
@@ -291,8 +292,8 @@ extern "C" __global__ void decode_attention_f32(float* out, const float* q, cons
     decode_body(lay, out, q, k, v, heads, kv_heads, d, scale);
 }
 
-extern "C" __global__ void paged_flash_attention_f32(float* out, const float* q, const float* k_pool,
-                                                     const float* v_pool, const int* meta,
+extern "C" __global__ void paged_flash_attention(elem_t* out, const elem_t* q, const elem_t* k_pool,
+                                                 const elem_t* v_pool, const int* meta,
                                                      const unsigned int* tables, int seqs, int block_size,
                                                      int window, int heads, int kv_heads, int d, float scale) {
     KERNEL_CHECK((int)blockIdx.z < seqs && block_size > 0);
@@ -300,8 +301,8 @@ extern "C" __global__ void paged_flash_attention_f32(float* out, const float* q,
     flash_body(lay, out, q, k_pool, v_pool, heads, kv_heads, d, scale);
 }
 
-extern "C" __global__ void paged_decode_attention_f32(float* out, const float* q, const float* k_pool,
-                                                      const float* v_pool, const int* meta,
+extern "C" __global__ void paged_decode_attention(elem_t* out, const elem_t* q, const elem_t* k_pool,
+                                                  const elem_t* v_pool, const int* meta,
                                                       const unsigned int* tables, int seqs, int block_size,
                                                       int window, int heads, int kv_heads, int d, float scale) {
     KERNEL_CHECK((int)blockIdx.z < seqs && block_size > 0);
@@ -309,9 +310,9 @@ extern "C" __global__ void paged_decode_attention_f32(float* out, const float* q
     decode_body(lay, out, q, k_pool, v_pool, heads, kv_heads, d, scale);
 }
 
-// kv_write_f32: pool[slots[t], :] = rows[t, :] for t < tokens, rows of `width` floats (one
+// kv_write: pool[slots[t], :] = rows[t, :] for t < tokens, rows of `width` floats (one
 //   position's keys or values over all kv heads). Launch: grid-stride over tokens * width.
-extern "C" __global__ void kv_write_f32(float* pool, const float* rows, const unsigned int* slots, int tokens,
+extern "C" __global__ void kv_write(elem_t* pool, const elem_t* rows, const unsigned int* slots, int tokens,
                                         int width) {
     const size_t n = (size_t)tokens * width;
     for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += (size_t)gridDim.x * blockDim.x) {

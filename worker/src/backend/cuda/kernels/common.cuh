@@ -2,8 +2,13 @@
 // NVRTC compiles it (NVRTC has no include path of ours), so the files stay self-contained units.
 //
 // Conventions of all kernels:
-// - fp32, dense row-major tensors, sizes as `int` (the host refuses tensors of 2^31 or more
-//   elements before launching);
+// - dense row-major tensors of `elem_t`, sizes as `int` (the host refuses tensors of 2^31 or
+//   more elements before launching);
+// - elem_t is the backend's storage precision, fixed when the module is compiled: float by
+//   default, IEEE half with -DATOMIC_F16, bfloat16 with -DATOMIC_BF16. Arithmetic is always fp32:
+//   `load` widens exactly, `store` rounds to nearest, ties to even (the rounding PyTorch's
+//   .to(dtype) does), so a half-precision model keeps fp32 accumulators, sums and softmaxes and
+//   rounds only what it stores;
 // - block reductions assume blockDim.x is a multiple of 32 and at most 1024;
 // - KERNEL_CHECK is a device-side shape assert: it prints the failed condition and traps, which
 //   aborts the launch; the host then reports the sticky launch error on its next synchronisation.
@@ -17,6 +22,40 @@
     } while (0)
 
 #define FULL_MASK 0xffffffffu
+
+// The storage types are spelled out here rather than taken from cuda_fp16.h / cuda_bf16.h, so
+// that the kernels compile with NVRTC alone (no CUDA headers on the include path).
+#if defined(ATOMIC_BF16)
+struct elem_t {
+    unsigned short bits;
+};
+__device__ __forceinline__ float load(elem_t v) { return __uint_as_float((unsigned int)v.bits << 16); }
+__device__ __forceinline__ elem_t store(float f) {
+    const unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return elem_t{(unsigned short)((u >> 16) | 0x40u)}; // NaN stays a (quiet) NaN
+    }
+    return elem_t{(unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+#elif defined(ATOMIC_F16)
+struct elem_t {
+    unsigned short bits;
+};
+__device__ __forceinline__ float load(elem_t v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+}
+__device__ __forceinline__ elem_t store(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return elem_t{h};
+}
+#else
+typedef float elem_t;
+__device__ __forceinline__ float load(float v) { return v; }
+__device__ __forceinline__ float store(float f) { return f; }
+#endif
 
 // NVRTC compiles without the C library headers that define these.
 #ifndef INFINITY

@@ -1,6 +1,6 @@
 // Rotary position embedding, Hugging Face "rotate_half" convention.
 //
-// rope_f32: x and out are [tokens, heads, d] with d even and h = d / 2. For token t at position
+// rope: x and out are [tokens, heads, d] with d even and h = d / 2. For token t at position
 //   p = positions[t] and i < h:
 //     freq_i  = theta^(-2i / d),   angle = p * freq_i
 //     out[i]     = x[i] * cos(angle) - x[i + h] * sin(angle)
@@ -11,8 +11,8 @@
 //
 // Launch: grid (tokens), block 128 (any size); threads stride over heads * h pairs.
 
-extern "C" __global__ void rope_f32(float* out, const float* x, const unsigned int* positions, int tokens, int heads,
-                                    int d, float theta) {
+extern "C" __global__ void rope(elem_t* out, const elem_t* x, const unsigned int* positions, int tokens, int heads,
+                                int d, float theta) {
     KERNEL_CHECK(d % 2 == 0);
     const int t = blockIdx.x;
     if (t >= tokens) {
@@ -27,8 +27,8 @@ extern "C" __global__ void rope_f32(float* out, const float* x, const unsigned i
         sincos(pos * freq, &s, &c);
         const float cf = (float)c, sf = (float)s;
         const size_t base = ((size_t)t * heads + head) * d;
-        const float a = x[base + i], b = x[base + i + h];
-        out[base + i] = a * cf - b * sf;
-        out[base + i + h] = b * cf + a * sf;
+        const float a = load(x[base + i]), b = load(x[base + i + h]);
+        out[base + i] = store(a * cf - b * sf);
+        out[base + i + h] = store(b * cf + a * sf);
     }
 }

@@ -1,7 +1,7 @@
 // Token selection on the device, so that only one id per sequence (not a vocabulary of logits)
 // crosses to the host at each decode step.
 //
-// argmax_rows_f32: out[r] = the index of the largest of x[r, 0..vocab); the first one on ties
+// argmax_rows: out[r] = the index of the largest of x[r, 0..vocab); the first one on ties
 //   (as torch.argmax and the CPU sampler); NaN never wins (a row of only NaN gives 0).
 //   Launch: grid (rows), block 256 (a multiple of 32 up to 1024). Each thread scans a strided
 //   slice, then (value, index) pairs are reduced across the warp with shuffles and across warps
@@ -18,7 +18,7 @@ __device__ __forceinline__ bool beats(float v, unsigned int i, float bv, unsigne
     return v > bv || (v == bv && i < bi);
 }
 
-extern "C" __global__ void argmax_rows_f32(unsigned int* out, const float* x, int rows, int vocab) {
+extern "C" __global__ void argmax_rows(unsigned int* out, const elem_t* x, int rows, int vocab) {
     __shared__ float best_v[32];
     __shared__ unsigned int best_i[32];
     KERNEL_CHECK(vocab > 0 && blockDim.x % 32 == 0);
@@ -26,12 +26,13 @@ extern "C" __global__ void argmax_rows_f32(unsigned int* out, const float* x, in
     if (r >= rows) {
         return;
     }
-    const float* xr = x + (size_t)r * vocab;
+    const elem_t* xr = x + (size_t)r * vocab;
     float bv = NAN;
     unsigned int bi = 0;
     for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
-        if (beats(xr[c], c, bv, bi)) {
-            bv = xr[c];
+        const float v = load(xr[c]);
+        if (beats(v, c, bv, bi)) {
+            bv = v;
             bi = c;
         }
     }
