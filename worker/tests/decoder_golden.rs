@@ -213,6 +213,40 @@ on_every_backend!(
     "tiny-qwen2"
 );
 
+/// Half precision on the GPU against PyTorch's fp32 references: weights, activations and the
+/// key/value pool stored in fp16/bf16, arithmetic in fp32. The logits of every prompt position
+/// and of a paged prefill must stay within a few roundings' worth of the reference, relative to
+/// its largest logit (two-layer models: each layer's stored activations add about one rounding,
+/// 2^-11 for fp16 and 2^-8 for bf16).
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_half_precision_decoders_track_pytorch() {
+    use atomic_worker::backend::Precision;
+    for (p, bound) in [(Precision::F16, 5e-3), (Precision::Bf16, 4e-2)] {
+        let Some(gpu) = common::gpu_in("gpu_half_precision_decoders_track_pytorch", p) else {
+            return;
+        };
+        for name in ["tiny-gpt2", "tiny-llama", "tiny-qwen2"] {
+            let (_dir, model, r) = load(name, &gpu);
+            let ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
+            let all = model.forward_all(&gpu, &ids[0]).unwrap();
+            let err = common::max_rel_diff(&all, &floats(&r["logits"]));
+            eprintln!("{name} ({p}): forward_all relative error {err:e}");
+            assert!(err < bound, "{name} ({p}): forward_all relative error {err}");
+            let pool = &mut model.new_pool(&gpu, 2 * model.max_positions()).unwrap();
+            for (b, prompt) in ids.iter().enumerate() {
+                let mut cache = pool.new_cache();
+                let last = model.prefill(&gpu, pool, &mut cache, prompt).unwrap();
+                let err = common::max_rel_diff(&last, &floats(&r["last_logits"][b]));
+                assert!(
+                    err < bound,
+                    "{name} ({p}): prompt {b} prefill relative error {err}"
+                );
+            }
+        }
+    }
+}
+
 /// Decode throughput of the tiny models (single sequence and a batch of 8), printed; run with
 /// `cargo test --release -p atomic-worker --test decoder_golden -- --ignored --nocapture`.
 #[test]

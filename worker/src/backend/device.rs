@@ -220,7 +220,10 @@ mod tests {
         assert!(bf[5].is_nan());
         assert_eq!(bf[6], 1.001_171_8e-8);
         let h = Precision::F16.round(&values);
-        assert_eq!(&h[..5], &[0.0, -1.5, 1.0 + 1.0 / 256.0, f32::INFINITY, f32::INFINITY]);
+        assert_eq!(
+            &h[..5],
+            &[0.0, -1.5, 1.0 + 1.0 / 256.0, f32::INFINITY, f32::INFINITY]
+        );
         assert!(h[5].is_nan());
         assert_eq!(h[6], 0.0, "below fp16's smallest subnormal");
         assert_eq!(Precision::F16.encode(&values).len(), 2 * values.len());

@@ -58,11 +58,29 @@ pub fn minilm(test: &str) -> Option<PathBuf> {
     found
 }
 
+/// The largest elementwise difference relative to the largest reference value: the error
+/// measure of the half-precision model tests (logits and hidden states of order 1 or less,
+/// where an elementwise relative error would blow up near zero).
+pub fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    max_abs_diff(got, want) / scale.max(f32::MIN_POSITIVE)
+}
+
 /// The GPU backend on device 0 (`cuda` builds). When there is none, says that `test` skips,
 /// straight to stderr, and returns `None`.
 #[cfg(feature = "cuda")]
 pub fn gpu(test: &str) -> Option<atomic_worker::backend::CudaBackend> {
-    match atomic_worker::backend::CudaBackend::new(0) {
+    gpu_in(test, atomic_worker::backend::Precision::F32)
+}
+
+/// The GPU backend on device 0 storing tensors in `precision` (`cuda` builds), or `None` after
+/// saying why `test` skips.
+#[cfg(feature = "cuda")]
+pub fn gpu_in(
+    test: &str,
+    precision: atomic_worker::backend::Precision,
+) -> Option<atomic_worker::backend::CudaBackend> {
+    match atomic_worker::backend::CudaBackend::with_precision(0, precision) {
         Ok(backend) => Some(backend),
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no CUDA device ({e})");

@@ -116,6 +116,24 @@ fn gpu(test: &str) -> Option<MutexGuard<'static, CudaBackend>> {
     }
 }
 
+/// A GPU backend storing tensors in `precision` (one per precision, shared like [`gpu`]).
+fn gpu_in(test: &str, precision: Precision) -> Option<MutexGuard<'static, CudaBackend>> {
+    type Shared = OnceLock<std::result::Result<Mutex<CudaBackend>, String>>;
+    static GPUS: [Shared; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let slot = &GPUS[Precision::ALL.iter().position(|&p| p == precision).unwrap_or(0)];
+    match slot.get_or_init(|| {
+        CudaBackend::with_precision(0, precision)
+            .map(Mutex::new)
+            .map_err(|e| e.to_string())
+    }) {
+        Ok(m) => Some(m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())),
+        Err(e) => {
+            print_skip(test, &format!("no CUDA device ({e})"));
+            None
+        }
+    }
+}
+
 #[test]
 fn new_reports_a_missing_gpu_as_an_error() {
     // On any machine: either GPU 0 opens, or the failure is a Device error with a reason; and
@@ -631,6 +649,197 @@ fn gpu_paged_attention_matches_reference_for_both_kernels() {
         g.write_paged(&mut pool, &new, &paged),
         Err(BackendError::OutOfRange { .. })
     ));
+}
+
+/// The unit roundoff of a precision: the largest relative error of one rounding to nearest.
+fn unit_roundoff(p: Precision) -> f32 {
+    match p {
+        Precision::F32 => f32::EPSILON / 2.0,
+        Precision::F16 => 1.0 / 2048.0,
+        Precision::Bf16 => 1.0 / 256.0,
+    }
+}
+
+/// Runs `op` on the reference backend over the inputs rounded to `p` (what the GPU stores) and
+/// on the GPU backend of precision `p`, and compares.
+fn compare_rounded(
+    g: &CudaBackend,
+    what: &str,
+    tol: Tol,
+    inputs: Inputs<'_>,
+    op_ref: impl Fn(&ReferenceBackend, &[CpuTensor]) -> Result<CpuTensor>,
+    op_gpu: impl Fn(&CudaBackend, &[CudaTensor]) -> Result<CudaTensor>,
+) {
+    let p = g.precision();
+    let rounded: Vec<Vec<f32>> = inputs.iter().map(|(d, _)| p.round(d)).collect();
+    let rounded_inputs: Vec<(&[f32], &[usize])> = rounded
+        .iter()
+        .zip(inputs)
+        .map(|(d, (_, s))| (d.as_slice(), *s))
+        .collect();
+    let (want_shape, want) = run(&ReferenceBackend, &rounded_inputs, op_ref);
+    let (shape, got) = run(g, inputs, op_gpu);
+    assert_eq!(shape, want_shape, "{what} ({p}): shape");
+    assert_close(&format!("{what} ({p})"), &got, &want, tol);
+}
+
+/// Both sides of [`compare_rounded`] from one expression (instantiated for each tensor type).
+macro_rules! compare_in {
+    ($g:expr, $what:expr, $tol:expr, $inputs:expr, |$be:ident, $t:ident| $body:expr) => {
+        compare_rounded(
+            $g,
+            &$what,
+            $tol,
+            $inputs,
+            |$be, $t: &[CpuTensor]| $body,
+            |$be, $t: &[CudaTensor]| $body,
+        )
+    };
+}
+
+#[test]
+fn gpu_half_precision_ops_match_reference() {
+    for p in [Precision::F16, Precision::Bf16] {
+        let Some(g) = gpu_in("gpu_half_precision_ops_match_reference", p) else {
+            return;
+        };
+        let g = &*g;
+        // The reference runs in f64 on the same rounded inputs, so the differences are the GPU's
+        // roundings of what it stores: one per output element for most ops (relative u, the unit
+        // roundoff), plus intermediates that are stored too (a residual sum before its norm, a
+        // product before its bias and activation). Four roundings' worth, relative and absolute
+        // (for values of order 1 that cancel towards zero), bounds every op below; a wrong
+        // conversion, layout or index is off by far more.
+        let u = unit_roundoff(p);
+        let tol = Tol {
+            atol: 4.0 * u,
+            rtol: 4.0 * u,
+        };
+        let mut rng = Rng::new(131);
+
+        // Uploads round to nearest even, downloads widen exactly.
+        let x = rng.vec(1000, 100.0);
+        let t = g.from_host(&x, &[10, 100]).unwrap();
+        assert_eq!(g.to_host(&t).unwrap(), p.round(&x), "{p}: round trip");
+
+        for &(n, k, m) in &[(3, 17, 5), (17, 384, 65), (65, 384, 1536)] {
+            let (x, w, b) = (rng.vec(n * k, 1.0), rng.vec(m * k, 1.0), rng.vec(m, 1.0));
+            let inputs: Inputs<'_> = &[(&x, &[n, k]), (&w, &[m, k]), (&b, &[m])];
+            // The product is stored before the bias is added: where the bias cancels it, that
+            // rounding (u times the product, whose size grows as sqrt(k)) is absolute.
+            let linear_tol = Tol {
+                atol: u * (4.0 + 2.0 * (k as f32).sqrt()),
+                rtol: 4.0 * u,
+            };
+            compare_in!(g, format!("linear {n}x{k}x{m}"), linear_tol, inputs, |be, t| be
+                .linear(&t[0], &t[1], Some(&t[2])));
+        }
+        let (x, y) = (rng.vec(5 * 3 * 17 * 2, 1.0), rng.vec(5 * 17 * 65 * 2, 1.0));
+        compare_in!(
+            g,
+            "matmul",
+            tol,
+            &[(&x[..5 * 3 * 17], &[5, 3, 17]), (&y[..5 * 17 * 65], &[5, 17, 65])],
+            |be, t| be.matmul(&t[0], &t[1])
+        );
+
+        let (a, b) = (rng.vec(4099, 3.0), rng.vec(4099, 3.0));
+        let inputs: Inputs<'_> = &[(&a, &[4099]), (&b, &[4099])];
+        compare_in!(g, "add", tol, inputs, |be, t| be.add(&t[0], &t[1]));
+        compare_in!(g, "silu_mul", tol, inputs, |be, t| be.silu_mul(&t[0], &t[1]));
+        compare_in!(g, "gelu", tol, inputs, |be, t| be.gelu(&t[0]));
+        compare_in!(g, "gelu_tanh", tol, inputs, |be, t| be.gelu_tanh(&t[0]));
+
+        let (rows, d) = (7, 384);
+        let (x, r, gamma, beta) = (
+            rng.vec(rows * d, 1.0),
+            rng.vec(rows * d, 1.0),
+            rng.vec(d, 1.0),
+            rng.vec(d, 0.5),
+        );
+        let inputs: Inputs<'_> = &[(&x, &[rows, d]), (&r, &[rows, d]), (&gamma, &[d]), (&beta, &[d])];
+        compare_in!(g, "layer_norm", tol, inputs, |be, t| be
+            .layer_norm(&t[0], &t[2], &t[3], 1e-5));
+        compare_in!(g, "rms_norm", tol, inputs, |be, t| be
+            .rms_norm(&t[0], &t[2], 1e-6));
+        // The residual sum is stored before its statistics (as in PyTorch at this precision):
+        // the sum of the stored inputs, rounded, is what the reference normalises.
+        let (xr, rr) = (p.round(&x), p.round(&r));
+        let sum = p.round(&xr.iter().zip(&rr).map(|(a, b)| a + b).collect::<Vec<f32>>());
+        let (_, want) = run(
+            &ReferenceBackend,
+            &[(&sum, &[rows, d]), (&gamma, &[d]), (&beta, &[d])],
+            |be, t| {
+                let (gamma, beta) = (
+                    be.from_host(&p.round(&gamma), &[d])?,
+                    be.from_host(&p.round(&beta), &[d])?,
+                );
+                be.layer_norm(&t[0], &gamma, &beta, 1e-5)
+            },
+        );
+        let (_, got) = run(g, inputs, |be, t| {
+            be.add_layer_norm(&t[0], &t[1], &t[2], &t[3], 1e-5)
+        });
+        assert_close(&format!("add_layer_norm ({p})"), &got, &want, tol);
+
+        let x = rng.vec(5 * 1000, 8.0);
+        compare_in!(g, "softmax", tol, &[(&x, &[5, 1000])], |be, t| be
+            .softmax_rows(&t[0]));
+
+        let table = rng.vec(50 * 33, 1.0);
+        let ids: Vec<u32> = (0..300).map(|_| rng.below(50) as u32).collect();
+        compare_in!(g, "embedding", EXACT, &[(&table, &[50, 33])], |be, t| be
+            .embedding(&ids, &t[0]));
+
+        let x = rng.vec(17 * 12 * 64, 2.0);
+        let positions: Vec<usize> = (0..17).map(|_| rng.below(4096)).collect();
+        compare_in!(g, "rope", tol, &[(&x, &[17, 12, 64])], |be, t| be
+            .rope(&t[0], &positions, 10_000.0));
+
+        for c in AttnCase::COMMON {
+            let AttnInputs { q, k, v, valid } = c.inputs(&mut rng);
+            let mask = c.mask(&valid);
+            let (qs, ks) = (c.q_shape(), c.kv_shape());
+            let inputs: Inputs<'_> = &[(&q, &qs), (&k, &ks), (&v, &ks)];
+            for kernel in [AttentionKernel::Flash, AttentionKernel::Decode] {
+                compare_rounded(
+                    g,
+                    &format!("{kernel:?} attention {c:?}"),
+                    tol,
+                    inputs,
+                    |be, t| be.attention(&t[0], &t[1], &t[2], &mask),
+                    |be, t| be.attention_with(&t[0], &t[1], &t[2], &mask, kernel),
+                );
+            }
+        }
+
+        for c in PagedCase::COMMON {
+            let mut inputs = c.inputs(&mut rng);
+            for v in [
+                &mut inputs.keys,
+                &mut inputs.values,
+                &mut inputs.new_keys,
+                &mut inputs.new_values,
+                &mut inputs.q,
+            ] {
+                *v = p.round(v);
+            }
+            let [want, want_keys, want_values] =
+                paged_step(&ReferenceBackend, &inputs, &c, |b, q, k, v, pg| {
+                    b.paged_attention(q, k, v, pg)
+                });
+            let [got, keys, values] =
+                paged_step(g, &inputs, &c, |b, q, k, v, pg| b.paged_attention(q, k, v, pg));
+            assert_close(&format!("paged attention {c:?} ({p})"), &got, &want, tol);
+            assert_eq!((keys, values), (want_keys, want_values), "{c:?} ({p}): pools");
+        }
+
+        // Argmax over the stored (rounded) logits: rounding can make ties, the first wins.
+        let x = rng.vec(3 * 32000, 10.0);
+        let t = g.from_host(&x, &[3, 32000]).unwrap();
+        let want: Vec<u32> = p.round(&x).chunks(32000).map(crate::sampling::argmax).collect();
+        assert_eq!(g.argmax_rows(&t).unwrap(), want, "{p}: argmax");
+    }
 }
 
 #[test]
