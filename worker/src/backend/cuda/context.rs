@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUresult};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUmemPool_attribute, CUresult};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError};
 
 use super::kernels::{self, FILES};
@@ -145,6 +145,7 @@ impl CudaBackend {
             kernels: functions,
         };
         backend.allow_flash_smem()?;
+        backend.keep_freed_memory()?;
         Ok(backend)
     }
 
@@ -176,6 +177,38 @@ impl CudaBackend {
             .map_err(|e| driver_err(&format!("raising {name}'s shared memory limit"), e))?;
         }
         Ok(())
+    }
+
+    /// Ops allocate their outputs from the device's default memory pool (stream-ordered
+    /// `cuMemAllocAsync`). By default the pool hands freed memory back to the driver whenever the
+    /// stream synchronises, so every forward pass would map its activations afresh; with an
+    /// unlimited release threshold freed blocks stay in the pool and the next pass's allocations
+    /// are suballocations without a driver round trip. The worker owns its GPU, so holding its
+    /// peak working set is the intended trade.
+    fn keep_freed_memory(&self) -> Result<()> {
+        let pools = self
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
+            .map_err(|e| driver_err("reading memory pool support", e))?;
+        if pools == 0 {
+            return Ok(()); // cudarc allocates synchronously then; nothing to tune
+        }
+        let mut pool = std::ptr::null_mut();
+        let mut threshold = u64::MAX;
+        // SAFETY: plain driver calls on this context's device with valid out-pointers; the
+        // attribute takes a u64.
+        unsafe {
+            cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device())
+                .result()
+                .map_err(|e| driver_err("finding the default memory pool", e))?;
+            cudarc::driver::sys::cuMemPoolSetAttribute(
+                pool,
+                CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+            .result()
+            .map_err(|e| driver_err("keeping freed memory in the pool", e))
+        }
     }
 
     pub(super) fn kernel(&self, name: &'static str) -> Result<&CudaFunction> {
