@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmark of issue 5 in one command, for a machine with an NVIDIA GPU, PyTorch and
-# transformers: generates the random models, runs the worker's CUDA backend and PyTorch on the
-# same GPU, and prints the ratios (encoders vs PyTorch eager, decode vs the bandwidth roofline,
-# matrix products vs the measured bf16 peak) and where the worker's time goes.
+# transformers: generates the random models, runs the worker's CUDA backend (in fp32, fp16 and
+# bf16, one after another) and PyTorch on the same GPU, and prints the ratios, each at one
+# precision on both sides (encoders vs PyTorch eager, decode vs PyTorch and the bandwidth
+# roofline, matrix products vs PyTorch's measured peak) and where the worker's time goes.
 #
 #   bash scripts/bench-gpu.sh [SECONDS=3]
 #
@@ -15,9 +16,10 @@
 #   PYTHON             the Python that holds torch and transformers (default python3)
 #   MAX_STEPS          decode steps per timed run (default 256)
 #
-# Expected to take about 3 minutes on an H100 with the default 3 s per figure (an estimate: not
-# yet run on a GPU); writing and loading the 1.1B model in fp32 is most of it. Exits non-zero
-# when either side failed a section; the report still prints whatever was measured.
+# Expected to take about 6 minutes on an H100 with the default 3 s per figure (an estimate, not
+# yet measured on a GPU): the worker measures three precisions and loads the 1.1B model once for
+# each; writing the models the first time adds to that. Exits non-zero when either side failed
+# a section; the report still prints whatever was measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,7 +54,7 @@ fi
 
 status=0
 "$bin" "$models" --check >/dev/null || { echo "bench-gpu: the model folders do not open" >&2; exit 1; }
-echo "bench-gpu: worker (CUDA backend, fp32)" >&2
+echo "bench-gpu: worker (CUDA backend, fp32, fp16 and bf16)" >&2
 "$bin" "$models" --seconds "$seconds" --max-steps "$max_steps" | tee "$out/atomic.jsonl" || status=1
 echo "bench-gpu: PyTorch eager" >&2
 "$py" worker/bench/gpu_torch.py "$models" --seconds "$seconds" --max-steps "$max_steps" | tee "$out/torch.jsonl" || status=1

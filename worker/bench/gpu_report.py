@@ -3,14 +3,18 @@
 
     python3 worker/bench/gpu_report.py ATOMIC.jsonl TORCH.jsonl
 
-Ratios (each labelled with the precisions it compares; the worker runs fp32 only):
-- encoders: the worker's sentences/s over PyTorch eager's, per PyTorch precision (goal >= 1.5x
-  against fp16/bf16);
-- decode: tokens/s over the bandwidth roofline, batch x copy bandwidth / weight bytes per step
-  (goal >= 80%); the bandwidth is the larger of the two sides' device-to-device copies;
-- matrix products: TFLOP/s over the bf16 peak PyTorch measured (and over the fp32 peak, the
-  honest ceiling for fp32 sgemm);
-- where the time goes: each op's time per call x calls per pass, against the measured pass.
+Ratios set the worker against PyTorch at the same precision (fp32, fp16, bf16): the worker
+stores tensors in that precision and accumulates in fp32; fp32 products run without TF32 on
+both sides. The one exception is the matrix products' "of bf16 peak" column.
+- encoders: the worker's sentences/s over PyTorch eager's, per model and precision (goal >= 1.5x
+  at fp16/bf16);
+- decode: each side's tokens/s per precision and batch, and its fraction of the bandwidth
+  roofline, batch x copy bandwidth / that side's own weight bytes per step at that precision
+  (goal >= 80%); the bandwidth is the largest device-to-device copy either side measured;
+- matrix products: the worker's TFLOP/s in each precision over the peak PyTorch measured in the
+  same precision (and over the bf16 peak, "the peak" of the issue);
+- where the time goes: each op's time per call x calls per pass, against the measured pass, per
+  precision.
 
 Reads only what is there: a missing figure prints as "-", so a partial run still reports.
 Standard library only.
@@ -18,6 +22,11 @@ Standard library only.
 
 import json
 import sys
+
+# The storage precisions both sides measure, in the order the tables list them.
+DTYPES = ("fp32", "fp16", "bf16")
+ENCODERS = ("bert-base", "minilm")
+DECODE_BATCHES = (1, 32)
 
 
 def load(path):
@@ -70,102 +79,122 @@ def table(headers, rows):
         print(line(r))
 
 
-def main():
-    if len(sys.argv) != 3:
-        sys.exit(f"usage: {sys.argv[0]} ATOMIC.jsonl TORCH.jsonl")
-    ours, theirs = load(sys.argv[1]), load(sys.argv[2])
-    rows = ours + theirs
+def by_dtype(rows_by_dtype, key, fmt):
+    """One figure per precision, e.g. "fp32 2900, fp16 2910, bf16 -"."""
+    return ", ".join(f"{d} {num(get(r, key), fmt)}" for d, r in rows_by_dtype.items())
 
-    dev_a, dev_t = find(ours, bench="device"), find(theirs, bench="device")
-    print(f"GPU: {get(dev_a, 'name') or get(dev_t, 'name') or 'unknown'}"
-          f"  (PyTorch {get(dev_t, 'torch') or '-'}, CUDA {get(dev_t, 'cuda') or '-'})")
-    print("The worker runs fp32 only (cuBLAS sgemm, no TF32). Rows marked 'fp32 vs fp16' or 'fp32 vs bf16' set")
-    print("the worker's fp32 against PyTorch in half precision: not like for like; 'fp32 vs fp32' is.")
 
-    # Limits.
+def roofline(src, dtype, batch, bw):
+    """Tokens/s of a decode step that only reads its weights once at bw GB/s, from that side's own
+    weight bytes per step at dtype (None when either is unknown)."""
+    wbytes = get(find(src, bench="model", dtype=dtype), "weight_bytes_per_step")
+    return batch * bw * 1e9 / wbytes if bw and wbytes else None
+
+
+def limits(ours, theirs):
+    """Prints the copy bandwidths and PyTorch's matmul peaks; returns (roofline bandwidth, peaks)."""
     print("\n== Limits measured in this run ==")
-    copy_a, copy_t = find(ours, bench="copy"), find(theirs, bench="copy")
-    bws = [b for b in (get(copy_a, "d2d_gbs"), get(copy_t, "d2d_gbs")) if b]
+    copy_a = {d: find(ours, bench="copy", dtype=d) for d in DTYPES}
+    copy_t = find(theirs, bench="copy")
+    bws = [b for b in [get(c, "d2d_gbs") for c in copy_a.values()] + [get(copy_t, "d2d_gbs")] if b]
     bw = max(bws) if bws else None
-    print(f"  device copy bandwidth (bytes read + written, 1 GiB): worker {num(get(copy_a, 'd2d_gbs'), '{:.0f}')} GB/s, "
+    print(f"  device copy bandwidth (bytes read + written, 1 GiB): worker {by_dtype(copy_a, 'd2d_gbs', '{:.0f}')} GB/s; "
           f"PyTorch {num(get(copy_t, 'd2d_gbs'), '{:.0f}')} GB/s; roofline uses {num(bw, '{:.0f}')} GB/s")
-    print(f"  host-to-device upload (pageable): worker {num(get(copy_a, 'h2d_gbs'))} GB/s, "
-          f"PyTorch {num(get(copy_t, 'h2d_gbs'))} GB/s")
+    print(f"  host-to-device upload (pageable): worker {by_dtype(copy_a, 'h2d_gbs', '{:.1f}')} GB/s "
+          f"(fp16/bf16 include rounding on the host); PyTorch fp32 {num(get(copy_t, 'h2d_gbs'))} GB/s")
     peaks = {d: get(find(theirs, bench="matmul", dtype=d), "tflops") for d in ("bf16", "fp16", "tf32", "fp32")}
     print("  PyTorch 8192^3 matmul peaks: " + ", ".join(f"{d} {num(v)} TFLOP/s" for d, v in peaks.items()))
+    return bw, peaks
 
-    # Encoders.
-    print("\n== Encoders: batch 32 x 128, sentences/s (goal: worker >= 1.5x PyTorch eager fp16/bf16) ==")
-    enc_rows = []
-    for model in ("bert-base", "minilm"):
-        a = get(find(ours, bench="encoder", model=model), "sentences_per_s")
-        t = {d: get(find(theirs, bench="encoder", model=model, dtype=d), "sentences_per_s") for d in ("fp32", "fp16", "bf16")}
-        enc_rows.append([
-            model, num(a), num(t["fp32"]), num(t["fp16"]), num(t["bf16"]),
-            num(ratio(a, t["fp32"]), "{:.2f}x"), num(ratio(a, t["fp16"]), "{:.2f}x"), num(ratio(a, t["bf16"]), "{:.2f}x"),
-        ])
-    table(["model", "worker fp32", "torch fp32", "torch fp16", "torch bf16",
-           "fp32 vs fp32", "fp32 vs fp16", "fp32 vs bf16"], enc_rows)
 
-    # Decode.
+def encoders(ours, theirs):
+    print("\n== Encoders: batch 32 x 128, sentences/s, worker vs PyTorch eager at the same precision "
+          "(goal: worker >= 1.5x at fp16/bf16) ==")
+    rows = []
+    for model in ENCODERS:
+        for dtype in DTYPES:
+            a = get(find(ours, bench="encoder", model=model, dtype=dtype), "sentences_per_s")
+            t = get(find(theirs, bench="encoder", model=model, dtype=dtype), "sentences_per_s")
+            r = ratio(a, t)
+            if dtype == "fp32":
+                goal = "n/a"
+            else:
+                goal = "-" if r is None else ("met" if r >= 1.5 else "not met")
+            rows.append([model, dtype, num(a), num(t), num(r, "{:.2f}x"), goal])
+    table(["model", "dtype", "worker", "torch", "worker / torch", "1.5x goal"], rows)
+
+
+def decode(ours, theirs, bw):
     print("\n== Decode: llama-1b, greedy, 16-token prompt, tokens/s (goal: >= 80% of the bandwidth roofline) ==")
-    model_a = find(ours, bench="model")
-    params = get(model_a, "params") or get(find(theirs, bench="model"), "params")
+    params = get(find(ours, bench="model"), "params") or get(find(theirs, bench="model"), "params")
     if params:
-        print(f"  {params / 1e9:.3f}B parameters; roofline = batch x bandwidth / weight bytes per step "
-              "(weights only, KV cache reads left out)")
-    dec_rows = []
-    for batch in (1, 32):
-        for impl, src, dtype in (("worker", ours, "fp32"), ("torch", theirs, "fp32"), ("torch", theirs, "bf16")):
-            d = find(src, bench="decode", batch=batch, dtype=dtype)
-            m = find(src, bench="model", dtype=dtype)
-            wbytes = get(m, "weight_bytes_per_step")
-            roof = batch * bw * 1e9 / wbytes if bw and wbytes else None
-            tps = get(d, "tokens_per_s")
-            frac = ratio(tps, roof)
-            dec_rows.append([
-                batch, f"{impl} {dtype}", num(tps), num(get(d, "ms_per_step"), "{:.2f}"),
-                num(get(d, "prefill_ms"), "{:.1f}"), num(roof, "{:.0f}"),
-                num(pct(tps, roof), "{:.1f}%"),
-                "-" if frac is None else ("met" if frac >= 0.8 else "not met"),
-            ])
-    table(["batch", "impl", "tokens/s", "ms/step", "prefill ms", "roofline tok/s", "of roofline", "80% goal"], dec_rows)
-    a1 = get(find(ours, bench="decode", batch=1), "tokens_per_s")
-    t1 = get(find(theirs, bench="decode", batch=1, dtype="fp32"), "tokens_per_s")
-    if a1 and t1:
-        print(f"  worker fp32 vs PyTorch fp32 at batch 1: {a1 / t1:.2f}x")
+        print(f"  {params / 1e9:.3f}B parameters; roofline = batch x bandwidth / weight bytes per step at each "
+              "side's precision (weights only, KV cache reads left out)")
+    rows = []
+    for batch in DECODE_BATCHES:
+        for dtype in DTYPES:
+            for impl, src in (("worker", ours), ("torch", theirs)):
+                d = find(src, bench="decode", batch=batch, dtype=dtype)
+                roof = roofline(src, dtype, batch, bw)
+                tps = get(d, "tokens_per_s")
+                frac = ratio(tps, roof)
+                rows.append([
+                    batch, f"{impl} {dtype}", num(tps), num(get(d, "ms_per_step"), "{:.2f}"),
+                    num(get(d, "prefill_ms"), "{:.1f}"), num(roof, "{:.0f}"),
+                    num(pct(tps, roof), "{:.1f}%"),
+                    "-" if frac is None else ("met" if frac >= 0.8 else "not met"),
+                ])
+    table(["batch", "impl", "tokens/s", "ms/step", "prefill ms", "roofline tok/s", "of roofline", "80% goal"], rows)
+    print("\n  worker / PyTorch tokens/s at the same precision:")
+    ratio_rows = []
+    for batch in DECODE_BATCHES:
+        cells = []
+        for dtype in DTYPES:
+            a = get(find(ours, bench="decode", batch=batch, dtype=dtype), "tokens_per_s")
+            t = get(find(theirs, bench="decode", batch=batch, dtype=dtype), "tokens_per_s")
+            cells.append(num(ratio(a, t), "{:.2f}x"))
+        ratio_rows.append([batch, *cells])
+    table(["batch", *DTYPES], ratio_rows)
 
-    # Matrix products.
-    print("\n== Matrix products: worker fp32 TFLOP/s against the measured peaks ==")
-    mm = find(ours, bench="matmul")
-    mm_rows = []
-    if mm:
-        tf = mm["tflops"]
-        mm_rows.append(["sgemm 8192^3", num(tf), num(pct(tf, peaks["bf16"]), "{:.1f}%"), num(pct(tf, peaks["fp32"]), "{:.1f}%")])
-    for r in ours:
-        if r.get("bench") == "op" and r["op"].startswith("linear") and r.get("flops"):
-            tf = r["flops"] / r["us"] / 1e6
-            label = f"{r['section']} {r['model']} b{r['batch']} {r['op']}"
-            mm_rows.append([label, num(tf, "{:.2f}"), num(pct(tf, peaks["bf16"]), "{:.1f}%"), num(pct(tf, peaks["fp32"]), "{:.1f}%")])
-    table(["product", "TFLOP/s", "of bf16 peak (fp32 vs bf16)", "of fp32 peak (fp32 vs fp32)"], mm_rows)
 
-    # Where the time goes.
+def matmuls(ours, peaks):
+    print("\n== Matrix products: worker TFLOP/s against PyTorch's measured peak in the same precision ==")
+    rows = []
+
+    def row(label, dtype, tf, fmt):
+        rows.append([label, dtype, num(tf, fmt), num(pct(tf, peaks.get(dtype)), "{:.1f}%"),
+                     num(pct(tf, peaks["bf16"]), "{:.1f}%")])
+
+    for dtype in DTYPES:
+        mm = find(ours, bench="matmul", dtype=dtype)
+        if mm and mm.get("tflops") is not None:
+            row("gemm 8192^3", dtype, mm["tflops"], "{:.1f}")
+    for dtype in DTYPES:
+        for r in ours:
+            if (r.get("bench") == "op" and r.get("dtype") == dtype and r.get("op", "").startswith("linear")
+                    and r.get("flops") and r.get("us")):
+                label = f"{r['section']} {r['model']} b{r['batch']} {r['op']}"
+                row(label, dtype, r["flops"] / r["us"] / 1e6, "{:.2f}")
+    table(["product", "dtype", "TFLOP/s", "of same-dtype peak", "of bf16 peak"], rows)
+
+
+def time_split(ours):
     print("\n== Where the worker's time goes (each op timed alone, x calls per pass) ==")
     groups = {}
     for r in ours:
         if r.get("bench") == "op":
-            groups.setdefault((r["section"], r["model"], r["batch"]), []).append(r)
-    for (section, model, batch), ops in groups.items():
+            groups.setdefault((r.get("dtype"), r["section"], r["model"], r["batch"]), []).append(r)
+    for (dtype, section, model, batch), ops in groups.items():
         if section == "encoder":
-            measured = get(find(ours, bench="encoder", model=model), "ms_per_batch")
-            what = f"{model} forward pass, batch {batch} x 128"
+            measured = get(find(ours, bench="encoder", model=model, dtype=dtype), "ms_per_batch")
+            what = f"{model} {dtype} forward pass, batch {batch} x 128"
         else:
-            measured = get(find(ours, bench="decode", batch=batch), "ms_per_step")
-            what = f"{model} decode step, batch {batch}"
+            measured = get(find(ours, bench="decode", batch=batch, dtype=dtype), "ms_per_step")
+            what = f"{model} {dtype} decode step, batch {batch}"
         total_ms = sum(o["us"] * o["calls"] for o in ops) / 1e3
         note = ""
         if measured and measured >= total_ms:
-            note = f"; the other {measured - total_ms:.2f} ms are host work (cache copies, pooling, sampling) and gaps"
+            note = f"; the other {measured - total_ms:.2f} ms are host work (pooling, sampling, bookkeeping) and gaps"
         elif measured:
             note = "; more than the pass, since ops timed alone do not overlap as they do in it"
         print(f"\n  {what}: measured {num(measured, '{:.2f}')} ms; ops add up to {total_ms:.2f} ms{note}")
@@ -180,11 +209,33 @@ def main():
             ])
         table(["op", "shape", "us/call", "calls", "ms/pass", "of measured", "TFLOP/s", "GB/s"], op_rows)
 
+
+def failures(rows):
     errors = [r for r in rows if r.get("bench") == "error"]
     if errors:
         print("\n== Sections that failed ==")
         for e in errors:
-            print(f"  {e.get('impl')} {e.get('section')}: {e.get('message')}")
+            where = " ".join(str(x) for x in (e.get("impl"), e.get("dtype"), e.get("section")) if x)
+            print(f"  {where}: {e.get('message')}")
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(f"usage: {sys.argv[0]} ATOMIC.jsonl TORCH.jsonl")
+    ours, theirs = load(sys.argv[1]), load(sys.argv[2])
+
+    dev_a, dev_t = find(ours, bench="device"), find(theirs, bench="device")
+    print(f"GPU: {get(dev_a, 'name') or get(dev_t, 'name') or 'unknown'}"
+          f"  (PyTorch {get(dev_t, 'torch') or '-'}, CUDA {get(dev_t, 'cuda') or '-'})")
+    print("Ratios set the worker against PyTorch at the same precision (all but 'of bf16 peak'). "
+          "'-': a figure this run did not produce.")
+
+    bw, peaks = limits(ours, theirs)
+    encoders(ours, theirs)
+    decode(ours, theirs, bw)
+    matmuls(ours, peaks)
+    time_split(ours)
+    failures(ours + theirs)
 
 
 if __name__ == "__main__":

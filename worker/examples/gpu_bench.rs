@@ -1,20 +1,25 @@
-//! The worker's side of the GPU benchmark (issue 5, "Performance"): the CUDA backend (fp32, the
-//! only precision it has) on the random models `worker/bench/gpu_models.py` writes, measured
-//! the way `worker/bench/gpu_torch.py` measures PyTorch on the same GPU.
+//! The worker's side of the GPU benchmark (issue 5, "Performance"): the CUDA backend in each
+//! storage precision asked for (fp32, fp16 and bf16 by default) on the random models
+//! `worker/bench/gpu_models.py` writes, measured the way `worker/bench/gpu_torch.py` measures
+//! PyTorch on the same GPU, so that the report can set each precision against PyTorch's own.
 //!
 //! ```sh
 //! cargo build --release -p atomic-worker --features cuda --example gpu_bench
 //! gpu_bench MODELS_DIR [--seconds 3] [--max-steps 256] [--only copy,matmul,encoders,decode]
+//!     [--precisions fp32,fp16,bf16]
 //! ```
 //!
 //! `scripts/bench-gpu.sh` runs both sides and prints the ratios. Output: one JSON object per
 //! line on stdout (`"bench"` says what it is: `device`, `copy`, `matmul`, `encoder`, `model`,
-//! `decode`, `op`, `error`); progress goes to stderr. Every timed region ends with a device
-//! synchronisation (or a host read, which synchronises), so queued work is never left out.
+//! `decode`, `op`, `error`; every line measured on a backend names its precision in `"dtype"`);
+//! progress goes to stderr. Every timed region ends with a device synchronisation (or a host
+//! read, which synchronises), so queued work is never left out.
 //!
-//! Sections run one after another; one that fails prints an `error` line and the rest still
-//! run, so a single GPU session gets every figure that can be had. The exit status is non-zero
-//! when any section failed or the GPU could not be opened.
+//! Each precision gets a backend of its own, opened only once the previous one has been dropped
+//! with every tensor and model on it, so one precision's GPU memory never crowds the next.
+//! Within a precision the sections run one after another. A section that fails, or a backend
+//! that does not open, prints an `error` line and the rest still run, so a single GPU session
+//! gets every figure that can be had. The exit status is non-zero when anything failed.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -22,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use atomic_worker::ModelDir;
-use atomic_worker::backend::{AttentionMask, Backend, CudaBackend, CudaTensor, PagedPlan, PagedSeq};
+use atomic_worker::backend::{
+    AttentionMask, Backend, CudaBackend, CudaTensor, PagedPlan, PagedSeq, Precision,
+};
 use atomic_worker::config::{BertConfig, LlamaConfig, ModelConfig};
 use atomic_worker::models::bert::{Batch, Bert};
 use atomic_worker::models::decoder::CausalLm;
@@ -50,7 +57,7 @@ const DECODE_BATCHES: [usize; 2] = [1, 32];
 /// any cache, so the copy runs at the memory's speed.
 const COPY_BYTES: usize = 1 << 30;
 
-/// The square matrix product that shows what cuBLAS sgemm reaches at its best.
+/// The square matrix product that shows what cuBLAS reaches at its best in each precision.
 const MATMUL_N: usize = 8192;
 
 /// Time spent measuring each single op (after a warm-up call).
@@ -73,6 +80,10 @@ struct Args {
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// Comma-separated storage precisions to measure (fp32, fp16, bf16), in the order given,
+    /// each on a backend of its own.
+    #[arg(long, value_delimiter = ',', default_values_t = Precision::ALL)]
+    precisions: Vec<Precision>,
     /// Only open and validate the model folders (no GPU needed), then exit.
     #[arg(long)]
     check: bool,
@@ -100,39 +111,86 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if args.check {
         return check_models(&args.models);
     }
-    let backend = CudaBackend::new(args.device).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot open cuda:{}: {e} (the CUDA 13 libraries libcuda, libnvrtc and libcublas must be \
-             on LD_LIBRARY_PATH; scripts/bench-gpu.sh puts the pip nvidia-* packages' folders there)",
-            args.device
-        )
-    })?;
-    emit(json!({"bench": "device", "impl": "atomic", "name": backend.device_name(), "ordinal": args.device}));
+    let mut failed = Vec::new();
+    let mut device_shown = false;
+    for precision in distinct(&args.precisions) {
+        // Dropped at the end of the iteration; the sections drop their tensors and models
+        // before returning, so the GPU memory is free before the next precision opens.
+        let backend = match open_backend(args.device, precision) {
+            Ok(backend) => backend,
+            Err(e) => {
+                report_failure(precision, "open", &e);
+                failed.push(format!("{precision} open"));
+                continue;
+            }
+        };
+        if !device_shown {
+            emit(json!({
+                "bench": "device", "impl": "atomic", "name": backend.device_name(),
+                "ordinal": args.device,
+            }));
+            device_shown = true;
+        }
+        let sections = run_sections(&backend, args);
+        failed.extend(sections.into_iter().map(|name| format!("{precision} {name}")));
+    }
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
 
+/// The precisions in the order given, each once: measuring one twice would only print its
+/// lines twice.
+fn distinct(precisions: &[Precision]) -> Vec<Precision> {
+    let mut out = Vec::with_capacity(precisions.len());
+    for &p in precisions {
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn open_backend(device: usize, precision: Precision) -> anyhow::Result<CudaBackend> {
+    CudaBackend::with_precision(device, precision).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open cuda:{device} in {precision}: {e} (the CUDA 13 libraries libcuda, libnvrtc \
+             and libcublas must be on LD_LIBRARY_PATH; scripts/bench-gpu.sh puts the pip nvidia-* \
+             packages' folders there)"
+        )
+    })
+}
+
+/// Runs the wanted sections on `backend`, each on its own: one that fails prints an `error`
+/// line and the rest still run. Returns the names of those that failed.
+fn run_sections(backend: &CudaBackend, args: &Args) -> Vec<&'static str> {
+    let precision = backend.precision();
     let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
     let mut failed = Vec::new();
     let mut section = |name: &'static str, run: &dyn Fn() -> anyhow::Result<()>| {
         if !wanted(name) {
             return;
         }
-        eprintln!("gpu_bench: {name}");
+        eprintln!("gpu_bench: {precision} {name}");
         let started = Instant::now();
         if let Err(e) = run() {
-            let message = format!("{e:#}");
-            eprintln!("gpu_bench: {name} failed: {message}");
-            emit(json!({"bench": "error", "impl": "atomic", "section": name, "message": message}));
+            report_failure(precision, name, &e);
             failed.push(name);
         }
-        eprintln!("gpu_bench: {name} took {:.1} s", started.elapsed().as_secs_f64());
+        eprintln!(
+            "gpu_bench: {precision} {name} took {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
     };
-    section("copy", &|| copy_bandwidth(&backend));
-    section("matmul", &|| big_matmul(&backend));
+    section("copy", &|| copy_bandwidth(backend));
+    section("matmul", &|| big_matmul(backend));
     section("encoders", &|| {
         // Each model on its own: one that fails must not cost the other's figures.
         let errors: Vec<String> = ENCODERS
             .iter()
             .filter_map(|name| {
-                let result = encoder(&backend, &args.models.join(name), name, args.seconds);
+                let result = encoder(backend, &args.models.join(name), name, args.seconds);
                 result.err().map(|e| format!("{name}: {e:#}"))
             })
             .collect();
@@ -142,11 +200,19 @@ fn run(args: &Args) -> anyhow::Result<()> {
             bail!("{}", errors.join("; "))
         }
     });
-    section("decode", &|| decode(&backend, &args.models.join(DECODER), args));
-    if !failed.is_empty() {
-        bail!("sections failed: {}", failed.join(", "));
-    }
-    Ok(())
+    section("decode", &|| decode(backend, &args.models.join(DECODER), args));
+    failed
+}
+
+/// Says on stderr, and in an `error` line for the report, that `section` (or `open`, the
+/// backend itself) failed in `precision`.
+fn report_failure(precision: Precision, section: &str, e: &anyhow::Error) {
+    let message = format!("{e:#}");
+    eprintln!("gpu_bench: {precision} {section} failed: {message}");
+    emit(json!({
+        "bench": "error", "impl": "atomic", "dtype": precision.to_string(), "section": section,
+        "message": message,
+    }));
 }
 
 /// One result line.
@@ -197,11 +263,12 @@ fn time_op(
     Ok(t.elapsed().as_secs_f64() * 1e6 / iters as f64)
 }
 
-/// Device-to-device copy bandwidth, counting bytes read and written (as PyTorch's side does),
-/// plus host-to-device upload bandwidth from pageable memory, which the host-side KV cache pays
-/// on every decode step.
+/// Device-to-device copy bandwidth of a 1 GiB tensor in the backend's precision, counting bytes
+/// read and written (as PyTorch's side does), plus upload bandwidth from pageable host memory:
+/// the device bytes over the time `from_host` takes, which in fp16/bf16 includes rounding on the
+/// host, so it is what an upload costs the worker rather than the bus's speed alone.
 fn copy_bandwidth(b: &CudaBackend) -> anyhow::Result<()> {
-    let n = COPY_BYTES / 4;
+    let n = COPY_BYTES / b.precision().bytes();
     let host = vec![0.0f32; n];
     let t = Instant::now();
     let x = b.from_host(&host, &[n])?;
@@ -212,15 +279,16 @@ fn copy_bandwidth(b: &CudaBackend) -> anyhow::Result<()> {
         Ok(())
     })?;
     emit(json!({
-        "bench": "copy", "impl": "atomic", "bytes": COPY_BYTES,
+        "bench": "copy", "impl": "atomic", "dtype": b.precision().to_string(), "bytes": COPY_BYTES,
         "d2d_gbs": 2.0 * COPY_BYTES as f64 / us / 1e3,
         "h2d_gbs": COPY_BYTES as f64 / h2d / 1e9,
     }));
     Ok(())
 }
 
-/// The backend's `linear` (cuBLAS sgemm, fp32, no TF32) on a large square product: the best
-/// TFLOP/s the fp32 path reaches, to set beside PyTorch's bf16 peak.
+/// The backend's `linear` (cublasGemmEx in the backend's precision with fp32 accumulation; no
+/// TF32 in fp32) on a large square product: the best TFLOP/s the worker's products reach in this
+/// precision, to set beside PyTorch's peak in the same precision.
 fn big_matmul(b: &CudaBackend) -> anyhow::Result<()> {
     let n = MATMUL_N;
     let x = upload(b, &[n, n])?;
@@ -231,7 +299,7 @@ fn big_matmul(b: &CudaBackend) -> anyhow::Result<()> {
     })?;
     let flops = 2.0 * (n as f64).powi(3);
     emit(json!({
-        "bench": "matmul", "impl": "atomic", "dtype": "fp32", "n": n,
+        "bench": "matmul", "impl": "atomic", "dtype": b.precision().to_string(), "n": n,
         "us": us, "tflops": flops / us / 1e6,
     }));
     Ok(())
@@ -291,7 +359,7 @@ fn encoder(b: &CudaBackend, folder: &Path, name: &str, seconds: f64) -> anyhow::
     }
     let elapsed = started.elapsed().as_secs_f64();
     emit(json!({
-        "bench": "encoder", "impl": "atomic", "model": name, "dtype": "fp32",
+        "bench": "encoder", "impl": "atomic", "model": name, "dtype": b.precision().to_string(),
         "batch": ENC_BATCH, "seq": ENC_SEQ, "runs": runs,
         "ms_per_batch": elapsed * 1e3 / runs as f64,
         "sentences_per_s": (runs * ENC_BATCH) as f64 / elapsed,
@@ -306,15 +374,22 @@ struct Op<'a> {
     section: &'a str,
     model: &'a str,
     batch: usize,
+    /// The backend's storage precision: the size of every tensor element the op moves.
+    precision: Precision,
 }
 
 impl Op<'_> {
     fn emit(&self, op: &str, shape: String, us: f64, calls: usize, flops: f64, bytes: f64) {
         emit(json!({
-            "bench": "op", "impl": "atomic", "section": self.section, "model": self.model,
-            "batch": self.batch, "op": op, "shape": shape, "us": us, "calls": calls,
-            "flops": flops, "bytes": bytes,
+            "bench": "op", "impl": "atomic", "dtype": self.precision.to_string(),
+            "section": self.section, "model": self.model, "batch": self.batch, "op": op,
+            "shape": shape, "us": us, "calls": calls, "flops": flops, "bytes": bytes,
         }));
+    }
+
+    /// Bytes that `elements` tensor elements take in the backend's precision.
+    fn bytes(&self, elements: usize) -> f64 {
+        (elements * self.precision.bytes()) as f64
     }
 
     /// Times `linear(x [n, k], w [m, k], bias)` and emits it.
@@ -340,7 +415,7 @@ impl Op<'_> {
             Ok(())
         })?;
         let flops = 2.0 * (n * k * m) as f64;
-        let bytes = 4.0 * (m * k + n * k + n * m) as f64;
+        let bytes = self.bytes(m * k + n * k + n * m);
         self.emit(op, format!("[{n},{k}]x[{m},{k}]ᵀ"), us, calls, flops, bytes);
         Ok(())
     }
@@ -352,6 +427,7 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
         section: "encoder",
         model: name,
         batch: ENC_BATCH,
+        precision: b.precision(),
     };
     let (h, inter, heads, layers) = (
         c.hidden_size,
@@ -361,7 +437,7 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
     );
     let d = h / heads;
     let t = ENC_BATCH * ENC_SEQ;
-    let act = |n: usize| 4.0 * n as f64;
+    let act = |n: usize| op.bytes(n);
 
     let batch = encoder_batch(c.vocab_size);
     let words = upload(b, &[c.vocab_size, h])?;
@@ -524,10 +600,11 @@ fn decode(b: &CudaBackend, folder: &Path, args: &Args) -> anyhow::Result<()> {
         bail!("{}: not a Llama model", folder.display())
     };
     let (params, read) = weights_read_per_step(&dir, config);
+    let precision = b.precision();
     emit(json!({
         "bench": "model", "impl": "atomic", "model": DECODER, "params": params,
-        "params_read_per_step": read, "dtype": "fp32", "bytes_per_param": 4,
-        "weight_bytes_per_step": 4 * read,
+        "params_read_per_step": read, "dtype": precision.to_string(),
+        "bytes_per_param": precision.bytes(), "weight_bytes_per_step": precision.bytes() * read,
     }));
     let loaded = Instant::now();
     let model = Llama::load(b, config, &dir.weights, &dir.tensor_prefix)?;
@@ -576,7 +653,7 @@ fn decode(b: &CudaBackend, folder: &Path, args: &Args) -> anyhow::Result<()> {
         let steps = steps.max(1);
         let mean_context = PROMPT + steps / 2;
         emit(json!({
-            "bench": "decode", "impl": "atomic", "model": DECODER, "dtype": "fp32", "batch": batch,
+            "bench": "decode", "impl": "atomic", "model": DECODER, "dtype": precision.to_string(), "batch": batch,
             "prompt": PROMPT, "steps": steps, "mean_context": mean_context,
             "prefill_ms": prefill * 1e3, "ms_per_step": elapsed * 1e3 / steps as f64,
             "tokens_per_s": (batch * steps) as f64 / elapsed,
@@ -593,6 +670,7 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
         section: "decode",
         model: DECODER,
         batch,
+        precision: b.precision(),
     };
     let (h, heads, kvh, d, inter, layers, vocab) = (
         c.hidden_size,
@@ -604,7 +682,7 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
         c.vocab_size,
     );
     let (q, kv, t) = (heads * d, kvh * d, batch);
-    let act = |n: usize| 4.0 * n as f64;
+    let act = |n: usize| op.bytes(n);
     let theta = c.rope_theta as f32;
 
     let table = upload(b, &[vocab, h])?;
@@ -712,6 +790,7 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
         us,
         1,
         0.0,
+        // Block tables and their metadata are 32-bit integers in every precision.
         4.0 * (batch * (blocks_per_seq + 4)) as f64,
     );
 
