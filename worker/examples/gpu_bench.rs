@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use atomic_worker::ModelDir;
 use atomic_worker::backend::{
-    AttentionMask, Backend, CudaBackend, CudaTensor, PagedPlan, PagedSeq, Precision,
+    Activation, AttentionMask, Backend, CudaBackend, CudaTensor, PagedPlan, PagedSeq, Precision,
 };
 use atomic_worker::config::{BertConfig, LlamaConfig, ModelConfig};
 use atomic_worker::models::bert::{Batch, Bert};
@@ -405,13 +405,14 @@ impl Op<'_> {
         k: usize,
         m: usize,
         bias: bool,
+        act: Activation,
         calls: usize,
     ) -> anyhow::Result<()> {
         let x = upload(b, &[n, k])?;
         let w = upload(b, &[m, k])?;
         let bias_t = if bias { Some(upload(b, &[m])?) } else { None };
         let us = time_op(b, OP_BUDGET, || {
-            drop(b.linear(&x, &w, bias_t.as_ref())?);
+            drop(b.linear_act(&x, &w, bias_t.as_ref(), act)?);
             Ok(())
         })?;
         let flops = 2.0 * (n * k * m) as f64;
@@ -462,7 +463,7 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
         act(6 * t * h),
     );
 
-    op.linear(b, "linear_qkv", t, h, 3 * h, true, layers)?;
+    op.linear(b, "linear_qkv", t, h, 3 * h, true, Activation::Identity, layers)?;
     let qkv = upload(b, &[t, 3 * h])?;
     let us = time_op(b, OP_BUDGET, || {
         drop(b.split_last(&qkv, &[h, h, h])?);
@@ -495,7 +496,7 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
         act(4 * t * h),
     );
 
-    op.linear(b, "linear_attn_out", t, h, h, true, layers)?;
+    op.linear(b, "linear_attn_out", t, h, h, true, Activation::Identity, layers)?;
     let x = upload(b, &[t, h])?;
     let r = upload(b, &[t, h])?;
     let us = time_op(b, OP_BUDGET, || {
@@ -511,21 +512,27 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
         act(3 * t * h),
     );
 
-    op.linear(b, "linear_ffn_up", t, h, inter, true, layers)?;
-    let up = upload(b, &[t, inter])?;
-    let us = time_op(b, OP_BUDGET, || {
-        drop(b.gelu(&up)?);
-        Ok(())
-    })?;
-    op.emit(
-        "gelu",
-        format!("[{t},{inter}]"),
-        us,
+    // The up projection with its GELU fused into the epilogue, as Bert::hidden_states runs it.
+    op.linear(
+        b,
+        "linear_ffn_up_gelu",
+        t,
+        h,
+        inter,
+        true,
+        Activation::Gelu,
         layers,
-        0.0,
-        act(2 * t * inter),
-    );
-    op.linear(b, "linear_ffn_down", t, inter, h, true, layers)?;
+    )?;
+    op.linear(
+        b,
+        "linear_ffn_down",
+        t,
+        inter,
+        h,
+        true,
+        Activation::Identity,
+        layers,
+    )?;
 
     let us = time_op(b, OP_BUDGET, || {
         drop(b.to_host(&x)?);
@@ -707,16 +714,18 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
         drop(b.rms_norm(&x, &w, 1e-5)?);
         Ok(())
     })?;
-    op.emit(
-        "rms_norm",
-        format!("[{t},{h}]"),
-        us,
-        2 * layers + 1,
-        0.0,
-        act(2 * t * h),
-    );
+    op.emit("rms_norm", format!("[{t},{h}]"), us, 1, 0.0, act(2 * t * h));
 
-    op.linear(b, "linear_qkv", t, h, q + 2 * kv, false, layers)?;
+    op.linear(
+        b,
+        "linear_qkv",
+        t,
+        h,
+        q + 2 * kv,
+        false,
+        Activation::Identity,
+        layers,
+    )?;
     let qkv = upload(b, &[t, q + 2 * kv])?;
     let us = time_op(b, OP_BUDGET, || {
         drop(b.split_last(&qkv, &[q, kv, kv])?);
@@ -809,45 +818,48 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
     );
     drop((qd, pool, paged));
 
-    op.linear(b, "linear_o", t, q, h, false, layers)?;
+    op.linear(b, "linear_o", t, q, h, false, Activation::Identity, layers)?;
+    // Each residual add fused with the norm after it (the MLP's, then the next layer's).
     let y = upload(b, &[t, h])?;
     let us = time_op(b, OP_BUDGET, || {
-        drop(b.add(&x, &y)?);
+        drop(b.add_rms_norm(&x, &y, &w, 1e-5)?);
         Ok(())
     })?;
-    op.emit("add", format!("[{t},{h}]"), us, 2 * layers, 0.0, act(3 * t * h));
+    op.emit(
+        "add_rms_norm",
+        format!("[{t},{h}]"),
+        us,
+        2 * layers,
+        0.0,
+        act(4 * t * h),
+    );
 
-    op.linear(b, "linear_gate_up", t, h, 2 * inter, false, layers)?;
+    op.linear(
+        b,
+        "linear_gate_up",
+        t,
+        h,
+        2 * inter,
+        false,
+        Activation::Identity,
+        layers,
+    )?;
     let gate_up = upload(b, &[t, 2 * inter])?;
     let us = time_op(b, OP_BUDGET, || {
-        drop(b.split_last(&gate_up, &[inter, inter])?);
+        drop(b.swiglu(&gate_up)?);
         Ok(())
     })?;
     op.emit(
-        "split_gate_up",
+        "swiglu",
         format!("[{t},{}]", 2 * inter),
-        us,
-        layers,
-        0.0,
-        act(4 * t * inter),
-    );
-    let gate = upload(b, &[t, inter])?;
-    let up = upload(b, &[t, inter])?;
-    let us = time_op(b, OP_BUDGET, || {
-        drop(b.silu_mul(&gate, &up)?);
-        Ok(())
-    })?;
-    op.emit(
-        "silu_mul",
-        format!("[{t},{inter}]"),
         us,
         layers,
         0.0,
         act(3 * t * inter),
     );
-    op.linear(b, "linear_down", t, inter, h, false, layers)?;
+    op.linear(b, "linear_down", t, inter, h, false, Activation::Identity, layers)?;
 
-    op.linear(b, "linear_lm_head", t, h, vocab, false, 1)?;
+    op.linear(b, "linear_lm_head", t, h, vocab, false, Activation::Identity, 1)?;
     let logits = upload(b, &[t, vocab])?;
     let us = time_op(b, OP_BUDGET, || {
         drop(b.to_host(&logits)?);

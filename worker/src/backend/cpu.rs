@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::cpu_kernels as kernels;
 use super::paged::HostPaged;
 use super::shapes::{self, AttnDims};
-use super::{AttentionMask, Backend, BackendError, PagedPlan, Result};
+use super::{Activation, AttentionMask, Backend, BackendError, PagedPlan, Result};
 
 /// A dense row-major `f32` tensor in host memory.
 #[derive(Clone, Debug, PartialEq)]
@@ -409,6 +409,45 @@ impl Backend for CpuBackend {
         let mut shape = x.shape.clone();
         if let Some(last) = shape.last_mut() {
             *last = m;
+        }
+        Ok(CpuTensor::new(out, shape))
+    }
+
+    fn linear_act(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuTensor,
+        bias: Option<&CpuTensor>,
+        act: Activation,
+    ) -> Result<CpuTensor> {
+        // The bias is already folded into the product; the activation runs in place over it.
+        let mut y = self.linear(x, weight, bias)?;
+        let kernel: fn(&mut [f32]) = match act {
+            Activation::Identity => return Ok(y),
+            Activation::Gelu => kernels::gelu_erf_in_place,
+            Activation::GeluTanh => kernels::gelu_tanh_in_place,
+            Activation::Silu => kernels::silu_in_place,
+        };
+        self.for_rows(&mut y.data, ELEMENTWISE_CHUNK, |_, chunk| kernel(chunk));
+        Ok(y)
+    }
+
+    fn swiglu(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        let (rows, two_n) = shapes::rows("swiglu", &x.shape)?;
+        if two_n % 2 != 0 {
+            return Err(shapes::err(
+                "swiglu",
+                format!("the last dimension of {:?} is not even", x.shape),
+            ));
+        }
+        let n = two_n / 2;
+        let mut out = vec![0.0; rows * n];
+        self.for_rows(&mut out, n, |r, o| {
+            kernels::swiglu(o, &x.data[r * two_n..][..2 * o.len()], n)
+        });
+        let mut shape = x.shape.clone();
+        if let Some(last) = shape.last_mut() {
+            *last = n;
         }
         Ok(CpuTensor::new(out, shape))
     }

@@ -192,22 +192,67 @@ fn softmax_in_place(row: &mut [f32]) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// GELU, exact erf form, of one value.
+#[inline(always)]
+fn gelu_erf_one(x: f32) -> f32 {
+    0.5 * x * one_plus_erf(x * std::f32::consts::FRAC_1_SQRT_2)
+}
+
+/// GELU, tanh approximation, of one value, through `1 + tanh(y) = 2 - 2 / (e^(2y) + 1)`.
+#[inline(always)]
+fn gelu_tanh_one(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    let y = C * (x + 0.044_715 * x * x * x);
+    0.5 * x * (2.0 - 2.0 / (fast_exp(2.0 * y) + 1.0))
+}
+
+/// `silu(g) · u`.
+#[inline(always)]
+fn silu_mul_one(g: f32, u: f32) -> f32 {
+    g / (1.0 + fast_exp(-g)) * u
+}
+
 multiversion! {
     /// `out = gelu(x)`, exact erf form: `x/2 · (1 + erf(x/√2))`.
     pub(crate) fn gelu_erf(out: &mut [f32], xs: &[f32]) {
         for (o, &x) in out.iter_mut().zip(xs) {
-            *o = 0.5 * x * one_plus_erf(x * std::f32::consts::FRAC_1_SQRT_2);
+            *o = gelu_erf_one(x);
         }
     }
 }
 
 multiversion! {
-    /// `out = gelu(x)`, tanh approximation, through `1 + tanh(y) = 2 - 2 / (e^(2y) + 1)`.
+    /// `out = gelu(x)`, tanh approximation.
     pub(crate) fn gelu_tanh(out: &mut [f32], xs: &[f32]) {
-        const C: f32 = 0.797_884_6; // sqrt(2/pi)
         for (o, &x) in out.iter_mut().zip(xs) {
-            let y = C * (x + 0.044_715 * x * x * x);
-            *o = 0.5 * x * (2.0 - 2.0 / (fast_exp(2.0 * y) + 1.0));
+            *o = gelu_tanh_one(x);
+        }
+    }
+}
+
+multiversion! {
+    /// `xs = gelu(xs)` in place, exact erf form (a linear layer's epilogue).
+    pub(crate) fn gelu_erf_in_place(xs: &mut [f32]) {
+        for x in xs.iter_mut() {
+            *x = gelu_erf_one(*x);
+        }
+    }
+}
+
+multiversion! {
+    /// `xs = gelu(xs)` in place, tanh approximation.
+    pub(crate) fn gelu_tanh_in_place(xs: &mut [f32]) {
+        for x in xs.iter_mut() {
+            *x = gelu_tanh_one(*x);
+        }
+    }
+}
+
+multiversion! {
+    /// `xs = silu(xs)` in place.
+    pub(crate) fn silu_in_place(xs: &mut [f32]) {
+        for x in xs.iter_mut() {
+            *x = silu_mul_one(*x, 1.0);
         }
     }
 }
@@ -216,7 +261,20 @@ multiversion! {
     /// `out = silu(gate) · up`.
     pub(crate) fn silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-            *o = g / (1.0 + fast_exp(-g)) * u;
+            *o = silu_mul_one(g, u);
+        }
+    }
+}
+
+multiversion! {
+    /// SwiGLU over fused rows: each `2 · out_row.len()`-wide row of `x` is `[gate | up]`, and
+    /// `out`'s row is `silu(gate) · up`.
+    pub(crate) fn swiglu(out: &mut [f32], x: &[f32], n: usize) {
+        for (o, row) in out.chunks_exact_mut(n).zip(x.chunks_exact(2 * n)) {
+            let (gate, up) = row.split_at(n);
+            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                *o = silu_mul_one(g, u);
+            }
         }
     }
 }
@@ -391,6 +449,18 @@ mod tests {
                 outs.push(o.clone());
                 silu_mul(&mut o, &x, &y);
                 outs.push(o.clone());
+                let mut r = x.clone();
+                gelu_erf_in_place(&mut r);
+                outs.push(r);
+                let mut r = x.clone();
+                gelu_tanh_in_place(&mut r);
+                outs.push(r);
+                let mut r = x.clone();
+                silu_in_place(&mut r);
+                outs.push(r);
+                let mut r = vec![0.0; x.len() / 2];
+                swiglu(&mut r, &x, d / 2);
+                outs.push(r);
                 add(&mut o, &x, &y);
                 outs.push(o.clone());
                 add_layer_norm(&mut o, &x, &y, &gamma, &beta, 1e-5);

@@ -64,6 +64,18 @@ pub enum BackendError {
 
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
+/// An activation applied in a linear layer's epilogue ([`Backend::linear_act`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    /// GELU, exact erf form.
+    Gelu,
+    /// GELU, tanh approximation.
+    GeluTanh,
+    /// SiLU: `x · sigmoid(x)`.
+    Silu,
+}
+
 /// Masking for [`Backend::attention`]. The default attends every query to every key.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AttentionMask<'a> {
@@ -152,6 +164,60 @@ pub trait Backend: Send + Sync {
         weight: &Self::Tensor,
         bias: Option<&Self::Tensor>,
     ) -> Result<Self::Tensor>;
+
+    /// `act(x · weightᵀ + bias)`: [`Backend::linear`] with its activation, which a backend can
+    /// fuse into the product's epilogue (one pass over the output instead of two). The default
+    /// composes the separate ops.
+    fn linear_act(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        act: Activation,
+    ) -> Result<Self::Tensor> {
+        let y = self.linear(x, weight, bias)?;
+        match act {
+            Activation::Identity => Ok(y),
+            Activation::Gelu => self.gelu(&y),
+            Activation::GeluTanh => self.gelu_tanh(&y),
+            Activation::Silu => {
+                let ones = self.from_host(&vec![1.0; shapes::numel(self.shape(&y))], self.shape(&y))?;
+                self.silu_mul(&y, &ones)
+            }
+        }
+    }
+
+    /// SwiGLU on a fused gate/up projection: `x [.., 2n]` gives `silu(x[.., :n]) · x[.., n:]`,
+    /// `[.., n]` (Llama's MLP). The default splits and multiplies; backends read `x` once.
+    fn swiglu(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        let (_, two_n) = shapes::rows("swiglu", self.shape(x))?;
+        if two_n % 2 != 0 {
+            return Err(shapes::err(
+                "swiglu",
+                format!("the last dimension of {:?} is not even", self.shape(x)),
+            ));
+        }
+        let mut halves = self.split_last(x, &[two_n / 2, two_n / 2])?.into_iter();
+        let (Some(gate), Some(up)) = (halves.next(), halves.next()) else {
+            return Err(shapes::err("swiglu", "split gave fewer than two halves".into()));
+        };
+        self.silu_mul(&gate, &up)
+    }
+
+    /// A pre-norm block's residual step in one pass: `(x + residual, rms_norm(x + residual))`,
+    /// the new residual stream and the next block's normalised input (Llama). The default adds,
+    /// then normalises.
+    fn add_rms_norm(
+        &self,
+        x: &Self::Tensor,
+        residual: &Self::Tensor,
+        weight: &Self::Tensor,
+        eps: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let sum = self.add(x, residual)?;
+        let normed = self.rms_norm(&sum, weight, eps)?;
+        Ok((sum, normed))
+    }
 
     /// Batched matrix product: `a [b, n, k] · b [b, k, m] -> [b, n, m]` (rank 2 operands are a
     /// batch of one and give a rank 2 result).

@@ -68,6 +68,72 @@ fn linear_matches_reference() {
 }
 
 #[test]
+fn fused_ops_match_their_compositions() {
+    // The reference backend runs the trait's default compositions (linear then activation,
+    // split then silu_mul, add then rms_norm) in f64; the CPU backend its fused versions.
+    let tol = Tol {
+        atol: 1e-4,
+        rtol: 1e-4,
+    };
+    let mut rng = Rng::new(3);
+    for &(n, k, m) in &[(1, 1, 1), (17, 384, 65), (65, 96, 1536)] {
+        let (x, w, b) = (rng.vec(n * k, 1.0), rng.vec(m * k, 0.3), rng.vec(m, 1.0));
+        let inputs: &[(&[f32], &[usize])] = &[(&x, &[n, k]), (&w, &[m, k]), (&b, &[m])];
+        for act in [
+            Activation::Identity,
+            Activation::Gelu,
+            Activation::GeluTanh,
+            Activation::Silu,
+        ] {
+            compare(
+                &format!("linear_act {act:?} {n}x{k}x{m}"),
+                tol,
+                inputs,
+                |be, t| be.linear_act(&t[0], &t[1], Some(&t[2]), act),
+            );
+        }
+        compare(
+            &format!("linear_act {n}x{k}x{m} no bias"),
+            tol,
+            inputs,
+            |be, t| be.linear_act(&t[0], &t[1], None, Activation::Gelu),
+        );
+    }
+    let elementwise = Tol {
+        atol: 2e-6,
+        rtol: 1e-5,
+    };
+    for &(rows, n) in &[(1, 1), (3, 17), (33, 4096), (2, 11008)] {
+        let x = rng.vec(rows * 2 * n, 4.0);
+        compare(
+            &format!("swiglu [{rows}, {}]", 2 * n),
+            elementwise,
+            &[(&x, &[rows, 2 * n])],
+            |be, t| be.swiglu(&t[0]),
+        );
+    }
+    for &(rows, d) in &[(1, 1), (7, 384), (65, 2048)] {
+        let (x, r, w) = (rng.vec(rows * d, 2.0), rng.vec(rows * d, 2.0), rng.vec(d, 1.0));
+        let inputs: &[(&[f32], &[usize])] = &[(&x, &[rows, d]), (&r, &[rows, d]), (&w, &[d])];
+        compare(
+            &format!("add_rms_norm sum [{rows}, {d}]"),
+            EXACT,
+            inputs,
+            |be, t| Ok(be.add_rms_norm(&t[0], &t[1], &t[2], 1e-6)?.0),
+        );
+        compare(
+            &format!("add_rms_norm normed [{rows}, {d}]"),
+            elementwise,
+            inputs,
+            |be, t| Ok(be.add_rms_norm(&t[0], &t[1], &t[2], 1e-6)?.1),
+        );
+    }
+    let odd = cpu(1).from_host(&[1.0; 6], &[2, 3]).unwrap();
+    assert!(cpu(1).swiglu(&odd).is_err(), "an odd width has no halves");
+    assert!(ReferenceBackend.swiglu(&odd).is_err());
+}
+
+#[test]
 fn matmul_matches_reference() {
     let tol = Tol {
         atol: 1e-4,

@@ -5,7 +5,7 @@
 //! A batch is padded to its longest sequence; padded key positions are masked out of attention
 //! and out of pooling, so a sequence gives the same output alone or in any batch.
 
-use crate::backend::{AttentionMask, Backend};
+use crate::backend::{self, AttentionMask, Backend};
 use crate::config::{Activation, BertConfig, BertHead};
 use crate::config::{PoolingConfig, PoolingMode};
 use crate::tokenizer::Encoding;
@@ -225,16 +225,21 @@ impl<B: Backend> Bert<B> {
             let context = backend.reshape(backend.attention(&q, &k, &v, &mask)?, &[tokens, h])?;
             let attn = backend.linear(&context, &layer.attn_out_weight, Some(&layer.attn_out_bias))?;
             x = backend.add_layer_norm(&attn, &x, &layer.attn_norm_weight, &layer.attn_norm_bias, eps)?;
-            let inner = backend.linear(&x, &layer.intermediate_weight, Some(&layer.intermediate_bias))?;
-            let inner = match c.hidden_act {
-                Activation::Gelu => backend.gelu(&inner)?,
-                Activation::GeluTanh => backend.gelu_tanh(&inner)?,
+            let act = match c.hidden_act {
+                Activation::Gelu => backend::Activation::Gelu,
+                Activation::GeluTanh => backend::Activation::GeluTanh,
                 other => {
                     return Err(Error::Input(format!(
                         "BERT activation {other:?} is not supported"
                     )));
                 }
             };
+            let inner = backend.linear_act(
+                &x,
+                &layer.intermediate_weight,
+                Some(&layer.intermediate_bias),
+                act,
+            )?;
             let out = backend.linear(&inner, &layer.output_weight, Some(&layer.output_bias))?;
             x = backend.add_layer_norm(&out, &x, &layer.output_norm_weight, &layer.output_norm_bias, eps)?;
         }

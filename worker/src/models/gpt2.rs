@@ -2,7 +2,7 @@
 //! `modeling_gpt2.py`: pre-norm blocks, learned absolute positions, a fused QKV projection, a
 //! GELU feed-forward and an output projection tied to the token embeddings.
 
-use crate::backend::Backend;
+use crate::backend::{self, Backend};
 use crate::config::{Activation, Gpt2Config};
 use crate::models::decoder::{CacheLayout, CausalLm};
 use crate::models::kv_cache::Step;
@@ -160,11 +160,11 @@ impl<B: Backend> CausalLm<B> for Gpt2<B> {
             let attn = backend.linear(&context, &layer.attn_proj_weight, Some(&layer.attn_proj_bias))?;
             x = backend.add(&x, &attn)?;
             let h = backend.layer_norm(&x, &layer.ln_2_weight, &layer.ln_2_bias, eps)?;
-            let inner = backend.linear(&h, &layer.fc_weight, Some(&layer.fc_bias))?;
-            let inner = match c.activation_function {
-                Activation::Gelu => backend.gelu(&inner)?,
-                _ => backend.gelu_tanh(&inner)?,
+            let act = match c.activation_function {
+                Activation::Gelu => backend::Activation::Gelu,
+                _ => backend::Activation::GeluTanh,
             };
+            let inner = backend.linear_act(&h, &layer.fc_weight, Some(&layer.fc_bias), act)?;
             let out = backend.linear(&inner, &layer.mlp_proj_weight, Some(&layer.mlp_proj_bias))?;
             x = backend.add(&x, &out)?;
         }

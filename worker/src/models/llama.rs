@@ -131,14 +131,17 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
     fn run(&self, backend: &B, mut step: Step<'_, '_, '_, B>, all: bool) -> Result<Vec<f32>> {
         let c = &self.config;
         let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let inter = c.intermediate_size;
         let eps = c.rms_norm_eps as f32;
         let theta = c.rope_theta as f32;
         let tokens = step.tokens();
         let positions = step.positions.clone();
+        // The residual stream `x` and its normalised copy `h` advance together: each block's
+        // residual add is fused with the norm that follows it (the next attention's, the MLP's,
+        // or the final one).
         let mut x = backend.embedding(&step.ids, &self.embed)?;
+        let first_norm = self.layers.first().map_or(&self.norm, |l| &l.input_norm);
+        let mut h = backend.rms_norm(&x, first_norm, eps)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = backend.rms_norm(&x, &layer.input_norm, eps)?;
             let qkv = backend.linear(&h, &layer.qkv_weight, layer.qkv_bias.as_ref())?;
             let mut parts = backend
                 .split_last(&qkv, &[heads * d, kv_heads * d, kv_heads * d])?
@@ -153,20 +156,15 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
             let v = backend.reshape(v, &[tokens, kv_heads, d])?;
             let context = step.attend(backend, l, &q, &k, &v)?;
             let attn = backend.linear(&context, &layer.o_weight, layer.o_bias.as_ref())?;
-            x = backend.add(&x, &attn)?;
-            let h = backend.rms_norm(&x, &layer.post_norm, eps)?;
-            let gate_up = backend.linear(&h, &layer.gate_up_weight, None)?;
-            let mut parts = backend.split_last(&gate_up, &[inter, inter])?.into_iter();
-            let (Some(gate), Some(up)) = (parts.next(), parts.next()) else {
-                return Err(Error::Input(
-                    "split of the fused gate/up projection failed".to_owned(),
-                ));
-            };
-            let out = backend.linear(&backend.silu_mul(&gate, &up)?, &layer.down_weight, None)?;
-            x = backend.add(&x, &out)?;
+            let (after_attn, normed) = backend.add_rms_norm(&x, &attn, &layer.post_norm, eps)?;
+            let gated = backend.swiglu(&backend.linear(&normed, &layer.gate_up_weight, None)?)?;
+            let out = backend.linear(&gated, &layer.down_weight, None)?;
+            let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.input_norm);
+            (x, h) = backend.add_rms_norm(&after_attn, &out, next_norm, eps)?;
         }
-        let x = if all { x } else { step.last_rows(backend, x)? };
-        let x = backend.rms_norm(&x, &self.norm, eps)?;
+        // `h` is now the final norm of every token; rows are independent, so selecting the last
+        // ones after the norm equals normalising them alone.
+        let x = if all { h } else { step.last_rows(backend, h)? };
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let logits = backend.to_host(&backend.linear(&x, head, None)?)?;
         step.commit();

@@ -29,7 +29,7 @@ pub(crate) const FILES: &[KernelFile] = &[
     KernelFile {
         name: "norm.cu",
         source: include_str!("kernels/norm.cu"),
-        functions: &["layer_norm", "rms_norm"],
+        functions: &["layer_norm", "rms_norm", "add_rms_norm"],
     },
     KernelFile {
         name: "activation.cu",

@@ -34,6 +34,5 @@ mod tensor;
 mod tests;
 
 pub use context::CudaBackend;
-pub use ops::Activation;
 pub use paged::CudaPaged;
 pub use tensor::CudaTensor;

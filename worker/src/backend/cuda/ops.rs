@@ -11,16 +11,16 @@ use super::launch::{BLOCK, elementwise_cfg, int, launch, rows_cfg};
 use super::paged::CudaPaged;
 use super::tensor::CudaTensor;
 use crate::backend::shapes::{self, AttnDims};
-use crate::backend::{AttentionMask, Backend, PagedPlan, Result};
+use crate::backend::{Activation, AttentionMask, Backend, PagedPlan, Result};
 
-/// An activation applied in the epilogue of [`CudaBackend::linear_act`]; the values are the
-/// `ACT_*` constants of `activation.cu`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    Identity = 0,
-    Gelu = 1,
-    GeluTanh = 2,
-    Silu = 3,
+/// The `ACT_*` constant of `activation.cu` for an activation.
+fn act_code(act: Activation) -> i32 {
+    match act {
+        Activation::Identity => 0,
+        Activation::Gelu => 1,
+        Activation::GeluTanh => 2,
+        Activation::Silu => 3,
+    }
 }
 
 /// Which attention kernel runs; [`Backend::attention`] picks by the number of queries, tests
@@ -74,7 +74,7 @@ impl CudaBackend {
 
     /// `act(x · weightᵀ + bias)`: the cuBLAS product followed by one epilogue kernel that adds
     /// the bias and applies the activation in the same pass over the output.
-    pub fn linear_act(
+    fn fused_linear(
         &self,
         x: &CudaTensor,
         weight: &CudaTensor,
@@ -121,7 +121,7 @@ impl CudaBackend {
         };
         if bias.is_some() || act != Activation::Identity {
             let has_bias = i32::from(bias.is_some());
-            let act = act as i32;
+            let act = act_code(act);
             let bias_buf = bias.map_or(&self.placeholder_elem, |b| &b.buf);
             launch!(
                 self,
@@ -458,7 +458,78 @@ impl Backend for CudaBackend {
     }
 
     fn linear(&self, x: &CudaTensor, weight: &CudaTensor, bias: Option<&CudaTensor>) -> Result<CudaTensor> {
-        self.linear_act(x, weight, bias, Activation::Identity)
+        self.fused_linear(x, weight, bias, Activation::Identity)
+    }
+
+    fn linear_act(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        act: Activation,
+    ) -> Result<CudaTensor> {
+        self.fused_linear(x, weight, bias, act)
+    }
+
+    fn swiglu(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        let op = "swiglu";
+        let (rows, two_n) = shapes::rows(op, &x.shape)?;
+        if two_n % 2 != 0 {
+            return Err(shapes::err(
+                op,
+                format!("the last dimension of {:?} is not even", x.shape),
+            ));
+        }
+        let n = two_n / 2;
+        let mut out = self.alloc(with_last(&x.shape, n))?;
+        if rows == 0 {
+            return Ok(out);
+        }
+        int(op, x.numel())?;
+        let (ri, ni) = (int(op, rows)?, int(op, n)?);
+        launch!(
+            self,
+            "swiglu",
+            elementwise_cfg(rows * n),
+            &mut out.buf,
+            &x.buf,
+            &ri,
+            &ni
+        )?;
+        Ok(out)
+    }
+
+    fn add_rms_norm(
+        &self,
+        x: &CudaTensor,
+        residual: &CudaTensor,
+        weight: &CudaTensor,
+        eps: f32,
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        let op = "add_rms_norm";
+        shapes::same(op, &x.shape, &residual.shape)?;
+        let (rows, d) = shapes::norm(op, &x.shape, &[("weight", &weight.shape)])?;
+        let mut sum = self.alloc(x.shape.clone())?;
+        let mut normed = self.alloc(x.shape.clone())?;
+        if rows == 0 {
+            return Ok((sum, normed));
+        }
+        int(op, x.numel())?;
+        let (ri, di) = (int(op, rows)?, int(op, d)?);
+        launch!(
+            self,
+            "add_rms_norm",
+            rows_cfg(rows, BLOCK),
+            &mut sum.buf,
+            &mut normed.buf,
+            &x.buf,
+            &residual.buf,
+            &weight.buf,
+            &ri,
+            &di,
+            &eps
+        )?;
+        Ok((sum, normed))
     }
 
     fn matmul(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {

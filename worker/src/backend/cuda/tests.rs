@@ -12,12 +12,14 @@
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use super::kernels::{self, FILES};
-use super::ops::{Activation, AttentionKernel};
+use super::ops::AttentionKernel;
 use super::{CudaBackend, CudaTensor};
 use crate::backend::test_util::{
     AttnCase, AttnInputs, EXACT, PagedCase, PagedInputs, Rng, Tol, assert_close, print_skip,
 };
-use crate::backend::{AttentionMask, Backend, BackendError, CpuTensor, Precision, ReferenceBackend, Result};
+use crate::backend::{
+    Activation, AttentionMask, Backend, BackendError, CpuTensor, Precision, ReferenceBackend, Result,
+};
 
 // ---------------------------------------------------------------------------------------------
 // NVRTC (no GPU needed)
@@ -270,6 +272,40 @@ fn gpu_fused_linear_activation_matches_reference() {
             be.linear_act(&t[0], &t[1], Some(&t[2]), act)
         });
         assert_close(&format!("linear_act {act:?}"), &got, &want_of(reference), tol);
+    }
+    // SwiGLU on a fused gate/up row, and the residual add with RMS norm: against the
+    // reference's compositions (split + silu_mul, add + rms_norm).
+    let elementwise = Tol {
+        atol: 2e-6,
+        rtol: 1e-5,
+    };
+    for &(rows, half) in &[(1, 1), (3, 17), (33, 4096)] {
+        let x = rng.vec(rows * 2 * half, 4.0);
+        compare!(
+            g,
+            format!("swiglu [{rows}, {}]", 2 * half),
+            elementwise,
+            &[(&x, &[rows, 2 * half])],
+            |be, t| be.swiglu(&t[0])
+        );
+    }
+    for &(rows, d) in &[(1, 1), (7, 384), (65, 2048)] {
+        let (x, r, w) = (rng.vec(rows * d, 2.0), rng.vec(rows * d, 2.0), rng.vec(d, 1.0));
+        let inputs: Inputs<'_> = &[(&x, &[rows, d]), (&r, &[rows, d]), (&w, &[d])];
+        compare!(
+            g,
+            format!("add_rms_norm sum [{rows}, {d}]"),
+            EXACT,
+            inputs,
+            |be, t| Ok(be.add_rms_norm(&t[0], &t[1], &t[2], 1e-6)?.0)
+        );
+        compare!(
+            g,
+            format!("add_rms_norm normed [{rows}, {d}]"),
+            elementwise,
+            inputs,
+            |be, t| Ok(be.add_rms_norm(&t[0], &t[1], &t[2], 1e-6)?.1)
+        );
     }
 }
 
@@ -749,6 +785,18 @@ fn gpu_half_precision_ops_match_reference() {
         compare_in!(g, "silu_mul", tol, inputs, |be, t| be.silu_mul(&t[0], &t[1]));
         compare_in!(g, "gelu", tol, inputs, |be, t| be.gelu(&t[0]));
         compare_in!(g, "gelu_tanh", tol, inputs, |be, t| be.gelu_tanh(&t[0]));
+        let x = rng.vec(9 * 2 * 700, 4.0);
+        compare_in!(g, "swiglu", tol, &[(&x, &[9, 1400])], |be, t| be.swiglu(&t[0]));
+        for act in [Activation::Gelu, Activation::GeluTanh, Activation::Silu] {
+            let (x, w, b) = (rng.vec(17 * 96, 1.0), rng.vec(130 * 96, 0.3), rng.vec(130, 1.0));
+            let inputs: Inputs<'_> = &[(&x, &[17, 96]), (&w, &[130, 96]), (&b, &[130])];
+            let linear_tol = Tol {
+                atol: u * (4.0 + 2.0 * 96f32.sqrt()),
+                rtol: 4.0 * u,
+            };
+            compare_in!(g, format!("linear_act {act:?}"), linear_tol, inputs, |be, t| be
+                .linear_act(&t[0], &t[1], Some(&t[2]), act));
+        }
 
         let (rows, d) = (7, 384);
         let (x, r, gamma, beta) = (

@@ -4,6 +4,8 @@
 // gelu_erf:   out = x/2 * (1 + erf(x / sqrt(2)))                  (BERT, PyTorch's default)
 // gelu_tanh:  out = x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))   (GPT-2 "gelu_new")
 // silu_mul:   out = gate / (1 + exp(-gate)) * up                  (SwiGLU, Llama)
+// swiglu:     out[r, i] = silu(x[r, i]) * x[r, n + i] for x [rows, 2n] (a fused gate/up
+//                 projection) and out [rows, n] (Llama's MLP, without splitting x first)
 // bias_act:   y[r, c] = act(y[r, c] + bias[c]) in place over a [rows, m] matrix: the
 //                 epilogue of a linear layer (the matrix product itself is cuBLAS), with
 //                 act 0 = identity, 1 = GELU (erf), 2 = GELU (tanh), 3 = SiLU.
@@ -62,6 +64,15 @@ extern "C" __global__ void gelu_tanh(elem_t* out, const elem_t* x, int n) {
 
 extern "C" __global__ void silu_mul(elem_t* out, const elem_t* gate, const elem_t* up, int n) {
     GRID_STRIDE(i, n) { out[i] = store(act_silu(load(gate[i])) * load(up[i])); }
+}
+
+extern "C" __global__ void swiglu(elem_t* out, const elem_t* x, int rows, int n) {
+    KERNEL_CHECK(n > 0);
+    GRID_STRIDE(i, (size_t)rows * n) {
+        const size_t r = i / n, c = i % n;
+        const elem_t* row = x + r * 2 * n;
+        out[i] = store(act_silu(load(row[c])) * load(row[n + c]));
+    }
 }
 
 extern "C" __global__ void bias_act(elem_t* y, const elem_t* bias, int has_bias, int rows, int m, int act) {
