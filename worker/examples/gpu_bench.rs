@@ -727,35 +727,20 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
         layers,
     )?;
     let qkv = upload(b, &[t, q + 2 * kv])?;
+    let positions: Vec<usize> = vec![context; t];
     let us = time_op(b, OP_BUDGET, || {
-        drop(b.split_last(&qkv, &[q, kv, kv])?);
+        drop(b.split_qkv_rope(&qkv, (heads, kvh), &positions, theta)?);
         Ok(())
     })?;
     op.emit(
-        "split_qkv",
+        "split_qkv_rope",
         format!("[{t},{}]", q + 2 * kv),
         us,
         layers,
         0.0,
         act(2 * t * (q + 2 * kv)),
     );
-
-    let positions: Vec<usize> = vec![context; t];
-    let xq = upload(b, &[t, heads, d])?;
     let xk = upload(b, &[t, kvh, d])?;
-    let us = time_op(b, OP_BUDGET, || {
-        drop(b.rope(&xq, &positions, theta)?);
-        drop(b.rope(&xk, &positions, theta)?);
-        Ok(())
-    })?;
-    op.emit(
-        "rope_qk",
-        format!("[{t},{heads}+{kvh},{d}]"),
-        us,
-        layers,
-        0.0,
-        act(2 * t * (q + kv)),
-    );
 
     // Step::attend: the new keys and values into the pool, then attention over it in place.
     // Each sequence's blocks are contiguous here; in a server they are scattered, which costs

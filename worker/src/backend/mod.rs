@@ -270,6 +270,43 @@ pub trait Backend: Send + Sync {
     /// `freq_i = theta^(-2i / head_dim)`, the pair `(x_i, x_{i+h})` is rotated by `pos · freq_i`.
     fn rope(&self, x: &Self::Tensor, positions: &[usize], theta: f32) -> Result<Self::Tensor>;
 
+    /// Splits a fused projection `qkv [tokens, (heads + 2 kv_heads) · head_dim]` (q heads, then
+    /// k heads, then v heads) into `q [tokens, heads, head_dim]`, `k` and `v [tokens, kv_heads,
+    /// head_dim]`, with [`Backend::rope`] applied to `q` and `k` (Llama's attention input). The
+    /// default splits, reshapes and rotates; a backend can do it in one pass.
+    fn split_qkv_rope(
+        &self,
+        qkv: &Self::Tensor,
+        (heads, kv_heads): (usize, usize),
+        positions: &[usize],
+        theta: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        let (tokens, width) = shapes::rows("split_qkv_rope", self.shape(qkv))?;
+        let groups = heads + 2 * kv_heads;
+        if groups == 0 || width % groups != 0 {
+            return Err(shapes::err(
+                "split_qkv_rope",
+                format!(
+                    "{:?} does not split into {heads} + 2 x {kv_heads} heads",
+                    self.shape(qkv)
+                ),
+            ));
+        }
+        let d = width / groups;
+        let mut parts = self
+            .split_last(qkv, &[heads * d, kv_heads * d, kv_heads * d])?
+            .into_iter();
+        let (Some(q), Some(k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(shapes::err(
+                "split_qkv_rope",
+                "split gave fewer than three parts".into(),
+            ));
+        };
+        let q = self.rope(&self.reshape(q, &[tokens, heads, d])?, positions, theta)?;
+        let k = self.rope(&self.reshape(k, &[tokens, kv_heads, d])?, positions, theta)?;
+        Ok((q, k, self.reshape(v, &[tokens, kv_heads, d])?))
+    }
+
     /// Scaled dot-product attention with grouped-query heads.
     ///
     /// `q [b, s_q, h, d]`, `k` and `v [b, s_k, h_kv, d]` with `h` a multiple of `h_kv` (query head

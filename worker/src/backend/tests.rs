@@ -128,6 +128,32 @@ fn fused_ops_match_their_compositions() {
             |be, t| Ok(be.add_rms_norm(&t[0], &t[1], &t[2], 1e-6)?.1),
         );
     }
+    // The default split + rope: q and k rotated, v as it was; shapes that do not split are
+    // errors.
+    let (t, heads, kv_heads, d) = (5, 6, 2, 8);
+    let qkv = rng.vec(t * (heads + 2 * kv_heads) * d, 1.0);
+    let positions = [0, 3, 7, 100, 4095];
+    for b in [&cpu(1) as &Host, &ReferenceBackend] {
+        let x = b.from_host(&qkv, &[t, (heads + 2 * kv_heads) * d]).unwrap();
+        let (q, k, v) = b.split_qkv_rope(&x, (heads, kv_heads), &positions, 1e4).unwrap();
+        let parts = b
+            .split_last(&x, &[heads * d, kv_heads * d, kv_heads * d])
+            .unwrap();
+        let want_q = b
+            .rope(
+                &b.reshape(parts[0].clone(), &[t, heads, d]).unwrap(),
+                &positions,
+                1e4,
+            )
+            .unwrap();
+        assert_eq!(q, want_q);
+        assert_eq!(b.shape(&k), &[t, kv_heads, d]);
+        assert_eq!(b.to_host(&v).unwrap(), b.to_host(&parts[2]).unwrap());
+        assert!(
+            b.split_qkv_rope(&x, (heads, kv_heads + 1), &positions, 1e4)
+                .is_err()
+        );
+    }
     let odd = cpu(1).from_host(&[1.0; 6], &[2, 3]).unwrap();
     assert!(cpu(1).swiglu(&odd).is_err(), "an odd width has no halves");
     assert!(ReferenceBackend.swiglu(&odd).is_err());

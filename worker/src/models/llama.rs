@@ -130,10 +130,9 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
 
     fn run(&self, backend: &B, mut step: Step<'_, '_, '_, B>, all: bool) -> Result<Vec<f32>> {
         let c = &self.config;
-        let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
         let eps = c.rms_norm_eps as f32;
         let theta = c.rope_theta as f32;
-        let tokens = step.tokens();
         let positions = step.positions.clone();
         // The residual stream `x` and its normalised copy `h` advance together: each block's
         // residual add is fused with the norm that follows it (the next attention's, the MLP's,
@@ -143,17 +142,7 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         let mut h = backend.rms_norm(&x, first_norm, eps)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let qkv = backend.linear(&h, &layer.qkv_weight, layer.qkv_bias.as_ref())?;
-            let mut parts = backend
-                .split_last(&qkv, &[heads * d, kv_heads * d, kv_heads * d])?
-                .into_iter();
-            let (Some(q), Some(k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(Error::Input(
-                    "split of the fused QKV projection failed".to_owned(),
-                ));
-            };
-            let q = backend.rope(&backend.reshape(q, &[tokens, heads, d])?, &positions, theta)?;
-            let k = backend.rope(&backend.reshape(k, &[tokens, kv_heads, d])?, &positions, theta)?;
-            let v = backend.reshape(v, &[tokens, kv_heads, d])?;
+            let (q, k, v) = backend.split_qkv_rope(&qkv, (heads, kv_heads), &positions, theta)?;
             let context = step.attend(backend, l, &q, &k, &v)?;
             let attn = backend.linear(&context, &layer.o_weight, layer.o_bias.as_ref())?;
             let (after_attn, normed) = backend.add_rms_norm(&x, &attn, &layer.post_norm, eps)?;

@@ -55,7 +55,7 @@ pub(crate) const FILES: &[KernelFile] = &[
     KernelFile {
         name: "rope.cu",
         source: include_str!("kernels/rope.cu"),
-        functions: &["rope"],
+        functions: &["rope", "qkv_rope"],
     },
     KernelFile {
         name: "layout.cu",

@@ -716,6 +716,58 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    fn split_qkv_rope(
+        &self,
+        qkv: &CudaTensor,
+        (heads, kv_heads): (usize, usize),
+        positions: &[usize],
+        theta: f32,
+    ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
+        let op = "split_qkv_rope";
+        let (tokens, width) = shapes::rows(op, &qkv.shape)?;
+        let groups = heads + 2 * kv_heads;
+        if groups == 0 || width % groups != 0 || (width / groups) % 2 != 0 || positions.len() != tokens {
+            return Err(shapes::err(
+                op,
+                format!(
+                    "{:?} with {} positions does not split into {heads} + 2 x {kv_heads} heads of even width",
+                    qkv.shape,
+                    positions.len()
+                ),
+            ));
+        }
+        let d = width / groups;
+        let mut q = self.alloc(vec![tokens, heads, d])?;
+        let mut k = self.alloc(vec![tokens, kv_heads, d])?;
+        let mut v = self.alloc(vec![tokens, kv_heads, d])?;
+        if tokens == 0 || d == 0 {
+            return Ok((q, k, v));
+        }
+        int(op, qkv.numel())?;
+        let pos = positions
+            .iter()
+            .map(|&p| u32::try_from(p).map_err(|_| shapes::err(op, format!("position {p} is too large"))))
+            .collect::<Result<Vec<u32>>>()?;
+        let pos_dev = self.upload("positions", &pos)?;
+        let (ti, hi, kvi, di) = (int(op, tokens)?, int(op, heads)?, int(op, kv_heads)?, int(op, d)?);
+        launch!(
+            self,
+            "qkv_rope",
+            rows_cfg(tokens, 128),
+            &mut q.buf,
+            &mut k.buf,
+            &mut v.buf,
+            &qkv.buf,
+            &pos_dev,
+            &ti,
+            &hi,
+            &kvi,
+            &di,
+            &theta
+        )?;
+        Ok((q, k, v))
+    }
+
     fn attention(
         &self,
         q: &CudaTensor,

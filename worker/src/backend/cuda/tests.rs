@@ -500,6 +500,43 @@ fn gpu_rope_matches_reference() {
 }
 
 #[test]
+fn gpu_split_qkv_rope_matches_split_and_rope() {
+    let Some(g) = gpu("gpu_split_qkv_rope_matches_split_and_rope") else {
+        return;
+    };
+    // The fused kernel against the reference's split + rope (angles in double on both sides).
+    let tol = Tol {
+        atol: 1e-5,
+        rtol: 1e-5,
+    };
+    let mut rng = Rng::new(110);
+    for &(t, heads, kv_heads, d) in &[(1, 1, 1, 2), (17, 12, 4, 64), (5, 32, 8, 128), (3, 9, 3, 80)] {
+        let qkv = rng.vec(t * (heads + 2 * kv_heads) * d, 2.0);
+        let positions: Vec<usize> = (0..t).map(|_| rng.below(131_072)).collect();
+        let inputs: Inputs<'_> = &[(&qkv, &[t, (heads + 2 * kv_heads) * d])];
+        let what = format!("split_qkv_rope [{t}, {heads}+2x{kv_heads}, {d}]");
+        compare!(g, format!("{what} q"), tol, inputs, |be, x| Ok(be
+            .split_qkv_rope(&x[0], (heads, kv_heads), &positions, 10_000.0)?
+            .0));
+        compare!(g, format!("{what} k"), tol, inputs, |be, x| Ok(be
+            .split_qkv_rope(&x[0], (heads, kv_heads), &positions, 10_000.0)?
+            .1));
+        compare!(g, format!("{what} v"), EXACT, inputs, |be, x| Ok(be
+            .split_qkv_rope(&x[0], (heads, kv_heads), &positions, 10_000.0)?
+            .2));
+    }
+    let odd = g.from_host(&[0.0; 12], &[1, 12]).unwrap();
+    assert!(
+        g.split_qkv_rope(&odd, (2, 1), &[0], 1e4).is_err(),
+        "12 is not 4 heads of even width"
+    );
+    assert!(
+        g.split_qkv_rope(&odd, (1, 1), &[0, 1], 1e4).is_err(),
+        "one position per token"
+    );
+}
+
+#[test]
 fn gpu_argmax_matches_the_host_sampler() {
     let Some(g) = gpu("gpu_argmax_matches_the_host_sampler") else {
         return;
@@ -843,6 +880,19 @@ fn gpu_half_precision_ops_match_reference() {
         let positions: Vec<usize> = (0..17).map(|_| rng.below(4096)).collect();
         compare_in!(g, "rope", tol, &[(&x, &[17, 12, 64])], |be, t| be
             .rope(&t[0], &positions, 10_000.0));
+        let qkv = rng.vec(17 * 16 * 64, 2.0);
+        for part in 0..3 {
+            compare_in!(
+                g,
+                format!("split_qkv_rope part {part}"),
+                tol,
+                &[(&qkv, &[17, 16 * 64])],
+                |be, t| {
+                    let (q, k, v) = be.split_qkv_rope(&t[0], (12, 2), &positions, 10_000.0)?;
+                    Ok([q, k, v].into_iter().nth(part).expect("three parts"))
+                }
+            );
+        }
 
         for c in AttnCase::COMMON {
             let AttnInputs { q, k, v, valid } = c.inputs(&mut rng);

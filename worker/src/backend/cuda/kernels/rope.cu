@@ -10,6 +10,13 @@
 //   is d/2 sincos per token and head, negligible next to the projections around it.
 //
 // Launch: grid (tokens), block 128 (any size); threads stride over heads * h pairs.
+//
+// qkv_rope: the same rotation applied while splitting a fused projection. qkv is [tokens,
+//   (heads + 2 * kv_heads) * d] laid out [q heads | k heads | v heads]; q_out is [tokens, heads,
+//   d] and k_out [tokens, kv_heads, d] rotated as above, v_out [tokens, kv_heads, d] copied.
+//   One pass instead of three splits and two rotations (Llama's attention input).
+//   Launch: grid (tokens), block 128 (any size); threads stride over the (heads + kv_heads) * h
+//   pairs, then over the kv_heads * d values of v.
 
 extern "C" __global__ void rope(elem_t* out, const elem_t* x, const unsigned int* positions, int tokens, int heads,
                                 int d, float theta) {
@@ -30,5 +37,43 @@ extern "C" __global__ void rope(elem_t* out, const elem_t* x, const unsigned int
         const float a = load(x[base + i]), b = load(x[base + i + h]);
         out[base + i] = store(a * cf - b * sf);
         out[base + i + h] = store(b * cf + a * sf);
+    }
+}
+
+// The rotation of one (x[i], x[i + h]) pair of a head at position `pos`, as `rope` computes it.
+__device__ __forceinline__ void rotate_pair(elem_t* out, const elem_t* x, int i, int h, int d, double pos,
+                                            float theta) {
+    const double freq = pow((double)theta, -2.0 * (double)i / (double)d);
+    double s, c;
+    sincos(pos * freq, &s, &c);
+    const float cf = (float)c, sf = (float)s;
+    const float a = load(x[i]), b = load(x[i + h]);
+    out[i] = store(a * cf - b * sf);
+    out[i + h] = store(b * cf + a * sf);
+}
+
+extern "C" __global__ void qkv_rope(elem_t* q_out, elem_t* k_out, elem_t* v_out, const elem_t* qkv,
+                                    const unsigned int* positions, int tokens, int heads, int kv_heads, int d,
+                                    float theta) {
+    KERNEL_CHECK(d % 2 == 0);
+    const int t = blockIdx.x;
+    if (t >= tokens) {
+        return;
+    }
+    const int h = d / 2;
+    const double pos = (double)positions[t];
+    const elem_t* row = qkv + (size_t)t * (heads + 2 * kv_heads) * d;
+    for (int idx = threadIdx.x; idx < (heads + kv_heads) * h; idx += blockDim.x) {
+        const int head = idx / h, i = idx % h;
+        if (head < heads) {
+            rotate_pair(q_out + ((size_t)t * heads + head) * d, row + (size_t)head * d, i, h, d, pos, theta);
+        } else {
+            const int kh = head - heads;
+            rotate_pair(k_out + ((size_t)t * kv_heads + kh) * d, row + (size_t)head * d, i, h, d, pos, theta);
+        }
+    }
+    const elem_t* v = row + (size_t)(heads + kv_heads) * d;
+    for (int c = threadIdx.x; c < kv_heads * d; c += blockDim.x) {
+        v_out[(size_t)t * kv_heads * d + c] = v[c];
     }
 }
