@@ -116,6 +116,19 @@ fn check<B: Backend + 'static>(name: &str, backend: &B) {
         "{name}: mixed step, joining prompt max |diff| {diff}"
     );
     drop((running, joining));
+
+    // Greedy selection on the backend picks what the host picks from the same step's logits.
+    let mut a = pool.new_cache();
+    let mut b = pool.new_cache();
+    let ids_greedy = model
+        .step_greedy(backend, pool, &mut [&mut a, &mut b], &[&ids[0], &ids[1]])
+        .unwrap();
+    assert_eq!(
+        ids_greedy,
+        vec![want_greedy[0][0], want_greedy[1][0]],
+        "{name}: step_greedy"
+    );
+    drop((a, b));
     assert_eq!(
         pool.free_positions(),
         pool.capacity_positions(),

@@ -158,6 +158,15 @@ impl Decoder for Slow {
         self.0.step(caches, tokens)
     }
 
+    fn step_greedy(
+        &mut self,
+        caches: &mut [&mut KvCache],
+        tokens: &[&[u32]],
+    ) -> atomic_worker::Result<Vec<u32>> {
+        std::thread::sleep(self.1);
+        self.0.step_greedy(caches, tokens)
+    }
+
     fn eos_token_ids(&self) -> &[u32] {
         self.0.eos_token_ids()
     }

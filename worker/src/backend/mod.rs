@@ -262,6 +262,14 @@ pub trait Backend: Send + Sync {
     /// that is entirely `-inf` gives zeros.
     fn softmax_rows(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
 
+    /// The index of the largest value of each row of `x [.., d]` (the first on ties; NaN never
+    /// wins), as the greedy sampler picks it. The default reads the rows back to the host; a GPU
+    /// backend reduces on the device so that only the ids cross the bus.
+    fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>> {
+        let (_, d) = shapes::rows("argmax_rows", self.shape(x))?;
+        Ok(self.to_host(x)?.chunks(d).map(crate::sampling::argmax).collect())
+    }
+
     /// Rows of `table [v, d]` selected by `ids`: `[ids.len(), d]`. An id `>= v` is an error.
     fn embedding(&self, ids: &[u32], table: &Self::Tensor) -> Result<Self::Tensor>;
 

@@ -34,9 +34,10 @@ pub trait CausalLm<B: Backend> {
     /// Token ids that end generation.
     fn eos_token_ids(&self) -> &[u32];
 
-    /// Runs a prepared step's tokens through the model and commits them to the caches; host
-    /// logits of every new token (`all`) or of each sequence's last one.
-    fn run(&self, backend: &B, step: Step<'_, '_, '_, B>, all: bool) -> Result<Vec<f32>>;
+    /// Runs a prepared step's tokens through the model and commits them to the caches; the
+    /// logits (`[rows, vocab]`, on the backend) of every new token (`all`) or of each
+    /// sequence's last one.
+    fn run(&self, backend: &B, step: Step<'_, '_, '_, B>, all: bool) -> Result<B::Tensor>;
 
     /// A key/value pool for this model holding `positions` positions over all its sequences.
     fn new_pool(&self, backend: &B, positions: usize) -> Result<KvPool<B>> {
@@ -55,7 +56,21 @@ pub trait CausalLm<B: Backend> {
         tokens: &[&[u32]],
     ) -> Result<Vec<Vec<f32>>> {
         let step = Step::new(backend, pool, caches, tokens)?;
-        Ok(split_rows(self.run(backend, step, false)?, self.vocab_size()))
+        let logits = backend.to_host(&self.run(backend, step, false)?)?;
+        Ok(split_rows(logits, self.vocab_size()))
+    }
+
+    /// [`CausalLm::step`] followed by greedy selection on the backend: the next token of each
+    /// sequence, without bringing the logits to the host.
+    fn step_greedy(
+        &self,
+        backend: &B,
+        pool: &mut KvPool<B>,
+        caches: &mut [&mut KvCache],
+        tokens: &[&[u32]],
+    ) -> Result<Vec<u32>> {
+        let step = Step::new(backend, pool, caches, tokens)?;
+        Ok(backend.argmax_rows(&self.run(backend, step, false)?)?)
     }
 
     /// Logits for every position of `ids` (`[ids.len() * vocab]`), run in a pool of its own.
@@ -64,7 +79,7 @@ pub trait CausalLm<B: Backend> {
         let mut cache = pool.new_cache();
         let mut caches = [&mut cache];
         let step = Step::new(backend, &mut pool, &mut caches, &[ids])?;
-        self.run(backend, step, true)
+        Ok(backend.to_host(&self.run(backend, step, true)?)?)
     }
 
     /// Runs a prompt into an empty (or partly filled) cache; the logits of its last token.

@@ -39,6 +39,8 @@ use crate::tokenizer::Tokenizer;
 pub trait Decoder: Send {
     /// [`CausalLm::step`] on the decoder's backend and pool.
     fn step(&mut self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> crate::Result<Vec<Vec<f32>>>;
+    /// [`CausalLm::step_greedy`]: each sequence's argmax, chosen on the backend.
+    fn step_greedy(&mut self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> crate::Result<Vec<u32>>;
     /// Token ids that end generation.
     fn eos_token_ids(&self) -> &[u32];
     /// An empty cache for one sequence in the decoder's pool.
@@ -76,6 +78,11 @@ where
 {
     fn step(&mut self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> crate::Result<Vec<Vec<f32>>> {
         self.model.step(&self.backend, &mut self.pool, caches, tokens)
+    }
+
+    fn step_greedy(&mut self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> crate::Result<Vec<u32>> {
+        self.model
+            .step_greedy(&self.backend, &mut self.pool, caches, tokens)
     }
 
     fn eos_token_ids(&self) -> &[u32] {
@@ -406,9 +413,18 @@ impl Sequence {
         });
     }
 
+    /// Whether this sequence's next token is the argmax and nothing else is read from the
+    /// logits, so the backend can choose it without sending the logits to the host.
+    fn greedy_only(&self) -> bool {
+        self.params.temperature == 0.0 && self.top_logprobs.is_none()
+    }
+
     /// Takes the next token; whether the sequence is finished (and has reported so).
-    fn advance(&mut self, model: &dyn Decoder, tokenizer: &Tokenizer, logits: &[f32]) -> bool {
-        let id = self.sampler.sample(logits);
+    fn advance(&mut self, model: &dyn Decoder, tokenizer: &Tokenizer, next: Next<'_>) -> bool {
+        let (id, logits) = match next {
+            Next::Logits(logits) => (self.sampler.sample(logits), Some(logits)),
+            Next::Token(id) => (id, None),
+        };
         if model.eos_token_ids().contains(&id) {
             if let Ok(rest) = self.detokenizer.flush(tokenizer) {
                 self.text.push_str(&rest);
@@ -428,7 +444,7 @@ impl Sequence {
             }
         };
         self.text.push_str(&piece);
-        if let Some(top) = self.top_logprobs {
+        if let (Some(top), Some(logits)) = (self.top_logprobs, logits) {
             let previous = self.next.last().copied();
             let step = step_logprobs(logits, id, top);
             let choice = |id: u32, logprob: f64| TokenChoice {
@@ -468,6 +484,37 @@ impl Sequence {
         self.send_text(self.text.len() - held);
         self.next = vec![id];
         false
+    }
+}
+
+/// What a step gives one sequence: its logits, or the token the backend already chose.
+#[derive(Clone, Copy)]
+enum Next<'a> {
+    Logits(&'a [f32]),
+    Token(u32),
+}
+
+/// What a step gives the batch: every sequence's logits, or, when every sequence decodes
+/// greedily without log-probabilities, every sequence's next token (chosen on the backend, so a
+/// GPU sends ids instead of a vocabulary of logits per sequence).
+enum StepOutput {
+    Logits(Vec<Vec<f32>>),
+    Tokens(Vec<u32>),
+}
+
+impl StepOutput {
+    fn len(&self) -> usize {
+        match self {
+            Self::Logits(rows) => rows.len(),
+            Self::Tokens(ids) => ids.len(),
+        }
+    }
+
+    fn get(&self, i: usize) -> Next<'_> {
+        match self {
+            Self::Logits(rows) => Next::Logits(&rows[i]),
+            Self::Tokens(ids) => Next::Token(ids[i]),
+        }
     }
 }
 
@@ -581,12 +628,19 @@ fn run(
         let result = {
             let inputs: Vec<Vec<u32>> = active.iter().map(|s| s.next.clone()).collect();
             let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+            let greedy = active.iter().all(Sequence::greedy_only);
             let mut caches: Vec<&mut KvCache> = active.iter_mut().map(|s| &mut s.cache).collect();
-            std::panic::catch_unwind(AssertUnwindSafe(|| model.step(&mut caches, &refs)))
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                if greedy {
+                    model.step_greedy(&mut caches, &refs).map(StepOutput::Tokens)
+                } else {
+                    model.step(&mut caches, &refs).map(StepOutput::Logits)
+                }
+            }))
         };
         metrics.observe_stage("decode_step", started.elapsed().as_secs_f64());
-        let logits = match result {
-            Ok(Ok(logits)) if logits.len() == active.len() => logits,
+        let output = match result {
+            Ok(Ok(output)) if output.len() == active.len() => output,
             other => {
                 let message = match other {
                     Ok(Ok(l)) => format!("the model gave {} rows for {} sequences", l.len(), active.len()),
@@ -604,8 +658,8 @@ fn run(
             }
         };
         let mut done = vec![false; active.len()];
-        for ((s, row), d) in active.iter_mut().zip(&logits).zip(&mut done) {
-            *d = s.advance(model, tokenizer, row);
+        for (i, (s, d)) in active.iter_mut().zip(&mut done).enumerate() {
+            *d = s.advance(model, tokenizer, output.get(i));
         }
         let mut flags = done.into_iter();
         active.retain(|_| !flags.next().unwrap_or(true));

@@ -196,37 +196,6 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// The index of the largest logit of each row of `logits [.., vocab]`, computed on the GPU
-    /// (first index on ties, NaN never wins), so only the ids cross to the host.
-    pub fn argmax_rows(&self, logits: &CudaTensor) -> Result<Vec<u32>> {
-        let op = "argmax_rows";
-        let (rows, vocab) = shapes::rows(op, &logits.shape)?;
-        if rows == 0 {
-            return Ok(Vec::new());
-        }
-        let (ri, vi) = (int(op, rows)?, int(op, vocab)?);
-        int(op, rows * vocab)?;
-        let mut ids = self
-            .stream
-            .alloc_zeros::<u32>(rows)
-            .map_err(|e| driver_err("allocating", e))?;
-        launch!(
-            self,
-            "argmax_rows",
-            rows_cfg(rows, BLOCK),
-            &mut ids,
-            &logits.buf,
-            &ri,
-            &vi
-        )?;
-        let host = self
-            .stream
-            .clone_dtoh(&ids)
-            .map_err(|e| driver_err("copying token ids to the host", e))?;
-        self.synchronize()?;
-        Ok(host)
-    }
-
     /// A device-to-device copy of `x` into a new tensor of the same shape (queued on the stream,
     /// like every op). Models never need one (ops allocate their outputs); it measures the copy
     /// bandwidth that bounds every memory-bound kernel, decode steps above all.
@@ -801,5 +770,34 @@ impl Backend for CudaBackend {
         paged: &CudaPaged,
     ) -> Result<CudaTensor> {
         self.paged_attention_with(q, keys, values, paged, Self::paged_kernel(paged))
+    }
+
+    fn argmax_rows(&self, logits: &CudaTensor) -> Result<Vec<u32>> {
+        let op = "argmax_rows";
+        let (rows, vocab) = shapes::rows(op, &logits.shape)?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let (ri, vi) = (int(op, rows)?, int(op, vocab)?);
+        int(op, rows * vocab)?;
+        let mut ids = self
+            .stream
+            .alloc_zeros::<u32>(rows)
+            .map_err(|e| driver_err("allocating", e))?;
+        launch!(
+            self,
+            "argmax_rows",
+            rows_cfg(rows, BLOCK),
+            &mut ids,
+            &logits.buf,
+            &ri,
+            &vi
+        )?;
+        let host = self
+            .stream
+            .clone_dtoh(&ids)
+            .map_err(|e| driver_err("copying token ids to the host", e))?;
+        self.synchronize()?;
+        Ok(host)
     }
 }
