@@ -95,11 +95,12 @@ pub struct Sampler {
     rng: SplitMix64,
 }
 
-/// Index of the largest value; the first one on ties (as `torch.argmax`). NaN never wins.
+/// Index of the largest value; the first one on ties (as `torch.argmax`). NaN never wins (a row
+/// of only NaN gives 0, as the GPU's argmax does).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] || logits[best].is_nan() {
+        if !v.is_nan() && (v > logits[best] || logits[best].is_nan()) {
             best = i;
         }
     }
@@ -166,42 +167,59 @@ impl Sampler {
         order[order.len() - 1]
     }
 
-    /// A draw from the whole tempered distribution, walking the vocabulary in index order: no
-    /// ordering is needed when nothing is cut, which saves sorting the vocabulary at every step
-    /// (milliseconds per sequence for vocabularies of 150k tokens). NaN logits never win; a row
-    /// with nothing finite to draw from falls back to its argmax.
+    /// A draw from the whole tempered distribution (see [`draw_in_index_order`]).
     fn sample_all(&mut self, logits: &[f32]) -> u32 {
-        let max = logits
-            .iter()
-            .copied()
-            .filter(|l| !l.is_nan())
-            .fold(f32::NEG_INFINITY, f32::max);
-        if !max.is_finite() {
-            return argmax(logits);
-        }
-        let inv_t = 1.0 / f64::from(self.temperature);
-        let weights: Vec<f64> = logits
-            .iter()
-            .map(|&l| {
-                let w = ((f64::from(l) - f64::from(max)) * inv_t).exp();
-                if w.is_nan() { 0.0 } else { w }
-            })
-            .collect();
-        let total: f64 = weights.iter().sum();
-        let mut u = self.rng.next_f64() * total;
-        let mut last = 0;
-        for (id, &w) in weights.iter().enumerate() {
-            if w > 0.0 {
-                if u < w {
-                    return id as u32;
-                }
-                u -= w;
-                last = id;
-            }
-        }
-        // Rounding left `u` just above the last weight: that token.
-        last as u32
+        draw_in_index_order(logits, self.temperature, self.rng.next_f64())
     }
+
+    /// This step's choice as a backend can make it without the logits leaving the device:
+    /// `Some((temperature, uniform))` when nothing is cut (no top-k, no top-p), where
+    /// temperature 0 means the argmax and `uniform` is the draw [`Sampler::sample`] would use
+    /// (consumed from the generator exactly as it would be); `None` when the choice needs the
+    /// sorted vocabulary on the host.
+    pub fn device_choice(&mut self) -> Option<(f32, f64)> {
+        if self.temperature == 0.0 {
+            return Some((0.0, 0.0));
+        }
+        (self.top_k == 0 && self.top_p >= 1.0).then(|| (self.temperature, self.rng.next_f64()))
+    }
+}
+
+/// A draw from the whole distribution `softmax(logits / temperature)` given a uniform `u` in
+/// [0, 1): the first token, in index order, where the running sum of weights passes `u` times
+/// their total. No ordering is needed when nothing is cut, which saves sorting the vocabulary at
+/// every step (milliseconds per sequence for vocabularies of 150k tokens), and a GPU can make the
+/// same draw with a scan. NaN logits never win; a row with nothing finite to draw from gives its
+/// argmax. `temperature` must be positive.
+pub fn draw_in_index_order(logits: &[f32], temperature: f32, u: f64) -> u32 {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| !l.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return argmax(logits);
+    }
+    let inv_t = 1.0 / f64::from(temperature);
+    let weight = |l: f32| {
+        let w = ((f64::from(l) - f64::from(max)) * inv_t).exp();
+        if w.is_nan() { 0.0 } else { w }
+    };
+    let weights: Vec<f64> = logits.iter().map(|&l| weight(l)).collect();
+    let total: f64 = weights.iter().sum();
+    let mut target = u * total;
+    let mut last = 0;
+    for (id, &w) in weights.iter().enumerate() {
+        if w > 0.0 {
+            if target < w {
+                return id as u32;
+            }
+            target -= w;
+            last = id;
+        }
+    }
+    // Rounding left the target just above the last weight: that token.
+    last as u32
 }
 
 /// Log-probabilities of one step under the model's own distribution (the softmax of the raw
@@ -443,6 +461,32 @@ mod tests {
     }
 
     #[test]
+    fn device_choices_reproduce_the_host_sampler() {
+        // Drawing through `device_choice` (as a backend does) gives the tokens `sample` gives,
+        // from the same seed; a cut (top-k, top-p) leaves the choice to the host.
+        let l = logits();
+        for t in [0.0, 0.6, 1.0, 2.0] {
+            let p = params(t, 0, 1.0, 99);
+            let (mut host, mut device) = (Sampler::new(&p), Sampler::new(&p));
+            for _ in 0..300 {
+                let want = host.sample(&l);
+                let got = match device.device_choice() {
+                    Some((0.0, _)) => argmax(&l),
+                    Some((t, u)) => draw_in_index_order(&l, t, u),
+                    None => panic!("no cut: the backend can draw"),
+                };
+                assert_eq!(got, want, "temperature {t}");
+            }
+        }
+        assert!(Sampler::new(&params(1.0, 3, 1.0, 0)).device_choice().is_none());
+        assert!(Sampler::new(&params(1.0, 0, 0.9, 0)).device_choice().is_none());
+        assert!(
+            Sampler::new(&params(0.0, 3, 0.9, 0)).device_choice().is_some(),
+            "greedy"
+        );
+    }
+
+    #[test]
     fn masked_and_nan_logits_are_never_drawn() {
         let inf = f32::NEG_INFINITY;
         let mut s = Sampler::new(&params(1.0, 0, 1.0, 3));
@@ -451,7 +495,8 @@ mod tests {
             assert!(id == 2 || id == 4, "{id}");
         }
         assert_eq!(s.sample(&[inf, inf, inf]), 0, "nothing to draw: the argmax");
-        assert_eq!(s.sample(&[f32::NAN, f32::NAN]), 1, "all NaN: argmax's answer");
+        assert_eq!(s.sample(&[f32::NAN, f32::NAN]), 0, "all NaN: argmax's answer");
+        assert_eq!(argmax(&[f32::NAN, 1.0, f32::NAN, 1.0]), 1);
     }
 
     /// Time per draw over a 151,936-token vocabulary (Qwen2's), whole distribution against

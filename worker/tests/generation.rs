@@ -158,13 +158,14 @@ impl Decoder for Slow {
         self.0.step(caches, tokens)
     }
 
-    fn step_greedy(
+    fn step_sample(
         &mut self,
         caches: &mut [&mut KvCache],
         tokens: &[&[u32]],
+        choices: &[(f32, f64)],
     ) -> atomic_worker::Result<Vec<u32>> {
         std::thread::sleep(self.1);
-        self.0.step_greedy(caches, tokens)
+        self.0.step_sample(caches, tokens, choices)
     }
 
     fn eos_token_ids(&self) -> &[u32] {

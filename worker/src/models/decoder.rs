@@ -73,6 +73,20 @@ pub trait CausalLm<B: Backend> {
         Ok(backend.argmax_rows(&self.run(backend, step, false)?)?)
     }
 
+    /// [`CausalLm::step`] followed by [`Backend::sample_rows`] with one `(temperature, uniform)`
+    /// choice per sequence: the next tokens, drawn where the logits are.
+    fn step_sample(
+        &self,
+        backend: &B,
+        pool: &mut KvPool<B>,
+        caches: &mut [&mut KvCache],
+        tokens: &[&[u32]],
+        choices: &[(f32, f64)],
+    ) -> Result<Vec<u32>> {
+        let step = Step::new(backend, pool, caches, tokens)?;
+        Ok(backend.sample_rows(&self.run(backend, step, false)?, choices)?)
+    }
+
     /// Logits for every position of `ids` (`[ids.len() * vocab]`), run in a pool of its own.
     fn forward_all(&self, backend: &B, ids: &[u32]) -> Result<Vec<f32>> {
         let mut pool = self.new_pool(backend, ids.len())?;

@@ -39,8 +39,14 @@ use crate::tokenizer::Tokenizer;
 pub trait Decoder: Send {
     /// [`CausalLm::step`] on the decoder's backend and pool.
     fn step(&mut self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> crate::Result<Vec<Vec<f32>>>;
-    /// [`CausalLm::step_greedy`]: each sequence's argmax, chosen on the backend.
-    fn step_greedy(&mut self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> crate::Result<Vec<u32>>;
+    /// [`CausalLm::step_sample`]: each sequence's next token, chosen on the backend from its
+    /// `(temperature, uniform)` choice.
+    fn step_sample(
+        &mut self,
+        caches: &mut [&mut KvCache],
+        tokens: &[&[u32]],
+        choices: &[(f32, f64)],
+    ) -> crate::Result<Vec<u32>>;
     /// Token ids that end generation.
     fn eos_token_ids(&self) -> &[u32];
     /// An empty cache for one sequence in the decoder's pool.
@@ -80,9 +86,14 @@ where
         self.model.step(&self.backend, &mut self.pool, caches, tokens)
     }
 
-    fn step_greedy(&mut self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> crate::Result<Vec<u32>> {
+    fn step_sample(
+        &mut self,
+        caches: &mut [&mut KvCache],
+        tokens: &[&[u32]],
+        choices: &[(f32, f64)],
+    ) -> crate::Result<Vec<u32>> {
         self.model
-            .step_greedy(&self.backend, &mut self.pool, caches, tokens)
+            .step_sample(&self.backend, &mut self.pool, caches, tokens, choices)
     }
 
     fn eos_token_ids(&self) -> &[u32] {
@@ -413,10 +424,11 @@ impl Sequence {
         });
     }
 
-    /// Whether this sequence's next token is the argmax and nothing else is read from the
-    /// logits, so the backend can choose it without sending the logits to the host.
-    fn greedy_only(&self) -> bool {
-        self.params.temperature == 0.0 && self.top_logprobs.is_none()
+    /// Whether the backend can choose this sequence's next token where the logits are: nothing
+    /// else is read from them (no log-probabilities) and the draw needs no sorted vocabulary.
+    fn device_choosable(&self) -> bool {
+        self.top_logprobs.is_none()
+            && (self.params.temperature == 0.0 || (self.params.top_k == 0 && self.params.top_p >= 1.0))
     }
 
     /// Takes the next token; whether the sequence is finished (and has reported so).
@@ -494,9 +506,9 @@ enum Next<'a> {
     Token(u32),
 }
 
-/// What a step gives the batch: every sequence's logits, or, when every sequence decodes
-/// greedily without log-probabilities, every sequence's next token (chosen on the backend, so a
-/// GPU sends ids instead of a vocabulary of logits per sequence).
+/// What a step gives the batch: every sequence's logits, or, when the backend can choose every
+/// sequence's next token (greedy, or sampling with nothing cut, and no log-probabilities), the
+/// tokens (so a GPU sends ids instead of a vocabulary of logits per sequence).
 enum StepOutput {
     Logits(Vec<Vec<f32>>),
     Tokens(Vec<u32>),
@@ -628,14 +640,17 @@ fn run(
         let result = {
             let inputs: Vec<Vec<u32>> = active.iter().map(|s| s.next.clone()).collect();
             let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
-            let greedy = active.iter().all(Sequence::greedy_only);
+            let choices: Option<Vec<(f32, f64)>> = if active.iter().all(Sequence::device_choosable) {
+                active.iter_mut().map(|s| s.sampler.device_choice()).collect()
+            } else {
+                None
+            };
             let mut caches: Vec<&mut KvCache> = active.iter_mut().map(|s| &mut s.cache).collect();
-            std::panic::catch_unwind(AssertUnwindSafe(|| {
-                if greedy {
-                    model.step_greedy(&mut caches, &refs).map(StepOutput::Tokens)
-                } else {
-                    model.step(&mut caches, &refs).map(StepOutput::Logits)
-                }
+            std::panic::catch_unwind(AssertUnwindSafe(|| match &choices {
+                Some(choices) => model
+                    .step_sample(&mut caches, &refs, choices)
+                    .map(StepOutput::Tokens),
+                None => model.step(&mut caches, &refs).map(StepOutput::Logits),
             }))
         };
         metrics.observe_stage("decode_step", started.elapsed().as_secs_f64());

@@ -65,7 +65,7 @@ pub(crate) const FILES: &[KernelFile] = &[
     KernelFile {
         name: "sampling.cu",
         source: include_str!("kernels/sampling.cu"),
-        functions: &["argmax_rows"],
+        functions: &["argmax_rows", "sample_rows"],
     },
 ];
 

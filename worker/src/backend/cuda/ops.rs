@@ -800,4 +800,47 @@ impl Backend for CudaBackend {
         self.synchronize()?;
         Ok(host)
     }
+
+    fn sample_rows(&self, logits: &CudaTensor, choices: &[(f32, f64)]) -> Result<Vec<u32>> {
+        let op = "sample_rows";
+        let (rows, vocab) = shapes::rows(op, &logits.shape)?;
+        if choices.len() != rows {
+            return Err(shapes::err(
+                op,
+                format!("{} choices for {rows} rows", choices.len()),
+            ));
+        }
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let (ri, vi) = (int(op, rows)?, int(op, vocab)?);
+        int(op, logits.numel())?;
+        let temps: Vec<f32> = choices.iter().map(|c| c.0).collect();
+        let uniforms: Vec<f64> = choices.iter().map(|c| c.1).collect();
+        let (temps_dev, uniforms_dev) = (
+            self.upload("temperatures", &temps)?,
+            self.upload("uniform draws", &uniforms)?,
+        );
+        let mut ids = self
+            .stream
+            .alloc_zeros::<u32>(rows)
+            .map_err(|e| driver_err("allocating", e))?;
+        launch!(
+            self,
+            "sample_rows",
+            rows_cfg(rows, BLOCK),
+            &mut ids,
+            &logits.buf,
+            &temps_dev,
+            &uniforms_dev,
+            &ri,
+            &vi
+        )?;
+        let host = self
+            .stream
+            .clone_dtoh(&ids)
+            .map_err(|e| driver_err("copying token ids to the host", e))?;
+        self.synchronize()?;
+        Ok(host)
+    }
 }

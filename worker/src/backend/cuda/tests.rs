@@ -566,6 +566,54 @@ fn gpu_argmax_matches_the_host_sampler() {
 }
 
 #[test]
+fn gpu_sampling_draws_what_the_host_draws() {
+    for p in Precision::ALL {
+        let Some(g) = gpu_in("gpu_sampling_draws_what_the_host_draws", p) else {
+            return;
+        };
+        // The same uniform gives the same token unless it falls within rounding (~1e-16
+        // relative) of a boundary between two tokens: with 53-bit uniforms, never in practice.
+        let mut rng = Rng::new(141);
+        for &(rows, vocab) in &[(1, 1), (4, 17), (6, 32000), (3, 151_936)] {
+            let x = p.round(&rng.vec(rows * vocab, 8.0));
+            let choices: Vec<(f32, f64)> = (0..rows)
+                .map(|r| {
+                    let t = [0.0, 0.7, 1.0, 1.5][r % 4];
+                    (t, f64::from(rng.next() + 1.0) / 2.0)
+                })
+                .collect();
+            let t = g.from_host(&x, &[rows, vocab]).unwrap();
+            let got = g.sample_rows(&t, &choices).unwrap();
+            let want = ReferenceBackend
+                .sample_rows(&ReferenceBackend.from_host(&x, &[rows, vocab]).unwrap(), &choices)
+                .unwrap();
+            assert_eq!(got, want, "{p}: sample_rows [{rows}, {vocab}]");
+        }
+        // Masked and NaN logits are never drawn; rows with nothing finite give the argmax.
+        let inf = f32::NEG_INFINITY;
+        let x = [
+            inf,
+            f32::NAN,
+            0.5,
+            inf,
+            0.4,
+            /* row 2 */ inf,
+            inf,
+            inf,
+            inf,
+            inf,
+        ];
+        let t = g.from_host(&x, &[2, 5]).unwrap();
+        for u in [0.0, 0.3, 0.6, 0.999_999] {
+            let got = g.sample_rows(&t, &[(1.0, u), (1.0, u)]).unwrap();
+            assert!(got[0] == 2 || got[0] == 4, "{p}: {got:?}");
+            assert_eq!(got[1], 0, "{p}: an all -inf row");
+        }
+        assert!(g.sample_rows(&t, &[(1.0, 0.5)]).is_err(), "one choice per row");
+    }
+}
+
+#[test]
 fn gpu_attention_matches_reference_for_both_kernels() {
     let Some(g) = gpu("gpu_attention_matches_reference_for_both_kernels") else {
         return;
