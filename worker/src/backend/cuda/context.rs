@@ -4,7 +4,7 @@
 //! [`BackendError::Device`] messages.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUmemPool_attribute, CUresult};
@@ -28,6 +28,9 @@ pub(super) const fn flash_smem_bytes(d: usize) -> usize {
 /// registers).
 pub(super) const ATTN_MAX_D: usize = 256;
 
+/// Positions on the host and their copy on the device.
+type UploadedPositions = (Vec<u32>, Arc<CudaSlice<u32>>);
+
 /// The CUDA backend on one GPU. All work goes to one stream, in order; host reads
 /// (`to_host`) synchronise it, which is also where asynchronous kernel failures surface. Every
 /// tensor is stored in the backend's [`Precision`].
@@ -42,6 +45,9 @@ pub struct CudaBackend {
     /// kernels are told so by a flag and never read them).
     pub(super) placeholder_u8: CudaSlice<u8>,
     pub(super) placeholder_elem: CudaSlice<u8>,
+    /// The rotary positions uploaded last: every layer of a step rotates at the same positions,
+    /// so they cross the bus once per step instead of once per layer.
+    positions: Mutex<Option<UploadedPositions>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -143,6 +149,7 @@ impl CudaBackend {
             stream,
             blas,
             kernels: functions,
+            positions: Mutex::new(None),
         };
         backend.allow_flash_smem()?;
         backend.keep_freed_memory()?;
@@ -248,6 +255,20 @@ impl CudaBackend {
         self.stream
             .clone_htod(data)
             .map_err(|e| driver_err(&format!("uploading {what}"), e))
+    }
+
+    /// `positions` on the device, reusing the last upload when they are the same. A replaced
+    /// buffer is freed in stream order, after the kernels queued to read it.
+    pub(super) fn upload_positions(&self, positions: &[u32]) -> Result<Arc<CudaSlice<u32>>> {
+        let mut cache = self.positions.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((host, dev)) = cache.as_ref()
+            && host == positions
+        {
+            return Ok(dev.clone());
+        }
+        let dev = Arc::new(self.upload("positions", positions)?);
+        *cache = Some((positions.to_vec(), dev.clone()));
+        Ok(dev)
     }
 
     /// Makes the context current on the calling thread. Kernel launches and copies do this

@@ -668,7 +668,7 @@ impl Backend for CudaBackend {
             .iter()
             .map(|&p| u32::try_from(p).map_err(|_| shapes::err(op, format!("position {p} is too large"))))
             .collect::<Result<Vec<u32>>>()?;
-        let pos_dev = self.upload("positions", &pos)?;
+        let pos_dev = self.upload_positions(&pos)?;
         let (ti, hi, di) = (int(op, tokens)?, int(op, heads)?, int(op, d)?);
         launch!(
             self,
@@ -676,7 +676,7 @@ impl Backend for CudaBackend {
             rows_cfg(tokens, 128),
             &mut out.buf,
             &x.buf,
-            &pos_dev,
+            &*pos_dev,
             &ti,
             &hi,
             &di,
@@ -717,7 +717,7 @@ impl Backend for CudaBackend {
             .iter()
             .map(|&p| u32::try_from(p).map_err(|_| shapes::err(op, format!("position {p} is too large"))))
             .collect::<Result<Vec<u32>>>()?;
-        let pos_dev = self.upload("positions", &pos)?;
+        let pos_dev = self.upload_positions(&pos)?;
         let (ti, hi, kvi, di) = (int(op, tokens)?, int(op, heads)?, int(op, kv_heads)?, int(op, d)?);
         launch!(
             self,
@@ -727,7 +727,7 @@ impl Backend for CudaBackend {
             &mut k.buf,
             &mut v.buf,
             &qkv.buf,
-            &pos_dev,
+            &*pos_dev,
             &ti,
             &hi,
             &kvi,
