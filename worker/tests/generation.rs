@@ -770,6 +770,10 @@ async fn the_kv_cache_budget_queues_sequences_and_refuses_what_cannot_fit() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert_eq!(reserved, 0.0);
+    assert_eq!(
+        metric(&metrics, "atomic_worker_kv_cache_capacity_positions"),
+        48.0
+    );
     // A request that needs more than the whole budget is refused up front.
     let mut body = greedy(&prompts[0]);
     body["max_tokens"] = json!(45);

@@ -241,6 +241,7 @@ impl Generator {
         let (tx, rx) = mpsc::channel();
         let max_positions = model.max_positions();
         let kv_budget = model.kv_capacity_positions();
+        metrics.kv_cache_capacity.set(kv_budget as i64);
         std::thread::Builder::new()
             .name("generator".to_owned())
             .spawn(move || {

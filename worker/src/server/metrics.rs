@@ -15,6 +15,8 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// Key/value cache positions reserved by the running sequences (decoders).
     pub kv_cache_reserved: IntGauge,
+    /// Key/value cache positions the decoder's pool holds (its capacity, fixed at load).
+    pub kv_cache_capacity: IntGauge,
     /// Sequences per forward pass.
     pub batch_size: Histogram,
     /// Padded tokens (batch × longest) per forward pass.
@@ -36,6 +38,10 @@ impl Metrics {
         let kv_cache_reserved = IntGauge::new(
             "atomic_worker_kv_cache_reserved_positions",
             "Key/value cache positions reserved by the running sequences",
+        )?;
+        let kv_cache_capacity = IntGauge::new(
+            "atomic_worker_kv_cache_capacity_positions",
+            "Key/value cache positions the decoder's pool holds",
         )?;
         let batch_size = Histogram::with_opts(
             HistogramOpts::new("atomic_worker_batch_size", "Sequences per forward pass")
@@ -70,6 +76,7 @@ impl Metrics {
         registry.register(Box::new(queue_size.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(kv_cache_reserved.clone()))?;
+        registry.register(Box::new(kv_cache_capacity.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(batch_tokens.clone()))?;
         registry.register(Box::new(stage_seconds.clone()))?;
@@ -80,6 +87,7 @@ impl Metrics {
             queue_size,
             in_flight,
             kv_cache_reserved,
+            kv_cache_capacity,
             batch_size,
             batch_tokens,
             stage_seconds,
