@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The GPU benchmark of issue 5 in one command, for a machine with an NVIDIA GPU, PyTorch and
-# transformers: generates the random models, runs the worker's CUDA backend (in fp32, fp16 and
-# bf16, one after another) and PyTorch on the same GPU, and prints the ratios, each at one
-# precision on both sides (encoders vs PyTorch eager, decode vs PyTorch and the bandwidth
-# roofline, matrix products vs PyTorch's measured peak) and where the worker's time goes.
+# transformers: generates the random models and PyTorch's fp32 outputs on them (fixed token ids),
+# runs the worker's CUDA backend (in fp32, fp16 and bf16, one after another) and PyTorch on the
+# same GPU, and prints first the accuracy of whole models against PyTorch fp32 (BERT-base,
+# MiniLM and the 1.1B Llama: error figures, greedy tokens, pass or fail against bounds per
+# precision), then the ratios, each at one precision on both sides (encoders vs PyTorch eager,
+# decode vs PyTorch and the bandwidth roofline, matrix products vs PyTorch's measured peak) and
+# where the worker's time goes.
 #
 #   bash scripts/bench-gpu.sh [SECONDS=3]
 #
@@ -17,9 +20,10 @@
 #   MAX_STEPS          decode steps per timed run (default 256)
 #
 # Expected to take about 6 minutes on an H100 with the default 3 s per figure (an estimate, not
-# yet measured on a GPU): the worker measures three precisions and loads the 1.1B model once for
-# each; writing the models the first time adds to that. Exits non-zero when either side failed
-# a section; the report still prints whatever was measured.
+# yet measured on a GPU): the worker measures three precisions and loads the 1.1B model twice for
+# each (accuracy, then decode); writing the models and references the first time adds to that.
+# Exits non-zero when either side failed a section, a model is outside its accuracy bounds
+# included; the report still prints whatever was measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +45,12 @@ if command -v nvidia-smi >/dev/null; then
 fi
 
 "$py" worker/bench/gpu_models.py "$models" || { echo "bench-gpu: generating the models failed" >&2; exit 1; }
+# Not fatal: a model without a reference fails only the accuracy section, the speed still counts.
+status=0
+"$py" worker/bench/gpu_reference.py "$models" || {
+    echo "bench-gpu: computing PyTorch's references failed; the accuracy section fails where one is missing" >&2
+    status=1
+}
 
 bin="${ATOMIC_GPU_BENCH:-}"
 if [ -z "$bin" ]; then
@@ -52,7 +62,6 @@ if [ -z "$bin" ]; then
     bin="${CARGO_TARGET_DIR:-target}/release/examples/gpu_bench"
 fi
 
-status=0
 "$bin" "$models" --check >/dev/null || { echo "bench-gpu: the model folders do not open" >&2; exit 1; }
 echo "bench-gpu: worker (CUDA backend, fp32, fp16 and bf16)" >&2
 "$bin" "$models" --seconds "$seconds" --max-steps "$max_steps" | tee "$out/atomic.jsonl" || status=1

@@ -11,8 +11,9 @@ tokenizer.json, tokenizer_config.json):
     llama-1b    TinyLlama-1.1B shape: 22 layers, hidden 2048, 32 heads, 4 KV heads (head 64),
                 SwiGLU FFN 5632, vocab 32000, untied output projection (~1.10B)
 
-Only speed is measured, so the weights are the architectures' own random initialisation and
-the tokenizers are minimal valid ones (the benchmark feeds token ids directly). Idempotent: a
+Speed is measured on them, and accuracy against PyTorch's own outputs on the same weights
+(`gpu_reference.py`), so the weights are the architectures' own random initialisation and the
+tokenizers are minimal valid ones (both feed token ids directly). Idempotent: a
 folder whose `bench-spec.json` matches the spec below is kept; otherwise it is rebuilt in a
 scratch folder and moved into place, so an interrupted run never leaves a folder that looks
 finished. Models are initialised on the GPU when there is one (seconds instead of minutes for

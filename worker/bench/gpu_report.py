@@ -3,6 +3,9 @@
 
     python3 worker/bench/gpu_report.py ATOMIC.jsonl TORCH.jsonl
 
+First, accuracy: each model's outputs in each precision against PyTorch's fp32 (the worker's
+`accuracy` lines: error figures, their bounds, greedy tokens, pass or fail).
+
 Ratios set the worker against PyTorch at the same precision (fp32, fp16, bf16): the worker
 stores tensors in that precision and accumulates in fp32; fp32 products run without TF32 on
 both sides. The one exception is the matrix products' "of bf16 peak" column.
@@ -26,6 +29,7 @@ import sys
 # The storage precisions both sides measure, in the order the tables list them.
 DTYPES = ("fp32", "fp16", "bf16")
 ENCODERS = ("bert-base", "minilm")
+DECODER = "llama-1b"
 DECODE_BATCHES = (1, 32)
 
 
@@ -53,7 +57,11 @@ def find(rows, **match):
 
 
 def num(x, fmt="{:.1f}"):
-    return "-" if x is None else fmt.format(x)
+    if x is None:
+        return "-"
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)  # e.g. "NaN", which JSON cannot hold as a number
+    return fmt.format(x)
 
 
 def ratio(a, b):
@@ -89,6 +97,47 @@ def roofline(src, dtype, batch, bw):
     weight bytes per step at dtype (None when either is unknown)."""
     wbytes = get(find(src, bench="model", dtype=dtype), "weight_bytes_per_step")
     return batch * bw * 1e9 / wbytes if bw and wbytes else None
+
+
+def one_minus(x):
+    return 1 - x if isinstance(x, (int, float)) and not isinstance(x, bool) else x
+
+
+def greedy_cells(row, model):
+    """Decided greedy steps matched / compared, and tokens agreed before the first divergence."""
+    if model != DECODER:
+        return "n/a", "n/a"
+    compared, matched = get(row, "greedy_compared"), get(row, "greedy_matched")
+    agreed, total = get(row, "greedy_agreed"), get(row, "greedy_tokens")
+    decided = "-" if compared is None or matched is None else f"{matched}/{compared}"
+    prefix = "-" if agreed is None or total is None else f"{agreed}/{total}"
+    return decided, prefix
+
+
+def accuracy(ours):
+    print("\n== Accuracy against PyTorch fp32 (whole models, fixed token ids; bounds per precision) ==")
+    print("  error: max |worker - torch| / max |torch| over every real token's hidden state (BERT) or each")
+    print("  prompt's last-position logits (Llama); 1 - cos: the worst token or prompt. Greedy: steps whose")
+    print("  top-two gap the bounds decide, matched/compared, and tokens agreed before the first divergence.")
+    rows, notes = [], []
+    for model in (*ENCODERS, DECODER):
+        for dtype in DTYPES:
+            r = find(ours, bench="accuracy", model=model, dtype=dtype)
+            decided, prefix = greedy_cells(r, model)
+            verdict = get(r, "pass")
+            rows.append([
+                model, dtype, num(get(r, "max_abs_rel"), "{:.2e}"), num(get(r, "bound_max_abs_rel"), "{:.2e}"),
+                num(one_minus(get(r, "min_cosine")), "{:.1e}"), num(one_minus(get(r, "bound_min_cosine")), "{:.1e}"),
+                decided, prefix, "-" if verdict is None else ("pass" if verdict is True else "FAIL"),
+            ])
+            if get(r, "error"):
+                notes.append(f"  {model} {dtype}: {r['error']}")
+    table(["model", "dtype", "error", "bound", "1 - cos", "bound", "greedy decided", "greedy agreed", "result"], rows)
+    for note in notes:
+        print(note)
+    devices = sorted({str(r["reference_device"]) for r in ours if r.get("bench") == "accuracy" and r.get("reference_device")})
+    if devices:
+        print(f"  references computed by PyTorch on: {', '.join(devices)}")
 
 
 def limits(ours, theirs):
@@ -230,6 +279,7 @@ def main():
     print("Ratios set the worker against PyTorch at the same precision (all but 'of bf16 peak'). "
           "'-': a figure this run did not produce.")
 
+    accuracy(ours)
     bw, peaks = limits(ours, theirs)
     encoders(ours, theirs)
     decode(ours, theirs, bw)

@@ -2,16 +2,19 @@
 //! storage precision asked for (fp32, fp16 and bf16 by default) on the random models
 //! `worker/bench/gpu_models.py` writes, measured the way `worker/bench/gpu_torch.py` measures
 //! PyTorch on the same GPU, so that the report can set each precision against PyTorch's own.
+//! Before the speed, the `accuracy` section checks the whole models against PyTorch's fp32
+//! outputs, which `worker/bench/gpu_reference.py` stores next to them (see [`accuracy`]).
 //!
 //! ```sh
 //! cargo build --release -p atomic-worker --features cuda --example gpu_bench
-//! gpu_bench MODELS_DIR [--seconds 3] [--max-steps 256] [--only copy,matmul,encoders,decode]
-//!     [--precisions fp32,fp16,bf16]
+//! gpu_bench MODELS_DIR [--seconds 3] [--max-steps 256]
+//!     [--only accuracy,copy,matmul,encoders,decode] [--precisions fp32,fp16,bf16]
 //! ```
 //!
 //! `scripts/bench-gpu.sh` runs both sides and prints the ratios. Output: one JSON object per
-//! line on stdout (`"bench"` says what it is: `device`, `copy`, `matmul`, `encoder`, `model`,
-//! `decode`, `op`, `error`; every line measured on a backend names its precision in `"dtype"`);
+//! line on stdout (`"bench"` says what it is: `device`, `accuracy`, `copy`, `matmul`, `encoder`,
+//! `model`, `decode`, `op`, `error`, and `check` for `--check`; every line measured on a backend
+//! names its precision in `"dtype"`);
 //! progress goes to stderr. Every timed region ends with a device synchronisation (or a host
 //! read, which synchronises), so queued work is never left out.
 //!
@@ -19,7 +22,8 @@
 //! with every tensor and model on it, so one precision's GPU memory never crowds the next.
 //! Within a precision the sections run one after another. A section that fails, or a backend
 //! that does not open, prints an `error` line and the rest still run, so a single GPU session
-//! gets every figure that can be had. The exit status is non-zero when anything failed.
+//! gets every figure that can be had. The exit status is non-zero when anything failed,
+//! including a model outside its accuracy bounds.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -38,8 +42,9 @@ use atomic_worker::models::llama::Llama;
 use clap::Parser;
 use serde_json::{Value, json};
 
-/// The sections, in the order they run (`--only` picks some).
-const SECTIONS: [&str; 4] = ["copy", "matmul", "encoders", "decode"];
+/// The sections, in the order they run (`--only` picks some): correctness first, so that a
+/// wrong model is known before its speed is.
+const SECTIONS: [&str; 5] = ["accuracy", "copy", "matmul", "encoders", "decode"];
 
 /// Folder names under MODELS_DIR, as `gpu_models.py` writes them.
 const ENCODERS: [&str; 2] = ["bert-base", "minilm"];
@@ -74,7 +79,7 @@ struct Args {
     /// Most decode steps per timed run (the context grows by one per step).
     #[arg(long, default_value_t = 256)]
     max_steps: usize,
-    /// Comma-separated sections to run: copy, matmul, encoders, decode (default: all).
+    /// Comma-separated sections to run: accuracy, copy, matmul, encoders, decode (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// GPU ordinal.
@@ -84,7 +89,8 @@ struct Args {
     /// each on a backend of its own.
     #[arg(long, value_delimiter = ',', default_values_t = Precision::ALL)]
     precisions: Vec<Precision>,
-    /// Only open and validate the model folders (no GPU needed), then exit.
+    /// Only open and validate the model folders and say whether each holds the accuracy
+    /// section's reference (no GPU needed), then exit.
     #[arg(long)]
     check: bool,
 }
@@ -183,6 +189,7 @@ fn run_sections(backend: &CudaBackend, args: &Args) -> Vec<&'static str> {
             started.elapsed().as_secs_f64()
         );
     };
+    section("accuracy", &|| accuracy::run(backend, &args.models));
     section("copy", &|| copy_bandwidth(backend));
     section("matmul", &|| big_matmul(backend));
     section("encoders", &|| {
@@ -543,10 +550,12 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
 }
 
 /// Opens every model folder the benchmark needs, as the timed sections will, so that a bad
-/// folder shows up before any GPU time is spent.
+/// folder shows up before any GPU time is spent, and says whether each holds the accuracy
+/// section's reference (a missing one fails only that section, so it is reported, not fatal).
 fn check_models(models: &Path) -> anyhow::Result<()> {
     for name in ENCODERS.into_iter().chain([DECODER]) {
-        let dir = open(&models.join(name))?;
+        let folder = models.join(name);
+        let dir = open(&folder)?;
         let kind = match &dir.config {
             ModelConfig::Bert(c) if name != DECODER => {
                 if c.max_position_embeddings < ENC_SEQ {
@@ -566,7 +575,18 @@ fn check_models(models: &Path) -> anyhow::Result<()> {
             .into_iter()
             .map(|n| dir.weights.shape(n).map_or(0, |s| s.iter().product::<usize>()))
             .sum();
-        emit(json!({"bench": "check", "model": name, "kind": kind, "params": params}));
+        let reference = accuracy::has_reference(&folder);
+        if !reference {
+            eprintln!(
+                "gpu_bench: {name}: no {} (write it with worker/bench/gpu_reference.py); the \
+                 accuracy section will fail",
+                accuracy::REFERENCE
+            );
+        }
+        emit(json!({
+            "bench": "check", "model": name, "kind": kind, "params": params,
+            "reference": reference,
+        }));
     }
     Ok(())
 }
@@ -849,4 +869,538 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
         act(t * vocab),
     );
     Ok(())
+}
+
+/// The `accuracy` section: the worker's outputs on the benchmark's models against PyTorch's
+/// fp32 answers, which `worker/bench/gpu_reference.py` writes into each model folder as
+/// `reference.json` (fixed token ids; PyTorch in fp32 without TF32).
+///
+/// One `accuracy` line per model and precision, with two error figures: the largest absolute
+/// difference over the largest absolute reference value (BERT: every real token's hidden state;
+/// Llama: each prompt's last-position logits), and the lowest cosine between one token's (one
+/// prompt's) vector and the reference's. Llama adds its greedy tokens, compared step by step
+/// up to the first divergence (after it the two continue from different texts) and counted
+/// only at steps the bounds decide (see [`Bounds::greedy_margin_rel`]).
+///
+/// The bounds, per precision ([`Bounds::of`]):
+///
+/// - fp32: 1e-4 relative. Both sides store fp32, accumulate in fp32 and use no TF32 (cuBLAS on
+///   the GPU on both); what differs is the order of summation (blocked products, the worker's
+///   fused attention against PyTorch's eager softmax) and a few ulps in exp, erf and the RoPE
+///   angles: each op differs by 2^-24 (6e-8) times a small factor. The worker's CPU backend
+///   against PyTorch on the CPU, at these models' full shapes, differs by 9e-7 (BERT-base) and
+///   4e-6 (the 1.1B Llama), so 1e-4 leaves 25x for the GPU's other summation orders while a
+///   real fault (a wrong mask, scale, position or cache entry) shows at 1e-3 and beyond.
+/// - fp16 and bf16: 32 unit roundoffs u, 2^-11 x 32 = 1.6e-2 and 2^-8 x 32 = 0.125. The worker
+///   rounds every stored weight and activation (and the KV cache) to that precision and
+///   accumulates in fp32, so each stored tensor adds an error of up to u relative, and
+///   independent roundings add in quadrature. The two-layer fixtures are held to about 10u
+///   (5e-3 and 4e-2); a model of L layers gathers about sqrt(L/2) times as much, which for
+///   Llama's 22 layers (the deepest here, and the bound for all three) is 3.3 x 10u = 33u.
+///   PyTorch itself run in fp16/bf16 on these models lands at 4u to 8u (a quarter or less of
+///   the bound), a proxy for what storage rounding alone costs.
+///
+/// The lowest cosine must reach 1 - e^2/2 where e is the relative bound: for errors spread over a
+/// vector, 1 - cos is about half the squared relative error (fp32: 1 - 5e-9, fp16: 0.99988,
+/// bf16: 0.992). The two figures thus test the same budget two ways: the largest difference
+/// catches a few bad elements, the cosine a bad token or prompt.
+mod accuracy {
+    use std::path::Path;
+
+    use anyhow::{Context, bail};
+    use atomic_worker::backend::{Backend, CudaBackend, Precision};
+    use atomic_worker::config::ModelConfig;
+    use atomic_worker::models::bert::{Batch, Bert};
+    use atomic_worker::models::decoder::CausalLm;
+    use atomic_worker::models::kv_cache::{BLOCK_SIZE, KvPool};
+    use atomic_worker::models::llama::Llama;
+    use serde_json::{Value, json};
+
+    use super::{DECODER, ENCODERS, argmax, emit, open};
+
+    /// The file `gpu_reference.py` writes into each model folder.
+    pub const REFERENCE: &str = "reference.json";
+
+    /// What the worker's outputs must stay within, relative to PyTorch's fp32 (see the module).
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    pub struct Bounds {
+        /// Largest |worker - reference| over the largest |reference|.
+        pub max_abs_rel: f64,
+        /// Lowest cosine of one token's hidden state (one prompt's logits) to the reference's.
+        pub min_cosine: f64,
+    }
+
+    impl Bounds {
+        pub fn of(precision: Precision) -> Self {
+            let max_abs_rel = match precision {
+                Precision::F32 => 1e-4,
+                Precision::F16 => 32.0 * 2f64.powi(-11),
+                Precision::Bf16 => 32.0 * 2f64.powi(-8),
+            };
+            Bounds {
+                max_abs_rel,
+                min_cosine: 1.0 - max_abs_rel * max_abs_rel / 2.0,
+            }
+        }
+
+        /// The top-two gap, relative to that step's largest |logit|, above which a greedy
+        /// choice is decided at this precision: when every logit is within `max_abs_rel` of the
+        /// largest |logit| of the reference, the difference of any two moves by at most twice
+        /// that, so a larger gap cannot change which token is on top, and a divergence there
+        /// means that step's logits broke the bound. Closer calls are rounding's to make, and a
+        /// divergence there is not an error. Random weights give gaps of 0.1% to 20% of the
+        /// largest logit: fp32 (margin 0.02%) decides nearly every step, fp16 (3%) over half,
+        /// bf16 (25%) hardly any, so in bf16 the greedy figures mostly report agreement.
+        pub fn greedy_margin_rel(&self) -> f64 {
+            2.0 * self.max_abs_rel
+        }
+    }
+
+    /// Error figures gathered over the vectors compared (tokens, or prompts' logits).
+    #[derive(Debug)]
+    pub struct Errors {
+        max_abs_diff: f64,
+        max_abs_reference: f64,
+        min_cosine: f64,
+        vectors: usize,
+    }
+
+    impl Errors {
+        pub fn new() -> Self {
+            Errors {
+                max_abs_diff: 0.0,
+                max_abs_reference: 0.0,
+                min_cosine: 1.0,
+                vectors: 0,
+            }
+        }
+
+        /// Adds one vector pair; NaN in `got` makes every figure fail (NaN compares false).
+        pub fn add(&mut self, got: &[f32], want: &[f32]) -> anyhow::Result<()> {
+            if got.len() != want.len() {
+                bail!("{} values against the reference's {}", got.len(), want.len());
+            }
+            let (mut dot, mut got_sq, mut want_sq) = (0.0f64, 0.0f64, 0.0f64);
+            for (&g, &w) in got.iter().zip(want) {
+                let (g, w) = (f64::from(g), f64::from(w));
+                let diff = (g - w).abs();
+                // `max` would drop a NaN; keep it so that the bound fails.
+                if diff.is_nan() || diff > self.max_abs_diff {
+                    self.max_abs_diff = diff;
+                }
+                self.max_abs_reference = self.max_abs_reference.max(w.abs());
+                dot += g * w;
+                got_sq += g * g;
+                want_sq += w * w;
+            }
+            let cosine = dot / (got_sq * want_sq).sqrt();
+            if cosine.is_nan() || cosine < self.min_cosine {
+                self.min_cosine = cosine;
+            }
+            self.vectors += 1;
+            Ok(())
+        }
+
+        pub fn max_abs_rel(&self) -> f64 {
+            self.max_abs_diff / self.max_abs_reference.max(f64::MIN_POSITIVE)
+        }
+
+        pub fn min_cosine(&self) -> f64 {
+            self.min_cosine
+        }
+
+        /// Within both bounds (false for NaN figures, and when nothing was compared).
+        pub fn within(&self, bounds: &Bounds) -> bool {
+            self.vectors > 0
+                && self.max_abs_rel() <= bounds.max_abs_rel
+                && self.min_cosine() >= bounds.min_cosine
+        }
+    }
+
+    /// One prompt's greedy tokens against the reference's, up to the first divergence.
+    #[derive(Debug, Default, PartialEq)]
+    pub struct Greedy {
+        /// Tokens equal to the reference's before the first divergence, every step counted.
+        pub agreed: usize,
+        /// Decided steps (gap above the margin) compared: those before the first divergence,
+        /// and the divergence itself if it is decided.
+        pub compared: usize,
+        /// Of the compared decided steps, those that matched.
+        pub matched: usize,
+        /// The step of the first divergence, if any.
+        pub first_divergence: Option<usize>,
+    }
+
+    /// Compares `got` with the reference's `want`, step by step; a step counts as decided when
+    /// its reference top-two gap exceeds `margin_rel` times that step's largest |logit|.
+    pub fn compare_greedy(
+        got: &[u32],
+        want: &[u32],
+        gaps: &[f64],
+        scales: &[f64],
+        margin_rel: f64,
+    ) -> Greedy {
+        let mut out = Greedy::default();
+        for (step, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let decided = match (gaps.get(step), scales.get(step)) {
+                (Some(&gap), Some(&scale)) => gap > margin_rel * scale,
+                _ => false,
+            };
+            if decided {
+                out.compared += 1;
+            }
+            if g != w {
+                out.first_divergence = Some(step);
+                return out;
+            }
+            out.agreed += 1;
+            if decided {
+                out.matched += 1;
+            }
+        }
+        out
+    }
+
+    /// Runs every model in `backend`'s precision and emits one line each; a model that fails
+    /// its bounds (or cannot be checked) fails the section without stopping the others.
+    pub fn run(backend: &CudaBackend, models: &Path) -> anyhow::Result<()> {
+        let precision = backend.precision();
+        let bounds = Bounds::of(precision);
+        let failed: Vec<String> = ENCODERS
+            .into_iter()
+            .chain([DECODER])
+            .filter_map(|name| check_model(backend, &models.join(name), name, &bounds))
+            .collect();
+        if !failed.is_empty() {
+            bail!("{precision} against PyTorch fp32: {}", failed.join("; "));
+        }
+        Ok(())
+    }
+
+    /// Checks one model and emits its line; what went wrong, if anything.
+    fn check_model(backend: &CudaBackend, folder: &Path, name: &str, bounds: &Bounds) -> Option<String> {
+        let result = if name == DECODER {
+            llama(backend, folder, bounds)
+        } else {
+            bert(backend, folder, bounds)
+        };
+        let mut line = json!({
+            "bench": "accuracy", "impl": "atomic", "model": name,
+            "dtype": backend.precision().to_string(), "bound_max_abs_rel": bounds.max_abs_rel,
+            "bound_min_cosine": bounds.min_cosine,
+        });
+        let failure = match result {
+            Ok(figures) => {
+                merge(&mut line, figures);
+                (line["pass"] != true).then(|| format!("{name} outside the bounds"))
+            }
+            Err(e) => {
+                let message = format!("{e:#}");
+                line["pass"] = json!(false);
+                line["error"] = json!(message);
+                Some(format!("{name}: {message}"))
+            }
+        };
+        emit(line);
+        failure
+    }
+
+    fn merge(line: &mut Value, figures: Value) {
+        if let (Some(line), Value::Object(figures)) = (line.as_object_mut(), figures) {
+            line.extend(figures);
+        }
+    }
+
+    /// A figure for a JSON line: JSON has no NaN or infinity, and `json!` would write them as
+    /// null, which the report reads as "not measured"; a string says what happened.
+    fn figure(x: f64) -> Value {
+        if x.is_finite() {
+            json!(x)
+        } else {
+            json!(x.to_string())
+        }
+    }
+
+    /// Whether `folder` holds a reference, for `--check`.
+    pub fn has_reference(folder: &Path) -> bool {
+        folder.join(REFERENCE).is_file()
+    }
+
+    fn read_reference(folder: &Path) -> anyhow::Result<Value> {
+        let path = folder.join(REFERENCE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (write it with worker/bench/gpu_reference.py)",
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// `v` (a number or nested arrays of numbers) flattened into f32s.
+    fn floats(v: &Value) -> anyhow::Result<Vec<f32>> {
+        fn walk(v: &Value, out: &mut Vec<f32>) -> anyhow::Result<()> {
+            match v {
+                Value::Array(items) => items.iter().try_for_each(|item| walk(item, out)),
+                Value::Number(n) => {
+                    let x = n.as_f64().context("a reference number out of range")?;
+                    out.push(x as f32);
+                    Ok(())
+                }
+                other => bail!("expected numbers in the reference, found {other}"),
+            }
+        }
+        let mut out = Vec::new();
+        walk(v, &mut out)?;
+        Ok(out)
+    }
+
+    /// The reference's field `key`, as `T`.
+    fn field<T: serde::de::DeserializeOwned>(reference: &Value, key: &str) -> anyhow::Result<T> {
+        let v = reference
+            .get(key)
+            .with_context(|| format!("the reference has no {key:?}"))?;
+        serde_json::from_value(v.clone()).with_context(|| format!("the reference's {key:?}"))
+    }
+
+    /// The reference's field `key`: one vector of floats per sequence.
+    fn rows(reference: &Value, key: &str) -> anyhow::Result<Vec<Vec<f32>>> {
+        let items = reference
+            .get(key)
+            .and_then(Value::as_array)
+            .with_context(|| format!("the reference has no list {key:?}"))?;
+        items.iter().map(floats).collect()
+    }
+
+    /// The sequences right-padded into one batch (id 0, masked), as `Batch::new` pads
+    /// tokenizer output and as the reference was computed.
+    pub fn padded_batch(sequences: &[Vec<u32>]) -> Batch {
+        let seq = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        let mut batch = Batch {
+            batch: sequences.len(),
+            seq,
+            ids: Vec::with_capacity(sequences.len() * seq),
+            type_ids: vec![0; sequences.len() * seq],
+            valid: Vec::with_capacity(sequences.len() * seq),
+        };
+        for ids in sequences {
+            let pad = seq - ids.len();
+            batch
+                .ids
+                .extend(ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
+            batch
+                .valid
+                .extend(std::iter::repeat_n(true, ids.len()).chain(std::iter::repeat_n(false, pad)));
+        }
+        batch
+    }
+
+    /// BERT: the hidden state of every real token of the reference's padded batch.
+    fn bert<B: Backend>(b: &B, folder: &Path, bounds: &Bounds) -> anyhow::Result<Value> {
+        let dir = open(folder)?;
+        let ModelConfig::Bert(config) = &dir.config else {
+            bail!("{}: not a BERT model", folder.display())
+        };
+        let reference = read_reference(folder)?;
+        let sequences: Vec<Vec<u32>> = field(&reference, "input_ids")?;
+        let want = rows(&reference, "last_hidden_state")?;
+        if want.len() != sequences.len() {
+            bail!(
+                "{} sequences but {} hidden states in the reference",
+                sequences.len(),
+                want.len()
+            );
+        }
+        let batch = padded_batch(&sequences);
+        let hidden = {
+            let model = Bert::load(b, config, &dir.weights, &dir.tensor_prefix)?;
+            model.hidden_states(b, &batch)?
+        };
+        let h = config.hidden_size;
+        let mut errors = Errors::new();
+        for (s, (ids, want)) in sequences.iter().zip(&want).enumerate() {
+            if want.len() != ids.len() * h {
+                bail!(
+                    "sequence {s}: the reference holds {} values, not {} x {h}",
+                    want.len(),
+                    ids.len()
+                );
+            }
+            for (t, want_row) in want.chunks_exact(h).enumerate() {
+                let row = (s * batch.seq + t) * h;
+                errors.add(&hidden[row..row + h], want_row)?;
+            }
+        }
+        Ok(json!({
+            "compared": "last_hidden_state", "vectors": errors.vectors,
+            "max_abs_rel": figure(errors.max_abs_rel()), "min_cosine": figure(errors.min_cosine()),
+            "reference_device": reference.pointer("/computed/device"),
+            "pass": errors.within(bounds),
+        }))
+    }
+
+    /// Llama: each prompt's last-position logits after prefill, then its greedy tokens through
+    /// the KV cache (prefill and single-token decode steps, as the worker serves them).
+    fn llama<B: Backend>(b: &B, folder: &Path, bounds: &Bounds) -> anyhow::Result<Value> {
+        let dir = open(folder)?;
+        let ModelConfig::Llama(config) = &dir.config else {
+            bail!("{}: not a Llama model", folder.display())
+        };
+        let reference = read_reference(folder)?;
+        let prompts: Vec<Vec<u32>> = field(&reference, "input_ids")?;
+        let want_logits = rows(&reference, "last_logits")?;
+        let want_tokens: Vec<Vec<u32>> = field(&reference, "greedy_ids")?;
+        let gaps: Vec<Vec<f64>> = field(&reference, "greedy_top2_gap")?;
+        let scales: Vec<Vec<f64>> = field(&reference, "greedy_max_abs_logit")?;
+        let n = prompts.len();
+        if [want_logits.len(), want_tokens.len(), gaps.len(), scales.len()] != [n; 4] {
+            bail!("the reference's lists do not all hold {n} prompts");
+        }
+        let model = Llama::load(b, config, &dir.weights, &dir.tensor_prefix)?;
+        let positions = prompts
+            .iter()
+            .zip(&want_tokens)
+            .map(|(p, t)| (p.len() + t.len()).div_ceil(BLOCK_SIZE) * BLOCK_SIZE)
+            .sum();
+        let pool = &mut model.new_pool(b, positions)?;
+        let margin_rel = bounds.greedy_margin_rel();
+        let mut errors = Errors::new();
+        let mut greedy = Vec::with_capacity(n);
+        for (i, prompt) in prompts.iter().enumerate() {
+            let (logits, tokens) = generate(&model, b, pool, prompt, want_tokens[i].len())
+                .with_context(|| format!("prompt {i}"))?;
+            errors
+                .add(&logits, &want_logits[i])
+                .with_context(|| format!("prompt {i} logits"))?;
+            greedy.push(compare_greedy(
+                &tokens,
+                &want_tokens[i],
+                &gaps[i],
+                &scales[i],
+                margin_rel,
+            ));
+        }
+        let compared: usize = greedy.iter().map(|g| g.compared).sum();
+        let matched: usize = greedy.iter().map(|g| g.matched).sum();
+        Ok(json!({
+            "compared": "last-position logits", "vectors": errors.vectors,
+            "max_abs_rel": figure(errors.max_abs_rel()), "min_cosine": figure(errors.min_cosine()),
+            "greedy_tokens": want_tokens.iter().map(Vec::len).sum::<usize>(),
+            "greedy_agreed": greedy.iter().map(|g| g.agreed).sum::<usize>(),
+            "greedy_margin_rel": margin_rel,
+            "greedy_compared": compared, "greedy_matched": matched,
+            "first_divergence": greedy.iter().map(|g| g.first_divergence).collect::<Vec<_>>(),
+            "reference_device": reference.pointer("/computed/device"),
+            "pass": errors.within(bounds) && matched == compared,
+        }))
+    }
+
+    /// The prompt's last-position logits and `tokens` greedy tokens, each chosen on the host
+    /// from the previous step's logits; the cache is released on return.
+    fn generate<B: Backend>(
+        model: &Llama<B>,
+        b: &B,
+        pool: &mut KvPool<B>,
+        prompt: &[u32],
+        tokens: usize,
+    ) -> anyhow::Result<(Vec<f32>, Vec<u32>)> {
+        let mut cache = pool.new_cache();
+        let first = model.prefill(b, pool, &mut cache, prompt)?;
+        let mut chosen = Vec::with_capacity(tokens);
+        let mut logits = first.clone();
+        while chosen.len() < tokens {
+            let token = argmax(&logits);
+            chosen.push(token);
+            if chosen.len() < tokens {
+                logits = model.decode_step(b, pool, &mut cache, token)?;
+            }
+        }
+        Ok((first, chosen))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn bounds_follow_the_unit_roundoff() {
+            let fp16 = Bounds::of(Precision::F16);
+            assert!((fp16.max_abs_rel - 0.015_625).abs() < 1e-12);
+            assert!((fp16.min_cosine - 0.999_878).abs() < 1e-6);
+            let bf16 = Bounds::of(Precision::Bf16);
+            assert!((bf16.max_abs_rel - 0.125).abs() < 1e-12);
+            assert!(Bounds::of(Precision::F32).min_cosine > 0.999_999_99);
+        }
+
+        #[test]
+        fn errors_are_relative_to_the_largest_reference_value() {
+            let mut e = Errors::new();
+            e.add(&[1.0, 2.0, -4.0], &[1.0, 2.0, -4.1]).unwrap();
+            e.add(&[0.5, 0.0, 0.0], &[0.5, 0.0, 0.0]).unwrap();
+            assert!((e.max_abs_rel() - 0.1 / 4.1).abs() < 1e-6);
+            assert!(e.min_cosine() < 1.0 && e.min_cosine() > 0.999);
+            assert!(e.within(&Bounds {
+                max_abs_rel: 0.03,
+                min_cosine: 0.999
+            }));
+            assert!(!e.within(&Bounds::of(Precision::F32)));
+            assert!(e.add(&[1.0], &[1.0, 2.0]).is_err());
+        }
+
+        #[test]
+        fn nan_and_nothing_compared_fail() {
+            let mut e = Errors::new();
+            assert!(!e.within(&Bounds::of(Precision::Bf16)));
+            e.add(&[f32::NAN, 1.0], &[1.0, 1.0]).unwrap();
+            e.add(&[1.0, 1.0], &[1.0, 1.0]).unwrap();
+            assert!(!e.within(&Bounds::of(Precision::Bf16)));
+        }
+
+        #[test]
+        fn greedy_stops_at_the_first_divergence() {
+            let want = [5, 6, 7, 8];
+            let scales = [10.0; 4];
+            // Every gap decided at a 1% margin (0.1 absolute): the divergence at step 2 counts.
+            let g = compare_greedy(&[5, 6, 9, 8], &want, &[1.0; 4], &scales, 0.01);
+            assert_eq!(
+                g,
+                Greedy {
+                    agreed: 2,
+                    compared: 3,
+                    matched: 2,
+                    first_divergence: Some(2)
+                }
+            );
+            // A close call at the divergence is not counted, nor anything after it.
+            let g = compare_greedy(&[5, 6, 9, 8], &want, &[1.0, 1.0, 0.05, 1.0], &scales, 0.01);
+            assert_eq!(
+                g,
+                Greedy {
+                    agreed: 2,
+                    compared: 2,
+                    matched: 2,
+                    first_divergence: Some(2)
+                }
+            );
+            let g = compare_greedy(&want, &want, &[0.05, 1.0, 1.0, 1.0], &scales, 0.01);
+            assert_eq!(
+                g,
+                Greedy {
+                    agreed: 4,
+                    compared: 3,
+                    matched: 3,
+                    first_divergence: None
+                }
+            );
+        }
+
+        #[test]
+        fn padding_goes_after_each_sequence() {
+            let batch = padded_batch(&[vec![7, 8, 9], vec![4]]);
+            assert_eq!((batch.batch, batch.seq), (2, 3));
+            assert_eq!(batch.ids, [7, 8, 9, 4, 0, 0]);
+            assert_eq!(batch.valid, [true, true, true, true, false, false]);
+            assert_eq!(batch.len_of(1), 1);
+        }
+    }
 }
