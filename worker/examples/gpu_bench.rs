@@ -916,7 +916,8 @@ mod accuracy {
     use atomic_worker::models::llama::Llama;
     use serde_json::{Value, json};
 
-    use super::{DECODER, ENCODERS, argmax, emit, open};
+    use super::{DECODER, ENCODERS, emit, open};
+    use atomic_worker::sampling::argmax;
 
     /// The file `gpu_reference.py` writes into each model folder.
     pub const REFERENCE: &str = "reference.json";
