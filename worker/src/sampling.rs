@@ -181,7 +181,14 @@ impl Sampler {
         if self.temperature == 0.0 {
             return Some((0.0, 0.0));
         }
-        (self.top_k == 0 && self.top_p >= 1.0).then(|| (self.temperature, self.rng.next_f64()))
+        self.device_choosable()
+            .then(|| (self.temperature, self.rng.next_f64()))
+    }
+
+    /// Whether [`Sampler::device_choice`] gives a choice (greedy, or nothing cut), without
+    /// drawing.
+    pub fn device_choosable(&self) -> bool {
+        self.temperature == 0.0 || (self.top_k == 0 && self.top_p >= 1.0)
     }
 }
 

@@ -2,10 +2,12 @@
 //! GPT-2, Llama/Qwen2 decoders) are written against once.
 //!
 //! A backend owns its tensors (`Backend::Tensor`: host memory for the CPU backend, device buffers
-//! for a GPU backend). Tensors are dense, row-major `f32`; every operation allocates its output and
-//! checks its shapes first, so a mismatch is an `Err`, never a panic or an out-of-bounds read. Host
-//! data crosses the boundary only through `from_host`/`to_host` and the small host-side arguments
-//! (token ids, positions, attention masks), which a device backend uploads per call.
+//! for a GPU backend). Tensors are dense and row-major, `f32` at the host boundary (a GPU backend
+//! may store them in fp16 or bf16, see [`Precision`]). Every operation but the key/value pool
+//! write allocates its output, and every one checks its shapes first, so a mismatch is an `Err`,
+//! never a panic or an out-of-bounds read. Host data crosses the boundary only through
+//! `from_host`/`to_host` and the small host-side arguments (token ids, positions, attention
+//! masks), which a device backend uploads per call.
 //!
 //! - [`cpu::CpuBackend`]: the fast CPU implementation (gemm for matrix products, rayon for rows).
 //! - [`reference::ReferenceBackend`]: naive loops in `f64`, the ground truth for tests of every
@@ -118,7 +120,7 @@ impl<'a> AttentionMask<'a> {
     }
 }
 
-/// The tensor operations the models need. All tensors are dense row-major `f32`.
+/// The tensor operations the models need. All tensors are dense and row-major; host data is `f32`.
 ///
 /// "Rows" below means all leading dimensions flattened: an op over rows of `x` with shape
 /// `[.., d]` treats it as `[x.len() / d, d]` and returns the same shape as `x`.

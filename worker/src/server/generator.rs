@@ -78,10 +78,7 @@ impl<B: Backend> DecoderOn<B> {
     }
 }
 
-impl<B: Backend> Decoder for DecoderOn<B>
-where
-    B::Tensor: Send,
-{
+impl<B: Backend> Decoder for DecoderOn<B> {
     fn step(&mut self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> crate::Result<Vec<Vec<f32>>> {
         self.model.step(&self.backend, &mut self.pool, caches, tokens)
     }
@@ -428,8 +425,7 @@ impl Sequence {
     /// Whether the backend can choose this sequence's next token where the logits are: nothing
     /// else is read from them (no log-probabilities) and the draw needs no sorted vocabulary.
     fn device_choosable(&self) -> bool {
-        self.top_logprobs.is_none()
-            && (self.params.temperature == 0.0 || (self.params.top_k == 0 && self.params.top_p >= 1.0))
+        self.top_logprobs.is_none() && self.sampler.device_choosable()
     }
 
     /// Takes the next token; whether the sequence is finished (and has reported so).

@@ -3,7 +3,7 @@
 //! on device). Shapes are checked on the host with the same checks as every backend before any
 //! launch; matrix products go to cuBLAS, everything else to the kernels in `kernels/`.
 
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::context::{ATTN_MAX_D, CudaBackend, driver_err, flash_smem_bytes};
 use super::gemm::{Batch, Gemm};
@@ -194,6 +194,23 @@ impl CudaBackend {
             &di
         )?;
         Ok(out)
+    }
+
+    /// A buffer for one token id per row.
+    fn alloc_ids(&self, rows: usize) -> Result<CudaSlice<u32>> {
+        self.stream
+            .alloc_zeros::<u32>(rows)
+            .map_err(|e| driver_err("allocating token ids", e))
+    }
+
+    /// The chosen token ids, once the kernels that chose them have run.
+    fn download_ids(&self, ids: &CudaSlice<u32>) -> Result<Vec<u32>> {
+        let host = self
+            .stream
+            .clone_dtoh(ids)
+            .map_err(|e| driver_err("copying token ids to the host", e))?;
+        self.synchronize()?;
+        Ok(host)
     }
 
     /// A device-to-device copy of `x` into a new tensor of the same shape (queued on the stream,
@@ -780,10 +797,7 @@ impl Backend for CudaBackend {
         }
         let (ri, vi) = (int(op, rows)?, int(op, vocab)?);
         int(op, rows * vocab)?;
-        let mut ids = self
-            .stream
-            .alloc_zeros::<u32>(rows)
-            .map_err(|e| driver_err("allocating", e))?;
+        let mut ids = self.alloc_ids(rows)?;
         launch!(
             self,
             "argmax_rows",
@@ -793,12 +807,7 @@ impl Backend for CudaBackend {
             &ri,
             &vi
         )?;
-        let host = self
-            .stream
-            .clone_dtoh(&ids)
-            .map_err(|e| driver_err("copying token ids to the host", e))?;
-        self.synchronize()?;
-        Ok(host)
+        self.download_ids(&ids)
     }
 
     fn sample_rows(&self, logits: &CudaTensor, choices: &[(f32, f64)]) -> Result<Vec<u32>> {
@@ -821,10 +830,7 @@ impl Backend for CudaBackend {
             self.upload("temperatures", &temps)?,
             self.upload("uniform draws", &uniforms)?,
         );
-        let mut ids = self
-            .stream
-            .alloc_zeros::<u32>(rows)
-            .map_err(|e| driver_err("allocating", e))?;
+        let mut ids = self.alloc_ids(rows)?;
         launch!(
             self,
             "sample_rows",
@@ -836,11 +842,6 @@ impl Backend for CudaBackend {
             &ri,
             &vi
         )?;
-        let host = self
-            .stream
-            .clone_dtoh(&ids)
-            .map_err(|e| driver_err("copying token ids to the host", e))?;
-        self.synchronize()?;
-        Ok(host)
+        self.download_ids(&ids)
     }
 }

@@ -18,6 +18,18 @@
 //   Launch: grid (tokens), block 128 (any size); threads stride over the (heads + kv_heads) * h
 //   pairs, then over the kv_heads * d values of v.
 
+// The rotation of one (x[i], x[i + h]) pair of a head at position `pos` (the math above).
+__device__ __forceinline__ void rotate_pair(elem_t* out, const elem_t* x, int i, int h, int d, double pos,
+                                            float theta) {
+    const double freq = pow((double)theta, -2.0 * (double)i / (double)d);
+    double s, c;
+    sincos(pos * freq, &s, &c);
+    const float cf = (float)c, sf = (float)s;
+    const float a = load(x[i]), b = load(x[i + h]);
+    out[i] = store(a * cf - b * sf);
+    out[i + h] = store(b * cf + a * sf);
+}
+
 extern "C" __global__ void rope(elem_t* out, const elem_t* x, const unsigned int* positions, int tokens, int heads,
                                 int d, float theta) {
     KERNEL_CHECK(d % 2 == 0);
@@ -29,27 +41,9 @@ extern "C" __global__ void rope(elem_t* out, const elem_t* x, const unsigned int
     const double pos = (double)positions[t];
     for (int idx = threadIdx.x; idx < heads * h; idx += blockDim.x) {
         const int head = idx / h, i = idx % h;
-        const double freq = pow((double)theta, -2.0 * (double)i / (double)d);
-        double s, c;
-        sincos(pos * freq, &s, &c);
-        const float cf = (float)c, sf = (float)s;
         const size_t base = ((size_t)t * heads + head) * d;
-        const float a = load(x[base + i]), b = load(x[base + i + h]);
-        out[base + i] = store(a * cf - b * sf);
-        out[base + i + h] = store(b * cf + a * sf);
+        rotate_pair(out + base, x + base, i, h, d, pos, theta);
     }
-}
-
-// The rotation of one (x[i], x[i + h]) pair of a head at position `pos`, as `rope` computes it.
-__device__ __forceinline__ void rotate_pair(elem_t* out, const elem_t* x, int i, int h, int d, double pos,
-                                            float theta) {
-    const double freq = pow((double)theta, -2.0 * (double)i / (double)d);
-    double s, c;
-    sincos(pos * freq, &s, &c);
-    const float cf = (float)c, sf = (float)s;
-    const float a = load(x[i]), b = load(x[i + h]);
-    out[i] = store(a * cf - b * sf);
-    out[i + h] = store(b * cf + a * sf);
 }
 
 extern "C" __global__ void qkv_rope(elem_t* q_out, elem_t* k_out, elem_t* v_out, const elem_t* qkv,
