@@ -9,7 +9,7 @@ use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 use crate::backend::{BackendError, Precision, Result};
 
 /// Prepended to every source: reductions and the device-side shape check.
-const COMMON: &str = include_str!("kernels/common.cuh");
+pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
 
 /// One `.cu` file: an op family compiled as one module.
 #[derive(Clone, Copy, Debug)]
@@ -34,7 +34,7 @@ pub(crate) const FILES: &[KernelFile] = &[
     KernelFile {
         name: "activation.cu",
         source: include_str!("kernels/activation.cu"),
-        functions: &["add", "gelu_erf", "gelu_tanh", "silu_mul", "bias_act"],
+        functions: &["add", "gelu_erf", "gelu_tanh", "silu_mul", "swiglu", "bias_act"],
     },
     KernelFile {
         name: "softmax.cu",
@@ -81,7 +81,7 @@ pub(crate) fn nvrtc_available() -> bool {
 }
 
 /// The define that selects the kernels' storage type.
-fn precision_define(precision: Precision) -> Option<&'static str> {
+pub(crate) fn precision_define(precision: Precision) -> Option<&'static str> {
     match precision {
         Precision::F32 => None,
         Precision::F16 => Some("-DATOMIC_F16"),

@@ -31,6 +31,8 @@ mod paged;
 mod tensor;
 
 #[cfg(test)]
+mod emulated_tests;
+#[cfg(test)]
 mod tests;
 
 pub use context::CudaBackend;

@@ -100,6 +100,20 @@ fn every_cu_file_is_in_the_kernel_table() {
     let mut listed: Vec<String> = FILES.iter().map(|f| f.name.to_string()).collect();
     listed.sort();
     assert_eq!(on_disk, listed);
+    // And every kernel a file defines is in its list: an unlisted one is never loaded, so the
+    // op that launches it fails at run time ("kernel ... was not loaded").
+    for file in FILES {
+        let mut defined: Vec<&str> = file
+            .source
+            .split("extern \"C\" __global__ void ")
+            .skip(1)
+            .filter_map(|rest| rest.split('(').next())
+            .collect();
+        defined.sort_unstable();
+        let mut listed = file.functions.to_vec();
+        listed.sort_unstable();
+        assert_eq!(defined, listed, "{}: kernels defined vs listed", file.name);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

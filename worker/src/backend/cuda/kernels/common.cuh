@@ -41,6 +41,20 @@ __device__ __forceinline__ elem_t store(float f) {
 struct elem_t {
     unsigned short bits;
 };
+#if defined(ATOMIC_EMULATE)
+// The CPU emulator of the tests (see emulator.h): the compiler's _Float16, same rounding.
+__device__ __forceinline__ float load(elem_t v) {
+    _Float16 h;
+    memcpy(&h, &v.bits, sizeof h);
+    return (float)h;
+}
+__device__ __forceinline__ elem_t store(float f) {
+    const _Float16 h = (_Float16)f;
+    elem_t e;
+    memcpy(&e.bits, &h, sizeof h);
+    return e;
+}
+#else
 __device__ __forceinline__ float load(elem_t v) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
@@ -51,6 +65,7 @@ __device__ __forceinline__ elem_t store(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return elem_t{h};
 }
+#endif
 #else
 typedef float elem_t;
 __device__ __forceinline__ float load(float v) { return v; }

@@ -1,0 +1,592 @@
+//! The CUDA kernels executed on the CPU: their own `.cu` source, compiled with g++ against
+//! `emulator.h` (threads for CUDA threads, barriers for `__syncthreads` and warp shuffles), and
+//! launched with the shapes and arguments the backend gives them, against the f64 reference
+//! backend. This runs the kernels' indexing, masking, paging, reductions and conversions on
+//! every machine with g++, in fp32, fp16 and bf16; what only a GPU shows (timing, its own
+//! instructions and memory model) is left to the GPU tests. Without g++ each test prints
+//! `SKIPPED`.
+
+use std::ffi::{CString, c_char, c_void};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use super::context::flash_smem_bytes;
+use super::kernels::{self, COMMON, FILES};
+use crate::backend::test_util::{AttnCase, AttnInputs, PagedCase, Rng, Tol, assert_close, print_skip};
+use crate::backend::{Backend, CpuTensor, PagedPlan, Precision, ReferenceBackend, Result};
+
+const SHIM: &str = include_str!("emulator.h");
+
+type LaunchFn = unsafe extern "C" fn(*const c_char, *const u32, *const u32, usize, *mut *mut c_void) -> i32;
+
+/// The kernels of one precision compiled for the CPU, loaded from a shared library.
+struct Emulator {
+    launch: LaunchFn,
+    precision: Precision,
+}
+
+// SAFETY: the library stays loaded for the life of the process and launches are serialised by
+// the mutex around each emulator.
+unsafe impl Send for Emulator {}
+
+/// The C++ translation unit: the shim, the shared helpers once, every kernel file (dynamic
+/// shared memory mapped to the emulator's buffer) and a dispatch table over the kernel names.
+fn source(precision: Precision) -> String {
+    let mut src = String::from("#define ATOMIC_EMULATE 1\n");
+    if let Some(define) = kernels::precision_define(precision) {
+        src.push_str(&format!("#define {}\n", define.trim_start_matches("-D")));
+    }
+    src.push_str(SHIM);
+    src.push_str("\n#line 1 \"common.cuh\"\n");
+    src.push_str(COMMON);
+    for file in FILES {
+        src.push_str(&format!("\n#line 1 \"{}\"\n", file.name));
+        src.push_str(&file.source.replace(
+            "extern __shared__ float smem[];",
+            "float* smem = reinterpret_cast<float*>(emu_dynamic_smem.data());",
+        ));
+    }
+    src.push_str(
+        "\nextern \"C\" int emu_launch(const char* name, const unsigned* grid, const unsigned* block, \
+         size_t smem, void** args) {\n",
+    );
+    for name in FILES.iter().flat_map(|f| f.functions) {
+        src.push_str(&format!(
+            "    if (strcmp(name, \"{name}\") == 0) return emu::run(&{name}, grid, block, smem, args);\n"
+        ));
+    }
+    src.push_str("    return 2;\n}\n");
+    src
+}
+
+fn build(precision: Precision) -> std::result::Result<Emulator, String> {
+    let dir = std::env::temp_dir().join(format!("atomic-cuda-emulator-{precision}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let (src, lib) = (dir.join("kernels.cpp"), dir.join("libkernels.so"));
+    std::fs::write(&src, source(precision)).map_err(|e| e.to_string())?;
+    let out = Command::new("g++")
+        .args(["-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .output()
+        .map_err(|e| format!("g++ not runnable ({e})"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "g++ failed on the emulated kernels ({precision}):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let path = CString::new(lib.to_string_lossy().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: loading a library we just built; its static initialisers only set up the shim's
+    // globals. The handle is never closed, so the function pointer stays valid.
+    let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if handle.is_null() {
+        return Err(format!("dlopen {} failed", lib.display()));
+    }
+    // SAFETY: as above; the symbol is the `extern "C"` dispatcher with the `LaunchFn` signature.
+    let symbol = unsafe { libc::dlsym(handle, c"emu_launch".as_ptr()) };
+    if symbol.is_null() {
+        return Err("emu_launch missing from the emulated kernels".into());
+    }
+    // SAFETY: see above.
+    let launch = unsafe { std::mem::transmute::<*mut c_void, LaunchFn>(symbol) };
+    Ok(Emulator { launch, precision })
+}
+
+/// The emulator for `precision` (built once per test process), or `None` after saying why
+/// `test` skips. A g++ that fails on the kernels is a test failure, not a skip.
+fn emulator(test: &str, precision: Precision) -> Option<MutexGuard<'static, Emulator>> {
+    type Slot = OnceLock<std::result::Result<Mutex<Emulator>, String>>;
+    static SLOTS: [Slot; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let have_gxx = Command::new("g++")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_gxx {
+        print_skip(
+            test,
+            "g++ not found; the CUDA kernels cannot be emulated on the CPU",
+        );
+        return None;
+    }
+    let slot = &SLOTS[Precision::ALL.iter().position(|&p| p == precision).unwrap_or(0)];
+    match slot.get_or_init(|| build(precision).map(Mutex::new)) {
+        Ok(m) => Some(m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// A kernel's arguments as `cuLaunchKernel` takes them: one pointer per parameter, each to a
+/// slot holding the value (a device pointer is a host pointer here). The slots are 8 bytes, read
+/// by the kernel as its parameter's type (little-endian, so an `int` is the low half).
+#[derive(Default)]
+struct Args(Vec<u64>);
+
+impl Args {
+    fn buf<T>(mut self, data: &mut [T]) -> Self {
+        self.0.push(data.as_mut_ptr() as u64);
+        self
+    }
+
+    fn int(mut self, v: usize) -> Self {
+        let v = i32::try_from(v).expect("test sizes fit an int");
+        self.0.push(u64::from(v as u32));
+        self
+    }
+
+    fn signed(mut self, v: i32) -> Self {
+        self.0.push(u64::from(v as u32));
+        self
+    }
+
+    fn float(mut self, v: f32) -> Self {
+        self.0.push(u64::from(v.to_bits()));
+        self
+    }
+}
+
+impl Emulator {
+    fn launch(&self, name: &str, grid: (usize, usize, usize), block: usize, smem: usize, mut args: Args) {
+        let name_c = CString::new(name).expect("kernel name");
+        let grid = [grid.0 as u32, grid.1 as u32, grid.2 as u32];
+        let block = [block as u32, 1, 1];
+        let mut pointers: Vec<*mut c_void> = args.0.iter_mut().map(|v| (v as *mut u64).cast()).collect();
+        // SAFETY: the arguments follow the kernel's parameter list (the tests mirror the
+        // backend's launches) and every buffer holds what the kernel indexes.
+        let rc = unsafe {
+            (self.launch)(
+                name_c.as_ptr(),
+                grid.as_ptr(),
+                block.as_ptr(),
+                smem,
+                pointers.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "emulated launch of {name} failed ({rc})");
+    }
+
+    /// Host data as the kernels store it.
+    fn store(&self, data: &[f32]) -> Vec<u8> {
+        self.precision.encode(data)
+    }
+
+    fn load(&self, bytes: &[u8]) -> Vec<f32> {
+        self.precision.decode(bytes)
+    }
+
+    /// Four roundings of the precision (relative and absolute), or the fp32 tolerance of the GPU
+    /// tests.
+    fn tol(&self) -> Tol {
+        match self.precision {
+            Precision::F32 => Tol {
+                atol: 1e-5,
+                rtol: 1e-4,
+            },
+            Precision::F16 => Tol {
+                atol: 4.0 / 2048.0,
+                rtol: 4.0 / 2048.0,
+            },
+            Precision::Bf16 => Tol {
+                atol: 4.0 / 256.0,
+                rtol: 4.0 / 256.0,
+            },
+        }
+    }
+}
+
+fn reference(data: &[f32], shape: &[usize]) -> CpuTensor {
+    ReferenceBackend.from_host(data, shape).expect("reference input")
+}
+
+fn host(t: Result<CpuTensor>) -> Vec<f32> {
+    ReferenceBackend
+        .to_host(&t.expect("reference op"))
+        .expect("to_host")
+}
+
+/// How many of a list of attention cases to emulate in precision `p`: all of them in fp32; in
+/// fp16 and bf16, whose kernels differ only in their loads and stores, the first five (which
+/// cover padding, GQA, causal prompts, decode over a cache and sliding windows), since every
+/// emulated warp shuffle is a pair of context switches.
+fn cases_for(p: Precision, all: usize) -> usize {
+    if p == Precision::F32 { all } else { all.min(5) }
+}
+
+/// The launch shape of the elementwise kernels (as `launch::elementwise_cfg`).
+fn elementwise_grid(n: usize) -> (usize, usize, usize) {
+    (n.div_ceil(256).clamp(1, 1 << 16), 1, 1)
+}
+
+/// The device form of a paged plan, as `CudaBackend::prepare_paged_plan` builds it.
+fn paged_indices(plan: &PagedPlan) -> (Vec<i32>, Vec<u32>, Vec<u32>) {
+    let (mut meta, mut tables, mut q_start) = (Vec::new(), Vec::new(), 0);
+    for s in &plan.seqs {
+        meta.extend([
+            q_start as i32,
+            s.q_len as i32,
+            s.k_len as i32,
+            tables.len() as i32,
+        ]);
+        q_start += s.q_len;
+        tables.extend_from_slice(&s.blocks);
+    }
+    (meta, tables, plan.new_slots())
+}
+
+#[test]
+fn emulated_paged_attention_matches_reference_for_both_kernels() {
+    for p in Precision::ALL {
+        let Some(emu) = emulator("emulated_paged_attention_matches_reference_for_both_kernels", p) else {
+            return;
+        };
+        let mut rng = Rng::new(201);
+        for c in PagedCase::COMMON
+            .into_iter()
+            .take(cases_for(p, PagedCase::COMMON.len()))
+        {
+            let mut inputs = c.inputs(&mut rng);
+            for v in [
+                &mut inputs.keys,
+                &mut inputs.values,
+                &mut inputs.new_keys,
+                &mut inputs.new_values,
+                &mut inputs.q,
+            ] {
+                *v = p.round(v);
+            }
+            // The reference: write, then attend, in f64.
+            let r = ReferenceBackend;
+            let paged = r.prepare_paged(&inputs.plan).unwrap();
+            let mut want_keys = reference(&inputs.keys, &inputs.pool_shape);
+            let mut want_values = reference(&inputs.values, &inputs.pool_shape);
+            r.write_paged(
+                &mut want_keys,
+                &reference(&inputs.new_keys, &c.new_shape()),
+                &paged,
+            )
+            .unwrap();
+            r.write_paged(
+                &mut want_values,
+                &reference(&inputs.new_values, &c.new_shape()),
+                &paged,
+            )
+            .unwrap();
+            let want = host(r.paged_attention(
+                &reference(&inputs.q, &c.q_shape()),
+                &want_keys,
+                &want_values,
+                &paged,
+            ));
+
+            let (mut meta, mut tables, mut slots) = paged_indices(&inputs.plan);
+            let (mut keys, mut values) = (emu.store(&inputs.keys), emu.store(&inputs.values));
+            let (mut new_keys, mut new_values) = (emu.store(&inputs.new_keys), emu.store(&inputs.new_values));
+            let [tokens, heads, d] = c.q_shape();
+            let width = c.kv_heads * d;
+            for (pool, new) in [(&mut keys, &mut new_keys), (&mut values, &mut new_values)] {
+                let args = Args::default()
+                    .buf(pool)
+                    .buf(new)
+                    .buf(&mut slots)
+                    .int(tokens)
+                    .int(width);
+                emu.launch("kv_write", elementwise_grid(tokens * width), 256, 0, args);
+            }
+            assert_eq!(emu.load(&keys), want_keys.data(), "{c:?} ({p}): key pool");
+            assert_eq!(emu.load(&values), want_values.data(), "{c:?} ({p}): value pool");
+
+            let mut q = emu.store(&inputs.q);
+            let seqs = inputs.plan.seqs.len();
+            let max_q = inputs.plan.seqs.iter().map(|s| s.q_len).max().unwrap_or(0);
+            for (kernel, grid, block, smem) in [
+                (
+                    "paged_flash_attention",
+                    (max_q.div_ceil(16), heads, seqs),
+                    128,
+                    flash_smem_bytes(d),
+                ),
+                (
+                    "paged_decode_attention",
+                    (heads, max_q, seqs),
+                    256,
+                    (d + 8 * (d + 2)) * 4,
+                ),
+            ] {
+                let mut out = emu.store(&vec![f32::NAN; tokens * heads * d]);
+                let args = Args::default()
+                    .buf(&mut out)
+                    .buf(&mut q)
+                    .buf(&mut keys)
+                    .buf(&mut values)
+                    .buf(&mut meta)
+                    .buf(&mut tables)
+                    .int(seqs)
+                    .int(c.block_size)
+                    .int(c.window.unwrap_or(0))
+                    .int(heads)
+                    .int(c.kv_heads)
+                    .int(d)
+                    .float(1.0 / (d as f32).sqrt());
+                emu.launch(kernel, grid, block, smem, args);
+                assert_close(
+                    &format!("{kernel} {c:?} ({p})"),
+                    &emu.load(&out),
+                    &want,
+                    emu.tol(),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn emulated_dense_attention_matches_reference_for_both_kernels() {
+    for p in Precision::ALL {
+        let Some(emu) = emulator("emulated_dense_attention_matches_reference_for_both_kernels", p) else {
+            return;
+        };
+        let mut rng = Rng::new(202);
+        for c in AttnCase::COMMON
+            .into_iter()
+            .take(cases_for(p, AttnCase::COMMON.len()))
+        {
+            let AttnInputs { q, k, v, valid } = c.inputs(&mut rng);
+            let (q, k, v) = (p.round(&q), p.round(&k), p.round(&v));
+            let mask = c.mask(&valid);
+            let (qs, ks) = (c.q_shape(), c.kv_shape());
+            let want = host(ReferenceBackend.attention(
+                &reference(&q, &qs),
+                &reference(&k, &ks),
+                &reference(&v, &ks),
+                &mask,
+            ));
+            let (mut qd, mut kd, mut vd) = (emu.store(&q), emu.store(&k), emu.store(&v));
+            let mut valid_u8: Vec<u8> = valid.iter().map(|&b| u8::from(b)).collect();
+            valid_u8.push(0); // never empty, as the backend's placeholder
+            let d = c.d;
+            for (kernel, grid, block, smem) in [
+                (
+                    "flash_attention",
+                    (c.s_q.div_ceil(16), c.heads, c.batch),
+                    128,
+                    flash_smem_bytes(d),
+                ),
+                (
+                    "decode_attention",
+                    (c.heads, c.s_q, c.batch),
+                    256,
+                    (d + 8 * (d + 2)) * 4,
+                ),
+            ] {
+                let mut out = emu.store(&vec![f32::NAN; q.len()]);
+                let args = Args::default()
+                    .buf(&mut out)
+                    .buf(&mut qd)
+                    .buf(&mut kd)
+                    .buf(&mut vd)
+                    .buf(&mut valid_u8)
+                    .int(usize::from(c.padding))
+                    .signed(c.causal.map_or(-1, |o| o as i32))
+                    .int(c.batch)
+                    .int(c.s_q)
+                    .int(c.s_k)
+                    .int(c.heads)
+                    .int(c.kv_heads)
+                    .int(d)
+                    .float(1.0 / (d as f32).sqrt());
+                emu.launch(kernel, grid, block, smem, args);
+                assert_close(
+                    &format!("{kernel} {c:?} ({p})"),
+                    &emu.load(&out),
+                    &want,
+                    emu.tol(),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn emulated_sampling_draws_what_the_host_draws() {
+    for p in Precision::ALL {
+        let Some(emu) = emulator("emulated_sampling_draws_what_the_host_draws", p) else {
+            return;
+        };
+        let mut rng = Rng::new(203);
+        for &(rows, vocab) in &[(1, 1), (4, 17), (5, 32000)] {
+            let mut x = p.round(&rng.vec(rows * vocab, 8.0));
+            if vocab > 17 {
+                x[7] = f32::NAN; // never drawn, never the argmax
+                x[vocab + 3] = f32::NEG_INFINITY;
+            }
+            let choices: Vec<(f32, f64)> = (0..rows)
+                .map(|r| ([0.0, 0.7, 1.0, 1.5][r % 4], f64::from(rng.next() + 1.0) / 2.0))
+                .collect();
+            let want = ReferenceBackend
+                .sample_rows(&reference(&x, &[rows, vocab]), &choices)
+                .unwrap();
+            let mut xd = emu.store(&x);
+            let mut temps: Vec<f32> = choices.iter().map(|c| c.0).collect();
+            let mut uniforms: Vec<f64> = choices.iter().map(|c| c.1).collect();
+            let mut ids = vec![u32::MAX; rows];
+            let args = Args::default()
+                .buf(&mut ids)
+                .buf(&mut xd)
+                .buf(&mut temps)
+                .buf(&mut uniforms)
+                .int(rows)
+                .int(vocab);
+            emu.launch("sample_rows", (rows, 1, 1), 256, 0, args);
+            assert_eq!(ids, want, "sample_rows [{rows}, {vocab}] ({p})");
+
+            let want: Vec<u32> = x.chunks(vocab).map(crate::sampling::argmax).collect();
+            let mut ids = vec![u32::MAX; rows];
+            let args = Args::default().buf(&mut ids).buf(&mut xd).int(rows).int(vocab);
+            emu.launch("argmax_rows", (rows, 1, 1), 256, 0, args);
+            assert_eq!(ids, want, "argmax_rows [{rows}, {vocab}] ({p})");
+        }
+    }
+}
+
+#[test]
+fn emulated_row_kernels_match_reference() {
+    for p in Precision::ALL {
+        let Some(emu) = emulator("emulated_row_kernels_match_reference", p) else {
+            return;
+        };
+        let tol = emu.tol();
+        let r = ReferenceBackend;
+        let mut rng = Rng::new(204);
+        let (rows, d) = (5, 300);
+        let x = p.round(&rng.vec(rows * d, 2.0));
+        let res = p.round(&rng.vec(rows * d, 2.0));
+        let w = p.round(&rng.vec(d, 1.0));
+        let b = p.round(&rng.vec(d, 0.5));
+        let (mut xd, mut rd, mut wd, mut bd) = (emu.store(&x), emu.store(&res), emu.store(&w), emu.store(&b));
+
+        // add_rms_norm: the stored sum (rounded as the kernel stores it), then its norm.
+        let sum = p.round(&x.iter().zip(&res).map(|(a, b)| a + b).collect::<Vec<f32>>());
+        let want = host(r.rms_norm(&reference(&sum, &[rows, d]), &reference(&w, &[d]), 1e-6));
+        let (mut sum_d, mut normed) = (vec![0u8; xd.len()], vec![0u8; xd.len()]);
+        let args = Args::default()
+            .buf(&mut sum_d)
+            .buf(&mut normed)
+            .buf(&mut xd)
+            .buf(&mut rd)
+            .buf(&mut wd)
+            .int(rows)
+            .int(d)
+            .float(1e-6);
+        emu.launch("add_rms_norm", (rows, 1, 1), 256, 0, args);
+        assert_eq!(emu.load(&sum_d), sum, "add_rms_norm sum ({p})");
+        assert_close(&format!("add_rms_norm ({p})"), &emu.load(&normed), &want, tol);
+
+        // layer_norm with a residual.
+        let want = host(r.layer_norm(
+            &reference(&sum, &[rows, d]),
+            &reference(&w, &[d]),
+            &reference(&b, &[d]),
+            1e-5,
+        ));
+        let mut out = vec![0u8; xd.len()];
+        let args = Args::default()
+            .buf(&mut out)
+            .buf(&mut xd)
+            .buf(&mut rd)
+            .int(1)
+            .buf(&mut wd)
+            .buf(&mut bd)
+            .int(rows)
+            .int(d)
+            .float(1e-5);
+        emu.launch("layer_norm", (rows, 1, 1), 256, 0, args);
+        assert_close(
+            &format!("layer_norm + residual ({p})"),
+            &emu.load(&out),
+            &want,
+            tol,
+        );
+
+        // softmax over rows, with a fully masked row.
+        let mut sx = x.clone();
+        sx[d..2 * d].fill(f32::NEG_INFINITY);
+        let want = host(r.softmax_rows(&reference(&sx, &[rows, d])));
+        let (mut sd, mut out) = (emu.store(&sx), vec![0u8; xd.len()]);
+        let args = Args::default().buf(&mut out).buf(&mut sd).int(rows).int(d);
+        emu.launch("softmax_rows", (rows, 1, 1), 256, 0, args);
+        assert_close(&format!("softmax ({p})"), &emu.load(&out), &want, tol);
+
+        // swiglu over [rows, 2 * 150].
+        let want = host(r.swiglu(&reference(&x, &[rows, d])));
+        let mut out = vec![0u8; xd.len() / 2];
+        let args = Args::default().buf(&mut out).buf(&mut xd).int(rows).int(d / 2);
+        emu.launch("swiglu", elementwise_grid(rows * d / 2), 256, 0, args);
+        assert_close(&format!("swiglu ({p})"), &emu.load(&out), &want, tol);
+
+        // qkv_rope: [tokens, (heads + 2 kv_heads) * head_dim] split and rotated.
+        let (tokens, heads, kv_heads, hd) = (3, 4, 2, 50);
+        let qkv = p.round(&rng.vec(tokens * (heads + 2 * kv_heads) * hd, 2.0));
+        let positions = [0usize, 17, 4095];
+        let (wq, wk, wv) = r
+            .split_qkv_rope(
+                &reference(&qkv, &[tokens, (heads + 2 * kv_heads) * hd]),
+                (heads, kv_heads),
+                &positions,
+                1e4,
+            )
+            .unwrap();
+        let mut qkv_d = emu.store(&qkv);
+        let mut pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let mut q = vec![0u8; tokens * heads * hd * p.bytes()];
+        let (mut k, mut v) = (
+            vec![0u8; tokens * kv_heads * hd * p.bytes()],
+            vec![0u8; tokens * kv_heads * hd * p.bytes()],
+        );
+        let args = Args::default()
+            .buf(&mut q)
+            .buf(&mut k)
+            .buf(&mut v)
+            .buf(&mut qkv_d)
+            .buf(&mut pos)
+            .int(tokens)
+            .int(heads)
+            .int(kv_heads)
+            .int(hd)
+            .float(1e4);
+        emu.launch("qkv_rope", (tokens, 1, 1), 128, 0, args);
+        assert_close(&format!("qkv_rope q ({p})"), &emu.load(&q), wq.data(), tol);
+        assert_close(&format!("qkv_rope k ({p})"), &emu.load(&k), wk.data(), tol);
+        assert_eq!(emu.load(&v), wv.data(), "qkv_rope v ({p})");
+
+        // The linear epilogue: bias plus each activation, in place.
+        for (code, act) in [
+            (1, crate::backend::Activation::Gelu),
+            (2, crate::backend::Activation::GeluTanh),
+            (3, crate::backend::Activation::Silu),
+        ] {
+            let y = p.round(&rng.vec(rows * d, 3.0));
+            let biased = reference(
+                &host(r.add(
+                    &reference(&y, &[rows, d]),
+                    &reference(&b.repeat(rows), &[rows, d]),
+                )),
+                &[rows, d],
+            );
+            let want = host(match act {
+                crate::backend::Activation::Gelu => r.gelu(&biased),
+                crate::backend::Activation::GeluTanh => r.gelu_tanh(&biased),
+                _ => r.silu_mul(&biased, &reference(&vec![1.0; rows * d], &[rows, d])),
+            });
+            let mut yd = emu.store(&y);
+            let args = Args::default()
+                .buf(&mut yd)
+                .buf(&mut bd)
+                .int(1)
+                .int(rows)
+                .int(d)
+                .signed(code);
+            emu.launch("bias_act", elementwise_grid(rows * d), 256, 0, args);
+            assert_close(&format!("bias_act {act:?} ({p})"), &emu.load(&yd), &want, tol);
+        }
+    }
+}
