@@ -10,6 +10,8 @@
 //! - [`ops`]: the operations: cuBLAS for matrix products, our kernels for the rest.
 //! - [`paged`]: key/value pools: a step's block tables uploaded once, rows written in place,
 //!   attention read through the tables.
+//! - `emulator.h` (tests only): a CPU model of CUDA's execution, so the tests can run the
+//!   kernels' own source without a GPU.
 //!
 //! Tensors are stored in the backend's [`Precision`] (fp32, fp16 or bf16; the kernels are
 //! compiled for it) and every op accumulates in fp32. In fp32 results match the CPU backend to
