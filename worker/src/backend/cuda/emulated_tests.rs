@@ -90,6 +90,8 @@ fn build(precision: Precision) -> std::result::Result<Emulator, String> {
     }
     // SAFETY: see above.
     let launch = unsafe { std::mem::transmute::<*mut c_void, LaunchFn>(symbol) };
+    // The loaded library no longer needs its file.
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(Emulator { launch, precision })
 }
 
