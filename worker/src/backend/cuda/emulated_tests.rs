@@ -592,3 +592,157 @@ fn emulated_row_kernels_match_reference() {
         }
     }
 }
+
+#[test]
+fn emulated_elementwise_and_gather_kernels_match_reference() {
+    for p in Precision::ALL {
+        let Some(emu) = emulator("emulated_elementwise_and_gather_kernels_match_reference", p) else {
+            return;
+        };
+        let tol = emu.tol();
+        let r = ReferenceBackend;
+        let mut rng = Rng::new(205);
+        let n = 1000;
+        let (a, b) = (p.round(&rng.vec(n, 4.0)), p.round(&rng.vec(n, 4.0)));
+        let (mut ad, mut bd) = (emu.store(&a), emu.store(&b));
+        let (ra, rb) = (reference(&a, &[n]), reference(&b, &[n]));
+        let binary = [
+            ("add", host(r.add(&ra, &rb))),
+            ("silu_mul", host(r.silu_mul(&ra, &rb))),
+        ];
+        for (kernel, want) in binary {
+            let mut out = vec![0u8; ad.len()];
+            let args = Args::default().buf(&mut out).buf(&mut ad).buf(&mut bd).int(n);
+            emu.launch(kernel, elementwise_grid(n), 256, 0, args);
+            assert_close(&format!("{kernel} ({p})"), &emu.load(&out), &want, tol);
+        }
+        for (kernel, want) in [
+            ("gelu_erf", host(r.gelu(&ra))),
+            ("gelu_tanh", host(r.gelu_tanh(&ra))),
+        ] {
+            let mut out = vec![0u8; ad.len()];
+            let args = Args::default().buf(&mut out).buf(&mut ad).int(n);
+            emu.launch(kernel, elementwise_grid(n), 256, 0, args);
+            assert_close(&format!("{kernel} ({p})"), &emu.load(&out), &want, tol);
+        }
+
+        // Row kernels without the fused parts: RMS norm, layer norm without a residual.
+        let (rows, d) = (4, 96);
+        let x = p.round(&rng.vec(rows * d, 2.0));
+        let (w, bias) = (p.round(&rng.vec(d, 1.0)), p.round(&rng.vec(d, 0.5)));
+        let (mut xd, mut wd, mut bias_d) = (emu.store(&x), emu.store(&w), emu.store(&bias));
+        let want = host(r.rms_norm(&reference(&x, &[rows, d]), &reference(&w, &[d]), 1e-6));
+        let mut out = vec![0u8; xd.len()];
+        let args = Args::default()
+            .buf(&mut out)
+            .buf(&mut xd)
+            .buf(&mut wd)
+            .int(rows)
+            .int(d)
+            .float(1e-6);
+        emu.launch("rms_norm", (rows, 1, 1), 256, 0, args);
+        assert_close(&format!("rms_norm ({p})"), &emu.load(&out), &want, tol);
+        let want = host(r.layer_norm(
+            &reference(&x, &[rows, d]),
+            &reference(&w, &[d]),
+            &reference(&bias, &[d]),
+            1e-5,
+        ));
+        let mut out = vec![0u8; xd.len()];
+        let mut unused = emu.store(&[0.0]);
+        let args = Args::default()
+            .buf(&mut out)
+            .buf(&mut xd)
+            .buf(&mut unused)
+            .int(0)
+            .buf(&mut wd)
+            .buf(&mut bias_d)
+            .int(rows)
+            .int(d)
+            .float(1e-5);
+        emu.launch("layer_norm", (rows, 1, 1), 256, 0, args);
+        assert_close(&format!("layer_norm ({p})"), &emu.load(&out), &want, tol);
+
+        // Gathers and splits move stored values exactly.
+        let (vocab, width, max_pos) = (50, 33, 40);
+        let (table, pos_table) = (
+            p.round(&rng.vec(vocab * width, 1.0)),
+            p.round(&rng.vec(max_pos * width, 1.0)),
+        );
+        let ids: Vec<u32> = (0..300).map(|_| rng.below(vocab) as u32).collect();
+        let positions: Vec<u32> = (0..300).map(|i| (i % max_pos) as u32).collect();
+        let block = width.min(256).next_multiple_of(32);
+        let (mut td, mut pd) = (emu.store(&table), emu.store(&pos_table));
+        let (mut ids_d, mut pos_d) = (ids.clone(), positions.clone());
+        let want = host(r.embedding(&ids, &reference(&table, &[vocab, width])));
+        let mut out = vec![0u8; ids.len() * width * p.bytes()];
+        let args = Args::default()
+            .buf(&mut out)
+            .buf(&mut td)
+            .buf(&mut ids_d)
+            .int(ids.len())
+            .int(vocab)
+            .int(width);
+        emu.launch("embedding", (ids.len(), 1, 1), block, 0, args);
+        assert_eq!(emu.load(&out), want, "embedding ({p})");
+        let want = host(r.add(
+            &reference(&want, &[ids.len(), width]),
+            &reference(
+                &host(r.embedding(&positions, &reference(&pos_table, &[max_pos, width]))),
+                &[ids.len(), width],
+            ),
+        ));
+        let mut out = vec![0u8; ids.len() * width * p.bytes()];
+        let args = Args::default()
+            .buf(&mut out)
+            .buf(&mut td)
+            .buf(&mut ids_d)
+            .buf(&mut pd)
+            .buf(&mut pos_d)
+            .int(ids.len())
+            .int(vocab)
+            .int(max_pos)
+            .int(width);
+        emu.launch("embedding_add", (ids.len(), 1, 1), block, 0, args);
+        assert_close(&format!("embedding_add ({p})"), &emu.load(&out), &want, tol);
+
+        let (rows, d, start, piece) = (7, 37, 10, 20);
+        let x = p.round(&rng.vec(rows * d, 1.0));
+        let want: Vec<f32> = x
+            .chunks(d)
+            .flat_map(|row| row[start..start + piece].to_vec())
+            .collect();
+        let mut xd = emu.store(&x);
+        let mut out = vec![0u8; rows * piece * p.bytes()];
+        let args = Args::default()
+            .buf(&mut out)
+            .buf(&mut xd)
+            .int(rows)
+            .int(d)
+            .int(start)
+            .int(piece);
+        emu.launch("split_columns", elementwise_grid(rows * piece), 256, 0, args);
+        assert_eq!(emu.load(&out), want, "split_columns ({p})");
+
+        // Rotary embeddings alone, at positions far into a long context.
+        let (t, heads, hd) = (5, 3, 64);
+        let x = p.round(&rng.vec(t * heads * hd, 2.0));
+        let positions: Vec<usize> = (0..t).map(|_| rng.below(131_072)).collect();
+        let want = host(r.rope(&reference(&x, &[t, heads, hd]), &positions, 500_000.0));
+        let (mut xd, mut pos) = (
+            emu.store(&x),
+            positions.iter().map(|&q| q as u32).collect::<Vec<u32>>(),
+        );
+        let mut out = vec![0u8; xd.len()];
+        let args = Args::default()
+            .buf(&mut out)
+            .buf(&mut xd)
+            .buf(&mut pos)
+            .int(t)
+            .int(heads)
+            .int(hd)
+            .float(500_000.0);
+        emu.launch("rope", (t, 1, 1), 128, 0, args);
+        assert_close(&format!("rope ({p})"), &emu.load(&out), &want, tol);
+    }
+}
