@@ -19,7 +19,7 @@ use crate::models::decoder::CacheLayout;
 use crate::{Error, Result};
 
 /// Positions per cache block. Small blocks waste little on short sequences; 16 keeps the block
-/// tables short and each block's rows (16 × kv_heads × head_dim floats) contiguous.
+/// tables short and each block's rows (16 × kv_heads × head_dim elements) contiguous.
 pub const BLOCK_SIZE: usize = 16;
 
 /// The free blocks of a pool. Blocks are handed out last-freed first, so a busy pool keeps
