@@ -828,3 +828,22 @@ async fn http_decode_throughput() {
         s.stop();
     }
 }
+
+#[test]
+fn a_key_value_pool_too_large_for_memory_is_a_clear_error() {
+    // 2^50 bytes (a pebibyte) cannot be had: loading fails with an error that names the flag
+    // (here the block count is refused before any allocation is tried), rather than the process
+    // aborting on a failed allocation.
+    let limits = ModelLimits {
+        kv_cache_bytes: 1 << 50,
+        ..ModelLimits::default()
+    };
+    let err = match server::load_model(&fixture("tiny-llama"), 1, &limits) {
+        Ok(_) => panic!("a pebibyte key/value pool was allocated"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("--kv-cache-mib") && err.contains("too large"),
+        "{err}"
+    );
+}

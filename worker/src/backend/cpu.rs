@@ -145,6 +145,27 @@ impl CpuBackend {
     }
 }
 
+/// `n` zeros, or an error when the memory cannot be had (instead of the abort a failed `vec!`
+/// allocation is). The allocation is a zeroed one: the kernel hands out zero pages on first
+/// touch, so a large key/value pool costs memory only as sequences fill it.
+fn zeroed(n: usize) -> Result<Vec<f32>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let too_large = || BackendError::Device(format!("out of memory allocating {n} values"));
+    let layout = std::alloc::Layout::array::<f32>(n).map_err(|_| too_large())?;
+    // SAFETY: the layout has a non-zero size. A non-null result is `n` zeroed f32 slots (all-zero
+    // bits are 0.0) allocated with the global allocator and exactly the layout `Vec` uses for a
+    // capacity of `n`, so the Vec may own and free it.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout).cast::<f32>();
+        if ptr.is_null() {
+            return Err(too_large());
+        }
+        Ok(Vec::from_raw_parts(ptr, n, n))
+    }
+}
+
 /// A matrix operand for [`sgemm`]: a pointer to element (0, 0) and its row and column strides.
 #[derive(Clone, Copy)]
 struct Mat {
@@ -343,9 +364,11 @@ impl Backend for CpuBackend {
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<CpuTensor> {
-        // Zeroed pages come from the kernel on first touch, so a large key/value pool costs
-        // memory only as sequences fill it.
-        Ok(CpuTensor::new(vec![0.0; shapes::numel(shape)], shape.to_vec()))
+        let n = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| shapes::err("zeros", format!("shape {shape:?} overflows")))?;
+        Ok(CpuTensor::new(zeroed(n)?, shape.to_vec()))
     }
 
     fn shape<'t>(&self, t: &'t CpuTensor) -> &'t [usize] {

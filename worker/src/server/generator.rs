@@ -73,7 +73,13 @@ impl<B: Backend> DecoderOn<B> {
             model.cache_layout(),
             model.max_positions(),
             kv_cache_bytes,
-        )?;
+        )
+        .map_err(|e| {
+            Error::Setup(format!(
+                "allocating the key/value pool of {} MiB (--kv-cache-mib): {e}",
+                kv_cache_bytes >> 20
+            ))
+        })?;
         Ok(Self { model, backend, pool })
     }
 }
