@@ -10,8 +10,10 @@ use std::ffi::{CString, c_char, c_void};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use super::context::flash_smem_bytes;
+use cudarc::driver::LaunchConfig;
+
 use super::kernels::{self, COMMON, FILES};
+use super::ops::{AttentionKernel, attention_cfg};
 use crate::backend::test_util::{AttnCase, AttnInputs, PagedCase, Rng, Tol, assert_close, print_skip};
 use crate::backend::{Backend, CpuTensor, PagedPlan, Precision, ReferenceBackend, Result};
 
@@ -167,6 +169,14 @@ impl Emulator {
         assert_eq!(rc, 0, "emulated launch of {name} failed ({rc})");
     }
 
+    /// A launch with the backend's own launch shape.
+    fn launch_cfg(&self, name: &str, cfg: &LaunchConfig, args: Args) {
+        let (g, b) = (cfg.grid_dim, cfg.block_dim);
+        assert_eq!((b.1, b.2), (1, 1), "the kernels use 1-D blocks");
+        let grid = (g.0 as usize, g.1 as usize, g.2 as usize);
+        self.launch(name, grid, b.0 as usize, cfg.shared_mem_bytes as usize, args);
+    }
+
     /// Host data as the kernels store it.
     fn store(&self, data: &[f32]) -> Vec<u8> {
         self.precision.encode(data)
@@ -300,20 +310,11 @@ fn emulated_paged_attention_matches_reference_for_both_kernels() {
             let mut q = emu.store(&inputs.q);
             let seqs = inputs.plan.seqs.len();
             let max_q = inputs.plan.seqs.iter().map(|s| s.q_len).max().unwrap_or(0);
-            for (kernel, grid, block, smem) in [
-                (
-                    "paged_flash_attention",
-                    (max_q.div_ceil(16), heads, seqs),
-                    128,
-                    flash_smem_bytes(d),
-                ),
-                (
-                    "paged_decode_attention",
-                    (heads, max_q, seqs),
-                    256,
-                    (d + 8 * (d + 2)) * 4,
-                ),
+            for (kernel, shape) in [
+                ("paged_flash_attention", AttentionKernel::Flash),
+                ("paged_decode_attention", AttentionKernel::Decode),
             ] {
+                let cfg = attention_cfg(shape, max_q, heads, seqs, d);
                 let mut out = emu.store(&vec![f32::NAN; tokens * heads * d]);
                 let args = Args::default()
                     .buf(&mut out)
@@ -329,7 +330,7 @@ fn emulated_paged_attention_matches_reference_for_both_kernels() {
                     .int(c.kv_heads)
                     .int(d)
                     .float(1.0 / (d as f32).sqrt());
-                emu.launch(kernel, grid, block, smem, args);
+                emu.launch_cfg(kernel, &cfg, args);
                 assert_close(
                     &format!("{kernel} {c:?} ({p})"),
                     &emu.load(&out),
@@ -366,20 +367,11 @@ fn emulated_dense_attention_matches_reference_for_both_kernels() {
             let mut valid_u8: Vec<u8> = valid.iter().map(|&b| u8::from(b)).collect();
             valid_u8.push(0); // never empty, as the backend's placeholder
             let d = c.d;
-            for (kernel, grid, block, smem) in [
-                (
-                    "flash_attention",
-                    (c.s_q.div_ceil(16), c.heads, c.batch),
-                    128,
-                    flash_smem_bytes(d),
-                ),
-                (
-                    "decode_attention",
-                    (c.heads, c.s_q, c.batch),
-                    256,
-                    (d + 8 * (d + 2)) * 4,
-                ),
+            for (kernel, shape) in [
+                ("flash_attention", AttentionKernel::Flash),
+                ("decode_attention", AttentionKernel::Decode),
             ] {
+                let cfg = attention_cfg(shape, c.s_q, c.heads, c.batch, d);
                 let mut out = emu.store(&vec![f32::NAN; q.len()]);
                 let args = Args::default()
                     .buf(&mut out)
@@ -396,7 +388,7 @@ fn emulated_dense_attention_matches_reference_for_both_kernels() {
                     .int(c.kv_heads)
                     .int(d)
                     .float(1.0 / (d as f32).sqrt());
-                emu.launch(kernel, grid, block, smem, args);
+                emu.launch_cfg(kernel, &cfg, args);
                 assert_close(
                     &format!("{kernel} {c:?} ({p})"),
                     &emu.load(&out),

@@ -41,6 +41,30 @@ fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
     s
 }
 
+/// The launch shape of an attention kernel (dense or paged) over `queries` query rows per
+/// sequence (the most of any sequence), `heads` query heads, `seqs` sequences and head dimension
+/// `d`; see the launch notes in `attention.cu`.
+pub(super) fn attention_cfg(
+    kernel: AttentionKernel,
+    queries: usize,
+    heads: usize,
+    seqs: usize,
+    d: usize,
+) -> LaunchConfig {
+    match kernel {
+        AttentionKernel::Flash => LaunchConfig {
+            grid_dim: (queries.div_ceil(16) as u32, heads as u32, seqs as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: flash_smem_bytes(d) as u32,
+        },
+        AttentionKernel::Decode => LaunchConfig {
+            grid_dim: (heads as u32, queries as u32, seqs as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: ((d + 8 * (d + 2)) * size_of::<f32>()) as u32,
+        },
+    }
+}
+
 impl CudaBackend {
     fn elementwise(&self, op: &'static str, x: &CudaTensor) -> Result<(CudaTensor, i32)> {
         let n = x.numel();
@@ -282,18 +306,7 @@ impl CudaBackend {
             int(op, d)?,
         );
         let scale = 1.0 / (d as f32).sqrt();
-        let cfg = match kernel {
-            AttentionKernel::Flash => LaunchConfig {
-                grid_dim: (s_q.div_ceil(16) as u32, heads as u32, batch as u32),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: flash_smem_bytes(d) as u32,
-            },
-            AttentionKernel::Decode => LaunchConfig {
-                grid_dim: (heads as u32, s_q as u32, batch as u32),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: ((d + 8 * (d + 2)) * size_of::<f32>()) as u32,
-            },
-        };
+        let cfg = attention_cfg(kernel, s_q, heads, batch, d);
         if batch > 65_535 || (kernel == AttentionKernel::Decode && s_q > 65_535) {
             return Err(shapes::err(op, format!("grid too large for {:?}", q.shape)));
         }

@@ -3,11 +3,11 @@
 //! layer then writes its new keys and values into their rows with one kernel each and attends
 //! through the block tables in place, so nothing of the cache crosses the bus between steps.
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::CudaSlice;
 
-use super::context::{ATTN_MAX_D, CudaBackend, flash_smem_bytes};
+use super::context::{ATTN_MAX_D, CudaBackend};
 use super::launch::{elementwise_cfg, int, launch};
-use super::ops::AttentionKernel;
+use super::ops::{AttentionKernel, attention_cfg};
 use super::tensor::CudaTensor;
 use crate::backend::{PagedPlan, Result, shapes};
 
@@ -114,18 +114,7 @@ impl CudaBackend {
         );
         let (hi, kvi, di) = (int(op, heads)?, int(op, kv_heads)?, int(op, d)?);
         let scale = 1.0 / (d as f32).sqrt();
-        let cfg = match kernel {
-            AttentionKernel::Flash => LaunchConfig {
-                grid_dim: (paged.max_q_len.div_ceil(16) as u32, heads as u32, seqs as u32),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: flash_smem_bytes(d) as u32,
-            },
-            AttentionKernel::Decode => LaunchConfig {
-                grid_dim: (heads as u32, paged.max_q_len as u32, seqs as u32),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: ((d + 8 * (d + 2)) * size_of::<f32>()) as u32,
-            },
-        };
+        let cfg = attention_cfg(kernel, paged.max_q_len, heads, seqs, d);
         macro_rules! attn {
             ($name:literal) => {
                 launch!(
