@@ -39,6 +39,7 @@ use atomic_worker::models::bert::{Batch, Bert};
 use atomic_worker::models::decoder::CausalLm;
 use atomic_worker::models::kv_cache::{BLOCK_SIZE, KvCache};
 use atomic_worker::models::llama::Llama;
+use atomic_worker::sampling::TokenDraw;
 use clap::Parser;
 use serde_json::{Value, json};
 
@@ -865,6 +866,30 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
         format!("[{t},{vocab}]"),
         us,
         1,
+        0.0,
+        act(t * vocab),
+    );
+    // Sampling with both cuts on the GPU (top-k 50, top-p 0.9: the radix selects read the row
+    // about a dozen times), for comparison with the greedy row above; 0 calls, since the
+    // measured decode step is greedy.
+    let draws = vec![
+        TokenDraw {
+            temperature: 0.8,
+            top_k: 50,
+            top_p: 0.9,
+            uniform: 0.5,
+        };
+        t
+    ];
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.sample_rows(&logits, &draws)?);
+        Ok(())
+    })?;
+    op.emit(
+        "sample_top_k_p_to_host",
+        format!("[{t},{vocab}]"),
+        us,
+        0,
         0.0,
         act(t * vocab),
     );

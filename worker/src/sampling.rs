@@ -119,77 +119,126 @@ impl Sampler {
     }
 
     /// The next token: the argmax at temperature 0, else a draw from the tempered distribution
-    /// restricted to the top-k tokens and then to the top-p nucleus.
+    /// restricted to the top-k tokens and then to the top-p nucleus (see [`choose`]).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.temperature == 0.0 || logits.len() <= 1 {
-            return argmax(logits);
+        choose(logits, &self.next_draw())
+    }
+
+    /// This step's draw as a backend makes it where the logits are: the parameters and the
+    /// uniform [`Sampler::sample`] would use, consumed from the generator exactly as it would
+    /// consume it (nothing at temperature 0).
+    pub fn next_draw(&mut self) -> TokenDraw {
+        TokenDraw {
+            temperature: self.temperature,
+            top_k: u32::try_from(self.top_k).unwrap_or(u32::MAX),
+            top_p: self.top_p,
+            uniform: if self.temperature == 0.0 {
+                0.0
+            } else {
+                self.rng.next_f64()
+            },
         }
-        if (self.top_k == 0 || self.top_k >= logits.len()) && self.top_p >= 1.0 {
-            return self.sample_all(logits);
+    }
+}
+
+/// One sequence's token draw for one step: the sampling parameters and the uniform draw in
+/// [0, 1) that picks the token. A backend that chooses tokens where the logits are gets one per
+/// row, and [`choose`] is its definition.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenDraw {
+    /// Softmax temperature; `0` means the argmax.
+    pub temperature: f32,
+    /// Keep only the `top_k` likeliest tokens; `0` keeps all.
+    pub top_k: u32,
+    /// Keep the smallest set of likeliest tokens whose probability reaches `top_p`; `1` keeps all.
+    pub top_p: f32,
+    /// The uniform draw.
+    pub uniform: f64,
+}
+
+impl TokenDraw {
+    /// The argmax.
+    pub const GREEDY: Self = Self {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        uniform: 0.0,
+    };
+
+    /// A draw from the whole tempered distribution with the uniform `u`.
+    pub fn uncut(temperature: f32, uniform: f64) -> Self {
+        Self {
+            temperature,
+            uniform,
+            ..Self::GREEDY
         }
-        // Candidates sorted by logit, descending (index order on ties, so draws are stable).
-        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
-        if self.top_k > 0 && self.top_k < order.len() {
-            order.select_nth_unstable_by(self.top_k - 1, by_logit);
-            order.truncate(self.top_k);
-        }
-        order.sort_unstable_by(by_logit);
-        let inv_t = 1.0 / f64::from(self.temperature);
-        let max = f64::from(logits[order[0] as usize]);
-        let mut probs: Vec<f64> = order
-            .iter()
-            .map(|&i| ((f64::from(logits[i as usize]) - max) * inv_t).exp())
-            .collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        if self.top_p < 1.0 {
-            let mut cumulative = 0.0;
-            let mut keep = probs.len();
-            for (n, p) in probs.iter().enumerate() {
-                cumulative += p;
-                if cumulative >= f64::from(self.top_p) {
-                    keep = n + 1;
-                    break;
-                }
+    }
+}
+
+/// The token `draw` picks from `logits`:
+/// - temperature 0: the [`argmax`];
+/// - nothing cut (top-k 0 or at least the vocabulary, top-p 1): [`draw_in_index_order`];
+/// - otherwise the kept set is the `top_k` likeliest tokens (ties to the lower id), then the
+///   shortest prefix of them, likeliest first, whose weights reach `top_p` of their total; the
+///   draw is made over the kept set in index order, as in [`draw_in_index_order`].
+///
+/// Drawing in index order rather than likeliest first gives the same distribution and lets a GPU
+/// draw with a scan instead of a sort. NaN logits are never kept or drawn; a row with nothing
+/// finite gives its argmax.
+pub fn choose(logits: &[f32], draw: &TokenDraw) -> u32 {
+    let t = draw.temperature;
+    if t == 0.0 {
+        return argmax(logits);
+    }
+    let cuts_k = draw.top_k != 0 && (draw.top_k as usize) < logits.len();
+    if !cuts_k && draw.top_p >= 1.0 {
+        return draw_in_index_order(logits, t, draw.uniform);
+    }
+    let Some(max) = finite_max(logits) else {
+        return argmax(logits);
+    };
+    let inv_t = 1.0 / f64::from(t);
+    let weight = |l: f32| ((f64::from(l) - f64::from(max)) * inv_t).exp();
+    // Candidates likeliest first; the lower id first among equal logits (`total_cmp` also puts
+    // -0 below +0, as the GPU's order keys do).
+    let mut order: Vec<u32> = (0..logits.len() as u32)
+        .filter(|&i| !logits[i as usize].is_nan())
+        .collect();
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    if cuts_k && (draw.top_k as usize) < order.len() {
+        order.select_nth_unstable_by(draw.top_k as usize - 1, by_logit);
+        order.truncate(draw.top_k as usize);
+    }
+    order.sort_unstable_by(by_logit);
+    if draw.top_p < 1.0 {
+        let total: f64 = order.iter().map(|&i| weight(logits[i as usize])).sum();
+        let target = f64::from(draw.top_p) * total;
+        let mut cumulative = 0.0;
+        let mut keep = order.len();
+        for (n, &i) in order.iter().enumerate() {
+            cumulative += weight(logits[i as usize]);
+            if cumulative >= target {
+                keep = n + 1;
+                break;
             }
-            probs.truncate(keep);
-            order.truncate(keep);
         }
-        let mass: f64 = probs.iter().sum();
-        let mut u = self.rng.next_f64() * mass;
-        for (&id, &p) in order.iter().zip(&probs) {
-            if u < p {
-                return id;
-            }
-            u -= p;
-        }
-        order[order.len() - 1]
+        order.truncate(keep);
     }
+    let mut weights = vec![0.0; logits.len()];
+    for &i in &order {
+        weights[i as usize] = weight(logits[i as usize]);
+    }
+    walk_weights(&weights, draw.uniform)
+}
 
-    /// A draw from the whole tempered distribution (see [`draw_in_index_order`]).
-    fn sample_all(&mut self, logits: &[f32]) -> u32 {
-        draw_in_index_order(logits, self.temperature, self.rng.next_f64())
-    }
-
-    /// This step's choice as a backend can make it without the logits leaving the device:
-    /// `Some((temperature, uniform))` when nothing is cut (no top-k, no top-p), where
-    /// temperature 0 means the argmax and `uniform` is the draw [`Sampler::sample`] would use
-    /// (consumed from the generator exactly as it would be); `None` when the choice needs the
-    /// sorted vocabulary on the host.
-    pub fn device_choice(&mut self) -> Option<(f32, f64)> {
-        if self.temperature == 0.0 {
-            return Some((0.0, 0.0));
-        }
-        self.device_choosable()
-            .then(|| (self.temperature, self.rng.next_f64()))
-    }
-
-    /// Whether [`Sampler::device_choice`] gives a choice (greedy, or nothing cut), without
-    /// drawing.
-    pub fn device_choosable(&self) -> bool {
-        self.temperature == 0.0 || (self.top_k == 0 && self.top_p >= 1.0)
-    }
+/// The largest logit that is not NaN, if it is finite.
+fn finite_max(logits: &[f32]) -> Option<f32> {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| !l.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    max.is_finite().then_some(max)
 }
 
 /// A draw from the whole distribution `softmax(logits / temperature)` given a uniform `u` in
@@ -199,20 +248,21 @@ impl Sampler {
 /// same draw with a scan. NaN logits never win; a row with nothing finite to draw from gives its
 /// argmax. `temperature` must be positive.
 pub fn draw_in_index_order(logits: &[f32], temperature: f32, u: f64) -> u32 {
-    let max = logits
-        .iter()
-        .copied()
-        .filter(|l| !l.is_nan())
-        .fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
+    let Some(max) = finite_max(logits) else {
         return argmax(logits);
-    }
+    };
     let inv_t = 1.0 / f64::from(temperature);
     let weight = |l: f32| {
         let w = ((f64::from(l) - f64::from(max)) * inv_t).exp();
         if w.is_nan() { 0.0 } else { w }
     };
     let weights: Vec<f64> = logits.iter().map(|&l| weight(l)).collect();
+    walk_weights(&weights, u)
+}
+
+/// The first index whose running sum of `weights` passes `u` times their total (zero weights
+/// are never picked; at least one weight must be positive).
+fn walk_weights(weights: &[f64], u: f64) -> u32 {
     let total: f64 = weights.iter().sum();
     let mut target = u * total;
     let mut last = 0;
@@ -468,29 +518,100 @@ mod tests {
     }
 
     #[test]
-    fn device_choices_reproduce_the_host_sampler() {
-        // Drawing through `device_choice` (as a backend does) gives the tokens `sample` gives,
-        // from the same seed; a cut (top-k, top-p) leaves the choice to the host.
+    fn next_draw_and_choose_reproduce_the_sampler() {
+        // Drawing through `next_draw` (as a backend does) gives the tokens `sample` gives, from
+        // the same seed, cut or not.
         let l = logits();
-        for t in [0.0, 0.6, 1.0, 2.0] {
-            let p = params(t, 0, 1.0, 99);
+        for (t, k, top_p) in [
+            (0.0, 0, 1.0),
+            (0.6, 0, 1.0),
+            (1.0, 3, 1.0),
+            (2.0, 0, 0.7),
+            (1.3, 5, 0.9),
+        ] {
+            let p = params(t, k, top_p, 99);
             let (mut host, mut device) = (Sampler::new(&p), Sampler::new(&p));
             for _ in 0..300 {
                 let want = host.sample(&l);
-                let got = match device.device_choice() {
-                    Some((0.0, _)) => argmax(&l),
-                    Some((t, u)) => draw_in_index_order(&l, t, u),
-                    None => panic!("no cut: the backend can draw"),
-                };
-                assert_eq!(got, want, "temperature {t}");
+                assert_eq!(choose(&l, &device.next_draw()), want, "{p:?}");
             }
         }
-        assert!(Sampler::new(&params(1.0, 3, 1.0, 0)).device_choice().is_none());
-        assert!(Sampler::new(&params(1.0, 0, 0.9, 0)).device_choice().is_none());
-        assert!(
-            Sampler::new(&params(0.0, 3, 0.9, 0)).device_choice().is_some(),
-            "greedy"
+        let greedy = Sampler::new(&params(0.0, 3, 0.9, 0)).next_draw();
+        assert_eq!(
+            (greedy.temperature, greedy.uniform),
+            (0.0, 0.0),
+            "greedy draws nothing"
         );
+    }
+
+    #[test]
+    fn cuts_keep_the_lower_ids_among_equal_logits() {
+        // Five equal logits: top-k 2 keeps ids 0 and 1; top-p 0.5 needs 2.5 tokens' worth, so 3.
+        let flat = [0.5f32; 5];
+        let drawn = |top_k: u32, top_p: f32| {
+            let mut seen = [false; 5];
+            for n in 0..1000 {
+                let u = (f64::from(n) + 0.5) / 1000.0;
+                let c = TokenDraw {
+                    temperature: 1.0,
+                    top_k,
+                    top_p,
+                    uniform: u,
+                };
+                seen[choose(&flat, &c) as usize] = true;
+            }
+            seen
+        };
+        assert_eq!(drawn(2, 1.0), [true, true, false, false, false]);
+        assert_eq!(drawn(0, 0.5), [true, true, true, false, false]);
+        assert_eq!(
+            drawn(4, 0.5),
+            [true, true, false, false, false],
+            "0.5 of 4 is exactly 2"
+        );
+        assert_eq!(drawn(1, 1.0), [true, false, false, false, false]);
+    }
+
+    #[test]
+    fn cut_draws_follow_the_renormalised_softmax() {
+        // Kept set at T = 1, top-p 0.7: ids 1, 5, 3 (0.32 + 0.29 + 0.19 >= 0.7). 20k draws, each
+        // kept token's frequency within 4.5 standard errors of its share of the kept mass.
+        let l = logits();
+        let kept = [1usize, 5, 3];
+        let mass: f64 = kept.iter().map(|&i| f64::from(l[i]).exp()).sum();
+        let n = 20_000;
+        let got = draws(&params(1.0, 0, 0.7, 5), n);
+        for &id in &kept {
+            let p = f64::from(l[id]).exp() / mass;
+            let freq = got.iter().filter(|&&g| g as usize == id).count() as f64 / n as f64;
+            let se = (p * (1.0 - p) / n as f64).sqrt();
+            assert!((freq - p).abs() < 4.5 * se, "token {id}: {freq} vs {p}");
+        }
+        assert!(got.iter().all(|g| kept.contains(&(*g as usize))));
+    }
+
+    #[test]
+    fn cuts_never_keep_nan() {
+        let l = [f32::NAN, 1.0, f32::NAN, 0.9, f32::NEG_INFINITY];
+        for top_k in [1, 2, 3, 4] {
+            for u in [0.0, 0.3, 0.6, 0.999] {
+                let c = TokenDraw {
+                    temperature: 1.0,
+                    top_k,
+                    top_p: 0.95,
+                    uniform: u,
+                };
+                let id = choose(&l, &c);
+                assert!(id == 1 || id == 3, "top_k {top_k}, u {u}: {id}");
+            }
+        }
+        let nothing = TokenDraw {
+            temperature: 1.0,
+            top_k: 1,
+            top_p: 0.5,
+            uniform: 0.5,
+        };
+        assert_eq!(choose(&[f32::NAN, f32::NAN], &nothing), 0, "the argmax's answer");
     }
 
     #[test]

@@ -162,10 +162,10 @@ impl Decoder for Slow {
         &mut self,
         caches: &mut [&mut KvCache],
         tokens: &[&[u32]],
-        choices: &[(f32, f64)],
+        draws: &[atomic_worker::sampling::TokenDraw],
     ) -> atomic_worker::Result<Vec<u32>> {
         std::thread::sleep(self.1);
-        self.0.step_sample(caches, tokens, choices)
+        self.0.step_sample(caches, tokens, draws)
     }
 
     fn eos_token_ids(&self) -> &[u32] {

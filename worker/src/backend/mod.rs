@@ -272,31 +272,24 @@ pub trait Backend: Send + Sync {
         Ok(self.to_host(x)?.chunks(d).map(crate::sampling::argmax).collect())
     }
 
-    /// One token per row of logits `x [rows, vocab]`, drawn as the host sampler draws when
-    /// nothing is cut: `choices[r] = (temperature, u)` with temperature 0 meaning the argmax, else
-    /// [`crate::sampling::draw_in_index_order`] with the uniform `u`. The default reads the rows
-    /// back; a GPU backend draws on the device so that only the ids cross the bus (its sums run
-    /// in another order, so a `u` within rounding of a boundary between two tokens may pick the
-    /// neighbour).
-    fn sample_rows(&self, x: &Self::Tensor, choices: &[(f32, f64)]) -> Result<Vec<u32>> {
+    /// One token per row of logits `x [rows, vocab]`: row `r` gets
+    /// [`crate::sampling::choose`] with `draws[r]` (argmax, a draw from the tempered softmax, or
+    /// one cut by top-k and top-p). The default reads the rows back; a GPU backend draws on the
+    /// device so that only the ids cross the bus (its sums run in another order, so a uniform or
+    /// a top-p within rounding of a boundary between two tokens may pick the neighbour).
+    fn sample_rows(&self, x: &Self::Tensor, draws: &[crate::sampling::TokenDraw]) -> Result<Vec<u32>> {
         let (rows, d) = shapes::rows("sample_rows", self.shape(x))?;
-        if choices.len() != rows {
+        if draws.len() != rows {
             return Err(shapes::err(
                 "sample_rows",
-                format!("{} choices for {rows} rows", choices.len()),
+                format!("{} draws for {rows} rows", draws.len()),
             ));
         }
         let host = self.to_host(x)?;
         Ok(host
             .chunks(d)
-            .zip(choices)
-            .map(|(row, &(t, u))| {
-                if t == 0.0 {
-                    crate::sampling::argmax(row)
-                } else {
-                    crate::sampling::draw_in_index_order(row, t, u)
-                }
-            })
+            .zip(draws)
+            .map(|(row, draw)| crate::sampling::choose(row, draw))
             .collect())
     }
 

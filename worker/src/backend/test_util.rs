@@ -244,6 +244,50 @@ impl PagedCase {
     }
 }
 
+/// Rows of logits and one draw per row that cover what `sample_rows` must get right: greedy,
+/// whole-distribution draws, top-k and top-p cuts alone and together (k = 1 and p tiny are
+/// greedy in disguise), on rows with distinct logits and on rows rounded to steps of 0.5 so that
+/// many logits tie at the cut. `round` applies the storage precision.
+#[cfg(feature = "cuda")]
+pub(crate) fn sampling_case(
+    rng: &mut Rng,
+    rows: usize,
+    vocab: usize,
+    round: impl Fn(&[f32]) -> Vec<f32>,
+) -> (Vec<f32>, Vec<crate::sampling::TokenDraw>) {
+    use crate::sampling::TokenDraw;
+    const CUTS: [(f32, u32, f32); 9] = [
+        (0.0, 0, 1.0),
+        (0.7, 0, 1.0),
+        (1.0, 5, 1.0),
+        (1.5, 0, 0.9),
+        (0.8, 40, 0.5),
+        (1.0, 1, 1.0),
+        (1.0, 0, 1e-6),
+        (2.0, 3, 0.95),
+        (1.2, 0, 0.3),
+    ];
+    let mut x = rng.vec(rows * vocab, 8.0);
+    for (r, row) in x.chunks_mut(vocab).enumerate() {
+        if r % 2 == 1 {
+            row.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0);
+        }
+    }
+    let draws = (0..rows)
+        .map(|r| {
+            let (temperature, top_k, top_p) = CUTS[r % CUTS.len()];
+            let uniform = f64::from(rng.next() + 1.0) / 2.0;
+            TokenDraw {
+                temperature,
+                top_k,
+                top_p,
+                uniform,
+            }
+        })
+        .collect();
+    (round(&x), draws)
+}
+
 /// Reports that a test skips and why, straight to stderr: the test harness would swallow an
 /// `eprintln!` of a passing test, and a skip must never look like a pass. (Only the CUDA tests
 /// skip so far.)

@@ -5,6 +5,7 @@
 use crate::Result;
 use crate::backend::Backend;
 use crate::models::kv_cache::{KvCache, KvPool, Step};
+use crate::sampling::TokenDraw;
 
 /// How a model's KV cache is laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,18 +74,18 @@ pub trait CausalLm<B: Backend> {
         Ok(backend.argmax_rows(&self.run(backend, step, false)?)?)
     }
 
-    /// [`CausalLm::step`] followed by [`Backend::sample_rows`] with one `(temperature, uniform)`
-    /// choice per sequence: the next tokens, drawn where the logits are.
+    /// [`CausalLm::step`] followed by [`Backend::sample_rows`] with one [`TokenDraw`] per
+    /// sequence: the next tokens, drawn where the logits are.
     fn step_sample(
         &self,
         backend: &B,
         pool: &mut KvPool<B>,
         caches: &mut [&mut KvCache],
         tokens: &[&[u32]],
-        choices: &[(f32, f64)],
+        draws: &[TokenDraw],
     ) -> Result<Vec<u32>> {
         let step = Step::new(backend, pool, caches, tokens)?;
-        Ok(backend.sample_rows(&self.run(backend, step, false)?, choices)?)
+        Ok(backend.sample_rows(&self.run(backend, step, false)?, draws)?)
     }
 
     /// Logits for every position of `ids` (`[ids.len() * vocab]`), run in a pool of its own.

@@ -30,7 +30,7 @@ use crate::models::decoder::CausalLm;
 use crate::models::gpt2::Gpt2;
 use crate::models::kv_cache::{KvCache, KvPool, round_to_blocks};
 use crate::models::llama::Llama;
-use crate::sampling::{FinishReason, Sampler, SamplingParams, find_stop, step_logprobs};
+use crate::sampling::{FinishReason, Sampler, SamplingParams, TokenDraw, find_stop, step_logprobs};
 use crate::tokenizer::Tokenizer;
 
 /// A decoder together with the backend it runs on and its key/value pool, the backend's type
@@ -39,13 +39,13 @@ use crate::tokenizer::Tokenizer;
 pub trait Decoder: Send {
     /// [`CausalLm::step`] on the decoder's backend and pool.
     fn step(&mut self, caches: &mut [&mut KvCache], tokens: &[&[u32]]) -> crate::Result<Vec<Vec<f32>>>;
-    /// [`CausalLm::step_sample`]: each sequence's next token, chosen on the backend from its
-    /// `(temperature, uniform)` choice.
+    /// [`CausalLm::step_sample`]: each sequence's next token, chosen on the backend by its
+    /// [`TokenDraw`].
     fn step_sample(
         &mut self,
         caches: &mut [&mut KvCache],
         tokens: &[&[u32]],
-        choices: &[(f32, f64)],
+        draws: &[TokenDraw],
     ) -> crate::Result<Vec<u32>>;
     /// Token ids that end generation.
     fn eos_token_ids(&self) -> &[u32];
@@ -93,10 +93,10 @@ impl<B: Backend> Decoder for DecoderOn<B> {
         &mut self,
         caches: &mut [&mut KvCache],
         tokens: &[&[u32]],
-        choices: &[(f32, f64)],
+        draws: &[TokenDraw],
     ) -> crate::Result<Vec<u32>> {
         self.model
-            .step_sample(&self.backend, &mut self.pool, caches, tokens, choices)
+            .step_sample(&self.backend, &mut self.pool, caches, tokens, draws)
     }
 
     fn eos_token_ids(&self) -> &[u32] {
@@ -429,9 +429,9 @@ impl Sequence {
     }
 
     /// Whether the backend can choose this sequence's next token where the logits are: nothing
-    /// else is read from them (no log-probabilities) and the draw needs no sorted vocabulary.
+    /// else is read from them (no log-probabilities).
     fn device_choosable(&self) -> bool {
-        self.top_logprobs.is_none() && self.sampler.device_choosable()
+        self.top_logprobs.is_none()
     }
 
     /// Takes the next token; whether the sequence is finished (and has reported so).
@@ -643,15 +643,14 @@ fn run(
         let result = {
             let inputs: Vec<Vec<u32>> = active.iter().map(|s| s.next.clone()).collect();
             let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
-            let choices: Option<Vec<(f32, f64)>> = if active.iter().all(Sequence::device_choosable) {
-                active.iter_mut().map(|s| s.sampler.device_choice()).collect()
-            } else {
-                None
-            };
+            let draws: Option<Vec<TokenDraw>> = active
+                .iter()
+                .all(Sequence::device_choosable)
+                .then(|| active.iter_mut().map(|s| s.sampler.next_draw()).collect());
             let mut caches: Vec<&mut KvCache> = active.iter_mut().map(|s| &mut s.cache).collect();
-            std::panic::catch_unwind(AssertUnwindSafe(|| match &choices {
-                Some(choices) => model
-                    .step_sample(&mut caches, &refs, choices)
+            std::panic::catch_unwind(AssertUnwindSafe(|| match &draws {
+                Some(draws) => model
+                    .step_sample(&mut caches, &refs, draws)
                     .map(StepOutput::Tokens),
                 None => model.step(&mut caches, &refs).map(StepOutput::Logits),
             }))

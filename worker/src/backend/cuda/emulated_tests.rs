@@ -13,8 +13,10 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use cudarc::driver::LaunchConfig;
 
 use super::kernels::{self, COMMON, FILES};
-use super::ops::{AttentionKernel, attention_cfg};
-use crate::backend::test_util::{AttnCase, AttnInputs, PagedCase, Rng, Tol, assert_close, print_skip};
+use super::ops::{AttentionKernel, attention_cfg, draw_words};
+use crate::backend::test_util::{
+    AttnCase, AttnInputs, PagedCase, Rng, Tol, assert_close, print_skip, sampling_case,
+};
 use crate::backend::{Backend, CpuTensor, PagedPlan, Precision, ReferenceBackend, Result};
 
 const SHIM: &str = include_str!("emulator.h");
@@ -407,27 +409,22 @@ fn emulated_sampling_draws_what_the_host_draws() {
             return;
         };
         let mut rng = Rng::new(203);
-        for &(rows, vocab) in &[(1, 1), (4, 17), (5, 32000)] {
-            let mut x = p.round(&rng.vec(rows * vocab, 8.0));
+        for &(rows, vocab) in &[(1, 1), (4, 17), (9, 300), (9, 32000)] {
+            let (mut x, draws) = sampling_case(&mut rng, rows, vocab, |x| p.round(x));
             if vocab > 17 {
                 x[7] = f32::NAN; // never drawn, never the argmax
                 x[vocab + 3] = f32::NEG_INFINITY;
             }
-            let choices: Vec<(f32, f64)> = (0..rows)
-                .map(|r| ([0.0, 0.7, 1.0, 1.5][r % 4], f64::from(rng.next() + 1.0) / 2.0))
-                .collect();
             let want = ReferenceBackend
-                .sample_rows(&reference(&x, &[rows, vocab]), &choices)
+                .sample_rows(&reference(&x, &[rows, vocab]), &draws)
                 .unwrap();
             let mut xd = emu.store(&x);
-            let mut temps: Vec<f32> = choices.iter().map(|c| c.0).collect();
-            let mut uniforms: Vec<f64> = choices.iter().map(|c| c.1).collect();
+            let mut words = draw_words(&draws);
             let mut ids = vec![u32::MAX; rows];
             let args = Args::default()
                 .buf(&mut ids)
                 .buf(&mut xd)
-                .buf(&mut temps)
-                .buf(&mut uniforms)
+                .buf(&mut words)
                 .int(rows)
                 .int(vocab);
             emu.launch("sample_rows", (rows, 1, 1), 256, 0, args);

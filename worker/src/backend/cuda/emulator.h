@@ -106,6 +106,12 @@ static inline float __int_as_float(int i) { return __uint_as_float((unsigned int
 // sincos, expf, erff, tanhf, pow: the C library's (glibc declares sincos as a GNU extension).
 using std::isfinite;
 using std::isnan;
+// Fibers switch only at barriers and shuffles, so a read-modify-write is atomic as it stands.
+template <class T> static T atomicAdd(T* address, T value) {
+    const T old = *address;
+    *address = old + value;
+    return old;
+}
 static inline int min(int a, int b) { return a < b ? a : b; }
 static inline int max(int a, int b) { return a > b ? a : b; }
 

@@ -12,6 +12,7 @@ use super::paged::CudaPaged;
 use super::tensor::CudaTensor;
 use crate::backend::shapes::{self, AttnDims};
 use crate::backend::{Activation, AttentionMask, Backend, PagedPlan, Result};
+use crate::sampling::TokenDraw;
 
 /// The `ACT_*` constant of `activation.cu` for an activation.
 fn act_code(act: Activation) -> i32 {
@@ -823,26 +824,18 @@ impl Backend for CudaBackend {
         self.download_ids(&ids)
     }
 
-    fn sample_rows(&self, logits: &CudaTensor, choices: &[(f32, f64)]) -> Result<Vec<u32>> {
+    fn sample_rows(&self, logits: &CudaTensor, draws: &[TokenDraw]) -> Result<Vec<u32>> {
         let op = "sample_rows";
         let (rows, vocab) = shapes::rows(op, &logits.shape)?;
-        if choices.len() != rows {
-            return Err(shapes::err(
-                op,
-                format!("{} choices for {rows} rows", choices.len()),
-            ));
+        if draws.len() != rows {
+            return Err(shapes::err(op, format!("{} draws for {rows} rows", draws.len())));
         }
         if rows == 0 {
             return Ok(Vec::new());
         }
         let (ri, vi) = (int(op, rows)?, int(op, vocab)?);
         int(op, logits.numel())?;
-        let temps: Vec<f32> = choices.iter().map(|c| c.0).collect();
-        let uniforms: Vec<f64> = choices.iter().map(|c| c.1).collect();
-        let (temps_dev, uniforms_dev) = (
-            self.upload("temperatures", &temps)?,
-            self.upload("uniform draws", &uniforms)?,
-        );
+        let draws_dev = self.upload("token draws", &draw_words(draws))?;
         let mut ids = self.alloc_ids(rows)?;
         launch!(
             self,
@@ -850,11 +843,26 @@ impl Backend for CudaBackend {
             rows_cfg(rows, BLOCK),
             &mut ids,
             &logits.buf,
-            &temps_dev,
-            &uniforms_dev,
+            &draws_dev,
             &ri,
             &vi
         )?;
         self.download_ids(&ids)
     }
+}
+
+/// The draws as `sample_rows` reads them: four doubles a row, (temperature, top-k, top-p,
+/// uniform). Each field converts to a double exactly, so one upload carries them all.
+pub(crate) fn draw_words(draws: &[TokenDraw]) -> Vec<f64> {
+    draws
+        .iter()
+        .flat_map(|d| {
+            [
+                f64::from(d.temperature),
+                f64::from(d.top_k),
+                f64::from(d.top_p),
+                d.uniform,
+            ]
+        })
+        .collect()
 }

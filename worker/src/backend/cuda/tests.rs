@@ -15,11 +15,12 @@ use super::kernels::{self, FILES};
 use super::ops::AttentionKernel;
 use super::{CudaBackend, CudaTensor};
 use crate::backend::test_util::{
-    AttnCase, AttnInputs, EXACT, PagedCase, PagedInputs, Rng, Tol, assert_close, print_skip,
+    AttnCase, AttnInputs, EXACT, PagedCase, PagedInputs, Rng, Tol, assert_close, print_skip, sampling_case,
 };
 use crate::backend::{
     Activation, AttentionMask, Backend, BackendError, CpuTensor, Precision, ReferenceBackend, Result,
 };
+use crate::sampling::TokenDraw;
 
 // ---------------------------------------------------------------------------------------------
 // NVRTC (no GPU needed)
@@ -585,21 +586,15 @@ fn gpu_sampling_draws_what_the_host_draws() {
         let Some(g) = gpu_in("gpu_sampling_draws_what_the_host_draws", p) else {
             return;
         };
-        // The same uniform gives the same token unless it falls within rounding (~1e-16
-        // relative) of a boundary between two tokens: with 53-bit uniforms, never in practice.
+        // The same draw gives the same token unless its uniform or top-p falls within rounding
+        // (~1e-13 relative) of a boundary between two tokens: never in practice.
         let mut rng = Rng::new(141);
-        for &(rows, vocab) in &[(1, 1), (4, 17), (6, 32000), (3, 151_936)] {
-            let x = p.round(&rng.vec(rows * vocab, 8.0));
-            let choices: Vec<(f32, f64)> = (0..rows)
-                .map(|r| {
-                    let t = [0.0, 0.7, 1.0, 1.5][r % 4];
-                    (t, f64::from(rng.next() + 1.0) / 2.0)
-                })
-                .collect();
+        for &(rows, vocab) in &[(1, 1), (4, 17), (9, 32000), (18, 1000), (3, 151_936)] {
+            let (x, draws) = sampling_case(&mut rng, rows, vocab, |x| p.round(x));
             let t = g.from_host(&x, &[rows, vocab]).unwrap();
-            let got = g.sample_rows(&t, &choices).unwrap();
+            let got = g.sample_rows(&t, &draws).unwrap();
             let want = ReferenceBackend
-                .sample_rows(&ReferenceBackend.from_host(&x, &[rows, vocab]).unwrap(), &choices)
+                .sample_rows(&ReferenceBackend.from_host(&x, &[rows, vocab]).unwrap(), &draws)
                 .unwrap();
             assert_eq!(got, want, "{p}: sample_rows [{rows}, {vocab}]");
         }
@@ -619,11 +614,22 @@ fn gpu_sampling_draws_what_the_host_draws() {
         ];
         let t = g.from_host(&x, &[2, 5]).unwrap();
         for u in [0.0, 0.3, 0.6, 0.999_999] {
-            let got = g.sample_rows(&t, &[(1.0, u), (1.0, u)]).unwrap();
+            let draw = TokenDraw::uncut(1.0, u);
+            let got = g.sample_rows(&t, &[draw, draw]).unwrap();
             assert!(got[0] == 2 || got[0] == 4, "{p}: {got:?}");
             assert_eq!(got[1], 0, "{p}: an all -inf row");
         }
-        assert!(g.sample_rows(&t, &[(1.0, 0.5)]).is_err(), "one choice per row");
+        let cut = TokenDraw {
+            top_k: 1,
+            top_p: 0.5,
+            ..TokenDraw::uncut(1.0, 0.5)
+        };
+        assert_eq!(
+            g.sample_rows(&t, &[cut, cut]).unwrap(),
+            [2, 0],
+            "{p}: cut, NaN, -inf"
+        );
+        assert!(g.sample_rows(&t, &[cut]).is_err(), "one draw per row");
     }
 }
 
