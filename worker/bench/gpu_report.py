@@ -182,8 +182,12 @@ def decode(ours, theirs, bw):
     rows = []
     for batch in DECODE_BATCHES:
         for dtype in DTYPES:
-            for impl, src in (("worker", ours), ("torch", theirs)):
-                d = find(src, bench="decode", batch=batch, dtype=dtype)
+            for impl, src, match in (("worker", ours, {"graphs": False}),
+                                     ("worker+graphs", ours, {"graphs": True}),
+                                     ("torch", theirs, {})):
+                d = find(src, bench="decode", batch=batch, dtype=dtype, **match)
+                if d is None and match.get("graphs"):
+                    continue  # no graph recorded (older binary, or the capture failed)
                 roof = roofline(src, dtype, batch, bw)
                 tps = get(d, "tokens_per_s")
                 frac = ratio(tps, roof)
@@ -199,11 +203,12 @@ def decode(ours, theirs, bw):
     for batch in DECODE_BATCHES:
         cells = []
         for dtype in DTYPES:
-            a = get(find(ours, bench="decode", batch=batch, dtype=dtype), "tokens_per_s")
             t = get(find(theirs, bench="decode", batch=batch, dtype=dtype), "tokens_per_s")
-            cells.append(num(ratio(a, t), "{:.2f}x"))
+            for graphs in (False, True):
+                a = get(find(ours, bench="decode", batch=batch, dtype=dtype, graphs=graphs), "tokens_per_s")
+                cells.append(num(ratio(a, t), "{:.2f}x"))
         ratio_rows.append([batch, *cells])
-    table(["batch", *DTYPES], ratio_rows)
+    table(["batch", *(f"{d}{' graphs' if g else ''}" for d in DTYPES for g in (False, True))], ratio_rows)
 
 
 def matmuls(ours, peaks):
@@ -238,7 +243,7 @@ def time_split(ours):
             measured = get(find(ours, bench="encoder", model=model, dtype=dtype), "ms_per_batch")
             what = f"{model} {dtype} forward pass, batch {batch} x 128"
         else:
-            measured = get(find(ours, bench="decode", batch=batch, dtype=dtype), "ms_per_step")
+            measured = get(find(ours, bench="decode", batch=batch, dtype=dtype, graphs=False), "ms_per_step")
             what = f"{model} {dtype} decode step, batch {batch}"
         total_ms = sum(o["us"] * o["calls"] for o in ops) / 1e3
         note = ""

@@ -611,7 +611,7 @@ fn weights_read_per_step(dir: &ModelDir, config: &LlamaConfig) -> (usize, usize)
 /// Tokens/s of greedy decoding through `CausalLm::step_greedy` (the argmax on the GPU, only the
 /// ids copied back, as the server's greedy batches run) at batch 1 and 32 (prompt prefilled
 /// first, untimed), then the decode step's ops one by one at the mean context length the timed
-/// run saw.
+/// run saw; then the same runs with decode steps replayed from CUDA graphs (`"graphs": true`).
 fn decode(b: &CudaBackend, folder: &Path, args: &Args) -> anyhow::Result<()> {
     let dir = open(folder)?;
     let ModelConfig::Llama(config) = &dir.config else {
@@ -640,42 +640,58 @@ fn decode(b: &CudaBackend, folder: &Path, args: &Args) -> anyhow::Result<()> {
         );
     }
     let vocab = model.vocab_size();
-    for batch in DECODE_BATCHES {
-        let prompts: Vec<Vec<u32>> = (0..batch)
-            .map(|s| {
-                (0..PROMPT)
-                    .map(|i| ((s * 7919 + i * 104_729) % (vocab - 3) + 3) as u32)
-                    .collect()
-            })
-            .collect();
-        let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-        let run = |steps: usize, seconds: f64| -> anyhow::Result<(usize, f64, f64)> {
+    // Plain steps first (with each batch's per-op timings), then the same runs replayed from
+    // CUDA graphs: enabling them is for the rest of the backend's life.
+    for graphs in [false, true] {
+        if graphs {
+            b.enable_decode_graphs(DECODE_BATCHES.into_iter().max().unwrap_or(1));
+        }
+        for batch in DECODE_BATCHES {
+            let prompts: Vec<Vec<u32>> = (0..batch)
+                .map(|s| {
+                    (0..PROMPT)
+                        .map(|i| ((s * 7919 + i * 104_729) % (vocab - 3) + 3) as u32)
+                        .collect()
+                })
+                .collect();
+            let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+            // One pool for the warm-up and the timed run, so that graphs recorded in the warm-up
+            // are the ones the timed run replays.
             let pool = &mut model.new_pool(b, batch * needed)?;
-            let mut caches: Vec<KvCache> = (0..batch).map(|_| pool.new_cache()).collect();
-            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-            let t = Instant::now();
-            let mut next = model.step_greedy(b, pool, &mut refs, &prompt_refs)?;
-            let prefill = t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            let mut done = 0;
-            while done < steps && t.elapsed().as_secs_f64() < seconds {
-                let tokens: Vec<&[u32]> = next.iter().map(std::slice::from_ref).collect();
-                next = model.step_greedy(b, pool, &mut refs, &tokens)?;
-                done += 1;
+            let mut run = |steps: usize, seconds: f64| -> anyhow::Result<(usize, f64, f64)> {
+                let mut caches: Vec<KvCache> = (0..batch).map(|_| pool.new_cache()).collect();
+                let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                let t = Instant::now();
+                let mut next = model.step_greedy(b, pool, &mut refs, &prompt_refs)?;
+                let prefill = t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                let mut done = 0;
+                while done < steps && t.elapsed().as_secs_f64() < seconds {
+                    let tokens: Vec<&[u32]> = next.iter().map(std::slice::from_ref).collect();
+                    next = model.step_greedy(b, pool, &mut refs, &tokens)?;
+                    done += 1;
+                }
+                Ok((done, t.elapsed().as_secs_f64(), prefill))
+            };
+            run(4, f64::INFINITY)?;
+            let (steps, elapsed, prefill) = run(args.max_steps, args.seconds)?;
+            let steps = steps.max(1);
+            let mean_context = PROMPT + steps / 2;
+            let recorded = b.decode_graph_batches().contains(&batch);
+            if graphs && !recorded {
+                eprintln!("gpu_bench: batch {batch}: no decode graph was recorded (see the warning above)");
             }
-            Ok((done, t.elapsed().as_secs_f64(), prefill))
-        };
-        run(4, f64::INFINITY)?;
-        let (steps, elapsed, prefill) = run(args.max_steps, args.seconds)?;
-        let steps = steps.max(1);
-        let mean_context = PROMPT + steps / 2;
-        emit(json!({
-            "bench": "decode", "impl": "atomic", "model": DECODER, "dtype": precision.to_string(), "batch": batch,
-            "prompt": PROMPT, "steps": steps, "mean_context": mean_context,
-            "prefill_ms": prefill * 1e3, "ms_per_step": elapsed * 1e3 / steps as f64,
-            "tokens_per_s": (batch * steps) as f64 / elapsed,
-        }));
-        decode_ops(b, config, batch, mean_context)?;
+            emit(json!({
+                "bench": "decode", "impl": "atomic", "model": DECODER, "dtype": precision.to_string(), "batch": batch,
+                "graphs": graphs && recorded,
+                "prompt": PROMPT, "steps": steps, "mean_context": mean_context,
+                "prefill_ms": prefill * 1e3, "ms_per_step": elapsed * 1e3 / steps as f64,
+                "tokens_per_s": (batch * steps) as f64 / elapsed,
+            }));
+            if !graphs {
+                decode_ops(b, config, batch, mean_context)?;
+            }
+        }
     }
     Ok(())
 }

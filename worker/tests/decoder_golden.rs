@@ -260,6 +260,72 @@ fn gpu_half_precision_decoders_track_pytorch() {
     }
 }
 
+/// Decode steps replayed from CUDA graphs choose the tokens plain steps choose: the same
+/// kernels in the same order, so in every precision the tokens must be identical. Three
+/// sequences decode together (greedy and cut draws mixed), then one leaves (a second batch
+/// size, a second graph), over enough steps that later steps replay.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_decode_graphs_replay_the_plain_steps() {
+    use atomic_worker::backend::Precision;
+    use atomic_worker::sampling::TokenDraw;
+    const STEPS: usize = 10;
+    for p in [Precision::F32, Precision::Bf16] {
+        let test = "gpu_decode_graphs_replay_the_plain_steps";
+        let Some(plain) = common::gpu_in(test, p) else {
+            return;
+        };
+        let Some(graphed) = common::gpu_in(test, p) else {
+            return;
+        };
+        graphed.enable_decode_graphs(8);
+        for name in ["tiny-gpt2", "tiny-llama", "tiny-qwen2"] {
+            let run = |gpu: &atomic_worker::backend::CudaBackend| {
+                let (_dir, model, r) = load(name, gpu);
+                let ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
+                let prompts = [&ids[0], &ids[1], &ids[0]];
+                let pool = &mut model.new_pool(gpu, 3 * model.max_positions()).unwrap();
+                let mut caches: Vec<KvCache> = (0..3).map(|_| pool.new_cache()).collect();
+                let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                let prompt_refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+                let mut next = model.step_greedy(gpu, pool, &mut refs, &prompt_refs).unwrap();
+                let mut chosen = vec![next.clone()];
+                let room = model.max_positions() - ids[0].len().max(ids[1].len());
+                for step in 0..STEPS.min(room) {
+                    let batch = if step < STEPS / 2 { 3 } else { 2 };
+                    next.truncate(batch);
+                    let draws: Vec<TokenDraw> = (0..batch)
+                        .map(|s| match (s + step) % 3 {
+                            0 => TokenDraw::GREEDY,
+                            1 => TokenDraw::uncut(0.9, (step as f64 * 0.37 + s as f64 * 0.11) % 1.0),
+                            _ => TokenDraw {
+                                temperature: 1.1,
+                                top_k: 20,
+                                top_p: 0.9,
+                                uniform: (step as f64 * 0.61 + 0.05) % 1.0,
+                            },
+                        })
+                        .collect();
+                    let mut refs: Vec<&mut KvCache> = caches.iter_mut().take(batch).collect();
+                    let tokens: Vec<&[u32]> = next.iter().map(std::slice::from_ref).collect();
+                    next = model.step_sample(gpu, pool, &mut refs, &tokens, &draws).unwrap();
+                    chosen.push(next.clone());
+                }
+                let lens: Vec<usize> = caches.iter().map(KvCache::len).collect();
+                (chosen, lens)
+            };
+            let want = run(&plain);
+            let got = run(&graphed);
+            assert_eq!(got, want, "{name} ({p}): graphed steps against plain ones");
+        }
+        assert_eq!(
+            graphed.decode_graph_batches(),
+            vec![2, 3],
+            "{p}: a graph for each batch size decoded"
+        );
+    }
+}
+
 /// Decode throughput of the tiny models (single sequence and a batch of 8), printed; run with
 /// `cargo test --release -p atomic-worker --test decoder_golden -- --ignored --nocapture`.
 #[test]

@@ -120,6 +120,16 @@ impl<'a> AttentionMask<'a> {
     }
 }
 
+/// A step in which every sequence has one new token, as [`Backend::forward_and_sample`] sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeStep<'a> {
+    /// What the forward pass reads besides the step's inputs (its key/value pool, and so its
+    /// model): steps with the same key and batch size launch the same work on new inputs.
+    pub key: u64,
+    /// The new token of each sequence.
+    pub ids: &'a [u32],
+}
+
 /// The tensor operations the models need. All tensors are dense and row-major; host data is `f32`.
 ///
 /// "Rows" below means all leading dimensions flattened: an op over rows of `x` with shape
@@ -270,6 +280,22 @@ pub trait Backend: Send + Sync {
     fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>> {
         let (_, d) = shapes::rows("argmax_rows", self.shape(x))?;
         Ok(self.to_host(x)?.chunks(d).map(crate::sampling::argmax).collect())
+    }
+
+    /// Runs a step's forward pass (`forward`, which returns its logits `[rows, vocab]`) and
+    /// picks each row's token as [`Backend::sample_rows`] does. `decode` is given when every
+    /// sequence has exactly one new token. A backend may record such a step's work once per key
+    /// and batch size and replay it for later steps without calling `forward` (CUDA graphs), or
+    /// call `forward` more than once; the default calls it once.
+    fn forward_and_sample(
+        &self,
+        decode: Option<DecodeStep<'_>>,
+        draws: &[crate::sampling::TokenDraw],
+        forward: &mut dyn FnMut() -> crate::Result<Self::Tensor>,
+    ) -> crate::Result<Vec<u32>> {
+        let _ = decode;
+        let logits = forward()?;
+        Ok(self.sample_rows(&logits, draws)?)
     }
 
     /// One token per row of logits `x [rows, vocab]`: row `r` gets

@@ -35,10 +35,11 @@ pub trait CausalLm<B: Backend> {
     /// Token ids that end generation.
     fn eos_token_ids(&self) -> &[u32];
 
-    /// Runs a prepared step's tokens through the model and commits them to the caches; the
-    /// logits (`[rows, vocab]`, on the backend) of every new token (`all`) or of each
-    /// sequence's last one.
-    fn run(&self, backend: &B, step: Step<'_, '_, '_, B>, all: bool) -> Result<B::Tensor>;
+    /// Runs a prepared step's tokens through the model, writing their keys and values into the
+    /// pool; the logits (`[rows, vocab]`, on the backend) of every new token (`all`) or of each
+    /// sequence's last one. The caller commits the step once it has what it needs; running a
+    /// step twice writes the same keys again and gives the same logits.
+    fn run(&self, backend: &B, step: &mut Step<'_, '_, '_, B>, all: bool) -> Result<B::Tensor>;
 
     /// A key/value pool for this model holding `positions` positions over all its sequences.
     fn new_pool(&self, backend: &B, positions: usize) -> Result<KvPool<B>> {
@@ -56,8 +57,9 @@ pub trait CausalLm<B: Backend> {
         caches: &mut [&mut KvCache],
         tokens: &[&[u32]],
     ) -> Result<Vec<Vec<f32>>> {
-        let step = Step::new(backend, pool, caches, tokens)?;
-        let logits = backend.to_host(&self.run(backend, step, false)?)?;
+        let mut step = Step::new(backend, pool, caches, tokens)?;
+        let logits = backend.to_host(&self.run(backend, &mut step, false)?)?;
+        step.commit();
         Ok(split_rows(logits, self.vocab_size()))
     }
 
@@ -70,12 +72,13 @@ pub trait CausalLm<B: Backend> {
         caches: &mut [&mut KvCache],
         tokens: &[&[u32]],
     ) -> Result<Vec<u32>> {
-        let step = Step::new(backend, pool, caches, tokens)?;
-        Ok(backend.argmax_rows(&self.run(backend, step, false)?)?)
+        let draws = vec![TokenDraw::GREEDY; tokens.len()];
+        self.step_sample(backend, pool, caches, tokens, &draws)
     }
 
     /// [`CausalLm::step`] followed by [`Backend::sample_rows`] with one [`TokenDraw`] per
-    /// sequence: the next tokens, drawn where the logits are.
+    /// sequence: the next tokens, drawn where the logits are (see [`Step::choose_tokens`]: a
+    /// backend may replay a recorded decode step instead of running the model again).
     fn step_sample(
         &self,
         backend: &B,
@@ -84,8 +87,8 @@ pub trait CausalLm<B: Backend> {
         tokens: &[&[u32]],
         draws: &[TokenDraw],
     ) -> Result<Vec<u32>> {
-        let step = Step::new(backend, pool, caches, tokens)?;
-        Ok(backend.sample_rows(&self.run(backend, step, false)?, draws)?)
+        Step::new(backend, pool, caches, tokens)?
+            .choose_tokens(backend, draws, |backend, step| self.run(backend, step, false))
     }
 
     /// Logits for every position of `ids` (`[ids.len() * vocab]`), run in a pool of its own.
@@ -93,8 +96,8 @@ pub trait CausalLm<B: Backend> {
         let mut pool = self.new_pool(backend, ids.len())?;
         let mut cache = pool.new_cache();
         let mut caches = [&mut cache];
-        let step = Step::new(backend, &mut pool, &mut caches, &[ids])?;
-        Ok(backend.to_host(&self.run(backend, step, true)?)?)
+        let mut step = Step::new(backend, &mut pool, &mut caches, &[ids])?;
+        Ok(backend.to_host(&self.run(backend, &mut step, true)?)?)
     }
 
     /// Runs a prompt into an empty (or partly filled) cache; the logits of its last token.

@@ -130,7 +130,7 @@ impl<B: Backend> CausalLm<B> for Gpt2<B> {
         &self.config.eos_token_ids
     }
 
-    fn run(&self, backend: &B, mut step: Step<'_, '_, '_, B>, all: bool) -> Result<B::Tensor> {
+    fn run(&self, backend: &B, step: &mut Step<'_, '_, '_, B>, all: bool) -> Result<B::Tensor> {
         let c = &self.config;
         let (e, heads, d) = (c.n_embd, c.n_head, self.head_dim());
         let eps = c.layer_norm_epsilon as f32;
@@ -171,7 +171,6 @@ impl<B: Backend> CausalLm<B> for Gpt2<B> {
         let x = if all { x } else { step.last_rows(backend, x)? };
         let x = backend.layer_norm(&x, &self.ln_f_weight, &self.ln_f_bias, eps)?;
         let logits = backend.linear(&x, &self.wte, None)?;
-        step.commit();
         Ok(logits)
     }
 }

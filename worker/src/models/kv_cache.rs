@@ -14,8 +14,9 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::backend::{Backend, PagedPlan, PagedSeq};
+use crate::backend::{Backend, DecodeStep, PagedPlan, PagedSeq};
 use crate::models::decoder::CacheLayout;
+use crate::sampling::TokenDraw;
 use crate::{Error, Result};
 
 /// Positions per cache block. Small blocks waste little on short sequences; 16 keeps the block
@@ -78,7 +79,13 @@ pub struct KvPool<B: Backend> {
     keys: Vec<B::Tensor>,
     values: Vec<B::Tensor>,
     blocks: SharedAllocator,
+    /// Unique among the pools of this process: what a backend's recorded decode steps are keyed
+    /// by (a pool serves one model, so its steps always launch the same work).
+    id: u64,
 }
+
+/// The next pool's id.
+static NEXT_POOL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl<B: Backend> KvPool<B> {
     /// Pools for at least `positions` positions (rounded up to whole blocks) of a model with this
@@ -103,6 +110,7 @@ impl<B: Backend> KvPool<B> {
             keys,
             values,
             blocks: Arc::new(Mutex::new(BlockAllocator::new(blocks))),
+            id: NEXT_POOL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -349,6 +357,30 @@ impl<'p, 'c, 'k, B: Backend> Step<'p, 'c, 'k, B> {
             .collect();
         // A gather of rows is an embedding lookup with `x` as the table.
         Ok(backend.embedding(&last, &x)?)
+    }
+
+    /// Runs the step's forward pass (`forward`: the model's [`CausalLm::run`], which gives the
+    /// logits of each sequence's last token), picks each sequence's next token by its draw on
+    /// the backend ([`Backend::forward_and_sample`]), and commits the step. When every
+    /// sequence has one new token, the backend gets the step's ids, keyed by the pool, and may
+    /// replay the launches it recorded for an earlier step of this pool and batch size instead
+    /// of calling `forward` (CUDA graphs); the caches advance either way.
+    ///
+    /// [`CausalLm::run`]: crate::models::decoder::CausalLm::run
+    pub fn choose_tokens(
+        mut self,
+        backend: &B,
+        draws: &[TokenDraw],
+        mut forward: impl FnMut(&B, &mut Self) -> Result<B::Tensor>,
+    ) -> Result<Vec<u32>> {
+        let decode_ids = self.counts.iter().all(|&n| n == 1).then(|| self.ids.clone());
+        let decode = decode_ids.as_deref().map(|ids| DecodeStep {
+            key: self.pool.id,
+            ids,
+        });
+        let tokens = backend.forward_and_sample(decode, draws, &mut || forward(backend, &mut self))?;
+        self.commit();
+        Ok(tokens)
     }
 
     /// Records the step's tokens as cached (call after every layer has attended).

@@ -128,7 +128,7 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         &self.config.eos_token_ids
     }
 
-    fn run(&self, backend: &B, mut step: Step<'_, '_, '_, B>, all: bool) -> Result<B::Tensor> {
+    fn run(&self, backend: &B, step: &mut Step<'_, '_, '_, B>, all: bool) -> Result<B::Tensor> {
         let c = &self.config;
         let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
         let eps = c.rms_norm_eps as f32;
@@ -156,7 +156,6 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         let x = if all { h } else { step.last_rows(backend, h)? };
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let logits = backend.linear(&x, head, None)?;
-        step.commit();
         Ok(logits)
     }
 }

@@ -4,12 +4,14 @@
 //! [`BackendError::Device`] messages.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUmemPool_attribute, CUresult};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError};
 
+use super::graph::DecodeGraphs;
 use super::kernels::{self, FILES};
 use super::tensor::CudaTensor;
 use crate::backend::{BackendError, Precision, Result};
@@ -23,6 +25,11 @@ const MIN_COMPUTE_CAPABILITY: (i32, i32) = (7, 0);
 pub(super) const fn flash_smem_bytes(d: usize) -> usize {
     (16 * d + 32 * (d + 1) + 32 * d) * size_of::<f32>()
 }
+
+/// cuBLAS's workspace: a fixed buffer set at start-up, so that products never allocate one
+/// (inside a graph capture above all) and choose their algorithms the same way whether graphs
+/// are on or not. 32 MiB is NVIDIA's advice for Hopper, and enough for every earlier GPU.
+const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 /// The largest head dimension the attention kernels take (each lane keeps d / 32 outputs in
 /// registers).
@@ -48,6 +55,12 @@ pub struct CudaBackend {
     /// The rotary positions uploaded last: every layer of a step rotates at the same positions,
     /// so they cross the bus once per step instead of once per layer.
     positions: Mutex<Option<UploadedPositions>>,
+    /// Decode-step graphs and their staged inputs; `None` until enabled (`graph.rs`).
+    pub(super) graphs: Mutex<Option<DecodeGraphs>>,
+    /// A graph capture is under way on the stream (uploads are refused).
+    pub(super) capturing: AtomicBool,
+    /// cuBLAS's workspace (alive as long as the handle).
+    _blas_workspace: CudaSlice<u8>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -66,6 +79,29 @@ pub(super) fn driver_err(context: &str, e: DriverError) -> BackendError {
     } else {
         BackendError::Device(format!("{context}: {e}"))
     }
+}
+
+/// Gives cuBLAS a workspace of [`CUBLAS_WORKSPACE_BYTES`]; the buffer must outlive the handle.
+fn set_blas_workspace(blas: &CudaBlas, stream: &Arc<CudaStream>) -> Result<CudaSlice<u8>> {
+    // SAFETY: cuBLAS only uses it as scratch space, in stream order.
+    let workspace = unsafe { stream.alloc::<u8>(CUBLAS_WORKSPACE_BYTES) }
+        .map_err(|e| driver_err("allocating the cuBLAS workspace", e))?;
+    let ptr = {
+        let (ptr, _sync) = workspace.device_ptr(stream);
+        ptr
+    };
+    // SAFETY: a live device allocation of the stated size on the handle's device, kept by the
+    // backend for as long as the handle.
+    unsafe {
+        cudarc::cublas::sys::cublasSetWorkspace_v2(
+            *blas.handle(),
+            ptr as *mut std::ffi::c_void,
+            CUBLAS_WORKSPACE_BYTES,
+        )
+    }
+    .result()
+    .map_err(|e| BackendError::Device(format!("setting the cuBLAS workspace: {e:?}")))?;
+    Ok(workspace)
 }
 
 fn library_missing(what: &str, lib: &str) -> BackendError {
@@ -121,6 +157,7 @@ impl CudaBackend {
         let stream = ctx.new_stream().map_err(|e| driver_err("creating a stream", e))?;
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| BackendError::Device(format!("creating the cuBLAS handle: {e}")))?;
+        let blas_workspace = set_blas_workspace(&blas, &stream)?;
 
         let arch = kernels::virtual_arch(major, minor);
         let mut functions = HashMap::new();
@@ -150,6 +187,9 @@ impl CudaBackend {
             blas,
             kernels: functions,
             positions: Mutex::new(None),
+            graphs: Mutex::new(None),
+            capturing: AtomicBool::new(false),
+            _blas_workspace: blas_workspace,
         };
         backend.allow_flash_smem()?;
         backend.keep_freed_memory()?;
@@ -247,19 +287,30 @@ impl CudaBackend {
         self.precision
     }
 
-    /// Copies a small host argument (ids, positions, a mask) to the device.
+    /// Copies a small host argument (ids, positions, a mask) to the device. Refused inside a
+    /// graph capture, which cannot record a copy from pageable memory (a graphed step's inputs
+    /// are staged before it, see `graph.rs`).
     pub(super) fn upload<T: DeviceRepr>(&self, what: &str, data: &[T]) -> Result<CudaSlice<T>> {
         if data.is_empty() {
             return Err(BackendError::Device(format!("{what}: nothing to upload")));
+        }
+        if self.capturing.load(Ordering::Relaxed) {
+            return Err(BackendError::Device(format!(
+                "uploading {what} inside a graph capture"
+            )));
         }
         self.stream
             .clone_htod(data)
             .map_err(|e| driver_err(&format!("uploading {what}"), e))
     }
 
-    /// `positions` on the device, reusing the last upload when they are the same. A replaced
-    /// buffer is freed in stream order, after the kernels queued to read it.
+    /// `positions` on the device: the staged copy of a graphed decode step, else the last upload
+    /// when they are the same. A replaced buffer is freed in stream order, after the kernels
+    /// queued to read it.
     pub(super) fn upload_positions(&self, positions: &[u32]) -> Result<Arc<CudaSlice<u32>>> {
+        if let Some(staged) = self.staged_positions(positions) {
+            return Ok(staged);
+        }
         let mut cache = self.positions.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((host, dev)) = cache.as_ref()
             && host == positions

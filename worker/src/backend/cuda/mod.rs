@@ -10,6 +10,8 @@
 //! - [`ops`]: the operations: cuBLAS for matrix products, our kernels for the rest.
 //! - [`paged`]: key/value pools: a step's block tables uploaded once, rows written in place,
 //!   attention read through the tables.
+//! - [`graph`]: CUDA graphs for decode steps (opt-in): a step's launches recorded once per
+//!   batch size and replayed with its inputs staged at fixed addresses.
 //! - `emulator.h` (tests only): a CPU model of CUDA's execution, so the tests can run the
 //!   kernels' own source without a GPU.
 //!
@@ -26,6 +28,7 @@
 
 mod context;
 mod gemm;
+mod graph;
 pub(crate) mod kernels;
 mod launch;
 mod ops;

@@ -3,6 +3,8 @@
 //! on device). Shapes are checked on the host with the same checks as every backend before any
 //! launch; matrix products go to cuBLAS, everything else to the kernels in `kernels/`.
 
+use std::sync::Arc;
+
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::context::{ATTN_MAX_D, CudaBackend, driver_err, flash_smem_bytes};
@@ -11,7 +13,7 @@ use super::launch::{BLOCK, elementwise_cfg, int, launch, rows_cfg};
 use super::paged::CudaPaged;
 use super::tensor::CudaTensor;
 use crate::backend::shapes::{self, AttnDims};
-use crate::backend::{Activation, AttentionMask, Backend, PagedPlan, Result};
+use crate::backend::{Activation, AttentionMask, Backend, DecodeStep, PagedPlan, Result};
 use crate::sampling::TokenDraw;
 
 /// The `ACT_*` constant of `activation.cu` for an activation.
@@ -222,6 +224,43 @@ impl CudaBackend {
     }
 
     /// A buffer for one token id per row.
+    /// Queues `sample_rows` over `logits [rows, vocab]` with the draws already on the device
+    /// (four doubles a row, see [`draw_words`]), writing one id per row into `ids`.
+    pub(super) fn sample_rows_into(
+        &self,
+        logits: &CudaTensor,
+        draws: &CudaSlice<f64>,
+        ids: &mut CudaSlice<u32>,
+    ) -> Result<()> {
+        let op = "sample_rows";
+        let (rows, vocab) = shapes::rows(op, &logits.shape)?;
+        if draws.len() < 4 * rows || ids.len() < rows {
+            return Err(shapes::err(
+                op,
+                format!(
+                    "{} draw values and {} outputs for {rows} rows",
+                    draws.len(),
+                    ids.len()
+                ),
+            ));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let (ri, vi) = (int(op, rows)?, int(op, vocab)?);
+        int(op, logits.numel())?;
+        launch!(
+            self,
+            "sample_rows",
+            rows_cfg(rows, BLOCK),
+            ids,
+            &logits.buf,
+            draws,
+            &ri,
+            &vi
+        )
+    }
+
     fn alloc_ids(&self, rows: usize) -> Result<CudaSlice<u32>> {
         self.stream
             .alloc_zeros::<u32>(rows)
@@ -229,7 +268,7 @@ impl CudaBackend {
     }
 
     /// The chosen token ids, once the kernels that chose them have run.
-    fn download_ids(&self, ids: &CudaSlice<u32>) -> Result<Vec<u32>> {
+    pub(super) fn download_ids(&self, ids: &CudaSlice<u32>) -> Result<Vec<u32>> {
         let host = self
             .stream
             .clone_dtoh(ids)
@@ -671,7 +710,10 @@ impl Backend for CudaBackend {
         }
         int(op, ids.len() * d)?;
         let (tokens, vocab, di) = (int(op, ids.len())?, int(op, vocab)?, int(op, d)?);
-        let ids_dev = self.upload("token ids", ids)?;
+        let ids_dev = match self.staged_ids_or_positions(ids) {
+            Some(staged) => staged,
+            None => Arc::new(self.upload("token ids", ids)?),
+        };
         let cfg = rows_cfg(ids.len(), (d.min(BLOCK as usize) as u32).next_multiple_of(32));
         launch!(
             self,
@@ -679,7 +721,7 @@ impl Backend for CudaBackend {
             cfg,
             &mut out.buf,
             &table.buf,
-            &ids_dev,
+            &*ids_dev,
             &tokens,
             &vocab,
             &di
@@ -825,29 +867,35 @@ impl Backend for CudaBackend {
     }
 
     fn sample_rows(&self, logits: &CudaTensor, draws: &[TokenDraw]) -> Result<Vec<u32>> {
-        let op = "sample_rows";
-        let (rows, vocab) = shapes::rows(op, &logits.shape)?;
+        let (rows, _) = shapes::rows("sample_rows", &logits.shape)?;
         if draws.len() != rows {
-            return Err(shapes::err(op, format!("{} draws for {rows} rows", draws.len())));
+            return Err(shapes::err(
+                "sample_rows",
+                format!("{} draws for {rows} rows", draws.len()),
+            ));
         }
         if rows == 0 {
             return Ok(Vec::new());
         }
-        let (ri, vi) = (int(op, rows)?, int(op, vocab)?);
-        int(op, logits.numel())?;
         let draws_dev = self.upload("token draws", &draw_words(draws))?;
         let mut ids = self.alloc_ids(rows)?;
-        launch!(
-            self,
-            "sample_rows",
-            rows_cfg(rows, BLOCK),
-            &mut ids,
-            &logits.buf,
-            &draws_dev,
-            &ri,
-            &vi
-        )?;
+        self.sample_rows_into(logits, &draws_dev, &mut ids)?;
         self.download_ids(&ids)
+    }
+
+    fn forward_and_sample(
+        &self,
+        decode: Option<DecodeStep<'_>>,
+        draws: &[TokenDraw],
+        forward: &mut dyn FnMut() -> crate::Result<CudaTensor>,
+    ) -> crate::Result<Vec<u32>> {
+        if let Some(decode) = decode
+            && let Some(tokens) = self.graph_step(decode, draws, forward)?
+        {
+            return Ok(tokens);
+        }
+        let logits = forward()?;
+        Ok(self.sample_rows(&logits, draws)?)
     }
 }
 

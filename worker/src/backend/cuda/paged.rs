@@ -3,6 +3,8 @@
 //! layer then writes its new keys and values into their rows with one kernel each and attends
 //! through the block tables in place, so nothing of the cache crosses the bus between steps.
 
+use std::sync::Arc;
+
 use cudarc::driver::CudaSlice;
 
 use super::context::{ATTN_MAX_D, CudaBackend};
@@ -16,13 +18,31 @@ use crate::backend::{PagedPlan, Result, shapes};
 pub struct CudaPaged {
     plan: PagedPlan,
     /// 4 ints per sequence: first query row, new tokens, keys, first block table entry.
-    meta: CudaSlice<i32>,
-    /// Every sequence's block table, one after another.
-    tables: CudaSlice<u32>,
+    meta: Arc<CudaSlice<i32>>,
+    /// Every sequence's block table, one after another (the buffer may be longer).
+    tables: Arc<CudaSlice<u32>>,
     /// The pool row of each new token, in packed order.
-    slots: CudaSlice<u32>,
+    slots: Arc<CudaSlice<u32>>,
     /// The most new tokens of any sequence (the query extent of the launch grids).
     max_q_len: usize,
+}
+
+impl CudaPaged {
+    /// A decode plan whose device layout was staged into a graph's fixed buffers.
+    pub(super) fn staged(
+        plan: PagedPlan,
+        meta: Arc<CudaSlice<i32>>,
+        tables: Arc<CudaSlice<u32>>,
+        slots: Arc<CudaSlice<u32>>,
+    ) -> Self {
+        Self {
+            plan,
+            meta,
+            tables,
+            slots,
+            max_q_len: 1,
+        }
+    }
 }
 
 impl CudaBackend {
@@ -44,10 +64,14 @@ impl CudaBackend {
         }
         int(op, plan.window.unwrap_or(0))?;
         int(op, plan.block_size)?;
+        let slots = plan.new_slots();
+        if let Some(staged) = self.stage_decode_plan(plan, &meta, &tables, &slots)? {
+            return Ok(staged);
+        }
         Ok(CudaPaged {
-            meta: self.upload("block table metadata", &meta)?,
-            tables: self.upload("block tables", &tables)?,
-            slots: self.upload("cache slots", &plan.new_slots())?,
+            meta: Arc::new(self.upload("block table metadata", &meta)?),
+            tables: Arc::new(self.upload("block tables", &tables)?),
+            slots: Arc::new(self.upload("cache slots", &slots)?),
             max_q_len: plan.seqs.iter().map(|s| s.q_len).max().unwrap_or(0),
             plan: plan.clone(),
         })
@@ -72,7 +96,7 @@ impl CudaBackend {
             elementwise_cfg(new.numel()),
             &mut pool.buf,
             &new.buf,
-            &paged.slots,
+            &*paged.slots,
             &tokens,
             &width
         )
@@ -125,8 +149,8 @@ impl CudaBackend {
                     &q.buf,
                     &keys.buf,
                     &values.buf,
-                    &paged.meta,
-                    &paged.tables,
+                    &*paged.meta,
+                    &*paged.tables,
                     &seqs_i,
                     &bs,
                     &window,
