@@ -194,6 +194,16 @@ impl PagedCase {
         Self::new(&[(2, 50)], (2, 2, 256), 16, None),          // the widest head
     ];
 
+    /// Decode steps only (one query per sequence), for the kernel that splits each sequence's
+    /// keys across blocks: caches from 1 key to many blocks (GQA), a sliding window over long
+    /// caches, and an odd block size with d = 80.
+    #[cfg(feature = "cuda")]
+    pub(crate) const DECODE: [PagedCase; 3] = [
+        Self::new(&[(1, 1), (1, 17), (1, 33), (1, 64)], (12, 4, 64), 16, None),
+        Self::new(&[(1, 40), (1, 100), (1, 3)], (4, 2, 32), 16, Some(8)),
+        Self::new(&[(1, 75)], (2, 1, 80), 5, None),
+    ];
+
     /// Seeded inputs; each sequence's blocks are taken from a shuffled pool with spare blocks.
     pub(crate) fn inputs(&self, rng: &mut Rng) -> PagedInputs {
         let bs = self.block_size;

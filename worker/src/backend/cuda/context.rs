@@ -61,6 +61,8 @@ pub struct CudaBackend {
     pub(super) capturing: AtomicBool,
     /// cuBLAS's workspace (alive as long as the handle).
     _blas_workspace: CudaSlice<u8>,
+    /// The GPU's multiprocessors (how many blocks a launch needs to fill it).
+    pub(super) sm_count: usize,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -150,6 +152,10 @@ impl CudaBackend {
                 MIN_COMPUTE_CAPABILITY.0, MIN_COMPUTE_CAPABILITY.1
             )));
         }
+        let sm_count = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| driver_err("reading the multiprocessor count", e))?
+            .max(1) as usize;
         // SAFETY: every buffer of this backend is allocated, used and freed on its one stream
         // (cuBLAS is bound to the same stream), so the per-buffer events cudarc records to order
         // work across streams are not needed; turned off before any allocation.
@@ -190,6 +196,7 @@ impl CudaBackend {
             graphs: Mutex::new(None),
             capturing: AtomicBool::new(false),
             _blas_workspace: blas_workspace,
+            sm_count,
         };
         backend.allow_flash_smem()?;
         backend.keep_freed_memory()?;

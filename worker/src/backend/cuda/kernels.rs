@@ -49,6 +49,8 @@ pub(crate) const FILES: &[KernelFile] = &[
             "decode_attention",
             "paged_flash_attention",
             "paged_decode_attention",
+            "paged_decode_split",
+            "decode_merge",
             "kv_write",
         ],
     },

@@ -34,6 +34,22 @@ pub(crate) enum AttentionKernel {
     Flash,
     /// One block per query, warps splitting the keys (decode steps over a KV cache).
     Decode,
+    /// Paged decode steps only (one query per sequence): each sequence's keys split across
+    /// `splits` blocks, then merged (`paged_decode_split` + `decode_merge`).
+    SplitDecode { splits: usize },
+}
+
+/// The most blocks one sequence's keys are split across in a decode step.
+pub(super) const MAX_DECODE_SPLITS: usize = 16;
+
+/// Splits for a decode step of `seqs` sequences of `heads` heads on a GPU of `sms`
+/// multiprocessors: enough blocks for two per multiprocessor, at most [`MAX_DECODE_SPLITS`]; 1
+/// (no split) once heads x sequences fill the GPU. It depends on the launch shape alone, not
+/// on the cache lengths, so a recorded decode graph keeps its meaning as caches grow.
+pub(super) fn decode_splits(sms: usize, heads: usize, seqs: usize) -> usize {
+    (2 * sms)
+        .div_ceil((heads * seqs).max(1))
+        .clamp(1, MAX_DECODE_SPLITS)
 }
 
 fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
@@ -65,6 +81,20 @@ pub(super) fn attention_cfg(
             block_dim: (256, 1, 1),
             shared_mem_bytes: ((d + 8 * (d + 2)) * size_of::<f32>()) as u32,
         },
+        AttentionKernel::SplitDecode { splits } => LaunchConfig {
+            grid_dim: (heads as u32, splits as u32, seqs as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: ((d + 8 * (d + 2)) * size_of::<f32>()) as u32,
+        },
+    }
+}
+
+/// The launch shape of `decode_merge`.
+pub(super) fn decode_merge_cfg(heads: usize, seqs: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (heads as u32, seqs as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 
@@ -376,6 +406,12 @@ impl CudaBackend {
         match kernel {
             AttentionKernel::Flash => attn!("flash_attention")?,
             AttentionKernel::Decode => attn!("decode_attention")?,
+            AttentionKernel::SplitDecode { .. } => {
+                return Err(shapes::err(
+                    op,
+                    "the split decode kernel reads paged caches only".to_owned(),
+                ));
+            }
         }
         Ok(out)
     }
@@ -842,7 +878,8 @@ impl Backend for CudaBackend {
         values: &CudaTensor,
         paged: &CudaPaged,
     ) -> Result<CudaTensor> {
-        self.paged_attention_with(q, keys, values, paged, Self::paged_kernel(paged))
+        let kernel = self.paged_kernel(paged, q.shape.get(1).copied().unwrap_or(1));
+        self.paged_attention_with(q, keys, values, paged, kernel)
     }
 
     fn argmax_rows(&self, logits: &CudaTensor) -> Result<Vec<u32>> {

@@ -9,7 +9,7 @@ use cudarc::driver::CudaSlice;
 
 use super::context::{ATTN_MAX_D, CudaBackend};
 use super::launch::{elementwise_cfg, int, launch};
-use super::ops::{AttentionKernel, attention_cfg};
+use super::ops::{AttentionKernel, MAX_DECODE_SPLITS, attention_cfg, decode_merge_cfg, decode_splits};
 use super::tensor::CudaTensor;
 use crate::backend::{PagedPlan, Result, shapes};
 
@@ -121,6 +121,22 @@ impl CudaBackend {
             ));
         }
         let seqs = plan.seqs.len();
+        let splits = match kernel {
+            AttentionKernel::SplitDecode { splits } => {
+                if paged.max_q_len != 1 || !(1..=MAX_DECODE_SPLITS).contains(&splits) {
+                    return Err(shapes::err(
+                        op,
+                        format!(
+                            "the split decode kernel takes one query per sequence and 1 to {MAX_DECODE_SPLITS} splits \
+                             (got {} queries, {splits} splits)",
+                            paged.max_q_len
+                        ),
+                    ));
+                }
+                splits
+            }
+            _ => 1,
+        };
         if seqs > 65_535 || heads > 65_535 || (kernel == AttentionKernel::Decode && paged.max_q_len > 65_535)
         {
             return Err(shapes::err(
@@ -164,17 +180,56 @@ impl CudaBackend {
         match kernel {
             AttentionKernel::Flash => attn!("paged_flash_attention")?,
             AttentionKernel::Decode => attn!("paged_decode_attention")?,
+            AttentionKernel::SplitDecode { .. } => {
+                let mut partials =
+                    self.alloc_slice::<f32>("decode partials", seqs * heads * splits * (d + 2))?;
+                let splits_i = int(op, splits)?;
+                int(op, partials.len())?;
+                launch!(
+                    self,
+                    "paged_decode_split",
+                    cfg,
+                    &mut partials,
+                    &q.buf,
+                    &keys.buf,
+                    &values.buf,
+                    &*paged.meta,
+                    &*paged.tables,
+                    &seqs_i,
+                    &bs,
+                    &window,
+                    &hi,
+                    &kvi,
+                    &di,
+                    &scale
+                )?;
+                launch!(
+                    self,
+                    "decode_merge",
+                    decode_merge_cfg(heads, seqs),
+                    &mut out.buf,
+                    &partials,
+                    &*paged.meta,
+                    &seqs_i,
+                    &splits_i,
+                    &hi,
+                    &di
+                )?;
+            }
         }
         Ok(out)
     }
 
-    /// The kernel for a step: decode steps (one new token per sequence) spread each query's
-    /// keys over 8 warps; anything with a prompt in it goes to flash.
-    pub(super) fn paged_kernel(paged: &CudaPaged) -> AttentionKernel {
-        if paged.max_q_len == 1 {
-            AttentionKernel::Decode
-        } else {
-            AttentionKernel::Flash
+    /// The kernel for a step of `heads` query heads: decode steps (one new token per sequence)
+    /// spread each query's keys over 8 warps, and across several blocks when heads x sequences
+    /// blocks would leave most of the GPU idle; anything with a prompt in it goes to flash.
+    pub(super) fn paged_kernel(&self, paged: &CudaPaged, heads: usize) -> AttentionKernel {
+        if paged.max_q_len != 1 {
+            return AttentionKernel::Flash;
+        }
+        match decode_splits(self.sm_count, heads, paged.plan.seqs.len()) {
+            1 => AttentionKernel::Decode,
+            splits => AttentionKernel::SplitDecode { splits },
         }
     }
 }

@@ -12,7 +12,7 @@
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use super::kernels::{self, FILES};
-use super::ops::AttentionKernel;
+use super::ops::{AttentionKernel, MAX_DECODE_SPLITS, decode_splits};
 use super::{CudaBackend, CudaTensor};
 use crate::backend::test_util::{
     AttnCase, AttnInputs, EXACT, PagedCase, PagedInputs, Rng, Tol, assert_close, print_skip, sampling_case,
@@ -148,6 +148,29 @@ fn gpu_in(test: &str, precision: Precision) -> Option<MutexGuard<'static, CudaBa
             print_skip(test, &format!("no CUDA device ({e})"));
             None
         }
+    }
+}
+
+#[test]
+fn decode_splits_fill_the_gpu_from_the_launch_shape_alone() {
+    // 132 multiprocessors (an H100): batch 1 of 32 heads splits 9 ways (288 blocks >= 264);
+    // batch 32 fills the GPU unsplit; never more than the maximum.
+    assert_eq!(decode_splits(132, 32, 1), 9);
+    assert_eq!(decode_splits(132, 32, 4), 3);
+    assert_eq!(decode_splits(132, 32, 32), 1);
+    assert_eq!(decode_splits(132, 1, 1), MAX_DECODE_SPLITS);
+    assert_eq!(
+        decode_splits(1, 0, 0),
+        2,
+        "degenerate shapes still give a valid count"
+    );
+    for (heads, seqs) in [(1, 1), (12, 3), (32, 8), (64, 64)] {
+        let s = decode_splits(108, heads, seqs);
+        assert!((1..=MAX_DECODE_SPLITS).contains(&s));
+        assert!(
+            s == MAX_DECODE_SPLITS || s * heads * seqs >= 216,
+            "{heads} x {seqs}: {s}"
+        );
     }
 }
 
@@ -779,6 +802,31 @@ fn gpu_paged_attention_matches_reference_for_both_kernels() {
         let [got, ..] = paged_step(&*g, &inputs, &c, |b, q, k, v, p| b.paged_attention(q, k, v, p));
         assert_close(&format!("paged attention {c:?}"), &got, &want, tol);
     }
+    // Decode steps with each sequence's keys split across blocks, then merged.
+    for c in PagedCase::DECODE {
+        let inputs = c.inputs(&mut rng);
+        let [want, ..] = paged_step(&ReferenceBackend, &inputs, &c, |b, q, k, v, p| {
+            b.paged_attention(q, k, v, p)
+        });
+        for splits in [1, 2, 5, MAX_DECODE_SPLITS] {
+            let kernel = AttentionKernel::SplitDecode { splits };
+            let [got, ..] = paged_step(&*g, &inputs, &c, |b, q, k, v, p| {
+                b.paged_attention_with(q, k, v, p, kernel)
+            });
+            assert_close(&format!("{kernel:?} {c:?}"), &got, &want, tol);
+        }
+    }
+    // The split kernel refuses a step with a prompt in it.
+    let c = PagedCase::COMMON[2];
+    let inputs = c.inputs(&mut rng);
+    let paged = g.prepare_paged(&inputs.plan).unwrap();
+    let q = g.from_host(&inputs.q, &c.q_shape()).unwrap();
+    let pool = g.from_host(&inputs.keys, &inputs.pool_shape).unwrap();
+    let split = AttentionKernel::SplitDecode { splits: 2 };
+    assert!(
+        g.paged_attention_with(&q, &pool, &pool, &paged, split).is_err(),
+        "a prompt through the split decode kernel"
+    );
     // A table naming a block past the pool is refused before any launch.
     let c = PagedCase::COMMON[1];
     let inputs = c.inputs(&mut rng);

@@ -186,19 +186,13 @@ __device__ void flash_body(const L& lay, elem_t* out, const elem_t* q, const ele
     }
 }
 
+// One block's partial softmax over the keys kv_begin .. kv_end of query i: warp w takes keys
+// w, w + 8, ...; each warp's (m, l, acc[d]) is left in `part` (shared memory, d + 2 floats per
+// warp) for merge_warps. `qs` (shared) receives the pre-scaled query.
 template <class L>
-__device__ void decode_body(const L& lay, elem_t* out, const elem_t* q, const elem_t* k, const elem_t* v, int heads,
-                            int kv_heads, int d, float scale) {
-    KERNEL_CHECK(d > 0 && d <= ATTN_MAX_D && blockDim.x == 32 * DECODE_WARPS);
-    KERNEL_CHECK(kv_heads > 0 && heads % kv_heads == 0);
-    const int h = blockIdx.x, i = blockIdx.y;
-    if (i >= lay.q_len()) {
-        return; // uniform for the block
-    }
-    extern __shared__ float smem[];
-    float* qs = smem;     // [d], pre-scaled
-    float* part = qs + d; // per warp: [m, l, acc[d]]
-
+__device__ void decode_partial(const L& lay, int i, int kv_begin, int kv_end, const elem_t* q, const elem_t* k,
+                               const elem_t* v, int heads, int kv_heads, int d, float scale, float* qs, float* part) {
+    const int h = blockIdx.x;
     const int kvh = h / (heads / kv_heads);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const size_t q_row = (lay.q_token(i) * heads + h) * d;
@@ -207,7 +201,6 @@ __device__ void decode_body(const L& lay, elem_t* out, const elem_t* q, const el
     }
     __syncthreads();
 
-    const int kv_begin = lay.key_begin(i), kv_end = lay.key_end(i);
     float m = -INFINITY, l = 0.0f, acc[ATTN_DPL];
 #pragma unroll
     for (int t = 0; t < ATTN_DPL; ++t) {
@@ -253,26 +246,49 @@ __device__ void decode_body(const L& lay, elem_t* out, const elem_t* q, const el
         }
     }
     __syncthreads();
+}
 
-    // Merge the warps' partial softmaxes: rescale each to the overall maximum.
-    float m_all = -INFINITY;
+// The warps' partial softmaxes of decode_partial merged for output dim c: each rescaled to the
+// overall maximum *m_all; *l_all and *o_all are the rescaled sums (both 0 when no warp saw a
+// visible key, *m_all then -inf).
+__device__ __forceinline__ void merge_warps(const float* part, int d, int c, float* m_all, float* l_all,
+                                            float* o_all) {
+    float m = -INFINITY;
     for (int w = 0; w < DECODE_WARPS; ++w) {
-        m_all = fmaxf(m_all, part[w * (d + 2)]);
+        m = fmaxf(m, part[w * (d + 2)]);
     }
-    elem_t* o = out + q_row;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        if (m_all == -INFINITY) {
-            o[c] = store(0.0f); // no visible key
-            continue;
-        }
-        float l_all = 0.0f, o_all = 0.0f;
+    float l = 0.0f, o = 0.0f;
+    if (m != -INFINITY) {
         for (int w = 0; w < DECODE_WARPS; ++w) {
             const float* pw = part + w * (d + 2);
-            const float wgt = expf(pw[0] - m_all); // 0 for a warp that saw no visible key
-            l_all += pw[1] * wgt;
-            o_all += pw[2 + c] * wgt;
+            const float wgt = expf(pw[0] - m); // 0 for a warp that saw no visible key
+            l += pw[1] * wgt;
+            o += pw[2 + c] * wgt;
         }
-        o[c] = store(o_all / l_all);
+    }
+    *m_all = m;
+    *l_all = l;
+    *o_all = o;
+}
+
+template <class L>
+__device__ void decode_body(const L& lay, elem_t* out, const elem_t* q, const elem_t* k, const elem_t* v, int heads,
+                            int kv_heads, int d, float scale) {
+    KERNEL_CHECK(d > 0 && d <= ATTN_MAX_D && blockDim.x == 32 * DECODE_WARPS);
+    KERNEL_CHECK(kv_heads > 0 && heads % kv_heads == 0);
+    const int h = blockIdx.x, i = blockIdx.y;
+    if (i >= lay.q_len()) {
+        return; // uniform for the block
+    }
+    extern __shared__ float smem[];
+    float* qs = smem;     // [d], pre-scaled
+    float* part = qs + d; // per warp: [m, l, acc[d]]
+    decode_partial(lay, i, lay.key_begin(i), lay.key_end(i), q, k, v, heads, kv_heads, d, scale, qs, part);
+    elem_t* o = out + (lay.q_token(i) * heads + h) * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float m_all, l_all, o_all;
+        merge_warps(part, d, c, &m_all, &l_all, &o_all);
+        o[c] = store(m_all == -INFINITY ? 0.0f : o_all / l_all); // no visible key: zeros
     }
 }
 
@@ -308,6 +324,74 @@ extern "C" __global__ void paged_decode_attention(elem_t* out, const elem_t* q, 
     KERNEL_CHECK((int)blockIdx.z < seqs && block_size > 0);
     const PagedLayout lay(meta, tables, block_size, window, blockIdx.z);
     decode_body(lay, out, q, k_pool, v_pool, heads, kv_heads, d, scale);
+}
+
+// paged_decode_split + decode_merge: decode steps (every sequence exactly one query) with each
+//   sequence's keys split across `splits` blocks, for when heads x sequences blocks alone leave
+//   most of the GPU idle (small batches, long caches).
+//   paged_decode_split: grid (heads, splits, seqs), block 256, dynamic shared memory as
+//   decode_attention. Split s of a sequence's visible keys [kb, ke) takes
+//   [kb + s * c, min(ke, kb + (s + 1) * c)) with c = ceil((ke - kb) / splits), and writes its
+//   unnormalised partial (m, l, acc[d]: maximum score, sum of exp(score - m), sum of
+//   exp(score - m) v) to partials[((b * heads + h) * splits + s) * (d + 2)]; a split without
+//   keys writes m = -inf, l = 0, acc = 0.
+//   decode_merge: out[b, h, :] = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M), M = max_s m_s,
+//   zeros when no split saw a key. Grid (heads, seqs), block 128 (threads over d).
+//   The split count is fixed per launch shape, not per cache length, so a recorded graph stays
+//   valid as the caches grow.
+extern "C" __global__ void paged_decode_split(float* partials, const elem_t* q, const elem_t* k_pool,
+                                              const elem_t* v_pool, const int* meta, const unsigned int* tables,
+                                              int seqs, int block_size, int window, int heads, int kv_heads, int d,
+                                              float scale) {
+    KERNEL_CHECK((int)blockIdx.z < seqs && block_size > 0);
+    KERNEL_CHECK(d > 0 && d <= ATTN_MAX_D && blockDim.x == 32 * DECODE_WARPS);
+    KERNEL_CHECK(kv_heads > 0 && heads % kv_heads == 0);
+    const PagedLayout lay(meta, tables, block_size, window, blockIdx.z);
+    KERNEL_CHECK(lay.q_len() == 1);
+    const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+    const int kb = lay.key_begin(0), ke = lay.key_end(0);
+    const int chunk = (ke - kb + splits - 1) / splits;
+    const int begin = min(ke, kb + split * chunk), end = min(ke, begin + chunk);
+    extern __shared__ float smem[];
+    float* qs = smem;
+    float* part = qs + d;
+    decode_partial(lay, 0, begin, end, q, k_pool, v_pool, heads, kv_heads, d, scale, qs, part);
+    float* p = partials + (((size_t)blockIdx.z * heads + h) * splits + split) * (d + 2);
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float m_all, l_all, o_all;
+        merge_warps(part, d, c, &m_all, &l_all, &o_all);
+        if (c == 0) {
+            p[0] = m_all;
+            p[1] = l_all;
+        }
+        p[2 + c] = o_all;
+    }
+}
+
+extern "C" __global__ void decode_merge(elem_t* out, const float* partials, const int* meta, int seqs, int splits,
+                                        int heads, int d) {
+    const int h = blockIdx.x, b = blockIdx.y;
+    KERNEL_CHECK(b < seqs && splits > 0);
+    const float* ps = partials + ((size_t)b * heads + h) * splits * (d + 2);
+    float m = -INFINITY;
+    for (int s = 0; s < splits; ++s) {
+        m = fmaxf(m, ps[s * (d + 2)]);
+    }
+    elem_t* o = out + ((size_t)meta[4 * b] * heads + h) * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        if (m == -INFINITY) {
+            o[c] = store(0.0f);
+            continue;
+        }
+        float l = 0.0f, acc = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            const float* p = ps + s * (d + 2);
+            const float wgt = expf(p[0] - m); // 0 for a split without keys
+            l += p[1] * wgt;
+            acc += p[2 + c] * wgt;
+        }
+        o[c] = store(acc / l);
+    }
 }
 
 // kv_write: pool[slots[t], :] = rows[t, :] for t < tokens, rows of `width` floats (one
