@@ -1,4 +1,4 @@
-//! GPT-2, Llama and Qwen2 decoders against PyTorch: the tiny random models in `fixtures/`
+//! GPT-2, Llama, Qwen2 and Mistral (sliding window) decoders against PyTorch: the tiny random models in `fixtures/`
 //! (tokenizer ids, logits of every prompt position, last-token logits, 12 greedy tokens from
 //! `generate`). References come from `fixtures/generate.py`. The check is written once over the
 //! backend and runs on the CPU, and with the `cuda` feature on the GPU too (fp32 on both, so the
@@ -225,6 +225,12 @@ on_every_backend!(
     gpu_tiny_qwen2_matches_pytorch,
     "tiny-qwen2"
 );
+// Mistral with a sliding window of 4 positions, shorter than both prompts and the continuation.
+on_every_backend!(
+    tiny_mistral_matches_pytorch,
+    gpu_tiny_mistral_matches_pytorch,
+    "tiny-mistral"
+);
 
 /// Half precision on the GPU against PyTorch's fp32 references: weights, activations and the
 /// key/value pool stored in fp16/bf16, arithmetic in fp32. The logits of every prompt position
@@ -239,7 +245,7 @@ fn gpu_half_precision_decoders_track_pytorch() {
         let Some(gpu) = common::gpu_in("gpu_half_precision_decoders_track_pytorch", p) else {
             return;
         };
-        for name in ["tiny-gpt2", "tiny-llama", "tiny-qwen2"] {
+        for name in ["tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-mistral"] {
             let (_dir, model, r) = load(name, &gpu);
             let ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
             let all = model.forward_all(&gpu, &ids[0]).unwrap();
@@ -279,7 +285,7 @@ fn gpu_decode_graphs_replay_the_plain_steps() {
             return;
         };
         graphed.enable_decode_graphs(8);
-        for name in ["tiny-gpt2", "tiny-llama", "tiny-qwen2"] {
+        for name in ["tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-mistral"] {
             let run = |gpu: &atomic_worker::backend::CudaBackend| {
                 let (_dir, model, r) = load(name, gpu);
                 let ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
@@ -331,7 +337,7 @@ fn gpu_decode_graphs_replay_the_plain_steps() {
 #[test]
 #[ignore = "timing, not a check"]
 fn tiny_decode_throughput() {
-    for name in ["tiny-gpt2", "tiny-llama", "tiny-qwen2"] {
+    for name in ["tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-mistral"] {
         let backend = CpuBackend::new(1).unwrap();
         let (_dir, model, r) = load(name, &backend);
         let prompt: Vec<u32> = serde_json::from_value(r["input_ids"][0].clone()).unwrap();

@@ -260,6 +260,12 @@ async fn qwen2_greedy_batched_and_streamed_match_the_reference() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mistral_greedy_batched_and_streamed_match_the_reference() {
+    // A sliding window of 4 positions: every sequence outgrows it within the continuation.
+    greedy_matches_reference("tiny-mistral").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_sampling_is_reproducible() {
     let mut s = Server::start("tiny-gpt2").await;
     let prompt = s.prompts()[0].clone();
