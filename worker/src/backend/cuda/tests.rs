@@ -117,6 +117,77 @@ fn every_cu_file_is_in_the_kernel_table() {
     }
 }
 
+/// The arguments of a macro call or a parameter list, given the text after its opening
+/// parenthesis: split at the commas outside nested brackets, up to the closing parenthesis.
+fn top_level_args(after_paren: &str) -> Vec<&str> {
+    let (mut depth, mut start, mut args) = (0usize, 0, Vec::new());
+    for (i, ch) in after_paren.char_indices() {
+        match ch {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' if depth > 0 => depth -= 1,
+            ')' => {
+                args.push(&after_paren[start..i]);
+                break;
+            }
+            ',' if depth == 0 => {
+                args.push(&after_paren[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    args.into_iter()
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect()
+}
+
+#[test]
+fn every_launch_passes_as_many_arguments_as_its_kernel_takes() {
+    // Without a GPU nothing else checks the ops' launches against the kernels' signatures (the
+    // emulated tests restate the arguments): a missing or extra argument shifts every later one.
+    let mut params = std::collections::HashMap::new();
+    for file in FILES {
+        for rest in file.source.split("extern \"C\" __global__ void ").skip(1) {
+            let (name, after) = rest.split_once('(').expect("a parameter list");
+            params.insert(name.trim(), top_level_args(after).len());
+        }
+    }
+    let sources = [
+        ("ops.rs", include_str!("ops.rs")),
+        ("paged.rs", include_str!("paged.rs")),
+        ("graph.rs", include_str!("graph.rs")),
+    ];
+    let mut launched = std::collections::BTreeSet::new();
+    for (file, source) in sources {
+        // Kernels launched through a local macro whose body launches `$name`.
+        let through_macro: Vec<&str> = source
+            .split("attn!(\"")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .collect();
+        for call in source.split("launch!(").skip(1) {
+            let args = top_level_args(call);
+            assert!(args.len() >= 3, "{file}: a launch without self, name and shape");
+            let names = match args[1] {
+                "$name" => through_macro.clone(),
+                literal => vec![literal.trim_matches('"')],
+            };
+            assert!(!names.is_empty(), "{file}: a `$name` launch with no attn! call");
+            for name in names {
+                let want = params
+                    .get(name)
+                    .unwrap_or_else(|| panic!("{file}: launches {name}, which no .cu file defines"));
+                assert_eq!(args.len() - 3, *want, "{file}: arguments of {name}");
+                launched.insert(name);
+            }
+        }
+    }
+    let mut unlaunched: Vec<&str> = params.keys().copied().filter(|k| !launched.contains(k)).collect();
+    unlaunched.sort_unstable();
+    assert!(unlaunched.is_empty(), "kernels no op launches: {unlaunched:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // GPU
 
