@@ -109,6 +109,9 @@ pub fn pod_template(md: &ModelDeployment, defaults: &WorkerDefaults) -> PodTempl
         if let Some(concurrent) = runtime.max_concurrent_requests {
             args.extend(["--max-concurrent-requests".to_owned(), concurrent.to_string()]);
         }
+        if let Some(batch) = runtime.cuda_graph_max_batch {
+            args.extend(["--cuda-graph-max-batch".to_owned(), batch.to_string()]);
+        }
     }
     let gpus = spec.resources.as_ref().map_or(0, |r| r.gpu);
     if gpus > 0 {
@@ -324,7 +327,9 @@ pub fn worker_service(md: &ModelDeployment) -> Service {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::model::{HostPathSource, ModelDeploymentSpec, ModelSpec, PvcSource, WorkerResources};
+    use crate::api::model::{
+        HostPathSource, ModelDeploymentSpec, ModelSpec, PvcSource, RuntimeSpec, WorkerResources,
+    };
 
     fn defaults() -> WorkerDefaults {
         WorkerDefaults {
@@ -389,6 +394,32 @@ mod tests {
         assert!(pod.tolerations.is_none());
         let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
         assert!(!limits.contains_key("nvidia.com/gpu"));
+    }
+
+    #[test]
+    fn runtime_settings_become_worker_flags() {
+        let mut md = model(1);
+        md.spec.runtime = Some(RuntimeSpec {
+            precision: Some(crate::api::model::Precision::Bf16),
+            max_batch_tokens: Some(4096),
+            max_concurrent_requests: None,
+            cuda_graph_max_batch: Some(32),
+        });
+        let d = worker_deployment(&md, &defaults(), 1);
+        let args = d.spec.template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap()
+            .join(" ");
+        for flag in [
+            "--precision bf16",
+            "--max-batch-tokens 4096",
+            "--cuda-graph-max-batch 32",
+            "--device cuda:0",
+        ] {
+            assert!(args.contains(flag), "{flag} missing: {args}");
+        }
+        assert!(!args.contains("--max-concurrent-requests"), "{args}");
     }
 
     #[test]

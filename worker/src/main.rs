@@ -146,6 +146,9 @@ fn load_on_device(args: &ServeArgs, limits: &ModelLimits) -> anyhow::Result<Mode
             if args.precision != Precision::F32 {
                 tracing::warn!(precision = %args.precision, "the CPU backend computes in fp32");
             }
+            if args.cuda_graph_max_batch > 0 {
+                tracing::warn!("--cuda-graph-max-batch is for GPUs; the CPU backend ignores it");
+            }
             let backend = CpuBackend::new(args.threads)?;
             let simd = atomic_worker::backend::cpu_kernels::detected_simd_level();
             tracing::info!(threads = backend.threads(), ?simd, "running on the CPU");

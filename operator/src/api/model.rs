@@ -202,6 +202,11 @@ pub struct RuntimeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_concurrent_requests: Option<u32>,
+    /// GPU workers of decoders: decode steps of up to this many sequences are recorded as CUDA
+    /// graphs, once per batch size, and replayed (fewer launches per token). 0 or unset: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1024))]
+    pub cuda_graph_max_batch: Option<u32>,
 }
 
 /// Numeric precision of the forward pass.
