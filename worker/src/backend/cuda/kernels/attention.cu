@@ -24,8 +24,10 @@
 //   (16 * d + 32 * (d + 1) + 32 * d) floats. The block stages 16 query rows (pre-scaled) in
 //   shared memory and walks the keys in tiles of 32, staging K (rows padded to d + 1 so that
 //   lanes reading different keys hit different banks) and V. Each warp owns 4 query rows; for a
-//   tile, lane j scores key j, the warp reduces max and sum with shuffles, then every lane
-//   accumulates its d / 32 output dims with each key's probability broadcast by shuffle. The
+//   tile, lane j scores key j against all 4 rows (each key element read from shared memory once
+//   for the 4), the warp reduces max and sum with shuffles, then every lane accumulates its
+//   d / 32 output dims, reading each value element once for the 4 rows, with each key's
+//   probability broadcast by shuffle. The
 //   walk covers only the keys some row of the block can see. Rows past the sequence's queries
 //   are padded and never written; a block with no rows exits at once.
 // decode_attention / paged_decode_attention (one or few queries over a KV cache):
@@ -130,39 +132,64 @@ __device__ void flash_body(const L& lay, elem_t* out, const elem_t* q, const ele
         }
         __syncthreads();
 
+        // Scores of the warp's rows against key j = k0 + lane: each key element is read from
+        // shared memory once for all the rows (rows past the queries have zero queries and are
+        // ignored below).
         const int j = k0 + lane;
+        float dot[ATTN_ROWS_PER_WARP];
 #pragma unroll
         for (int rr = 0; rr < ATTN_ROWS_PER_WARP; ++rr) {
-            const int r = warp * ATTN_ROWS_PER_WARP + rr, i = q0 + r;
+            dot[rr] = 0.0f;
+        }
+        for (int c = 0; c < d; ++c) {
+            const float kc = ks[lane * (d + 1) + c];
+#pragma unroll
+            for (int rr = 0; rr < ATTN_ROWS_PER_WARP; ++rr) {
+                dot[rr] += qs[(warp * ATTN_ROWS_PER_WARP + rr) * d + c] * kc;
+            }
+        }
+        // Online softmax per row; `active` (uniform across the warp) marks rows that have seen a
+        // visible key, the only ones whose outputs change.
+        float p[ATTN_ROWS_PER_WARP];
+        bool active[ATTN_ROWS_PER_WARP];
+#pragma unroll
+        for (int rr = 0; rr < ATTN_ROWS_PER_WARP; ++rr) {
+            const int i = q0 + warp * ATTN_ROWS_PER_WARP + rr;
+            p[rr] = 0.0f;
+            active[rr] = false;
             if (i < s_q) { // uniform across the warp
                 const bool visible = j < kv_end && key_visible(lay, i, j);
-                float s = -INFINITY;
-                if (visible) {
-                    float dot = 0.0f;
-                    for (int c = 0; c < d; ++c) {
-                        dot += qs[r * d + c] * ks[lane * (d + 1) + c];
-                    }
-                    s = dot;
-                }
+                const float s = visible ? dot[rr] : -INFINITY;
                 const float m_new = fmaxf(m[rr], warp_max(s));
                 if (m_new != -INFINITY) { // uniform: some key of this row is visible so far
-                    const float p = visible ? expf(s - m_new) : 0.0f;
+                    p[rr] = visible ? expf(s - m_new) : 0.0f;
                     const float alpha = expf(m[rr] - m_new); // 0 while m[rr] is still -inf
-                    l[rr] = l[rr] * alpha + warp_sum(p);
+                    l[rr] = l[rr] * alpha + warp_sum(p[rr]);
                     m[rr] = m_new;
+                    active[rr] = true;
 #pragma unroll
                     for (int t = 0; t < ATTN_DPL; ++t) {
                         acc[rr][t] *= alpha;
                     }
-                    for (int jj = 0; jj < ATTN_BK; ++jj) {
-                        const float pj = __shfl_sync(FULL_MASK, p, jj);
+                }
+            }
+        }
+        // Probabilities times values: each value element is read once for all the rows, each
+        // key's probability broadcast from its lane.
+        for (int jj = 0; jj < ATTN_BK; ++jj) {
+            float vj[ATTN_DPL];
 #pragma unroll
-                        for (int t = 0; t < ATTN_DPL; ++t) {
-                            const int c = lane + 32 * t;
-                            if (c < d) {
-                                acc[rr][t] += pj * vs[jj * d + c];
-                            }
-                        }
+            for (int t = 0; t < ATTN_DPL; ++t) {
+                const int c = lane + 32 * t;
+                vj[t] = c < d ? vs[jj * d + c] : 0.0f;
+            }
+#pragma unroll
+            for (int rr = 0; rr < ATTN_ROWS_PER_WARP; ++rr) {
+                const float pj = __shfl_sync(FULL_MASK, p[rr], jj);
+                if (active[rr]) {
+#pragma unroll
+                    for (int t = 0; t < ATTN_DPL; ++t) {
+                        acc[rr][t] += pj * vj[t];
                     }
                 }
             }
