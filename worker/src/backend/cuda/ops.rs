@@ -253,7 +253,6 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// A buffer for one token id per row.
     /// Queues `sample_rows` over `logits [rows, vocab]` with the draws already on the device
     /// (four doubles a row, see [`draw_words`]), writing one id per row into `ids`.
     pub(super) fn sample_rows_into(
@@ -291,6 +290,7 @@ impl CudaBackend {
         )
     }
 
+    /// A buffer for one token id per row.
     fn alloc_ids(&self, rows: usize) -> Result<CudaSlice<u32>> {
         self.stream
             .alloc_zeros::<u32>(rows)
