@@ -12,8 +12,9 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use cudarc::driver::LaunchConfig;
 
+use super::gemm::{Batch, Gemm};
 use super::kernels::{self, COMMON, FILES};
-use super::ops::{AttentionKernel, attention_cfg, decode_merge_cfg, draw_words};
+use super::ops::{AttentionKernel, attention_cfg, decode_merge_cfg, draw_words, unfused_products};
 use crate::backend::test_util::{
     AttnCase, AttnInputs, PagedCase, Rng, Tol, assert_close, print_skip, sampling_case,
 };
@@ -398,6 +399,116 @@ fn emulated_dense_attention_matches_reference_for_both_kernels() {
                     emu.tol(),
                 );
             }
+        }
+    }
+}
+
+/// cuBLAS's strided batched product as its documentation defines it: column-major matrices
+/// with leading dimensions, `op(X)` the transpose when asked, `C = op(A) · op(B)` for each
+/// matrix of the batch (in f64, stored as f32 like an fp32 result). It checks the unfused
+/// attention's product descriptors without a GPU.
+fn cublas_reference(g: &Gemm, batch: &Batch, a: &[f32], b: &[f32]) -> Vec<f32> {
+    let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
+    let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
+    let count = batch.count as usize;
+    let mut c = vec![f32::NAN; (count - 1) * batch.stride_c as usize + ldc * n];
+    for t in 0..count {
+        let (a0, b0, c0) = (
+            t * batch.stride_a as usize,
+            t * batch.stride_b as usize,
+            t * batch.stride_c as usize,
+        );
+        for j in 0..n {
+            for i in 0..m {
+                let sum: f64 = (0..k)
+                    .map(|p| {
+                        let av = if g.transa {
+                            a[a0 + p + i * lda]
+                        } else {
+                            a[a0 + i + p * lda]
+                        };
+                        let bv = if g.transb {
+                            b[b0 + j + p * ldb]
+                        } else {
+                            b[b0 + p + j * ldb]
+                        };
+                        f64::from(av) * f64::from(bv)
+                    })
+                    .sum();
+                c[c0 + i + j * ldc] = sum as f32;
+            }
+        }
+    }
+    c
+}
+
+#[test]
+fn emulated_unfused_attention_matches_reference() {
+    // The unfused path as `CudaBackend::attention_unfused` runs it: the emulated head-major
+    // copies and masked softmax, the products through `unfused_products`' descriptors evaluated
+    // as cuBLAS defines them, against the f64 reference attention.
+    for p in [Precision::F32, Precision::Bf16] {
+        let Some(emu) = emulator("emulated_unfused_attention_matches_reference", p) else {
+            return;
+        };
+        let mut rng = Rng::new(208);
+        for c in AttnCase::COMMON
+            .into_iter()
+            .take(cases_for(p, AttnCase::COMMON.len()))
+        {
+            let AttnInputs { q, k, v, valid } = c.inputs(&mut rng);
+            let (q, k, v) = (p.round(&q), p.round(&k), p.round(&v));
+            let mask = c.mask(&valid);
+            let (qs, ks) = (c.q_shape(), c.kv_shape());
+            let want = host(ReferenceBackend.attention(
+                &reference(&q, &qs),
+                &reference(&k, &ks),
+                &reference(&v, &ks),
+                &mask,
+            ));
+            let (batch, heads, d) = (c.batch, c.heads, c.d);
+            let bh = batch * heads;
+            let swap = |x: &[f32], a_len: usize, c_len: usize, group: usize| {
+                let mut xd = emu.store(x);
+                let n = batch * a_len * c_len * d;
+                let mut out = emu.store(&vec![f32::NAN; n]);
+                let args = Args::default()
+                    .buf(&mut out)
+                    .buf(&mut xd)
+                    .int(batch)
+                    .int(a_len)
+                    .int(c_len)
+                    .int(group)
+                    .int(d);
+                emu.launch("swap_middle", elementwise_grid(n), 256, 0, args);
+                emu.load(&out)
+            };
+            let group = heads / c.kv_heads;
+            let (qt, kt, vt) = (
+                swap(&q, c.s_q, heads, 1),
+                swap(&k, c.s_k, heads, group),
+                swap(&v, c.s_k, heads, group),
+            );
+            let [(sg, sb), (vg, vb)] = unfused_products(bh as i32, c.s_q as i32, c.s_k as i32, d as i32);
+            let mut scores = cublas_reference(&sg, &sb, &kt, &qt);
+            let mut valid_u8: Vec<u8> = valid.iter().map(|&b| u8::from(b)).collect();
+            valid_u8.push(0); // never empty, as the backend's placeholder
+            let mut probs = emu.store(&vec![f32::NAN; bh * c.s_q * c.s_k]);
+            let args = Args::default()
+                .buf(&mut probs)
+                .buf(&mut scores)
+                .buf(&mut valid_u8)
+                .int(usize::from(c.padding))
+                .signed(c.causal.map_or(-1, |o| o as i32))
+                .int(bh * c.s_q)
+                .int(c.s_q)
+                .int(c.s_k)
+                .int(heads)
+                .float(1.0 / (d as f32).sqrt());
+            emu.launch("attn_softmax", (bh * c.s_q, 1, 1), 256, 0, args);
+            let heads_out = p.round(&cublas_reference(&vg, &vb, &vt, &emu.load(&probs)));
+            let got = swap(&heads_out, heads, c.s_q, 1);
+            assert_close(&format!("unfused attention {c:?} ({p})"), &got, &want, emu.tol());
         }
     }
 }

@@ -4,6 +4,9 @@
 //! plain single precision (no TF32), so results match the CPU backend's; for fp16/bf16 cuBLAS
 //! runs the product on tensor cores.
 //!
+//! The attention scores are the one product written in fp32 from half-precision operands
+//! (`Gemm::c_f32`).
+//!
 //! cuBLAS is column-major. The callers describe the product in its terms: `C[m × n] =
 //! op(A)[m × k] · op(B)[k × n]`, each operand with its leading dimension.
 
@@ -26,6 +29,9 @@ pub(super) struct Gemm {
     pub lda: i32,
     pub ldb: i32,
     pub ldc: i32,
+    /// C is fp32 whatever the storage precision (attention scores, which the softmax reads in
+    /// full precision); otherwise C is in the storage precision like A and B.
+    pub c_f32: bool,
 }
 
 /// Strides (in elements) between the matrices of a batched product.
@@ -70,6 +76,7 @@ impl CudaBackend {
     ) -> Result<()> {
         self.bind()?;
         let ty = data_type(self.precision);
+        let c_ty = if g.c_f32 { cudaDataType_t::CUDA_R_32F } else { ty };
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (a_ptr, _a_sync) = a.device_ptr(&self.stream);
         let (b_ptr, _b_sync) = b.device_ptr(&self.stream);
@@ -98,7 +105,7 @@ impl CudaBackend {
                     g.ldb,
                     (&beta as *const f32).cast(),
                     c_ptr as *mut _,
-                    ty,
+                    c_ty,
                     g.ldc,
                     compute,
                     algo,
@@ -121,7 +128,7 @@ impl CudaBackend {
                     s.stride_b,
                     (&beta as *const f32).cast(),
                     c_ptr as *mut _,
-                    ty,
+                    c_ty,
                     g.ldc,
                     s.stride_c,
                     s.count,

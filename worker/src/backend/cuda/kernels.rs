@@ -51,6 +51,8 @@ pub(crate) const FILES: &[KernelFile] = &[
             "paged_decode_attention",
             "paged_decode_split",
             "decode_merge",
+            "swap_middle",
+            "attn_softmax",
             "kv_write",
         ],
     },

@@ -39,6 +39,53 @@ pub(crate) enum AttentionKernel {
     SplitDecode { splits: usize },
 }
 
+/// The most bytes of fp32 scores the unfused attention ([`CudaBackend::attention_unfused`])
+/// materialises; larger prompts go to the flash kernel.
+pub(super) const UNFUSED_MAX_SCORE_BYTES: usize = 256 << 20;
+
+/// The unfused attention's two batched products over `bh` head-major matrices, in cuBLAS's
+/// column-major terms (a row-major `C = A · B` is the column-major `Cᵀ = Bᵀ · Aᵀ`):
+/// - scores `S[bh] = Q[bh] · K[bh]ᵀ`, `[s_q × s_k]` in fp32: A is K (row-major `[s_k × d]`, read
+///   transposed), B is Q (`[s_q × d]`);
+/// - outputs `O[bh] = P[bh] · V[bh]`, `[s_q × d]`: A is V (`[s_k × d]`), B is P (`[s_q × s_k]`).
+pub(super) fn unfused_products(bh: i32, s_q: i32, s_k: i32, d: i32) -> [(Gemm, Batch); 2] {
+    let scores = Gemm {
+        transa: true,
+        transb: false,
+        m: s_k,
+        n: s_q,
+        k: d,
+        lda: d,
+        ldb: d,
+        ldc: s_k,
+        c_f32: true,
+    };
+    let scores_batch = Batch {
+        count: bh,
+        stride_a: i64::from(s_k) * i64::from(d),
+        stride_b: i64::from(s_q) * i64::from(d),
+        stride_c: i64::from(s_q) * i64::from(s_k),
+    };
+    let values = Gemm {
+        transa: false,
+        transb: false,
+        m: d,
+        n: s_q,
+        k: s_k,
+        lda: d,
+        ldb: s_k,
+        ldc: d,
+        c_f32: false,
+    };
+    let values_batch = Batch {
+        count: bh,
+        stride_a: i64::from(s_k) * i64::from(d),
+        stride_b: i64::from(s_q) * i64::from(s_k),
+        stride_c: i64::from(s_q) * i64::from(d),
+    };
+    [(scores, scores_batch), (values, values_batch)]
+}
+
 /// The most blocks one sequence's keys are split across in a decode step.
 pub(super) const MAX_DECODE_SPLITS: usize = 16;
 
@@ -50,6 +97,11 @@ pub(super) fn decode_splits(sms: usize, heads: usize, seqs: usize) -> usize {
     (2 * sms)
         .div_ceil((heads * seqs).max(1))
         .clamp(1, MAX_DECODE_SPLITS)
+}
+
+/// A mask's causal offset as the kernels take it: -1 for none.
+fn causal_arg(op: &'static str, mask: &AttentionMask<'_>) -> Result<i32> {
+    mask.causal_offset.map_or(Ok(-1), |off| int(op, off))
 }
 
 fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
@@ -162,6 +214,7 @@ impl CudaBackend {
                 lda: ki,
                 ldb: ki,
                 ldc: mi,
+                c_f32: false,
             };
             // SAFETY: the shapes were checked: W holds m·k, x n·k and out n·m elements.
             unsafe {
@@ -353,20 +406,10 @@ impl CudaBackend {
         let mut out = self.alloc(q.shape.clone())?;
         int(op, q.numel())?;
         int(op, k.numel())?;
-        let valid: Vec<u8> = mask
-            .key_valid
-            .map_or_else(Vec::new, |m| m.iter().map(|&b| u8::from(b)).collect());
-        let valid_dev = if valid.is_empty() {
-            None
-        } else {
-            Some(self.upload("padding mask", &valid)?)
-        };
+        let valid_dev = self.upload_key_valid(mask)?;
         let valid_buf = valid_dev.as_ref().unwrap_or(&self.placeholder_u8);
         let has_valid = i32::from(valid_dev.is_some());
-        let causal = match mask.causal_offset {
-            Some(off) => int(op, off)?,
-            None => -1,
-        };
+        let causal = causal_arg(op, mask)?;
         let (bi, sqi, ski, hi, kvi, di) = (
             int(op, batch)?,
             int(op, s_q)?,
@@ -414,6 +457,133 @@ impl CudaBackend {
             }
         }
         Ok(out)
+    }
+
+    /// `x [batch, a_len, c_len / group, d]` as `[batch, c_len, a_len, d]` (see `swap_middle`).
+    fn swap_middle(&self, x: &CudaTensor, dims: [usize; 4], group: usize) -> Result<CudaTensor> {
+        let op = "swap_middle";
+        let [batch, a_len, c_len, d] = dims;
+        let mut out = self.alloc(vec![batch, c_len, a_len, d])?;
+        let n = int(op, out.numel())?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let (bi, ai, ci, gi, di) = (
+            int(op, batch)?,
+            int(op, a_len)?,
+            int(op, c_len)?,
+            int(op, group)?,
+            int(op, d)?,
+        );
+        launch!(
+            self,
+            "swap_middle",
+            elementwise_cfg(n as usize),
+            &mut out.buf,
+            &x.buf,
+            &bi,
+            &ai,
+            &ci,
+            &gi,
+            &di
+        )?;
+        Ok(out)
+    }
+
+    /// The padding mask on the device, if the mask has one.
+    fn upload_key_valid(&self, mask: &AttentionMask<'_>) -> Result<Option<CudaSlice<u8>>> {
+        match mask.key_valid {
+            Some(valid) if !valid.is_empty() => {
+                let bytes: Vec<u8> = valid.iter().map(|&b| u8::from(b)).collect();
+                Ok(Some(self.upload("padding mask", &bytes)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Dense attention without a fused kernel: head-major copies of q, k and v (k and v
+    /// repeated for grouped heads), fp32 scores from one batched cuBLAS product (tensor cores in
+    /// half precision), the masked softmax, the second product, and the result back in
+    /// `[batch, s_q, heads, d]`. The trait's `attention` takes it for prompts whose scores fit
+    /// [`UNFUSED_MAX_SCORE_BYTES`].
+    pub(crate) fn attention_unfused(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        mask: &AttentionMask<'_>,
+    ) -> Result<CudaTensor> {
+        let op = "attention";
+        let AttnDims {
+            batch,
+            s_q,
+            s_k,
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = shapes::attention(&q.shape, &k.shape, &v.shape, mask)?;
+        if q.numel() == 0 || s_k == 0 {
+            return self.alloc_zeros(q.shape.clone());
+        }
+        int(op, q.numel())?;
+        int(op, k.numel())?;
+        let bh = batch * heads;
+        let score_bytes = bh * s_q * s_k * size_of::<f32>();
+        if score_bytes > UNFUSED_MAX_SCORE_BYTES {
+            return Err(shapes::err(
+                op,
+                format!("{score_bytes} bytes of scores exceed the unfused attention's limit"),
+            ));
+        }
+        int(op, bh * s_q * s_k)?;
+        let group = heads / kv_heads;
+        let qt = self.swap_middle(q, [batch, s_q, heads, d], 1)?;
+        let kt = self.swap_middle(k, [batch, s_k, heads, d], group)?;
+        let vt = self.swap_middle(v, [batch, s_k, heads, d], group)?;
+        let [(scores_g, scores_b), (values_g, values_b)] =
+            unfused_products(int(op, bh)?, int(op, s_q)?, int(op, s_k)?, int(op, d)?);
+        let mut scores = self.alloc_slice::<u8>("attention scores", score_bytes)?;
+        let what = format!("attention scores {bh}x{s_q}x{s_k}x{d}");
+        // SAFETY: kt holds bh·s_k·d and qt bh·s_q·d elements, scores bh·s_q·s_k fp32 values.
+        unsafe { self.gemm(&what, scores_g, Some(scores_b), &kt.buf, &qt.buf, &mut scores)? };
+        drop((qt, kt));
+        let valid_dev = self.upload_key_valid(mask)?;
+        let valid_buf = valid_dev.as_ref().unwrap_or(&self.placeholder_u8);
+        let has_valid = i32::from(valid_dev.is_some());
+        let causal = causal_arg(op, mask)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut probs = self.alloc(vec![bh, s_q, s_k])?;
+        let (rows, sqi, ski, hi) = (int(op, bh * s_q)?, int(op, s_q)?, int(op, s_k)?, int(op, heads)?);
+        launch!(
+            self,
+            "attn_softmax",
+            rows_cfg(bh * s_q, BLOCK),
+            &mut probs.buf,
+            &scores,
+            valid_buf,
+            &has_valid,
+            &causal,
+            &rows,
+            &sqi,
+            &ski,
+            &hi,
+            &scale
+        )?;
+        drop(scores);
+        let mut heads_out = self.alloc(vec![batch, heads, s_q, d])?;
+        let what = format!("attention values {bh}x{s_q}x{s_k}x{d}");
+        // SAFETY: vt holds bh·s_k·d, probs bh·s_q·s_k and heads_out bh·s_q·d elements.
+        unsafe {
+            self.gemm(
+                &what,
+                values_g,
+                Some(values_b),
+                &vt.buf,
+                &probs.buf,
+                &mut heads_out.buf,
+            )?
+        };
+        self.swap_middle(&heads_out, [batch, heads, s_q, d], 1)
     }
 
     fn norm_launch(
@@ -635,6 +805,7 @@ impl Backend for CudaBackend {
             lda: mi,
             ldb: ki,
             ldc: mi,
+            c_f32: false,
         };
         let strides = Batch {
             count: bi,
@@ -854,13 +1025,17 @@ impl Backend for CudaBackend {
         mask: &AttentionMask<'_>,
     ) -> Result<CudaTensor> {
         // One query row per sequence (a decode step) leaves 15 of flash's 16 rows per block idle;
-        // the decode kernel spreads that row's keys over 8 warps instead.
-        let kernel = if q.shape.get(1) == Some(&1) {
-            AttentionKernel::Decode
-        } else {
-            AttentionKernel::Flash
-        };
-        self.attention_with(q, k, v, mask, kernel)
+        // the decode kernel spreads that row's keys over 8 warps instead. Prompts go through
+        // cuBLAS (tensor cores in half precision) while their scores stay small, else flash.
+        match (q.shape.as_slice(), k.shape.get(1)) {
+            ([_, 1, ..], _) => self.attention_with(q, k, v, mask, AttentionKernel::Decode),
+            ([batch, s_q, heads, _], Some(s_k))
+                if batch * heads * s_q * s_k * size_of::<f32>() <= UNFUSED_MAX_SCORE_BYTES =>
+            {
+                self.attention_unfused(q, k, v, mask)
+            }
+            _ => self.attention_with(q, k, v, mask, AttentionKernel::Flash),
+        }
     }
 
     fn prepare_paged(&self, plan: &PagedPlan) -> Result<CudaPaged> {

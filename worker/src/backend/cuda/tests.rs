@@ -727,9 +727,31 @@ fn gpu_sampling_draws_what_the_host_draws() {
     }
 }
 
+/// A dense attention op on the GPU.
+type Attend<'m> = Box<dyn Fn(&CudaBackend, &[CudaTensor]) -> Result<CudaTensor> + 'm>;
+
+/// Every way the GPU computes dense attention, by name: both fused kernels and the unfused
+/// path through cuBLAS.
+fn attention_paths<'m>(mask: &'m AttentionMask<'m>) -> [(&'static str, Attend<'m>); 3] {
+    [
+        (
+            "flash",
+            Box::new(move |be, t| be.attention_with(&t[0], &t[1], &t[2], mask, AttentionKernel::Flash)),
+        ),
+        (
+            "decode",
+            Box::new(move |be, t| be.attention_with(&t[0], &t[1], &t[2], mask, AttentionKernel::Decode)),
+        ),
+        (
+            "unfused",
+            Box::new(move |be, t| be.attention_unfused(&t[0], &t[1], &t[2], mask)),
+        ),
+    ]
+}
+
 #[test]
-fn gpu_attention_matches_reference_for_both_kernels() {
-    let Some(g) = gpu("gpu_attention_matches_reference_for_both_kernels") else {
+fn gpu_attention_matches_reference_for_all_paths() {
+    let Some(g) = gpu("gpu_attention_matches_reference_for_all_paths") else {
         return;
     };
     // fp32 dot products of up to 256 terms and an online softmax (rescaled running sums) against
@@ -756,14 +778,12 @@ fn gpu_attention_matches_reference_for_both_kernels() {
         let (_, want) = run(&ReferenceBackend, inputs, |be, t| {
             be.attention(&t[0], &t[1], &t[2], &mask)
         });
-        for kernel in [AttentionKernel::Flash, AttentionKernel::Decode] {
+        for (path, attend) in attention_paths(&mask) {
             let what = format!(
-                "{kernel:?} attention q {qs:?} k {ks:?} padding {} causal {:?}",
+                "{path} attention q {qs:?} k {ks:?} padding {} causal {:?}",
                 c.padding, c.causal
             );
-            let (shape, got) = run(&*g, inputs, |be, t| {
-                be.attention_with(&t[0], &t[1], &t[2], &mask, kernel)
-            });
+            let (shape, got) = run(&*g, inputs, attend);
             assert_eq!(shape, qs, "{what}");
             assert_close(&what, &got, &want, tol);
             if c.padding {
@@ -1086,14 +1106,14 @@ fn gpu_half_precision_ops_match_reference() {
             let mask = c.mask(&valid);
             let (qs, ks) = (c.q_shape(), c.kv_shape());
             let inputs: Inputs<'_> = &[(&q, &qs), (&k, &ks), (&v, &ks)];
-            for kernel in [AttentionKernel::Flash, AttentionKernel::Decode] {
+            for (path, attend) in attention_paths(&mask) {
                 compare_rounded(
                     g,
-                    &format!("{kernel:?} attention {c:?}"),
+                    &format!("{path} attention {c:?}"),
                     tol,
                     inputs,
                     |be, t| be.attention(&t[0], &t[1], &t[2], &mask),
-                    |be, t| be.attention_with(&t[0], &t[1], &t[2], &mask, kernel),
+                    attend,
                 );
             }
         }

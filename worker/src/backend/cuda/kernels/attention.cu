@@ -421,6 +421,72 @@ extern "C" __global__ void decode_merge(elem_t* out, const float* partials, cons
     }
 }
 
+// The unfused attention of dense prompts (encoders): two batched matrix products on cuBLAS
+// (tensor cores in half precision) around a masked softmax, over head-major copies of the
+// inputs. These two kernels are its non-product steps.
+//
+// swap_middle: out[b, c, a, :] = x[b, a, c / group, :] for x [batch, a_len, c_len / group, d]
+//   and out [batch, c_len, a_len, d]: [batch, seq, heads, d] to head-major [batch, heads, seq, d]
+//   and back (group > 1 repeats each key/value head for the query heads that share it).
+//   Launch: grid-stride over batch * c_len * a_len * d.
+extern "C" __global__ void swap_middle(elem_t* out, const elem_t* x, int batch, int a_len, int c_len, int group,
+                                       int d) {
+    KERNEL_CHECK(group > 0 && c_len % group == 0);
+    const size_t n = (size_t)batch * c_len * a_len * d;
+    const int x_c = c_len / group;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += (size_t)gridDim.x * blockDim.x) {
+        const int e = idx % d;
+        size_t rest = idx / d;
+        const int a = rest % a_len;
+        rest /= a_len;
+        const int c = rest % c_len;
+        const size_t b = rest / c_len;
+        out[idx] = x[((b * a_len + a) * x_c + c / group) * d + e];
+    }
+}
+
+// attn_softmax: p[r, j] = softmax over the visible keys j of scale * s[r, j], for the fp32 scores
+//   s [batch * heads * s_q, s_k]; row r = (b * heads + h) * s_q + i. Key j is visible as in
+//   DenseLayout (key_valid[b * s_k + j] when has_valid; j <= causal_offset + i when
+//   causal_offset >= 0); invisible keys and rows without a visible key get 0. The
+//   probabilities are stored in elem_t, the precision the second product reads.
+//   Launch: grid (rows), block 256.
+extern "C" __global__ void attn_softmax(elem_t* p, const float* s, const unsigned char* key_valid, int has_valid,
+                                        int causal_offset, int rows, int s_q, int s_k, int heads, float scale) {
+    __shared__ float scratch[32];
+    KERNEL_CHECK(s_q > 0 && heads > 0 && blockDim.x % 32 == 0);
+    const int r = blockIdx.x;
+    if (r >= rows) {
+        return;
+    }
+    const int i = r % s_q;
+    const size_t b = (size_t)(r / s_q / heads);
+    const float* sr = s + (size_t)r * s_k;
+    elem_t* pr = p + (size_t)r * s_k;
+    const int end = causal_offset >= 0 ? min(s_k, causal_offset + i + 1) : s_k;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < end; j += blockDim.x) {
+        if (!has_valid || key_valid[b * s_k + j]) {
+            m = fmaxf(m, sr[j] * scale);
+        }
+    }
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    if (m != -INFINITY) { // uniform for the block
+        for (int j = threadIdx.x; j < end; j += blockDim.x) {
+            if (!has_valid || key_valid[b * s_k + j]) {
+                sum += expf(sr[j] * scale - m);
+            }
+        }
+    }
+    sum = block_sum(sum, scratch);
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    for (int j = threadIdx.x; j < s_k; j += blockDim.x) {
+        const bool visible = j < end && (!has_valid || key_valid[b * s_k + j]);
+        pr[j] = store(visible ? expf(sr[j] * scale - m) * inv : 0.0f);
+    }
+}
+
 // kv_write: pool[slots[t], :] = rows[t, :] for t < tokens, rows of `width` floats (one
 //   position's keys or values over all kv heads). Launch: grid-stride over tokens * width.
 extern "C" __global__ void kv_write(elem_t* pool, const elem_t* rows, const unsigned int* slots, int tokens,
