@@ -496,10 +496,24 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
     })?;
     let attn_flops = 4.0 * (ENC_BATCH * heads * ENC_SEQ * ENC_SEQ * d) as f64;
     op.emit(
-        "attention_flash",
-        format!("[{ENC_BATCH},{ENC_SEQ},{heads},{d}] padding mask"),
+        "attention",
+        format!("[{ENC_BATCH},{ENC_SEQ},{heads},{d}] padding mask (unfused: cuBLAS + softmax)"),
         us,
         layers,
+        attn_flops,
+        act(4 * t * h),
+    );
+    // The fused flash kernel at the same shape, for comparison (0 calls: the pass does not
+    // run it).
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.attention_flash(&q, &k, &v, &mask)?);
+        Ok(())
+    })?;
+    op.emit(
+        "attention_flash_alone",
+        format!("[{ENC_BATCH},{ENC_SEQ},{heads},{d}] padding mask"),
+        us,
+        0,
         attn_flops,
         act(4 * t * h),
     );

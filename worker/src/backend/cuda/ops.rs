@@ -490,6 +490,19 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// Dense attention through the fused flash kernel whatever the size: what the trait's
+    /// `attention` takes only for prompts too large for the unfused path; public so that
+    /// benchmarks can time both.
+    pub fn attention_flash(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        mask: &AttentionMask<'_>,
+    ) -> Result<CudaTensor> {
+        self.attention_with(q, k, v, mask, AttentionKernel::Flash)
+    }
+
     /// The padding mask on the device, if the mask has one.
     fn upload_key_valid(&self, mask: &AttentionMask<'_>) -> Result<Option<CudaSlice<u8>>> {
         match mask.key_valid {
