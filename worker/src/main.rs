@@ -163,7 +163,16 @@ fn load_on_device(args: &ServeArgs, limits: &ModelLimits) -> anyhow::Result<Mode
                 cuda_graph_max_batch = args.cuda_graph_max_batch,
                 "running on the GPU"
             );
-            server::load_model_on(dir, backend, limits)
+            server::load_model_on(dir, backend, limits).and_then(|mut parts| {
+                let started = std::time::Instant::now();
+                let tokens = server::reserve_working_set(&mut parts, limits)?;
+                tracing::info!(
+                    tokens,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "ran the largest pass once: the GPU's memory pool holds its working set"
+                );
+                Ok(parts)
+            })
         }
         #[cfg(not(feature = "cuda"))]
         Selected::Cuda(()) => anyhow::bail!("--device {}: this build has no CUDA backend", args.device),

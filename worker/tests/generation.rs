@@ -853,3 +853,31 @@ fn a_key_value_pool_too_large_for_memory_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn the_largest_pass_runs_once_at_start_up() {
+    // What a GPU worker does before it reports ready (its memory pool then holds the peak
+    // working set), checked here on the CPU: the largest pass the limits admit, and no more.
+    // tiny-bert: two sequences of its 64-token maximum fit 130 tokens. The decoders get a pool
+    // of 16 KiB: 64 positions of tiny-llama, 32 of tiny-gpt2 (twice as wide), which caps the
+    // prompt below the budget and the context.
+    for (name, budget, want) in [
+        ("tiny-bert", 130, 128),
+        ("tiny-llama", 100, 64),
+        ("tiny-gpt2", 40, 32),
+    ] {
+        let limits = ModelLimits {
+            max_batch_tokens: budget,
+            kv_cache_bytes: 16 << 10,
+        };
+        let mut parts = server::load_model(&fixture(name), 1, &limits).unwrap();
+        let tokens = server::reserve_working_set(&mut parts, &limits).unwrap();
+        assert_eq!(tokens, want, "{name}");
+        if let ModelParts::Decoder(d) = &mut parts {
+            // The pass gave its blocks back: the whole pool is free for a new sequence.
+            let mut cache = d.model.new_cache();
+            let prompt = vec![0; d.model.kv_capacity_positions()];
+            d.model.step(&mut [&mut cache], &[&prompt]).unwrap();
+        }
+    }
+}

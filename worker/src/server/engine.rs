@@ -10,13 +10,13 @@ use super::Task;
 use super::fault::DeviceFault;
 use super::generator::{DecoderParts, Generator, load_decoder_on};
 use super::metrics::Metrics;
-use super::scheduler::{BertEncoder, Encoder, Scheduler};
+use super::scheduler::{BertEncoder, Encoder, Scheduler, Work};
 use crate::Error;
 use crate::backend::{Backend, CpuBackend};
 use crate::config::{BertHead, ModelConfig};
 use crate::model_dir::ModelDir;
 use crate::models::bert::Bert;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{Encoding, Tokenizer};
 
 /// What sits on top of an encoder, with its class names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +64,42 @@ pub fn load_model_on<B: Backend + 'static>(
         ModelConfig::Bert(_) => load_encoder_on(opened, backend).map(ModelParts::Encoder),
         ModelConfig::Gpt2(_) | ModelConfig::Llama(_) => {
             load_decoder_on(opened, backend, limits.kv_cache_bytes).map(ModelParts::Decoder)
+        }
+    }
+}
+
+/// Runs the largest forward pass `limits` allow once and discards it, so that a GPU's memory
+/// pool holds the peak working set before the worker reports ready: running out of memory
+/// shows at start-up rather than on the first large batch, and later passes allocate from
+/// memory the pool already holds (the CUDA backend keeps freed memory). Encoders: as many
+/// sequences of the tokenizer's maximum length as `max_batch_tokens` admits (one at least);
+/// decoders: one prompt of as many tokens as the budget, the context and the key/value pool
+/// allow. Returns the tokens run.
+pub fn reserve_working_set(parts: &mut ModelParts, limits: &ModelLimits) -> crate::Result<usize> {
+    let budget = limits.max_batch_tokens.max(1);
+    match parts {
+        ModelParts::Encoder(p) => {
+            let len = p.tokenizer.max_length().unwrap_or(budget).clamp(1, budget);
+            let dummy = Encoding {
+                ids: vec![0; len],
+                type_ids: vec![0; len],
+                offsets: vec![(0, 0); len],
+                special_tokens_mask: vec![false; len],
+            };
+            let encodings = vec![dummy; (budget / len).max(1)];
+            p.encoder.run(Work::Embed, &encodings)?;
+            Ok(encodings.len() * len)
+        }
+        ModelParts::Decoder(p) => {
+            let model = &mut p.model;
+            let len = budget
+                .min(model.max_positions())
+                .min(model.kv_capacity_positions())
+                .max(1);
+            let mut cache = model.new_cache();
+            let prompt = vec![0; len];
+            model.step(&mut [&mut cache], &[&prompt])?;
+            Ok(len)
         }
     }
 }

@@ -27,7 +27,7 @@ pub mod scheduler;
 
 pub use engine::{
     Capability, EncoderParts, Engine, Head, ModelLimits, ModelParts, check_decoder_task, check_task,
-    load_encoder, load_encoder_on, load_model, load_model_on,
+    load_encoder, load_encoder_on, load_model, load_model_on, reserve_working_set,
 };
 pub use error::ApiError;
 pub use generator::{Decoder, DecoderOn, DecoderParts, GenerationRequest, Generator, load_decoder};
