@@ -885,14 +885,16 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
     op.linear(b, "linear_down", t, inter, h, false, Activation::Identity, layers)?;
 
     op.linear(b, "linear_lm_head", t, h, vocab, false, Activation::Identity, 1)?;
-    // Greedy selection on the GPU: the logits are read once, only the ids come back.
+    // Greedy selection on the GPU as a decode step makes it (`sample_rows` with greedy draws):
+    // only the ids come back.
     let logits = upload(b, &[t, vocab])?;
+    let greedy = vec![TokenDraw::GREEDY; t];
     let us = time_op(b, OP_BUDGET, || {
-        drop(b.argmax_rows(&logits)?);
+        drop(b.sample_rows(&logits, &greedy)?);
         Ok(())
     })?;
     op.emit(
-        "argmax_to_host",
+        "sample_greedy_to_host",
         format!("[{t},{vocab}]"),
         us,
         1,
