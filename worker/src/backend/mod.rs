@@ -30,6 +30,7 @@ pub mod cpu_kernels;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod graph_book;
 pub mod paged;
 pub mod reference;
 mod shapes;

@@ -1,5 +1,7 @@
 //! CUDA graphs for decode steps (opt-in: [`CudaBackend::enable_decode_graphs`], the worker's
-//! `--cuda-graphs`).
+//! `--cuda-graph-max-batch`). The decisions (what is staged, when a recording is replayed,
+//! recorded again or given up) are made by the pure [`GraphBook`], tested without a GPU; this
+//! module holds the device buffers and graphs and carries them out.
 //!
 //! A decode step of B sequences (one new token each) launches the same kernels with the same
 //! arguments every time; only the contents of a few small inputs change: token ids, positions,
@@ -19,8 +21,7 @@
 //!    warning; that step runs again without a graph, and so do B's later steps.
 //!
 //! What a graph reads must not move: when a step's block tables outgrow B's table buffer, the
-//! buffer is replaced (doubling) and B's graph dropped, so the next step records a new one.
-//! Activations are allocated inside the capture from the stream-ordered pool, which makes them
+//! buffer is replaced and B's graph dropped, so the step records a new one. Activations are allocated inside the capture from the stream-ordered pool, which makes them
 //! graph-owned memory that every launch reuses; cuBLAS works in the fixed workspace the backend
 //! gives it at start-up, so no product allocates inside a capture.
 
@@ -34,18 +35,13 @@ use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr, DeviceRepr};
 use super::context::{CudaBackend, driver_err};
 use super::paged::CudaPaged;
 use super::tensor::CudaTensor;
+use crate::backend::graph_book::{GraphBook, Staging, StepAction};
 use crate::backend::{BackendError, DecodeStep, PagedPlan, Result};
 use crate::sampling::TokenDraw;
 
-/// Block-table entries a batch's table buffer starts with, per sequence (a context of 1024
-/// positions at 16 per block); it doubles when a step needs more.
-const INITIAL_BLOCKS_PER_SEQUENCE: usize = 64;
-
 /// The decode graphs of one backend and the inputs they read.
 pub(super) struct DecodeGraphs {
-    max_batch: usize,
-    /// The key of the steps the graphs were recorded from (see [`DecodeStep::key`]).
-    key: Option<u64>,
+    book: GraphBook,
     batches: HashMap<usize, BatchGraph>,
 }
 
@@ -63,10 +59,6 @@ struct BatchGraph {
     draws: CudaSlice<f64>,
     out: CudaSlice<u32>,
     graph: Option<RecordedGraph>,
-    /// A capture failed: this batch size runs without a graph (until the key changes).
-    ungraphable: bool,
-    /// The plan prepared last was staged here: the step about to run reads these buffers.
-    fresh: bool,
 }
 
 /// A graph recorded from the backend's stream.
@@ -78,8 +70,7 @@ struct RecordedGraph(CudaGraph);
 unsafe impl Send for RecordedGraph {}
 
 impl BatchGraph {
-    fn new(backend: &CudaBackend, batch: usize) -> Result<Self> {
-        let table_entries = batch * INITIAL_BLOCKS_PER_SEQUENCE;
+    fn new(backend: &CudaBackend, batch: usize, table_entries: usize) -> Result<Self> {
         Ok(Self {
             ids: Arc::new(backend.alloc_slice("graph token ids", batch)?),
             ids_host: None,
@@ -91,8 +82,6 @@ impl BatchGraph {
             draws: backend.alloc_slice("graph draws", 4 * batch)?,
             out: backend.alloc_slice("graph token choices", batch)?,
             graph: None,
-            ungraphable: false,
-            fresh: false,
         })
     }
 }
@@ -102,8 +91,7 @@ impl CudaBackend {
     /// module docs).
     pub fn enable_decode_graphs(&self, max_batch: usize) {
         *self.graphs.lock().unwrap_or_else(PoisonError::into_inner) = Some(DecodeGraphs {
-            max_batch,
-            key: None,
+            book: GraphBook::new(max_batch),
             batches: HashMap::new(),
         });
     }
@@ -120,18 +108,13 @@ impl CudaBackend {
     /// whose capture fails falls back without one, so this says whether graphs are in use).
     pub fn decode_graph_batches(&self) -> Vec<usize> {
         let guard = self.graphs.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut batches: Vec<usize> = guard
-            .as_ref()
-            .map(|g| {
-                g.batches
-                    .iter()
-                    .filter(|(_, b)| b.graph.is_some())
-                    .map(|(&n, _)| n)
-                    .collect()
-            })
-            .unwrap_or_default();
-        batches.sort_unstable();
-        batches
+        guard.as_ref().map_or_else(Vec::new, |g| {
+            g.book
+                .recorded_batches()
+                .into_iter()
+                .filter(|b| g.batches.get(b).is_some_and(|s| s.graph.is_some()))
+                .collect()
+        })
     }
 
     /// A decode plan (every sequence one new token) staged into its batch size's buffers, or
@@ -149,24 +132,34 @@ impl CudaBackend {
         let Some(graphs) = guard.as_mut() else {
             return Ok(None);
         };
-        for staged in graphs.batches.values_mut() {
-            staged.fresh = false;
-        }
         let batch = plan.seqs.len();
-        if batch > graphs.max_batch || plan.seqs.iter().any(|s| s.q_len != 1) {
-            return Ok(None);
-        }
-        let staged = match graphs.batches.entry(batch) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(BatchGraph::new(self, batch)?),
+        let decode = plan.seqs.iter().all(|s| s.q_len == 1);
+        let (create, grow_tables, table_capacity) = match graphs.book.prepare(batch, decode, tables.len()) {
+            Staging::Plain => return Ok(None),
+            Staging::Stage {
+                create,
+                grow_tables,
+                table_capacity,
+            } => (create, grow_tables, table_capacity),
         };
-        if staged.ungraphable {
-            return Ok(None);
+        if create {
+            match BatchGraph::new(self, batch, table_capacity) {
+                Ok(buffers) => {
+                    graphs.batches.insert(batch, buffers);
+                }
+                Err(e) => {
+                    graphs.book.forget(batch);
+                    return Err(e);
+                }
+            }
         }
-        if staged.tables.len() < tables.len() {
-            let entries = tables.len().max(2 * staged.tables.len());
-            staged.tables = Arc::new(self.alloc_slice("graph block tables", entries)?);
+        let Some(staged) = graphs.batches.get_mut(&batch) else {
+            graphs.book.failed(batch);
+            return Ok(None);
+        };
+        if grow_tables {
             staged.graph = None; // it reads the old buffer
+            staged.tables = Arc::new(self.alloc_slice("graph block tables", table_capacity)?);
         }
         let positions: Vec<u32> = plan
             .seqs
@@ -178,7 +171,6 @@ impl CudaBackend {
         self.write_staged("cache slots", &staged.slots, slots)?;
         self.write_staged("positions", &staged.positions, &positions)?;
         staged.positions_host = Some(positions);
-        staged.fresh = true;
         Ok(Some(CudaPaged::staged(
             plan.clone(),
             staged.meta.clone(),
@@ -224,27 +216,25 @@ impl CudaBackend {
             let Some(graphs) = guard.as_mut() else {
                 return Ok(None);
             };
-            if graphs.key != Some(decode.key) {
-                // Another pool (and model): its steps read other buffers. The staged inputs
-                // stay, they are this step's.
-                for staged in graphs.batches.values_mut() {
+            let action = graphs.book.step(decode.key, batch);
+            // Graphs the book no longer counts as recorded (another key, outgrown tables) go.
+            for (b, staged) in &mut graphs.batches {
+                if !graphs.book.is_recorded(*b) {
                     staged.graph = None;
-                    staged.ungraphable = false;
                 }
-                graphs.key = Some(decode.key);
+            }
+            if action == StepAction::Plain || draws.len() != batch {
+                return Ok(None);
             }
             let Some(staged) = graphs.batches.get_mut(&batch) else {
                 return Ok(None);
             };
-            // The plan prepared last (this step's, just before) must be the one staged here.
-            if staged.ungraphable || !staged.fresh || draws.len() != batch {
-                return Ok(None);
-            }
-            staged.fresh = false;
             self.write_staged("token ids", &staged.ids, ids)?;
             staged.ids_host = Some(ids.to_vec());
             self.write_staged("token draws", &staged.draws, &super::ops::draw_words(draws))?;
-            if let Some(graph) = &staged.graph {
+            if action == StepAction::Replay
+                && let Some(graph) = &staged.graph
+            {
                 graph
                     .0
                     .launch()
@@ -256,13 +246,17 @@ impl CudaBackend {
         match self.capture(batch, forward) {
             Ok(graph) => {
                 let mut guard = self.graphs.lock().unwrap_or_else(PoisonError::into_inner);
-                let Some(staged) = guard.as_mut().and_then(|g| g.batches.get_mut(&batch)) else {
+                let Some(graphs) = guard.as_mut() else {
+                    return Ok(None);
+                };
+                let Some(staged) = graphs.batches.get_mut(&batch) else {
                     return Ok(None);
                 };
                 graph
                     .launch()
                     .map_err(|e| driver_err("launching a decode graph", e))?;
                 staged.graph = Some(RecordedGraph(graph));
+                graphs.book.recorded(batch);
                 Ok(Some(self.download_ids(&staged.out)?))
             }
             Err(e) => {
@@ -271,14 +265,13 @@ impl CudaBackend {
                     error = %e,
                     "a decode step could not be recorded as a CUDA graph; this batch size runs without one"
                 );
-                if let Some(staged) = self
+                if let Some(graphs) = self
                     .graphs
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .as_mut()
-                    .and_then(|g| g.batches.get_mut(&batch))
                 {
-                    staged.ungraphable = true;
+                    graphs.book.failed(batch);
                 }
                 Ok(None)
             }
