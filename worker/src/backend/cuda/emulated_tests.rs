@@ -345,6 +345,20 @@ fn emulated_paged_attention_matches_reference_for_both_kernels() {
     }
 }
 
+/// A dense attention case's inputs rounded to precision `p`, and the f64 reference's output.
+fn dense_case(c: &AttnCase, p: Precision, rng: &mut Rng) -> (AttnInputs, Vec<f32>) {
+    let AttnInputs { q, k, v, valid } = c.inputs(rng);
+    let (q, k, v) = (p.round(&q), p.round(&k), p.round(&v));
+    let (qs, ks) = (c.q_shape(), c.kv_shape());
+    let want = host(ReferenceBackend.attention(
+        &reference(&q, &qs),
+        &reference(&k, &ks),
+        &reference(&v, &ks),
+        &c.mask(&valid),
+    ));
+    (AttnInputs { q, k, v, valid }, want)
+}
+
 #[test]
 fn emulated_dense_attention_matches_reference_for_both_kernels() {
     for p in Precision::ALL {
@@ -356,16 +370,7 @@ fn emulated_dense_attention_matches_reference_for_both_kernels() {
             .into_iter()
             .take(cases_for(p, AttnCase::COMMON.len()))
         {
-            let AttnInputs { q, k, v, valid } = c.inputs(&mut rng);
-            let (q, k, v) = (p.round(&q), p.round(&k), p.round(&v));
-            let mask = c.mask(&valid);
-            let (qs, ks) = (c.q_shape(), c.kv_shape());
-            let want = host(ReferenceBackend.attention(
-                &reference(&q, &qs),
-                &reference(&k, &ks),
-                &reference(&v, &ks),
-                &mask,
-            ));
+            let (AttnInputs { q, k, v, valid }, want) = dense_case(&c, p, &mut rng);
             let (mut qd, mut kd, mut vd) = (emu.store(&q), emu.store(&k), emu.store(&v));
             let mut valid_u8: Vec<u8> = valid.iter().map(|&b| u8::from(b)).collect();
             valid_u8.push(0); // never empty, as the backend's placeholder
@@ -456,16 +461,7 @@ fn emulated_unfused_attention_matches_reference() {
             .into_iter()
             .take(cases_for(p, AttnCase::COMMON.len()))
         {
-            let AttnInputs { q, k, v, valid } = c.inputs(&mut rng);
-            let (q, k, v) = (p.round(&q), p.round(&k), p.round(&v));
-            let mask = c.mask(&valid);
-            let (qs, ks) = (c.q_shape(), c.kv_shape());
-            let want = host(ReferenceBackend.attention(
-                &reference(&q, &qs),
-                &reference(&k, &ks),
-                &reference(&v, &ks),
-                &mask,
-            ));
+            let (AttnInputs { q, k, v, valid }, want) = dense_case(&c, p, &mut rng);
             let (batch, heads, d) = (c.batch, c.heads, c.d);
             let bh = batch * heads;
             let swap = |x: &[f32], a_len: usize, c_len: usize, group: usize| {

@@ -155,13 +155,14 @@ impl CudaBackend {
         let (hi, kvi, di) = (int(op, heads)?, int(op, kv_heads)?, int(op, d)?);
         let scale = 1.0 / (d as f32).sqrt();
         let cfg = attention_cfg(kernel, paged.max_q_len, heads, seqs, d);
+        // The attention kernels share every argument but the first: where they write.
         macro_rules! attn {
-            ($name:literal) => {
+            ($name:literal, $dest:expr) => {
                 launch!(
                     self,
                     $name,
                     cfg,
-                    &mut out.buf,
+                    $dest,
                     &q.buf,
                     &keys.buf,
                     &values.buf,
@@ -178,31 +179,14 @@ impl CudaBackend {
             };
         }
         match kernel {
-            AttentionKernel::Flash => attn!("paged_flash_attention")?,
-            AttentionKernel::Decode => attn!("paged_decode_attention")?,
+            AttentionKernel::Flash => attn!("paged_flash_attention", &mut out.buf)?,
+            AttentionKernel::Decode => attn!("paged_decode_attention", &mut out.buf)?,
             AttentionKernel::SplitDecode { .. } => {
                 let mut partials =
                     self.alloc_slice::<f32>("decode partials", seqs * heads * splits * (d + 2))?;
                 let splits_i = int(op, splits)?;
                 int(op, partials.len())?;
-                launch!(
-                    self,
-                    "paged_decode_split",
-                    cfg,
-                    &mut partials,
-                    &q.buf,
-                    &keys.buf,
-                    &values.buf,
-                    &*paged.meta,
-                    &*paged.tables,
-                    &seqs_i,
-                    &bs,
-                    &window,
-                    &hi,
-                    &kvi,
-                    &di,
-                    &scale
-                )?;
+                attn!("paged_decode_split", &mut partials)?;
                 launch!(
                     self,
                     "decode_merge",
