@@ -163,15 +163,23 @@ fn load_on_device(args: &ServeArgs, limits: &ModelLimits) -> anyhow::Result<Mode
                 cuda_graph_max_batch = args.cuda_graph_max_batch,
                 "running on the GPU"
             );
-            server::load_model_on(dir, backend, limits).and_then(|mut parts| {
+            server::load_model_on(dir, backend, limits).map(|mut parts| {
                 let started = std::time::Instant::now();
-                let tokens = server::reserve_working_set(&mut parts, limits)?;
-                tracing::info!(
-                    tokens,
-                    seconds = started.elapsed().as_secs_f64(),
-                    "ran the largest pass once: the GPU's memory pool holds its working set"
-                );
-                Ok(parts)
+                // A failure here (out of memory, above all) is loud but not fatal: smaller
+                // batches may still fit, and the scheduler reports what does not.
+                match server::reserve_working_set(&mut parts, limits) {
+                    Ok(tokens) => tracing::info!(
+                        tokens,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "ran the largest pass once: the GPU's memory pool holds its working set"
+                    ),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "the largest pass the limits admit failed at start-up; lower --max-batch-tokens \
+                         (or --kv-cache-mib) until it fits"
+                    ),
+                }
+                parts
             })
         }
         #[cfg(not(feature = "cuda"))]

@@ -74,12 +74,14 @@ pub fn load_model_on<B: Backend + 'static>(
 /// memory the pool already holds (the CUDA backend keeps freed memory). Encoders: as many
 /// sequences of the tokenizer's maximum length as `max_batch_tokens` admits (one at least);
 /// decoders: one prompt of as many tokens as the budget, the context and the key/value pool
-/// allow. Returns the tokens run.
+/// allow. Returns the tokens run. The worker calls it on a GPU and only warns when it fails
+/// (smaller batches may still fit).
 pub fn reserve_working_set(parts: &mut ModelParts, limits: &ModelLimits) -> crate::Result<usize> {
     let budget = limits.max_batch_tokens.max(1);
     match parts {
         ModelParts::Encoder(p) => {
-            let len = p.tokenizer.max_length().unwrap_or(budget).clamp(1, budget);
+            // Without a known limit, BERT's usual 512 positions.
+            let len = p.tokenizer.max_length().unwrap_or(512).clamp(1, budget);
             let dummy = Encoding {
                 ids: vec![0; len],
                 type_ids: vec![0; len],
