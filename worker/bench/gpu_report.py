@@ -13,7 +13,9 @@ both sides. The one exception is the matrix products' "of bf16 peak" column.
   at fp16/bf16);
 - decode: each side's tokens/s per precision and batch, and its fraction of the bandwidth
   roofline, batch x copy bandwidth / that side's own weight bytes per step at that precision
-  (goal >= 80%); the bandwidth is the largest device-to-device copy either side measured;
+  (goal >= 80%); the bandwidth is the largest device-to-device copy either side measured; at
+  batch 1 also the worker with its matrix-vector kernel off ("gemv off": cuBLAS and separate
+  norm, SwiGLU and add kernels), which says whether the kernel earns its place;
 - matrix products: the worker's TFLOP/s in each precision over the peak PyTorch measured in the
   same precision (and over the bf16 peak, "the peak" of the issue);
 - where the time goes: each op's time per call x calls per pass, against the measured pass, per
@@ -182,12 +184,14 @@ def decode(ours, theirs, bw):
     rows = []
     for batch in DECODE_BATCHES:
         for dtype in DTYPES:
-            for impl, src, match in (("worker", ours, {"graphs": False}),
-                                     ("worker+graphs", ours, {"graphs": True}),
+            for impl, src, match in (("worker", ours, {"graphs": False, "gemv": True}),
+                                     ("worker+graphs", ours, {"graphs": True, "gemv": True}),
+                                     ("worker, gemv off", ours, {"graphs": False, "gemv": False}),
+                                     ("worker+graphs, gemv off", ours, {"graphs": True, "gemv": False}),
                                      ("torch", theirs, {})):
                 d = find(src, bench="decode", batch=batch, dtype=dtype, **match)
-                if d is None and match.get("graphs"):
-                    continue  # no graph recorded (older binary, or the capture failed)
+                if d is None and (match.get("graphs") or match.get("gemv") is False):
+                    continue  # no graph recorded (the capture failed), or no run with the kernel off
                 roof = roofline(src, dtype, batch, bw)
                 tps = get(d, "tokens_per_s")
                 frac = ratio(tps, roof)
@@ -205,7 +209,8 @@ def decode(ours, theirs, bw):
         for dtype in DTYPES:
             t = get(find(theirs, bench="decode", batch=batch, dtype=dtype), "tokens_per_s")
             for graphs in (False, True):
-                a = get(find(ours, bench="decode", batch=batch, dtype=dtype, graphs=graphs), "tokens_per_s")
+                a = get(find(ours, bench="decode", batch=batch, dtype=dtype, graphs=graphs, gemv=True),
+                        "tokens_per_s")
                 cells.append(num(ratio(a, t), "{:.2f}x"))
         ratio_rows.append([batch, *cells])
     table(["batch", *(f"{d}{' graphs' if g else ''}" for d in DTYPES for g in (False, True))], ratio_rows)
@@ -243,7 +248,8 @@ def time_split(ours):
             measured = get(find(ours, bench="encoder", model=model, dtype=dtype), "ms_per_batch")
             what = f"{model} {dtype} forward pass, batch {batch} x 128"
         else:
-            measured = get(find(ours, bench="decode", batch=batch, dtype=dtype, graphs=False), "ms_per_step")
+            measured = get(find(ours, bench="decode", batch=batch, dtype=dtype, graphs=False, gemv=True),
+                           "ms_per_step")
             what = f"{model} {dtype} decode step, batch {batch}"
         total_ms = sum(o["us"] * o["calls"] for o in ops) / 1e3
         note = ""

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use atomic_worker::ModelDir;
+use atomic_worker::backend::cuda::GEMV_MAX_ROWS;
 use atomic_worker::backend::{
     Activation, AttentionMask, Backend, CudaBackend, CudaTensor, PagedPlan, PagedSeq, Precision,
 };
@@ -400,6 +401,58 @@ impl Op<'_> {
         (elements * self.precision.bytes()) as f64
     }
 
+    /// Times a projection of `x [n, k]` through a weight `[m, k]` (with whatever it folds in)
+    /// and emits it with the product's arithmetic and the weight's and rows' traffic.
+    fn folded(
+        &self,
+        b: &CudaBackend,
+        op: &str,
+        (n, k, m): (usize, usize, usize),
+        calls: usize,
+        f: impl FnMut() -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let us = time_op(b, OP_BUDGET, f)?;
+        let flops = 2.0 * (n * k * m) as f64;
+        let bytes = self.bytes(m * k + n * k + n * m);
+        self.emit(op, format!("[{n},{k}]x[{m},{k}]ᵀ"), us, calls, flops, bytes);
+        Ok(())
+    }
+
+    /// [`Op::folded`] for a projection added onto a residual it takes by value: each call gets
+    /// a copy of `residual` made before the clock runs (a device copy per call, so the copies
+    /// are timed too and subtracted).
+    fn folded_add(
+        &self,
+        b: &CudaBackend,
+        op: &str,
+        shape: (usize, usize, usize),
+        calls: usize,
+        residual: &CudaTensor,
+        mut f: impl FnMut(CudaTensor) -> atomic_worker::backend::Result<CudaTensor>,
+    ) -> anyhow::Result<()> {
+        let copy_us = time_op(b, OP_BUDGET, || {
+            drop(b.copy(residual)?);
+            Ok(())
+        })?;
+        let (n, k, m) = shape;
+        let both_us = time_op(b, OP_BUDGET, || {
+            drop(f(b.copy(residual)?)?);
+            Ok(())
+        })?;
+        let us = (both_us - copy_us).max(0.0);
+        let flops = 2.0 * (n * k * m) as f64;
+        let bytes = self.bytes(m * k + n * k + 2 * n * m);
+        self.emit(
+            op,
+            format!("[{n},{k}]x[{m},{k}]ᵀ + [{n},{m}]"),
+            us,
+            calls,
+            flops,
+            bytes,
+        );
+        Ok(())
+    }
+
     /// Times `linear(x [n, k], w [m, k], bias)` and emits it.
     #[allow(
         clippy::too_many_arguments,
@@ -626,6 +679,8 @@ fn weights_read_per_step(dir: &ModelDir, config: &LlamaConfig) -> (usize, usize)
 /// ids copied back, as the server's greedy batches run) at batch 1 and 32 (prompt prefilled
 /// first, untimed), then the decode step's ops one by one at the mean context length the timed
 /// run saw; then the same runs with decode steps replayed from CUDA graphs (`"graphs": true`).
+/// Batches of up to `GEMV_MAX_ROWS` sequences run once more each way with the matrix-vector
+/// kernel off (`"gemv": false`: cuBLAS and the separate norm, SwiGLU and add kernels).
 fn decode(b: &CudaBackend, folder: &Path, args: &Args) -> anyhow::Result<()> {
     let dir = open(folder)?;
     let ModelConfig::Llama(config) = &dir.config else {
@@ -660,7 +715,17 @@ fn decode(b: &CudaBackend, folder: &Path, args: &Args) -> anyhow::Result<()> {
         if graphs {
             b.enable_decode_graphs(DECODE_BATCHES.into_iter().max().unwrap_or(1));
         }
-        for batch in DECODE_BATCHES {
+        // Batches the matrix-vector kernel takes run a second time with it off (cuBLAS and
+        // the separate kernels), `"gemv": false`, for comparison.
+        for (batch, gemv) in DECODE_BATCHES.into_iter().flat_map(|batch| {
+            let both: &[bool] = if batch <= GEMV_MAX_ROWS {
+                &[true, false]
+            } else {
+                &[true]
+            };
+            both.iter().map(move |&gemv| (batch, gemv))
+        }) {
+            b.set_gemv(gemv);
             let prompts: Vec<Vec<u32>> = (0..batch)
                 .map(|s| {
                     (0..PROMPT)
@@ -697,16 +762,17 @@ fn decode(b: &CudaBackend, folder: &Path, args: &Args) -> anyhow::Result<()> {
             }
             emit(json!({
                 "bench": "decode", "impl": "atomic", "model": DECODER, "dtype": precision.to_string(), "batch": batch,
-                "graphs": graphs && recorded,
+                "graphs": graphs && recorded, "gemv": gemv,
                 "prompt": PROMPT, "steps": steps, "mean_context": mean_context,
                 "prefill_ms": prefill * 1e3, "ms_per_step": elapsed * 1e3 / steps as f64,
                 "tokens_per_s": (batch * steps) as f64 / elapsed,
             }));
-            if !graphs {
+            if !graphs && gemv {
                 decode_ops(b, config, batch, mean_context)?;
             }
         }
     }
+    b.set_gemv(true);
     Ok(())
 }
 
@@ -748,45 +814,31 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
     );
     drop(table);
 
+    // The projections as `Llama::run` calls them: each block's norm folded into the product
+    // that reads it, each residual add into the one that produces it (one matrix-vector
+    // kernel at up to four rows). Beside each, with 0 calls, the same work composed of cuBLAS
+    // and the separate kernels, as larger batches and the kernel switched off run it.
     let x = upload(b, &[t, h])?;
-    let w = upload(b, &[h])?;
-    let us = time_op(b, OP_BUDGET, || {
-        drop(b.rms_norm(&x, &w, 1e-5)?);
+    let norm = upload(b, &[h])?;
+    let eps = c.rms_norm_eps as f32;
+    let qkv_w = upload(b, &[q + 2 * kv, h])?;
+    op.folded(b, "rms_norm_linear_qkv", (t, h, q + 2 * kv), layers, || {
+        drop(b.rms_norm_linear(&x, &norm, eps, &qkv_w, None)?);
         Ok(())
     })?;
-    op.emit("rms_norm", format!("[{t},{h}]"), us, 1, 0.0, act(2 * t * h));
-
-    op.linear(
-        b,
-        "linear_qkv",
-        t,
-        h,
-        q + 2 * kv,
-        false,
-        Activation::Identity,
-        layers,
-    )?;
-    let qkv = upload(b, &[t, q + 2 * kv])?;
-    let positions: Vec<usize> = vec![context; t];
-    let us = time_op(b, OP_BUDGET, || {
-        drop(b.split_qkv_rope(&qkv, (heads, kvh), &positions, theta)?);
+    op.folded(b, "rms_norm+cublas_qkv", (t, h, q + 2 * kv), 0, || {
+        drop(b.linear_cublas(&b.rms_norm(&x, &norm, eps)?, &qkv_w, None)?);
         Ok(())
     })?;
-    op.emit(
-        "split_qkv_rope",
-        format!("[{t},{}]", q + 2 * kv),
-        us,
-        layers,
-        0.0,
-        act(2 * t * (q + 2 * kv)),
-    );
-    let xk = upload(b, &[t, kvh, d])?;
+    drop(qkv_w);
 
-    // Step::attend: the new keys and values into the pool, then attention over it in place.
-    // Each sequence's blocks are contiguous here; in a server they are scattered, which costs
-    // the kernel nothing (it reads whole 16-position blocks either way).
+    // Step::attend_qkv: q and k rotated, keys and values written into the pool by the same
+    // kernel, then attention over the pool in place. Each sequence's blocks are contiguous
+    // here; in a server they are scattered, which costs the kernel nothing (it reads whole
+    // 16-position blocks either way).
     let blocks_per_seq = context.div_ceil(BLOCK_SIZE);
     let mut pool = b.zeros(&[batch * blocks_per_seq * BLOCK_SIZE, kvh, d])?;
+    let mut values = b.zeros(&[batch * blocks_per_seq * BLOCK_SIZE, kvh, d])?;
     let plan = PagedPlan {
         block_size: BLOCK_SIZE,
         window: None,
@@ -801,18 +853,27 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
             .collect(),
     };
     let paged = b.prepare_paged(&plan)?;
+    let qkv = upload(b, &[t, q + 2 * kv])?;
+    let positions: Vec<usize> = vec![context; t];
     let us = time_op(b, OP_BUDGET, || {
-        b.write_paged(&mut pool, &xk, &paged)?;
-        b.write_paged(&mut pool, &xk, &paged)?;
+        drop(b.split_qkv_rope_paged(
+            &qkv,
+            (heads, kvh),
+            &positions,
+            theta,
+            &mut pool,
+            &mut values,
+            &paged,
+        )?);
         Ok(())
     })?;
     op.emit(
-        "write_kv",
-        format!("2 x [{t},{kvh},{d}]"),
+        "split_qkv_rope_paged",
+        format!("[{t},{}]", q + 2 * kv),
         us,
         layers,
         0.0,
-        act(4 * t * kv),
+        act(2 * t * (q + 2 * kv)),
     );
     let us = time_op(b, OP_BUDGET, || {
         drop(b.prepare_paged(&plan)?);
@@ -830,7 +891,7 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
 
     let qd = upload(b, &[batch, heads, d])?;
     let us = time_op(b, OP_BUDGET, || {
-        drop(b.paged_attention(&qd, &pool, &pool, &paged)?);
+        drop(b.paged_attention(&qd, &pool, &values, &paged)?);
         Ok(())
     })?;
     op.emit(
@@ -841,50 +902,51 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
         4.0 * (batch * heads * context * d) as f64,
         act(2 * batch * context * kv + 2 * batch * q),
     );
-    drop((qd, pool, paged));
+    drop((qd, pool, values, paged, qkv));
 
-    op.linear(b, "linear_o", t, q, h, false, Activation::Identity, layers)?;
-    // Each residual add fused with the norm after it (the MLP's, then the next layer's).
-    let y = upload(b, &[t, h])?;
-    let us = time_op(b, OP_BUDGET, || {
-        drop(b.add_rms_norm(&x, &y, &w, 1e-5)?);
+    // The residual stream is taken by value (updated in place), so each call gets a fresh
+    // copy, made outside the timed call.
+    let context_rows = upload(b, &[t, q])?;
+    let o_w = upload(b, &[h, q])?;
+    op.folded_add(b, "linear_add_o", (t, q, h), layers, &x, |r| {
+        b.linear_add(&context_rows, &o_w, None, r)
+    })?;
+    op.folded_add(b, "cublas+add_o", (t, q, h), 0, &x, |r| {
+        b.add(&r, &b.linear_cublas(&context_rows, &o_w, None)?)
+    })?;
+    drop((context_rows, o_w));
+
+    let gate_up_w = upload(b, &[2 * inter, h])?;
+    op.folded(b, "rms_norm_swiglu", (t, h, 2 * inter), layers, || {
+        drop(b.rms_norm_swiglu(&x, &norm, eps, &gate_up_w)?);
         Ok(())
     })?;
-    op.emit(
-        "add_rms_norm",
-        format!("[{t},{h}]"),
-        us,
-        2 * layers,
-        0.0,
-        act(4 * t * h),
-    );
-
-    op.linear(
-        b,
-        "linear_gate_up",
-        t,
-        h,
-        2 * inter,
-        false,
-        Activation::Identity,
-        layers,
-    )?;
-    let gate_up = upload(b, &[t, 2 * inter])?;
-    let us = time_op(b, OP_BUDGET, || {
-        drop(b.swiglu(&gate_up)?);
+    op.folded(b, "rms_norm+cublas+swiglu", (t, h, 2 * inter), 0, || {
+        drop(b.swiglu(&b.linear_cublas(&b.rms_norm(&x, &norm, eps)?, &gate_up_w, None)?)?);
         Ok(())
     })?;
-    op.emit(
-        "swiglu",
-        format!("[{t},{}]", 2 * inter),
-        us,
-        layers,
-        0.0,
-        act(3 * t * inter),
-    );
-    op.linear(b, "linear_down", t, inter, h, false, Activation::Identity, layers)?;
+    drop(gate_up_w);
 
-    op.linear(b, "linear_lm_head", t, h, vocab, false, Activation::Identity, 1)?;
+    let gated = upload(b, &[t, inter])?;
+    let down_w = upload(b, &[h, inter])?;
+    op.folded_add(b, "linear_add_down", (t, inter, h), layers, &x, |r| {
+        b.linear_add(&gated, &down_w, None, r)
+    })?;
+    op.folded_add(b, "cublas+add_down", (t, inter, h), 0, &x, |r| {
+        b.add(&r, &b.linear_cublas(&gated, &down_w, None)?)
+    })?;
+    drop((gated, down_w));
+
+    let head_w = upload(b, &[vocab, h])?;
+    op.folded(b, "rms_norm_linear_lm_head", (t, h, vocab), 1, || {
+        drop(b.rms_norm_linear(&x, &norm, eps, &head_w, None)?);
+        Ok(())
+    })?;
+    op.folded(b, "rms_norm+cublas_lm_head", (t, h, vocab), 0, || {
+        drop(b.linear_cublas(&b.rms_norm(&x, &norm, eps)?, &head_w, None)?);
+        Ok(())
+    })?;
+    drop(head_w);
     // Greedy selection on the GPU as a decode step makes it (`sample_rows` with greedy draws):
     // only the ids come back.
     let logits = upload(b, &[t, vocab])?;

@@ -323,6 +323,58 @@ impl HeadJob<'_> {
 }
 
 impl CpuBackend {
+    /// `x · weightᵀ + bias`, accumulated onto `residual` when one is given (the product adds
+    /// into its buffer, so a residual add costs no pass of its own).
+    fn linear_into(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuTensor,
+        bias: Option<&CpuTensor>,
+        residual: Option<CpuTensor>,
+    ) -> Result<CpuTensor> {
+        let (n, k, m) = shapes::linear(&x.shape, &weight.shape, bias.map(|b| b.shape.as_slice()))?;
+        let mut shape = x.shape.clone();
+        if let Some(last) = shape.last_mut() {
+            *last = m;
+        }
+        let accumulate = bias.is_some() || residual.is_some();
+        let mut out = match residual {
+            Some(r) => {
+                shapes::same("linear_add", &r.shape, &shape)?;
+                r.data
+            }
+            None => vec![0.0; n * m],
+        };
+        if let Some(b) = bias {
+            for row in out.chunks_exact_mut(m.max(1)) {
+                row.iter_mut().zip(&b.data).for_each(|(o, b)| *o += b);
+            }
+        }
+        // out[n × m] (+)= x[n × k] · weightᵀ, weightᵀ being weight [m × k] with swapped strides.
+        // SAFETY: the shapes were checked against the buffers' lengths above.
+        self.run_sized(n * m * k, |parallelism| unsafe {
+            sgemm(
+                (n, m, k),
+                out.as_mut_ptr(),
+                m,
+                accumulate,
+                Mat {
+                    ptr: x.data.as_ptr(),
+                    rs: k,
+                    cs: 1,
+                },
+                Mat {
+                    ptr: weight.data.as_ptr(),
+                    rs: 1,
+                    cs: k,
+                },
+                1.0,
+                parallelism,
+            )
+        });
+        Ok(CpuTensor::new(out, shape))
+    }
+
     /// Runs attention jobs on this thread or the pool, by their total work.
     fn run_heads(&self, jobs: &[HeadJob<'_>]) {
         // Two products (scores and values) of s_q x s_k x head_dim per job.
@@ -402,38 +454,17 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &CpuTensor, weight: &CpuTensor, bias: Option<&CpuTensor>) -> Result<CpuTensor> {
-        let (n, k, m) = shapes::linear(&x.shape, &weight.shape, bias.map(|b| b.shape.as_slice()))?;
-        let mut out = match bias {
-            Some(b) => b.data.repeat(n),
-            None => vec![0.0; n * m],
-        };
-        // out[n × m] (+)= x[n × k] · weightᵀ, weightᵀ being weight [m × k] with swapped strides.
-        // SAFETY: the shapes were checked against the buffers' lengths above.
-        self.run_sized(n * m * k, |parallelism| unsafe {
-            sgemm(
-                (n, m, k),
-                out.as_mut_ptr(),
-                m,
-                bias.is_some(),
-                Mat {
-                    ptr: x.data.as_ptr(),
-                    rs: k,
-                    cs: 1,
-                },
-                Mat {
-                    ptr: weight.data.as_ptr(),
-                    rs: 1,
-                    cs: k,
-                },
-                1.0,
-                parallelism,
-            )
-        });
-        let mut shape = x.shape.clone();
-        if let Some(last) = shape.last_mut() {
-            *last = m;
-        }
-        Ok(CpuTensor::new(out, shape))
+        self.linear_into(x, weight, bias, None)
+    }
+
+    fn linear_add(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuTensor,
+        bias: Option<&CpuTensor>,
+        residual: CpuTensor,
+    ) -> Result<CpuTensor> {
+        self.linear_into(x, weight, bias, Some(residual))
     }
 
     fn linear_act(

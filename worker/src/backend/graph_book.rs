@@ -72,6 +72,11 @@ impl GraphBook {
         }
     }
 
+    /// The largest batch size recorded.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
     /// A plan of `batch` sequences is being prepared; `decode` when each has one new token,
     /// `table_entries` the block-table entries it uploads.
     pub fn prepare(&mut self, batch: usize, decode: bool, table_entries: usize) -> Staging {

@@ -217,19 +217,46 @@ pub trait Backend: Send + Sync {
         self.silu_mul(&gate, &up)
     }
 
-    /// A pre-norm block's residual step in one pass: `(x + residual, rms_norm(x + residual))`,
-    /// the new residual stream and the next block's normalised input (Llama). The default adds,
-    /// then normalises.
-    fn add_rms_norm(
+    /// `linear(rms_norm(x, norm, eps), weight, bias)`: a pre-norm block's projection (Llama's
+    /// q/k/v, its output head). A backend can fold the norm into the product (a few rows read
+    /// the weight once either way) instead of storing the normalised rows. The default composes.
+    fn rms_norm_linear(
         &self,
         x: &Self::Tensor,
-        residual: &Self::Tensor,
-        weight: &Self::Tensor,
+        norm: &Self::Tensor,
         eps: f32,
-    ) -> Result<(Self::Tensor, Self::Tensor)> {
-        let sum = self.add(x, residual)?;
-        let normed = self.rms_norm(&sum, weight, eps)?;
-        Ok((sum, normed))
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        let normed = self.rms_norm(x, norm, eps)?;
+        self.linear(&normed, weight, bias)
+    }
+
+    /// `swiglu(linear(rms_norm(x, norm, eps), gate_up))` with `gate_up [2n, k]` the fused gate
+    /// and up projections: Llama's MLP up to its down projection, `[.., n]`. The default composes.
+    fn rms_norm_swiglu(
+        &self,
+        x: &Self::Tensor,
+        norm: &Self::Tensor,
+        eps: f32,
+        gate_up: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let normed = self.rms_norm(x, norm, eps)?;
+        self.swiglu(&self.linear(&normed, gate_up, None)?)
+    }
+
+    /// `residual + linear(x, weight, bias)`: a block's output projection added to the residual
+    /// stream, which is taken by value so that a backend can accumulate into it in place. The
+    /// default composes.
+    fn linear_add(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        residual: Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let y = self.linear(x, weight, bias)?;
+        self.add(&residual, &y)
     }
 
     /// Batched matrix product: `a [b, n, k] · b [b, k, m] -> [b, n, m]` (rank 2 operands are a
@@ -363,6 +390,30 @@ pub trait Backend: Send + Sync {
         let q = self.rope(&self.reshape(q, &[tokens, heads, d])?, positions, theta)?;
         let k = self.rope(&self.reshape(k, &[tokens, kv_heads, d])?, positions, theta)?;
         Ok((q, k, self.reshape(v, &[tokens, kv_heads, d])?))
+    }
+
+    /// [`Backend::split_qkv_rope`] with the rotated keys and the values written into their
+    /// pool rows ([`Backend::write_paged`]) instead of returned: only `q [tokens, heads,
+    /// head_dim]` comes back. The default splits, then writes; a backend can write the pools
+    /// from the same pass.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the split's arguments and the write's, which it fuses"
+    )]
+    fn split_qkv_rope_paged(
+        &self,
+        qkv: &Self::Tensor,
+        heads: (usize, usize),
+        positions: &[usize],
+        theta: f32,
+        keys: &mut Self::Tensor,
+        values: &mut Self::Tensor,
+        paged: &Self::Paged,
+    ) -> Result<Self::Tensor> {
+        let (q, k, v) = self.split_qkv_rope(qkv, heads, positions, theta)?;
+        self.write_paged(keys, &k, paged)?;
+        self.write_paged(values, &v, paged)?;
+        Ok(q)
     }
 
     /// Scaled dot-product attention with grouped-query heads.

@@ -112,22 +112,48 @@ fn fused_ops_match_their_compositions() {
             |be, t| be.swiglu(&t[0]),
         );
     }
-    for &(rows, d) in &[(1, 1), (7, 384), (65, 2048)] {
-        let (x, r, w) = (rng.vec(rows * d, 2.0), rng.vec(rows * d, 2.0), rng.vec(d, 1.0));
-        let inputs: &[(&[f32], &[usize])] = &[(&x, &[rows, d]), (&r, &[rows, d]), (&w, &[d])];
+    // The projections that fold a norm before or a residual add after the product (the CPU
+    // accumulates the residual into the product's buffer; the reference composes).
+    for &(rows, k, m) in &[(1, 8, 3), (4, 384, 65), (65, 96, 1536)] {
+        let (x, norm, w) = (rng.vec(rows * k, 2.0), rng.vec(k, 1.0), rng.vec(m * k, 0.3));
+        let (bias, residual) = (rng.vec(m, 1.0), rng.vec(rows * m, 2.0));
+        let gate_up = rng.vec(2 * m * k, 0.3);
+        let inputs: &[(&[f32], &[usize])] = &[
+            (&x, &[rows, k]),
+            (&norm, &[k]),
+            (&w, &[m, k]),
+            (&bias, &[m]),
+            (&residual, &[rows, m]),
+            (&gate_up, &[2 * m, k]),
+        ];
         compare(
-            &format!("add_rms_norm sum [{rows}, {d}]"),
-            EXACT,
+            &format!("rms_norm_linear {rows}x{k}x{m}"),
+            tol,
             inputs,
-            |be, t| Ok(be.add_rms_norm(&t[0], &t[1], &t[2], 1e-6)?.0),
+            |be, t| be.rms_norm_linear(&t[0], &t[1], 1e-6, &t[2], Some(&t[3])),
         );
         compare(
-            &format!("add_rms_norm normed [{rows}, {d}]"),
-            elementwise,
+            &format!("rms_norm_swiglu {rows}x{k}x{m}"),
+            tol,
             inputs,
-            |be, t| Ok(be.add_rms_norm(&t[0], &t[1], &t[2], 1e-6)?.1),
+            |be, t| be.rms_norm_swiglu(&t[0], &t[1], 1e-6, &t[5]),
         );
+        compare(
+            &format!("linear_add {rows}x{k}x{m} +bias"),
+            tol,
+            inputs,
+            |be, t| be.linear_add(&t[0], &t[2], Some(&t[3]), t[4].clone()),
+        );
+        compare(&format!("linear_add {rows}x{k}x{m}"), tol, inputs, |be, t| {
+            be.linear_add(&t[0], &t[2], None, t[4].clone())
+        });
     }
+    let (x, w) = (cpu(1).zeros(&[2, 8]).unwrap(), cpu(1).zeros(&[3, 8]).unwrap());
+    let wrong = cpu(1).zeros(&[2, 4]).unwrap();
+    assert!(
+        cpu(1).linear_add(&x, &w, None, wrong).is_err(),
+        "a residual of another shape is an error"
+    );
     // The default split + rope: q and k rotated, v as it was; shapes that do not split are
     // errors.
     let (t, heads, kv_heads, d) = (5, 6, 2, 8);

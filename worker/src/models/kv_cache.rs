@@ -342,6 +342,32 @@ impl<'p, 'c, 'k, B: Backend> Step<'p, 'c, 'k, B> {
         Ok(backend.reshape(out, &[tokens, heads * d])?)
     }
 
+    /// [`Step::attend`] from a fused projection `qkv [tokens, (heads + 2 kv_heads) · head_dim]`:
+    /// q and k rotated at the step's positions ([`Backend::split_qkv_rope_paged`], which writes
+    /// the keys and values into the pool), then attention; returns `[tokens, heads · head_dim]`.
+    pub fn attend_qkv(
+        &mut self,
+        backend: &B,
+        layer: usize,
+        qkv: &B::Tensor,
+        heads: (usize, usize),
+        theta: f32,
+    ) -> Result<B::Tensor> {
+        let (Some(keys), Some(values)) = (self.pool.keys.get_mut(layer), self.pool.values.get_mut(layer))
+        else {
+            return Err(Error::Input(format!("layer {layer} has no key/value pool")));
+        };
+        let q =
+            backend.split_qkv_rope_paged(qkv, heads, &self.positions, theta, keys, values, &self.paged)?;
+        let out = backend.paged_attention(&q, keys, values, &self.paged)?;
+        let &[tokens, heads, d] = backend.shape(&out) else {
+            return Err(Error::Input(
+                "paged attention returned an unexpected shape".to_owned(),
+            ));
+        };
+        Ok(backend.reshape(out, &[tokens, heads * d])?)
+    }
+
     /// The rows of `x [tokens, d]` holding each sequence's last token: `[batch, d]`.
     pub fn last_rows(&self, backend: &B, x: B::Tensor) -> Result<B::Tensor> {
         if self.counts.iter().all(|&n| n == 1) {

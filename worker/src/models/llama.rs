@@ -133,29 +133,28 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
         let eps = c.rms_norm_eps as f32;
         let theta = c.rope_theta as f32;
-        let positions = step.positions.clone();
-        // The residual stream `x` and its normalised copy `h` advance together: each block's
-        // residual add is fused with the norm that follows it (the next attention's, the MLP's,
-        // or the final one).
+        // Each block's norm is folded into the projection that reads it and each residual add
+        // into the projection that produces it, so the residual stream `x` is the only
+        // activation carried from block to block.
         let mut x = backend.embedding(&step.ids, &self.embed)?;
-        let first_norm = self.layers.first().map_or(&self.norm, |l| &l.input_norm);
-        let mut h = backend.rms_norm(&x, first_norm, eps)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let qkv = backend.linear(&h, &layer.qkv_weight, layer.qkv_bias.as_ref())?;
-            let (q, k, v) = backend.split_qkv_rope(&qkv, (heads, kv_heads), &positions, theta)?;
-            let context = step.attend(backend, l, &q, &k, &v)?;
-            let attn = backend.linear(&context, &layer.o_weight, layer.o_bias.as_ref())?;
-            let (after_attn, normed) = backend.add_rms_norm(&x, &attn, &layer.post_norm, eps)?;
-            let gated = backend.swiglu(&backend.linear(&normed, &layer.gate_up_weight, None)?)?;
-            let out = backend.linear(&gated, &layer.down_weight, None)?;
-            let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.input_norm);
-            (x, h) = backend.add_rms_norm(&after_attn, &out, next_norm, eps)?;
+            let qkv = backend.rms_norm_linear(
+                &x,
+                &layer.input_norm,
+                eps,
+                &layer.qkv_weight,
+                layer.qkv_bias.as_ref(),
+            )?;
+            let context = step.attend_qkv(backend, l, &qkv, (heads, kv_heads), theta)?;
+            x = backend.linear_add(&context, &layer.o_weight, layer.o_bias.as_ref(), x)?;
+            let gated = backend.rms_norm_swiglu(&x, &layer.post_norm, eps, &layer.gate_up_weight)?;
+            x = backend.linear_add(&gated, &layer.down_weight, None, x)?;
         }
-        // `h` is now the final norm of every token; rows are independent, so selecting the last
-        // ones after the norm equals normalising them alone.
-        let x = if all { h } else { step.last_rows(backend, h)? };
+        // Rows are independent, so selecting the last ones before the final norm equals
+        // normalising them all and selecting after.
+        let x = if all { x } else { step.last_rows(backend, x)? };
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = backend.linear(&x, head, None)?;
+        let logits = backend.rms_norm_linear(&x, &self.norm, eps, head, None)?;
         Ok(logits)
     }
 }

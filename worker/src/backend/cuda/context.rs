@@ -63,6 +63,8 @@ pub struct CudaBackend {
     _blas_workspace: CudaSlice<u8>,
     /// The GPU's multiprocessors (how many blocks a launch needs to fill it).
     pub(super) sm_count: usize,
+    /// Products of a few rows go to the matrix-vector kernel (`gemv.rs`); on unless turned off.
+    pub(super) gemv_enabled: AtomicBool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -197,6 +199,7 @@ impl CudaBackend {
             capturing: AtomicBool::new(false),
             _blas_workspace: blas_workspace,
             sm_count,
+            gemv_enabled: AtomicBool::new(true),
         };
         backend.allow_flash_smem()?;
         backend.keep_freed_memory()?;

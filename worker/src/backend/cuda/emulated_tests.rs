@@ -13,6 +13,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use cudarc::driver::LaunchConfig;
 
 use super::gemm::{Batch, Gemm};
+use super::gemv::gemv_cfg;
 use super::kernels::{self, COMMON, FILES};
 use super::ops::{AttentionKernel, attention_cfg, decode_merge_cfg, draw_words, unfused_products};
 use crate::backend::test_util::{
@@ -637,22 +638,8 @@ fn emulated_row_kernels_match_reference() {
         let b = p.round(&rng.vec(d, 0.5));
         let (mut xd, mut rd, mut wd, mut bd) = (emu.store(&x), emu.store(&res), emu.store(&w), emu.store(&b));
 
-        // add_rms_norm: the stored sum (rounded as the kernel stores it), then its norm.
+        // The residual sum, rounded as layer_norm stores it before its statistics.
         let sum = p.round(&x.iter().zip(&res).map(|(a, b)| a + b).collect::<Vec<f32>>());
-        let want = host(r.rms_norm(&reference(&sum, &[rows, d]), &reference(&w, &[d]), 1e-6));
-        let (mut sum_d, mut normed) = (vec![0u8; xd.len()], vec![0u8; xd.len()]);
-        let args = Args::default()
-            .buf(&mut sum_d)
-            .buf(&mut normed)
-            .buf(&mut xd)
-            .buf(&mut rd)
-            .buf(&mut wd)
-            .int(rows)
-            .int(d)
-            .float(1e-6);
-        emu.launch("add_rms_norm", (rows, 1, 1), 256, 0, args);
-        assert_eq!(emu.load(&sum_d), sum, "add_rms_norm sum ({p})");
-        assert_close(&format!("add_rms_norm ({p})"), &emu.load(&normed), &want, tol);
 
         // layer_norm with a residual.
         let want = host(r.layer_norm(
@@ -915,5 +902,200 @@ fn emulated_elementwise_and_gather_kernels_match_reference() {
             .float(500_000.0);
         emu.launch("rope", (t, 1, 1), 128, 0, args);
         assert_close(&format!("rope ({p})"), &emu.load(&out), &want, tol);
+    }
+}
+
+/// The tolerance of a product of `k` terms in precision `p` whose inputs are stored values:
+/// fp32 as the GPU tests hold cuBLAS to; in half precision the output's one rounding, plus
+/// `2 sqrt(k)` roundings absolute for outputs that cancel towards zero.
+fn product_tol(p: Precision, k: usize) -> Tol {
+    match p {
+        Precision::F32 => Tol {
+            atol: 1e-4,
+            rtol: 1e-4,
+        },
+        _ => {
+            let u = if p == Precision::F16 {
+                1.0 / 2048.0
+            } else {
+                1.0 / 256.0
+            };
+            Tol {
+                atol: u * (4.0 + 2.0 * (k as f32).sqrt()),
+                rtol: 4.0 * u,
+            }
+        }
+    }
+}
+
+#[test]
+fn emulated_gemv_matches_the_compositions() {
+    for p in Precision::ALL {
+        let Some(emu) = emulator("emulated_gemv_matches_the_compositions", p) else {
+            return;
+        };
+        let r = ReferenceBackend;
+        let mut rng = Rng::new(206);
+        // Rows 1 to 4; k from one vector load to more than one pass of the block's warps
+        // (2048 elements) and not a multiple of the 256 a warp reads at once; outputs that
+        // leave the last block partly empty.
+        for &(rows, k, n) in &[(1, 8, 3), (2, 264, 9), (3, 520, 5), (4, 2056, 6), (1, 4096, 1)] {
+            let x = p.round(&rng.vec(rows * k, 2.0));
+            let norm = p.round(&rng.vec(k, 1.0));
+            let w = p.round(&rng.vec(2 * n * k, 0.3));
+            let bias = p.round(&rng.vec(2 * n, 1.0));
+            let residual = p.round(&rng.vec(rows * n, 2.0));
+            let (rx, rnorm) = (reference(&x, &[rows, k]), reference(&norm, &[k]));
+            let (rw_plain, rw_gate_up) = (reference(&w[..n * k], &[n, k]), reference(&w, &[2 * n, k]));
+            let rb_plain = reference(&bias[..n], &[n]);
+            let tol = product_tol(p, k);
+            let (mut xd, mut nd, mut wd, mut bd) =
+                (emu.store(&x), emu.store(&norm), emu.store(&w), emu.store(&bias));
+            // (what, norm, bias, accumulate onto the residual, swiglu, the reference)
+            let cases = [
+                (
+                    "linear +bias",
+                    false,
+                    true,
+                    false,
+                    false,
+                    host(r.linear(&rx, &rw_plain, Some(&rb_plain))),
+                ),
+                (
+                    "rms_norm_linear +bias",
+                    true,
+                    true,
+                    false,
+                    false,
+                    host(r.rms_norm_linear(&rx, &rnorm, 1e-6, &rw_plain, Some(&rb_plain))),
+                ),
+                (
+                    "linear_add",
+                    false,
+                    false,
+                    true,
+                    false,
+                    host(r.linear_add(&rx, &rw_plain, None, reference(&residual, &[rows, n]))),
+                ),
+                (
+                    "rms_norm_swiglu",
+                    true,
+                    false,
+                    false,
+                    true,
+                    host(r.rms_norm_swiglu(&rx, &rnorm, 1e-6, &rw_gate_up)),
+                ),
+                (
+                    "swiglu +bias (both halves)",
+                    false,
+                    true,
+                    false,
+                    true,
+                    host(r.swiglu(&reference(
+                        &host(r.linear(&rx, &rw_gate_up, Some(&reference(&bias, &[2 * n])))),
+                        &[rows, 2 * n],
+                    ))),
+                ),
+            ];
+            for (what, has_norm, has_bias, accumulate, swiglu, want) in cases {
+                let mut out = if accumulate {
+                    emu.store(&residual)
+                } else {
+                    emu.store(&vec![f32::NAN; rows * n])
+                };
+                let args = Args::default()
+                    .buf(&mut out)
+                    .buf(&mut xd)
+                    .buf(&mut wd)
+                    .buf(&mut nd)
+                    .int(usize::from(has_norm))
+                    .float(1e-6)
+                    .buf(&mut bd)
+                    .int(usize::from(has_bias))
+                    .int(usize::from(accumulate))
+                    .int(usize::from(swiglu))
+                    .int(rows)
+                    .int(n)
+                    .int(k);
+                emu.launch_cfg("gemv", &gemv_cfg(n, swiglu), args);
+                assert_close(
+                    &format!("gemv {what} {rows}x{k}x{n} ({p})"),
+                    &emu.load(&out),
+                    &want,
+                    tol,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn emulated_qkv_rope_paged_writes_the_pools() {
+    for p in Precision::ALL {
+        let Some(emu) = emulator("emulated_qkv_rope_paged_writes_the_pools", p) else {
+            return;
+        };
+        let tol = emu.tol();
+        let r = ReferenceBackend;
+        let mut rng = Rng::new(207);
+        for c in [PagedCase::COMMON[1], PagedCase::COMMON[3], PagedCase::COMMON[6]] {
+            let mut inputs = c.inputs(&mut rng);
+            inputs.keys = p.round(&inputs.keys);
+            inputs.values = p.round(&inputs.values);
+            let [tokens, heads, d] = c.q_shape();
+            let kvh = c.kv_heads;
+            let qkv = p.round(&rng.vec(tokens * (heads + 2 * kvh) * d, 2.0));
+            let positions: Vec<usize> = (0..tokens).map(|_| rng.below(4096)).collect();
+            // The reference: split and rotate, then write k and v into copies of the pools.
+            let paged = r.prepare_paged(&inputs.plan).unwrap();
+            let (wq, wk, wv) = r
+                .split_qkv_rope(
+                    &reference(&qkv, &[tokens, (heads + 2 * kvh) * d]),
+                    (heads, kvh),
+                    &positions,
+                    1e4,
+                )
+                .unwrap();
+            let mut want_keys = reference(&inputs.keys, &inputs.pool_shape);
+            let mut want_values = reference(&inputs.values, &inputs.pool_shape);
+            r.write_paged(&mut want_keys, &wk, &paged).unwrap();
+            r.write_paged(&mut want_values, &wv, &paged).unwrap();
+
+            let (_, _, mut slots) = paged_indices(&inputs.plan);
+            let (mut keys, mut values) = (emu.store(&inputs.keys), emu.store(&inputs.values));
+            let mut qkv_d = emu.store(&qkv);
+            let mut pos: Vec<u32> = positions.iter().map(|&q| q as u32).collect();
+            let mut q = emu.store(&vec![f32::NAN; tokens * heads * d]);
+            let args = Args::default()
+                .buf(&mut q)
+                .buf(&mut keys)
+                .buf(&mut values)
+                .buf(&mut qkv_d)
+                .buf(&mut pos)
+                .buf(&mut slots)
+                .int(tokens)
+                .int(heads)
+                .int(kvh)
+                .int(d)
+                .float(1e4);
+            emu.launch("qkv_rope_paged", (tokens, 1, 1), 128, 0, args);
+            assert_close(
+                &format!("qkv_rope_paged q {c:?} ({p})"),
+                &emu.load(&q),
+                wq.data(),
+                tol,
+            );
+            assert_close(
+                &format!("qkv_rope_paged keys {c:?} ({p})"),
+                &emu.load(&keys),
+                want_keys.data(),
+                tol,
+            );
+            assert_eq!(
+                emu.load(&values),
+                want_values.data(),
+                "qkv_rope_paged values {c:?} ({p})"
+            );
+        }
     }
 }

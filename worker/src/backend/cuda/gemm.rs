@@ -32,6 +32,8 @@ pub(super) struct Gemm {
     /// C is fp32 whatever the storage precision (attention scores, which the softmax reads in
     /// full precision); otherwise C is in the storage precision like A and B.
     pub c_f32: bool,
+    /// `C += op(A) · op(B)` (beta 1: a residual add folded into the product) instead of `C =`.
+    pub accumulate: bool,
 }
 
 /// Strides (in elements) between the matrices of a batched product.
@@ -77,7 +79,7 @@ impl CudaBackend {
         self.bind()?;
         let ty = data_type(self.precision);
         let c_ty = if g.c_f32 { cudaDataType_t::CUDA_R_32F } else { ty };
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0 });
         let (a_ptr, _a_sync) = a.device_ptr(&self.stream);
         let (b_ptr, _b_sync) = b.device_ptr(&self.stream);
         let (c_ptr, _c_sync) = c.device_ptr_mut(&self.stream);

@@ -96,6 +96,20 @@ impl CudaBackend {
         });
     }
 
+    /// Drops every recorded graph (graphs stay on and record again): for a change of what a
+    /// forward pass launches, such as the matrix-vector switch.
+    pub(super) fn forget_decode_graphs(&self) {
+        let max_batch = self
+            .graphs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|g| g.book.max_batch());
+        if let Some(max_batch) = max_batch {
+            self.enable_decode_graphs(max_batch);
+        }
+    }
+
     /// Whether decode graphs are on.
     pub fn decode_graphs_enabled(&self) -> bool {
         self.graphs

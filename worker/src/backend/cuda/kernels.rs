@@ -29,7 +29,7 @@ pub(crate) const FILES: &[KernelFile] = &[
     KernelFile {
         name: "norm.cu",
         source: include_str!("kernels/norm.cu"),
-        functions: &["layer_norm", "rms_norm", "add_rms_norm"],
+        functions: &["layer_norm", "rms_norm"],
     },
     KernelFile {
         name: "activation.cu",
@@ -59,12 +59,17 @@ pub(crate) const FILES: &[KernelFile] = &[
     KernelFile {
         name: "rope.cu",
         source: include_str!("kernels/rope.cu"),
-        functions: &["rope", "qkv_rope"],
+        functions: &["rope", "qkv_rope", "qkv_rope_paged"],
     },
     KernelFile {
         name: "layout.cu",
         source: include_str!("kernels/layout.cu"),
         functions: &["split_columns"],
+    },
+    KernelFile {
+        name: "gemv.cu",
+        source: include_str!("kernels/gemv.cu"),
+        functions: &["gemv"],
     },
     KernelFile {
         name: "sampling.cu",

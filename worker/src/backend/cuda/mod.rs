@@ -6,6 +6,8 @@
 //! - [`kernels`]: the `.cu` sources (embedded) and their NVRTC compilation.
 //! - [`tensor`]: [`CudaTensor`], a device buffer and its shape.
 //! - [`gemm`]: matrix products through cuBLAS in the storage precision, fp32 accumulation.
+//! - [`gemv`]: products of a few rows (decode steps) through our matrix-vector kernel, with
+//!   the RMS norm, bias, SwiGLU and residual add folded in.
 //! - [`launch`]: the launch macro and launch shapes the ops share.
 //! - [`ops`]: the operations: cuBLAS for matrix products, our kernels for the rest.
 //! - [`paged`]: key/value pools: a step's block tables uploaded once, rows written in place,
@@ -28,6 +30,7 @@
 
 mod context;
 mod gemm;
+mod gemv;
 mod graph;
 pub(crate) mod kernels;
 mod launch;
@@ -41,5 +44,6 @@ mod emulated_tests;
 mod tests;
 
 pub use context::CudaBackend;
+pub use gemv::GEMV_MAX_ROWS;
 pub use paged::CudaPaged;
 pub use tensor::CudaTensor;

@@ -9,6 +9,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::context::{ATTN_MAX_D, CudaBackend, driver_err, flash_smem_bytes};
 use super::gemm::{Batch, Gemm};
+use super::gemv::Folded;
 use super::launch::{BLOCK, elementwise_cfg, int, launch, rows_cfg};
 use super::paged::CudaPaged;
 use super::tensor::CudaTensor;
@@ -59,6 +60,7 @@ pub(super) fn unfused_products(bh: i32, s_q: i32, s_k: i32, d: i32) -> [(Gemm, B
         ldb: d,
         ldc: s_k,
         c_f32: true,
+        accumulate: false,
     };
     let scores_batch = Batch {
         count: bh,
@@ -76,6 +78,7 @@ pub(super) fn unfused_products(bh: i32, s_q: i32, s_k: i32, d: i32) -> [(Gemm, B
         ldb: s_k,
         ldc: d,
         c_f32: false,
+        accumulate: false,
     };
     let values_batch = Batch {
         count: bh,
@@ -181,27 +184,68 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// `act(x · weightᵀ + bias)`: the cuBLAS product followed by one epilogue kernel that adds
-    /// the bias and applies the activation in the same pass over the output.
+    /// `act(x · weightᵀ + bias)`, onto `residual` when given (then `act` must be the
+    /// identity): the matrix-vector kernel for a few rows, else the cuBLAS product (accumulating
+    /// into the residual in place) followed by one epilogue kernel that adds the bias and
+    /// applies the activation in the same pass over the output.
     fn fused_linear(
         &self,
         x: &CudaTensor,
         weight: &CudaTensor,
         bias: Option<&CudaTensor>,
         act: Activation,
+        residual: Option<CudaTensor>,
+    ) -> Result<CudaTensor> {
+        let (n, k, _) = shapes::linear(&x.shape, &weight.shape, bias.map(|b| b.shape.as_slice()))?;
+        let mut operands = vec![x, weight];
+        operands.extend(bias);
+        if act == Activation::Identity && self.gemv_fits(n, k, &operands) {
+            return self.gemv(
+                x,
+                weight,
+                Folded {
+                    bias,
+                    ..Folded::default()
+                },
+                residual,
+            );
+        }
+        self.cublas_linear(x, weight, bias, act, residual)
+    }
+
+    /// [`CudaBackend::fused_linear`] through cuBLAS whatever the number of rows.
+    fn cublas_linear(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        act: Activation,
+        residual: Option<CudaTensor>,
     ) -> Result<CudaTensor> {
         let op = "linear";
         let (n, k, m) = shapes::linear(&x.shape, &weight.shape, bias.map(|b| b.shape.as_slice()))?;
         let shape = with_last(&x.shape, m);
+        if let Some(r) = &residual {
+            shapes::same("linear_add", &r.shape, &shape)?;
+            if act != Activation::Identity {
+                return Err(shapes::err(
+                    op,
+                    "an activation cannot follow a residual add".into(),
+                ));
+            }
+        }
+        let accumulate = residual.is_some();
         if n * m == 0 {
-            return self.alloc(shape);
+            return residual.map_or_else(|| self.alloc(shape), Ok);
         }
         let (ni, ki, mi) = (int(op, n)?, int(op, k)?, int(op, m)?);
         int(op, n * m)?;
-        let mut out = if k == 0 {
-            self.alloc_zeros(shape)?
-        } else {
-            let mut out = self.alloc(shape)?;
+        let mut out = match residual {
+            Some(r) => r,
+            None if k == 0 => self.alloc_zeros(shape)?,
+            None => self.alloc(shape)?,
+        };
+        if k > 0 {
             // Row-major out[n × m] = x[n × k] · Wᵀ is column-major outᵀ[m × n] = W · xᵀ, where the
             // row-major buffers of W [m × k] and x [n × k] read column-major are Wᵀ (so op T)
             // and xᵀ (op N).
@@ -215,6 +259,7 @@ impl CudaBackend {
                 ldb: ki,
                 ldc: mi,
                 c_f32: false,
+                accumulate,
             };
             // SAFETY: the shapes were checked: W holds m·k, x n·k and out n·m elements.
             unsafe {
@@ -227,8 +272,7 @@ impl CudaBackend {
                     &mut out.buf,
                 )?
             };
-            out
-        };
+        }
         if bias.is_some() || act != Activation::Identity {
             let has_bias = i32::from(bias.is_some());
             let act = act_code(act);
@@ -246,6 +290,17 @@ impl CudaBackend {
             )?;
         }
         Ok(out)
+    }
+
+    /// The cuBLAS product (and bias epilogue) whatever the number of rows: what `linear` takes
+    /// for more rows than the matrix-vector kernel's; public so that benchmarks can time both.
+    pub fn linear_cublas(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        self.cublas_linear(x, weight, bias, Activation::Identity, None)
     }
 
     /// `table[ids] + pos_table[positions]` in one pass (BERT and GPT-2 embeddings); the lookup
@@ -716,7 +771,7 @@ impl Backend for CudaBackend {
     }
 
     fn linear(&self, x: &CudaTensor, weight: &CudaTensor, bias: Option<&CudaTensor>) -> Result<CudaTensor> {
-        self.fused_linear(x, weight, bias, Activation::Identity)
+        self.fused_linear(x, weight, bias, Activation::Identity, None)
     }
 
     fn linear_act(
@@ -726,7 +781,60 @@ impl Backend for CudaBackend {
         bias: Option<&CudaTensor>,
         act: Activation,
     ) -> Result<CudaTensor> {
-        self.fused_linear(x, weight, bias, act)
+        self.fused_linear(x, weight, bias, act, None)
+    }
+
+    fn rms_norm_linear(
+        &self,
+        x: &CudaTensor,
+        norm: &CudaTensor,
+        eps: f32,
+        weight: &CudaTensor,
+        bias: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        let (rows, k, _) = shapes::linear(&x.shape, &weight.shape, bias.map(|b| b.shape.as_slice()))?;
+        let mut operands = vec![x, norm, weight];
+        operands.extend(bias);
+        if self.gemv_fits(rows, k, &operands) {
+            let folded = Folded {
+                norm: Some((norm, eps)),
+                bias,
+                swiglu: false,
+            };
+            return self.gemv(x, weight, folded, None);
+        }
+        let normed = self.rms_norm(x, norm, eps)?;
+        self.fused_linear(&normed, weight, bias, Activation::Identity, None)
+    }
+
+    fn rms_norm_swiglu(
+        &self,
+        x: &CudaTensor,
+        norm: &CudaTensor,
+        eps: f32,
+        gate_up: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        let (rows, k, m) = shapes::linear(&x.shape, &gate_up.shape, None)?;
+        if m % 2 == 0 && self.gemv_fits(rows, k, &[x, norm, gate_up]) {
+            let folded = Folded {
+                norm: Some((norm, eps)),
+                bias: None,
+                swiglu: true,
+            };
+            return self.gemv(x, gate_up, folded, None);
+        }
+        let normed = self.rms_norm(x, norm, eps)?;
+        self.swiglu(&self.fused_linear(&normed, gate_up, None, Activation::Identity, None)?)
+    }
+
+    fn linear_add(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        residual: CudaTensor,
+    ) -> Result<CudaTensor> {
+        self.fused_linear(x, weight, bias, Activation::Identity, Some(residual))
     }
 
     fn swiglu(&self, x: &CudaTensor) -> Result<CudaTensor> {
@@ -755,39 +863,6 @@ impl Backend for CudaBackend {
             &ni
         )?;
         Ok(out)
-    }
-
-    fn add_rms_norm(
-        &self,
-        x: &CudaTensor,
-        residual: &CudaTensor,
-        weight: &CudaTensor,
-        eps: f32,
-    ) -> Result<(CudaTensor, CudaTensor)> {
-        let op = "add_rms_norm";
-        shapes::same(op, &x.shape, &residual.shape)?;
-        let (rows, d) = shapes::norm(op, &x.shape, &[("weight", &weight.shape)])?;
-        let mut sum = self.alloc(x.shape.clone())?;
-        let mut normed = self.alloc(x.shape.clone())?;
-        if rows == 0 {
-            return Ok((sum, normed));
-        }
-        int(op, x.numel())?;
-        let (ri, di) = (int(op, rows)?, int(op, d)?);
-        launch!(
-            self,
-            "add_rms_norm",
-            rows_cfg(rows, BLOCK),
-            &mut sum.buf,
-            &mut normed.buf,
-            &x.buf,
-            &residual.buf,
-            &weight.buf,
-            &ri,
-            &di,
-            &eps
-        )?;
-        Ok((sum, normed))
     }
 
     fn matmul(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
@@ -819,6 +894,7 @@ impl Backend for CudaBackend {
             ldb: ki,
             ldc: mi,
             c_f32: false,
+            accumulate: false,
         };
         let strides = Batch {
             count: bi,
@@ -1028,6 +1104,19 @@ impl Backend for CudaBackend {
             &theta
         )?;
         Ok((q, k, v))
+    }
+
+    fn split_qkv_rope_paged(
+        &self,
+        qkv: &CudaTensor,
+        heads: (usize, usize),
+        positions: &[usize],
+        theta: f32,
+        keys: &mut CudaTensor,
+        values: &mut CudaTensor,
+        paged: &CudaPaged,
+    ) -> Result<CudaTensor> {
+        self.qkv_rope_paged(qkv, heads, positions, theta, keys, values, paged)
     }
 
     fn attention(

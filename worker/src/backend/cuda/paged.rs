@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 
 use super::context::{ATTN_MAX_D, CudaBackend};
-use super::launch::{elementwise_cfg, int, launch};
+use super::launch::{elementwise_cfg, int, launch, rows_cfg};
 use super::ops::{AttentionKernel, MAX_DECODE_SPLITS, attention_cfg, decode_merge_cfg, decode_splits};
 use super::tensor::CudaTensor;
 use crate::backend::{PagedPlan, Result, shapes};
@@ -100,6 +100,71 @@ impl CudaBackend {
             &tokens,
             &width
         )
+    }
+
+    /// `split_qkv_rope` with the keys and values written into their pool rows by the same
+    /// kernel (`qkv_rope_paged`); returns q.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the trait method's arguments, which fuse a split and a write"
+    )]
+    pub(super) fn qkv_rope_paged(
+        &self,
+        qkv: &CudaTensor,
+        (heads, kv_heads): (usize, usize),
+        positions: &[usize],
+        theta: f32,
+        keys: &mut CudaTensor,
+        values: &mut CudaTensor,
+        paged: &CudaPaged,
+    ) -> Result<CudaTensor> {
+        let op = "split_qkv_rope_paged";
+        let (tokens, width) = shapes::rows(op, &qkv.shape)?;
+        let groups = heads + 2 * kv_heads;
+        if groups == 0 || width % groups != 0 || (width / groups) % 2 != 0 || positions.len() != tokens {
+            return Err(shapes::err(
+                op,
+                format!(
+                    "{:?} with {} positions does not split into {heads} + 2 x {kv_heads} heads of even width",
+                    qkv.shape,
+                    positions.len()
+                ),
+            ));
+        }
+        let d = width / groups;
+        let new_shape = [tokens, kv_heads, d];
+        paged.plan.check_write(&keys.shape, &new_shape)?;
+        paged.plan.check_write(&values.shape, &new_shape)?;
+        let mut q = self.alloc(vec![tokens, heads, d])?;
+        if tokens == 0 || d == 0 {
+            return Ok(q);
+        }
+        int(op, qkv.numel())?;
+        int(op, keys.numel())?;
+        int(op, values.numel())?;
+        let pos = positions
+            .iter()
+            .map(|&p| u32::try_from(p).map_err(|_| shapes::err(op, format!("position {p} is too large"))))
+            .collect::<Result<Vec<u32>>>()?;
+        let pos_dev = self.upload_positions(&pos)?;
+        let (ti, hi, kvi, di) = (int(op, tokens)?, int(op, heads)?, int(op, kv_heads)?, int(op, d)?);
+        launch!(
+            self,
+            "qkv_rope_paged",
+            rows_cfg(tokens, 128),
+            &mut q.buf,
+            &mut keys.buf,
+            &mut values.buf,
+            &qkv.buf,
+            &*pos_dev,
+            &*paged.slots,
+            &ti,
+            &hi,
+            &kvi,
+            &di,
+            &theta
+        )?;
+        Ok(q)
     }
 
     /// Attention over the pools through the chosen kernel (the trait method picks one).

@@ -155,6 +155,7 @@ fn every_launch_passes_as_many_arguments_as_its_kernel_takes() {
     }
     let sources = [
         ("ops.rs", include_str!("ops.rs")),
+        ("gemv.rs", include_str!("gemv.rs")),
         ("paged.rs", include_str!("paged.rs")),
         ("graph.rs", include_str!("graph.rs")),
     ];
@@ -382,8 +383,7 @@ fn gpu_fused_linear_activation_matches_reference() {
         });
         assert_close(&format!("linear_act {act:?}"), &got, &want_of(reference), tol);
     }
-    // SwiGLU on a fused gate/up row, and the residual add with RMS norm: against the
-    // reference's compositions (split + silu_mul, add + rms_norm).
+    // SwiGLU on a fused gate/up row: against the reference's composition (split + silu_mul).
     let elementwise = Tol {
         atol: 2e-6,
         rtol: 1e-5,
@@ -398,24 +398,79 @@ fn gpu_fused_linear_activation_matches_reference() {
             |be, t| be.swiglu(&t[0])
         );
     }
-    for &(rows, d) in &[(1, 1), (7, 384), (65, 2048)] {
-        let (x, r, w) = (rng.vec(rows * d, 2.0), rng.vec(rows * d, 2.0), rng.vec(d, 1.0));
-        let inputs: Inputs<'_> = &[(&x, &[rows, d]), (&r, &[rows, d]), (&w, &[d])];
-        compare!(
-            g,
-            format!("add_rms_norm sum [{rows}, {d}]"),
-            EXACT,
-            inputs,
-            |be, t| Ok(be.add_rms_norm(&t[0], &t[1], &t[2], 1e-6)?.0)
-        );
-        compare!(
-            g,
-            format!("add_rms_norm normed [{rows}, {d}]"),
-            elementwise,
-            inputs,
-            |be, t| Ok(be.add_rms_norm(&t[0], &t[1], &t[2], 1e-6)?.1)
-        );
+}
+
+#[test]
+fn gpu_folded_projections_match_their_compositions() {
+    let Some(g) = gpu("gpu_folded_projections_match_their_compositions") else {
+        return;
+    };
+    // The norm before the product, the bias, SwiGLU and the residual add after it, through the
+    // matrix-vector kernel (up to four rows, k a multiple of 8) and through cuBLAS (the kernel
+    // switched off, five rows, or k = 17), each against the reference's composition. The
+    // product's fp32 tolerance (k up to 2056 terms).
+    let tol = Tol {
+        atol: 2e-4,
+        rtol: 1e-4,
+    };
+    let mut rng = Rng::new(103);
+    for gemv in [true, false] {
+        g.set_gemv(gemv);
+        for &(rows, k, m) in &[
+            (1, 8, 3),
+            (1, 2056, 37),
+            (2, 264, 130),
+            (3, 17, 5),
+            (4, 512, 1),
+            (5, 96, 33),
+        ] {
+            let (x, norm, w) = (rng.vec(rows * k, 2.0), rng.vec(k, 1.0), rng.vec(m * k, 0.3));
+            let (bias, residual, gate_up) =
+                (rng.vec(m, 1.0), rng.vec(rows * m, 2.0), rng.vec(2 * m * k, 0.3));
+            let inputs: Inputs<'_> = &[
+                (&x, &[rows, k]),
+                (&norm, &[k]),
+                (&w, &[m, k]),
+                (&bias, &[m]),
+                (&residual, &[rows, m]),
+                (&gate_up, &[2 * m, k]),
+            ];
+            let what = |op: &str| format!("{op} {rows}x{k}x{m} (gemv {gemv})");
+            compare!(g, what("linear +bias"), tol, inputs, |be, t| be.linear(
+                &t[0],
+                &t[2],
+                Some(&t[3])
+            ));
+            compare!(g, what("rms_norm_linear"), tol, inputs, |be, t| be
+                .rms_norm_linear(&t[0], &t[1], 1e-6, &t[2], Some(&t[3])));
+            compare!(g, what("rms_norm_swiglu"), tol, inputs, |be, t| be
+                .rms_norm_swiglu(&t[0], &t[1], 1e-6, &t[5]));
+            compare!(g, what("linear_add +bias"), tol, inputs, |be, t| be.linear_add(
+                &t[0],
+                &t[2],
+                Some(&t[3]),
+                be.from_host(&residual, &[rows, m])?
+            ));
+            compare!(g, what("linear_add"), tol, inputs, |be, t| be.linear_add(
+                &t[0],
+                &t[2],
+                None,
+                be.from_host(&residual, &[rows, m])?
+            ));
+        }
     }
+    g.set_gemv(true);
+    let (x, w) = (g.zeros(&[2, 8]).unwrap(), g.zeros(&[3, 8]).unwrap());
+    assert!(
+        g.linear_add(&x, &w, None, g.zeros(&[2, 4]).unwrap()).is_err(),
+        "a residual of another shape is an error"
+    );
+    let odd = g.zeros(&[3, 8]).unwrap();
+    assert!(
+        g.rms_norm_swiglu(&x, &g.zeros(&[8]).unwrap(), 1e-6, &odd)
+            .is_err(),
+        "a gate/up weight of odd height has no halves"
+    );
 }
 
 #[test]
@@ -643,6 +698,54 @@ fn gpu_split_qkv_rope_matches_split_and_rope() {
         g.split_qkv_rope(&odd, (1, 1), &[0, 1], 1e4).is_err(),
         "one position per token"
     );
+}
+
+#[test]
+fn gpu_split_qkv_rope_paged_writes_what_split_and_write_do() {
+    let Some(g) = gpu("gpu_split_qkv_rope_paged_writes_what_split_and_write_do") else {
+        return;
+    };
+    // One kernel (rotate, then write k and v into their pool rows) against the two-step path
+    // on the same GPU: the same rotation code, so q and both pools must be equal exactly.
+    let mut rng = Rng::new(111);
+    for c in PagedCase::COMMON {
+        let inputs = c.inputs(&mut rng);
+        let [tokens, heads, d] = c.q_shape();
+        let qkv = rng.vec(tokens * (heads + 2 * c.kv_heads) * d, 2.0);
+        let positions: Vec<usize> = (0..tokens).map(|_| rng.below(4096)).collect();
+        let x = g
+            .from_host(&qkv, &[tokens, (heads + 2 * c.kv_heads) * d])
+            .unwrap();
+        let paged = g.prepare_paged(&inputs.plan).unwrap();
+        let pools = || {
+            (
+                g.from_host(&inputs.keys, &inputs.pool_shape).unwrap(),
+                g.from_host(&inputs.values, &inputs.pool_shape).unwrap(),
+            )
+        };
+        let (mut keys, mut values) = pools();
+        let q = g
+            .split_qkv_rope_paged(
+                &x,
+                (heads, c.kv_heads),
+                &positions,
+                1e4,
+                &mut keys,
+                &mut values,
+                &paged,
+            )
+            .unwrap();
+        let (mut want_keys, mut want_values) = pools();
+        let (want_q, k, v) = g
+            .split_qkv_rope(&x, (heads, c.kv_heads), &positions, 1e4)
+            .unwrap();
+        g.write_paged(&mut want_keys, &k, &paged).unwrap();
+        g.write_paged(&mut want_values, &v, &paged).unwrap();
+        let host = |t: &CudaTensor| g.to_host(t).unwrap();
+        assert_eq!(host(&q), host(&want_q), "{c:?}: q");
+        assert_eq!(host(&keys), host(&want_keys), "{c:?}: key pool");
+        assert_eq!(host(&values), host(&want_values), "{c:?}: value pool");
+    }
 }
 
 #[test]
@@ -1040,6 +1143,43 @@ fn gpu_half_precision_ops_match_reference() {
             };
             compare_in!(g, format!("linear_act {act:?}"), linear_tol, inputs, |be, t| be
                 .linear_act(&t[0], &t[1], Some(&t[2]), act));
+        }
+
+        // The folded projections: through the matrix-vector kernel (1 and 3 rows; one rounding
+        // of the output) and through cuBLAS (6 rows; the normalised rows and the product are
+        // stored too), both within the product's bound above, doubled for SwiGLU's product of
+        // two projections.
+        for &(rows, k, m) in &[(1, 264, 37), (3, 96, 130), (6, 96, 33)] {
+            let (x, norm, w) = (rng.vec(rows * k, 2.0), rng.vec(k, 1.0), rng.vec(m * k, 0.3));
+            let (bias, residual, gate_up) =
+                (rng.vec(m, 1.0), rng.vec(rows * m, 2.0), rng.vec(2 * m * k, 0.3));
+            let inputs: Inputs<'_> = &[
+                (&x, &[rows, k]),
+                (&norm, &[k]),
+                (&w, &[m, k]),
+                (&bias, &[m]),
+                (&residual, &[rows, m]),
+                (&gate_up, &[2 * m, k]),
+            ];
+            let linear_tol = Tol {
+                atol: u * (4.0 + 2.0 * (k as f32).sqrt()),
+                rtol: 4.0 * u,
+            };
+            let swiglu_tol = Tol {
+                atol: 2.0 * linear_tol.atol,
+                rtol: 2.0 * linear_tol.rtol,
+            };
+            let what = |op: &str| format!("{op} {rows}x{k}x{m}");
+            compare_in!(g, what("rms_norm_linear"), linear_tol, inputs, |be, t| be
+                .rms_norm_linear(&t[0], &t[1], 1e-6, &t[2], Some(&t[3])));
+            compare_in!(g, what("rms_norm_swiglu"), swiglu_tol, inputs, |be, t| be
+                .rms_norm_swiglu(&t[0], &t[1], 1e-6, &t[5]));
+            compare_in!(g, what("linear_add"), linear_tol, inputs, |be, t| be.linear_add(
+                &t[0],
+                &t[2],
+                Some(&t[3]),
+                be.from_host(&p.round(&residual), &[rows, m])?
+            ));
         }
 
         let (rows, d) = (7, 384);

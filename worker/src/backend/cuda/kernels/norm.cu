@@ -7,8 +7,6 @@
 //   every backend stores it. The variance is a second pass over the row, not E[v^2] - mean^2, which
 //   cancels badly when |mean| >> std.
 // rms_norm: out = x / sqrt(sum(x^2) / d + eps) * weight (Llama).
-// add_rms_norm: sum = x + residual (stored, rounded to the storage type), then
-//   normed = rms_norm(sum): a pre-norm block's residual step and the next norm in one pass.
 //
 // Launch: grid (rows), block 256 (any multiple of 32 up to 1024); threads stride over the row,
 // each thread rereading only the elements it wrote, so no barrier is needed between passes
@@ -68,27 +66,5 @@ extern "C" __global__ void rms_norm(elem_t* out, const elem_t* x, const elem_t* 
     const float inv = 1.0f / sqrtf(block_sum(sq, scratch) / d + eps);
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         o[c] = store(load(xr[c]) * inv * load(weight[c]));
-    }
-}
-
-extern "C" __global__ void add_rms_norm(elem_t* sum, elem_t* normed, const elem_t* x, const elem_t* residual,
-                                        const elem_t* weight, int rows, int d, float eps) {
-    __shared__ float scratch[32];
-    KERNEL_CHECK(d > 0 && blockDim.x % 32 == 0);
-    const int r = blockIdx.x;
-    if (r >= rows) {
-        return;
-    }
-    const size_t base = (size_t)r * d;
-    float sq = 0.0f;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        const elem_t s = store(load(x[base + c]) + load(residual[base + c]));
-        sum[base + c] = s;
-        const float v = load(s);
-        sq += v * v;
-    }
-    const float inv = 1.0f / sqrtf(block_sum(sq, scratch) / d + eps);
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        normed[base + c] = store(load(sum[base + c]) * inv * load(weight[c]));
     }
 }
