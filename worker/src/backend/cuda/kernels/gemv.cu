@@ -144,11 +144,15 @@ extern "C" __global__ void gemv(elem_t* out, const elem_t* x, const elem_t* weig
         }
     }
     if (lane == 0) {
-        for (int r = 0; r < rows; ++r) {
-            for (int c = 0; c < GEMV_COLS; ++c) {
-                partial[warp][c][r] = acc[c][r];
+#pragma unroll
+        for (int r = 0; r < GEMV_MAX_ROWS; ++r) {
+            if (r < rows) {
+#pragma unroll
+                for (int c = 0; c < GEMV_COLS; ++c) {
+                    partial[warp][c][r] = acc[c][r];
+                }
+                squares[warp][r] = sq[r];
             }
-            squares[warp][r] = sq[r];
         }
     }
     __syncthreads();
@@ -170,16 +174,20 @@ extern "C" __global__ void gemv(elem_t* out, const elem_t* x, const elem_t* weig
         }
         scale = 1.0f / sqrtf(total / k + eps);
     }
-    float dot[2] = {0.0f, 0.0f};
-    for (int half = 0; half < (swiglu ? 2 : 1); ++half) {
-        const int c = o + half * outs;
+    // Column c of the block's weight rows, summed over the warps, scaled, with its bias.
+    // (Indexes are computed rather than read from wrow[], so that the register arrays above
+    // are only ever indexed by unrolled constants and stay in registers.)
+    auto finish = [&](int c, int weight_row) {
         float total = 0.0f;
         for (int w = 0; w < GEMV_WARPS; ++w) {
             total += partial[w][c][r];
         }
-        dot[half] = total * scale + (has_bias ? load(bias[wrow[c]]) : 0.0f);
+        return total * scale + (has_bias ? load(bias[weight_row]) : 0.0f);
+    };
+    float v = finish(o, j);
+    if (swiglu) {
+        v = gemv_silu(v) * finish(o + outs, n + j);
     }
-    float v = swiglu ? gemv_silu(dot[0]) * dot[1] : dot[0];
     if (accumulate) {
         v += load(out[(size_t)r * n + j]);
     }
