@@ -18,6 +18,7 @@
 #   ATOMIC_BENCH_OUT   where the raw JSON lines and the report go (default target/gpu-bench)
 #   PYTHON             the Python that holds torch and transformers (default python3)
 #   MAX_STEPS          decode steps per timed run (default 256)
+#   PRECISIONS         the worker's precisions, in order (default fp32,fp16,bf16)
 #
 # Expected to take about 6 minutes on an H100 with the default 3 s per figure (an estimate, not
 # yet measured on a GPU): the worker measures three precisions and loads the 1.1B model twice for
@@ -32,6 +33,7 @@ py="${PYTHON:-python3}"
 models="${ATOMIC_GPU_MODELS:-target/gpu-models}"
 out="${ATOMIC_BENCH_OUT:-target/gpu-bench}"
 max_steps="${MAX_STEPS:-256}"
+precisions="${PRECISIONS:-fp32,fp16,bf16}"
 mkdir -p "$out"
 
 # The CUDA 13 libraries live in the pip nvidia-* packages of the Python that holds PyTorch.
@@ -63,8 +65,9 @@ if [ -z "$bin" ]; then
 fi
 
 "$bin" "$models" --check >/dev/null || { echo "bench-gpu: the model folders do not open" >&2; exit 1; }
-echo "bench-gpu: worker (CUDA backend, fp32, fp16 and bf16)" >&2
-"$bin" "$models" --seconds "$seconds" --max-steps "$max_steps" | tee "$out/atomic.jsonl" || status=1
+echo "bench-gpu: worker (CUDA backend, $precisions)" >&2
+"$bin" "$models" --seconds "$seconds" --max-steps "$max_steps" --precisions "$precisions" |
+    tee "$out/atomic.jsonl" || status=1
 echo "bench-gpu: PyTorch eager" >&2
 "$py" worker/bench/gpu_torch.py "$models" --seconds "$seconds" --max-steps "$max_steps" | tee "$out/torch.jsonl" || status=1
 echo

@@ -157,16 +157,14 @@ impl<B: Backend> CausalLm<B> for Gpt2<B> {
             let k = backend.reshape(k, &[tokens, heads, d])?;
             let v = backend.reshape(v, &[tokens, heads, d])?;
             let context = step.attend(backend, l, &q, &k, &v)?;
-            let attn = backend.linear(&context, &layer.attn_proj_weight, Some(&layer.attn_proj_bias))?;
-            x = backend.add(&x, &attn)?;
+            x = backend.linear_add(&context, &layer.attn_proj_weight, Some(&layer.attn_proj_bias), x)?;
             let h = backend.layer_norm(&x, &layer.ln_2_weight, &layer.ln_2_bias, eps)?;
             let act = match c.activation_function {
                 Activation::Gelu => backend::Activation::Gelu,
                 _ => backend::Activation::GeluTanh,
             };
             let inner = backend.linear_act(&h, &layer.fc_weight, Some(&layer.fc_bias), act)?;
-            let out = backend.linear(&inner, &layer.mlp_proj_weight, Some(&layer.mlp_proj_bias))?;
-            x = backend.add(&x, &out)?;
+            x = backend.linear_add(&inner, &layer.mlp_proj_weight, Some(&layer.mlp_proj_bias), x)?;
         }
         let x = if all { x } else { step.last_rows(backend, x)? };
         let x = backend.layer_norm(&x, &self.ln_f_weight, &self.ln_f_bias, eps)?;

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# What a session lent a GPU runs, as one command inside the device tool's 10-minute limit: the
+# GPU tests (scripts/gpu-checks.sh), then the benchmark (scripts/bench-gpu.sh), each under its
+# own time limit so that a hang in one still leaves the other's results. Logs, the benchmark's
+# JSON lines and its report go to $OUT when set (the device tool's output folder), else to
+# target/gpu-session. Build the bundle first, on a machine with Rust: bash scripts/gpu-bundle.sh
+#   bash scripts/gpu-session.sh [SECONDS_PER_FIGURE=2]
+# Environment: CHECKS_LIMIT and BENCH_LIMIT (seconds, default 180 and 380); PRECISIONS for the
+# benchmark (default bf16,fp16,fp32: the precisions of the goals first).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-target/gpu-session}"
+mkdir -p "$out"
+seconds="${1:-2}"
+start=$(date +%s)
+timeout "${CHECKS_LIMIT:-180}" bash scripts/gpu-checks.sh >"$out/checks.log" 2>&1
+checks=$?
+echo "gpu-session: GPU tests exited $checks after $(($(date +%s) - start)) s (log: checks.log)"
+grep -E "^test result|FAILED|panicked|SKIPPED" "$out/checks.log" | head -40
+PRECISIONS="${PRECISIONS:-bf16,fp16,fp32}" ATOMIC_BENCH_OUT="$out" \
+    ATOMIC_GPU_BENCH="${ATOMIC_GPU_BENCH:-target/gpu-bundle/gpu_bench}" \
+    timeout "${BENCH_LIMIT:-380}" bash scripts/bench-gpu.sh "$seconds" >"$out/bench.log" 2>&1
+bench=$?
+echo "gpu-session: benchmark exited $bench after $(($(date +%s) - start)) s in all (log: bench.log)"
+# A benchmark stopped at its limit never wrote its report: make one from what it measured.
+if [ ! -s "$out/report.txt" ] && [ -s "$out/atomic.jsonl" ]; then
+    python3 worker/bench/gpu_report.py "$out/atomic.jsonl" "$out/torch.jsonl" >"$out/report.txt"
+fi
+[ -f "$out/report.txt" ] && cat "$out/report.txt"
+[ "$checks" -eq 0 ] && [ "$bench" -eq 0 ]
