@@ -525,37 +525,29 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
     );
 
     op.linear(b, "linear_qkv", t, h, 3 * h, true, Activation::Identity, layers)?;
+    // Attention read straight out of the fused projection, as Bert runs it.
     let qkv = upload(b, &[t, 3 * h])?;
-    let us = time_op(b, OP_BUDGET, || {
-        drop(b.split_last(&qkv, &[h, h, h])?);
-        Ok(())
-    })?;
-    op.emit(
-        "split_qkv",
-        format!("[{t},{}]", 3 * h),
-        us,
-        layers,
-        0.0,
-        act(2 * t * 3 * h),
-    );
-
-    let q = upload(b, &[ENC_BATCH, ENC_SEQ, heads, d])?;
-    let k = upload(b, &[ENC_BATCH, ENC_SEQ, heads, d])?;
-    let v = upload(b, &[ENC_BATCH, ENC_SEQ, heads, d])?;
     let mask = AttentionMask::padding(&batch.valid);
     let us = time_op(b, OP_BUDGET, || {
-        drop(b.attention(&q, &k, &v, &mask)?);
+        drop(b.attention_qkv(&qkv, (ENC_BATCH, heads), &mask)?);
         Ok(())
     })?;
     let attn_flops = 4.0 * (ENC_BATCH * heads * ENC_SEQ * ENC_SEQ * d) as f64;
     op.emit(
-        "attention",
-        format!("[{ENC_BATCH},{ENC_SEQ},{heads},{d}] padding mask (unfused: cuBLAS + softmax)"),
+        "attention_qkv",
+        format!(
+            "[{t},{}] as [{ENC_BATCH},{ENC_SEQ},{heads},{d}] x 3, padding mask (unfused: cuBLAS + softmax)",
+            3 * h
+        ),
         us,
         layers,
         attn_flops,
         act(4 * t * h),
     );
+    drop(qkv);
+    let q = upload(b, &[ENC_BATCH, ENC_SEQ, heads, d])?;
+    let k = upload(b, &[ENC_BATCH, ENC_SEQ, heads, d])?;
+    let v = upload(b, &[ENC_BATCH, ENC_SEQ, heads, d])?;
     // The fused flash kernel at the same shape, for comparison (0 calls: the pass does not
     // run it).
     let us = time_op(b, OP_BUDGET, || {

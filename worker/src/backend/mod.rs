@@ -429,6 +429,19 @@ pub trait Backend: Send + Sync {
         mask: &AttentionMask<'_>,
     ) -> Result<Self::Tensor>;
 
+    /// Attention straight from a fused projection `qkv [batch · seq, 3 · heads · head_dim]`
+    /// (per token: the q heads, then the k heads, then the v heads, as many of each; BERT's
+    /// layout), masked as in [`Backend::attention`]; returns `[batch · seq, heads · head_dim]`.
+    /// The default splits and reshapes first; a backend can read q, k and v where they are.
+    fn attention_qkv(
+        &self,
+        qkv: &Self::Tensor,
+        heads: (usize, usize),
+        mask: &AttentionMask<'_>,
+    ) -> Result<Self::Tensor> {
+        split_attention_qkv(self, qkv, heads, mask)
+    }
+
     /// Checks a step's plan and prepares it for [`Backend::write_paged`] and
     /// [`Backend::paged_attention`].
     fn prepare_paged(&self, plan: &PagedPlan) -> Result<Self::Paged>;
@@ -448,4 +461,31 @@ pub trait Backend: Send + Sync {
         values: &Self::Tensor,
         paged: &Self::Paged,
     ) -> Result<Self::Tensor>;
+}
+
+/// [`Backend::attention_qkv`] by splitting the projection into q, k and v, reshaping them to
+/// `[batch, seq, heads, head_dim]` and calling [`Backend::attention`].
+pub(crate) fn split_attention_qkv<B: Backend + ?Sized>(
+    backend: &B,
+    qkv: &B::Tensor,
+    (batch, heads): (usize, usize),
+    mask: &AttentionMask<'_>,
+) -> Result<B::Tensor> {
+    let (tokens, width) = shapes::rows("attention_qkv", backend.shape(qkv))?;
+    let (seq, d) = shapes::fused_qkv(tokens, width, batch, heads)?;
+    let mut parts = backend.split_last(qkv, &[heads * d; 3])?.into_iter();
+    let (Some(q), Some(k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(shapes::err(
+            "attention_qkv",
+            "split gave fewer than three parts".into(),
+        ));
+    };
+    let shape = [batch, seq, heads, d];
+    let (q, k, v) = (
+        backend.reshape(q, &shape)?,
+        backend.reshape(k, &shape)?,
+        backend.reshape(v, &shape)?,
+    );
+    let out = backend.attention(&q, &k, &v, mask)?;
+    backend.reshape(out, &[tokens, heads * d])
 }

@@ -166,6 +166,18 @@ impl AttnDims {
     }
 }
 
+/// `(seq, head_dim)` of a fused projection `[tokens, width]` holding q, k and v of `heads`
+/// heads for `batch` sequences of equal length.
+pub(crate) fn fused_qkv(tokens: usize, width: usize, batch: usize, heads: usize) -> Result<(usize, usize)> {
+    if batch == 0 || heads == 0 || !tokens.is_multiple_of(batch) || !width.is_multiple_of(3 * heads) {
+        return Err(err(
+            "attention_qkv",
+            format!("[{tokens}, {width}] is not {batch} sequences of q, k and v of {heads} heads"),
+        ));
+    }
+    Ok((tokens / batch, width / (3 * heads)))
+}
+
 pub(crate) fn attention(q: &[usize], k: &[usize], v: &[usize], mask: &AttentionMask<'_>) -> Result<AttnDims> {
     let op = "attention";
     let &[batch, s_q, heads, head_dim] = q else {

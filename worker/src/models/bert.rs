@@ -186,14 +186,13 @@ impl<B: Backend> Bert<B> {
 
     fn encode(&self, backend: &B, batch: &Batch) -> Result<B::Tensor> {
         let c = &self.config;
-        let (h, heads) = (c.hidden_size, c.num_attention_heads);
+        let heads = c.num_attention_heads;
         if batch.seq > c.max_position_embeddings {
             return Err(Error::Input(format!(
                 "sequence of {} tokens is longer than the model's {} positions",
                 batch.seq, c.max_position_embeddings
             )));
         }
-        let tokens = batch.batch * batch.seq;
         let positions: Vec<u32> = (0..batch.batch)
             .flat_map(|_| 0..u32::try_from(batch.seq).unwrap_or(u32::MAX))
             .collect();
@@ -209,20 +208,9 @@ impl<B: Backend> Bert<B> {
             eps,
         )?;
         let mask = AttentionMask::padding(&batch.valid);
-        let head_dim = h / heads;
         for layer in &self.layers {
             let qkv = backend.linear(&x, &layer.qkv_weight, Some(&layer.qkv_bias))?;
-            let mut parts = backend.split_last(&qkv, &[h, h, h])?.into_iter();
-            let (Some(q), Some(k), Some(v)) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(Error::Input(
-                    "split of the fused QKV projection failed".to_owned(),
-                ));
-            };
-            let shape = [batch.batch, batch.seq, heads, head_dim];
-            let q = backend.reshape(q, &shape)?;
-            let k = backend.reshape(k, &shape)?;
-            let v = backend.reshape(v, &shape)?;
-            let context = backend.reshape(backend.attention(&q, &k, &v, &mask)?, &[tokens, h])?;
+            let context = backend.attention_qkv(&qkv, (batch.batch, heads), &mask)?;
             let attn = backend.linear(&context, &layer.attn_out_weight, Some(&layer.attn_out_bias))?;
             x = backend.add_layer_norm(&attn, &x, &layer.attn_norm_weight, &layer.attn_norm_bias, eps)?;
             let act = match c.hidden_act {

@@ -12,10 +12,11 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use cudarc::driver::LaunchConfig;
 
-use super::gemm::{Batch, Gemm};
+use super::gemm::Gemm;
 use super::gemv::gemv_cfg;
 use super::kernels::{self, COMMON, FILES};
-use super::ops::{AttentionKernel, attention_cfg, decode_merge_cfg, draw_words, unfused_products};
+use super::ops::{AttentionKernel, HeadRows, attention_cfg, decode_merge_cfg, draw_words, unfused_plan};
+use crate::backend::shapes::AttnDims;
 use crate::backend::test_util::{
     AttnCase, AttnInputs, PagedCase, Rng, Tol, assert_close, print_skip, sampling_case,
 };
@@ -409,21 +410,20 @@ fn emulated_dense_attention_matches_reference_for_both_kernels() {
     }
 }
 
-/// cuBLAS's strided batched product as its documentation defines it: column-major matrices
-/// with leading dimensions, `op(X)` the transpose when asked, `C = op(A) · op(B)` for each
-/// matrix of the batch (in f64, stored as f32 like an fp32 result). It checks the unfused
-/// attention's product descriptors without a GPU.
-fn cublas_reference(g: &Gemm, batch: &Batch, a: &[f32], b: &[f32]) -> Vec<f32> {
+/// cuBLAS's batched product over matrices given by address as its documentation defines it:
+/// column-major matrices with leading dimensions, `op(X)` the transpose when asked,
+/// `C = op(A) · op(B)` for each matrix of the batch (in f64, stored as f32 like an fp32 result).
+/// Addresses are element offsets into `a`, `b` and `c`. It checks the unfused attention's
+/// product descriptors without a GPU.
+fn cublas_reference(
+    g: &Gemm,
+    (a, a_at): (&[f32], &[usize]),
+    (b, b_at): (&[f32], &[usize]),
+    (c, c_at): (&mut [f32], &[usize]),
+) {
     let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
     let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
-    let count = batch.count as usize;
-    let mut c = vec![f32::NAN; (count - 1) * batch.stride_c as usize + ldc * n];
-    for t in 0..count {
-        let (a0, b0, c0) = (
-            t * batch.stride_a as usize,
-            t * batch.stride_b as usize,
-            t * batch.stride_c as usize,
-        );
+    for ((&a0, &b0), &c0) in a_at.iter().zip(b_at).zip(c_at) {
         for j in 0..n {
             for i in 0..m {
                 let sum: f64 = (0..k)
@@ -445,14 +445,65 @@ fn cublas_reference(g: &Gemm, batch: &Batch, a: &[f32], b: &[f32]) -> Vec<f32> {
             }
         }
     }
-    c
+}
+
+/// The unfused attention as `CudaBackend::attention_unfused` runs it: the products through
+/// `unfused_plan`'s descriptors and addresses evaluated as cuBLAS defines them around the
+/// emulated masked softmax, on q, k and v read through `views` from `(q, k, v)`.
+fn emulated_unfused(
+    emu: &Emulator,
+    c: &AttnCase,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    views: [HeadRows; 3],
+    valid: &[bool],
+) -> Vec<f32> {
+    let p = emu.precision;
+    let dims = AttnDims {
+        batch: c.batch,
+        s_q: c.s_q,
+        s_k: c.s_k,
+        heads: c.heads,
+        kv_heads: c.kv_heads,
+        head_dim: c.d,
+    };
+    let plan = unfused_plan(&dims, views).expect("plan");
+    let bh = c.batch * c.heads;
+    let mut scores = vec![f32::NAN; bh * c.s_q * c.s_k];
+    cublas_reference(
+        &plan.scores,
+        (k, &plan.k),
+        (q, &plan.q),
+        (&mut scores, &plan.scores_at),
+    );
+    let mut valid_u8: Vec<u8> = valid.iter().map(|&b| u8::from(b)).collect();
+    valid_u8.push(0); // never empty, as the backend's placeholder
+    let mut probs = emu.store(&vec![f32::NAN; bh * c.s_q * c.s_k]);
+    let args = Args::default()
+        .buf(&mut probs)
+        .buf(&mut scores)
+        .buf(&mut valid_u8)
+        .int(usize::from(c.padding))
+        .signed(c.causal.map_or(-1, |o| o as i32))
+        .int(bh * c.s_q)
+        .int(c.s_q)
+        .int(c.s_k)
+        .int(c.heads)
+        .float(1.0 / (c.d as f32).sqrt());
+    emu.launch("attn_softmax", (bh * c.s_q, 1, 1), 256, 0, args);
+    let mut out = vec![f32::NAN; c.batch * c.s_q * c.heads * c.d];
+    cublas_reference(
+        &plan.values,
+        (v, &plan.v),
+        (&emu.load(&probs), &plan.probs_at),
+        (&mut out, &plan.out_at),
+    );
+    p.round(&out)
 }
 
 #[test]
 fn emulated_unfused_attention_matches_reference() {
-    // The unfused path as `CudaBackend::attention_unfused` runs it: the emulated head-major
-    // copies and masked softmax, the products through `unfused_products`' descriptors evaluated
-    // as cuBLAS defines them, against the f64 reference attention.
+    // Dense q, k and v, and the three inside one fused projection (BERT), against the f64
+    // reference attention.
     for p in [Precision::F32, Precision::Bf16] {
         let Some(emu) = emulator("emulated_unfused_attention_matches_reference", p) else {
             return;
@@ -463,49 +514,29 @@ fn emulated_unfused_attention_matches_reference() {
             .take(cases_for(p, AttnCase::COMMON.len()))
         {
             let (AttnInputs { q, k, v, valid }, want) = dense_case(&c, p, &mut rng);
-            let (batch, heads, d) = (c.batch, c.heads, c.d);
-            let bh = batch * heads;
-            let swap = |x: &[f32], a_len: usize, c_len: usize, group: usize| {
-                let mut xd = emu.store(x);
-                let n = batch * a_len * c_len * d;
-                let mut out = emu.store(&vec![f32::NAN; n]);
-                let args = Args::default()
-                    .buf(&mut out)
-                    .buf(&mut xd)
-                    .int(batch)
-                    .int(a_len)
-                    .int(c_len)
-                    .int(group)
-                    .int(d);
-                emu.launch("swap_middle", elementwise_grid(n), 256, 0, args);
-                emu.load(&out)
-            };
-            let group = heads / c.kv_heads;
-            let (qt, kt, vt) = (
-                swap(&q, c.s_q, heads, 1),
-                swap(&k, c.s_k, heads, group),
-                swap(&v, c.s_k, heads, group),
-            );
-            let [(sg, sb), (vg, vb)] = unfused_products(bh as i32, c.s_q as i32, c.s_k as i32, d as i32);
-            let mut scores = cublas_reference(&sg, &sb, &kt, &qt);
-            let mut valid_u8: Vec<u8> = valid.iter().map(|&b| u8::from(b)).collect();
-            valid_u8.push(0); // never empty, as the backend's placeholder
-            let mut probs = emu.store(&vec![f32::NAN; bh * c.s_q * c.s_k]);
-            let args = Args::default()
-                .buf(&mut probs)
-                .buf(&mut scores)
-                .buf(&mut valid_u8)
-                .int(usize::from(c.padding))
-                .signed(c.causal.map_or(-1, |o| o as i32))
-                .int(bh * c.s_q)
-                .int(c.s_q)
-                .int(c.s_k)
-                .int(heads)
-                .float(1.0 / (d as f32).sqrt());
-            emu.launch("attn_softmax", (bh * c.s_q, 1, 1), 256, 0, args);
-            let heads_out = p.round(&cublas_reference(&vg, &vb, &vt, &emu.load(&probs)));
-            let got = swap(&heads_out, heads, c.s_q, 1);
+            let views = [
+                HeadRows::dense(c.s_q, c.heads, c.d),
+                HeadRows::dense(c.s_k, c.kv_heads, c.d),
+                HeadRows::dense(c.s_k, c.kv_heads, c.d),
+            ];
+            let got = emulated_unfused(&emu, &c, (&q, &k, &v), views, &valid);
             assert_close(&format!("unfused attention {c:?} ({p})"), &got, &want, emu.tol());
+
+            if c.s_q == c.s_k && c.heads == c.kv_heads {
+                // The same q, k and v interleaved per token as a fused projection.
+                let hd = c.heads * c.d;
+                let qkv: Vec<f32> = (0..c.batch * c.s_q)
+                    .flat_map(|t| [&q, &k, &v].map(|x| x[t * hd..(t + 1) * hd].to_vec()).concat())
+                    .collect();
+                let views = [0, 1, 2].map(|part| HeadRows::fused_qkv(part, c.s_q, c.heads, c.d));
+                let got = emulated_unfused(&emu, &c, (&qkv, &qkv, &qkv), views, &valid);
+                assert_close(
+                    &format!("unfused attention from qkv {c:?} ({p})"),
+                    &got,
+                    &want,
+                    emu.tol(),
+                );
+            }
         }
     }
 }

@@ -5,12 +5,14 @@
 //! runs the product on tensor cores.
 //!
 //! The attention scores are the one product written in fp32 from half-precision operands
-//! (`Gemm::c_f32`).
+//! (`Gemm::c_f32`). The unfused attention's products are batches given by address
+//! (`cublasGemmBatchedEx`), so that they read q, k and v where they are.
 //!
 //! cuBLAS is column-major. The callers describe the product in its terms: `C[m × n] =
 //! op(A)[m × k] · op(B)[k × n]`, each operand with its leading dimension.
 
 use cudarc::cublas::result::{gemm_ex, gemm_strided_batched_ex};
+use cudarc::cublas::sys::cublasGemmBatchedEx;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
@@ -140,5 +142,57 @@ impl CudaBackend {
             }
         };
         result.map_err(|e| BackendError::Device(format!("cuBLAS {} gemm ({what}): {e}", self.precision)))
+    }
+
+    /// `C[i] = op(A[i]) · op(B[i])` as `g` describes, for the `count` matrices whose device
+    /// addresses are in the tables at `tables` (A, B and C: device arrays of `count` addresses
+    /// each); `what` names the product in errors.
+    ///
+    /// # Safety
+    /// The tables must hold `count` addresses each, every one of a live buffer of this stream
+    /// holding every element `g` addresses from it, in the backend's precision (C in fp32 when
+    /// `g.c_f32`).
+    pub(super) unsafe fn gemm_pointers(
+        &self,
+        what: &str,
+        g: Gemm,
+        count: usize,
+        tables: [u64; 3],
+    ) -> Result<()> {
+        self.bind()?;
+        let ty = data_type(self.precision);
+        let c_ty = if g.c_f32 { cudaDataType_t::CUDA_R_32F } else { ty };
+        let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0 });
+        let count = i32::try_from(count)
+            .map_err(|_| BackendError::Device(format!("cuBLAS batched gemm ({what}): {count} matrices")))?;
+        let [a, b, c] = tables;
+        // SAFETY: the caller vouches for the tables and the extents; alpha and beta are fp32 as
+        // COMPUTE_32F requires; cuBLAS is bound to the backend's stream.
+        unsafe {
+            cublasGemmBatchedEx(
+                *self.blas.handle(),
+                op(g.transa),
+                op(g.transb),
+                g.m,
+                g.n,
+                g.k,
+                (&alpha as *const f32).cast(),
+                a as *const *const std::ffi::c_void,
+                ty,
+                g.lda,
+                b as *const *const std::ffi::c_void,
+                ty,
+                g.ldb,
+                (&beta as *const f32).cast(),
+                c as *const *mut std::ffi::c_void,
+                c_ty,
+                g.ldc,
+                count,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .result()
+        .map_err(|e| BackendError::Device(format!("cuBLAS {} batched gemm ({what}): {e}", self.precision)))
     }
 }

@@ -51,7 +51,6 @@ pub(crate) const FILES: &[KernelFile] = &[
             "paged_decode_attention",
             "paged_decode_split",
             "decode_merge",
-            "swap_middle",
             "attn_softmax",
             "kv_write",
         ],

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 
 use super::context::{ATTN_MAX_D, CudaBackend, driver_err, flash_smem_bytes};
 use super::gemm::{Batch, Gemm};
@@ -44,49 +44,139 @@ pub(crate) enum AttentionKernel {
 /// materialises; larger prompts go to the flash kernel.
 pub(super) const UNFUSED_MAX_SCORE_BYTES: usize = 256 << 20;
 
-/// The unfused attention's two batched products over `bh` head-major matrices, in cuBLAS's
-/// column-major terms (a row-major `C = A · B` is the column-major `Cᵀ = Bᵀ · Aᵀ`):
-/// - scores `S[bh] = Q[bh] · K[bh]ᵀ`, `[s_q × s_k]` in fp32: A is K (row-major `[s_k × d]`, read
-///   transposed), B is Q (`[s_q × d]`);
-/// - outputs `O[bh] = P[bh] · V[bh]`, `[s_q × d]`: A is V (`[s_k × d]`), B is P (`[s_q × s_k]`).
-pub(super) fn unfused_products(bh: i32, s_q: i32, s_k: i32, d: i32) -> [(Gemm, Batch); 2] {
+/// Where the rows of one `[batch, seq, heads, d]`-shaped attention operand sit in its buffer,
+/// in elements: head `h` of token `s` of sequence `b` starts at
+/// `offset + b · batch_stride + s · row_stride + h · d`. A tensor of that shape is
+/// [`HeadRows::dense`]; q, k and v inside a fused projection `[batch · seq, 3 · heads · d]` are
+/// [`HeadRows::fused_qkv`], read where they are instead of split out first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct HeadRows {
+    pub offset: usize,
+    pub row_stride: usize,
+    pub batch_stride: usize,
+}
+
+impl HeadRows {
+    /// A dense `[batch, seq, heads, d]` tensor.
+    pub(crate) fn dense(seq: usize, heads: usize, d: usize) -> Self {
+        Self {
+            offset: 0,
+            row_stride: heads * d,
+            batch_stride: seq * heads * d,
+        }
+    }
+
+    /// Part `part` (0 for q, 1 for k, 2 for v) of a fused projection `[batch · seq, 3 · heads · d]`.
+    pub(crate) fn fused_qkv(part: usize, seq: usize, heads: usize, d: usize) -> Self {
+        Self {
+            offset: part * heads * d,
+            row_stride: 3 * heads * d,
+            batch_stride: seq * 3 * heads * d,
+        }
+    }
+
+    /// The element where head `h` of sequence `b`'s first row starts.
+    fn start(&self, b: usize, h: usize, d: usize) -> usize {
+        self.offset + b * self.batch_stride + h * d
+    }
+
+    /// One past the last element `batch` sequences of `seq` rows of `heads` heads address.
+    pub(crate) fn end(&self, batch: usize, seq: usize, heads: usize, d: usize) -> usize {
+        if batch * seq * heads * d == 0 {
+            return 0;
+        }
+        self.start(batch - 1, heads - 1, d) + (seq - 1) * self.row_stride + d
+    }
+}
+
+/// The unfused attention's two products, each one cuBLAS batch of `batch · heads` matrices
+/// given by address, in cuBLAS's column-major terms (a row-major `C = A · B` is the
+/// column-major `Cᵀ = Bᵀ · Aᵀ`; a row-major matrix's leading dimension is its row stride):
+/// - scores `S(b, h) = Q · Kᵀ`, `[s_q × s_k]` fp32, one contiguous matrix per (b, h) for the
+///   softmax: A is K (row-major `[s_k × d]`, read transposed), B is Q (`[s_q × d]`);
+/// - outputs `O(b, h) = P · V`, `[s_q × d]`, written straight into the output's rows: A is V
+///   (`[s_k × d]`), B is P (`[s_q × s_k]`, contiguous per (b, h)).
+///
+/// With each matrix's element offset in its buffer, (b, h) in order: q, k and v where the
+/// views say (key/value head `h / group` for query head `h`), the scores (fp32 elements), the
+/// probabilities and the output (`[batch, s_q, heads, d]`).
+#[derive(Debug)]
+pub(crate) struct UnfusedPlan {
+    pub scores: Gemm,
+    pub values: Gemm,
+    pub q: Vec<usize>,
+    pub k: Vec<usize>,
+    pub v: Vec<usize>,
+    pub scores_at: Vec<usize>,
+    pub probs_at: Vec<usize>,
+    pub out_at: Vec<usize>,
+}
+
+pub(crate) fn unfused_plan(dims: &AttnDims, [q, k, v]: [HeadRows; 3]) -> Result<UnfusedPlan> {
+    let op = "attention";
+    let AttnDims {
+        batch,
+        s_q,
+        s_k,
+        heads,
+        head_dim: d,
+        ..
+    } = *dims;
+    let group = dims.group();
+    let out = HeadRows::dense(s_q, heads, d);
     let scores = Gemm {
         transa: true,
         transb: false,
-        m: s_k,
-        n: s_q,
-        k: d,
-        lda: d,
-        ldb: d,
-        ldc: s_k,
+        m: int(op, s_k)?,
+        n: int(op, s_q)?,
+        k: int(op, d)?,
+        lda: int(op, k.row_stride)?,
+        ldb: int(op, q.row_stride)?,
+        ldc: int(op, s_k)?,
         c_f32: true,
         accumulate: false,
-    };
-    let scores_batch = Batch {
-        count: bh,
-        stride_a: i64::from(s_k) * i64::from(d),
-        stride_b: i64::from(s_q) * i64::from(d),
-        stride_c: i64::from(s_q) * i64::from(s_k),
     };
     let values = Gemm {
         transa: false,
         transb: false,
-        m: d,
-        n: s_q,
-        k: s_k,
-        lda: d,
-        ldb: s_k,
-        ldc: d,
+        m: int(op, d)?,
+        n: int(op, s_q)?,
+        k: int(op, s_k)?,
+        lda: int(op, v.row_stride)?,
+        ldb: int(op, s_k)?,
+        ldc: int(op, out.row_stride)?,
         c_f32: false,
         accumulate: false,
     };
-    let values_batch = Batch {
-        count: bh,
-        stride_a: i64::from(s_k) * i64::from(d),
-        stride_b: i64::from(s_q) * i64::from(s_k),
-        stride_c: i64::from(s_q) * i64::from(d),
+    let pairs = || (0..batch).flat_map(|b| (0..heads).map(move |h| (b, h)));
+    let at = |rows: HeadRows, per_group: bool| -> Vec<usize> {
+        pairs()
+            .map(|(b, h)| rows.start(b, if per_group { h / group } else { h }, d))
+            .collect()
     };
-    [(scores, scores_batch), (values, values_batch)]
+    let matrices = |size: usize| -> Vec<usize> { (0..batch * heads).map(|i| i * size).collect() };
+    Ok(UnfusedPlan {
+        scores,
+        values,
+        q: at(q, false),
+        k: at(k, true),
+        v: at(v, true),
+        scores_at: matrices(s_q * s_k),
+        probs_at: matrices(s_q * s_k),
+        out_at: at(out, false),
+    })
+}
+
+/// Whether a dense prompt's attention takes the unfused path: its fp32 scores fit
+/// [`UNFUSED_MAX_SCORE_BYTES`].
+fn unfused_fits(dims: &AttnDims) -> bool {
+    dims.batch * dims.heads * dims.s_q * dims.s_k * size_of::<f32>() <= UNFUSED_MAX_SCORE_BYTES
+}
+
+/// The device address of a buffer of this backend's stream.
+fn addr_u64<T>(buf: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
+    let (ptr, _sync) = buf.device_ptr(stream);
+    ptr
 }
 
 /// The most blocks one sequence's keys are split across in a decode step.
@@ -514,37 +604,6 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// `x [batch, a_len, c_len / group, d]` as `[batch, c_len, a_len, d]` (see `swap_middle`).
-    fn swap_middle(&self, x: &CudaTensor, dims: [usize; 4], group: usize) -> Result<CudaTensor> {
-        let op = "swap_middle";
-        let [batch, a_len, c_len, d] = dims;
-        let mut out = self.alloc(vec![batch, c_len, a_len, d])?;
-        let n = int(op, out.numel())?;
-        if n == 0 {
-            return Ok(out);
-        }
-        let (bi, ai, ci, gi, di) = (
-            int(op, batch)?,
-            int(op, a_len)?,
-            int(op, c_len)?,
-            int(op, group)?,
-            int(op, d)?,
-        );
-        launch!(
-            self,
-            "swap_middle",
-            elementwise_cfg(n as usize),
-            &mut out.buf,
-            &x.buf,
-            &bi,
-            &ai,
-            &ci,
-            &gi,
-            &di
-        )?;
-        Ok(out)
-    }
-
     /// Dense attention through the fused flash kernel whatever the size: what the trait's
     /// `attention` takes only for prompts too large for the unfused path; public so that
     /// benchmarks can time both.
@@ -569,16 +628,37 @@ impl CudaBackend {
         }
     }
 
-    /// Dense attention without a fused kernel: head-major copies of q, k and v (k and v
-    /// repeated for grouped heads), fp32 scores from one batched cuBLAS product (tensor cores in
-    /// half precision), the masked softmax, the second product, and the result back in
-    /// `[batch, s_q, heads, d]`. The trait's `attention` takes it for prompts whose scores fit
-    /// [`UNFUSED_MAX_SCORE_BYTES`].
-    pub(crate) fn attention_unfused(
+    /// [`CudaBackend::attention_unfused`] over dense `q [batch, s_q, heads, d]`, `k` and `v`
+    /// `[batch, s_k, kv_heads, d]`, whatever the size (up to its limit): what the trait's
+    /// `attention` takes for prompts; for tests and benchmarks, which time every path.
+    pub(crate) fn attention_unfused_dense(
         &self,
         q: &CudaTensor,
         k: &CudaTensor,
         v: &CudaTensor,
+        mask: &AttentionMask<'_>,
+    ) -> Result<CudaTensor> {
+        let dims = shapes::attention(&q.shape, &k.shape, &v.shape, mask)?;
+        let (d, heads, kv_heads) = (dims.head_dim, dims.heads, dims.kv_heads);
+        let views = [
+            HeadRows::dense(dims.s_q, heads, d),
+            HeadRows::dense(dims.s_k, kv_heads, d),
+            HeadRows::dense(dims.s_k, kv_heads, d),
+        ];
+        self.attention_unfused((q, k, v), views, dims, mask)
+    }
+
+    /// Dense attention without a fused kernel, reading q, k and v where their views say (see
+    /// [`HeadRows`]; the three may be one fused projection): fp32 scores from one batched cuBLAS
+    /// product over the (sequence, head) pairs given by address (tensor cores in half
+    /// precision), the masked softmax, and a second product that writes each head's output
+    /// straight into `[batch, s_q, heads, d]`. No copies of the inputs are made. Taken for
+    /// prompts whose scores fit [`UNFUSED_MAX_SCORE_BYTES`].
+    pub(crate) fn attention_unfused(
+        &self,
+        (q, k, v): (&CudaTensor, &CudaTensor, &CudaTensor),
+        views: [HeadRows; 3],
+        dims: AttnDims,
         mask: &AttentionMask<'_>,
     ) -> Result<CudaTensor> {
         let op = "attention";
@@ -589,12 +669,24 @@ impl CudaBackend {
             heads,
             kv_heads,
             head_dim: d,
-        } = shapes::attention(&q.shape, &k.shape, &v.shape, mask)?;
-        if q.numel() == 0 || s_k == 0 {
-            return self.alloc_zeros(q.shape.clone());
+        } = dims;
+        let out_shape = vec![batch, s_q, heads, d];
+        if batch * s_q * heads * d == 0 || s_k == 0 {
+            return self.alloc_zeros(out_shape);
         }
-        int(op, q.numel())?;
-        int(op, k.numel())?;
+        for (name, t, rows, seq, h) in [
+            ("q", q, views[0], s_q, heads),
+            ("k", k, views[1], s_k, kv_heads),
+            ("v", v, views[2], s_k, kv_heads),
+        ] {
+            if rows.end(batch, seq, h, d) > t.numel() {
+                return Err(shapes::err(
+                    op,
+                    format!("{name} rows {rows:?} reach past a tensor of {:?}", t.shape),
+                ));
+            }
+            int(op, t.numel())?;
+        }
         let bh = batch * heads;
         let score_bytes = bh * s_q * s_k * size_of::<f32>();
         if score_bytes > UNFUSED_MAX_SCORE_BYTES {
@@ -604,23 +696,40 @@ impl CudaBackend {
             ));
         }
         int(op, bh * s_q * s_k)?;
-        let group = heads / kv_heads;
-        let qt = self.swap_middle(q, [batch, s_q, heads, d], 1)?;
-        let kt = self.swap_middle(k, [batch, s_k, heads, d], group)?;
-        let vt = self.swap_middle(v, [batch, s_k, heads, d], group)?;
-        let [(scores_g, scores_b), (values_g, values_b)] =
-            unfused_products(int(op, bh)?, int(op, s_q)?, int(op, s_k)?, int(op, d)?);
-        let mut scores = self.alloc_slice::<u8>("attention scores", score_bytes)?;
+        let plan = unfused_plan(&dims, views)?;
+        let scores = self.alloc_slice::<u8>("attention scores", score_bytes)?;
+        let mut probs = self.alloc(vec![bh, s_q, s_k])?;
+        let out = self.alloc(out_shape)?;
+        let eb = self.precision.bytes() as u64;
+        let addr = |t: &CudaSlice<u8>| addr_u64(t, &self.stream);
+        let (q0, k0, v0) = (addr(&q.buf), addr(&k.buf), addr(&v.buf));
+        let (s0, p0, o0) = (addr(&scores), addr(&probs.buf), addr(&out.buf));
+        fn addresses(base: u64, at: &[usize], bytes: u64) -> impl Iterator<Item = u64> + '_ {
+            at.iter().map(move |&i| base + i as u64 * bytes)
+        }
+        // One upload: the scores product's A (K), B (Q) and C (S) pointers, then the values
+        // product's A (V), B (P) and C (O).
+        let pointers: Vec<u64> = addresses(k0, &plan.k, eb)
+            .chain(addresses(q0, &plan.q, eb))
+            .chain(addresses(s0, &plan.scores_at, 4))
+            .chain(addresses(v0, &plan.v, eb))
+            .chain(addresses(p0, &plan.probs_at, eb))
+            .chain(addresses(o0, &plan.out_at, eb))
+            .collect();
+        let pointers_dev = self.upload("attention matrix pointers", &pointers)?;
+        let table = addr_u64(&pointers_dev, &self.stream);
+        let slot = |i: u64| table + i * bh as u64 * 8;
         let what = format!("attention scores {bh}x{s_q}x{s_k}x{d}");
-        // SAFETY: kt holds bh·s_k·d and qt bh·s_q·d elements, scores bh·s_q·s_k fp32 values.
-        unsafe { self.gemm(&what, scores_g, Some(scores_b), &kt.buf, &qt.buf, &mut scores)? };
-        drop((qt, kt));
+        // SAFETY: every address points into a live buffer of this stream, at a matrix whose
+        // extent the plan's leading dimensions describe: q, k and v were checked against their
+        // tensors above, the scores and probabilities hold bh matrices of s_q x s_k and the
+        // output bh of s_q rows of d at its row stride.
+        unsafe { self.gemm_pointers(&what, plan.scores, bh, [slot(0), slot(1), slot(2)])? };
         let valid_dev = self.upload_key_valid(mask)?;
         let valid_buf = valid_dev.as_ref().unwrap_or(&self.placeholder_u8);
         let has_valid = i32::from(valid_dev.is_some());
         let causal = causal_arg(op, mask)?;
         let scale = 1.0 / (d as f32).sqrt();
-        let mut probs = self.alloc(vec![bh, s_q, s_k])?;
         let (rows, sqi, ski, hi) = (int(op, bh * s_q)?, int(op, s_q)?, int(op, s_k)?, int(op, heads)?);
         launch!(
             self,
@@ -637,21 +746,13 @@ impl CudaBackend {
             &hi,
             &scale
         )?;
-        drop(scores);
-        let mut heads_out = self.alloc(vec![batch, heads, s_q, d])?;
         let what = format!("attention values {bh}x{s_q}x{s_k}x{d}");
-        // SAFETY: vt holds bh·s_k·d, probs bh·s_q·s_k and heads_out bh·s_q·d elements.
-        unsafe {
-            self.gemm(
-                &what,
-                values_g,
-                Some(values_b),
-                &vt.buf,
-                &probs.buf,
-                &mut heads_out.buf,
-            )?
-        };
-        self.swap_middle(&heads_out, [batch, heads, s_q, d], 1)
+        // SAFETY: as above.
+        unsafe { self.gemm_pointers(&what, plan.values, bh, [slot(3), slot(4), slot(5)])? };
+        // The pointer table, scores and probabilities are freed in stream order, after the
+        // products that read them.
+        drop((pointers_dev, scores, probs));
+        Ok(out)
     }
 
     fn norm_launch(
@@ -1129,15 +1230,36 @@ impl Backend for CudaBackend {
         // One query row per sequence (a decode step) leaves 15 of flash's 16 rows per block idle;
         // the decode kernel spreads that row's keys over 8 warps instead. Prompts go through
         // cuBLAS (tensor cores in half precision) while their scores stay small, else flash.
-        match (q.shape.as_slice(), k.shape.get(1)) {
-            ([_, 1, ..], _) => self.attention_with(q, k, v, mask, AttentionKernel::Decode),
-            ([batch, s_q, heads, _], Some(s_k))
-                if batch * heads * s_q * s_k * size_of::<f32>() <= UNFUSED_MAX_SCORE_BYTES =>
-            {
-                self.attention_unfused(q, k, v, mask)
-            }
-            _ => self.attention_with(q, k, v, mask, AttentionKernel::Flash),
+        let dims = shapes::attention(&q.shape, &k.shape, &v.shape, mask)?;
+        if dims.s_q == 1 {
+            return self.attention_with(q, k, v, mask, AttentionKernel::Decode);
         }
+        if unfused_fits(&dims) {
+            return self.attention_unfused_dense(q, k, v, mask);
+        }
+        self.attention_with(q, k, v, mask, AttentionKernel::Flash)
+    }
+
+    fn attention_qkv(
+        &self,
+        qkv: &CudaTensor,
+        (batch, heads): (usize, usize),
+        mask: &AttentionMask<'_>,
+    ) -> Result<CudaTensor> {
+        let (tokens, width) = shapes::rows("attention_qkv", &qkv.shape)?;
+        let (seq, d) = shapes::fused_qkv(tokens, width, batch, heads)?;
+        let dims = shapes::attention(
+            &[batch, seq, heads, d],
+            &[batch, seq, heads, d],
+            &[batch, seq, heads, d],
+            mask,
+        )?;
+        if seq > 1 && unfused_fits(&dims) {
+            let views = [0, 1, 2].map(|part| HeadRows::fused_qkv(part, seq, heads, d));
+            let out = self.attention_unfused((qkv, qkv, qkv), views, dims, mask)?;
+            return self.reshape(out, &[tokens, heads * d]);
+        }
+        crate::backend::split_attention_qkv(self, qkv, (batch, heads), mask)
     }
 
     fn prepare_paged(&self, plan: &PagedPlan) -> Result<CudaPaged> {

@@ -847,7 +847,7 @@ fn attention_paths<'m>(mask: &'m AttentionMask<'m>) -> [(&'static str, Attend<'m
         ),
         (
             "unfused",
-            Box::new(move |be, t| be.attention_unfused(&t[0], &t[1], &t[2], mask)),
+            Box::new(move |be, t| be.attention_unfused_dense(&t[0], &t[1], &t[2], mask)),
         ),
     ]
 }
@@ -909,6 +909,39 @@ fn gpu_attention_matches_reference_for_all_paths() {
         g.attention(&t, &t, &t, &AttentionMask::none()),
         Err(BackendError::Shape { .. })
     ));
+}
+
+#[test]
+fn gpu_attention_from_a_fused_projection_matches_reference() {
+    let Some(g) = gpu("gpu_attention_from_a_fused_projection_matches_reference") else {
+        return;
+    };
+    // BERT's attention read straight out of its fused q/k/v projection (the unfused path with
+    // the projection's row stride, and the split path for one token), against the reference's
+    // split + attention; with padding, as encoder batches have.
+    let tol = Tol {
+        atol: 1e-5,
+        rtol: 1e-4,
+    };
+    let mut rng = Rng::new(112);
+    for &(batch, seq, heads, d) in &[(1, 1, 2, 8), (2, 7, 3, 16), (3, 33, 12, 64), (2, 20, 4, 80)] {
+        let qkv = rng.vec(batch * seq * 3 * heads * d, 2.0);
+        // The last sequence is padded after its first token.
+        let valid: Vec<bool> = (0..batch * seq).map(|i| i < (batch - 1) * seq + 1).collect();
+        let mask = AttentionMask::padding(&valid);
+        compare!(
+            g,
+            format!("attention_qkv batch {batch} seq {seq} heads {heads} d {d}"),
+            tol,
+            &[(&qkv, &[batch * seq, 3 * heads * d])],
+            |be, t| be.attention_qkv(&t[0], (batch, heads), &mask)
+        );
+    }
+    let odd = g.zeros(&[6, 3 * 2 * 8]).unwrap();
+    assert!(
+        g.attention_qkv(&odd, (4, 2), &AttentionMask::none()).is_err(),
+        "6 rows are not 4 sequences of equal length"
+    );
 }
 
 /// A paged step on one backend: the pools after writing the new keys and values, then the

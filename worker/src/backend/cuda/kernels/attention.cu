@@ -422,29 +422,9 @@ extern "C" __global__ void decode_merge(elem_t* out, const float* partials, cons
 }
 
 // The unfused attention of dense prompts (encoders): two batched matrix products on cuBLAS
-// (tensor cores in half precision) around a masked softmax, over head-major copies of the
-// inputs. These two kernels are its non-product steps.
+// (tensor cores in half precision) that read q, k and v where they are, around this masked
+// softmax.
 //
-// swap_middle: out[b, c, a, :] = x[b, a, c / group, :] for x [batch, a_len, c_len / group, d]
-//   and out [batch, c_len, a_len, d]: [batch, seq, heads, d] to head-major [batch, heads, seq, d]
-//   and back (group > 1 repeats each key/value head for the query heads that share it).
-//   Launch: grid-stride over batch * c_len * a_len * d.
-extern "C" __global__ void swap_middle(elem_t* out, const elem_t* x, int batch, int a_len, int c_len, int group,
-                                       int d) {
-    KERNEL_CHECK(group > 0 && c_len % group == 0);
-    const size_t n = (size_t)batch * c_len * a_len * d;
-    const int x_c = c_len / group;
-    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += (size_t)gridDim.x * blockDim.x) {
-        const int e = idx % d;
-        size_t rest = idx / d;
-        const int a = rest % a_len;
-        rest /= a_len;
-        const int c = rest % c_len;
-        const size_t b = rest / c_len;
-        out[idx] = x[((b * a_len + a) * x_c + c / group) * d + e];
-    }
-}
-
 // attn_softmax: p[r, j] = softmax over the visible keys j of scale * s[r, j], for the fp32 scores
 //   s [batch * heads * s_q, s_k]; row r = (b * heads + h) * s_q + i. Key j is visible as in
 //   DenseLayout (key_valid[b * s_k + j] when has_valid; j <= causal_offset + i when
