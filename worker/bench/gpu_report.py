@@ -270,6 +270,15 @@ def time_split(ours):
         table(["op", "shape", "us/call", "calls", "ms/pass", "of measured", "TFLOP/s", "GB/s"], op_rows)
 
 
+def selftest(ours):
+    rows = [r for r in ours if r.get("bench") == "selftest"]
+    if rows:
+        print("\n== Start-up self-test (every op against the f64 reference, as `serve` runs it) ==")
+        for r in rows:
+            verdict = "passed" if r.get("ok") else f"FAILED: {r.get('message')}"
+            print(f"  {r.get('dtype')}: {verdict} ({num(r.get('ms'), '{:.0f}')} ms)")
+
+
 def failures(rows):
     errors = [r for r in rows if r.get("bench") == "error"]
     if errors:
@@ -290,6 +299,7 @@ def main():
     print("Ratios set the worker against PyTorch at the same precision (all but 'of bf16 peak'). "
           "'-': a figure this run did not produce.")
 
+    selftest(ours)
     accuracy(ours)
     bw, peaks = limits(ours, theirs)
     encoders(ours, theirs)

@@ -139,6 +139,19 @@ fn run(args: &Args) -> anyhow::Result<()> {
             }));
             device_shown = true;
         }
+        // The worker's start-up self-test, as `serve` runs it: a failure is reported (and
+        // fails the run) but the sections still run, since their figures say where it goes wrong.
+        let started = Instant::now();
+        let selftest = atomic_worker::backend::selftest::check(&backend, precision);
+        emit(json!({
+            "bench": "selftest", "impl": "atomic", "dtype": precision.to_string(),
+            "ok": selftest.is_ok(), "ms": started.elapsed().as_secs_f64() * 1e3,
+            "message": selftest.as_ref().err().map(ToString::to_string),
+        }));
+        if let Err(e) = selftest {
+            report_failure(precision, "selftest", &anyhow::anyhow!(e));
+            failed.push(format!("{precision} selftest"));
+        }
         let sections = run_sections(&backend, args);
         failed.extend(sections.into_iter().map(|name| format!("{precision} {name}")));
     }

@@ -130,6 +130,14 @@ fn load_on_device(args: &ServeArgs, limits: &ModelLimits) -> anyhow::Result<Mode
     let selected = select(args.device, CUDA_BUILT, |n| {
         let backend = atomic_worker::backend::cuda::CudaBackend::with_precision(n, args.precision)
             .map_err(|e| e.to_string())?;
+        // Every op against the reference before anything is served: a kernel that is wrong on
+        // this GPU stops here, by name, instead of answering wrongly.
+        let started = std::time::Instant::now();
+        atomic_worker::backend::selftest::check(&backend, args.precision).map_err(|e| e.to_string())?;
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "the GPU passed the start-up self-test"
+        );
         if args.cuda_graph_max_batch > 0 {
             backend.enable_decode_graphs(args.cuda_graph_max_batch);
         }
@@ -151,6 +159,8 @@ fn load_on_device(args: &ServeArgs, limits: &ModelLimits) -> anyhow::Result<Mode
             }
             let backend = CpuBackend::new(args.threads)?;
             let simd = atomic_worker::backend::cpu_kernels::detected_simd_level();
+            // The row kernels are picked for this CPU's SIMD level at run time: check them too.
+            atomic_worker::backend::selftest::check(&backend, Precision::F32)?;
             tracing::info!(threads = backend.threads(), ?simd, "running on the CPU");
             server::load_model_on(dir, backend, limits)
         }

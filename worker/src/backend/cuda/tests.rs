@@ -1114,6 +1114,21 @@ macro_rules! compare_in {
 }
 
 #[test]
+fn gpu_passes_the_start_up_self_test() {
+    for p in Precision::ALL {
+        let Some(g) = gpu_in("gpu_passes_the_start_up_self_test", p) else {
+            return;
+        };
+        crate::backend::selftest::check(&*g, p).unwrap_or_else(|e| panic!("{p}: {e}"));
+        // With the matrix-vector kernel off, the same ops through cuBLAS and separate kernels.
+        g.set_gemv(false);
+        let off = crate::backend::selftest::check(&*g, p);
+        g.set_gemv(true);
+        off.unwrap_or_else(|e| panic!("{p}, gemv off: {e}"));
+    }
+}
+
+#[test]
 fn gpu_half_precision_ops_match_reference() {
     for p in [Precision::F16, Precision::Bf16] {
         let Some(g) = gpu_in("gpu_half_precision_ops_match_reference", p) else {

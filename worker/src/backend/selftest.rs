@@ -1,0 +1,443 @@
+//! A start-up check that a backend computes what the f64 [`ReferenceBackend`] computes, op by
+//! op, on small seeded inputs, before a model is served on it. A GPU backend compiles its
+//! kernels at start-up for whatever GPU it finds; a kernel that is wrong there (a compiler or
+//! architecture difference, a launch shape the tests never tried) should stop the worker with
+//! the op's name rather than serve wrong answers.
+//!
+//! Every op the models call runs once, at shapes that take each of a backend's paths (one and
+//! six rows: the GPU's matrix-vector kernel and cuBLAS; prompts and decode steps; dense, fused
+//! and paged attention). The reference reads the inputs rounded to the backend's storage
+//! precision. The bounds are twice the GPU tests' (8 roundings of the precision, relative, and
+//! `8 + 4 sqrt(k)` absolute for a product of `k` terms): they catch a wrong kernel, whose errors
+//! are of the order of the values, not rounding, which the backends' own tests hold tighter. The whole
+//! check is a few dozen small launches.
+
+use super::cpu::CpuTensor;
+use super::paged::{PagedPlan, PagedSeq};
+use super::{AttentionMask, Backend, BackendError, Precision, ReferenceBackend, Result};
+use crate::sampling::TokenDraw;
+
+/// Sizes of the checked products: `k` terms, outputs per row, and the row counts (the GPU
+/// takes its matrix-vector kernel at up to four rows and cuBLAS beyond).
+const K: usize = 64;
+const M: usize = 24;
+const ROWS: [usize; 2] = [2, 6];
+
+/// `|got - want| <= atol + rtol · |want|` elementwise.
+#[derive(Clone, Copy, Debug)]
+struct Bound {
+    atol: f32,
+    rtol: f32,
+}
+
+impl Bound {
+    /// Eight roundings of `p` relative, `8 + 4 sqrt(k)` absolute for a product of `k` terms
+    /// (fp32's rounding counted as 2^-18, for its transcendental functions and sums).
+    fn of(p: Precision, k: usize) -> Self {
+        let u = match p {
+            Precision::F32 => 1.0 / (1u32 << 18) as f32,
+            Precision::F16 => 1.0 / 2048.0,
+            Precision::Bf16 => 1.0 / 256.0,
+        };
+        Self {
+            atol: u * (8.0 + 4.0 * (k as f32).sqrt()),
+            rtol: 8.0 * u,
+        }
+    }
+}
+
+/// The first element outside `bound`, described, or `None` when all are within it.
+fn first_mismatch(got: &[f32], want: &[f32], bound: Bound) -> Option<String> {
+    if got.len() != want.len() {
+        return Some(format!("{} values, expected {}", got.len(), want.len()));
+    }
+    got.iter().zip(want).enumerate().find_map(|(i, (&g, &w))| {
+        let close = g == w || (g - w).abs() <= bound.atol + bound.rtol * w.abs();
+        (!close).then(|| format!("element {i}: got {g}, expected {w}"))
+    })
+}
+
+/// Seeded values in `[-scale, scale)` (xorshift: reproducible without a dependency).
+fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn failed(op: &str, detail: impl std::fmt::Display) -> BackendError {
+    BackendError::Device(format!("start-up self-test: {op}: {detail}"))
+}
+
+/// Runs `$body` (an expression over `$be`, the backend, and `$t`, the uploaded `$inputs`) on
+/// the backend and on the reference, both fed the inputs rounded to the precision (what the
+/// backend stores anyway), and compares. A macro
+/// because the expression is instantiated for both tensor types.
+macro_rules! check_op {
+    ($backend:expr, $p:expr, $what:expr, $k:expr, $inputs:expr, |$be:ident, $t:ident| $body:expr) => {{
+        let what: String = $what.into();
+        let inputs: &[(&[f32], &[usize])] = $inputs;
+        let rounded: Vec<Vec<f32>> = inputs.iter().map(|(d, _)| $p.round(d)).collect();
+        let want = {
+            let $be = &ReferenceBackend;
+            let $t: Vec<CpuTensor> = rounded
+                .iter()
+                .zip(inputs)
+                .map(|(d, (_, s))| $be.from_host(d, s))
+                .collect::<Result<_>>()?;
+            let out: CpuTensor = $body.map_err(|e| failed(&what, format!("reference: {e}")))?;
+            ReferenceBackend.to_host(&out)?
+        };
+        let got = {
+            let $be = $backend;
+            let $t: Vec<B::Tensor> = rounded
+                .iter()
+                .zip(inputs)
+                .map(|(d, (_, s))| $be.from_host(d, s))
+                .collect::<Result<_>>()?;
+            let out: B::Tensor = $body.map_err(|e| failed(&what, e))?;
+            $be.to_host(&out).map_err(|e| failed(&what, e))?
+        };
+        if let Some(mismatch) = first_mismatch(&got, &want, Bound::of($p, $k)) {
+            return Err(failed(&what, mismatch));
+        }
+    }};
+}
+
+/// Checks every op of `backend`, whose tensors are stored in `precision`, against the
+/// reference; the first op that differs is an error naming it.
+pub fn check<B: Backend>(backend: &B, precision: Precision) -> Result<()> {
+    let p = precision;
+    projections(backend, p)?;
+    rows_and_gathers(backend, p)?;
+    attention(backend, p)?;
+    paged(backend, p)?;
+    sampling(backend, p)
+}
+
+fn projections<B: Backend>(backend: &B, p: Precision) -> Result<()> {
+    for rows in ROWS {
+        let seed = rows as u64;
+        let (x, norm, w) = (
+            values(seed, rows * K, 2.0),
+            values(seed + 10, K, 1.0),
+            values(seed + 20, M * K, 0.3),
+        );
+        let (bias, residual) = (values(seed + 30, M, 1.0), values(seed + 40, rows * M, 2.0));
+        let gate_up = values(seed + 50, 2 * M * K, 0.3);
+        let inputs: &[(&[f32], &[usize])] = &[
+            (&x, &[rows, K]),
+            (&norm, &[K]),
+            (&w, &[M, K]),
+            (&bias, &[M]),
+            (&residual, &[rows, M]),
+            (&gate_up, &[2 * M, K]),
+        ];
+        check_op!(
+            backend,
+            p,
+            format!("linear {rows}x{K}x{M}"),
+            K,
+            inputs,
+            |be, t| be.linear(&t[0], &t[2], Some(&t[3]))
+        );
+        check_op!(
+            backend,
+            p,
+            format!("linear_act gelu {rows}x{K}x{M}"),
+            K,
+            inputs,
+            |be, t| be.linear_act(&t[0], &t[2], Some(&t[3]), super::Activation::Gelu)
+        );
+        check_op!(
+            backend,
+            p,
+            format!("rms_norm_linear {rows}x{K}x{M}"),
+            K,
+            inputs,
+            |be, t| be.rms_norm_linear(&t[0], &t[1], 1e-6, &t[2], Some(&t[3]))
+        );
+        check_op!(
+            backend,
+            p,
+            format!("rms_norm_swiglu {rows}x{K}x{M}"),
+            2 * K,
+            inputs,
+            |be, t| be.rms_norm_swiglu(&t[0], &t[1], 1e-6, &t[5])
+        );
+        check_op!(
+            backend,
+            p,
+            format!("linear_add {rows}x{K}x{M}"),
+            K,
+            inputs,
+            |be, t| {
+                let residual = be.from_host(&p.round(&residual), &[rows, M])?;
+                be.linear_add(&t[0], &t[2], Some(&t[3]), residual)
+            }
+        );
+    }
+    let (a, b) = (values(60, 2 * 5 * 8, 1.0), values(61, 2 * 8 * 3, 1.0));
+    check_op!(
+        backend,
+        p,
+        "matmul",
+        8,
+        &[(&a, &[2, 5, 8]), (&b, &[2, 8, 3])],
+        |be, t| be.matmul(&t[0], &t[1])
+    );
+    Ok(())
+}
+
+fn rows_and_gathers<B: Backend>(backend: &B, p: Precision) -> Result<()> {
+    let (rows, d) = (3, 64);
+    let (x, r, gamma, beta) = (
+        values(70, rows * d, 2.0),
+        values(71, rows * d, 2.0),
+        values(72, d, 1.0),
+        values(73, d, 0.5),
+    );
+    let inputs: &[(&[f32], &[usize])] = &[(&x, &[rows, d]), (&r, &[rows, d]), (&gamma, &[d]), (&beta, &[d])];
+    check_op!(backend, p, "layer_norm", 1, inputs, |be, t| be
+        .layer_norm(&t[0], &t[2], &t[3], 1e-5));
+    check_op!(backend, p, "rms_norm", 1, inputs, |be, t| be
+        .rms_norm(&t[0], &t[2], 1e-6));
+    check_op!(backend, p, "add", 1, inputs, |be, t| be.add(&t[0], &t[1]));
+    check_op!(backend, p, "gelu", 1, inputs, |be, t| be.gelu(&t[0]));
+    check_op!(backend, p, "swiglu", 1, inputs, |be, t| be.swiglu(&t[0]));
+    // The residual sum is stored before its statistics: both sides normalise the stored sum.
+    let sum: Vec<f32> = p.round(
+        &p.round(&x)
+            .iter()
+            .zip(&p.round(&r))
+            .map(|(a, b)| a + b)
+            .collect::<Vec<f32>>(),
+    );
+    let (got, want) = {
+        let (xs, rs, gs, bs) = (
+            backend.from_host(&p.round(&x), &[rows, d])?,
+            backend.from_host(&p.round(&r), &[rows, d])?,
+            backend.from_host(&p.round(&gamma), &[d])?,
+            backend.from_host(&p.round(&beta), &[d])?,
+        );
+        let got = backend
+            .add_layer_norm(&xs, &rs, &gs, &bs, 1e-5)
+            .and_then(|t| backend.to_host(&t))
+            .map_err(|e| failed("add_layer_norm", e))?;
+        let r = ReferenceBackend;
+        let want = r.to_host(&r.layer_norm(
+            &r.from_host(&sum, &[rows, d])?,
+            &r.from_host(&p.round(&gamma), &[d])?,
+            &r.from_host(&p.round(&beta), &[d])?,
+            1e-5,
+        )?)?;
+        (got, want)
+    };
+    if let Some(mismatch) = first_mismatch(&got, &want, Bound::of(p, 1)) {
+        return Err(failed("add_layer_norm", mismatch));
+    }
+    let mut logits = values(74, 3 * 40, 4.0);
+    logits[40..52].fill(f32::NEG_INFINITY);
+    check_op!(backend, p, "softmax_rows", 1, &[(&logits, &[3, 40])], |be, t| be
+        .softmax_rows(&t[0]));
+
+    let table = values(75, 10 * 16, 1.0);
+    let ids = [3u32, 0, 9, 3, 7];
+    check_op!(backend, p, "embedding", 1, &[(&table, &[10, 16])], |be, t| be
+        .embedding(&ids, &t[0]));
+    let (tokens, heads, kv_heads, hd) = (3, 2, 1, 8);
+    let positions = [0usize, 5, 4000];
+    let qkv = values(76, tokens * (heads + 2 * kv_heads) * hd, 2.0);
+    let fused: &[(&[f32], &[usize])] = &[(&qkv, &[tokens, (heads + 2 * kv_heads) * hd])];
+    check_op!(
+        backend,
+        p,
+        "rope",
+        1,
+        &[(&qkv[..tokens * heads * hd], &[tokens, heads, hd])],
+        |be, t| be.rope(&t[0], &positions, 1e4)
+    );
+    for part in 0..3 {
+        check_op!(
+            backend,
+            p,
+            format!("split_qkv_rope part {part}"),
+            1,
+            fused,
+            |be, t| {
+                let (q, k, v) = be.split_qkv_rope(&t[0], (heads, kv_heads), &positions, 1e4)?;
+                Ok::<_, BackendError>(
+                    [q, k, v]
+                        .into_iter()
+                        .nth(part)
+                        .ok_or_else(|| failed("split_qkv_rope", "no part"))?,
+                )
+            }
+        );
+    }
+    Ok(())
+}
+
+fn attention<B: Backend>(backend: &B, p: Precision) -> Result<()> {
+    // A padded encoder batch with grouped heads, a decode step over a cache, and a fused
+    // projection (BERT's layout), each through whatever path the backend picks.
+    let (batch, seq, heads, kv_heads, d) = (2, 5, 4, 2, 8);
+    let valid: Vec<bool> = (0..batch * seq).map(|i| i < seq + 2).collect();
+    let q = values(80, batch * seq * heads * d, 2.0);
+    let (k, v) = (
+        values(81, batch * seq * kv_heads * d, 2.0),
+        values(82, batch * seq * kv_heads * d, 1.0),
+    );
+    let inputs: &[(&[f32], &[usize])] = &[
+        (&q, &[batch, seq, heads, d]),
+        (&k, &[batch, seq, kv_heads, d]),
+        (&v, &[batch, seq, kv_heads, d]),
+    ];
+    let mask = AttentionMask::padding(&valid);
+    check_op!(backend, p, "attention (prompt, padding)", d, inputs, |be, t| be
+        .attention(&t[0], &t[1], &t[2], &mask));
+    let q1 = &q[..batch * heads * d];
+    let decode: &[(&[f32], &[usize])] = &[
+        (q1, &[batch, 1, heads, d]),
+        (&k, &[batch, seq, kv_heads, d]),
+        (&v, &[batch, seq, kv_heads, d]),
+    ];
+    let causal = AttentionMask::causal(seq - 1);
+    check_op!(backend, p, "attention (decode)", d, decode, |be, t| be
+        .attention(&t[0], &t[1], &t[2], &causal));
+    let qkv = values(83, batch * seq * 3 * heads * d, 2.0);
+    check_op!(
+        backend,
+        p,
+        "attention_qkv",
+        d,
+        &[(&qkv, &[batch * seq, 3 * heads * d])],
+        |be, t| be.attention_qkv(&t[0], (batch, heads), &mask)
+    );
+    Ok(())
+}
+
+/// A step over a key/value pool: a sequence decoding one token after 20 cached and a prompt of
+/// 3, their blocks scattered; the pools after the fused rotation and write, then attention.
+fn paged<B: Backend>(backend: &B, p: Precision) -> Result<()> {
+    let (heads, kv_heads, d, block_size) = (4, 2, 8, 16);
+    let plan = PagedPlan {
+        block_size,
+        window: None,
+        seqs: vec![
+            PagedSeq {
+                q_len: 1,
+                k_len: 21,
+                blocks: vec![3, 0],
+            },
+            PagedSeq {
+                q_len: 3,
+                k_len: 3,
+                blocks: vec![2],
+            },
+        ],
+    };
+    let pool_shape = [4 * block_size, kv_heads, d];
+    let pool_len = 4 * block_size * kv_heads * d;
+    let (keys, vals) = (values(90, pool_len, 2.0), values(91, pool_len, 1.0));
+    let tokens = plan.tokens();
+    let qkv = values(92, tokens * (heads + 2 * kv_heads) * d, 2.0);
+    let positions = [20usize, 0, 1, 2];
+    macro_rules! step {
+        ($be:expr, $round:expr) => {{
+            let be = $be;
+            let paged = be.prepare_paged(&plan)?;
+            let mut k_pool = be.from_host(&$round(&keys), &pool_shape)?;
+            let mut v_pool = be.from_host(&$round(&vals), &pool_shape)?;
+            let x = be.from_host(&$round(&qkv), &[tokens, (heads + 2 * kv_heads) * d])?;
+            let q = be.split_qkv_rope_paged(
+                &x,
+                (heads, kv_heads),
+                &positions,
+                1e4,
+                &mut k_pool,
+                &mut v_pool,
+                &paged,
+            )?;
+            let out = be.paged_attention(&q, &k_pool, &v_pool, &paged)?;
+            (be.to_host(&k_pool)?, be.to_host(&v_pool)?, be.to_host(&out)?)
+        }};
+    }
+    let got = (|| -> Result<_> { Ok(step!(backend, |v: &[f32]| p.round(v))) })()
+        .map_err(|e| failed("paged step", e))?;
+    let want = step!(&ReferenceBackend, |v: &[f32]| p.round(v));
+    for (what, g, w) in [
+        ("split_qkv_rope_paged (key pool)", &got.0, &want.0),
+        ("split_qkv_rope_paged (value pool)", &got.1, &want.1),
+        ("paged_attention", &got.2, &want.2),
+    ] {
+        if let Some(mismatch) = first_mismatch(g, w, Bound::of(p, d)) {
+            return Err(failed(what, mismatch));
+        }
+    }
+    Ok(())
+}
+
+/// Greedy choice on the backend: the first index of each row's largest stored logit.
+fn sampling<B: Backend>(backend: &B, p: Precision) -> Result<()> {
+    let (rows, vocab) = (3, 1000);
+    // Steps of 1/64 in scrambled order: in half precision many round to the same value, and
+    // both sides choose the first of the largest.
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|i| ((i * 7919) % (rows * vocab)) as f32 / 64.0)
+        .collect();
+    let stored = p.round(&logits);
+    let want: Vec<u32> = stored.chunks(vocab).map(crate::sampling::argmax).collect();
+    let t = backend.from_host(&stored, &[rows, vocab])?;
+    let got = backend
+        .sample_rows(&t, &[TokenDraw::GREEDY; 3])
+        .map_err(|e| failed("sample_rows (greedy)", e))?;
+    if got != want {
+        return Err(failed(
+            "sample_rows (greedy)",
+            format!("chose {got:?}, expected {want:?}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::CpuBackend;
+
+    #[test]
+    fn the_cpu_backend_passes() {
+        let cpu = CpuBackend::new(2).unwrap();
+        check(&cpu, Precision::F32).unwrap();
+        // The reference against itself in each precision (both sides read the same rounded
+        // inputs), which runs every comparison with each precision's bounds.
+        for p in Precision::ALL {
+            check(&ReferenceBackend, p).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_wrong_value_is_named() {
+        let want = values(1, 100, 1.0);
+        let mut got = want.clone();
+        assert_eq!(first_mismatch(&got, &want, Bound::of(Precision::Bf16, 64)), None);
+        got[37] += 0.5;
+        let m = first_mismatch(&got, &want, Bound::of(Precision::Bf16, 64)).unwrap();
+        assert!(m.contains("element 37"), "{m}");
+        // A bf16 rounding is within the bound; a wrong layout (another element) is not.
+        let rounded = Precision::Bf16.round(&want);
+        assert_eq!(
+            first_mismatch(&rounded, &want, Bound::of(Precision::Bf16, 1)),
+            None
+        );
+        let shifted: Vec<f32> = want.iter().cycle().skip(1).take(100).copied().collect();
+        assert!(first_mismatch(&shifted, &want, Bound::of(Precision::Bf16, 64)).is_some());
+        assert!(first_mismatch(&got[..99], &want, Bound::of(Precision::F32, 1)).is_some());
+    }
+}
