@@ -322,43 +322,55 @@ fn attention<B: Backend>(backend: &B, p: Precision) -> Result<()> {
     Ok(())
 }
 
-/// A step over a key/value pool: a sequence decoding one token after 20 cached and a prompt of
-/// 3, their blocks scattered; the pools after the fused rotation and write, then attention.
+/// Steps over a key/value pool, their blocks scattered: a sequence decoding one token after 20
+/// cached beside a prompt of 3 (the prompt kernel), then two decoding alone (the decode
+/// kernels, split across blocks on a large GPU); the pools after the fused rotation and write,
+/// then attention.
 fn paged<B: Backend>(backend: &B, p: Precision) -> Result<()> {
+    let seq = |q_len: usize, k_len: usize, blocks: Vec<u32>| PagedSeq { q_len, k_len, blocks };
+    let mixed = vec![seq(1, 21, vec![3, 0]), seq(3, 3, vec![2])];
+    let decode = vec![seq(1, 21, vec![3, 0]), seq(1, 4, vec![2])];
+    for (what, seqs, positions) in [
+        ("prompt", mixed, vec![20usize, 0, 1, 2]),
+        ("decode", decode, vec![20, 3]),
+    ] {
+        paged_step(backend, p, what, seqs, &positions)?;
+    }
+    Ok(())
+}
+
+fn paged_step<B: Backend>(
+    backend: &B,
+    p: Precision,
+    what: &str,
+    seqs: Vec<PagedSeq>,
+    positions: &[usize],
+) -> Result<()> {
     let (heads, kv_heads, d, block_size) = (4, 2, 8, 16);
     let plan = PagedPlan {
         block_size,
         window: None,
-        seqs: vec![
-            PagedSeq {
-                q_len: 1,
-                k_len: 21,
-                blocks: vec![3, 0],
-            },
-            PagedSeq {
-                q_len: 3,
-                k_len: 3,
-                blocks: vec![2],
-            },
-        ],
+        seqs,
     };
     let pool_shape = [4 * block_size, kv_heads, d];
     let pool_len = 4 * block_size * kv_heads * d;
-    let (keys, vals) = (values(90, pool_len, 2.0), values(91, pool_len, 1.0));
+    let (keys, vals) = (
+        p.round(&values(90, pool_len, 2.0)),
+        p.round(&values(91, pool_len, 1.0)),
+    );
     let tokens = plan.tokens();
-    let qkv = values(92, tokens * (heads + 2 * kv_heads) * d, 2.0);
-    let positions = [20usize, 0, 1, 2];
+    let qkv = p.round(&values(92, tokens * (heads + 2 * kv_heads) * d, 2.0));
     macro_rules! step {
-        ($be:expr, $round:expr) => {{
+        ($be:expr) => {{
             let be = $be;
             let paged = be.prepare_paged(&plan)?;
-            let mut k_pool = be.from_host(&$round(&keys), &pool_shape)?;
-            let mut v_pool = be.from_host(&$round(&vals), &pool_shape)?;
-            let x = be.from_host(&$round(&qkv), &[tokens, (heads + 2 * kv_heads) * d])?;
+            let mut k_pool = be.from_host(&keys, &pool_shape)?;
+            let mut v_pool = be.from_host(&vals, &pool_shape)?;
+            let x = be.from_host(&qkv, &[tokens, (heads + 2 * kv_heads) * d])?;
             let q = be.split_qkv_rope_paged(
                 &x,
                 (heads, kv_heads),
-                &positions,
+                positions,
                 1e4,
                 &mut k_pool,
                 &mut v_pool,
@@ -368,16 +380,16 @@ fn paged<B: Backend>(backend: &B, p: Precision) -> Result<()> {
             (be.to_host(&k_pool)?, be.to_host(&v_pool)?, be.to_host(&out)?)
         }};
     }
-    let got = (|| -> Result<_> { Ok(step!(backend, |v: &[f32]| p.round(v))) })()
-        .map_err(|e| failed("paged step", e))?;
-    let want = step!(&ReferenceBackend, |v: &[f32]| p.round(v));
-    for (what, g, w) in [
+    let got =
+        (|| -> Result<_> { Ok(step!(backend)) })().map_err(|e| failed(&format!("paged {what} step"), e))?;
+    let want = step!(&ReferenceBackend);
+    for (part, g, w) in [
         ("split_qkv_rope_paged (key pool)", &got.0, &want.0),
         ("split_qkv_rope_paged (value pool)", &got.1, &want.1),
         ("paged_attention", &got.2, &want.2),
     ] {
         if let Some(mismatch) = first_mismatch(g, w, Bound::of(p, d)) {
-            return Err(failed(what, mismatch));
+            return Err(failed(&format!("{part}, {what} step"), mismatch));
         }
     }
     Ok(())
