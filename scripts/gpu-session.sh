@@ -16,7 +16,8 @@ start=$(date +%s)
 timeout "${CHECKS_LIMIT:-180}" bash scripts/gpu-checks.sh >"$out/checks.log" 2>&1
 checks=$?
 echo "gpu-session: GPU tests exited $checks after $(($(date +%s) - start)) s (log: checks.log)"
-grep -E "^test result|FAILED|panicked|SKIPPED" "$out/checks.log" | head -40
+grep -E "^== |^test result|FAILED|panicked" "$out/checks.log" | head -40
+echo "gpu-session: $(grep -c SKIPPED "$out/checks.log") tests skipped (see checks.log for why)"
 PRECISIONS="${PRECISIONS:-bf16,fp16,fp32}" ATOMIC_BENCH_OUT="$out" \
     ATOMIC_GPU_BENCH="${ATOMIC_GPU_BENCH:-target/gpu-bundle/gpu_bench}" \
     timeout "${BENCH_LIMIT:-380}" bash scripts/bench-gpu.sh "$seconds" >"$out/bench.log" 2>&1
