@@ -108,6 +108,30 @@ fn set_blas_workspace(blas: &CudaBlas, stream: &Arc<CudaStream>) -> Result<CudaS
     Ok(workspace)
 }
 
+/// Compiles one kernel file for `arch` and `precision`, loads it into `ctx` and looks up its
+/// kernels.
+fn load_file(
+    ctx: &Arc<CudaContext>,
+    file: &kernels::KernelFile,
+    arch: &str,
+    precision: Precision,
+    gpu: &str,
+) -> Result<Vec<(&'static str, CudaFunction)>> {
+    let ptx = kernels::compile(file, arch, precision)?;
+    let module = ctx
+        .load_module(ptx)
+        .map_err(|e| driver_err(&format!("loading {} on {gpu}", file.name), e))?;
+    file.functions
+        .iter()
+        .map(|&name| {
+            module
+                .load_function(name)
+                .map(|f| (name, f))
+                .map_err(|e| driver_err(&format!("finding kernel {name} in {}", file.name), e))
+        })
+        .collect()
+}
+
 fn library_missing(what: &str, lib: &str) -> BackendError {
     BackendError::Device(format!(
         "{what} ({lib}) not found on the library path; the CUDA backend cannot start"
@@ -168,18 +192,28 @@ impl CudaBackend {
         let blas_workspace = set_blas_workspace(&blas, &stream)?;
 
         let arch = kernels::virtual_arch(major, minor);
+        // Each file compiles (NVRTC) and loads (the driver's JIT to the GPU's instructions) on
+        // its own thread: both are CPU work of up to a second a file, and a worker scaled up
+        // from zero waits for all of it before it is ready.
+        let loaded: Vec<Result<Vec<(&'static str, CudaFunction)>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = FILES
+                .iter()
+                .map(|file| scope.spawn(|| load_file(&ctx, file, &arch, precision, &gpu)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(BackendError::Device(
+                            "a kernel compilation thread panicked".into(),
+                        ))
+                    })
+                })
+                .collect()
+        });
         let mut functions = HashMap::new();
-        for file in FILES {
-            let ptx = kernels::compile(file, &arch, precision)?;
-            let module = ctx
-                .load_module(ptx)
-                .map_err(|e| driver_err(&format!("loading {} on {gpu}", file.name), e))?;
-            for &name in file.functions {
-                let f = module
-                    .load_function(name)
-                    .map_err(|e| driver_err(&format!("finding kernel {name} in {}", file.name), e))?;
-                functions.insert(name, f);
-            }
+        for file in loaded {
+            functions.extend(file?);
         }
         let backend = Self {
             name: format!("cuda:{ordinal}"),

@@ -44,9 +44,22 @@ fn every_kernel_file_compiles_to_ptx() {
     if !nvrtc_or_skip("every_kernel_file_compiles_to_ptx") {
         return;
     }
+    // Each architecture and precision compiles its files on threads of their own, all at once,
+    // as `CudaBackend::with_precision` compiles them at start-up (NVRTC takes concurrent
+    // programs; this is where that is exercised without a GPU).
     for (arch, precision) in ARCHS.into_iter().flat_map(|a| Precision::ALL.map(|p| (a, p))) {
-        for file in FILES {
-            let ptx = kernels::compile(file, arch, precision).unwrap_or_else(|e| panic!("{e}"));
+        let compiled: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = FILES
+                .iter()
+                .map(|file| scope.spawn(move || kernels::compile(file, arch, precision)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("compile thread"))
+                .collect()
+        });
+        for (file, ptx) in FILES.iter().zip(compiled) {
+            let ptx = ptx.unwrap_or_else(|e| panic!("{e}"));
             let text = ptx.to_src();
             let target = arch.replace("compute_", "sm_");
             assert!(
