@@ -15,8 +15,8 @@
 //! - `cuda::CudaBackend` (cargo feature `cuda`): NVIDIA GPUs, our kernels compiled by NVRTC and
 //!   cuBLAS for matrix products.
 //! - [`device::DeviceSpec`]: the `--device auto|cpu|cuda:N` choice and its fallback rules.
-//! - [`selftest::check`]: every op against the reference on small inputs, run when a GPU
-//!   backend starts.
+//! - [`selftest::check`]: every op against the reference on small inputs, run when a backend
+//!   starts serving.
 //!
 //! Layout conventions (the Hugging Face / PyTorch ones, so checkpoints load without reshuffling):
 //! - `linear` weights are `[out, in]` (`nn.Linear`); GPT-2's `Conv1D` weights are transposed at load.

@@ -327,19 +327,10 @@ impl<'p, 'c, 'k, B: Backend> Step<'p, 'c, 'k, B> {
         k: &B::Tensor,
         v: &B::Tensor,
     ) -> Result<B::Tensor> {
-        let (Some(keys), Some(values)) = (self.pool.keys.get_mut(layer), self.pool.values.get_mut(layer))
-        else {
-            return Err(Error::Input(format!("layer {layer} has no key/value pool")));
-        };
+        let (keys, values) = layer_pools(self.pool, layer)?;
         backend.write_paged(keys, k, &self.paged)?;
         backend.write_paged(values, v, &self.paged)?;
-        let out = backend.paged_attention(q, keys, values, &self.paged)?;
-        let &[tokens, heads, d] = backend.shape(&out) else {
-            return Err(Error::Input(
-                "paged attention returned an unexpected shape".to_owned(),
-            ));
-        };
-        Ok(backend.reshape(out, &[tokens, heads * d])?)
+        self.attend_written(backend, layer, q)
     }
 
     /// [`Step::attend`] from a fused projection `qkv [tokens, (heads + 2 kv_heads) · head_dim]`:
@@ -353,13 +344,19 @@ impl<'p, 'c, 'k, B: Backend> Step<'p, 'c, 'k, B> {
         heads: (usize, usize),
         theta: f32,
     ) -> Result<B::Tensor> {
-        let (Some(keys), Some(values)) = (self.pool.keys.get_mut(layer), self.pool.values.get_mut(layer))
-        else {
-            return Err(Error::Input(format!("layer {layer} has no key/value pool")));
-        };
+        let (keys, values) = layer_pools(self.pool, layer)?;
         let q =
             backend.split_qkv_rope_paged(qkv, heads, &self.positions, theta, keys, values, &self.paged)?;
-        let out = backend.paged_attention(&q, keys, values, &self.paged)?;
+        self.attend_written(backend, layer, &q)
+    }
+
+    /// Attention of `q [tokens, heads, head_dim]` over the pool, the step's keys already
+    /// written: `[tokens, heads · head_dim]`.
+    fn attend_written(&self, backend: &B, layer: usize, q: &B::Tensor) -> Result<B::Tensor> {
+        let (Some(keys), Some(values)) = (self.pool.keys.get(layer), self.pool.values.get(layer)) else {
+            return Err(Error::Input(format!("layer {layer} has no key/value pool")));
+        };
+        let out = backend.paged_attention(q, keys, values, &self.paged)?;
         let &[tokens, heads, d] = backend.shape(&out) else {
             return Err(Error::Input(
                 "paged attention returned an unexpected shape".to_owned(),
@@ -414,6 +411,14 @@ impl<'p, 'c, 'k, B: Backend> Step<'p, 'c, 'k, B> {
         for (cache, n) in self.caches.iter_mut().zip(&self.counts) {
             cache.len += n;
         }
+    }
+}
+
+/// The key and value pools of `layer`.
+fn layer_pools<B: Backend>(pool: &mut KvPool<B>, layer: usize) -> Result<(&mut B::Tensor, &mut B::Tensor)> {
+    match (pool.keys.get_mut(layer), pool.values.get_mut(layer)) {
+        (Some(keys), Some(values)) => Ok((keys, values)),
+        _ => Err(Error::Input(format!("layer {layer} has no key/value pool"))),
     }
 }
 
