@@ -166,6 +166,27 @@ impl AttnDims {
     }
 }
 
+/// `(tokens, head_dim)` of a fused projection `[tokens, (heads + 2 kv_heads) · head_dim]` to
+/// split and rotate at one position per token (the rotation pairs need an even head_dim).
+pub(crate) fn qkv_rope(
+    op: &'static str,
+    shape: &[usize],
+    (heads, kv_heads): (usize, usize),
+    positions: usize,
+) -> Result<(usize, usize)> {
+    let (tokens, width) = rows(op, shape)?;
+    let groups = heads + 2 * kv_heads;
+    if groups == 0 || width % groups != 0 || (width / groups) % 2 != 0 || positions != tokens {
+        return Err(err(
+            op,
+            format!(
+                "{shape:?} with {positions} positions does not split into {heads} + 2 x {kv_heads} heads of even width"
+            ),
+        ));
+    }
+    Ok((tokens, width / groups))
+}
+
 /// `(seq, head_dim)` of a fused projection `[tokens, width]` holding q, k and v of `heads`
 /// heads for `batch` sequences of equal length.
 pub(crate) fn fused_qkv(tokens: usize, width: usize, batch: usize, heads: usize) -> Result<(usize, usize)> {

@@ -366,6 +366,23 @@ impl CudaBackend {
         Ok(dev)
     }
 
+    /// [`CudaBackend::upload_positions`] from the host's positions, each checked to fit the
+    /// kernels' 32-bit index.
+    pub(super) fn positions_on_device(
+        &self,
+        op: &'static str,
+        positions: &[usize],
+    ) -> Result<Arc<CudaSlice<u32>>> {
+        let pos = positions
+            .iter()
+            .map(|&p| {
+                u32::try_from(p)
+                    .map_err(|_| crate::backend::shapes::err(op, format!("position {p} is too large")))
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        self.upload_positions(&pos)
+    }
+
     /// Makes the context current on the calling thread. Kernel launches and copies do this
     /// themselves; cuBLAS calls do not, and the backend may be used from another thread than the
     /// one that created it.

@@ -1134,11 +1134,7 @@ impl Backend for CudaBackend {
             return Ok(out);
         }
         int(op, x.numel())?;
-        let pos = positions
-            .iter()
-            .map(|&p| u32::try_from(p).map_err(|_| shapes::err(op, format!("position {p} is too large"))))
-            .collect::<Result<Vec<u32>>>()?;
-        let pos_dev = self.upload_positions(&pos)?;
+        let pos_dev = self.positions_on_device(op, positions)?;
         let (ti, hi, di) = (int(op, tokens)?, int(op, heads)?, int(op, d)?);
         launch!(
             self,
@@ -1163,19 +1159,7 @@ impl Backend for CudaBackend {
         theta: f32,
     ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
         let op = "split_qkv_rope";
-        let (tokens, width) = shapes::rows(op, &qkv.shape)?;
-        let groups = heads + 2 * kv_heads;
-        if groups == 0 || width % groups != 0 || (width / groups) % 2 != 0 || positions.len() != tokens {
-            return Err(shapes::err(
-                op,
-                format!(
-                    "{:?} with {} positions does not split into {heads} + 2 x {kv_heads} heads of even width",
-                    qkv.shape,
-                    positions.len()
-                ),
-            ));
-        }
-        let d = width / groups;
+        let (tokens, d) = shapes::qkv_rope(op, &qkv.shape, (heads, kv_heads), positions.len())?;
         let mut q = self.alloc(vec![tokens, heads, d])?;
         let mut k = self.alloc(vec![tokens, kv_heads, d])?;
         let mut v = self.alloc(vec![tokens, kv_heads, d])?;
@@ -1183,11 +1167,7 @@ impl Backend for CudaBackend {
             return Ok((q, k, v));
         }
         int(op, qkv.numel())?;
-        let pos = positions
-            .iter()
-            .map(|&p| u32::try_from(p).map_err(|_| shapes::err(op, format!("position {p} is too large"))))
-            .collect::<Result<Vec<u32>>>()?;
-        let pos_dev = self.upload_positions(&pos)?;
+        let pos_dev = self.positions_on_device(op, positions)?;
         let (ti, hi, kvi, di) = (int(op, tokens)?, int(op, heads)?, int(op, kv_heads)?, int(op, d)?);
         launch!(
             self,

@@ -119,19 +119,7 @@ impl CudaBackend {
         paged: &CudaPaged,
     ) -> Result<CudaTensor> {
         let op = "split_qkv_rope_paged";
-        let (tokens, width) = shapes::rows(op, &qkv.shape)?;
-        let groups = heads + 2 * kv_heads;
-        if groups == 0 || width % groups != 0 || (width / groups) % 2 != 0 || positions.len() != tokens {
-            return Err(shapes::err(
-                op,
-                format!(
-                    "{:?} with {} positions does not split into {heads} + 2 x {kv_heads} heads of even width",
-                    qkv.shape,
-                    positions.len()
-                ),
-            ));
-        }
-        let d = width / groups;
+        let (tokens, d) = shapes::qkv_rope(op, &qkv.shape, (heads, kv_heads), positions.len())?;
         let new_shape = [tokens, kv_heads, d];
         paged.plan.check_write(&keys.shape, &new_shape)?;
         paged.plan.check_write(&values.shape, &new_shape)?;
@@ -142,11 +130,7 @@ impl CudaBackend {
         int(op, qkv.numel())?;
         int(op, keys.numel())?;
         int(op, values.numel())?;
-        let pos = positions
-            .iter()
-            .map(|&p| u32::try_from(p).map_err(|_| shapes::err(op, format!("position {p} is too large"))))
-            .collect::<Result<Vec<u32>>>()?;
-        let pos_dev = self.upload_positions(&pos)?;
+        let pos_dev = self.positions_on_device(op, positions)?;
         let (ti, hi, kvi, di) = (int(op, tokens)?, int(op, heads)?, int(op, kv_heads)?, int(op, d)?);
         launch!(
             self,
