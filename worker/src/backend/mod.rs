@@ -369,18 +369,12 @@ pub trait Backend: Send + Sync {
         positions: &[usize],
         theta: f32,
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
-        let (tokens, width) = shapes::rows("split_qkv_rope", self.shape(qkv))?;
-        let groups = heads + 2 * kv_heads;
-        if groups == 0 || width % groups != 0 {
-            return Err(shapes::err(
-                "split_qkv_rope",
-                format!(
-                    "{:?} does not split into {heads} + 2 x {kv_heads} heads",
-                    self.shape(qkv)
-                ),
-            ));
-        }
-        let d = width / groups;
+        let (tokens, d) = shapes::qkv_rope(
+            "split_qkv_rope",
+            self.shape(qkv),
+            (heads, kv_heads),
+            positions.len(),
+        )?;
         let mut parts = self
             .split_last(qkv, &[heads * d, kv_heads * d, kv_heads * d])?
             .into_iter();
