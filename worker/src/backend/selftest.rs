@@ -6,7 +6,7 @@
 //!
 //! Every op the models call runs once, at shapes that take each of a backend's paths (one and
 //! six rows: the GPU's matrix-vector kernel and cuBLAS; prompts and decode steps; dense, fused
-//! and paged attention). The reference reads the inputs rounded to the backend's storage
+//! and paged attention; greedy and cut token draws). The reference reads the inputs rounded to the backend's storage
 //! precision. The bounds are twice the GPU tests' (8 roundings of the precision, relative, and
 //! `8 + 4 sqrt(k)` absolute for a product of `k` terms): they catch a wrong kernel, whose errors
 //! are of the order of the values, not rounding, which the backends' own tests hold tighter. The whole
@@ -146,14 +146,16 @@ fn projections<B: Backend>(backend: &B, p: Precision) -> Result<()> {
             inputs,
             |be, t| be.linear(&t[0], &t[2], Some(&t[3]))
         );
-        check_op!(
-            backend,
-            p,
-            format!("linear_act gelu {rows}x{K}x{M}"),
-            K,
-            inputs,
-            |be, t| be.linear_act(&t[0], &t[2], Some(&t[3]), super::Activation::Gelu)
-        );
+        for act in [super::Activation::Gelu, super::Activation::GeluTanh] {
+            check_op!(
+                backend,
+                p,
+                format!("linear_act {act:?} {rows}x{K}x{M}"),
+                K,
+                inputs,
+                |be, t| be.linear_act(&t[0], &t[2], Some(&t[3]), act)
+            );
+        }
         check_op!(
             backend,
             p,
@@ -250,6 +252,22 @@ fn rows_and_gathers<B: Backend>(backend: &B, p: Precision) -> Result<()> {
     let ids = [3u32, 0, 9, 3, 7];
     check_op!(backend, p, "embedding", 1, &[(&table, &[10, 16])], |be, t| be
         .embedding(&ids, &t[0]));
+    for part in 0..3 {
+        check_op!(
+            backend,
+            p,
+            format!("split_last part {part}"),
+            1,
+            &[(&table, &[10, 16])],
+            |be, t| {
+                let pieces = be.split_last(&t[0], &[5, 8, 3])?;
+                pieces
+                    .into_iter()
+                    .nth(part)
+                    .ok_or_else(|| failed("split_last", "no part"))
+            }
+        );
+    }
     let (tokens, heads, kv_heads, hd) = (3, 2, 1, 8);
     let positions = [0usize, 5, 4000];
     let qkv = values(76, tokens * (heads + 2 * kv_heads) * hd, 2.0);
@@ -377,7 +395,32 @@ fn paged_step<B: Backend>(
                 &paged,
             )?;
             let out = be.paged_attention(&q, &k_pool, &v_pool, &paged)?;
-            (be.to_host(&k_pool)?, be.to_host(&v_pool)?, be.to_host(&out)?)
+            // GPT-2's way too: new keys written by `write_paged` (any rows of the right shape:
+            // the rotated queries' first heads), then attention again.
+            let rows = be.split_last(
+                &be.reshape(q, &[tokens, heads * d])?,
+                &[kv_heads * d, (heads - kv_heads) * d],
+            )?;
+            let new_keys = rows
+                .into_iter()
+                .next()
+                .ok_or_else(|| failed("split_last", "no part"))?;
+            be.write_paged(
+                &mut k_pool,
+                &be.reshape(new_keys, &[tokens, kv_heads, d])?,
+                &paged,
+            )?;
+            let again = be.paged_attention(
+                &be.from_host(&qkv[..tokens * heads * d], &[tokens, heads, d])?,
+                &k_pool,
+                &v_pool,
+                &paged,
+            )?;
+            (
+                be.to_host(&k_pool)?,
+                be.to_host(&v_pool)?,
+                [be.to_host(&out)?, be.to_host(&again)?].concat(),
+            )
         }};
     }
     let got =
@@ -395,7 +438,8 @@ fn paged_step<B: Backend>(
     Ok(())
 }
 
-/// Greedy choice on the backend: the first index of each row's largest stored logit.
+/// Token choice on the backend: greedy (the first index of each row's largest stored logit),
+/// then draws cut by top-k, by top-p and by both, against the host's `sampling::choose`.
 fn sampling<B: Backend>(backend: &B, p: Precision) -> Result<()> {
     let (rows, vocab) = (3, 1000);
     // Steps of 1/64 in scrambled order: in half precision many round to the same value, and
@@ -403,17 +447,57 @@ fn sampling<B: Backend>(backend: &B, p: Precision) -> Result<()> {
     let logits: Vec<f32> = (0..rows * vocab)
         .map(|i| ((i * 7919) % (rows * vocab)) as f32 / 64.0)
         .collect();
-    let stored = p.round(&logits);
-    let want: Vec<u32> = stored.chunks(vocab).map(crate::sampling::argmax).collect();
-    let t = backend.from_host(&stored, &[rows, vocab])?;
-    let got = backend
-        .sample_rows(&t, &[TokenDraw::GREEDY; 3])
-        .map_err(|e| failed("sample_rows (greedy)", e))?;
+    choices(
+        backend,
+        p,
+        "sample_rows (greedy)",
+        &logits,
+        &[TokenDraw::GREEDY; 3],
+    )?;
+    // Five likely tokens 2 apart in logit (probabilities about 0.865, 0.117, 0.016, 0.002,
+    // 0.0003) among 995 unlikely ones. In index order (17, 64, 211, 503, 999) the top five's
+    // cumulative sums are about 0.865, 0.865, 0.881, 0.998, 1: a uniform of 0.95 picks 503 with
+    // a margin of 0.05 either side. Top-p 0.9 (and top-3 with top-p 0.95) keeps 17 and 503
+    // (0.881, 0.119 renormalised): 0.95 picks 503 and 0.3 picks 17. Every margin is far wider
+    // than rounding, so the same tokens must come back however the sums are ordered.
+    let mut cut = values(95, rows * vocab, 0.5);
+    for row in cut.chunks_mut(vocab) {
+        row.iter_mut().for_each(|x| *x -= 4.0);
+        for (&i, logit) in [17usize, 503, 211, 999, 64]
+            .iter()
+            .zip([10.0, 8.0, 6.0, 4.0, 2.0])
+        {
+            row[i] = logit;
+        }
+    }
+    let draw = |top_k: u32, top_p: f32, uniform: f64| TokenDraw {
+        temperature: 1.0,
+        top_k,
+        top_p,
+        uniform,
+    };
+    let draws = [draw(5, 1.0, 0.95), draw(0, 0.9, 0.95), draw(3, 0.95, 0.3)];
+    choices(backend, p, "sample_rows (top-k, top-p)", &cut, &draws)
+}
+
+fn choices<B: Backend>(
+    backend: &B,
+    p: Precision,
+    what: &str,
+    logits: &[f32],
+    draws: &[TokenDraw],
+) -> Result<()> {
+    let stored = p.round(logits);
+    let vocab = logits.len() / draws.len();
+    let want: Vec<u32> = stored
+        .chunks(vocab)
+        .zip(draws)
+        .map(|(row, draw)| crate::sampling::choose(row, draw))
+        .collect();
+    let t = backend.from_host(&stored, &[draws.len(), vocab])?;
+    let got = backend.sample_rows(&t, draws).map_err(|e| failed(what, e))?;
     if got != want {
-        return Err(failed(
-            "sample_rows (greedy)",
-            format!("chose {got:?}, expected {want:?}"),
-        ));
+        return Err(failed(what, format!("chose {got:?}, expected {want:?}")));
     }
     Ok(())
 }
@@ -431,6 +515,35 @@ mod tests {
         // inputs), which runs every comparison with each precision's bounds.
         for p in Precision::ALL {
             check(&ReferenceBackend, p).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_cut_draws_pick_different_tokens() {
+        // The margins the comment in `sampling` claims: the three draws pick 503, 503 and 17,
+        // so a backend that always returned the argmax would fail.
+        let mut row = values(95, 1000, 0.5);
+        row.iter_mut().for_each(|x| *x -= 4.0);
+        for (&i, logit) in [17usize, 503, 211, 999, 64]
+            .iter()
+            .zip([10.0, 8.0, 6.0, 4.0, 2.0])
+        {
+            row[i] = logit;
+        }
+        let draw = |top_k: u32, top_p: f32, uniform: f64| TokenDraw {
+            temperature: 1.0,
+            top_k,
+            top_p,
+            uniform,
+        };
+        let picks: Vec<u32> = [draw(5, 1.0, 0.95), draw(0, 0.9, 0.95), draw(3, 0.95, 0.3)]
+            .iter()
+            .map(|d| crate::sampling::choose(&row, d))
+            .collect();
+        assert_eq!(picks, [503, 503, 17]);
+        // And 0.05 either way of 0.95 keeps the first pick.
+        for u in [0.9, 0.99] {
+            assert_eq!(crate::sampling::choose(&row, &draw(5, 1.0, u)), 503);
         }
     }
 
