@@ -6,11 +6,11 @@
 //!
 //! Every op the models call runs once, at shapes that take each of a backend's paths (one and
 //! six rows: the GPU's matrix-vector kernel and cuBLAS; prompts and decode steps; dense, fused
-//! and paged attention; greedy and cut token draws). The reference reads the inputs rounded to the backend's storage
-//! precision. The bounds are twice the GPU tests' (8 roundings of the precision, relative, and
-//! `8 + 4 sqrt(k)` absolute for a product of `k` terms): they catch a wrong kernel, whose errors
-//! are of the order of the values, not rounding, which the backends' own tests hold tighter. The whole
-//! check is a few dozen small launches.
+//! and paged attention; greedy and cut token draws). The reference reads the inputs rounded to
+//! the backend's storage precision. The bounds are twice the GPU tests' (8 roundings of the
+//! precision, relative, and `8 + 4 sqrt(k)` absolute for a product of `k` terms): they catch a
+//! wrong kernel, whose errors are of the order of the values, not rounding, which the backends'
+//! own tests hold tighter. The whole check is a few dozen small launches.
 
 use super::cpu::CpuTensor;
 use super::paged::{PagedPlan, PagedSeq};
@@ -76,8 +76,8 @@ fn failed(op: &str, detail: impl std::fmt::Display) -> BackendError {
 
 /// Runs `$body` (an expression over `$be`, the backend, and `$t`, the uploaded `$inputs`) on
 /// the backend and on the reference, both fed the inputs rounded to the precision (what the
-/// backend stores anyway), and compares. A macro
-/// because the expression is instantiated for both tensor types.
+/// backend stores anyway), and compares. A macro because the expression is instantiated for
+/// both tensor types.
 macro_rules! check_op {
     ($backend:expr, $p:expr, $what:expr, $k:expr, $inputs:expr, |$be:ident, $t:ident| $body:expr) => {{
         let what: String = $what.into();
