@@ -35,8 +35,19 @@ const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 /// registers).
 pub(super) const ATTN_MAX_D: usize = 256;
 
-/// Positions on the host and their copy on the device.
-type UploadedPositions = (Vec<u32>, Arc<CudaSlice<u32>>);
+/// The last upload of one kind of small argument: its host values and their device copy, so
+/// that the same values (every layer's positions, every encoder layer's padding mask and, with
+/// the memory pool reusing addresses, often its attention pointer table) cross the bus once.
+pub(super) struct LastUpload<T: DeviceRepr>(Mutex<Option<Uploaded<T>>>);
+
+/// Host values and their copy on the device.
+type Uploaded<T> = (Vec<T>, Arc<CudaSlice<T>>);
+
+impl<T: DeviceRepr + PartialEq + Clone> LastUpload<T> {
+    fn new() -> Self {
+        Self(Mutex::new(None))
+    }
+}
 
 /// The CUDA backend on one GPU. All work goes to one stream, in order; host reads
 /// (`to_host`) synchronise it, which is also where asynchronous kernel failures surface. Every
@@ -54,7 +65,11 @@ pub struct CudaBackend {
     pub(super) placeholder_elem: CudaSlice<u8>,
     /// The rotary positions uploaded last: every layer of a step rotates at the same positions,
     /// so they cross the bus once per step instead of once per layer.
-    positions: Mutex<Option<UploadedPositions>>,
+    positions: LastUpload<u32>,
+    /// The padding mask uploaded last (every layer of an encoder batch reads the same one).
+    pub(super) key_valid: LastUpload<u8>,
+    /// The unfused attention's matrix addresses uploaded last.
+    pub(super) attention_pointers: LastUpload<u64>,
     /// Decode-step graphs and their staged inputs; `None` until enabled (`graph.rs`).
     pub(super) graphs: Mutex<Option<DecodeGraphs>>,
     /// A graph capture is under way on the stream (uploads are refused).
@@ -228,7 +243,9 @@ impl CudaBackend {
             stream,
             blas,
             kernels: functions,
-            positions: Mutex::new(None),
+            positions: LastUpload::new(),
+            key_valid: LastUpload::new(),
+            attention_pointers: LastUpload::new(),
             graphs: Mutex::new(None),
             capturing: AtomicBool::new(false),
             _blas_workspace: blas_workspace,
@@ -355,14 +372,26 @@ impl CudaBackend {
         if let Some(staged) = self.staged_positions(positions) {
             return Ok(staged);
         }
-        let mut cache = self.positions.lock().unwrap_or_else(PoisonError::into_inner);
+        self.upload_unless_same(&self.positions, "positions", positions)
+    }
+
+    /// `data` on the device: the copy `last` holds when it holds these values, else a new
+    /// upload that replaces it (the old buffer is freed in stream order, after the kernels
+    /// queued to read it).
+    pub(super) fn upload_unless_same<T: DeviceRepr + PartialEq + Clone>(
+        &self,
+        last: &LastUpload<T>,
+        what: &str,
+        data: &[T],
+    ) -> Result<Arc<CudaSlice<T>>> {
+        let mut cache = last.0.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((host, dev)) = cache.as_ref()
-            && host == positions
+            && host.as_slice() == data
         {
             return Ok(dev.clone());
         }
-        let dev = Arc::new(self.upload("positions", positions)?);
-        *cache = Some((positions.to_vec(), dev.clone()));
+        let dev = Arc::new(self.upload(what, data)?);
+        *cache = Some((data.to_vec(), dev.clone()));
         Ok(dev)
     }
 

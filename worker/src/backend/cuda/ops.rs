@@ -552,7 +552,7 @@ impl CudaBackend {
         int(op, q.numel())?;
         int(op, k.numel())?;
         let valid_dev = self.upload_key_valid(mask)?;
-        let valid_buf = valid_dev.as_ref().unwrap_or(&self.placeholder_u8);
+        let valid_buf = valid_dev.as_deref().unwrap_or(&self.placeholder_u8);
         let has_valid = i32::from(valid_dev.is_some());
         let causal = causal_arg(op, mask)?;
         let (bi, sqi, ski, hi, kvi, di) = (
@@ -617,12 +617,17 @@ impl CudaBackend {
         self.attention_with(q, k, v, mask, AttentionKernel::Flash)
     }
 
-    /// The padding mask on the device, if the mask has one.
-    fn upload_key_valid(&self, mask: &AttentionMask<'_>) -> Result<Option<CudaSlice<u8>>> {
+    /// The padding mask on the device, if the mask has one (uploaded once for all the layers
+    /// of a batch).
+    fn upload_key_valid(&self, mask: &AttentionMask<'_>) -> Result<Option<Arc<CudaSlice<u8>>>> {
         match mask.key_valid {
             Some(valid) if !valid.is_empty() => {
                 let bytes: Vec<u8> = valid.iter().map(|&b| u8::from(b)).collect();
-                Ok(Some(self.upload("padding mask", &bytes)?))
+                Ok(Some(self.upload_unless_same(
+                    &self.key_valid,
+                    "padding mask",
+                    &bytes,
+                )?))
             }
             _ => Ok(None),
         }
@@ -716,8 +721,9 @@ impl CudaBackend {
             .chain(addresses(p0, &plan.probs_at, eb))
             .chain(addresses(o0, &plan.out_at, eb))
             .collect();
-        let pointers_dev = self.upload("attention matrix pointers", &pointers)?;
-        let table = addr_u64(&pointers_dev, &self.stream);
+        let pointers_dev =
+            self.upload_unless_same(&self.attention_pointers, "attention matrix pointers", &pointers)?;
+        let table = addr_u64(&*pointers_dev, &self.stream);
         let slot = |i: u64| table + i * bh as u64 * 8;
         let what = format!("attention scores {bh}x{s_q}x{s_k}x{d}");
         // SAFETY: every address points into a live buffer of this stream, at a matrix whose
@@ -726,7 +732,7 @@ impl CudaBackend {
         // output bh of s_q rows of d at its row stride.
         unsafe { self.gemm_pointers(&what, plan.scores, bh, [slot(0), slot(1), slot(2)])? };
         let valid_dev = self.upload_key_valid(mask)?;
-        let valid_buf = valid_dev.as_ref().unwrap_or(&self.placeholder_u8);
+        let valid_buf = valid_dev.as_deref().unwrap_or(&self.placeholder_u8);
         let has_valid = i32::from(valid_dev.is_some());
         let causal = causal_arg(op, mask)?;
         let scale = 1.0 / (d as f32).sqrt();
