@@ -16,6 +16,7 @@ use super::gemm::Gemm;
 use super::gemv::gemv_cfg;
 use super::kernels::{self, COMMON, FILES};
 use super::ops::{AttentionKernel, HeadRows, attention_cfg, decode_merge_cfg, draw_words, unfused_plan};
+use super::paged::prompt_chunks;
 use crate::backend::shapes::AttnDims;
 use crate::backend::test_util::{
     AttnCase, AttnInputs, PagedCase, Rng, Tol, assert_close, print_skip, sampling_case,
@@ -447,16 +448,18 @@ fn cublas_reference(
     }
 }
 
-/// The unfused attention as `CudaBackend::attention_unfused` runs it: the products through
-/// `unfused_plan`'s descriptors and addresses evaluated as cuBLAS defines them around the
-/// emulated masked softmax, on q, k and v read through `views` from `(q, k, v)`.
-fn emulated_unfused(
+/// The unfused attention as `CudaBackend::attention_unfused_into` runs it: the products
+/// through `unfused_plan`'s descriptors and addresses evaluated as cuBLAS defines them around
+/// the emulated masked softmax, on q, k and v read through `views` from `(q, k, v)`, into
+/// `out` where `out_rows` says (rounded to the precision, as the product stores it).
+fn emulated_unfused_into(
     emu: &Emulator,
     c: &AttnCase,
     (q, k, v): (&[f32], &[f32], &[f32]),
-    views: [HeadRows; 3],
+    views: [HeadRows; 4],
     valid: &[bool],
-) -> Vec<f32> {
+    out: &mut [f32],
+) {
     let p = emu.precision;
     let dims = AttnDims {
         batch: c.batch,
@@ -490,14 +493,28 @@ fn emulated_unfused(
         .int(c.heads)
         .float(1.0 / (c.d as f32).sqrt());
     emu.launch("attn_softmax", (bh * c.s_q, 1, 1), 256, 0, args);
-    let mut out = vec![f32::NAN; c.batch * c.s_q * c.heads * c.d];
     cublas_reference(
         &plan.values,
         (v, &plan.v),
         (&emu.load(&probs), &plan.probs_at),
-        (&mut out, &plan.out_at),
+        (out, &plan.out_at),
     );
-    p.round(&out)
+    let rounded = p.round(out);
+    out.copy_from_slice(&rounded);
+}
+
+/// [`emulated_unfused_into`] into a dense `[batch, s_q, heads, d]` output.
+fn emulated_unfused(
+    emu: &Emulator,
+    c: &AttnCase,
+    qkv: (&[f32], &[f32], &[f32]),
+    [qv, kv, vv]: [HeadRows; 3],
+    valid: &[bool],
+) -> Vec<f32> {
+    let mut out = vec![f32::NAN; c.batch * c.s_q * c.heads * c.d];
+    let out_rows = HeadRows::dense(c.s_q, c.heads, c.d);
+    emulated_unfused_into(emu, c, qkv, [qv, kv, vv, out_rows], valid, &mut out);
+    out
 }
 
 #[test]
@@ -538,6 +555,98 @@ fn emulated_unfused_attention_matches_reference() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn emulated_paged_prompts_through_the_unfused_path_match_reference() {
+    // A step of prompts (one fresh, one after a cache; grouped heads; blocks scattered over
+    // the pool) as `CudaBackend::paged_prompts_unfused` runs it: each sequence's keys and
+    // values gathered out of the pools by the emulated kernel, then the unfused attention in
+    // query chunks (a small score limit, so that the prompts split into several) writing their
+    // rows of the step's output, against the reference's paged attention.
+    for p in [Precision::F32, Precision::Bf16] {
+        let Some(emu) = emulator(
+            "emulated_paged_prompts_through_the_unfused_path_match_reference",
+            p,
+        ) else {
+            return;
+        };
+        let c = PagedCase {
+            seqs: &[(13, 13), (6, 40)],
+            heads: 4,
+            kv_heads: 2,
+            d: 16,
+            block_size: 16,
+            window: None,
+        };
+        let mut rng = Rng::new(209);
+        let mut inputs = c.inputs(&mut rng);
+        for x in [&mut inputs.keys, &mut inputs.values, &mut inputs.q] {
+            *x = p.round(x);
+        }
+        let r = ReferenceBackend;
+        let paged = r.prepare_paged(&inputs.plan).unwrap();
+        let want = host(r.paged_attention(
+            &reference(&inputs.q, &c.q_shape()),
+            &reference(&inputs.keys, &inputs.pool_shape),
+            &reference(&inputs.values, &inputs.pool_shape),
+            &paged,
+        ));
+
+        let (meta, mut tables, _) = paged_indices(&inputs.plan);
+        let (mut keys, mut values) = (emu.store(&inputs.keys), emu.store(&inputs.values));
+        let [tokens, heads, d] = c.q_shape();
+        let width = c.kv_heads * d;
+        let mut out = vec![f32::NAN; tokens * heads * d];
+        for (b, s) in inputs.plan.seqs.iter().enumerate() {
+            let (q_start, table_start) = (meta[4 * b] as usize, meta[4 * b + 3] as usize);
+            let n = s.k_len * width;
+            let (mut k_dense, mut v_dense) = (emu.store(&vec![f32::NAN; n]), emu.store(&vec![f32::NAN; n]));
+            let args = Args::default()
+                .buf(&mut k_dense)
+                .buf(&mut v_dense)
+                .buf(&mut keys)
+                .buf(&mut values)
+                .buf(&mut tables)
+                .int(table_start)
+                .int(c.block_size)
+                .int(s.k_len)
+                .int(width);
+            emu.launch("paged_gather", elementwise_grid(n), 256, 0, args);
+            let (k_dense, v_dense) = (emu.load(&k_dense), emu.load(&v_dense));
+            // Scores of at most 5 queries at a time.
+            let limit = 5 * heads * s.k_len * size_of::<f32>();
+            let chunks = prompt_chunks(s.q_len, s.k_len, heads, limit);
+            assert_eq!(chunks.len(), s.q_len.div_ceil(5), "{chunks:?}");
+            let kv_rows = HeadRows::dense(s.k_len, c.kv_heads, d);
+            for (first, count) in chunks {
+                let rows = HeadRows {
+                    offset: (q_start + first) * heads * d,
+                    row_stride: heads * d,
+                    batch_stride: 0,
+                };
+                let case = AttnCase {
+                    batch: 1,
+                    s_q: count,
+                    s_k: s.k_len,
+                    heads,
+                    kv_heads: c.kv_heads,
+                    d,
+                    padding: false,
+                    causal: Some(s.k_len - s.q_len + first),
+                };
+                emulated_unfused_into(
+                    &emu,
+                    &case,
+                    (&inputs.q, &k_dense, &v_dense),
+                    [rows, kv_rows, kv_rows, rows],
+                    &[],
+                    &mut out,
+                );
+            }
+        }
+        assert_close(&format!("paged prompts, unfused ({p})"), &out, &want, emu.tol());
     }
 }
 

@@ -53,6 +53,7 @@ pub(crate) const FILES: &[KernelFile] = &[
             "decode_merge",
             "attn_softmax",
             "kv_write",
+            "paged_gather",
         ],
     },
     KernelFile {

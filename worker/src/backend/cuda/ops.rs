@@ -99,7 +99,8 @@ impl HeadRows {
 ///
 /// With each matrix's element offset in its buffer, (b, h) in order: q, k and v where the
 /// views say (key/value head `h / group` for query head `h`), the scores (fp32 elements), the
-/// probabilities and the output (`[batch, s_q, heads, d]`).
+/// probabilities and the output (where its view says: `[batch, s_q, heads, d]`, or a prompt's
+/// rows inside a step's packed output).
 #[derive(Debug)]
 pub(crate) struct UnfusedPlan {
     pub scores: Gemm,
@@ -112,7 +113,7 @@ pub(crate) struct UnfusedPlan {
     pub out_at: Vec<usize>,
 }
 
-pub(crate) fn unfused_plan(dims: &AttnDims, [q, k, v]: [HeadRows; 3]) -> Result<UnfusedPlan> {
+pub(crate) fn unfused_plan(dims: &AttnDims, [q, k, v, out]: [HeadRows; 4]) -> Result<UnfusedPlan> {
     let op = "attention";
     let AttnDims {
         batch,
@@ -123,7 +124,6 @@ pub(crate) fn unfused_plan(dims: &AttnDims, [q, k, v]: [HeadRows; 3]) -> Result<
         ..
     } = *dims;
     let group = dims.group();
-    let out = HeadRows::dense(s_q, heads, d);
     let scores = Gemm {
         transa: true,
         transb: false,
@@ -661,11 +661,38 @@ impl CudaBackend {
     /// prompts whose scores fit [`UNFUSED_MAX_SCORE_BYTES`].
     pub(crate) fn attention_unfused(
         &self,
-        (q, k, v): (&CudaTensor, &CudaTensor, &CudaTensor),
+        qkv: (&CudaTensor, &CudaTensor, &CudaTensor),
         views: [HeadRows; 3],
         dims: AttnDims,
         mask: &AttentionMask<'_>,
     ) -> Result<CudaTensor> {
+        let AttnDims {
+            batch,
+            s_q,
+            s_k,
+            heads,
+            head_dim: d,
+            ..
+        } = dims;
+        if batch * s_q * heads * d == 0 || s_k == 0 {
+            return self.alloc_zeros(vec![batch, s_q, heads, d]);
+        }
+        let mut out = self.alloc(vec![batch, s_q, heads, d])?;
+        let out_rows = HeadRows::dense(s_q, heads, d);
+        self.attention_unfused_into(qkv, views, dims, mask, (&mut out, out_rows))?;
+        Ok(out)
+    }
+
+    /// [`CudaBackend::attention_unfused`] writing into `out` where its view says (every
+    /// element of those rows is written).
+    pub(crate) fn attention_unfused_into(
+        &self,
+        (q, k, v): (&CudaTensor, &CudaTensor, &CudaTensor),
+        views: [HeadRows; 3],
+        dims: AttnDims,
+        mask: &AttentionMask<'_>,
+        (out, out_rows): (&mut CudaTensor, HeadRows),
+    ) -> Result<()> {
         let op = "attention";
         let AttnDims {
             batch,
@@ -675,14 +702,14 @@ impl CudaBackend {
             kv_heads,
             head_dim: d,
         } = dims;
-        let out_shape = vec![batch, s_q, heads, d];
         if batch * s_q * heads * d == 0 || s_k == 0 {
-            return self.alloc_zeros(out_shape);
+            return Err(shapes::err(op, "the unfused path needs queries and keys".into()));
         }
         for (name, t, rows, seq, h) in [
             ("q", q, views[0], s_q, heads),
             ("k", k, views[1], s_k, kv_heads),
             ("v", v, views[2], s_k, kv_heads),
+            ("out", &*out, out_rows, s_q, heads),
         ] {
             if rows.end(batch, seq, h, d) > t.numel() {
                 return Err(shapes::err(
@@ -701,10 +728,10 @@ impl CudaBackend {
             ));
         }
         int(op, bh * s_q * s_k)?;
-        let plan = unfused_plan(&dims, views)?;
+        let [qv, kv, vv] = views;
+        let plan = unfused_plan(&dims, [qv, kv, vv, out_rows])?;
         let scores = self.alloc_slice::<u8>("attention scores", score_bytes)?;
         let mut probs = self.alloc(vec![bh, s_q, s_k])?;
-        let out = self.alloc(out_shape)?;
         let eb = self.precision.bytes() as u64;
         let addr = |t: &CudaSlice<u8>| addr_u64(t, &self.stream);
         let (q0, k0, v0) = (addr(&q.buf), addr(&k.buf), addr(&v.buf));
@@ -758,7 +785,7 @@ impl CudaBackend {
         // The pointer table, scores and probabilities are freed in stream order, after the
         // products that read them.
         drop((pointers_dev, scores, probs));
-        Ok(out)
+        Ok(())
     }
 
     fn norm_launch(
@@ -1264,6 +1291,13 @@ impl Backend for CudaBackend {
         paged: &CudaPaged,
     ) -> Result<CudaTensor> {
         let kernel = self.paged_kernel(paged, q.shape.get(1).copied().unwrap_or(1));
+        // Steps of prompts alone (prefill) take cuBLAS; decode and mixed steps the kernels.
+        if kernel == AttentionKernel::Flash
+            && paged.plan().window.is_none()
+            && paged.plan().seqs.iter().all(|s| s.q_len > 1)
+        {
+            return self.paged_prompts_unfused(q, keys, values, paged);
+        }
         self.paged_attention_with(q, keys, values, paged, kernel)
     }
 

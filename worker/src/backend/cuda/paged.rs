@@ -9,9 +9,13 @@ use cudarc::driver::CudaSlice;
 
 use super::context::{ATTN_MAX_D, CudaBackend};
 use super::launch::{elementwise_cfg, int, launch, rows_cfg};
-use super::ops::{AttentionKernel, MAX_DECODE_SPLITS, attention_cfg, decode_merge_cfg, decode_splits};
+use super::ops::{
+    AttentionKernel, HeadRows, MAX_DECODE_SPLITS, UNFUSED_MAX_SCORE_BYTES, attention_cfg, decode_merge_cfg,
+    decode_splits,
+};
 use super::tensor::CudaTensor;
-use crate::backend::{PagedPlan, Result, shapes};
+use crate::backend::shapes::AttnDims;
+use crate::backend::{AttentionMask, PagedPlan, Result, shapes};
 
 /// A step's [`PagedPlan`] on the device.
 #[derive(Debug)]
@@ -28,6 +32,11 @@ pub struct CudaPaged {
 }
 
 impl CudaPaged {
+    /// The plan this was prepared from.
+    pub(crate) fn plan(&self) -> &PagedPlan {
+        &self.plan
+    }
+
     /// A decode plan whose device layout was staged into a graph's fixed buffers.
     pub(super) fn staged(
         plan: PagedPlan,
@@ -253,6 +262,83 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// Paged attention of a step whose every sequence is a prompt (more than one new token;
+    /// no sliding window) through cuBLAS: each sequence's keys and values gathered out of the
+    /// pools into dense rows (`paged_gather`), then the unfused attention over them, in chunks
+    /// of queries whose fp32 scores fit [`UNFUSED_MAX_SCORE_BYTES`], each writing its rows of
+    /// the step's output. Tensor cores do the products that the flash kernel runs from shared
+    /// memory, which is what a long prompt's time to first token is made of.
+    pub(crate) fn paged_prompts_unfused(
+        &self,
+        q: &CudaTensor,
+        keys: &CudaTensor,
+        values: &CudaTensor,
+        paged: &CudaPaged,
+    ) -> Result<CudaTensor> {
+        let op = "paged_attention";
+        let plan = &paged.plan;
+        let (heads, kv_heads, d) = plan.check_attention(&q.shape, &keys.shape, &values.shape)?;
+        if plan.window.is_some() || plan.seqs.iter().any(|s| s.q_len < 2) {
+            return Err(shapes::err(
+                op,
+                "the unfused path takes steps of prompts without a sliding window".to_owned(),
+            ));
+        }
+        int(op, keys.numel())?;
+        let width = kv_heads * d;
+        let (wi, bs) = (int(op, width)?, int(op, plan.block_size)?);
+        let mut out = self.alloc(q.shape.clone())?;
+        let (mut q_start, mut table_start) = (0, 0);
+        for s in &plan.seqs {
+            let mut k_dense = self.alloc(vec![1, s.k_len, kv_heads, d])?;
+            let mut v_dense = self.alloc(vec![1, s.k_len, kv_heads, d])?;
+            let (ts, kl) = (int(op, table_start)?, int(op, s.k_len)?);
+            int(op, s.k_len * width)?;
+            launch!(
+                self,
+                "paged_gather",
+                elementwise_cfg(s.k_len * width),
+                &mut k_dense.buf,
+                &mut v_dense.buf,
+                &keys.buf,
+                &values.buf,
+                &*paged.tables,
+                &ts,
+                &bs,
+                &kl,
+                &wi
+            )?;
+            let kv_rows = HeadRows::dense(s.k_len, kv_heads, d);
+            for (first, count) in prompt_chunks(s.q_len, s.k_len, heads, UNFUSED_MAX_SCORE_BYTES) {
+                let rows = HeadRows {
+                    offset: (q_start + first) * heads * d,
+                    row_stride: heads * d,
+                    batch_stride: 0,
+                };
+                let dims = AttnDims {
+                    batch: 1,
+                    s_q: count,
+                    s_k: s.k_len,
+                    heads,
+                    kv_heads,
+                    head_dim: d,
+                };
+                // The chunk's first query sits at position k_len - q_len + first.
+                let mask = AttentionMask::causal(s.k_len - s.q_len + first);
+                self.attention_unfused_into(
+                    (q, &k_dense, &v_dense),
+                    [rows, kv_rows, kv_rows],
+                    dims,
+                    &mask,
+                    (&mut out, rows),
+                )?;
+            }
+            q_start += s.q_len;
+            table_start += s.blocks.len();
+        }
+        Ok(out)
+    }
+
     /// The kernel for a step of `heads` query heads: decode steps (one new token per sequence)
     /// spread each query's keys over 8 warps, and across several blocks when heads x sequences
     /// blocks would leave most of the GPU idle; anything with a prompt in it goes to flash.
@@ -265,4 +351,15 @@ impl CudaBackend {
             splits => AttentionKernel::SplitDecode { splits },
         }
     }
+}
+
+/// The query chunks `(first, count)` of a prompt of `q_len` queries over `k_len` keys and
+/// `heads` heads whose fp32 scores fit `limit` bytes (at least one query each), in order.
+pub(crate) fn prompt_chunks(q_len: usize, k_len: usize, heads: usize, limit: usize) -> Vec<(usize, usize)> {
+    let per_query = (heads * k_len * size_of::<f32>()).max(1);
+    let chunk = (limit / per_query).clamp(1, q_len.max(1));
+    (0..q_len)
+        .step_by(chunk)
+        .map(|first| (first, chunk.min(q_len - first)))
+        .collect()
 }

@@ -1041,6 +1041,27 @@ fn gpu_paged_attention_matches_reference_for_both_kernels() {
         }
         let [got, ..] = paged_step(&*g, &inputs, &c, |b, q, k, v, p| b.paged_attention(q, k, v, p));
         assert_close(&format!("paged attention {c:?}"), &got, &want, tol);
+        // Steps of prompts alone without a window also go through cuBLAS (which the trait
+        // method picks for them).
+        if c.window.is_none() && c.seqs.iter().all(|&(q, _)| q > 1) {
+            let [got, ..] = paged_step(&*g, &inputs, &c, |b, q, k, v, p| {
+                b.paged_prompts_unfused(q, k, v, p)
+            });
+            assert_close(&format!("unfused paged attention {c:?}"), &got, &want, tol);
+        }
+    }
+    // Mixed and windowed steps are not the unfused path's.
+    for c in [PagedCase::COMMON[3], PagedCase::COMMON[4]] {
+        let inputs = c.inputs(&mut rng);
+        let paged = g.prepare_paged(&inputs.plan).unwrap();
+        let (q, pool) = (
+            g.zeros(&c.q_shape()).unwrap(),
+            g.zeros(&inputs.pool_shape).unwrap(),
+        );
+        assert!(
+            g.paged_prompts_unfused(&q, &pool, &pool, &paged).is_err(),
+            "{c:?}"
+        );
     }
     // Decode steps with each sequence's keys split across blocks, then merged.
     for c in PagedCase::DECODE {

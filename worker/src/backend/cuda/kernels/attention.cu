@@ -467,6 +467,23 @@ extern "C" __global__ void attn_softmax(elem_t* p, const float* s, const unsigne
     }
 }
 
+// paged_gather: one sequence's keys and values copied out of the pools into dense rows, for the
+//   unfused (cuBLAS) attention of prompts: k_out[j, :] = k_pool[row(j), :] and v_out likewise for
+//   j < k_len, row(j) = tables[table_start + j / block_size] * block_size + j % block_size, rows
+//   of `width` (kv_heads * d) elements. Launch: grid-stride over k_len * width.
+extern "C" __global__ void paged_gather(elem_t* k_out, elem_t* v_out, const elem_t* k_pool, const elem_t* v_pool,
+                                        const unsigned int* tables, int table_start, int block_size, int k_len,
+                                        int width) {
+    KERNEL_CHECK(block_size > 0);
+    const size_t n = (size_t)k_len * width;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += (size_t)gridDim.x * blockDim.x) {
+        const size_t j = idx / width, c = idx % width;
+        const size_t row = (size_t)tables[table_start + j / block_size] * block_size + j % block_size;
+        k_out[idx] = k_pool[row * width + c];
+        v_out[idx] = v_pool[row * width + c];
+    }
+}
+
 // kv_write: pool[slots[t], :] = rows[t, :] for t < tokens, rows of `width` floats (one
 //   position's keys or values over all kv heads). Launch: grid-stride over tokens * width.
 extern "C" __global__ void kv_write(elem_t* pool, const elem_t* rows, const unsigned int* slots, int tokens,
