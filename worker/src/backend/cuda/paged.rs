@@ -341,7 +341,8 @@ impl CudaBackend {
 
     /// The kernel for a step of `heads` query heads: decode steps (one new token per sequence)
     /// spread each query's keys over 8 warps, and across several blocks when heads x sequences
-    /// blocks would leave most of the GPU idle; anything with a prompt in it goes to flash.
+    /// blocks would leave most of the GPU idle; anything with a prompt in it goes to flash (the
+    /// trait method sends steps of prompts alone to cuBLAS instead, `paged_prompts_unfused`).
     pub(super) fn paged_kernel(&self, paged: &CudaPaged, heads: usize) -> AttentionKernel {
         if paged.max_q_len != 1 {
             return AttentionKernel::Flash;
