@@ -342,18 +342,23 @@ fn attention<B: Backend>(backend: &B, p: Precision) -> Result<()> {
 
 /// Steps over a key/value pool, their blocks scattered: a sequence decoding one token after 20
 /// cached beside a prompt of 3 (the prompt kernel), two decoding alone (the decode kernels,
-/// split across blocks on a large GPU), and two prompts alone (the GPU's cuBLAS path); the
-/// pools after the fused rotation and write, then attention.
+/// split across blocks on a large GPU), a prompt of 17 beside a decoding sequence and two
+/// prompts alone (the GPU's cuBLAS path); the pools after the fused rotation and write, then
+/// attention.
 fn paged<B: Backend>(backend: &B, p: Precision) -> Result<()> {
     let seq = |q_len: usize, k_len: usize, blocks: Vec<u32>| PagedSeq { q_len, k_len, blocks };
     let mixed = vec![seq(1, 21, vec![3, 0]), seq(3, 3, vec![2])];
     let decode = vec![seq(1, 21, vec![3, 0]), seq(1, 4, vec![2])];
-    // Prompts alone (one after a cache of 18): the GPU's cuBLAS path.
-    let prompts = vec![seq(3, 21, vec![3, 0]), seq(4, 4, vec![2])];
+    // A prompt long enough for the GPU's cuBLAS path, beside a decoding sequence and alone
+    // (after a cache of 4, with a short one).
+    let joining = vec![seq(1, 21, vec![3, 0]), seq(17, 17, vec![2, 1])];
+    let prompts = vec![seq(17, 21, vec![3, 0]), seq(4, 4, vec![2])];
+    let counting = |from: usize, to: usize| (from..to).collect::<Vec<usize>>();
     for (what, seqs, positions) in [
         ("mixed", mixed, vec![20usize, 0, 1, 2]),
         ("decode", decode, vec![20, 3]),
-        ("prompts", prompts, vec![18, 19, 20, 0, 1, 2, 3]),
+        ("joining prompt", joining, [vec![20], counting(0, 17)].concat()),
+        ("prompts", prompts, [counting(4, 21), counting(0, 4)].concat()),
     ] {
         paged_step(backend, p, what, seqs, &positions)?;
     }

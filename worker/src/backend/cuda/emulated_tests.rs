@@ -560,9 +560,10 @@ fn emulated_unfused_attention_matches_reference() {
 
 #[test]
 fn emulated_paged_prompts_through_the_unfused_path_match_reference() {
-    // A step of prompts (one fresh, one after a cache; grouped heads; blocks scattered over
-    // the pool) as `CudaBackend::paged_prompts_unfused` runs it: each sequence's keys and
-    // values gathered out of the pools by the emulated kernel, then the unfused attention in
+    // A step of prompts (one fresh, one after a cache) with a sequence decoding between them
+    // (grouped heads; blocks scattered over the pool), as `CudaBackend::paged_prompts_unfused`
+    // runs it: the decode kernel over every sequence's first query, then each prompt's keys and
+    // values gathered out of the pools by the emulated kernel and the unfused attention in
     // query chunks (a small score limit, so that the prompts split into several) writing their
     // rows of the step's output, against the reference's paged attention.
     for p in [Precision::F32, Precision::Bf16] {
@@ -573,7 +574,7 @@ fn emulated_paged_prompts_through_the_unfused_path_match_reference() {
             return;
         };
         let c = PagedCase {
-            seqs: &[(13, 13), (6, 40)],
+            seqs: &[(13, 13), (1, 20), (6, 40)],
             heads: 4,
             kv_heads: 2,
             d: 16,
@@ -594,12 +595,36 @@ fn emulated_paged_prompts_through_the_unfused_path_match_reference() {
             &paged,
         ));
 
-        let (meta, mut tables, _) = paged_indices(&inputs.plan);
+        let (mut meta, mut tables, _) = paged_indices(&inputs.plan);
         let (mut keys, mut values) = (emu.store(&inputs.keys), emu.store(&inputs.values));
         let [tokens, heads, d] = c.q_shape();
         let width = c.kv_heads * d;
-        let mut out = vec![f32::NAN; tokens * heads * d];
+        // The decode kernel over every sequence's first query (the decoding sequence's row,
+        // and each prompt's first, which its products write again).
+        let seqs = inputs.plan.seqs.len();
+        let mut q_dev = emu.store(&inputs.q);
+        let mut first_rows = emu.store(&vec![f32::NAN; tokens * heads * d]);
+        let args = Args::default()
+            .buf(&mut first_rows)
+            .buf(&mut q_dev)
+            .buf(&mut keys)
+            .buf(&mut values)
+            .buf(&mut meta)
+            .buf(&mut tables)
+            .int(seqs)
+            .int(c.block_size)
+            .int(0)
+            .int(heads)
+            .int(c.kv_heads)
+            .int(d)
+            .float(1.0 / (d as f32).sqrt());
+        let cfg = attention_cfg(AttentionKernel::Decode, 1, heads, seqs, d);
+        emu.launch_cfg("paged_decode_attention", &cfg, args);
+        let mut out = emu.load(&first_rows);
         for (b, s) in inputs.plan.seqs.iter().enumerate() {
+            if s.q_len == 1 {
+                continue;
+            }
             let (q_start, table_start) = (meta[4 * b] as usize, meta[4 * b + 3] as usize);
             let n = s.k_len * width;
             let (mut k_dense, mut v_dense) = (emu.store(&vec![f32::NAN; n]), emu.store(&vec![f32::NAN; n]));

@@ -11,7 +11,7 @@ use super::context::{ATTN_MAX_D, CudaBackend, driver_err, flash_smem_bytes};
 use super::gemm::{Batch, Gemm};
 use super::gemv::Folded;
 use super::launch::{BLOCK, elementwise_cfg, int, launch, rows_cfg};
-use super::paged::CudaPaged;
+use super::paged::{CudaPaged, UNFUSED_MIN_PROMPT};
 use super::tensor::CudaTensor;
 use crate::backend::shapes::{self, AttnDims};
 use crate::backend::{Activation, AttentionMask, Backend, DecodeStep, PagedPlan, Result};
@@ -1291,10 +1291,10 @@ impl Backend for CudaBackend {
         paged: &CudaPaged,
     ) -> Result<CudaTensor> {
         let kernel = self.paged_kernel(paged, q.shape.get(1).copied().unwrap_or(1));
-        // Steps of prompts alone (prefill) take cuBLAS; decode and mixed steps the kernels.
-        if kernel == AttentionKernel::Flash
-            && paged.plan().window.is_none()
-            && paged.plan().seqs.iter().all(|s| s.q_len > 1)
+        // Steps with a long enough prompt (prefill, or a prompt joining running decodes) take
+        // cuBLAS for their prompts; decode steps, short prompts and windows the kernels.
+        let longest = paged.plan().seqs.iter().map(|s| s.q_len).max().unwrap_or(0);
+        if kernel == AttentionKernel::Flash && paged.plan().window.is_none() && longest >= UNFUSED_MIN_PROMPT
         {
             return self.paged_prompts_unfused(q, keys, values, paged);
         }

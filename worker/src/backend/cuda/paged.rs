@@ -169,6 +169,20 @@ impl CudaBackend {
         paged: &CudaPaged,
         kernel: AttentionKernel,
     ) -> Result<CudaTensor> {
+        self.paged_attention_queries(q, keys, values, paged, kernel, paged.max_q_len)
+    }
+
+    /// [`CudaBackend::paged_attention_with`] over each sequence's first `queries` new tokens
+    /// (the launch grid's query extent; the rows of later queries are left unwritten).
+    fn paged_attention_queries(
+        &self,
+        q: &CudaTensor,
+        keys: &CudaTensor,
+        values: &CudaTensor,
+        paged: &CudaPaged,
+        kernel: AttentionKernel,
+        queries: usize,
+    ) -> Result<CudaTensor> {
         let op = "paged_attention";
         let plan = &paged.plan;
         let (heads, kv_heads, d) = plan.check_attention(&q.shape, &keys.shape, &values.shape)?;
@@ -195,8 +209,7 @@ impl CudaBackend {
             }
             _ => 1,
         };
-        if seqs > 65_535 || heads > 65_535 || (kernel == AttentionKernel::Decode && paged.max_q_len > 65_535)
-        {
+        if seqs > 65_535 || heads > 65_535 || (kernel == AttentionKernel::Decode && queries > 65_535) {
             return Err(shapes::err(
                 op,
                 format!("grid too large for {seqs} sequences of {:?}", q.shape),
@@ -212,7 +225,7 @@ impl CudaBackend {
         );
         let (hi, kvi, di) = (int(op, heads)?, int(op, kv_heads)?, int(op, d)?);
         let scale = 1.0 / (d as f32).sqrt();
-        let cfg = attention_cfg(kernel, paged.max_q_len, heads, seqs, d);
+        let cfg = attention_cfg(kernel, queries, heads, seqs, d);
         // The attention kernels share every argument but the first: where they write.
         macro_rules! attn {
             ($name:literal, $dest:expr) => {
@@ -262,11 +275,13 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// Paged attention of a step whose every sequence is a prompt (more than one new token;
-    /// no sliding window) through cuBLAS: each sequence's keys and values gathered out of the
-    /// pools into dense rows (`paged_gather`), then the unfused attention over them, in chunks
-    /// of queries whose fp32 scores fit [`UNFUSED_MAX_SCORE_BYTES`], each writing its rows of
-    /// the step's output. Tensor cores do the products that the flash kernel runs from shared
+    /// Paged attention of a step with prompts in it (no sliding window) with the prompts
+    /// through cuBLAS: each prompt's keys and values gathered out of the pools into dense rows
+    /// (`paged_gather`), then the unfused attention over them, in chunks of queries whose fp32
+    /// scores fit [`UNFUSED_MAX_SCORE_BYTES`], each writing its rows of the step's output.
+    /// Sequences decoding one token beside them (continuous batching) take the decode kernel,
+    /// launched over the first query of every sequence (a prompt's first row is written again
+    /// by its products). Tensor cores do the products that the flash kernel runs from shared
     /// memory, which is what a long prompt's time to first token is made of.
     pub(crate) fn paged_prompts_unfused(
         &self,
@@ -278,18 +293,27 @@ impl CudaBackend {
         let op = "paged_attention";
         let plan = &paged.plan;
         let (heads, kv_heads, d) = plan.check_attention(&q.shape, &keys.shape, &values.shape)?;
-        if plan.window.is_some() || plan.seqs.iter().any(|s| s.q_len < 2) {
+        if plan.window.is_some() {
             return Err(shapes::err(
                 op,
-                "the unfused path takes steps of prompts without a sliding window".to_owned(),
+                "the unfused path takes steps without a sliding window".to_owned(),
             ));
         }
         int(op, keys.numel())?;
         let width = kv_heads * d;
         let (wi, bs) = (int(op, width)?, int(op, plan.block_size)?);
-        let mut out = self.alloc(q.shape.clone())?;
+        let mut out = if plan.seqs.iter().any(|s| s.q_len == 1) {
+            self.paged_attention_queries(q, keys, values, paged, AttentionKernel::Decode, 1)?
+        } else {
+            self.alloc(q.shape.clone())?
+        };
         let (mut q_start, mut table_start) = (0, 0);
         for s in &plan.seqs {
+            if s.q_len == 1 {
+                q_start += 1;
+                table_start += s.blocks.len();
+                continue;
+            }
             let mut k_dense = self.alloc(vec![1, s.k_len, kv_heads, d])?;
             let mut v_dense = self.alloc(vec![1, s.k_len, kv_heads, d])?;
             let (ts, kl) = (int(op, table_start)?, int(op, s.k_len)?);
@@ -342,7 +366,7 @@ impl CudaBackend {
     /// The kernel for a step of `heads` query heads: decode steps (one new token per sequence)
     /// spread each query's keys over 8 warps, and across several blocks when heads x sequences
     /// blocks would leave most of the GPU idle; anything with a prompt in it goes to flash (the
-    /// trait method sends steps of prompts alone to cuBLAS instead, `paged_prompts_unfused`).
+    /// trait method sends steps with a long enough prompt to `paged_prompts_unfused` instead).
     pub(super) fn paged_kernel(&self, paged: &CudaPaged, heads: usize) -> AttentionKernel {
         if paged.max_q_len != 1 {
             return AttentionKernel::Flash;
@@ -353,6 +377,11 @@ impl CudaBackend {
         }
     }
 }
+
+/// Steps whose longest prompt has fewer new tokens keep the flash kernel (one launch) rather
+/// than gather and run products per prompt. An estimate of where the two cross, to be set by
+/// the GPU benchmark's prefill figures.
+pub(super) const UNFUSED_MIN_PROMPT: usize = 16;
 
 /// The query chunks `(first, count)` of a prompt of `q_len` queries over `k_len` keys and
 /// `heads` heads whose fp32 scores fit `limit` bytes (at least one query each), in order.
