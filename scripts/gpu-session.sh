@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# What a session lent a GPU runs, as one command inside the device tool's 10-minute limit: the
-# GPU tests (scripts/gpu-checks.sh), then the benchmark (scripts/bench-gpu.sh), each under its
-# own time limit so that a hang in one still leaves the other's results. Logs, the benchmark's
-# JSON lines and its report go to $OUT when set (the device tool's output folder), else to
+# Everything to run on a GPU machine, as one command of under ten minutes: the GPU tests
+# (scripts/gpu-checks.sh), then the benchmark (scripts/bench-gpu.sh), each under its own time
+# limit so that a hang in one still leaves the other's results. Logs, the benchmark's JSON
+# lines and its report go to the folder $OUT names when it is set, else to
 # target/gpu-session. Build the bundle first, on a machine with Rust: bash scripts/gpu-bundle.sh
 #   bash scripts/gpu-session.sh [SECONDS_PER_FIGURE=2]
 # Environment: CHECKS_LIMIT and BENCH_LIMIT (seconds, default 180 and 380); PRECISIONS for the
