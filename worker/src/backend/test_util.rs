@@ -29,6 +29,52 @@ impl Rng {
     }
 }
 
+/// Seeded inputs of a projection of `rows` rows, `k` terms and `m` outputs with everything the
+/// folded ops take, in the order the tests index them: x `[rows, k]`, an RMS norm weight
+/// `[k]`, the weight `[m, k]`, a bias `[m]`, a residual `[rows, m]` and a fused gate/up weight
+/// `[2m, k]`.
+pub(crate) struct ProjectionInputs {
+    data: [Vec<f32>; 6],
+    shapes: [Vec<usize>; 6],
+}
+
+impl ProjectionInputs {
+    pub(crate) fn new(rng: &mut Rng, rows: usize, k: usize, m: usize) -> Self {
+        Self {
+            data: [
+                rng.vec(rows * k, 2.0),
+                rng.vec(k, 1.0),
+                rng.vec(m * k, 0.3),
+                rng.vec(m, 1.0),
+                rng.vec(rows * m, 2.0),
+                rng.vec(2 * m * k, 0.3),
+            ],
+            shapes: [
+                vec![rows, k],
+                vec![k],
+                vec![m, k],
+                vec![m],
+                vec![rows, m],
+                vec![2 * m, k],
+            ],
+        }
+    }
+
+    /// Every input with its shape, for the tests' compare helpers.
+    pub(crate) fn inputs(&self) -> Vec<(&[f32], &[usize])> {
+        self.data
+            .iter()
+            .zip(&self.shapes)
+            .map(|(d, s)| (d.as_slice(), s.as_slice()))
+            .collect()
+    }
+
+    /// The residual's values and shape (ops that take it by value upload a copy).
+    pub(crate) fn residual(&self) -> (&[f32], &[usize]) {
+        (&self.data[4], &self.shapes[4])
+    }
+}
+
 /// `|got - want| <= atol + rtol * |want|`, elementwise.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Tol {

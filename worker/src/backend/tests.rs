@@ -6,7 +6,7 @@
 
 use proptest::prelude::*;
 
-use super::test_util::{AttnCase, AttnInputs, EXACT, PagedCase, Rng, Tol, assert_close};
+use super::test_util::{AttnCase, AttnInputs, EXACT, PagedCase, ProjectionInputs, Rng, Tol, assert_close};
 use super::*;
 
 type Host = dyn Backend<Tensor = CpuTensor, Paged = paged::HostPaged>;
@@ -115,17 +115,8 @@ fn fused_ops_match_their_compositions() {
     // The projections that fold a norm before or a residual add after the product (the CPU
     // accumulates the residual into the product's buffer; the reference composes).
     for &(rows, k, m) in &[(1, 8, 3), (4, 384, 65), (65, 96, 1536)] {
-        let (x, norm, w) = (rng.vec(rows * k, 2.0), rng.vec(k, 1.0), rng.vec(m * k, 0.3));
-        let (bias, residual) = (rng.vec(m, 1.0), rng.vec(rows * m, 2.0));
-        let gate_up = rng.vec(2 * m * k, 0.3);
-        let inputs: &[(&[f32], &[usize])] = &[
-            (&x, &[rows, k]),
-            (&norm, &[k]),
-            (&w, &[m, k]),
-            (&bias, &[m]),
-            (&residual, &[rows, m]),
-            (&gate_up, &[2 * m, k]),
-        ];
+        let projection = ProjectionInputs::new(&mut rng, rows, k, m);
+        let inputs = &projection.inputs();
         compare(
             &format!("rms_norm_linear {rows}x{k}x{m}"),
             tol,

@@ -15,7 +15,8 @@ use super::kernels::{self, FILES};
 use super::ops::{AttentionKernel, MAX_DECODE_SPLITS, decode_splits};
 use super::{CudaBackend, CudaTensor};
 use crate::backend::test_util::{
-    AttnCase, AttnInputs, EXACT, PagedCase, PagedInputs, Rng, Tol, assert_close, print_skip, sampling_case,
+    AttnCase, AttnInputs, EXACT, PagedCase, PagedInputs, ProjectionInputs, Rng, Tol, assert_close,
+    print_skip, sampling_case,
 };
 use crate::backend::{
     Activation, AttentionMask, Backend, BackendError, CpuTensor, Precision, ReferenceBackend, Result,
@@ -437,17 +438,9 @@ fn gpu_folded_projections_match_their_compositions() {
             (4, 512, 1),
             (5, 96, 33),
         ] {
-            let (x, norm, w) = (rng.vec(rows * k, 2.0), rng.vec(k, 1.0), rng.vec(m * k, 0.3));
-            let (bias, residual, gate_up) =
-                (rng.vec(m, 1.0), rng.vec(rows * m, 2.0), rng.vec(2 * m * k, 0.3));
-            let inputs: Inputs<'_> = &[
-                (&x, &[rows, k]),
-                (&norm, &[k]),
-                (&w, &[m, k]),
-                (&bias, &[m]),
-                (&residual, &[rows, m]),
-                (&gate_up, &[2 * m, k]),
-            ];
+            let projection = ProjectionInputs::new(&mut rng, rows, k, m);
+            let inputs: Inputs<'_> = &projection.inputs();
+            let (residual, residual_shape) = projection.residual();
             let what = |op: &str| format!("{op} {rows}x{k}x{m} (gemv {gemv})");
             compare!(g, what("linear +bias"), tol, inputs, |be, t| be.linear(
                 &t[0],
@@ -462,13 +455,13 @@ fn gpu_folded_projections_match_their_compositions() {
                 &t[0],
                 &t[2],
                 Some(&t[3]),
-                be.from_host(&residual, &[rows, m])?
+                be.from_host(residual, residual_shape)?
             ));
             compare!(g, what("linear_add"), tol, inputs, |be, t| be.linear_add(
                 &t[0],
                 &t[2],
                 None,
-                be.from_host(&residual, &[rows, m])?
+                be.from_host(residual, residual_shape)?
             ));
         }
     }
@@ -1232,17 +1225,9 @@ fn gpu_half_precision_ops_match_reference() {
         // stored too), both within the product's bound above, doubled for SwiGLU's product of
         // two projections.
         for &(rows, k, m) in &[(1, 264, 37), (3, 96, 130), (6, 96, 33)] {
-            let (x, norm, w) = (rng.vec(rows * k, 2.0), rng.vec(k, 1.0), rng.vec(m * k, 0.3));
-            let (bias, residual, gate_up) =
-                (rng.vec(m, 1.0), rng.vec(rows * m, 2.0), rng.vec(2 * m * k, 0.3));
-            let inputs: Inputs<'_> = &[
-                (&x, &[rows, k]),
-                (&norm, &[k]),
-                (&w, &[m, k]),
-                (&bias, &[m]),
-                (&residual, &[rows, m]),
-                (&gate_up, &[2 * m, k]),
-            ];
+            let projection = ProjectionInputs::new(&mut rng, rows, k, m);
+            let inputs: Inputs<'_> = &projection.inputs();
+            let (residual, residual_shape) = projection.residual();
             let linear_tol = Tol {
                 atol: u * (4.0 + 2.0 * (k as f32).sqrt()),
                 rtol: 4.0 * u,
@@ -1260,7 +1245,7 @@ fn gpu_half_precision_ops_match_reference() {
                 &t[0],
                 &t[2],
                 Some(&t[3]),
-                be.from_host(&p.round(&residual), &[rows, m])?
+                be.from_host(&p.round(residual), residual_shape)?
             ));
         }
 
