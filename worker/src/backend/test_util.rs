@@ -68,11 +68,6 @@ impl ProjectionInputs {
             .map(|(d, s)| (d.as_slice(), s.as_slice()))
             .collect()
     }
-
-    /// The residual's values and shape (ops that take it by value upload a copy).
-    pub(crate) fn residual(&self) -> (&[f32], &[usize]) {
-        (&self.data[4], &self.shapes[4])
-    }
 }
 
 /// `|got - want| <= atol + rtol * |want|`, elementwise.
