@@ -468,6 +468,14 @@ fn sampling<B: Backend>(backend: &B, p: Precision) -> Result<()> {
     // a margin of 0.05 either side. Top-p 0.9 (and top-3 with top-p 0.95) keeps 17 and 503
     // (0.881, 0.119 renormalised): 0.95 picks 503 and 0.3 picks 17. Every margin is far wider
     // than rounding, so the same tokens must come back however the sums are ordered.
+    let draws = cut_draws();
+    let cut = cut_logits(rows, vocab);
+    choices(backend, p, "sample_rows (top-k, top-p)", &cut, &draws)
+}
+
+/// `rows` rows of `vocab` logits with five likely tokens (17, 503, 211, 999, 64 at logits 10,
+/// 8, 6, 4, 2) among unlikely ones (about -4).
+fn cut_logits(rows: usize, vocab: usize) -> Vec<f32> {
     let mut cut = values(95, rows * vocab, 0.5);
     for row in cut.chunks_mut(vocab) {
         row.iter_mut().for_each(|x| *x -= 4.0);
@@ -478,14 +486,18 @@ fn sampling<B: Backend>(backend: &B, p: Precision) -> Result<()> {
             row[i] = logit;
         }
     }
+    cut
+}
+
+/// The draws over [`cut_logits`]: top-k 5 at 0.95, top-p 0.9 at 0.95, top-3 and top-p 0.95 at 0.3.
+fn cut_draws() -> [TokenDraw; 3] {
     let draw = |top_k: u32, top_p: f32, uniform: f64| TokenDraw {
         temperature: 1.0,
         top_k,
         top_p,
         uniform,
     };
-    let draws = [draw(5, 1.0, 0.95), draw(0, 0.9, 0.95), draw(3, 0.95, 0.3)];
-    choices(backend, p, "sample_rows (top-k, top-p)", &cut, &draws)
+    [draw(5, 1.0, 0.95), draw(0, 0.9, 0.95), draw(3, 0.95, 0.3)]
 }
 
 fn choices<B: Backend>(
@@ -530,28 +542,19 @@ mod tests {
     fn the_cut_draws_pick_different_tokens() {
         // The margins the comment in `sampling` claims: the three draws pick 503, 503 and 17,
         // so a backend that always returned the argmax would fail.
-        let mut row = values(95, 1000, 0.5);
-        row.iter_mut().for_each(|x| *x -= 4.0);
-        for (&i, logit) in [17usize, 503, 211, 999, 64]
-            .iter()
-            .zip([10.0, 8.0, 6.0, 4.0, 2.0])
-        {
-            row[i] = logit;
-        }
-        let draw = |top_k: u32, top_p: f32, uniform: f64| TokenDraw {
-            temperature: 1.0,
-            top_k,
-            top_p,
-            uniform,
-        };
-        let picks: Vec<u32> = [draw(5, 1.0, 0.95), draw(0, 0.9, 0.95), draw(3, 0.95, 0.3)]
+        let row = cut_logits(1, 1000);
+        let picks: Vec<u32> = cut_draws()
             .iter()
             .map(|d| crate::sampling::choose(&row, d))
             .collect();
         assert_eq!(picks, [503, 503, 17]);
         // And 0.05 either way of 0.95 keeps the first pick.
-        for u in [0.9, 0.99] {
-            assert_eq!(crate::sampling::choose(&row, &draw(5, 1.0, u)), 503);
+        for uniform in [0.9, 0.99] {
+            let draw = TokenDraw {
+                uniform,
+                ..cut_draws()[0]
+            };
+            assert_eq!(crate::sampling::choose(&row, &draw), 503);
         }
     }
 
