@@ -251,6 +251,35 @@ fn paged_indices(plan: &PagedPlan) -> (Vec<i32>, Vec<u32>, Vec<u32>) {
     (meta, tables, plan.new_slots())
 }
 
+/// The device buffers the paged attention kernels read: queries, key and value pools (stored
+/// elements), and the plan's per-sequence metadata and block tables (see [`paged_indices`]).
+struct PagedBuffers<'a> {
+    q: &'a mut [u8],
+    keys: &'a mut [u8],
+    values: &'a mut [u8],
+    meta: &'a mut [i32],
+    tables: &'a mut [u32],
+}
+
+/// A paged attention kernel's arguments as `CudaBackend::paged_attention_queries` passes them:
+/// every kernel takes the same list after `dest`, where it writes.
+fn paged_attention_args<T>(dest: &mut [T], b: PagedBuffers<'_>, c: &PagedCase, seqs: usize) -> Args {
+    Args::default()
+        .buf(dest)
+        .buf(b.q)
+        .buf(b.keys)
+        .buf(b.values)
+        .buf(b.meta)
+        .buf(b.tables)
+        .int(seqs)
+        .int(c.block_size)
+        .int(c.window.unwrap_or(0))
+        .int(c.heads)
+        .int(c.kv_heads)
+        .int(c.d)
+        .float(1.0 / (c.d as f32).sqrt())
+}
+
 #[test]
 fn emulated_paged_attention_matches_reference_for_both_kernels() {
     for p in Precision::ALL {
@@ -322,21 +351,14 @@ fn emulated_paged_attention_matches_reference_for_both_kernels() {
             ] {
                 let cfg = attention_cfg(shape, max_q, heads, seqs, d);
                 let mut out = emu.store(&vec![f32::NAN; tokens * heads * d]);
-                let args = Args::default()
-                    .buf(&mut out)
-                    .buf(&mut q)
-                    .buf(&mut keys)
-                    .buf(&mut values)
-                    .buf(&mut meta)
-                    .buf(&mut tables)
-                    .int(seqs)
-                    .int(c.block_size)
-                    .int(c.window.unwrap_or(0))
-                    .int(heads)
-                    .int(c.kv_heads)
-                    .int(d)
-                    .float(1.0 / (d as f32).sqrt());
-                emu.launch_cfg(kernel, &cfg, args);
+                let buffers = PagedBuffers {
+                    q: &mut q,
+                    keys: &mut keys,
+                    values: &mut values,
+                    meta: &mut meta,
+                    tables: &mut tables,
+                };
+                emu.launch_cfg(kernel, &cfg, paged_attention_args(&mut out, buffers, &c, seqs));
                 assert_close(
                     &format!("{kernel} {c:?} ({p})"),
                     &emu.load(&out),
@@ -604,20 +626,14 @@ fn emulated_paged_prompts_through_the_unfused_path_match_reference() {
         let seqs = inputs.plan.seqs.len();
         let mut q_dev = emu.store(&inputs.q);
         let mut first_rows = emu.store(&vec![f32::NAN; tokens * heads * d]);
-        let args = Args::default()
-            .buf(&mut first_rows)
-            .buf(&mut q_dev)
-            .buf(&mut keys)
-            .buf(&mut values)
-            .buf(&mut meta)
-            .buf(&mut tables)
-            .int(seqs)
-            .int(c.block_size)
-            .int(0)
-            .int(heads)
-            .int(c.kv_heads)
-            .int(d)
-            .float(1.0 / (d as f32).sqrt());
+        let buffers = PagedBuffers {
+            q: &mut q_dev,
+            keys: &mut keys,
+            values: &mut values,
+            meta: &mut meta,
+            tables: &mut tables,
+        };
+        let args = paged_attention_args(&mut first_rows, buffers, &c, seqs);
         let cfg = attention_cfg(AttentionKernel::Decode, 1, heads, seqs, d);
         emu.launch_cfg("paged_decode_attention", &cfg, args);
         let mut out = emu.load(&first_rows);
@@ -713,20 +729,14 @@ fn emulated_split_decode_matches_the_reference() {
             let seqs = inputs.plan.seqs.len();
             for splits in [1, 2, 3, 7] {
                 let mut partials = vec![f32::NAN; seqs * heads * splits * (d + 2)];
-                let args = Args::default()
-                    .buf(&mut partials)
-                    .buf(&mut q)
-                    .buf(&mut keys)
-                    .buf(&mut values)
-                    .buf(&mut meta)
-                    .buf(&mut tables)
-                    .int(seqs)
-                    .int(c.block_size)
-                    .int(c.window.unwrap_or(0))
-                    .int(heads)
-                    .int(c.kv_heads)
-                    .int(d)
-                    .float(1.0 / (d as f32).sqrt());
+                let buffers = PagedBuffers {
+                    q: &mut q,
+                    keys: &mut keys,
+                    values: &mut values,
+                    meta: &mut meta,
+                    tables: &mut tables,
+                };
+                let args = paged_attention_args(&mut partials, buffers, &c, seqs);
                 let cfg = attention_cfg(AttentionKernel::SplitDecode { splits }, 1, heads, seqs, d);
                 emu.launch_cfg("paged_decode_split", &cfg, args);
                 let mut out = emu.store(&vec![f32::NAN; tokens * heads * d]);
