@@ -8,8 +8,9 @@
 #   export LD_LIBRARY_PATH="$(scripts/fetch-nvrtc.sh)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 #
 # The version is the CUDA major the worker's `cuda` feature is built for (cudarc loads
-# libnvrtc.so.<major>); 13.0 matches the GPU machines' driver, whose PTX JIT rejects PTX from a
-# newer NVRTC. Override with NVRTC_REQUIREMENT (e.g. "nvidia-cuda-nvrtc-cu12==12.8.*").
+# libnvrtc.so.<major>); 13.0 matches the GPU machines' driver. The worker loads machine code
+# (CUBIN) on GPUs this NVRTC knows, which any driver of the major takes, but falls back to PTX for
+# newer GPUs, and the driver's PTX JIT rejects PTX from a newer NVRTC. Override with NVRTC_REQUIREMENT (e.g. "nvidia-cuda-nvrtc-cu12==12.8.*").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

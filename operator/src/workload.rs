@@ -27,6 +27,8 @@ pub const REVISION_ANNOTATION: &str = "atomic.dev/revision";
 const MODEL_MOUNT: &str = "/models";
 /// Non-root user the worker runs as (the distroless "nonroot" user).
 const WORKER_UID: i64 = 65532;
+/// Where GPU workers keep their compiled kernels: inside the writable /tmp volume.
+const KERNEL_CACHE_DIR: &str = "/tmp/atomic-worker-kernels";
 
 /// Operator-wide defaults for worker pods.
 #[derive(Clone, Debug)]
@@ -116,6 +118,10 @@ pub fn pod_template(md: &ModelDeployment, defaults: &WorkerDefaults) -> PodTempl
     let gpus = spec.resources.as_ref().map_or(0, |r| r.gpu);
     if gpus > 0 {
         args.extend(["--device".to_owned(), "cuda:0".to_owned()]);
+        // The root filesystem is read-only; /tmp is the pod's emptyDir, which outlives a
+        // container restart, so a restarted worker loads its compiled kernels instead of
+        // compiling them again.
+        args.extend(["--kernel-cache-dir".to_owned(), KERNEL_CACHE_DIR.to_owned()]);
     }
 
     let probe = |path: &str, period: i32, failures: i32| Probe {
@@ -394,6 +400,10 @@ mod tests {
         assert!(pod.tolerations.is_none());
         let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
         assert!(!limits.contains_key("nvidia.com/gpu"));
+        assert!(
+            !args.contains("--kernel-cache-dir"),
+            "CPU workers compile no kernels: {args}"
+        );
     }
 
     #[test]
@@ -416,6 +426,7 @@ mod tests {
             "--max-batch-tokens 4096",
             "--cuda-graph-max-batch 32",
             "--device cuda:0",
+            "--kernel-cache-dir /tmp/atomic-worker-kernels",
         ] {
             assert!(args.contains(flag), "{flag} missing: {args}");
         }

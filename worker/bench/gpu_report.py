@@ -270,6 +270,15 @@ def time_split(ours):
         table(["op", "shape", "us/call", "calls", "ms/pass", "of measured", "TFLOP/s", "GB/s"], op_rows)
 
 
+def kernel_builds(ours):
+    rows = [r for r in ours if r.get("bench") == "kernels"]
+    if rows:
+        print("\n== Kernel build at start-up (NVRTC, no cache; one thread a file) ==")
+        for r in rows:
+            print(f"  {r.get('dtype')}: {r.get('files')} files, {r.get('target')}, NVRTC {r.get('nvrtc')}, "
+                  f"{num(r.get('ms'), '{:.0f}')} ms")
+
+
 def selftest(ours):
     rows = [r for r in ours if r.get("bench") == "selftest"]
     if rows:
@@ -299,6 +308,7 @@ def main():
     print("Ratios set the worker against PyTorch at the same precision (all but 'of bf16 peak'). "
           "'-': a figure this run did not produce.")
 
+    kernel_builds(ours)
     selftest(ours)
     accuracy(ours)
     bw, peaks = limits(ours, theirs)

@@ -139,6 +139,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
             }));
             device_shown = true;
         }
+        let build = backend.kernel_build();
+        emit(json!({
+            "bench": "kernels", "impl": "atomic", "dtype": precision.to_string(),
+            "target": build.target, "nvrtc": build.nvrtc, "files": build.compiled + build.from_cache,
+            "ms": build.seconds * 1e3,
+        }));
         // The worker's start-up self-test, as `serve` runs it: a failure is reported (and
         // fails the run) but the sections still run, since their figures say where it goes wrong.
         let started = Instant::now();

@@ -99,6 +99,33 @@ struct ServeArgs {
     /// feature).
     #[arg(long, env = "ATOMIC_WORKER_DEVICE", default_value = "auto")]
     device: DeviceSpec,
+
+    /// Folder where the GPU kernels, compiled at start-up, are kept for the next start (which
+    /// then skips the compiler). Defaults to `$XDG_CACHE_HOME/atomic-worker/kernels` or
+    /// `$HOME/.cache/atomic-worker/kernels`; an unusable folder is a warning. Its contents run
+    /// on the GPU: it must be writable by the worker alone.
+    #[arg(long, env = "ATOMIC_WORKER_KERNEL_CACHE_DIR")]
+    kernel_cache_dir: Option<PathBuf>,
+
+    /// Compile every GPU kernel at start-up and keep none (overrides --kernel-cache-dir).
+    #[arg(long, env = "ATOMIC_WORKER_NO_KERNEL_CACHE")]
+    no_kernel_cache: bool,
+}
+
+impl ServeArgs {
+    /// The kernel cache folder the flags and the environment give, if any.
+    #[cfg(feature = "cuda")]
+    fn kernel_cache(&self) -> Option<PathBuf> {
+        if self.no_kernel_cache {
+            return None;
+        }
+        self.kernel_cache_dir.clone().or_else(|| {
+            atomic_worker::backend::device::default_kernel_cache_dir(
+                std::env::var_os("XDG_CACHE_HOME"),
+                std::env::var_os("HOME"),
+            )
+        })
+    }
 }
 
 fn main() -> ExitCode {
@@ -128,8 +155,20 @@ fn main() -> ExitCode {
 fn load_on_device(args: &ServeArgs, limits: &ModelLimits) -> anyhow::Result<ModelParts> {
     #[cfg(feature = "cuda")]
     let selected = select(args.device, CUDA_BUILT, |n| {
-        let backend = atomic_worker::backend::cuda::CudaBackend::with_precision(n, args.precision)
-            .map_err(|e| e.to_string())?;
+        let cache = args.kernel_cache();
+        let backend =
+            atomic_worker::backend::cuda::CudaBackend::with_kernel_cache(n, args.precision, cache.as_deref())
+                .map_err(|e| e.to_string())?;
+        let build = backend.kernel_build();
+        tracing::info!(
+            kernels = %build.target,
+            nvrtc = %build.nvrtc,
+            from_cache = build.from_cache,
+            compiled = build.compiled,
+            cache_dir = build.cache_dir.as_ref().map(|d| d.display().to_string()),
+            seconds = build.seconds,
+            "built the GPU kernels"
+        );
         // Every op against the reference before anything is served: a kernel that is wrong on
         // this GPU stops here, by name, instead of answering wrongly.
         let started = std::time::Instant::now();

@@ -9,9 +9,12 @@
 //!   silently to a backend that is orders of magnitude slower.
 //!
 //! Also the `--precision fp32|fp16|bf16` setting: the storage type of a GPU backend's tensors
-//! (the CPU backend computes in fp32 whatever is asked).
+//! (the CPU backend computes in fp32 whatever is asked), and where compiled GPU kernels are
+//! cached when `--kernel-cache-dir` is not given ([`default_kernel_cache_dir`]).
 
+use std::ffi::OsString;
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::{Error, Result};
@@ -194,9 +197,40 @@ pub fn select<G>(
     }
 }
 
+/// The compiled-kernel cache folder by the XDG convention other GPU tools follow:
+/// `$XDG_CACHE_HOME/atomic-worker/kernels`, else `$HOME/.cache/atomic-worker/kernels`; `None`
+/// when neither is set to an absolute path (a relative one would depend on the working folder).
+/// The values are parameters so the rule is tested without touching the environment.
+pub fn default_kernel_cache_dir(xdg_cache_home: Option<OsString>, home: Option<OsString>) -> Option<PathBuf> {
+    let absolute = |v: Option<OsString>| v.map(PathBuf::from).filter(|p| p.is_absolute());
+    absolute(xdg_cache_home)
+        .or_else(|| absolute(home).map(|h| h.join(".cache")))
+        .map(|base| base.join("atomic-worker").join("kernels"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernel_cache_defaults_to_the_xdg_cache_then_home() {
+        let some = |s: &str| Some(OsString::from(s));
+        assert_eq!(
+            default_kernel_cache_dir(some("/var/cache"), some("/home/w")),
+            Some(PathBuf::from("/var/cache/atomic-worker/kernels"))
+        );
+        assert_eq!(
+            default_kernel_cache_dir(None, some("/home/w")),
+            Some(PathBuf::from("/home/w/.cache/atomic-worker/kernels"))
+        );
+        // Relative or empty values are ignored, as the XDG specification says.
+        assert_eq!(
+            default_kernel_cache_dir(some("cache"), some("/home/w")),
+            Some(PathBuf::from("/home/w/.cache/atomic-worker/kernels"))
+        );
+        assert_eq!(default_kernel_cache_dir(some(""), some("")), None);
+        assert_eq!(default_kernel_cache_dir(None, None), None);
+    }
 
     #[test]
     fn precisions_parse_print_and_round_to_nearest_even() {

@@ -4,6 +4,7 @@
 //! [`BackendError::Device`] messages.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -12,7 +13,8 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUmemPool_at
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError};
 
 use super::graph::DecodeGraphs;
-use super::kernels::{self, FILES};
+use super::kernel_cache::KernelCache;
+use super::kernels::{self, FILES, KernelImage, Origin, Target};
 use super::tensor::CudaTensor;
 use crate::backend::{BackendError, Precision, Result};
 
@@ -80,6 +82,7 @@ pub struct CudaBackend {
     pub(super) sm_count: usize,
     /// Products of a few rows go to the matrix-vector kernel (`gemv.rs`); on unless turned off.
     pub(super) gemv_enabled: AtomicBool,
+    kernel_build: KernelBuild,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -123,19 +126,43 @@ fn set_blas_workspace(blas: &CudaBlas, stream: &Arc<CudaStream>) -> Result<CudaS
     Ok(workspace)
 }
 
-/// Compiles one kernel file for `arch` and `precision`, loads it into `ctx` and looks up its
-/// kernels.
+/// One file's kernels by name, and where its image came from.
+type LoadedFile = (Vec<(&'static str, CudaFunction)>, Origin);
+
+/// Loads one file's kernels, compiled through the cache. An image from the cache that the
+/// driver refuses (a damaged entry whose frame survived, say) is compiled afresh before giving
+/// up, so a bad cache never stops a worker that could start without it.
 fn load_file(
     ctx: &Arc<CudaContext>,
     file: &kernels::KernelFile,
-    arch: &str,
+    target: Target,
     precision: Precision,
+    cache: Option<&KernelCache>,
+    gpu: &str,
+) -> Result<LoadedFile> {
+    let (image, origin) = kernels::compile_cached(file, target, precision, cache)?;
+    let loaded = load_image(ctx, file, image, gpu);
+    match (loaded, origin) {
+        (Err(e), Origin::Cache) => {
+            tracing::warn!(file = file.name, error = %e, "the driver refused a cached kernel image; compiling it again");
+            let image = kernels::compile(file, target, precision)?;
+            Ok((load_image(ctx, file, image, gpu)?, Origin::Nvrtc))
+        }
+        (loaded, origin) => Ok((loaded?, origin)),
+    }
+}
+
+/// Loads one compiled file into `ctx` and looks up its kernels.
+fn load_image(
+    ctx: &Arc<CudaContext>,
+    file: &kernels::KernelFile,
+    image: KernelImage,
     gpu: &str,
 ) -> Result<Vec<(&'static str, CudaFunction)>> {
-    let ptx = kernels::compile(file, arch, precision)?;
+    let target = image.target;
     let module = ctx
-        .load_module(ptx)
-        .map_err(|e| driver_err(&format!("loading {} on {gpu}", file.name), e))?;
+        .load_module(image.into_module())
+        .map_err(|e| driver_err(&format!("loading {} ({target}) on {gpu}", file.name), e))?;
     file.functions
         .iter()
         .map(|&name| {
@@ -145,6 +172,22 @@ fn load_file(
                 .map_err(|e| driver_err(&format!("finding kernel {name} in {}", file.name), e))
         })
         .collect()
+}
+
+/// How the kernels were built at start-up, for the worker's log and the benchmark.
+#[derive(Clone, Debug)]
+pub struct KernelBuild {
+    /// What NVRTC produced, e.g. "CUBIN for sm_90".
+    pub target: String,
+    /// NVRTC's version, e.g. "13.0".
+    pub nvrtc: String,
+    /// Files read from the cache and files compiled.
+    pub from_cache: usize,
+    pub compiled: usize,
+    /// The cache folder, when there is one.
+    pub cache_dir: Option<PathBuf>,
+    /// Wall time of compiling (or reading) and loading every file.
+    pub seconds: f64,
 }
 
 fn library_missing(what: &str, lib: &str) -> BackendError {
@@ -159,11 +202,22 @@ impl CudaBackend {
         Self::with_precision(ordinal, Precision::F32)
     }
 
-    /// Opens GPU `ordinal` with tensors stored in `precision`: loads the driver, NVRTC and cuBLAS
-    /// libraries, creates the stream and compiles every kernel for this GPU and precision. Fails
-    /// (never panics) when a library is missing, there is no such GPU, the GPU is too old, or a
-    /// kernel does not compile.
+    /// Opens GPU `ordinal` with tensors stored in `precision`, compiling every kernel; see
+    /// [`CudaBackend::with_kernel_cache`].
     pub fn with_precision(ordinal: usize, precision: Precision) -> Result<Self> {
+        Self::with_kernel_cache(ordinal, precision, None)
+    }
+
+    /// Opens GPU `ordinal` with tensors stored in `precision`: loads the driver, NVRTC and cuBLAS
+    /// libraries, creates the stream and builds every kernel for this GPU and precision, reading
+    /// and filling the compiled-kernel cache in `kernel_cache` when given (a folder that cannot
+    /// be used is a warning, not a failure). Fails (never panics) when a library is missing,
+    /// there is no such GPU, the GPU is too old, or a kernel does not compile.
+    pub fn with_kernel_cache(
+        ordinal: usize,
+        precision: Precision,
+        kernel_cache: Option<&Path>,
+    ) -> Result<Self> {
         // cudarc panics on first use of a library it cannot load, so look for each one first.
         // SAFETY: these only try to dlopen the libraries; no symbol is called.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -206,14 +260,25 @@ impl CudaBackend {
             .map_err(|e| BackendError::Device(format!("creating the cuBLAS handle: {e}")))?;
         let blas_workspace = set_blas_workspace(&blas, &stream)?;
 
-        let arch = kernels::virtual_arch(major, minor);
-        // Each file compiles (NVRTC) and loads (the driver's JIT to the GPU's instructions) on
-        // its own thread: both are CPU work of up to a second a file, and a worker scaled up
-        // from zero waits for all of it before it is ready.
-        let loaded: Vec<Result<Vec<(&'static str, CudaFunction)>>> = std::thread::scope(|scope| {
+        let supported = kernels::supported_archs()?;
+        let target = Target::for_gpu(major, minor, &supported)
+            .map_err(|e| BackendError::Device(format!("{gpu} (cuda:{ordinal}): {e}")))?;
+        let (nvrtc_major, nvrtc_minor) = kernels::nvrtc_version()?;
+        let cache = kernel_cache.and_then(|dir| match KernelCache::open(dir) {
+            Ok(cache) => Some(cache),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot use the kernel cache folder; compiling every kernel");
+                None
+            }
+        });
+        let started = std::time::Instant::now();
+        // Each file compiles (NVRTC) and loads on its own thread: compiling is CPU work of up
+        // to a second a file, and a worker scaled up from zero waits for all of it before it
+        // is ready.
+        let loaded: Vec<Result<LoadedFile>> = std::thread::scope(|scope| {
             let handles: Vec<_> = FILES
                 .iter()
-                .map(|file| scope.spawn(|| load_file(&ctx, file, &arch, precision, &gpu)))
+                .map(|file| scope.spawn(|| load_file(&ctx, file, target, precision, cache.as_ref(), &gpu)))
                 .collect();
             handles
                 .into_iter()
@@ -227,9 +292,20 @@ impl CudaBackend {
                 .collect()
         });
         let mut functions = HashMap::new();
+        let mut from_cache = 0;
         for file in loaded {
-            functions.extend(file?);
+            let (kernels, origin) = file?;
+            functions.extend(kernels);
+            from_cache += usize::from(origin == Origin::Cache);
         }
+        let kernel_build = KernelBuild {
+            target: target.to_string(),
+            nvrtc: format!("{nvrtc_major}.{nvrtc_minor}"),
+            from_cache,
+            compiled: FILES.len() - from_cache,
+            cache_dir: cache.map(|c| c.dir().to_path_buf()),
+            seconds: started.elapsed().as_secs_f64(),
+        };
         let backend = Self {
             name: format!("cuda:{ordinal}"),
             precision,
@@ -251,10 +327,16 @@ impl CudaBackend {
             _blas_workspace: blas_workspace,
             sm_count,
             gemv_enabled: AtomicBool::new(true),
+            kernel_build,
         };
         backend.allow_flash_smem()?;
         backend.keep_freed_memory()?;
         Ok(backend)
+    }
+
+    /// How the kernels were built at start-up.
+    pub fn kernel_build(&self) -> &KernelBuild {
+        &self.kernel_build
     }
 
     /// The GPU's name as the driver reports it.

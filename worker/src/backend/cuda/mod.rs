@@ -2,8 +2,10 @@
 //! one NVIDIA GPU through cudarc, with its libraries loaded at run time, so the feature builds on
 //! machines without CUDA.
 //!
-//! - [`context`]: the device, its stream, cuBLAS, the compiled-kernel cache, error mapping.
-//! - [`kernels`]: the `.cu` sources (embedded) and their NVRTC compilation.
+//! - [`context`]: the device, its stream, cuBLAS, the loaded kernels, error mapping.
+//! - [`kernels`]: the `.cu` sources (embedded) and their NVRTC compilation, to CUBIN for the
+//!   GPU's architecture (PTX for one newer than NVRTC knows).
+//! - [`kernel_cache`]: compiled kernels kept on disk between starts (`--kernel-cache-dir`).
 //! - [`tensor`]: [`CudaTensor`], a device buffer and its shape.
 //! - [`gemm`]: matrix products through cuBLAS in the storage precision, fp32 accumulation.
 //! - [`gemv`]: products of a few rows (decode steps) through our matrix-vector kernel, with
@@ -32,6 +34,7 @@ mod context;
 mod gemm;
 mod gemv;
 mod graph;
+mod kernel_cache;
 pub(crate) mod kernels;
 mod launch;
 mod ops;
@@ -43,7 +46,7 @@ mod emulated_tests;
 #[cfg(test)]
 mod tests;
 
-pub use context::CudaBackend;
+pub use context::{CudaBackend, KernelBuild};
 pub use gemv::GEMV_MAX_ROWS;
 pub use paged::CudaPaged;
 pub use tensor::CudaTensor;

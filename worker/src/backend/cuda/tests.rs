@@ -1,7 +1,8 @@
 //! Tests of the CUDA backend.
 //!
-//! - NVRTC: every `.cu` file compiles to PTX for compute_80 and compute_90 and exports the kernels
-//!   the backend loads. Needs libnvrtc (see `scripts/fetch-nvrtc.sh`), not a GPU.
+//! - NVRTC: every `.cu` file compiles to PTX for compute_80 and compute_90 and to CUBIN for
+//!   sm_80 and sm_90, and exports the kernels the backend loads; compiled images go through the
+//!   kernel cache. Needs libnvrtc (see `scripts/fetch-nvrtc.sh`), not a GPU.
 //! - GPU: every operation against the `f64` reference backend over seeded random inputs and odd
 //!   shapes (batch 1 and larger, sequence lengths that are not multiples of the attention tiles,
 //!   padding masks with fully masked rows, causal offsets, grouped-query heads, head dimensions
@@ -11,7 +12,8 @@
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use super::kernels::{self, FILES};
+use super::kernel_cache::KernelCache;
+use super::kernels::{self, FILES, KernelImage, Origin, Target};
 use super::ops::{AttentionKernel, MAX_DECODE_SPLITS, decode_splits};
 use super::{CudaBackend, CudaTensor};
 use crate::backend::test_util::{
@@ -27,7 +29,7 @@ use crate::sampling::TokenDraw;
 // NVRTC (no GPU needed)
 
 /// The architectures the kernels must compile for: A100 (8.0) and H100 (9.0).
-const ARCHS: [&str; 2] = ["compute_80", "compute_90"];
+const ARCHS: [u32; 2] = [80, 90];
 
 fn nvrtc_or_skip(test: &str) -> bool {
     if kernels::nvrtc_available() {
@@ -40,43 +42,209 @@ fn nvrtc_or_skip(test: &str) -> bool {
     false
 }
 
+/// Compiles every file for `target` in `precision`, each on a thread of its own, all at once,
+/// as `CudaBackend::with_kernel_cache` builds them at start-up (NVRTC takes concurrent
+/// programs; this is where that is exercised without a GPU).
+fn compile_all(target: Target, precision: Precision) -> Vec<KernelImage> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = FILES
+            .iter()
+            .map(|file| scope.spawn(move || kernels::compile(file, target, precision)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .expect("compile thread")
+                    .unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect()
+    })
+}
+
 #[test]
 fn every_kernel_file_compiles_to_ptx() {
     if !nvrtc_or_skip("every_kernel_file_compiles_to_ptx") {
         return;
     }
-    // Each architecture and precision compiles its files on threads of their own, all at once,
-    // as `CudaBackend::with_precision` compiles them at start-up (NVRTC takes concurrent
-    // programs; this is where that is exercised without a GPU).
     for (arch, precision) in ARCHS.into_iter().flat_map(|a| Precision::ALL.map(|p| (a, p))) {
-        let compiled: Vec<_> = std::thread::scope(|scope| {
-            let handles: Vec<_> = FILES
-                .iter()
-                .map(|file| scope.spawn(move || kernels::compile(file, arch, precision)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("compile thread"))
-                .collect()
-        });
-        for (file, ptx) in FILES.iter().zip(compiled) {
-            let ptx = ptx.unwrap_or_else(|e| panic!("{e}"));
-            let text = ptx.to_src();
-            let target = arch.replace("compute_", "sm_");
+        for (file, image) in FILES.iter().zip(compile_all(Target::Ptx(arch), precision)) {
+            let text = image.ptx_text().expect("PTX is text");
             assert!(
-                text.contains(&format!(".target {target}")),
-                "{} ({precision}): PTX not for {target}",
+                text.contains(&format!(".target sm_{arch}")),
+                "{} ({precision}): PTX not for sm_{arch}",
                 file.name
             );
             for f in file.functions {
                 assert!(
                     text.contains(&format!(".entry {f}(")),
-                    "{} ({precision}): kernel {f} missing from the PTX for {arch}",
+                    "{} ({precision}): kernel {f} missing from the PTX for compute_{arch}",
                     file.name
                 );
             }
         }
     }
+}
+
+/// The function names an ELF image's symbol table holds (`.symtab` entries named in its
+/// `.strtab`), read with nothing but the ELF64 layout.
+fn elf_function_symbols(image: &[u8]) -> Vec<String> {
+    let u16_at = |o: usize| u16::from_le_bytes([image[o], image[o + 1]]) as usize;
+    let u32_at = |o: usize| u32::from_le_bytes(image[o..o + 4].try_into().expect("4 bytes")) as usize;
+    let u64_at = |o: usize| u64::from_le_bytes(image[o..o + 8].try_into().expect("8 bytes")) as usize;
+    assert_eq!(image[4], 2, "ELF64");
+    let (shoff, shentsize, shnum) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c));
+    let section = |i: usize| shoff + i * shentsize;
+    let mut names = Vec::new();
+    for i in 0..shnum {
+        let sh = section(i);
+        const SHT_SYMTAB: usize = 2;
+        if u32_at(sh + 4) != SHT_SYMTAB {
+            continue;
+        }
+        let (offset, size, link, entsize) = (
+            u64_at(sh + 0x18),
+            u64_at(sh + 0x20),
+            u32_at(sh + 0x28),
+            u64_at(sh + 0x38),
+        );
+        let strtab = u64_at(section(link) + 0x18);
+        for sym in (offset..offset + size).step_by(entsize.max(1)) {
+            const STT_FUNC: u8 = 2;
+            if image[sym + 4] & 0xf != STT_FUNC {
+                continue;
+            }
+            let start = strtab + u32_at(sym);
+            let len = image[start..]
+                .iter()
+                .position(|&b| b == 0)
+                .expect("NUL-terminated name");
+            names.push(String::from_utf8_lossy(&image[start..start + len]).into_owned());
+        }
+    }
+    names
+}
+
+#[test]
+fn every_kernel_file_compiles_to_cubin() {
+    if !nvrtc_or_skip("every_kernel_file_compiles_to_cubin") {
+        return;
+    }
+    // What the backend loads on an A100 or H100: machine code, no PTX JIT in the driver.
+    for (arch, precision) in ARCHS.into_iter().flat_map(|a| Precision::ALL.map(|p| (a, p))) {
+        for (file, image) in FILES.iter().zip(compile_all(Target::Cubin(arch), precision)) {
+            assert!(
+                image.bytes.starts_with(b"\x7fELF"),
+                "{}: not an ELF image",
+                file.name
+            );
+            let symbols = elf_function_symbols(&image.bytes);
+            for f in file.functions {
+                assert!(
+                    symbols.iter().any(|s| s == f),
+                    "{} ({precision}): kernel {f} missing from the CUBIN for sm_{arch}: {symbols:?}",
+                    file.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn this_nvrtc_targets_the_architectures_we_ship_for() {
+    if !nvrtc_or_skip("this_nvrtc_targets_the_architectures_we_ship_for") {
+        return;
+    }
+    let supported = kernels::supported_archs().expect("supported architectures");
+    for arch in ARCHS {
+        assert!(supported.contains(&(arch as i32)), "{arch} not in {supported:?}");
+        // So an A100 or H100 gets machine code.
+        let (major, minor) = (arch as i32 / 10, arch as i32 % 10);
+        assert_eq!(
+            Target::for_gpu(major, minor, &supported).expect("target"),
+            Target::Cubin(arch)
+        );
+    }
+    let (major, _) = kernels::nvrtc_version().expect("version");
+    assert!(major >= 12, "NVRTC {major}");
+}
+
+#[test]
+fn compiling_through_the_cache_skips_nvrtc_and_survives_damage() {
+    if !nvrtc_or_skip("compiling_through_the_cache_skips_nvrtc_and_survives_damage") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("atomic-kernel-cache-nvrtc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = KernelCache::open(&dir).expect("cache");
+    let file = FILES.iter().find(|f| f.name == "layout.cu").expect("layout.cu");
+    let target = Target::Cubin(90);
+    let build = |precision| kernels::compile_cached(file, target, precision, Some(&cache)).expect("compile");
+
+    let (first, origin) = build(Precision::Bf16);
+    assert_eq!(origin, Origin::Nvrtc, "an empty cache compiles");
+    let (second, origin) = build(Precision::Bf16);
+    assert_eq!(
+        (origin, &second),
+        (Origin::Cache, &first),
+        "the second start reads the cache"
+    );
+    // Another precision is another entry.
+    assert_eq!(build(Precision::F16).1, Origin::Nvrtc);
+    assert_eq!(build(Precision::F16).1, Origin::Cache);
+
+    // A damaged entry (here every entry of the folder, one byte changed) is compiled again and
+    // replaced, never handed on.
+    let entries: Vec<_> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    for path in &entries {
+        let mut data = std::fs::read(path).expect("read");
+        let middle = data.len() / 2;
+        data[middle] ^= 1;
+        std::fs::write(path, data).expect("write");
+    }
+    let (repaired, origin) = build(Precision::Bf16);
+    assert_eq!(origin, Origin::Nvrtc);
+    assert!(repaired.bytes.starts_with(b"\x7fELF"));
+    assert_eq!(build(Precision::Bf16).1, Origin::Cache);
+
+    // Without a cache, always NVRTC.
+    assert_eq!(
+        kernels::compile_cached(file, target, Precision::Bf16, None)
+            .expect("compile")
+            .1,
+        Origin::Nvrtc
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_target_is_machine_code_when_nvrtc_knows_the_gpu_and_ptx_otherwise() {
+    let nvrtc_13 = [75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121];
+    assert_eq!(Target::for_gpu(9, 0, &nvrtc_13).unwrap(), Target::Cubin(90));
+    assert_eq!(Target::for_gpu(8, 6, &nvrtc_13).unwrap(), Target::Cubin(86));
+    // A GPU newer than NVRTC: PTX of the newest architecture below it, for the driver's JIT.
+    let nvrtc_12_4 = [50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 89, 90];
+    assert_eq!(Target::for_gpu(10, 0, &nvrtc_12_4).unwrap(), Target::Ptx(90));
+    assert_eq!(Target::for_gpu(8, 8, &nvrtc_12_4).unwrap(), Target::Ptx(87));
+    // Older than everything NVRTC knows: a clear error naming both.
+    let err = Target::for_gpu(7, 0, &nvrtc_13).unwrap_err().to_string();
+    assert!(err.contains("7.0") && err.contains("7.5, 8.0"), "{err}");
+    assert_eq!(Target::Cubin(90).arch(), "sm_90");
+    assert_eq!(Target::Ptx(80).arch(), "compute_80");
+}
+
+#[test]
+fn images_of_the_wrong_shape_are_refused() {
+    assert!(KernelImage::new(Target::Cubin(90), b"\x7fELF\x02rest".to_vec()).is_ok());
+    assert!(KernelImage::new(Target::Cubin(90), b"//ptx\0".to_vec()).is_err());
+    assert!(KernelImage::new(Target::Ptx(90), b".version 8.0\0".to_vec()).is_ok());
+    assert!(KernelImage::new(Target::Ptx(90), b".version 8.0".to_vec()).is_err());
+    assert!(KernelImage::new(Target::Ptx(90), b".ver\0sion\0".to_vec()).is_err());
+    assert!(KernelImage::new(Target::Ptx(90), Vec::new()).is_err());
 }
 
 #[test]
@@ -89,17 +257,19 @@ fn compile_errors_carry_the_nvrtc_log() {
         source: "extern \"C\" __global__ void broken(float* out) { out[0] = undeclared_name; }\n",
         functions: &["broken"],
     };
-    let err = kernels::compile(&broken, ARCHS[0], Precision::Bf16)
-        .map(|_| ())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("broken.cu")
-            && err.contains("undeclared_name")
-            && err.contains("compute_80")
-            && err.contains("bf16"),
-        "{err}"
-    );
+    for target in [Target::Ptx(80), Target::Cubin(90)] {
+        let err = kernels::compile(&broken, target, Precision::Bf16)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("broken.cu")
+                && err.contains("undeclared_name")
+                && err.contains(&target.arch())
+                && err.contains("bf16"),
+            "{err}"
+        );
+    }
 }
 
 #[test]
@@ -270,6 +440,44 @@ fn new_reports_a_missing_gpu_as_an_error() {
     }
     let err = CudaBackend::new(10_000).map(|_| ()).unwrap_err();
     assert!(matches!(err, BackendError::Device(_)), "{err}");
+}
+
+#[test]
+fn a_second_start_reads_every_kernel_from_the_cache() {
+    let Some(_shared) = gpu("a_second_start_reads_every_kernel_from_the_cache") else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("atomic-kernel-cache-gpu-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let open = || CudaBackend::with_kernel_cache(0, Precision::Bf16, Some(&dir)).expect("open cuda:0");
+    let x: Vec<f32> = (0..96).map(|i| (i as f32 - 48.0) / 16.0).collect();
+    let gelu = |b: &CudaBackend| {
+        let t = b.from_host(&x, &[3, 32]).expect("upload");
+        b.to_host(&b.gelu(&t).expect("gelu")).expect("download")
+    };
+    let first = open();
+    let build = first.kernel_build().clone();
+    let compiled_seconds = build.seconds;
+    assert_eq!((build.from_cache, build.compiled), (0, FILES.len()), "{build:?}");
+    assert!(
+        build.target.starts_with("CUBIN"),
+        "an H100/H200 gets machine code: {build:?}"
+    );
+    let expected = gelu(&first);
+    drop(first);
+    let second = open();
+    let build = second.kernel_build().clone();
+    assert_eq!((build.from_cache, build.compiled), (FILES.len(), 0), "{build:?}");
+    assert_eq!(
+        gelu(&second),
+        expected,
+        "the cached kernels compute what the compiled ones did"
+    );
+    eprintln!(
+        "kernel build: compiled in {compiled_seconds:.3} s, from the cache in {:.3} s",
+        build.seconds
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 type Inputs<'a> = &'a [(&'a [f32], &'a [usize])];
