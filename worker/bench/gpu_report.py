@@ -15,7 +15,9 @@ both sides. The one exception is the matrix products' "of bf16 peak" column.
   roofline, batch x copy bandwidth / that side's own weight bytes per step at that precision
   (goal >= 80%); the bandwidth is the largest device-to-device copy either side measured; at
   batch 1 also the worker with its matrix-vector kernel off ("gemv off": cuBLAS and separate
-  norm, SwiGLU and add kernels), which says whether the kernel earns its place;
+  norm, SwiGLU and add kernels), which says whether the kernel earns its place, and at every
+  batch the worker with the per-head decode attention instead of the grouped-heads kernel
+  ("per-head attention");
 - matrix products: the worker's TFLOP/s in each precision over the peak PyTorch measured in the
   same precision (and over the bf16 peak, "the peak" of the issue);
 - where the time goes: each op's time per call x calls per pass, against the measured pass, per
@@ -49,6 +51,10 @@ def load(path):
     except OSError as e:
         print(f"gpu_report: cannot read {path}: {e}", file=sys.stderr)
     return rows
+
+
+# The worker's decode runs with every kernel of its own on (the others turn one off to compare).
+BEST = {"gemv": True, "grouped_decode": True}
 
 
 def find(rows, **match):
@@ -184,14 +190,16 @@ def decode(ours, theirs, bw):
     rows = []
     for batch in DECODE_BATCHES:
         for dtype in DTYPES:
-            for impl, src, match in (("worker", ours, {"graphs": False, "gemv": True}),
-                                     ("worker+graphs", ours, {"graphs": True, "gemv": True}),
+            for impl, src, match in (("worker", ours, {"graphs": False, **BEST}),
+                                     ("worker+graphs", ours, {"graphs": True, **BEST}),
                                      ("worker, gemv off", ours, {"graphs": False, "gemv": False}),
                                      ("worker+graphs, gemv off", ours, {"graphs": True, "gemv": False}),
+                                     ("worker, per-head attention", ours,
+                                      {"graphs": False, "gemv": True, "grouped_decode": False}),
                                      ("torch", theirs, {})):
                 d = find(src, bench="decode", batch=batch, dtype=dtype, **match)
-                if d is None and (match.get("graphs") or match.get("gemv") is False):
-                    continue  # no graph recorded (the capture failed), or no run with the kernel off
+                if d is None and match and match != {"graphs": False, **BEST}:
+                    continue  # no graph recorded (the capture failed), or no run with a kernel off
                 roof = roofline(src, dtype, batch, bw)
                 tps = get(d, "tokens_per_s")
                 frac = ratio(tps, roof)
@@ -209,7 +217,7 @@ def decode(ours, theirs, bw):
         for dtype in DTYPES:
             t = get(find(theirs, bench="decode", batch=batch, dtype=dtype), "tokens_per_s")
             for graphs in (False, True):
-                a = get(find(ours, bench="decode", batch=batch, dtype=dtype, graphs=graphs, gemv=True),
+                a = get(find(ours, bench="decode", batch=batch, dtype=dtype, graphs=graphs, **BEST),
                         "tokens_per_s")
                 cells.append(num(ratio(a, t), "{:.2f}x"))
         ratio_rows.append([batch, *cells])
@@ -248,7 +256,7 @@ def time_split(ours):
             measured = get(find(ours, bench="encoder", model=model, dtype=dtype), "ms_per_batch")
             what = f"{model} {dtype} forward pass, batch {batch} x 128"
         else:
-            measured = get(find(ours, bench="decode", batch=batch, dtype=dtype, graphs=False, gemv=True),
+            measured = get(find(ours, bench="decode", batch=batch, dtype=dtype, graphs=False, **BEST),
                            "ms_per_step")
             what = f"{model} {dtype} decode step, batch {batch}"
         total_ms = sum(o["us"] * o["calls"] for o in ops) / 1e3

@@ -727,16 +727,21 @@ fn decode(b: &CudaBackend, folder: &Path, args: &Args) -> anyhow::Result<()> {
             b.enable_decode_graphs(DECODE_BATCHES.into_iter().max().unwrap_or(1));
         }
         // Batches the matrix-vector kernel takes run a second time with it off (cuBLAS and
-        // the separate kernels), `"gemv": false`, for comparison.
-        for (batch, gemv) in DECODE_BATCHES.into_iter().flat_map(|batch| {
-            let both: &[bool] = if batch <= GEMV_MAX_ROWS {
-                &[true, false]
-            } else {
-                &[true]
-            };
-            both.iter().map(move |&gemv| (batch, gemv))
+        // the separate kernels), `"gemv": false`, and, without graphs, every batch once more
+        // with the per-head decode attention instead of the grouped-heads kernel,
+        // `"grouped_decode": false`, for comparison.
+        for (batch, gemv, grouped) in DECODE_BATCHES.into_iter().flat_map(|batch| {
+            let mut variants = vec![(batch, true, true)];
+            if batch <= GEMV_MAX_ROWS {
+                variants.push((batch, false, true));
+            }
+            if !graphs {
+                variants.push((batch, true, false));
+            }
+            variants
         }) {
             b.set_gemv(gemv);
+            b.set_grouped_decode(grouped);
             let prompts: Vec<Vec<u32>> = (0..batch)
                 .map(|s| {
                     (0..PROMPT)
@@ -773,17 +778,18 @@ fn decode(b: &CudaBackend, folder: &Path, args: &Args) -> anyhow::Result<()> {
             }
             emit(json!({
                 "bench": "decode", "impl": "atomic", "model": DECODER, "dtype": precision.to_string(), "batch": batch,
-                "graphs": graphs && recorded, "gemv": gemv,
+                "graphs": graphs && recorded, "gemv": gemv, "grouped_decode": grouped,
                 "prompt": PROMPT, "steps": steps, "mean_context": mean_context,
                 "prefill_ms": prefill * 1e3, "ms_per_step": elapsed * 1e3 / steps as f64,
                 "tokens_per_s": (batch * steps) as f64 / elapsed,
             }));
-            if !graphs && gemv {
+            if !graphs && gemv && grouped {
                 decode_ops(b, config, batch, mean_context)?;
             }
         }
     }
     b.set_gemv(true);
+    b.set_grouped_decode(true);
     Ok(())
 }
 
@@ -905,14 +911,20 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
         drop(b.paged_attention(&qd, &pool, &values, &paged)?);
         Ok(())
     })?;
-    op.emit(
-        "attention_decode",
-        format!("q [{batch},{heads},{d}] over {context} cached keys x {kvh} heads"),
-        us,
-        layers,
+    let shape = format!("q [{batch},{heads},{d}] over {context} cached keys x {kvh} heads");
+    let (flops, bytes) = (
         4.0 * (batch * heads * context * d) as f64,
         act(2 * batch * context * kv + 2 * batch * q),
     );
+    op.emit("attention_decode", shape.clone(), us, layers, flops, bytes);
+    // The per-head decode kernels for comparison (0 calls: not part of the step).
+    b.set_grouped_decode(false);
+    let per_head = time_op(b, OP_BUDGET, || {
+        drop(b.paged_attention(&qd, &pool, &values, &paged)?);
+        Ok(())
+    });
+    b.set_grouped_decode(true);
+    op.emit("attention_decode_per_head", shape, per_head?, 0, flops, bytes);
     drop((qd, pool, values, paged, qkv));
 
     // The residual stream is taken by value (updated in place), so each call gets a fresh

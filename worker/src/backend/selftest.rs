@@ -341,8 +341,8 @@ fn attention<B: Backend>(backend: &B, p: Precision) -> Result<()> {
 }
 
 /// Steps over a key/value pool, their blocks scattered: a sequence decoding one token after 20
-/// cached beside a prompt of 3 (the prompt kernel), two decoding alone (the decode kernels,
-/// split across blocks on a large GPU), a prompt of 17 beside a decoding sequence and two
+/// cached beside a prompt of 3 (the prompt kernel), two decoding alone (on a GPU the
+/// grouped-heads decode kernel, split across blocks), a prompt of 17 beside a decoding sequence and two
 /// prompts alone (the GPU's cuBLAS path); the pools after the fused rotation and write, then
 /// attention.
 fn paged<B: Backend>(backend: &B, p: Precision) -> Result<()> {

@@ -235,14 +235,20 @@ impl PagedCase {
         Self::new(&[(2, 50)], (2, 2, 256), 16, None),          // the widest head
     ];
 
-    /// Decode steps only (one query per sequence), for the kernel that splits each sequence's
-    /// keys across blocks: caches from 1 key to many blocks (GQA), a sliding window over long
-    /// caches, and an odd block size with d = 80.
+    /// Decode steps only (one query per sequence), for the kernels that split each sequence's
+    /// keys across blocks and that serve a key head's query heads together: caches from 1 key
+    /// to many blocks, a sliding window over long caches, an odd block size with d = 80 (which
+    /// the grouped kernel does not take), and grouped heads as the grouped kernel tiles them
+    /// (3, 2, 8 as two tiles of 4, 8 with one key head, 3 at d = 256, one head at d = 8).
     #[cfg(feature = "cuda")]
-    pub(crate) const DECODE: [PagedCase; 3] = [
+    pub(crate) const DECODE: [PagedCase; 7] = [
         Self::new(&[(1, 1), (1, 17), (1, 33), (1, 64)], (12, 4, 64), 16, None),
         Self::new(&[(1, 40), (1, 100), (1, 3)], (4, 2, 32), 16, Some(8)),
         Self::new(&[(1, 75)], (2, 1, 80), 5, None),
+        Self::new(&[(1, 1), (1, 130), (1, 7)], (32, 4, 64), 16, None),
+        Self::new(&[(1, 45)], (8, 1, 128), 16, None),
+        Self::new(&[(1, 20), (1, 2)], (6, 2, 256), 16, None),
+        Self::new(&[(1, 3), (1, 40)], (1, 1, 8), 4, None),
     ];
 
     /// Seeded inputs; each sequence's blocks are taken from a shuffled pool with spare blocks.

@@ -82,6 +82,9 @@ pub struct CudaBackend {
     pub(super) sm_count: usize,
     /// Products of a few rows go to the matrix-vector kernel (`gemv.rs`); on unless turned off.
     pub(super) gemv_enabled: AtomicBool,
+    /// Decode steps take the grouped-heads decode kernel where it fits (`paged.rs`); on unless
+    /// turned off.
+    pub(super) grouped_decode_enabled: AtomicBool,
     kernel_build: KernelBuild,
 }
 
@@ -327,6 +330,7 @@ impl CudaBackend {
             _blas_workspace: blas_workspace,
             sm_count,
             gemv_enabled: AtomicBool::new(true),
+            grouped_decode_enabled: AtomicBool::new(true),
             kernel_build,
         };
         backend.allow_flash_smem()?;

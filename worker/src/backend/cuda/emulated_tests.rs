@@ -15,7 +15,10 @@ use cudarc::driver::LaunchConfig;
 use super::gemm::Gemm;
 use super::gemv::gemv_cfg;
 use super::kernels::{self, COMMON, FILES};
-use super::ops::{AttentionKernel, HeadRows, attention_cfg, decode_merge_cfg, draw_words, unfused_plan};
+use super::ops::{
+    AttentionKernel, HeadRows, attention_cfg, decode_merge_cfg, draw_words, grouped_decode_fits,
+    grouped_heads, unfused_plan,
+};
 use super::paged::prompt_chunks;
 use crate::backend::shapes::AttnDims;
 use crate::backend::test_util::{
@@ -135,6 +138,12 @@ struct Args(Vec<u64>);
 impl Args {
     fn buf<T>(mut self, data: &mut [T]) -> Self {
         self.0.push(data.as_mut_ptr() as u64);
+        self
+    }
+
+    /// `data` as the first argument, before those already given.
+    fn buf_first<T>(mut self, data: &mut [T]) -> Self {
+        self.0.insert(0, data.as_mut_ptr() as u64);
         self
     }
 
@@ -692,11 +701,12 @@ fn emulated_paged_prompts_through_the_unfused_path_match_reference() {
 }
 
 #[test]
-fn emulated_split_decode_matches_the_reference() {
+fn emulated_split_and_grouped_decode_match_the_reference() {
     // Each decode case's keys split across 1, 2, 3 and 7 blocks (more splits than keys for the
-    // short caches, so some splits see nothing), merged, against the f64 reference.
+    // short caches, so some splits see nothing), by the per-head split kernel and, where it
+    // takes the head dimension, the grouped-heads kernel, merged, against the f64 reference.
     for p in [Precision::F32, Precision::Bf16] {
-        let Some(emu) = emulator("emulated_split_decode_matches_the_reference", p) else {
+        let Some(emu) = emulator("emulated_split_and_grouped_decode_match_the_reference", p) else {
             return;
         };
         let mut rng = Rng::new(207);
@@ -705,8 +715,8 @@ fn emulated_split_decode_matches_the_reference() {
             for v in [&mut inputs.keys, &mut inputs.values, &mut inputs.q] {
                 *v = p.round(v);
             }
-            // The pools as the step finds them (its own keys already written): the split kernel
-            // only reads them.
+            // The pools as the step finds them (its own keys already written): the decode
+            // kernels only read them.
             let r = ReferenceBackend;
             let paged = r.prepare_paged(&inputs.plan).unwrap();
             let (pool_keys, pool_values) = (
@@ -727,34 +737,64 @@ fn emulated_split_decode_matches_the_reference() {
             );
             let [tokens, heads, d] = c.q_shape();
             let seqs = inputs.plan.seqs.len();
+            let (heads_per_block, tiles) = grouped_heads(heads, c.kv_heads);
             for splits in [1, 2, 3, 7] {
-                let mut partials = vec![f32::NAN; seqs * heads * splits * (d + 2)];
-                let buffers = PagedBuffers {
-                    q: &mut q,
-                    keys: &mut keys,
-                    values: &mut values,
-                    meta: &mut meta,
-                    tables: &mut tables,
+                let grouped = AttentionKernel::GroupedDecode {
+                    splits,
+                    heads_per_block,
+                    head_blocks: c.kv_heads * tiles,
                 };
-                let args = paged_attention_args(&mut partials, buffers, &c, seqs);
-                let cfg = attention_cfg(AttentionKernel::SplitDecode { splits }, 1, heads, seqs, d);
-                emu.launch_cfg("paged_decode_split", &cfg, args);
-                let mut out = emu.store(&vec![f32::NAN; tokens * heads * d]);
-                let args = Args::default()
-                    .buf(&mut out)
-                    .buf(&mut partials)
-                    .buf(&mut meta)
-                    .int(seqs)
-                    .int(splits)
-                    .int(heads)
-                    .int(d);
-                emu.launch_cfg("decode_merge", &decode_merge_cfg(heads, seqs), args);
-                assert_close(
-                    &format!("split decode ({splits} splits) {c:?} ({p})"),
-                    &emu.load(&out),
-                    &want,
-                    emu.tol(),
-                );
+                let kernels = [
+                    ("paged_decode_split", AttentionKernel::SplitDecode { splits }),
+                    ("paged_decode_grouped", grouped),
+                ];
+                for (kernel, shape) in kernels {
+                    if kernel == "paged_decode_grouped" && !grouped_decode_fits(d) {
+                        continue;
+                    }
+                    let mut out = emu.store(&vec![f32::NAN; tokens * heads * d]);
+                    let mut partials = vec![f32::NAN; seqs * heads * splits * (d + 2)];
+                    let buffers = PagedBuffers {
+                        q: &mut q,
+                        keys: &mut keys,
+                        values: &mut values,
+                        meta: &mut meta,
+                        tables: &mut tables,
+                    };
+                    let cfg = attention_cfg(shape, 1, heads, seqs, d);
+                    if kernel == "paged_decode_grouped" {
+                        // Its output and partials first, then the split kernel's list, then
+                        // the heads a block serves.
+                        let args = paged_attention_args(&mut partials, buffers, &c, seqs)
+                            .buf_first(&mut out)
+                            .int(heads_per_block);
+                        emu.launch_cfg(kernel, &cfg, args);
+                    } else {
+                        emu.launch_cfg(
+                            kernel,
+                            &cfg,
+                            paged_attention_args(&mut partials, buffers, &c, seqs),
+                        );
+                    }
+                    // One grouped split writes the output itself; the rest merge.
+                    if kernel != "paged_decode_grouped" || splits > 1 {
+                        let args = Args::default()
+                            .buf(&mut out)
+                            .buf(&mut partials)
+                            .buf(&mut meta)
+                            .int(seqs)
+                            .int(splits)
+                            .int(heads)
+                            .int(d);
+                        emu.launch_cfg("decode_merge", &decode_merge_cfg(heads, seqs), args);
+                    }
+                    assert_close(
+                        &format!("{kernel} ({splits} splits) {c:?} ({p})"),
+                        &emu.load(&out),
+                        &want,
+                        emu.tol(),
+                    );
+                }
             }
         }
     }

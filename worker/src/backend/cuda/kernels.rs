@@ -56,6 +56,7 @@ pub(crate) const FILES: &[KernelFile] = &[
             "paged_decode_attention",
             "paged_decode_split",
             "decode_merge",
+            "paged_decode_grouped",
             "attn_softmax",
             "kv_write",
             "paged_gather",

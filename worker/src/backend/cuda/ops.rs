@@ -38,6 +38,35 @@ pub(crate) enum AttentionKernel {
     /// Paged decode steps only (one query per sequence): each sequence's keys split across
     /// `splits` blocks, then merged (`paged_decode_split` + `decode_merge`).
     SplitDecode { splits: usize },
+    /// Paged decode steps only: the query heads of one key/value head in one block, which
+    /// reads each cache row once for `heads_per_block` of them (`paged_decode_grouped`; merged
+    /// by `decode_merge` when `splits > 1`). `head_blocks` is kv_heads x tiles of heads; see
+    /// [`grouped_heads`].
+    GroupedDecode {
+        splits: usize,
+        heads_per_block: usize,
+        head_blocks: usize,
+    },
+}
+
+/// The most query heads one `paged_decode_grouped` block serves (`GQ_HEADS` in attention.cu):
+/// each lane keeps a query chunk and an output chunk per head in registers.
+pub(crate) const GROUPED_MAX_HEADS: usize = 4;
+
+/// How `paged_decode_grouped` tiles the `heads / kv_heads` query heads of each key head:
+/// `(heads_per_block, tiles)`, with tiles as even as they can be (8 heads: two of 4; 6: two
+/// of 3; 3: one of 3).
+pub(crate) fn grouped_heads(heads: usize, kv_heads: usize) -> (usize, usize) {
+    let group = (heads / kv_heads.max(1)).max(1);
+    let tiles = group.div_ceil(GROUPED_MAX_HEADS);
+    let per_block = group.div_ceil(tiles);
+    (per_block, group.div_ceil(per_block))
+}
+
+/// Whether `paged_decode_grouped` takes head dimension `d`: whole 8-element chunks, read by a
+/// power-of-two number of lanes (at most a warp).
+pub(crate) fn grouped_decode_fits(d: usize) -> bool {
+    d > 0 && d.is_multiple_of(8) && (d / 8).is_power_of_two() && d <= ATTN_MAX_D
 }
 
 /// The most bytes of fp32 scores the unfused attention ([`CudaBackend::attention_unfused`])
@@ -230,6 +259,15 @@ pub(super) fn attention_cfg(
             grid_dim: (heads as u32, splits as u32, seqs as u32),
             block_dim: (256, 1, 1),
             shared_mem_bytes: ((d + 8 * (d + 2)) * size_of::<f32>()) as u32,
+        },
+        AttentionKernel::GroupedDecode {
+            splits,
+            heads_per_block,
+            head_blocks,
+        } => LaunchConfig {
+            grid_dim: (head_blocks as u32, splits as u32, seqs as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (8 * heads_per_block * (d + 2) * size_of::<f32>()) as u32,
         },
     }
 }
@@ -594,10 +632,10 @@ impl CudaBackend {
         match kernel {
             AttentionKernel::Flash => attn!("flash_attention")?,
             AttentionKernel::Decode => attn!("decode_attention")?,
-            AttentionKernel::SplitDecode { .. } => {
+            AttentionKernel::SplitDecode { .. } | AttentionKernel::GroupedDecode { .. } => {
                 return Err(shapes::err(
                     op,
-                    "the split decode kernel reads paged caches only".to_owned(),
+                    "the split and grouped decode kernels read paged caches only".to_owned(),
                 ));
             }
         }
@@ -1290,7 +1328,7 @@ impl Backend for CudaBackend {
         values: &CudaTensor,
         paged: &CudaPaged,
     ) -> Result<CudaTensor> {
-        let kernel = self.paged_kernel(paged, q.shape.get(1).copied().unwrap_or(1));
+        let kernel = self.paged_kernel(paged, q, keys, values);
         // Steps with a long enough prompt (prefill, or a prompt joining running decodes) take
         // cuBLAS for their prompts; decode steps, short prompts and windows the kernels.
         let longest = paged.plan().seqs.iter().map(|s| s.q_len).max().unwrap_or(0);

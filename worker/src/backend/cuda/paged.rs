@@ -4,14 +4,15 @@
 //! through the block tables in place, so nothing of the cache crosses the bus between steps.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DevicePtr};
 
 use super::context::{ATTN_MAX_D, CudaBackend};
 use super::launch::{elementwise_cfg, int, launch, rows_cfg};
 use super::ops::{
     AttentionKernel, HeadRows, MAX_DECODE_SPLITS, UNFUSED_MAX_SCORE_BYTES, attention_cfg, decode_merge_cfg,
-    decode_splits,
+    decode_splits, grouped_decode_fits, grouped_heads,
 };
 use super::tensor::CudaTensor;
 use crate::backend::shapes::AttnDims;
@@ -194,7 +195,7 @@ impl CudaBackend {
         }
         let seqs = plan.seqs.len();
         let splits = match kernel {
-            AttentionKernel::SplitDecode { splits } => {
+            AttentionKernel::SplitDecode { splits } | AttentionKernel::GroupedDecode { splits, .. } => {
                 if paged.max_q_len != 1 || !(1..=MAX_DECODE_SPLITS).contains(&splits) {
                     return Err(shapes::err(
                         op,
@@ -252,27 +253,97 @@ impl CudaBackend {
         match kernel {
             AttentionKernel::Flash => attn!("paged_flash_attention", &mut out.buf)?,
             AttentionKernel::Decode => attn!("paged_decode_attention", &mut out.buf)?,
+            AttentionKernel::GroupedDecode {
+                heads_per_block,
+                head_blocks,
+                ..
+            } => {
+                let (_, tiles) = grouped_heads(heads, kv_heads);
+                if !grouped_decode_fits(d)
+                    || heads % kv_heads != 0
+                    || grouped_heads(heads, kv_heads).0 != heads_per_block
+                    || head_blocks != kv_heads * tiles
+                {
+                    return Err(shapes::err(
+                        op,
+                        format!(
+                            "the grouped decode kernel takes head_dim 8, 16, 32, 64, 128 or 256 and its own head \
+                             tiling (got d = {d}, {heads} heads over {kv_heads}, {heads_per_block} a block in \
+                             {head_blocks} blocks)"
+                        ),
+                    ));
+                }
+                // One split writes the output itself; more leave partials for decode_merge.
+                let mut partials = self.alloc_slice::<f32>(
+                    "decode partials",
+                    if splits > 1 {
+                        seqs * heads * splits * (d + 2)
+                    } else {
+                        1
+                    },
+                )?;
+                int(op, partials.len())?;
+                let hpb = int(op, heads_per_block)?;
+                launch!(
+                    self,
+                    "paged_decode_grouped",
+                    cfg,
+                    &mut out.buf,
+                    &mut partials,
+                    &q.buf,
+                    &keys.buf,
+                    &values.buf,
+                    &*paged.meta,
+                    &*paged.tables,
+                    &seqs_i,
+                    &bs,
+                    &window,
+                    &hi,
+                    &kvi,
+                    &di,
+                    &scale,
+                    &hpb
+                )?;
+                if splits > 1 {
+                    self.merge_decode_partials(&mut out, &partials, paged, splits, heads, d)?;
+                }
+            }
             AttentionKernel::SplitDecode { .. } => {
                 let mut partials =
                     self.alloc_slice::<f32>("decode partials", seqs * heads * splits * (d + 2))?;
-                let splits_i = int(op, splits)?;
                 int(op, partials.len())?;
                 attn!("paged_decode_split", &mut partials)?;
-                launch!(
-                    self,
-                    "decode_merge",
-                    decode_merge_cfg(heads, seqs),
-                    &mut out.buf,
-                    &partials,
-                    &*paged.meta,
-                    &seqs_i,
-                    &splits_i,
-                    &hi,
-                    &di
-                )?;
+                self.merge_decode_partials(&mut out, &partials, paged, splits, heads, d)?;
             }
         }
         Ok(out)
+    }
+
+    /// `decode_merge`: every sequence's and head's split partials normalised into `out`.
+    fn merge_decode_partials(
+        &self,
+        out: &mut CudaTensor,
+        partials: &CudaSlice<f32>,
+        paged: &CudaPaged,
+        splits: usize,
+        heads: usize,
+        d: usize,
+    ) -> Result<()> {
+        let op = "paged_attention";
+        let seqs = paged.plan.seqs.len();
+        let (seqs_i, splits_i, hi, di) = (int(op, seqs)?, int(op, splits)?, int(op, heads)?, int(op, d)?);
+        launch!(
+            self,
+            "decode_merge",
+            decode_merge_cfg(heads, seqs),
+            &mut out.buf,
+            partials,
+            &*paged.meta,
+            &seqs_i,
+            &splits_i,
+            &hi,
+            &di
+        )
     }
 
     /// Paged attention of a step with prompts in it (no sliding window) with the prompts
@@ -367,13 +438,51 @@ impl CudaBackend {
     /// spread each query's keys over 8 warps, and across several blocks when heads x sequences
     /// blocks would leave most of the GPU idle; anything with a prompt in it goes to flash (the
     /// trait method sends steps with a long enough prompt to `paged_prompts_unfused` instead).
-    pub(super) fn paged_kernel(&self, paged: &CudaPaged, heads: usize) -> AttentionKernel {
+    pub(super) fn paged_kernel(
+        &self,
+        paged: &CudaPaged,
+        q: &CudaTensor,
+        keys: &CudaTensor,
+        values: &CudaTensor,
+    ) -> AttentionKernel {
         if paged.max_q_len != 1 {
             return AttentionKernel::Flash;
         }
-        match decode_splits(self.sm_count, heads, paged.plan.seqs.len()) {
+        let seqs = paged.plan.seqs.len();
+        let (heads, kv_heads, d) = match (q.shape.as_slice(), keys.shape.as_slice()) {
+            (&[_, heads, d], &[_, kv_heads, _]) => (heads, kv_heads, d),
+            _ => (1, 1, 0), // malformed: paged_attention_queries reports it
+        };
+        let aligned = [q, keys, values].iter().all(|t| {
+            let (ptr, _sync) = t.buf.device_ptr(&self.stream);
+            ptr % 16 == 0
+        });
+        if self.grouped_decode_enabled.load(Ordering::Relaxed)
+            && grouped_decode_fits(d)
+            && kv_heads > 0
+            && heads.is_multiple_of(kv_heads)
+            && aligned
+        {
+            let (heads_per_block, tiles) = grouped_heads(heads, kv_heads);
+            let head_blocks = kv_heads * tiles;
+            return AttentionKernel::GroupedDecode {
+                splits: decode_splits(self.sm_count, head_blocks, seqs),
+                heads_per_block,
+                head_blocks,
+            };
+        }
+        match decode_splits(self.sm_count, heads, seqs) {
             1 => AttentionKernel::Decode,
             splits => AttentionKernel::SplitDecode { splits },
+        }
+    }
+
+    /// Decode steps take `paged_decode_grouped` where it fits (on unless turned off); off, they
+    /// take the per-head decode kernels, as benchmarks and tests compare. Recorded decode graphs
+    /// are dropped when the setting changes, since they hold the kernel chosen when recorded.
+    pub fn set_grouped_decode(&self, enabled: bool) {
+        if self.grouped_decode_enabled.swap(enabled, Ordering::Relaxed) != enabled {
+            self.forget_decode_graphs();
         }
     }
 }

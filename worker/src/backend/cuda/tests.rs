@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use super::kernel_cache::KernelCache;
 use super::kernels::{self, FILES, KernelImage, Origin, Target};
-use super::ops::{AttentionKernel, MAX_DECODE_SPLITS, decode_splits};
+use super::ops::{AttentionKernel, MAX_DECODE_SPLITS, decode_splits, grouped_decode_fits, grouped_heads};
 use super::{CudaBackend, CudaTensor};
 use crate::backend::test_util::{
     AttnCase, AttnInputs, EXACT, PagedCase, PagedInputs, ProjectionInputs, Rng, Tol, assert_close,
@@ -427,6 +427,31 @@ fn decode_splits_fill_the_gpu_from_the_launch_shape_alone() {
             s == MAX_DECODE_SPLITS || s * heads * seqs >= 216,
             "{heads} x {seqs}: {s}"
         );
+    }
+}
+
+#[test]
+fn grouped_decode_tiles_a_key_heads_query_heads_evenly() {
+    // (heads, kv_heads) -> (heads per block, tiles): at most four heads a block, tiles even.
+    for ((heads, kv_heads), want) in [
+        ((32, 4), (4, 2)), // TinyLlama: 8 per key head, two tiles of 4
+        ((32, 8), (4, 1)), // Llama 3 8B
+        ((12, 4), (3, 1)),
+        ((6, 1), (3, 2)),
+        ((7, 1), (4, 2)),   // 4 + 3
+        ((12, 12), (1, 1)), // multi-head: one head a block
+        ((64, 1), (4, 16)),
+    ] {
+        assert_eq!(grouped_heads(heads, kv_heads), want, "{heads} over {kv_heads}");
+        let (per_block, tiles) = want;
+        let group = heads / kv_heads;
+        assert!(per_block <= 4 && per_block * tiles >= group && per_block * (tiles - 1) < group);
+    }
+    for d in [8, 16, 32, 64, 128, 256] {
+        assert!(grouped_decode_fits(d), "{d}");
+    }
+    for d in [0, 4, 24, 48, 80, 96, 512] {
+        assert!(!grouped_decode_fits(d), "{d}");
     }
 }
 
@@ -1264,31 +1289,68 @@ fn gpu_paged_attention_matches_reference_for_both_kernels() {
         g.paged_prompts_unfused(&q, &pool, &pool, &paged).is_err(),
         "{windowed:?}"
     );
-    // Decode steps with each sequence's keys split across blocks, then merged.
+    // Decode steps with each sequence's keys split across blocks, then merged, by the per-head
+    // and (where it takes the head dimension) the grouped-heads kernel.
     for c in PagedCase::DECODE {
         let inputs = c.inputs(&mut rng);
         let [want, ..] = paged_step(&ReferenceBackend, &inputs, &c, |b, q, k, v, p| {
             b.paged_attention(q, k, v, p)
         });
+        let (heads_per_block, tiles) = grouped_heads(c.heads, c.kv_heads);
         for splits in [1, 2, 5, MAX_DECODE_SPLITS] {
-            let kernel = AttentionKernel::SplitDecode { splits };
-            let [got, ..] = paged_step(&*g, &inputs, &c, |b, q, k, v, p| {
-                b.paged_attention_with(q, k, v, p, kernel)
-            });
-            assert_close(&format!("{kernel:?} {c:?}"), &got, &want, tol);
+            let grouped = AttentionKernel::GroupedDecode {
+                splits,
+                heads_per_block,
+                head_blocks: c.kv_heads * tiles,
+            };
+            let kernels = [AttentionKernel::SplitDecode { splits }, grouped];
+            for kernel in kernels
+                .into_iter()
+                .filter(|k| k != &grouped || grouped_decode_fits(c.d))
+            {
+                let [got, ..] = paged_step(&*g, &inputs, &c, |b, q, k, v, p| {
+                    b.paged_attention_with(q, k, v, p, kernel)
+                });
+                assert_close(&format!("{kernel:?} {c:?}"), &got, &want, tol);
+            }
         }
     }
-    // The split kernel refuses a step with a prompt in it.
+    // The split and grouped kernels refuse a step with a prompt in it, the grouped kernel a
+    // head dimension it does not take.
     let c = PagedCase::COMMON[2];
     let inputs = c.inputs(&mut rng);
     let paged = g.prepare_paged(&inputs.plan).unwrap();
     let q = g.from_host(&inputs.q, &c.q_shape()).unwrap();
     let pool = g.from_host(&inputs.keys, &inputs.pool_shape).unwrap();
-    let split = AttentionKernel::SplitDecode { splits: 2 };
+    let (heads_per_block, tiles) = grouped_heads(c.heads, c.kv_heads);
+    let grouped = AttentionKernel::GroupedDecode {
+        splits: 2,
+        heads_per_block,
+        head_blocks: c.kv_heads * tiles,
+    };
+    for kernel in [AttentionKernel::SplitDecode { splits: 2 }, grouped] {
+        assert!(
+            g.paged_attention_with(&q, &pool, &pool, &paged, kernel).is_err(),
+            "a prompt through {kernel:?}"
+        );
+    }
+    let c = PagedCase::DECODE[2]; // d = 80
+    let inputs = c.inputs(&mut rng);
+    let paged = g.prepare_paged(&inputs.plan).unwrap();
+    let q = g.from_host(&inputs.q, &c.q_shape()).unwrap();
+    let pool = g.from_host(&inputs.keys, &inputs.pool_shape).unwrap();
+    let (heads_per_block, tiles) = grouped_heads(c.heads, c.kv_heads);
+    let grouped = AttentionKernel::GroupedDecode {
+        splits: 1,
+        heads_per_block,
+        head_blocks: c.kv_heads * tiles,
+    };
     assert!(
-        g.paged_attention_with(&q, &pool, &pool, &paged, split).is_err(),
-        "a prompt through the split decode kernel"
+        g.paged_attention_with(&q, &pool, &pool, &paged, grouped).is_err(),
+        "d = 80 grouped"
     );
+    // The trait method still serves it (the per-head kernels).
+    assert!(g.paged_attention(&q, &pool, &pool, &paged).is_ok());
     // A table naming a block past the pool is refused before any launch.
     let c = PagedCase::COMMON[1];
     let inputs = c.inputs(&mut rng);

@@ -36,6 +36,8 @@
 //   computes the dot product with lanes splitting d (coalesced reads of the cache row) and
 //   updates its running softmax; the 8 partial results are merged through shared memory.
 //
+// paged_decode_grouped (decode steps, query heads of one key head together): see its comment.
+//
 // d is at most ATTN_MAX_D (checked on the host and on the device): each lane keeps its share of
 // the output rows in registers. Scores, softmax sums and outputs accumulate in fp32 whatever the
 // storage type; shared memory holds fp32 (queries, keys and values widened once as staged).
@@ -277,17 +279,17 @@ __device__ void decode_partial(const L& lay, int i, int kv_begin, int kv_end, co
 
 // The warps' partial softmaxes of decode_partial merged for output dim c: each rescaled to the
 // overall maximum *m_all; *l_all and *o_all are the rescaled sums (both 0 when no warp saw a
-// visible key, *m_all then -inf).
-__device__ __forceinline__ void merge_warps(const float* part, int d, int c, float* m_all, float* l_all,
+// visible key, *m_all then -inf). Warp w's (m, l, acc[d]) starts at part[w * stride].
+__device__ __forceinline__ void merge_warps(const float* part, int stride, int c, float* m_all, float* l_all,
                                             float* o_all) {
     float m = -INFINITY;
     for (int w = 0; w < DECODE_WARPS; ++w) {
-        m = fmaxf(m, part[w * (d + 2)]);
+        m = fmaxf(m, part[w * stride]);
     }
     float l = 0.0f, o = 0.0f;
     if (m != -INFINITY) {
         for (int w = 0; w < DECODE_WARPS; ++w) {
-            const float* pw = part + w * (d + 2);
+            const float* pw = part + w * stride;
             const float wgt = expf(pw[0] - m); // 0 for a warp that saw no visible key
             l += pw[1] * wgt;
             o += pw[2 + c] * wgt;
@@ -314,7 +316,7 @@ __device__ void decode_body(const L& lay, elem_t* out, const elem_t* q, const el
     elem_t* o = out + (lay.q_token(i) * heads + h) * d;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         float m_all, l_all, o_all;
-        merge_warps(part, d, c, &m_all, &l_all, &o_all);
+        merge_warps(part, d + 2, c, &m_all, &l_all, &o_all);
         o[c] = store(m_all == -INFINITY ? 0.0f : o_all / l_all); // no visible key: zeros
     }
 }
@@ -386,7 +388,7 @@ extern "C" __global__ void paged_decode_split(float* partials, const elem_t* q, 
     float* p = partials + (((size_t)blockIdx.z * heads + h) * splits + split) * (d + 2);
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         float m_all, l_all, o_all;
-        merge_warps(part, d, c, &m_all, &l_all, &o_all);
+        merge_warps(part, d + 2, c, &m_all, &l_all, &o_all);
         if (c == 0) {
             p[0] = m_all;
             p[1] = l_all;
@@ -418,6 +420,184 @@ extern "C" __global__ void decode_merge(elem_t* out, const float* partials, cons
             acc += p[2 + c] * wgt;
         }
         o[c] = store(acc / l);
+    }
+}
+
+// paged_decode_grouped: decode steps (one query per sequence) with the query heads that share a
+//   key/value head served by one block, so each cache row is read once for up to GQ_HEADS of
+//   them (grouped-query attention: 8 query heads per key head in TinyLlama and Llama 3 8B; the
+//   other decode kernels read it once per query head), in 16-byte loads.
+//   Heads: key head kvh serves query heads kvh * group .. (kvh + 1) * group - 1, group =
+//   heads / kv_heads, cut into tiles of `hpb` heads (the host picks hpb = ceil(group /
+//   ceil(group / GQ_HEADS)), so tiles are even); block x = kvh * tiles + tile takes the heads
+//   kvh * group + tile * hpb + g, g < min(hpb, group - tile * hpb).
+//   Keys: L = d / 8 lanes read one key row, each lane 8 consecutive dims (load_chunk), so a
+//   warp takes 32 / L keys at a time and the block 8 * 32 / L. The L lanes of a key sum its
+//   scores with xor shuffles inside their aligned group (L is a power of two). Each lane keeps
+//   an online softmax per head over the keys of its slot (m, l and its 8 dims of acc); the
+//   slots of a warp merge by xor shuffles, the warps through shared memory (merge_warps).
+//   Split s of `splits` takes the keys paged_decode_split's split s takes; with one split the
+//   block writes out[token, h, :] itself (zeros when no key is visible), otherwise its partial
+//   to `partials` in paged_decode_split's layout, for decode_merge.
+//   Requires d % 8 == 0 with d / 8 a power of two (d = 8, 16, 32, 64, 128 or 256) and 16-byte
+//   aligned q and pools (checked on the host, which otherwise takes the other decode kernels).
+//   Launch: grid (kv_heads * tiles, splits, seqs), block 256, dynamic shared memory
+//   DECODE_WARPS * hpb * (d + 2) floats.
+#define GQ_HEADS 4
+#define GQ_CHUNK 8
+
+// Folds the online softmax (mo, lo, ao[GQ_CHUNK]) into (m, l, acc): both rescaled to the larger
+// maximum; an empty state (maximum -inf) contributes nothing.
+__device__ __forceinline__ void fold_softmax(float& m, float& l, float* acc, float mo, float lo, const float* ao) {
+    const float mn = fmaxf(m, mo);
+    if (mn == -INFINITY) {
+        return; // both empty
+    }
+    const float a = expf(m - mn), b = expf(mo - mn);
+    l = l * a + lo * b;
+#pragma unroll
+    for (int e = 0; e < GQ_CHUNK; ++e) {
+        acc[e] = acc[e] * a + ao[e] * b;
+    }
+    m = mn;
+}
+
+extern "C" __global__ void paged_decode_grouped(elem_t* out, float* partials, const elem_t* q, const elem_t* k_pool,
+                                                const elem_t* v_pool, const int* meta, const unsigned int* tables,
+                                                int seqs, int block_size, int window, int heads, int kv_heads, int d,
+                                                float scale, int hpb) {
+    KERNEL_CHECK((int)blockIdx.z < seqs && block_size > 0);
+    KERNEL_CHECK(blockDim.x == 32 * DECODE_WARPS && kv_heads > 0 && heads % kv_heads == 0);
+    KERNEL_CHECK(d % GQ_CHUNK == 0 && d <= ATTN_MAX_D && ((d / GQ_CHUNK) & (d / GQ_CHUNK - 1)) == 0);
+    KERNEL_CHECK(hpb >= 1 && hpb <= GQ_HEADS);
+    const PagedLayout lay(meta, tables, block_size, window, blockIdx.z);
+    KERNEL_CHECK(lay.q_len() == 1);
+    const int group = heads / kv_heads, tiles = (group + hpb - 1) / hpb;
+    KERNEL_CHECK((int)gridDim.x == kv_heads * tiles);
+    const int kvh = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+    const int h0 = kvh * group + tile * hpb, nh = min(hpb, group - tile * hpb);
+    const int lanes = d / GQ_CHUNK, slots = 32 / lanes; // lanes per key, keys per warp
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int slot = lane / lanes, c0 = (lane % lanes) * GQ_CHUNK;
+    const int split = blockIdx.y, splits = gridDim.y;
+    const int kb = lay.key_begin(0), ke = lay.key_end(0);
+    const int chunk = (ke - kb + splits - 1) / splits;
+    const int begin = min(ke, kb + split * chunk), end = min(ke, begin + chunk);
+    const size_t q_token = lay.q_token(0);
+
+    float qr[GQ_HEADS][GQ_CHUNK], m[GQ_HEADS], l[GQ_HEADS], acc[GQ_HEADS][GQ_CHUNK];
+#pragma unroll
+    for (int g = 0; g < GQ_HEADS; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < GQ_CHUNK; ++e) {
+            qr[g][e] = 0.0f;
+            acc[g][e] = 0.0f;
+        }
+        if (g < nh) {
+            load_chunk(qr[g], q + (q_token * heads + h0 + g) * d + c0);
+#pragma unroll
+            for (int e = 0; e < GQ_CHUNK; ++e) {
+                qr[g][e] *= scale;
+            }
+        }
+    }
+
+    // The loop bound is uniform per warp, so every lane reaches the shuffles; slots past the
+    // end take part with zeros and skip the update.
+    for (int base = begin + warp * slots; base < end; base += DECODE_WARPS * slots) {
+        const int j = base + slot;
+        const bool active = j < end;
+        float kf[GQ_CHUNK], vf[GQ_CHUNK];
+#pragma unroll
+        for (int e = 0; e < GQ_CHUNK; ++e) {
+            kf[e] = 0.0f;
+            vf[e] = 0.0f;
+        }
+        if (active) {
+            const size_t row = (lay.k_token(j) * kv_heads + kvh) * d + c0;
+            load_chunk(kf, k_pool + row);
+            load_chunk(vf, v_pool + row);
+        }
+#pragma unroll
+        for (int g = 0; g < GQ_HEADS; ++g) {
+            if (g >= nh) { // uniform for the block
+                continue;
+            }
+            float s = 0.0f;
+#pragma unroll
+            for (int e = 0; e < GQ_CHUNK; ++e) {
+                s += qr[g][e] * kf[e];
+            }
+            for (int off = lanes / 2; off > 0; off /= 2) {
+                s += __shfl_xor_sync(FULL_MASK, s, off);
+            }
+            if (active) {
+                const float mn = fmaxf(m[g], s);
+                const float a = expf(m[g] - mn), p = expf(s - mn);
+                l[g] = l[g] * a + p;
+                m[g] = mn;
+#pragma unroll
+                for (int e = 0; e < GQ_CHUNK; ++e) {
+                    acc[g][e] = acc[g][e] * a + p * vf[e];
+                }
+            }
+        }
+    }
+
+    // The warp's slots merged: lanes lane ^ off (off a multiple of L) own the same dims.
+    for (int off = lanes; off < 32; off *= 2) {
+#pragma unroll
+        for (int g = 0; g < GQ_HEADS; ++g) {
+            if (g >= nh) {
+                continue;
+            }
+            const float mo = __shfl_xor_sync(FULL_MASK, m[g], off);
+            const float lo = __shfl_xor_sync(FULL_MASK, l[g], off);
+            float ao[GQ_CHUNK];
+#pragma unroll
+            for (int e = 0; e < GQ_CHUNK; ++e) {
+                ao[e] = __shfl_xor_sync(FULL_MASK, acc[g][e], off);
+            }
+            fold_softmax(m[g], l[g], acc[g], mo, lo, ao);
+        }
+    }
+
+    extern __shared__ float smem[];
+    float* part = smem; // [DECODE_WARPS][hpb][d + 2]: per warp and head (m, l, acc[d])
+    if (slot == 0) {
+#pragma unroll
+        for (int g = 0; g < GQ_HEADS; ++g) {
+            if (g >= nh) {
+                continue;
+            }
+            float* pw = part + (warp * hpb + g) * (d + 2);
+            if (lane == 0) {
+                pw[0] = m[g];
+                pw[1] = l[g];
+            }
+#pragma unroll
+            for (int e = 0; e < GQ_CHUNK; ++e) {
+                pw[2 + c0 + e] = acc[g][e];
+            }
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nh * d; idx += blockDim.x) {
+        const int g = idx / d, c = idx % d, h = h0 + g;
+        float m_all, l_all, o_all;
+        merge_warps(part + g * (d + 2), hpb * (d + 2), c, &m_all, &l_all, &o_all);
+        if (splits == 1) {
+            out[(q_token * heads + h) * d + c] = store(m_all == -INFINITY ? 0.0f : o_all / l_all);
+        } else {
+            float* p = partials + (((size_t)blockIdx.z * heads + h) * splits + split) * (d + 2);
+            if (c == 0) {
+                p[0] = m_all;
+                p[1] = l_all;
+            }
+            p[2 + c] = o_all;
+        }
     }
 }
 

@@ -72,6 +72,31 @@ __device__ __forceinline__ float load(float v) { return v; }
 __device__ __forceinline__ float store(float f) { return f; }
 #endif
 
+struct alignas(16) vec16 {
+    unsigned int w[4];
+};
+
+// Eight consecutive elements from a 16-byte aligned address, widened to fp32: one 16-byte load
+// in half precision, two in fp32 (gemv's weight rows, the grouped decode kernel's cache rows).
+__device__ __forceinline__ void load_chunk(float* dst, const elem_t* src) {
+#if defined(ATOMIC_BF16) || defined(ATOMIC_F16)
+    const vec16 v = *reinterpret_cast<const vec16*>(src);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        dst[2 * i] = load(elem_t{(unsigned short)(v.w[i] & 0xffffu)});
+        dst[2 * i + 1] = load(elem_t{(unsigned short)(v.w[i] >> 16)});
+    }
+#else
+    const vec16 lo = reinterpret_cast<const vec16*>(src)[0];
+    const vec16 hi = reinterpret_cast<const vec16*>(src)[1];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        dst[i] = __uint_as_float(lo.w[i]);
+        dst[4 + i] = __uint_as_float(hi.w[i]);
+    }
+#endif
+}
+
 // NVRTC compiles without the C library headers that define these.
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)

@@ -38,30 +38,6 @@
 #define GEMV_WARPS 8
 #define GEMV_CHUNK 8
 
-struct alignas(16) vec16 {
-    unsigned int w[4];
-};
-
-// Eight consecutive elements from a 16-byte aligned address, widened to fp32.
-__device__ __forceinline__ void load_chunk(float* dst, const elem_t* src) {
-#if defined(ATOMIC_BF16) || defined(ATOMIC_F16)
-    const vec16 v = *reinterpret_cast<const vec16*>(src);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        dst[2 * i] = load(elem_t{(unsigned short)(v.w[i] & 0xffffu)});
-        dst[2 * i + 1] = load(elem_t{(unsigned short)(v.w[i] >> 16)});
-    }
-#else
-    const vec16 lo = reinterpret_cast<const vec16*>(src)[0];
-    const vec16 hi = reinterpret_cast<const vec16*>(src)[1];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        dst[i] = __uint_as_float(lo.w[i]);
-        dst[4 + i] = __uint_as_float(hi.w[i]);
-    }
-#endif
-}
-
 __device__ __forceinline__ float gemv_silu(float x) { return x / (1.0f + expf(-x)); }
 
 extern "C" __global__ void gemv(elem_t* out, const elem_t* x, const elem_t* weight, const elem_t* norm_w,
