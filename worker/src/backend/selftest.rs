@@ -341,10 +341,10 @@ fn attention<B: Backend>(backend: &B, p: Precision) -> Result<()> {
 }
 
 /// Steps over a key/value pool, their blocks scattered: a sequence decoding one token after 20
-/// cached beside a prompt of 3 (the prompt kernel), two decoding alone (on a GPU the
-/// grouped-heads decode kernel, split across blocks), a prompt of 17 beside a decoding sequence and two
-/// prompts alone (the GPU's cuBLAS path); the pools after the fused rotation and write, then
-/// attention.
+/// cached beside a prompt of 3 (the prompt kernel), two decoding alone at head dimensions 8
+/// and 64 (on a GPU the grouped-heads decode kernel, split across blocks), a prompt of 17
+/// beside a decoding sequence and two prompts alone (the GPU's cuBLAS path); the pools after
+/// the fused rotation and write, then attention.
 fn paged<B: Backend>(backend: &B, p: Precision) -> Result<()> {
     let seq = |q_len: usize, k_len: usize, blocks: Vec<u32>| PagedSeq { q_len, k_len, blocks };
     let mixed = vec![seq(1, 21, vec![3, 0]), seq(3, 3, vec![2])];
@@ -354,13 +354,28 @@ fn paged<B: Backend>(backend: &B, p: Precision) -> Result<()> {
     let joining = vec![seq(1, 21, vec![3, 0]), seq(17, 17, vec![2, 1])];
     let prompts = vec![seq(17, 21, vec![3, 0]), seq(4, 4, vec![2])];
     let counting = |from: usize, to: usize| (from..to).collect::<Vec<usize>>();
-    for (what, seqs, positions) in [
-        ("mixed", mixed, vec![20usize, 0, 1, 2]),
-        ("decode", decode, vec![20, 3]),
-        ("joining prompt", joining, [vec![20], counting(0, 17)].concat()),
-        ("prompts", prompts, [counting(4, 21), counting(0, 4)].concat()),
+    // Heads, key/value heads and head dimension: small, and a decode step as Llama's are
+    // shaped (a group of 4 query heads per key head at d = 64, which on a GPU puts 8 lanes on
+    // each key row of the grouped decode kernel).
+    let (small, llama) = ((4, 2, 8), (8, 2, 64));
+    for (what, seqs, positions, dims) in [
+        ("mixed", mixed, vec![20usize, 0, 1, 2], small),
+        ("decode", decode.clone(), vec![20, 3], small),
+        ("decode at head dim 64", decode, vec![20, 3], llama),
+        (
+            "joining prompt",
+            joining,
+            [vec![20], counting(0, 17)].concat(),
+            small,
+        ),
+        (
+            "prompts",
+            prompts,
+            [counting(4, 21), counting(0, 4)].concat(),
+            small,
+        ),
     ] {
-        paged_step(backend, p, what, seqs, &positions)?;
+        paged_step(backend, p, what, seqs, &positions, dims)?;
     }
     Ok(())
 }
@@ -371,8 +386,9 @@ fn paged_step<B: Backend>(
     what: &str,
     seqs: Vec<PagedSeq>,
     positions: &[usize],
+    (heads, kv_heads, d): (usize, usize, usize),
 ) -> Result<()> {
-    let (heads, kv_heads, d, block_size) = (4, 2, 8, 16);
+    let block_size = 16;
     let plan = PagedPlan {
         block_size,
         window: None,
