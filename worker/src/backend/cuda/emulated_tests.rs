@@ -19,7 +19,7 @@ use super::ops::{
     AttentionKernel, HeadRows, attention_cfg, decode_merge_cfg, draw_words, grouped_decode_fits,
     grouped_heads, unfused_plan,
 };
-use super::paged::prompt_chunks;
+use super::paged::{chunk_keys, prompt_chunks};
 use crate::backend::shapes::AttnDims;
 use crate::backend::test_util::{
     AttnCase, AttnInputs, PagedCase, Rng, Tol, assert_close, print_skip, sampling_case,
@@ -482,13 +482,14 @@ fn cublas_reference(
 /// The unfused attention as `CudaBackend::attention_unfused_into` runs it: the products
 /// through `unfused_plan`'s descriptors and addresses evaluated as cuBLAS defines them around
 /// the emulated masked softmax, on q, k and v read through `views` from `(q, k, v)`, into
-/// `out` where `out_rows` says (rounded to the precision, as the product stores it).
+/// `out` where `out_rows` says (rounded to the precision, as the product stores it), with a
+/// sliding window over the causal mask when given.
 fn emulated_unfused_into(
     emu: &Emulator,
     c: &AttnCase,
     (q, k, v): (&[f32], &[f32], &[f32]),
     views: [HeadRows; 4],
-    valid: &[bool],
+    (valid, window): (&[bool], Option<usize>),
     out: &mut [f32],
 ) {
     let p = emu.precision;
@@ -518,6 +519,7 @@ fn emulated_unfused_into(
         .buf(&mut valid_u8)
         .int(usize::from(c.padding))
         .signed(c.causal.map_or(-1, |o| o as i32))
+        .int(window.unwrap_or(0))
         .int(bh * c.s_q)
         .int(c.s_q)
         .int(c.s_k)
@@ -544,7 +546,7 @@ fn emulated_unfused(
 ) -> Vec<f32> {
     let mut out = vec![f32::NAN; c.batch * c.s_q * c.heads * c.d];
     let out_rows = HeadRows::dense(c.s_q, c.heads, c.d);
-    emulated_unfused_into(emu, c, qkv, [qv, kv, vv, out_rows], valid, &mut out);
+    emulated_unfused_into(emu, c, qkv, [qv, kv, vv, out_rows], (valid, None), &mut out);
     out
 }
 
@@ -596,21 +598,30 @@ fn emulated_paged_prompts_through_the_unfused_path_match_reference() {
     // runs it: the decode kernel over every sequence's first query, then each prompt's keys and
     // values gathered out of the pools by the emulated kernel and the unfused attention in
     // query chunks (a small score limit, so that the prompts split into several) writing their
-    // rows of the step's output, against the reference's paged attention.
-    for p in [Precision::F32, Precision::Bf16] {
+    // rows of the step's output, against the reference's paged attention. Once without and
+    // once with a sliding window of 7 (shorter than the prompts, so the later chunks multiply
+    // only their window's keys).
+    let unwindowed = PagedCase {
+        seqs: &[(13, 13), (1, 20), (6, 40)],
+        heads: 4,
+        kv_heads: 2,
+        d: 16,
+        block_size: 16,
+        window: None,
+    };
+    let windowed = PagedCase {
+        window: Some(7),
+        ..unwindowed
+    };
+    for (p, c) in [Precision::F32, Precision::Bf16]
+        .into_iter()
+        .flat_map(|p| [(p, unwindowed), (p, windowed)])
+    {
         let Some(emu) = emulator(
             "emulated_paged_prompts_through_the_unfused_path_match_reference",
             p,
         ) else {
             return;
-        };
-        let c = PagedCase {
-            seqs: &[(13, 13), (1, 20), (6, 40)],
-            heads: 4,
-            kv_heads: 2,
-            d: 16,
-            block_size: 16,
-            window: None,
         };
         let mut rng = Rng::new(209);
         let mut inputs = c.inputs(&mut rng);
@@ -669,34 +680,44 @@ fn emulated_paged_prompts_through_the_unfused_path_match_reference() {
             let limit = 5 * heads * s.k_len * size_of::<f32>();
             let chunks = prompt_chunks(s.q_len, s.k_len, heads, limit);
             assert_eq!(chunks.len(), s.q_len.div_ceil(5), "{chunks:?}");
-            let kv_rows = HeadRows::dense(s.k_len, c.kv_heads, d);
             for (first, count) in chunks {
                 let rows = HeadRows {
                     offset: (q_start + first) * heads * d,
                     row_stride: heads * d,
                     batch_stride: 0,
                 };
+                let keys = chunk_keys(s.q_len, s.k_len, (first, count), c.window);
+                let kv_rows = HeadRows {
+                    offset: keys.first * width,
+                    row_stride: width,
+                    batch_stride: 0,
+                };
                 let case = AttnCase {
                     batch: 1,
                     s_q: count,
-                    s_k: s.k_len,
+                    s_k: keys.count,
                     heads,
                     kv_heads: c.kv_heads,
                     d,
                     padding: false,
-                    causal: Some(s.k_len - s.q_len + first),
+                    causal: Some(keys.causal_offset),
                 };
                 emulated_unfused_into(
                     &emu,
                     &case,
                     (&inputs.q, &k_dense, &v_dense),
                     [rows, kv_rows, kv_rows, rows],
-                    &[],
+                    (&[], c.window),
                     &mut out,
                 );
             }
         }
-        assert_close(&format!("paged prompts, unfused ({p})"), &out, &want, emu.tol());
+        assert_close(
+            &format!("paged prompts, unfused {c:?} ({p})"),
+            &out,
+            &want,
+            emu.tol(),
+        );
     }
 }
 

@@ -717,18 +717,21 @@ impl CudaBackend {
         }
         let mut out = self.alloc(vec![batch, s_q, heads, d])?;
         let out_rows = HeadRows::dense(s_q, heads, d);
-        self.attention_unfused_into(qkv, views, dims, mask, (&mut out, out_rows))?;
+        self.attention_unfused_into(qkv, views, dims, mask, None, (&mut out, out_rows))?;
         Ok(out)
     }
 
     /// [`CudaBackend::attention_unfused`] writing into `out` where its view says (every
-    /// element of those rows is written).
+    /// element of those rows is written), with a sliding window of `window` keys on top of a
+    /// causal mask when given (query i sees keys causal_offset + i + 1 - window ..=
+    /// causal_offset + i).
     pub(crate) fn attention_unfused_into(
         &self,
         (q, k, v): (&CudaTensor, &CudaTensor, &CudaTensor),
         views: [HeadRows; 3],
         dims: AttnDims,
         mask: &AttentionMask<'_>,
+        window: Option<usize>,
         (out, out_rows): (&mut CudaTensor, HeadRows),
     ) -> Result<()> {
         let op = "attention";
@@ -800,6 +803,10 @@ impl CudaBackend {
         let valid_buf = valid_dev.as_deref().unwrap_or(&self.placeholder_u8);
         let has_valid = i32::from(valid_dev.is_some());
         let causal = causal_arg(op, mask)?;
+        if window.is_some() && mask.causal_offset.is_none() {
+            return Err(shapes::err(op, "a sliding window needs a causal mask".into()));
+        }
+        let window = int(op, window.unwrap_or(0))?;
         let scale = 1.0 / (d as f32).sqrt();
         let (rows, sqi, ski, hi) = (int(op, bh * s_q)?, int(op, s_q)?, int(op, s_k)?, int(op, heads)?);
         launch!(
@@ -811,6 +818,7 @@ impl CudaBackend {
             valid_buf,
             &has_valid,
             &causal,
+            &window,
             &rows,
             &sqi,
             &ski,
@@ -1330,10 +1338,9 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         let kernel = self.paged_kernel(paged, q, keys, values);
         // Steps with a long enough prompt (prefill, or a prompt joining running decodes) take
-        // cuBLAS for their prompts; decode steps, short prompts and windows the kernels.
+        // cuBLAS for their prompts; decode steps and short prompts the kernels.
         let longest = paged.plan().seqs.iter().map(|s| s.q_len).max().unwrap_or(0);
-        if kernel == AttentionKernel::Flash && paged.plan().window.is_none() && longest >= UNFUSED_MIN_PROMPT
-        {
+        if kernel == AttentionKernel::Flash && longest >= UNFUSED_MIN_PROMPT {
             return self.paged_prompts_unfused(q, keys, values, paged);
         }
         self.paged_attention_with(q, keys, values, paged, kernel)

@@ -346,10 +346,11 @@ impl CudaBackend {
         )
     }
 
-    /// Paged attention of a step with prompts in it (no sliding window) with the prompts
-    /// through cuBLAS: each prompt's keys and values gathered out of the pools into dense rows
-    /// (`paged_gather`), then the unfused attention over them, in chunks of queries whose fp32
-    /// scores fit [`UNFUSED_MAX_SCORE_BYTES`], each writing its rows of the step's output.
+    /// Paged attention of a step with prompts in it with the prompts through cuBLAS: each
+    /// prompt's keys and values gathered out of the pools into dense rows (`paged_gather`),
+    /// then the unfused attention over them, in chunks of queries whose fp32 scores fit
+    /// [`UNFUSED_MAX_SCORE_BYTES`], each over the keys it can see ([`chunk_keys`]: with a
+    /// sliding window, only its window's) and writing its rows of the step's output.
     /// Sequences decoding one token beside them (continuous batching) take the decode kernel,
     /// launched over the first query of every sequence (a prompt's first row is written again
     /// by its products). Tensor cores do the products that the flash kernel runs from shared
@@ -364,12 +365,6 @@ impl CudaBackend {
         let op = "paged_attention";
         let plan = &paged.plan;
         let (heads, kv_heads, d) = plan.check_attention(&q.shape, &keys.shape, &values.shape)?;
-        if plan.window.is_some() {
-            return Err(shapes::err(
-                op,
-                "the unfused path takes steps without a sliding window".to_owned(),
-            ));
-        }
         int(op, keys.numel())?;
         let width = kv_heads * d;
         let (wi, bs) = (int(op, width)?, int(op, plan.block_size)?);
@@ -403,28 +398,32 @@ impl CudaBackend {
                 &kl,
                 &wi
             )?;
-            let kv_rows = HeadRows::dense(s.k_len, kv_heads, d);
             for (first, count) in prompt_chunks(s.q_len, s.k_len, heads, UNFUSED_MAX_SCORE_BYTES) {
                 let rows = HeadRows {
                     offset: (q_start + first) * heads * d,
                     row_stride: heads * d,
                     batch_stride: 0,
                 };
+                let keys = chunk_keys(s.q_len, s.k_len, (first, count), plan.window);
+                let kv_rows = HeadRows {
+                    offset: keys.first * kv_heads * d,
+                    row_stride: kv_heads * d,
+                    batch_stride: 0,
+                };
                 let dims = AttnDims {
                     batch: 1,
                     s_q: count,
-                    s_k: s.k_len,
+                    s_k: keys.count,
                     heads,
                     kv_heads,
                     head_dim: d,
                 };
-                // The chunk's first query sits at position k_len - q_len + first.
-                let mask = AttentionMask::causal(s.k_len - s.q_len + first);
                 self.attention_unfused_into(
                     (q, &k_dense, &v_dense),
                     [rows, kv_rows, kv_rows],
                     dims,
-                    &mask,
+                    &AttentionMask::causal(keys.causal_offset),
+                    plan.window,
                     (&mut out, rows),
                 )?;
             }
@@ -434,10 +433,11 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// The kernel for a step of `heads` query heads: decode steps (one new token per sequence)
-    /// spread each query's keys over 8 warps, and across several blocks when heads x sequences
-    /// blocks would leave most of the GPU idle; anything with a prompt in it goes to flash (the
-    /// trait method sends steps with a long enough prompt to `paged_prompts_unfused` instead).
+    /// The kernel for a step: decode steps (one new token per sequence) take the grouped-heads
+    /// kernel where it fits (head dimension, 16-byte aligned tensors, not turned off), else
+    /// the per-head ones, split across blocks when the blocks of a step would leave most of
+    /// the GPU idle; anything with a prompt in it goes to flash (the trait method sends steps
+    /// with a long enough prompt to `paged_prompts_unfused` instead).
     pub(super) fn paged_kernel(
         &self,
         paged: &CudaPaged,
@@ -491,6 +491,35 @@ impl CudaBackend {
 /// than gather and run products per prompt. An estimate of where the two cross, to be set by
 /// the GPU benchmark's prefill figures.
 pub(super) const UNFUSED_MIN_PROMPT: usize = 16;
+
+/// The keys one query chunk of a prompt reads in the unfused path: `count` keys from `first`
+/// (of the prompt's gathered keys), and the causal offset of the chunk's first query within
+/// them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ChunkKeys {
+    pub first: usize,
+    pub count: usize,
+    pub causal_offset: usize,
+}
+
+/// [`ChunkKeys`] for the queries `first .. first + count` of a prompt of `q_len` new tokens
+/// after `k_len - q_len` cached ones: up to the chunk's last query's own position and, with a
+/// sliding window, from the first key its first query sees (keys before every query's window
+/// are not multiplied at all).
+pub(crate) fn chunk_keys(
+    q_len: usize,
+    k_len: usize,
+    (first, count): (usize, usize),
+    window: Option<usize>,
+) -> ChunkKeys {
+    let first_pos = k_len - q_len + first;
+    let begin = window.map_or(0, |w| (first_pos + 1).saturating_sub(w));
+    ChunkKeys {
+        first: begin,
+        count: first_pos + count - begin,
+        causal_offset: first_pos - begin,
+    }
+}
 
 /// The query chunks `(first, count)` of a prompt of `q_len` queries over `k_len` keys and
 /// `heads` heads whose fp32 scores fit `limit` bytes (at least one query each), in order.

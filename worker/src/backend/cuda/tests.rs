@@ -15,6 +15,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use super::kernel_cache::KernelCache;
 use super::kernels::{self, FILES, KernelImage, Origin, Target};
 use super::ops::{AttentionKernel, MAX_DECODE_SPLITS, decode_splits, grouped_decode_fits, grouped_heads};
+use super::paged::{ChunkKeys, chunk_keys};
 use super::{CudaBackend, CudaTensor};
 use crate::backend::test_util::{
     AttnCase, AttnInputs, EXACT, PagedCase, PagedInputs, ProjectionInputs, Rng, Tol, assert_close,
@@ -452,6 +453,57 @@ fn grouped_decode_tiles_a_key_heads_query_heads_evenly() {
     }
     for d in [0, 4, 24, 48, 80, 96, 512] {
         assert!(!grouped_decode_fits(d), "{d}");
+    }
+}
+
+#[test]
+fn a_prompt_chunk_reads_the_keys_its_queries_see() {
+    // A prompt of 10 after 30 cached keys; queries 4..8 sit at positions 34..38.
+    let all = chunk_keys(10, 40, (4, 4), None);
+    assert_eq!(
+        all,
+        ChunkKeys {
+            first: 0,
+            count: 38,
+            causal_offset: 34
+        }
+    );
+    // A window of 8: position 34 sees 27..=34, so keys 27 .. 38.
+    let windowed = chunk_keys(10, 40, (4, 4), Some(8));
+    assert_eq!(
+        windowed,
+        ChunkKeys {
+            first: 27,
+            count: 11,
+            causal_offset: 7
+        }
+    );
+    // A window wider than the history starts at key 0, as without one.
+    assert_eq!(chunk_keys(10, 40, (4, 4), Some(100)), all);
+    // A fresh prompt's first chunk.
+    assert_eq!(
+        chunk_keys(5, 5, (0, 5), Some(3)),
+        ChunkKeys {
+            first: 0,
+            count: 5,
+            causal_offset: 0
+        }
+    );
+    // Every query of a chunk sees exactly its window inside the chunk's keys.
+    for (q_len, k_len, first, count, w) in [(10, 40, 4, 4, 8), (13, 13, 5, 5, 7), (6, 40, 0, 6, 1)] {
+        let c = chunk_keys(q_len, k_len, (first, count), Some(w));
+        for i in 0..count {
+            let pos = k_len - q_len + first + i;
+            let (lo, hi) = ((pos + 1).saturating_sub(w), pos + 1); // absolute, as the paged kernels
+            let end = c.causal_offset + i + 1;
+            let begin = end.saturating_sub(w);
+            assert_eq!(
+                (c.first + begin, c.first + end),
+                (lo, hi),
+                "query {i} of {q_len}/{k_len}"
+            );
+            assert!(c.first + c.count <= k_len);
+        }
     }
 }
 
@@ -1267,28 +1319,16 @@ fn gpu_paged_attention_matches_reference_for_both_kernels() {
         }
         let [got, ..] = paged_step(&*g, &inputs, &c, |b, q, k, v, p| b.paged_attention(q, k, v, p));
         assert_close(&format!("paged attention {c:?}"), &got, &want, tol);
-        // Steps with prompts and no window also go through cuBLAS (which the trait method
+        // Steps with prompts (windowed too) also go through cuBLAS (which the trait method
         // picks for them once a prompt is long enough), decoding sequences beside them through
         // the decode kernel.
-        if c.window.is_none() && c.seqs.iter().any(|&(q, _)| q > 1) {
+        if c.seqs.iter().any(|&(q, _)| q > 1) {
             let [got, ..] = paged_step(&*g, &inputs, &c, |b, q, k, v, p| {
                 b.paged_prompts_unfused(q, k, v, p)
             });
             assert_close(&format!("unfused paged attention {c:?}"), &got, &want, tol);
         }
     }
-    // Windowed steps are not the unfused path's.
-    let windowed = PagedCase::COMMON[4];
-    let inputs = windowed.inputs(&mut rng);
-    let paged = g.prepare_paged(&inputs.plan).unwrap();
-    let (q, pool) = (
-        g.zeros(&windowed.q_shape()).unwrap(),
-        g.zeros(&inputs.pool_shape).unwrap(),
-    );
-    assert!(
-        g.paged_prompts_unfused(&q, &pool, &pool, &paged).is_err(),
-        "{windowed:?}"
-    );
     // Decode steps with each sequence's keys split across blocks, then merged, by the per-head
     // and (where it takes the head dimension) the grouped-heads kernel.
     for c in PagedCase::DECODE {

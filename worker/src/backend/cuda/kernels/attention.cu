@@ -608,13 +608,17 @@ extern "C" __global__ void paged_decode_grouped(elem_t* out, float* partials, co
 // attn_softmax: p[r, j] = softmax over the visible keys j of scale * s[r, j], for the fp32 scores
 //   s [batch * heads * s_q, s_k]; row r = (b * heads + h) * s_q + i. Key j is visible as in
 //   DenseLayout (key_valid[b * s_k + j] when has_valid; j <= causal_offset + i when
-//   causal_offset >= 0); invisible keys and rows without a visible key get 0. The
-//   probabilities are stored in elem_t, the precision the second product reads.
+//   causal_offset >= 0) and, with a sliding window (window > 0, causal only), when
+//   j > causal_offset + i - window, as PagedLayout's window; invisible keys and rows without a
+//   visible key get 0. The probabilities are stored in elem_t, the precision the second
+//   product reads.
 //   Launch: grid (rows), block 256.
 extern "C" __global__ void attn_softmax(elem_t* p, const float* s, const unsigned char* key_valid, int has_valid,
-                                        int causal_offset, int rows, int s_q, int s_k, int heads, float scale) {
+                                        int causal_offset, int window, int rows, int s_q, int s_k, int heads,
+                                        float scale) {
     __shared__ float scratch[32];
     KERNEL_CHECK(s_q > 0 && heads > 0 && blockDim.x % 32 == 0);
+    KERNEL_CHECK(window <= 0 || causal_offset >= 0);
     const int r = blockIdx.x;
     if (r >= rows) {
         return;
@@ -624,8 +628,9 @@ extern "C" __global__ void attn_softmax(elem_t* p, const float* s, const unsigne
     const float* sr = s + (size_t)r * s_k;
     elem_t* pr = p + (size_t)r * s_k;
     const int end = causal_offset >= 0 ? min(s_k, causal_offset + i + 1) : s_k;
+    const int begin = window > 0 ? max(0, causal_offset + i + 1 - window) : 0;
     float m = -INFINITY;
-    for (int j = threadIdx.x; j < end; j += blockDim.x) {
+    for (int j = begin + threadIdx.x; j < end; j += blockDim.x) {
         if (!has_valid || key_valid[b * s_k + j]) {
             m = fmaxf(m, sr[j] * scale);
         }
@@ -633,7 +638,7 @@ extern "C" __global__ void attn_softmax(elem_t* p, const float* s, const unsigne
     m = block_max(m, scratch);
     float sum = 0.0f;
     if (m != -INFINITY) { // uniform for the block
-        for (int j = threadIdx.x; j < end; j += blockDim.x) {
+        for (int j = begin + threadIdx.x; j < end; j += blockDim.x) {
             if (!has_valid || key_valid[b * s_k + j]) {
                 sum += expf(sr[j] * scale - m);
             }
@@ -642,7 +647,7 @@ extern "C" __global__ void attn_softmax(elem_t* p, const float* s, const unsigne
     sum = block_sum(sum, scratch);
     const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
     for (int j = threadIdx.x; j < s_k; j += blockDim.x) {
-        const bool visible = j < end && (!has_valid || key_valid[b * s_k + j]);
+        const bool visible = j >= begin && j < end && (!has_valid || key_valid[b * s_k + j]);
         pr[j] = store(visible ? expf(sr[j] * scale - m) * inv : 0.0f);
     }
 }
