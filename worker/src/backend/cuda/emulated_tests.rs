@@ -758,13 +758,9 @@ fn emulated_split_and_grouped_decode_match_the_reference() {
             );
             let [tokens, heads, d] = c.q_shape();
             let seqs = inputs.plan.seqs.len();
-            let (heads_per_block, tiles) = grouped_heads(heads, c.kv_heads);
+            let (heads_per_block, _) = grouped_heads(heads, c.kv_heads);
             for splits in [1, 2, 3, 7] {
-                let grouped = AttentionKernel::GroupedDecode {
-                    splits,
-                    heads_per_block,
-                    head_blocks: c.kv_heads * tiles,
-                };
+                let grouped = AttentionKernel::grouped(heads, c.kv_heads, splits);
                 let kernels = [
                     ("paged_decode_split", AttentionKernel::SplitDecode { splits }),
                     ("paged_decode_grouped", grouped),

@@ -49,6 +49,19 @@ pub(crate) enum AttentionKernel {
     },
 }
 
+impl AttentionKernel {
+    /// The grouped-heads decode kernel for `heads` query heads over `kv_heads`, its keys split
+    /// `splits` ways, tiled as [`grouped_heads`] says.
+    pub(crate) fn grouped(heads: usize, kv_heads: usize, splits: usize) -> Self {
+        let (heads_per_block, tiles) = grouped_heads(heads, kv_heads);
+        AttentionKernel::GroupedDecode {
+            splits,
+            heads_per_block,
+            head_blocks: kv_heads * tiles,
+        }
+    }
+}
+
 /// The most query heads one `paged_decode_grouped` block serves (`GQ_HEADS` in attention.cu):
 /// each lane keeps a query chunk and an output chunk per head in registers.
 pub(crate) const GROUPED_MAX_HEADS: usize = 4;

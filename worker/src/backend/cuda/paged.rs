@@ -463,13 +463,9 @@ impl CudaBackend {
             && heads.is_multiple_of(kv_heads)
             && aligned
         {
-            let (heads_per_block, tiles) = grouped_heads(heads, kv_heads);
-            let head_blocks = kv_heads * tiles;
-            return AttentionKernel::GroupedDecode {
-                splits: decode_splits(self.sm_count, head_blocks, seqs),
-                heads_per_block,
-                head_blocks,
-            };
+            let (_, tiles) = grouped_heads(heads, kv_heads);
+            let splits = decode_splits(self.sm_count, kv_heads * tiles, seqs);
+            return AttentionKernel::grouped(heads, kv_heads, splits);
         }
         match decode_splits(self.sm_count, heads, seqs) {
             1 => AttentionKernel::Decode,

@@ -1336,13 +1336,8 @@ fn gpu_paged_attention_matches_reference_for_both_kernels() {
         let [want, ..] = paged_step(&ReferenceBackend, &inputs, &c, |b, q, k, v, p| {
             b.paged_attention(q, k, v, p)
         });
-        let (heads_per_block, tiles) = grouped_heads(c.heads, c.kv_heads);
         for splits in [1, 2, 5, MAX_DECODE_SPLITS] {
-            let grouped = AttentionKernel::GroupedDecode {
-                splits,
-                heads_per_block,
-                head_blocks: c.kv_heads * tiles,
-            };
+            let grouped = AttentionKernel::grouped(c.heads, c.kv_heads, splits);
             let kernels = [AttentionKernel::SplitDecode { splits }, grouped];
             for kernel in kernels
                 .into_iter()
@@ -1357,17 +1352,16 @@ fn gpu_paged_attention_matches_reference_for_both_kernels() {
     }
     // The split and grouped kernels refuse a step with a prompt in it, the grouped kernel a
     // head dimension it does not take.
-    let c = PagedCase::COMMON[2];
-    let inputs = c.inputs(&mut rng);
-    let paged = g.prepare_paged(&inputs.plan).unwrap();
-    let q = g.from_host(&inputs.q, &c.q_shape()).unwrap();
-    let pool = g.from_host(&inputs.keys, &inputs.pool_shape).unwrap();
-    let (heads_per_block, tiles) = grouped_heads(c.heads, c.kv_heads);
-    let grouped = AttentionKernel::GroupedDecode {
-        splits: 2,
-        heads_per_block,
-        head_blocks: c.kv_heads * tiles,
+    let upload = |c: &PagedCase, rng: &mut Rng| {
+        let inputs = c.inputs(rng);
+        let paged = g.prepare_paged(&inputs.plan).unwrap();
+        let q = g.from_host(&inputs.q, &c.q_shape()).unwrap();
+        let pool = g.from_host(&inputs.keys, &inputs.pool_shape).unwrap();
+        (paged, q, pool)
     };
+    let c = PagedCase::COMMON[2];
+    let (paged, q, pool) = upload(&c, &mut rng);
+    let grouped = AttentionKernel::grouped(c.heads, c.kv_heads, 2);
     for kernel in [AttentionKernel::SplitDecode { splits: 2 }, grouped] {
         assert!(
             g.paged_attention_with(&q, &pool, &pool, &paged, kernel).is_err(),
@@ -1375,16 +1369,8 @@ fn gpu_paged_attention_matches_reference_for_both_kernels() {
         );
     }
     let c = PagedCase::DECODE[2]; // d = 80
-    let inputs = c.inputs(&mut rng);
-    let paged = g.prepare_paged(&inputs.plan).unwrap();
-    let q = g.from_host(&inputs.q, &c.q_shape()).unwrap();
-    let pool = g.from_host(&inputs.keys, &inputs.pool_shape).unwrap();
-    let (heads_per_block, tiles) = grouped_heads(c.heads, c.kv_heads);
-    let grouped = AttentionKernel::GroupedDecode {
-        splits: 1,
-        heads_per_block,
-        head_blocks: c.kv_heads * tiles,
-    };
+    let (paged, q, pool) = upload(&c, &mut rng);
+    let grouped = AttentionKernel::grouped(c.heads, c.kv_heads, 1);
     assert!(
         g.paged_attention_with(&q, &pool, &pool, &paged, grouped).is_err(),
         "d = 80 grouped"
