@@ -289,6 +289,21 @@ pub trait Backend: Send + Sync {
         eps: f32,
     ) -> Result<Self::Tensor>;
 
+    /// `layer_norm(linear(x, weight, bias) + residual)`: BERT's post-norm residual blocks
+    /// after their output projections. The GPU adds the bias inside the norm's pass instead of
+    /// a pass of its own; the default composes the two ops.
+    fn linear_add_layer_norm(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        residual: &Self::Tensor,
+        (gamma, beta): (&Self::Tensor, &Self::Tensor),
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        self.add_layer_norm(&self.linear(x, weight, bias)?, residual, gamma, beta, eps)
+    }
+
     /// RMS normalisation over the last dimension: `x / sqrt(mean(x²) + eps) * weight` (Llama).
     fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
 

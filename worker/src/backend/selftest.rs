@@ -243,6 +243,28 @@ fn rows_and_gathers<B: Backend>(backend: &B, p: Precision) -> Result<()> {
     if let Some(mismatch) = first_mismatch(&got, &want, Bound::of(p, 1)) {
         return Err(failed("add_layer_norm", mismatch));
     }
+    // BERT's output projection, bias, residual and norm (the GPU adds the bias in the norm).
+    let k = 16;
+    let (xk, wk, bias) = (
+        values(100, rows * k, 1.0),
+        values(101, d * k, 0.25),
+        values(102, d, 1.0),
+    );
+    check_op!(
+        backend,
+        p,
+        "linear_add_layer_norm",
+        k,
+        &[
+            (&xk, &[rows, k]),
+            (&wk, &[d, k]),
+            (&bias, &[d]),
+            (&r, &[rows, d]),
+            (&gamma, &[d]),
+            (&beta, &[d]),
+        ],
+        |be, t| be.linear_add_layer_norm(&t[0], &t[1], Some(&t[2]), &t[3], (&t[4], &t[5]), 1e-5)
+    );
     let mut logits = values(74, 3 * 40, 4.0);
     logits[40..52].fill(f32::NEG_INFINITY);
     check_op!(backend, p, "softmax_rows", 1, &[(&logits, &[3, 40])], |be, t| be

@@ -253,6 +253,25 @@ fn norms_match_reference() {
             compare(&format!("rms_norm {what}"), tol, inputs, |be, t| {
                 be.rms_norm(&t[0], &t[2], 1e-6)
             });
+            // With an output projection in front (k = d), its bias, then the residual.
+            let w = rng.vec(d * d, 1.0 / (d as f32).sqrt());
+            let inputs: &[(&[f32], &[usize])] = &[
+                (&x, &[rows, d]),
+                (&w, &[d, d]),
+                (&b, &[d]),
+                (&r, &[rows, d]),
+                (&g, &[d]),
+            ];
+            let product_tol = Tol {
+                atol: 1e-4,
+                rtol: 1e-4,
+            }; // a product over d terms first, as the linear tests
+            compare(
+                &format!("linear_add_layer_norm {what}"),
+                product_tol,
+                inputs,
+                |be, t| be.linear_add_layer_norm(&t[0], &t[1], Some(&t[2]), &t[3], (&t[4], &t[2]), 1e-5),
+            );
         }
     }
 }

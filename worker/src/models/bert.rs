@@ -211,8 +211,14 @@ impl<B: Backend> Bert<B> {
         for layer in &self.layers {
             let qkv = backend.linear(&x, &layer.qkv_weight, Some(&layer.qkv_bias))?;
             let context = backend.attention_qkv(&qkv, (batch.batch, heads), &mask)?;
-            let attn = backend.linear(&context, &layer.attn_out_weight, Some(&layer.attn_out_bias))?;
-            x = backend.add_layer_norm(&attn, &x, &layer.attn_norm_weight, &layer.attn_norm_bias, eps)?;
+            x = backend.linear_add_layer_norm(
+                &context,
+                &layer.attn_out_weight,
+                Some(&layer.attn_out_bias),
+                &x,
+                (&layer.attn_norm_weight, &layer.attn_norm_bias),
+                eps,
+            )?;
             let act = match c.hidden_act {
                 Activation::Gelu => backend::Activation::Gelu,
                 Activation::GeluTanh => backend::Activation::GeluTanh,
@@ -228,8 +234,14 @@ impl<B: Backend> Bert<B> {
                 Some(&layer.intermediate_bias),
                 act,
             )?;
-            let out = backend.linear(&inner, &layer.output_weight, Some(&layer.output_bias))?;
-            x = backend.add_layer_norm(&out, &x, &layer.output_norm_weight, &layer.output_norm_bias, eps)?;
+            x = backend.linear_add_layer_norm(
+                &inner,
+                &layer.output_weight,
+                Some(&layer.output_bias),
+                &x,
+                (&layer.output_norm_weight, &layer.output_norm_bias),
+                eps,
+            )?;
         }
         Ok(x)
     }

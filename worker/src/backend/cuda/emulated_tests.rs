@@ -881,11 +881,14 @@ fn emulated_row_kernels_match_reference() {
             1e-5,
         ));
         let mut out = vec![0u8; xd.len()];
+        let mut no_bias = emu.store(&[0.0]);
         let args = Args::default()
             .buf(&mut out)
             .buf(&mut xd)
             .buf(&mut rd)
             .int(1)
+            .buf(&mut no_bias)
+            .int(0)
             .buf(&mut wd)
             .buf(&mut bd)
             .int(rows)
@@ -894,6 +897,39 @@ fn emulated_row_kernels_match_reference() {
         emu.launch("layer_norm", (rows, 1, 1), 256, 0, args);
         assert_close(
             &format!("layer_norm + residual ({p})"),
+            &emu.load(&out),
+            &want,
+            tol,
+        );
+
+        // With the product's bias folded in: x + bias + residual rounded once, then the norm.
+        let product_bias = p.round(&rng.vec(d, 1.0));
+        let biased: Vec<f32> = (0..rows * d)
+            .map(|i| x[i] + product_bias[i % d] + res[i])
+            .collect();
+        let want = host(r.layer_norm(
+            &reference(&p.round(&biased), &[rows, d]),
+            &reference(&w, &[d]),
+            &reference(&b, &[d]),
+            1e-5,
+        ));
+        let mut pbd = emu.store(&product_bias);
+        let mut out = vec![0u8; xd.len()];
+        let args = Args::default()
+            .buf(&mut out)
+            .buf(&mut xd)
+            .buf(&mut rd)
+            .int(1)
+            .buf(&mut pbd)
+            .int(1)
+            .buf(&mut wd)
+            .buf(&mut bd)
+            .int(rows)
+            .int(d)
+            .float(1e-5);
+        emu.launch("layer_norm", (rows, 1, 1), 256, 0, args);
+        assert_close(
+            &format!("layer_norm + bias + residual ({p})"),
             &emu.load(&out),
             &want,
             tol,
@@ -1039,11 +1075,13 @@ fn emulated_elementwise_and_gather_kernels_match_reference() {
             1e-5,
         ));
         let mut out = vec![0u8; xd.len()];
-        let mut unused = emu.store(&[0.0]);
+        let (mut unused, mut unused_bias) = (emu.store(&[0.0]), emu.store(&[0.0]));
         let args = Args::default()
             .buf(&mut out)
             .buf(&mut xd)
             .buf(&mut unused)
+            .int(0)
+            .buf(&mut unused_bias)
             .int(0)
             .buf(&mut wd)
             .buf(&mut bias_d)

@@ -847,10 +847,11 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// `layer_norm(x (+ bias) (+ residual))` in one launch.
     fn norm_launch(
         &self,
         x: &CudaTensor,
-        residual: Option<&CudaTensor>,
+        (residual, bias): (Option<&CudaTensor>, Option<&CudaTensor>),
         gamma: &CudaTensor,
         beta: &CudaTensor,
         eps: f32,
@@ -862,8 +863,10 @@ impl CudaBackend {
             return Ok(out);
         }
         int(op, x.numel())?;
-        let (ri, di, has_residual) = (int(op, rows)?, int(op, d)?, i32::from(residual.is_some()));
+        let (ri, di) = (int(op, rows)?, int(op, d)?);
+        let (has_residual, has_bias) = (i32::from(residual.is_some()), i32::from(bias.is_some()));
         let res = residual.map_or(&x.buf, |r| &r.buf);
+        let bias_buf = bias.map_or(&self.placeholder_elem, |b| &b.buf);
         launch!(
             self,
             "layer_norm",
@@ -872,6 +875,8 @@ impl CudaBackend {
             &x.buf,
             res,
             &has_residual,
+            bias_buf,
+            &has_bias,
             &gamma.buf,
             &beta.buf,
             &ri,
@@ -1117,7 +1122,7 @@ impl Backend for CudaBackend {
             &x.shape,
             &[("gamma", &gamma.shape), ("beta", &beta.shape)],
         )?;
-        self.norm_launch(x, None, gamma, beta, eps, dims)
+        self.norm_launch(x, (None, None), gamma, beta, eps, dims)
     }
 
     fn add_layer_norm(
@@ -1131,7 +1136,30 @@ impl Backend for CudaBackend {
         let op = "add_layer_norm";
         shapes::same(op, &x.shape, &residual.shape)?;
         let dims = shapes::norm(op, &x.shape, &[("gamma", &gamma.shape), ("beta", &beta.shape)])?;
-        self.norm_launch(x, Some(residual), gamma, beta, eps, dims)
+        self.norm_launch(x, (Some(residual), None), gamma, beta, eps, dims)
+    }
+
+    fn linear_add_layer_norm(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        residual: &CudaTensor,
+        (gamma, beta): (&CudaTensor, &CudaTensor),
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        let op = "linear_add_layer_norm";
+        shapes::linear(&x.shape, &weight.shape, bias.map(|b| b.shape.as_slice()))?;
+        // The product without its bias; the bias is added by the norm, which reads the row
+        // anyway, so it costs no pass of its own.
+        let product = self.fused_linear(x, weight, None, Activation::Identity, None)?;
+        shapes::same(op, &product.shape, &residual.shape)?;
+        let dims = shapes::norm(
+            op,
+            &product.shape,
+            &[("gamma", &gamma.shape), ("beta", &beta.shape)],
+        )?;
+        self.norm_launch(&product, (Some(residual), bias), gamma, beta, eps, dims)
     }
 
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaTensor, eps: f32) -> Result<CudaTensor> {

@@ -816,6 +816,43 @@ fn gpu_norms_match_reference() {
                 .rms_norm(&t[0], &t[2], 1e-6));
         }
     }
+    // The output projection folded in front, its bias added inside the norm's pass (BERT): a
+    // product over k = 96 terms first, so the matrix products' 1e-4.
+    let product_tol = Tol {
+        atol: 1e-4,
+        rtol: 1e-4,
+    };
+    for &(rows, k, d) in &[(1, 96, 8), (3, 96, 384), (65, 96, 768)] {
+        let (x, w, bias, r) = (
+            rng.vec(rows * k, 1.0),
+            rng.vec(d * k, 0.2),
+            rng.vec(d, 1.0),
+            rng.vec(rows * d, 3.0),
+        );
+        let (gm, b) = (rng.vec(d, 2.0), rng.vec(d, 1.0));
+        let inputs: Inputs<'_> = &[
+            (&x, &[rows, k]),
+            (&w, &[d, k]),
+            (&bias, &[d]),
+            (&r, &[rows, d]),
+            (&gm, &[d]),
+            (&b, &[d]),
+        ];
+        compare!(
+            g,
+            format!("linear_add_layer_norm [{rows}, {k}] -> {d}"),
+            product_tol,
+            inputs,
+            |be, t| be.linear_add_layer_norm(&t[0], &t[1], Some(&t[2]), &t[3], (&t[4], &t[5]), 1e-5)
+        );
+        compare!(
+            g,
+            format!("linear_add_layer_norm [{rows}, {k}] -> {d}, no bias"),
+            product_tol,
+            inputs,
+            |be, t| be.linear_add_layer_norm(&t[0], &t[1], None, &t[3], (&t[4], &t[5]), 1e-5)
+        );
+    }
 }
 
 #[test]
