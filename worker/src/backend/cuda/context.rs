@@ -338,6 +338,15 @@ impl CudaBackend {
         Ok(backend)
     }
 
+    /// Whether every tensor's buffer starts on a 16-byte boundary, as the kernels' vector
+    /// loads need (allocations do; the check keeps the loads safe whatever a tensor's origin).
+    pub(super) fn aligned_16(&self, tensors: &[&CudaTensor]) -> bool {
+        tensors.iter().all(|t| {
+            let (ptr, _sync) = t.buf.device_ptr(&self.stream);
+            ptr % 16 == 0
+        })
+    }
+
     /// How the kernels were built at start-up.
     pub fn kernel_build(&self) -> &KernelBuild {
         &self.kernel_build

@@ -11,7 +11,7 @@
 
 use std::sync::atomic::Ordering;
 
-use cudarc::driver::{DevicePtr, LaunchConfig};
+use cudarc::driver::LaunchConfig;
 
 use super::context::CudaBackend;
 use super::launch::{int, launch};
@@ -68,10 +68,7 @@ impl CudaBackend {
             && (1..=GEMV_MAX_ROWS).contains(&rows)
             && k > 0
             && k.is_multiple_of(GEMV_CHUNK)
-            && tensors.iter().all(|t| {
-                let (ptr, _sync) = t.buf.device_ptr(&self.stream);
-                ptr % 16 == 0
-            })
+            && self.aligned_16(tensors)
     }
 
     /// `x [.., k]` through `weight [m, k]` with `folded` around the product, onto `residual`

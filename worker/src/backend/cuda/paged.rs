@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use cudarc::driver::{CudaSlice, DevicePtr};
+use cudarc::driver::CudaSlice;
 
 use super::context::{ATTN_MAX_D, CudaBackend};
 use super::launch::{elementwise_cfg, int, launch, rows_cfg};
@@ -260,6 +260,7 @@ impl CudaBackend {
             } => {
                 let (_, tiles) = grouped_heads(heads, kv_heads);
                 if !grouped_decode_fits(d)
+                    || !self.aligned_16(&[q, keys, values])
                     || heads % kv_heads != 0
                     || grouped_heads(heads, kv_heads).0 != heads_per_block
                     || head_blocks != kv_heads * tiles
@@ -267,9 +268,9 @@ impl CudaBackend {
                     return Err(shapes::err(
                         op,
                         format!(
-                            "the grouped decode kernel takes head_dim 8, 16, 32, 64, 128 or 256 and its own head \
-                             tiling (got d = {d}, {heads} heads over {kv_heads}, {heads_per_block} a block in \
-                             {head_blocks} blocks)"
+                            "the grouped decode kernel takes head_dim 8, 16, 32, 64, 128 or 256, 16-byte \
+                             aligned tensors and its own head tiling (got d = {d}, {heads} heads over \
+                             {kv_heads}, {heads_per_block} a block in {head_blocks} blocks)"
                         ),
                     ));
                 }
@@ -453,15 +454,11 @@ impl CudaBackend {
             (&[_, heads, d], &[_, kv_heads, _]) => (heads, kv_heads, d),
             _ => (1, 1, 0), // malformed: paged_attention_queries reports it
         };
-        let aligned = [q, keys, values].iter().all(|t| {
-            let (ptr, _sync) = t.buf.device_ptr(&self.stream);
-            ptr % 16 == 0
-        });
         if self.grouped_decode_enabled.load(Ordering::Relaxed)
             && grouped_decode_fits(d)
             && kv_heads > 0
             && heads.is_multiple_of(kv_heads)
-            && aligned
+            && self.aligned_16(&[q, keys, values])
         {
             let (_, tiles) = grouped_heads(heads, kv_heads);
             let splits = decode_splits(self.sm_count, kv_heads * tiles, seqs);
