@@ -151,8 +151,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Opens the device `--device` names and loads the model onto it.
-fn load_on_device(args: &ServeArgs, limits: &ModelLimits) -> anyhow::Result<ModelParts> {
+/// Opens the device `--device` names and loads the model onto it, recording how long each
+/// phase took in `metrics`.
+fn load_on_device(args: &ServeArgs, limits: &ModelLimits, metrics: &Metrics) -> anyhow::Result<ModelParts> {
     #[cfg(feature = "cuda")]
     let selected = select(args.device, CUDA_BUILT, |n| {
         let cache = args.kernel_cache();
@@ -169,14 +170,14 @@ fn load_on_device(args: &ServeArgs, limits: &ModelLimits) -> anyhow::Result<Mode
             seconds = build.seconds,
             "built the GPU kernels"
         );
+        metrics.record_startup("kernels", build.seconds);
         // Every op against the reference before anything is served: a kernel that is wrong on
         // this GPU stops here, by name, instead of answering wrongly.
         let started = std::time::Instant::now();
         atomic_worker::backend::selftest::check(&backend, args.precision).map_err(|e| e.to_string())?;
-        tracing::info!(
-            seconds = started.elapsed().as_secs_f64(),
-            "the GPU passed the start-up self-test"
-        );
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::info!(seconds, "the GPU passed the start-up self-test");
+        metrics.record_startup("selftest", seconds);
         if args.cuda_graph_max_batch > 0 {
             backend.enable_decode_graphs(args.cuda_graph_max_batch);
         }
@@ -199,9 +200,14 @@ fn load_on_device(args: &ServeArgs, limits: &ModelLimits) -> anyhow::Result<Mode
             let backend = CpuBackend::new(args.threads)?;
             let simd = atomic_worker::backend::cpu_kernels::detected_simd_level();
             // The row kernels are picked for this CPU's SIMD level at run time: check them too.
+            let started = std::time::Instant::now();
             atomic_worker::backend::selftest::check(&backend, Precision::F32)?;
+            metrics.record_startup("selftest", started.elapsed().as_secs_f64());
             tracing::info!(threads = backend.threads(), ?simd, "running on the CPU");
-            server::load_model_on(dir, backend, limits)
+            let started = std::time::Instant::now();
+            let parts = server::load_model_on(dir, backend, limits);
+            metrics.record_startup("load", started.elapsed().as_secs_f64());
+            parts
         }
         #[cfg(feature = "cuda")]
         Selected::Cuda(backend) => {
@@ -212,7 +218,10 @@ fn load_on_device(args: &ServeArgs, limits: &ModelLimits) -> anyhow::Result<Mode
                 cuda_graph_max_batch = args.cuda_graph_max_batch,
                 "running on the GPU"
             );
-            server::load_model_on(dir, backend, limits).map(|mut parts| {
+            let started = std::time::Instant::now();
+            let parts = server::load_model_on(dir, backend, limits);
+            metrics.record_startup("load", started.elapsed().as_secs_f64());
+            parts.map(|mut parts| {
                 let started = std::time::Instant::now();
                 // A failure here (out of memory, above all) is loud but not fatal: smaller
                 // batches may still fit, and the scheduler reports what does not.
@@ -228,6 +237,7 @@ fn load_on_device(args: &ServeArgs, limits: &ModelLimits) -> anyhow::Result<Mode
                          (or --kv-cache-mib) until it fits"
                     ),
                 }
+                metrics.record_startup("warmup", started.elapsed().as_secs_f64());
                 parts
             })
         }
@@ -238,6 +248,7 @@ fn load_on_device(args: &ServeArgs, limits: &ModelLimits) -> anyhow::Result<Mode
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let process_started = std::time::Instant::now();
     let model_name = match &args.model_name {
         Some(name) => name.clone(),
         None => args
@@ -286,16 +297,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         };
         let args = Arc::new(args);
         let loading = args.clone();
-        let parts = tokio::task::spawn_blocking(move || load_on_device(&loading, &model_limits))
-            .await
-            .context("model loading did not finish")??;
+        let loading_metrics = metrics.clone();
+        let parts =
+            tokio::task::spawn_blocking(move || load_on_device(&loading, &model_limits, &loading_metrics))
+                .await
+                .context("model loading did not finish")??;
         match &parts {
             ModelParts::Encoder(p) => server::check_task(args.task, &p.head, &args.labels)?,
             ModelParts::Decoder(_) => server::check_decoder_task(args.task, &args.labels)?,
         }
-        let engine = Engine::start_model(parts, args.labels.clone(), &model_limits, metrics)?;
+        let engine = Engine::start_model(parts, args.labels.clone(), &model_limits, metrics.clone())?;
         state.set_engine(engine);
-        tracing::info!("model loaded; ready");
+        let seconds = process_started.elapsed().as_secs_f64();
+        metrics.record_startup("ready", seconds);
+        tracing::info!(seconds, "model loaded; ready");
 
         server
             .await

@@ -2,7 +2,8 @@
 //! one process, as in tests, do not share counters).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// All metrics of one server.
@@ -27,6 +28,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Failed requests by endpoint and reason (the error code).
     pub failures: IntCounterVec,
+    /// Seconds each start-up phase took (what a worker scaled up from zero waits for).
+    pub startup_seconds: GaugeVec,
 }
 
 impl Metrics {
@@ -73,6 +76,14 @@ impl Metrics {
             ),
             &["endpoint", "reason"],
         )?;
+        let startup_seconds = GaugeVec::new(
+            Opts::new(
+                "atomic_worker_startup_seconds",
+                "Seconds each start-up phase took: kernels (GPU kernel build), selftest, load (weights \
+                 onto the device), warmup (the largest pass, GPU), ready (from process start)",
+            ),
+            &["phase"],
+        )?;
         registry.register(Box::new(queue_size.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(kv_cache_reserved.clone()))?;
@@ -82,6 +93,7 @@ impl Metrics {
         registry.register(Box::new(stage_seconds.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(failures.clone()))?;
+        registry.register(Box::new(startup_seconds.clone()))?;
         Ok(Self {
             registry,
             queue_size,
@@ -93,7 +105,13 @@ impl Metrics {
             stage_seconds,
             requests,
             failures,
+            startup_seconds,
         })
+    }
+
+    /// Records how long a start-up phase took.
+    pub fn record_startup(&self, phase: &str, seconds: f64) {
+        self.startup_seconds.with_label_values(&[phase]).set(seconds);
     }
 
     /// Records how long a stage took.
@@ -108,5 +126,27 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .map_err(|e| e.to_string())?;
         String::from_utf8(out).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_up_phases_render_by_name() {
+        let m = Metrics::new().expect("metrics");
+        m.record_startup("kernels", 1.25);
+        m.record_startup("selftest", 0.5);
+        m.record_startup("kernels", 0.001); // a phase set again keeps its last value
+        let text = m.render().expect("render");
+        assert!(
+            text.contains("atomic_worker_startup_seconds{phase=\"kernels\"} 0.001"),
+            "{text}"
+        );
+        assert!(
+            text.contains("atomic_worker_startup_seconds{phase=\"selftest\"} 0.5"),
+            "{text}"
+        );
     }
 }
