@@ -27,7 +27,8 @@ for line in sys.stdin:
 ' | while read -r name exe; do
     strip -o "$out/tests/$name" "$exe"
 done
-cargo build --release -q -p atomic-worker --features cuda --example gpu_bench
+cargo build --release -q -p atomic-worker --features cuda --example gpu_bench --bin atomic-worker
 strip -o "$out/gpu_bench" "$target_dir/release/examples/gpu_bench"
+strip -o "$out/atomic-worker" "$target_dir/release/atomic-worker"
 ls "$out/tests" >/dev/null
 du -sh "$out"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Everything to run on a GPU machine, as one command of under ten minutes: the GPU tests
-# (scripts/gpu-checks.sh), then the benchmark (scripts/bench-gpu.sh), each under its own time
-# limit so that a hang in one still leaves the other's results. Logs, the benchmark's JSON
+# (scripts/gpu-checks.sh), the worker binary served twice on the GPU and once on the CPU
+# (worker/bench/serve_smoke.py: start-up, kernel cache, embeddings against the CPU's), then the
+# benchmark (scripts/bench-gpu.sh), each under its own time limit so that a hang in one still
+# leaves the others' results. Logs, the benchmark's JSON
 # lines and its report go to the folder $OUT names when it is set, else to
 # target/gpu-session. Build the bundle first, on a machine with Rust: bash scripts/gpu-bundle.sh
 #   bash scripts/gpu-session.sh [SECONDS_PER_FIGURE=2]
-# Environment: CHECKS_LIMIT and BENCH_LIMIT (seconds, default 180 and 380); PRECISIONS for the
+# Environment: CHECKS_LIMIT, SERVE_LIMIT and BENCH_LIMIT (seconds, default 180, 60 and 330); PRECISIONS for the
 # benchmark (default bf16,fp16,fp32: the precisions of the goals first).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,9 +20,16 @@ checks=$?
 echo "gpu-session: GPU tests exited $checks after $(($(date +%s) - start)) s (log: checks.log)"
 grep -E "^== |^test result|FAILED|panicked" "$out/checks.log" | head -40
 echo "gpu-session: $(grep -c SKIPPED "$out/checks.log") tests skipped (see checks.log for why)"
+lib_dirs="$(bash scripts/cuda-libs.sh)"
+LD_LIBRARY_PATH="$lib_dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" timeout "${SERVE_LIMIT:-60}" \
+    python3 worker/bench/serve_smoke.py target/gpu-bundle/atomic-worker worker/fixtures/tiny-bert \
+    >"$out/serve.log" 2>&1
+serve=$?
+echo "gpu-session: serve smoke exited $serve after $(($(date +%s) - start)) s (log: serve.log)"
+cat "$out/serve.log" | tail -8
 PRECISIONS="${PRECISIONS:-bf16,fp16,fp32}" ATOMIC_BENCH_OUT="$out" \
     ATOMIC_GPU_BENCH="${ATOMIC_GPU_BENCH:-target/gpu-bundle/gpu_bench}" \
-    timeout "${BENCH_LIMIT:-380}" bash scripts/bench-gpu.sh "$seconds" >"$out/bench.log" 2>&1
+    timeout "${BENCH_LIMIT:-330}" bash scripts/bench-gpu.sh "$seconds" >"$out/bench.log" 2>&1
 bench=$?
 echo "gpu-session: benchmark exited $bench after $(($(date +%s) - start)) s in all (log: bench.log)"
 # A benchmark stopped at its limit never wrote its report: make one from what it measured.
@@ -28,4 +37,4 @@ if [ ! -s "$out/report.txt" ] && [ -s "$out/atomic.jsonl" ]; then
     python3 worker/bench/gpu_report.py "$out/atomic.jsonl" "$out/torch.jsonl" >"$out/report.txt"
 fi
 [ -f "$out/report.txt" ] && cat "$out/report.txt"
-[ "$checks" -eq 0 ] && [ "$bench" -eq 0 ]
+[ "$checks" -eq 0 ] && [ "$serve" -eq 0 ] && [ "$bench" -eq 0 ]

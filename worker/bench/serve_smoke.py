@@ -1,0 +1,126 @@
+"""The worker binary end to end on a device, as a pod runs it: `atomic-worker serve` on a model
+folder, started twice over one kernel cache folder, then once on the CPU, each answering one
+embeddings request. Checks, and prints as it goes:
+
+- each start reaches /ready and answers;
+- the second start reads every kernel from the cache (its log says `from_cache=N compiled=0`)
+  and embeds exactly as the first did;
+- the device's embeddings agree with the CPU's (cosine >= 0.999 per text in half precision);
+- /metrics holds the start-up phases (`atomic_worker_startup_seconds`).
+
+    python3 worker/bench/serve_smoke.py WORKER_BINARY MODEL_DIR [--device cuda:0] [--precision bf16]
+
+With `--device cpu` it checks the mechanics on a machine without a GPU (the cache lines are
+then skipped: the CPU compiles no kernels). Standard library only; exits non-zero on the first
+failed check.
+"""
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+TEXTS = ["the invoice was charged twice", "where is my parcel?", "thank you, that solved it"]
+
+
+def request(port, path, body=None, timeout=10):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return resp.status, resp.read().decode()
+
+
+def start(binary, model, device, precision, cache, port, log_path):
+    try:
+        request(port, "/ready", timeout=2)
+        raise SystemExit(f"serve_smoke: something already answers on port {port}; stop it or pass --port")
+    except OSError:
+        pass  # free, as it should be
+    log = open(log_path, "w")
+    args = [binary, "serve", "--model-dir", model, "--model-name", "m", "--device", device, "--precision", precision,
+            "--port", str(port), "--host", "127.0.0.1", "--kernel-cache-dir", cache]
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"serve_smoke: the worker exited with {proc.returncode}; log:\n"
+                             + open(log_path).read()[-4000:])
+        try:
+            if request(port, "/ready", timeout=2)[0] == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise SystemExit(f"serve_smoke: not ready after 120 s; log:\n" + open(log_path).read()[-4000:])
+
+
+def embed_and_stop(proc, port):
+    try:
+        body = request(port, "/v1/embeddings", {"model": "m", "input": TEXTS})[1]
+        metrics = request(port, "/metrics")[1]
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f"serve_smoke: {e.url} answered {e.code}: {e.read().decode(errors='replace')}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    vectors = [d["embedding"] for d in json.loads(body)["data"]]
+    phases = dict(re.findall(r'atomic_worker_startup_seconds\{phase="(\w+)"\} (\S+)', metrics))
+    return vectors, phases
+
+
+def cosine(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)) or 1.0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("binary")
+    ap.add_argument("model")
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--port", type=int, default=18180)
+    args = ap.parse_args()
+    gpu = args.device != "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = f"{tmp}/kernels"
+        runs = []
+        for i, device in enumerate([args.device, args.device, "cpu"]):
+            log_path = f"{tmp}/worker-{i}.log"
+            started = time.time()
+            proc = start(args.binary, args.model, device, args.precision, cache, args.port + i, log_path)
+            ready = time.time() - started
+            vectors, phases = embed_and_stop(proc, args.port + i)
+            log = open(log_path).read()
+            built = re.search(r"built the GPU kernels.*", log)
+            print(f"serve_smoke: start {i + 1} ({device}): ready in {ready:.2f} s; phases {phases}"
+                  + (f"; {built.group(0)}" if built else ""))
+            if "ready" not in phases:
+                raise SystemExit("serve_smoke: /metrics has no atomic_worker_startup_seconds{phase=\"ready\"}")
+            runs.append((vectors, log))
+        (first, log1), (second, log2), (cpu, _) = runs
+        if gpu:
+            if not re.search(r"from_cache=0 compiled=\d+", log1):
+                raise SystemExit("serve_smoke: the first start did not compile its kernels")
+            if not re.search(r"from_cache=\d+ compiled=0", log2):
+                raise SystemExit("serve_smoke: the second start did not read every kernel from the cache")
+        if first != second:
+            raise SystemExit("serve_smoke: the second start embeds differently from the first")
+        worst = min(cosine(a, b) for a, b in zip(first, cpu))
+        print(f"serve_smoke: {args.device} against the CPU: worst cosine {worst:.6f} over {len(TEXTS)} texts")
+        bound = 0.999 if gpu and args.precision != "fp32" else 0.99999
+        if worst < bound:
+            raise SystemExit(f"serve_smoke: cosine {worst} below {bound}")
+    print("serve_smoke: passed")
+
+
+if __name__ == "__main__":
+    main()
