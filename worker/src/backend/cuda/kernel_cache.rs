@@ -7,8 +7,9 @@
 //! renamed into place, so a worker killed mid-write or two workers sharing the folder never
 //! leave a torn entry that reads as valid; a damaged entry reads as [`CacheLookup::Damaged`]
 //! and is compiled again. Storing an entry removes the other keys of the same prefix, which
-//! keeps one generation per file, precision and target. The folder's contents are executed on
-//! the GPU, so it must be writable by the worker alone.
+//! keeps one generation per file, precision and target; opening the cache removes the
+//! temporary files of writes that died an hour or more ago. The folder's contents are executed
+//! on the GPU, so it must be writable by the worker alone.
 //!
 //! Plain file IO with no CUDA in it, tested without a GPU.
 
@@ -89,16 +90,43 @@ pub(crate) fn entry_prefix(stem: &str, variant: &str) -> String {
     format!("{}-{}-", safe(stem), safe(variant))
 }
 
+/// How old an unfinished write's temporary file must be before a start removes it: writes take
+/// milliseconds, so an hour-old one belongs to a worker that died.
+const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Makes temporary names unique between the threads of one process (the process id separates
 /// processes).
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl KernelCache {
-    /// Opens `dir` as a cache, creating it if needed.
+    /// Opens `dir` as a cache, creating it if needed, and removes the temporary files of
+    /// writes that never finished (a worker killed mid-write) once they are
+    /// [`STALE_TEMP_AGE`] old; younger ones may be another worker's write in progress.
     pub(crate) fn open(dir: impl Into<PathBuf>) -> io::Result<Self> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)?;
-        Ok(Self { dir })
+        let cache = Self { dir };
+        cache.remove_stale_temps(std::time::SystemTime::now());
+        Ok(cache)
+    }
+
+    /// Best effort, as the pruning of old keys.
+    fn remove_stale_temps(&self, now: std::time::SystemTime) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if !(name.starts_with('.') && name.ends_with(".tmp")) {
+                continue;
+            }
+            let modified = entry.metadata().and_then(|m| m.modified());
+            let age = modified.ok().and_then(|m| now.duration_since(m).ok());
+            if age.is_some_and(|age| age >= STALE_TEMP_AGE) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     pub(crate) fn dir(&self) -> &Path {
@@ -353,6 +381,29 @@ mod tests {
     fn entry_names_keep_only_safe_characters() {
         assert_eq!(entry_prefix("gemv", "bf16-sm_90"), "gemv-bf16_sm_90-");
         assert_eq!(entry_prefix("../x", "a/b"), "___x-a_b-");
+    }
+
+    #[test]
+    fn opening_removes_only_stale_temporary_files() {
+        let cache = temp_cache("stale");
+        let prefix = entry_prefix("norm", "fp32-sm_90");
+        cache.put(&prefix, 1, b"kept").expect("put");
+        let old = cache.dir().join(format!(".{prefix}0000000000000001.7.0.tmp"));
+        let fresh = cache.dir().join(format!(".{prefix}0000000000000001.8.0.tmp"));
+        for path in [&old, &fresh] {
+            std::fs::write(path, b"half an entry").expect("write");
+        }
+        let two_hours_ago = std::time::SystemTime::now() - 2 * STALE_TEMP_AGE;
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .and_then(|f| f.set_modified(two_hours_ago))
+            .expect("age the file");
+        let reopened = KernelCache::open(cache.dir()).expect("reopen");
+        assert!(!old.exists(), "an hour-old unfinished write is removed");
+        assert!(fresh.exists(), "a write that may be in progress stays");
+        assert_eq!(reopened.get(&prefix, 1), CacheLookup::Hit(b"kept".to_vec()));
+        let _ = std::fs::remove_dir_all(cache.dir());
     }
 
     #[test]
