@@ -19,7 +19,7 @@ use super::ops::{
     AttentionKernel, HeadRows, attention_cfg, decode_merge_cfg, draw_words, grouped_decode_fits,
     grouped_heads, unfused_plan,
 };
-use super::paged::{chunk_keys, prompt_chunks};
+use super::paged::{prompt_chunk, prompt_chunks};
 use crate::backend::shapes::AttnDims;
 use crate::backend::test_util::{
     AttnCase, AttnInputs, PagedCase, Rng, Tol, assert_close, print_skip, sampling_case,
@@ -239,6 +239,35 @@ fn cases_for(p: Precision, all: usize) -> usize {
     if p == Precision::F32 { all } else { all.min(5) }
 }
 
+/// The `layer_norm` kernel over `x [rows, d]`, with the residual and the product's bias when
+/// given, as `CudaBackend::norm_launch` passes them (absent ones as flags over a placeholder).
+fn emulated_layer_norm(
+    emu: &Emulator,
+    x: &[f32],
+    (rows, d): (usize, usize),
+    (residual, bias): (Option<&[f32]>, Option<&[f32]>),
+    (gamma, beta): (&[f32], &[f32]),
+) -> Vec<f32> {
+    let (mut xd, mut gd, mut bd) = (emu.store(x), emu.store(gamma), emu.store(beta));
+    let mut rd = emu.store(residual.unwrap_or(&[0.0]));
+    let mut pbd = emu.store(bias.unwrap_or(&[0.0]));
+    let mut out = vec![0u8; xd.len()];
+    let args = Args::default()
+        .buf(&mut out)
+        .buf(&mut xd)
+        .buf(&mut rd)
+        .int(usize::from(residual.is_some()))
+        .buf(&mut pbd)
+        .int(usize::from(bias.is_some()))
+        .buf(&mut gd)
+        .buf(&mut bd)
+        .int(rows)
+        .int(d)
+        .float(1e-5);
+    emu.launch("layer_norm", (rows, 1, 1), 256, 0, args);
+    emu.load(&out)
+}
+
 /// The launch shape of the elementwise kernels (as `launch::elementwise_cfg`).
 fn elementwise_grid(n: usize) -> (usize, usize, usize) {
     (n.div_ceil(256).clamp(1, 1 << 16), 1, 1)
@@ -358,7 +387,7 @@ fn emulated_paged_attention_matches_reference_for_both_kernels() {
                 ("paged_flash_attention", AttentionKernel::Flash),
                 ("paged_decode_attention", AttentionKernel::Decode),
             ] {
-                let cfg = attention_cfg(shape, max_q, heads, seqs, d);
+                let cfg = attention_cfg(shape, max_q, (heads, c.kv_heads), seqs, d);
                 let mut out = emu.store(&vec![f32::NAN; tokens * heads * d]);
                 let buffers = PagedBuffers {
                     q: &mut q,
@@ -413,7 +442,7 @@ fn emulated_dense_attention_matches_reference_for_both_kernels() {
                 ("flash_attention", AttentionKernel::Flash),
                 ("decode_attention", AttentionKernel::Decode),
             ] {
-                let cfg = attention_cfg(shape, c.s_q, c.heads, c.batch, d);
+                let cfg = attention_cfg(shape, c.s_q, (c.heads, c.kv_heads), c.batch, d);
                 let mut out = emu.store(&vec![f32::NAN; q.len()]);
                 let args = Args::default()
                     .buf(&mut out)
@@ -654,7 +683,7 @@ fn emulated_paged_prompts_through_the_unfused_path_match_reference() {
             tables: &mut tables,
         };
         let args = paged_attention_args(&mut first_rows, buffers, &c, seqs);
-        let cfg = attention_cfg(AttentionKernel::Decode, 1, heads, seqs, d);
+        let cfg = attention_cfg(AttentionKernel::Decode, 1, (heads, c.kv_heads), seqs, d);
         emu.launch_cfg("paged_decode_attention", &cfg, args);
         let mut out = emu.load(&first_rows);
         for (b, s) in inputs.plan.seqs.iter().enumerate() {
@@ -680,33 +709,29 @@ fn emulated_paged_prompts_through_the_unfused_path_match_reference() {
             let limit = 5 * heads * s.k_len * size_of::<f32>();
             let chunks = prompt_chunks(s.q_len, s.k_len, heads, limit);
             assert_eq!(chunks.len(), s.q_len.div_ceil(5), "{chunks:?}");
-            for (first, count) in chunks {
-                let rows = HeadRows {
-                    offset: (q_start + first) * heads * d,
-                    row_stride: heads * d,
-                    batch_stride: 0,
-                };
-                let keys = chunk_keys(s.q_len, s.k_len, (first, count), c.window);
-                let kv_rows = HeadRows {
-                    offset: keys.first * width,
-                    row_stride: width,
-                    batch_stride: 0,
-                };
+            for chunk in chunks {
+                let pc = prompt_chunk(
+                    q_start,
+                    (s.q_len, s.k_len),
+                    chunk,
+                    (heads, c.kv_heads, d),
+                    c.window,
+                );
                 let case = AttnCase {
-                    batch: 1,
-                    s_q: count,
-                    s_k: keys.count,
+                    batch: pc.dims.batch,
+                    s_q: pc.dims.s_q,
+                    s_k: pc.dims.s_k,
                     heads,
                     kv_heads: c.kv_heads,
                     d,
                     padding: false,
-                    causal: Some(keys.causal_offset),
+                    causal: Some(pc.causal_offset),
                 };
                 emulated_unfused_into(
                     &emu,
                     &case,
                     (&inputs.q, &k_dense, &v_dense),
-                    [rows, kv_rows, kv_rows, rows],
+                    [pc.rows, pc.kv_rows, pc.kv_rows, pc.rows],
                     (&[], c.window),
                     &mut out,
                 );
@@ -760,7 +785,7 @@ fn emulated_split_and_grouped_decode_match_the_reference() {
             let seqs = inputs.plan.seqs.len();
             let (heads_per_block, _) = grouped_heads(heads, c.kv_heads);
             for splits in [1, 2, 3, 7] {
-                let grouped = AttentionKernel::grouped(heads, c.kv_heads, splits);
+                let grouped = AttentionKernel::GroupedDecode { splits };
                 let kernels = [
                     ("paged_decode_split", AttentionKernel::SplitDecode { splits }),
                     ("paged_decode_grouped", grouped),
@@ -778,7 +803,7 @@ fn emulated_split_and_grouped_decode_match_the_reference() {
                         meta: &mut meta,
                         tables: &mut tables,
                     };
-                    let cfg = attention_cfg(shape, 1, heads, seqs, d);
+                    let cfg = attention_cfg(shape, 1, (heads, c.kv_heads), seqs, d);
                     if kernel == "paged_decode_grouped" {
                         // Its output and partials first, then the split kernel's list, then
                         // the heads a block serves.
@@ -868,7 +893,7 @@ fn emulated_row_kernels_match_reference() {
         let res = p.round(&rng.vec(rows * d, 2.0));
         let w = p.round(&rng.vec(d, 1.0));
         let b = p.round(&rng.vec(d, 0.5));
-        let (mut xd, mut rd, mut wd, mut bd) = (emu.store(&x), emu.store(&res), emu.store(&w), emu.store(&b));
+        let (mut xd, mut bd) = (emu.store(&x), emu.store(&b));
 
         // The residual sum, rounded as layer_norm stores it before its statistics.
         let sum = p.round(&x.iter().zip(&res).map(|(a, b)| a + b).collect::<Vec<f32>>());
@@ -880,27 +905,8 @@ fn emulated_row_kernels_match_reference() {
             &reference(&b, &[d]),
             1e-5,
         ));
-        let mut out = vec![0u8; xd.len()];
-        let mut no_bias = emu.store(&[0.0]);
-        let args = Args::default()
-            .buf(&mut out)
-            .buf(&mut xd)
-            .buf(&mut rd)
-            .int(1)
-            .buf(&mut no_bias)
-            .int(0)
-            .buf(&mut wd)
-            .buf(&mut bd)
-            .int(rows)
-            .int(d)
-            .float(1e-5);
-        emu.launch("layer_norm", (rows, 1, 1), 256, 0, args);
-        assert_close(
-            &format!("layer_norm + residual ({p})"),
-            &emu.load(&out),
-            &want,
-            tol,
-        );
+        let out = emulated_layer_norm(&emu, &x, (rows, d), (Some(&res), None), (&w, &b));
+        assert_close(&format!("layer_norm + residual ({p})"), &out, &want, tol);
 
         // With the product's bias folded in: x + bias + residual rounded once, then the norm.
         let product_bias = p.round(&rng.vec(d, 1.0));
@@ -913,27 +919,8 @@ fn emulated_row_kernels_match_reference() {
             &reference(&b, &[d]),
             1e-5,
         ));
-        let mut pbd = emu.store(&product_bias);
-        let mut out = vec![0u8; xd.len()];
-        let args = Args::default()
-            .buf(&mut out)
-            .buf(&mut xd)
-            .buf(&mut rd)
-            .int(1)
-            .buf(&mut pbd)
-            .int(1)
-            .buf(&mut wd)
-            .buf(&mut bd)
-            .int(rows)
-            .int(d)
-            .float(1e-5);
-        emu.launch("layer_norm", (rows, 1, 1), 256, 0, args);
-        assert_close(
-            &format!("layer_norm + bias + residual ({p})"),
-            &emu.load(&out),
-            &want,
-            tol,
-        );
+        let out = emulated_layer_norm(&emu, &x, (rows, d), (Some(&res), Some(&product_bias)), (&w, &b));
+        assert_close(&format!("layer_norm + bias + residual ({p})"), &out, &want, tol);
 
         // softmax over rows, with a fully masked row.
         let mut sx = x.clone();
@@ -1056,7 +1043,7 @@ fn emulated_elementwise_and_gather_kernels_match_reference() {
         let (rows, d) = (4, 96);
         let x = p.round(&rng.vec(rows * d, 2.0));
         let (w, bias) = (p.round(&rng.vec(d, 1.0)), p.round(&rng.vec(d, 0.5)));
-        let (mut xd, mut wd, mut bias_d) = (emu.store(&x), emu.store(&w), emu.store(&bias));
+        let (mut xd, mut wd) = (emu.store(&x), emu.store(&w));
         let want = host(r.rms_norm(&reference(&x, &[rows, d]), &reference(&w, &[d]), 1e-6));
         let mut out = vec![0u8; xd.len()];
         let args = Args::default()
@@ -1074,22 +1061,8 @@ fn emulated_elementwise_and_gather_kernels_match_reference() {
             &reference(&bias, &[d]),
             1e-5,
         ));
-        let mut out = vec![0u8; xd.len()];
-        let (mut unused, mut unused_bias) = (emu.store(&[0.0]), emu.store(&[0.0]));
-        let args = Args::default()
-            .buf(&mut out)
-            .buf(&mut xd)
-            .buf(&mut unused)
-            .int(0)
-            .buf(&mut unused_bias)
-            .int(0)
-            .buf(&mut wd)
-            .buf(&mut bias_d)
-            .int(rows)
-            .int(d)
-            .float(1e-5);
-        emu.launch("layer_norm", (rows, 1, 1), 256, 0, args);
-        assert_close(&format!("layer_norm ({p})"), &emu.load(&out), &want, tol);
+        let out = emulated_layer_norm(&emu, &x, (rows, d), (None, None), (&w, &bias));
+        assert_close(&format!("layer_norm ({p})"), &out, &want, tol);
 
         // Gathers and splits move stored values exactly.
         let (vocab, width, max_pos) = (50, 33, 40);

@@ -39,27 +39,9 @@ pub(crate) enum AttentionKernel {
     /// `splits` blocks, then merged (`paged_decode_split` + `decode_merge`).
     SplitDecode { splits: usize },
     /// Paged decode steps only: the query heads of one key/value head in one block, which
-    /// reads each cache row once for `heads_per_block` of them (`paged_decode_grouped`; merged
-    /// by `decode_merge` when `splits > 1`). `head_blocks` is kv_heads x tiles of heads; see
-    /// [`grouped_heads`].
-    GroupedDecode {
-        splits: usize,
-        heads_per_block: usize,
-        head_blocks: usize,
-    },
-}
-
-impl AttentionKernel {
-    /// The grouped-heads decode kernel for `heads` query heads over `kv_heads`, its keys split
-    /// `splits` ways, tiled as [`grouped_heads`] says.
-    pub(crate) fn grouped(heads: usize, kv_heads: usize, splits: usize) -> Self {
-        let (heads_per_block, tiles) = grouped_heads(heads, kv_heads);
-        AttentionKernel::GroupedDecode {
-            splits,
-            heads_per_block,
-            head_blocks: kv_heads * tiles,
-        }
-    }
+    /// reads each cache row once for all of them it serves (`paged_decode_grouped`, its heads
+    /// tiled as [`grouped_heads`] says; merged by `decode_merge` when `splits > 1`).
+    GroupedDecode { splits: usize },
 }
 
 /// The most query heads one `paged_decode_grouped` block serves (`GQ_HEADS` in attention.cu):
@@ -248,12 +230,12 @@ fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
 }
 
 /// The launch shape of an attention kernel (dense or paged) over `queries` query rows per
-/// sequence (the most of any sequence), `heads` query heads, `seqs` sequences and head dimension
-/// `d`; see the launch notes in `attention.cu`.
+/// sequence (the most of any sequence), `heads` query heads over `kv_heads`, `seqs` sequences
+/// and head dimension `d`; see the launch notes in `attention.cu`.
 pub(super) fn attention_cfg(
     kernel: AttentionKernel,
     queries: usize,
-    heads: usize,
+    (heads, kv_heads): (usize, usize),
     seqs: usize,
     d: usize,
 ) -> LaunchConfig {
@@ -273,15 +255,14 @@ pub(super) fn attention_cfg(
             block_dim: (256, 1, 1),
             shared_mem_bytes: ((d + 8 * (d + 2)) * size_of::<f32>()) as u32,
         },
-        AttentionKernel::GroupedDecode {
-            splits,
-            heads_per_block,
-            head_blocks,
-        } => LaunchConfig {
-            grid_dim: (head_blocks as u32, splits as u32, seqs as u32),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: (8 * heads_per_block * (d + 2) * size_of::<f32>()) as u32,
-        },
+        AttentionKernel::GroupedDecode { splits } => {
+            let (heads_per_block, tiles) = grouped_heads(heads, kv_heads);
+            LaunchConfig {
+                grid_dim: ((kv_heads * tiles) as u32, splits as u32, seqs as u32),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: (8 * heads_per_block * (d + 2) * size_of::<f32>()) as u32,
+            }
+        }
     }
 }
 
@@ -615,7 +596,7 @@ impl CudaBackend {
             int(op, d)?,
         );
         let scale = 1.0 / (d as f32).sqrt();
-        let cfg = attention_cfg(kernel, s_q, heads, batch, d);
+        let cfg = attention_cfg(kernel, s_q, (heads, kv_heads), batch, d);
         if batch > 65_535 || (kernel == AttentionKernel::Decode && s_q > 65_535) {
             return Err(shapes::err(op, format!("grid too large for {:?}", q.shape)));
         }

@@ -226,7 +226,7 @@ impl CudaBackend {
         );
         let (hi, kvi, di) = (int(op, heads)?, int(op, kv_heads)?, int(op, d)?);
         let scale = 1.0 / (d as f32).sqrt();
-        let cfg = attention_cfg(kernel, queries, heads, seqs, d);
+        let cfg = attention_cfg(kernel, queries, (heads, kv_heads), seqs, d);
         // The attention kernels share every argument but the first: where they write.
         macro_rules! attn {
             ($name:literal, $dest:expr) => {
@@ -253,24 +253,13 @@ impl CudaBackend {
         match kernel {
             AttentionKernel::Flash => attn!("paged_flash_attention", &mut out.buf)?,
             AttentionKernel::Decode => attn!("paged_decode_attention", &mut out.buf)?,
-            AttentionKernel::GroupedDecode {
-                heads_per_block,
-                head_blocks,
-                ..
-            } => {
-                let (_, tiles) = grouped_heads(heads, kv_heads);
-                if !grouped_decode_fits(d)
-                    || !self.aligned_16(&[q, keys, values])
-                    || heads % kv_heads != 0
-                    || grouped_heads(heads, kv_heads).0 != heads_per_block
-                    || head_blocks != kv_heads * tiles
-                {
+            AttentionKernel::GroupedDecode { .. } => {
+                if !grouped_decode_fits(d) || !self.aligned_16(&[q, keys, values]) {
                     return Err(shapes::err(
                         op,
                         format!(
-                            "the grouped decode kernel takes head_dim 8, 16, 32, 64, 128 or 256, 16-byte \
-                             aligned tensors and its own head tiling (got d = {d}, {heads} heads over \
-                             {kv_heads}, {heads_per_block} a block in {head_blocks} blocks)"
+                            "the grouped decode kernel takes head_dim 8, 16, 32, 64, 128 or 256 and 16-byte \
+                             aligned tensors (got d = {d})"
                         ),
                     ));
                 }
@@ -284,7 +273,7 @@ impl CudaBackend {
                     },
                 )?;
                 int(op, partials.len())?;
-                let hpb = int(op, heads_per_block)?;
+                let hpb = int(op, grouped_heads(heads, kv_heads).0)?;
                 launch!(
                     self,
                     "paged_decode_grouped",
@@ -399,33 +388,21 @@ impl CudaBackend {
                 &kl,
                 &wi
             )?;
-            for (first, count) in prompt_chunks(s.q_len, s.k_len, heads, UNFUSED_MAX_SCORE_BYTES) {
-                let rows = HeadRows {
-                    offset: (q_start + first) * heads * d,
-                    row_stride: heads * d,
-                    batch_stride: 0,
-                };
-                let keys = chunk_keys(s.q_len, s.k_len, (first, count), plan.window);
-                let kv_rows = HeadRows {
-                    offset: keys.first * kv_heads * d,
-                    row_stride: kv_heads * d,
-                    batch_stride: 0,
-                };
-                let dims = AttnDims {
-                    batch: 1,
-                    s_q: count,
-                    s_k: keys.count,
-                    heads,
-                    kv_heads,
-                    head_dim: d,
-                };
+            for chunk in prompt_chunks(s.q_len, s.k_len, heads, UNFUSED_MAX_SCORE_BYTES) {
+                let c = prompt_chunk(
+                    q_start,
+                    (s.q_len, s.k_len),
+                    chunk,
+                    (heads, kv_heads, d),
+                    plan.window,
+                );
                 self.attention_unfused_into(
                     (q, &k_dense, &v_dense),
-                    [rows, kv_rows, kv_rows],
-                    dims,
-                    &AttentionMask::causal(keys.causal_offset),
+                    [c.rows, c.kv_rows, c.kv_rows],
+                    c.dims,
+                    &AttentionMask::causal(c.causal_offset),
                     plan.window,
-                    (&mut out, rows),
+                    (&mut out, c.rows),
                 )?;
             }
             q_start += s.q_len;
@@ -461,8 +438,9 @@ impl CudaBackend {
             && self.aligned_16(&[q, keys, values])
         {
             let (_, tiles) = grouped_heads(heads, kv_heads);
-            let splits = decode_splits(self.sm_count, kv_heads * tiles, seqs);
-            return AttentionKernel::grouped(heads, kv_heads, splits);
+            return AttentionKernel::GroupedDecode {
+                splits: decode_splits(self.sm_count, kv_heads * tiles, seqs),
+            };
         }
         match decode_splits(self.sm_count, heads, seqs) {
             1 => AttentionKernel::Decode,
@@ -511,6 +489,51 @@ pub(crate) fn chunk_keys(
         first: begin,
         count: first_pos + count - begin,
         causal_offset: first_pos - begin,
+    }
+}
+
+/// One query chunk of a prompt on the unfused path: where its queries (and its output rows)
+/// sit in the step's packed `[tokens, heads, d]`, where the keys it reads ([`chunk_keys`]) sit
+/// in the prompt's gathered `[k_len, kv_heads, d]`, the products' dimensions and the causal
+/// offset of its first query within those keys.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PromptChunk {
+    pub rows: HeadRows,
+    pub kv_rows: HeadRows,
+    pub dims: AttnDims,
+    pub causal_offset: usize,
+}
+
+/// [`PromptChunk`] for the queries `first .. first + count` of a prompt of `q_len` new tokens
+/// over `k_len` keys whose first query is packed row `q_start`.
+pub(crate) fn prompt_chunk(
+    q_start: usize,
+    (q_len, k_len): (usize, usize),
+    (first, count): (usize, usize),
+    (heads, kv_heads, d): (usize, usize, usize),
+    window: Option<usize>,
+) -> PromptChunk {
+    let keys = chunk_keys(q_len, k_len, (first, count), window);
+    PromptChunk {
+        rows: HeadRows {
+            offset: (q_start + first) * heads * d,
+            row_stride: heads * d,
+            batch_stride: 0,
+        },
+        kv_rows: HeadRows {
+            offset: keys.first * kv_heads * d,
+            row_stride: kv_heads * d,
+            batch_stride: 0,
+        },
+        dims: AttnDims {
+            batch: 1,
+            s_q: count,
+            s_k: keys.count,
+            heads,
+            kv_heads,
+            head_dim: d,
+        },
+        causal_offset: keys.causal_offset,
     }
 }
 

@@ -1374,7 +1374,7 @@ fn gpu_paged_attention_matches_reference_for_both_kernels() {
             b.paged_attention(q, k, v, p)
         });
         for splits in [1, 2, 5, MAX_DECODE_SPLITS] {
-            let grouped = AttentionKernel::grouped(c.heads, c.kv_heads, splits);
+            let grouped = AttentionKernel::GroupedDecode { splits };
             let kernels = [AttentionKernel::SplitDecode { splits }, grouped];
             for kernel in kernels
                 .into_iter()
@@ -1398,7 +1398,7 @@ fn gpu_paged_attention_matches_reference_for_both_kernels() {
     };
     let c = PagedCase::COMMON[2];
     let (paged, q, pool) = upload(&c, &mut rng);
-    let grouped = AttentionKernel::grouped(c.heads, c.kv_heads, 2);
+    let grouped = AttentionKernel::GroupedDecode { splits: 2 };
     for kernel in [AttentionKernel::SplitDecode { splits: 2 }, grouped] {
         assert!(
             g.paged_attention_with(&q, &pool, &pool, &paged, kernel).is_err(),
@@ -1407,7 +1407,7 @@ fn gpu_paged_attention_matches_reference_for_both_kernels() {
     }
     let c = PagedCase::DECODE[2]; // d = 80
     let (paged, q, pool) = upload(&c, &mut rng);
-    let grouped = AttentionKernel::grouped(c.heads, c.kv_heads, 1);
+    let grouped = AttentionKernel::GroupedDecode { splits: 1 };
     assert!(
         g.paged_attention_with(&q, &pool, &pool, &paged, grouped).is_err(),
         "d = 80 grouped"
