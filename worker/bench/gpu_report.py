@@ -17,7 +17,10 @@ both sides. The one exception is the matrix products' "of bf16 peak" column.
   batch 1 also the worker with its matrix-vector kernel off ("gemv off": cuBLAS and separate
   norm, SwiGLU and add kernels), which says whether the kernel earns its place, and at every
   batch the worker with the per-head decode attention instead of the grouped-heads kernel
-  ("per-head attention");
+  ("per-head attention"), and at batch 1 the worker with its buffer cache off ("buffer reuse
+  off": every op's output from the driver's pool); "driver allocs" counts the device
+  allocations of a timed run (its prefill included: 0 after it means the decode steps allocated
+  nothing);
 - matrix products: the worker's TFLOP/s in each precision over the peak PyTorch measured in the
   same precision (and over the bf16 peak, "the peak" of the issue);
 - where the time goes: each op's time per call x calls per pass, against the measured pass, per
@@ -54,7 +57,7 @@ def load(path):
 
 
 # The worker's decode runs with every kernel of its own on (the others turn one off to compare).
-BEST = {"gemv": True, "grouped_decode": True}
+BEST = {"gemv": True, "grouped_decode": True, "buffer_cache": True}
 
 
 def find(rows, **match):
@@ -196,6 +199,8 @@ def decode(ours, theirs, bw):
                                      ("worker+graphs, gemv off", ours, {"graphs": True, "gemv": False}),
                                      ("worker, per-head attention", ours,
                                       {"graphs": False, "gemv": True, "grouped_decode": False}),
+                                     ("worker, buffer reuse off", ours,
+                                      {"graphs": False, **BEST, "buffer_cache": False}),
                                      ("torch", theirs, {})):
                 d = find(src, bench="decode", batch=batch, dtype=dtype, **match)
                 if d is None and match and match != {"graphs": False, **BEST}:
@@ -208,8 +213,10 @@ def decode(ours, theirs, bw):
                     num(get(d, "prefill_ms"), "{:.1f}"), num(roof, "{:.0f}"),
                     num(pct(tps, roof), "{:.1f}%"),
                     "-" if frac is None else ("met" if frac >= 0.8 else "not met"),
+                    num(get(d, "driver_allocations"), "{:d}"),
                 ])
-    table(["batch", "impl", "tokens/s", "ms/step", "prefill ms", "roofline tok/s", "of roofline", "80% goal"], rows)
+    table(["batch", "impl", "tokens/s", "ms/step", "prefill ms", "roofline tok/s", "of roofline", "80% goal",
+           "driver allocs"], rows)
     print("\n  worker / PyTorch tokens/s at the same precision:")
     ratio_rows = []
     for batch in DECODE_BATCHES:

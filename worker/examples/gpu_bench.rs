@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use atomic_worker::ModelDir;
+use atomic_worker::backend::buffer_cache::DEFAULT_LIMIT_BYTES;
 use atomic_worker::backend::cuda::GEMV_MAX_ROWS;
 use atomic_worker::backend::{
     Activation, AttentionMask, Backend, CudaBackend, CudaTensor, PagedPlan, PagedSeq, Precision,
@@ -766,19 +767,38 @@ fn decode(b: &CudaBackend, folder: &Path, args: &Args) -> anyhow::Result<()> {
         // Batches the matrix-vector kernel takes run a second time with it off (cuBLAS and
         // the separate kernels), `"gemv": false`, and, without graphs, every batch once more
         // with the per-head decode attention instead of the grouped-heads kernel,
-        // `"grouped_decode": false`, for comparison.
-        for (batch, gemv, grouped) in DECODE_BATCHES.into_iter().flat_map(|batch| {
-            let mut variants = vec![(batch, true, true)];
+        // `"grouped_decode": false`, and batch 1 once more with the buffer cache off (every
+        // op's output from the driver's pool), `"buffer_cache": false`, for comparison.
+        for Variant {
+            batch,
+            gemv,
+            grouped,
+            reuse,
+        } in DECODE_BATCHES.into_iter().flat_map(|batch| {
+            let best = Variant {
+                batch,
+                gemv: true,
+                grouped: true,
+                reuse: true,
+            };
+            let mut variants = vec![best];
             if batch <= GEMV_MAX_ROWS {
-                variants.push((batch, false, true));
+                variants.push(Variant { gemv: false, ..best });
             }
             if !graphs {
-                variants.push((batch, true, false));
+                variants.push(Variant {
+                    grouped: false,
+                    ..best
+                });
+            }
+            if !graphs && batch == 1 {
+                variants.push(Variant { reuse: false, ..best });
             }
             variants
         }) {
             b.set_gemv(gemv);
             b.set_grouped_decode(grouped);
+            b.set_buffer_cache_limit(if reuse { DEFAULT_LIMIT_BYTES } else { 0 });
             let prompts: Vec<Vec<u32>> = (0..batch)
                 .map(|s| {
                     (0..PROMPT)
@@ -806,7 +826,10 @@ fn decode(b: &CudaBackend, folder: &Path, args: &Args) -> anyhow::Result<()> {
                 Ok((done, t.elapsed().as_secs_f64(), prefill))
             };
             run(4, f64::INFINITY)?;
+            let missed = b.buffer_stats().missed;
             let (steps, elapsed, prefill) = run(args.max_steps, args.seconds)?;
+            // Includes the timed run's prefill, which allocates the shapes of its prompt.
+            let driver_allocations = b.buffer_stats().missed - missed;
             let steps = steps.max(1);
             let mean_context = PROMPT + steps / 2;
             let recorded = b.decode_graph_batches().contains(&batch);
@@ -815,19 +838,30 @@ fn decode(b: &CudaBackend, folder: &Path, args: &Args) -> anyhow::Result<()> {
             }
             emit(json!({
                 "bench": "decode", "impl": "atomic", "model": DECODER, "dtype": precision.to_string(), "batch": batch,
-                "graphs": graphs && recorded, "gemv": gemv, "grouped_decode": grouped,
+                "graphs": graphs && recorded, "gemv": gemv, "grouped_decode": grouped, "buffer_cache": reuse,
+                "driver_allocations": driver_allocations,
                 "prompt": PROMPT, "steps": steps, "mean_context": mean_context,
                 "prefill_ms": prefill * 1e3, "ms_per_step": elapsed * 1e3 / steps as f64,
                 "tokens_per_s": (batch * steps) as f64 / elapsed,
             }));
-            if !graphs && gemv && grouped {
+            if !graphs && gemv && grouped && reuse {
                 decode_ops(b, config, batch, mean_context)?;
             }
         }
     }
     b.set_gemv(true);
     b.set_grouped_decode(true);
+    b.set_buffer_cache_limit(DEFAULT_LIMIT_BYTES);
     Ok(())
+}
+
+/// One timed decode configuration: the batch and which of the worker's own paths are on.
+#[derive(Clone, Copy)]
+struct Variant {
+    batch: usize,
+    gemv: bool,
+    grouped: bool,
+    reuse: bool,
 }
 
 /// The ops of one Llama decode step (`batch` sequences, one new token each, `context` cached

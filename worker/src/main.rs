@@ -94,6 +94,12 @@ struct ServeArgs {
     #[arg(long, env = "ATOMIC_WORKER_CUDA_GRAPH_MAX_BATCH", default_value_t = 0)]
     cuda_graph_max_batch: usize,
 
+    /// Device memory, in MiB, that the GPU keeps of the buffers ops drop, to hand to later ops
+    /// without asking the driver: after the warm-up pass a forward pass of shapes seen before
+    /// allocates nothing. 0 turns the reuse off (every buffer goes back to the driver's pool).
+    #[arg(long, env = "ATOMIC_WORKER_GPU_BUFFER_CACHE_MIB", default_value_t = atomic_worker::backend::buffer_cache::DEFAULT_LIMIT_BYTES >> 20)]
+    gpu_buffer_cache_mib: usize,
+
     /// Compute device: `auto` (GPU 0 when this build has CUDA and a GPU is usable, else the CPU
     /// with a warning), `cpu`, or `cuda:N` (that GPU or fail; needs a build with the `cuda`
     /// feature).
@@ -171,6 +177,7 @@ fn load_on_device(args: &ServeArgs, limits: &ModelLimits, metrics: &Metrics) -> 
             "built the GPU kernels"
         );
         metrics.record_startup("kernels", build.seconds);
+        backend.set_buffer_cache_limit(args.gpu_buffer_cache_mib.saturating_mul(1 << 20));
         // Every op against the reference before anything is served: a kernel that is wrong on
         // this GPU stops here, by name, instead of answering wrongly.
         let started = std::time::Instant::now();

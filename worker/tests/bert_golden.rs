@@ -234,3 +234,37 @@ fn gpu_half_precision_bert_tracks_pytorch() {
         }
     }
 }
+
+/// An encoder batch run a second time takes every buffer from the backend's buffer cache (the
+/// first run is the warm-up the worker does at load) and gives the same hidden states bit for
+/// bit: a reused buffer's old contents never leak into a result.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_a_repeated_encoder_batch_reuses_every_buffer() {
+    use atomic_worker::backend::Precision;
+    for p in [Precision::F32, Precision::Bf16] {
+        let Some(gpu) = common::gpu_in("gpu_a_repeated_encoder_batch_reuses_every_buffer", p) else {
+            return;
+        };
+        let folder = fixture("tiny-bert");
+        let r = reference(&folder);
+        let (dir, model) = load(&folder, &gpu);
+        let (batch, _) = batch_of(&dir, &texts(&r));
+        let first = model.hidden_states(&gpu, &batch).unwrap();
+        let before = gpu.buffer_stats();
+        let second = model.hidden_states(&gpu, &batch).unwrap();
+        let after = gpu.buffer_stats();
+        assert_eq!(
+            after.missed, before.missed,
+            "tiny-bert ({p}): the second pass asked the driver for memory"
+        );
+        assert!(
+            after.reused > before.reused,
+            "tiny-bert ({p}): the second pass reused nothing"
+        );
+        assert_eq!(
+            first, second,
+            "tiny-bert ({p}): hidden states of the repeated batch"
+        );
+    }
+}

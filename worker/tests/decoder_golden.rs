@@ -332,6 +332,66 @@ fn gpu_decode_graphs_replay_the_plain_steps() {
     }
 }
 
+/// Decode steps take their buffers from the backend's buffer cache: once a step of a batch
+/// size has run, the steps after it ask the driver for no device memory, and the tokens are
+/// those of a backend that reuses nothing (a reused buffer holds another tensor's old values,
+/// which no kernel may read).
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_decode_steps_reuse_their_buffers() {
+    use atomic_worker::backend::{CudaBackend, Precision};
+    const STEPS: usize = 8;
+    let test = "gpu_decode_steps_reuse_their_buffers";
+    for p in [Precision::F32, Precision::Bf16] {
+        let (Some(reusing), Some(plain)) = (common::gpu_in(test, p), common::gpu_in(test, p)) else {
+            return;
+        };
+        plain.set_buffer_cache_limit(0);
+        for name in ["tiny-llama", "tiny-gpt2"] {
+            // The tokens, and the driver allocations of the steps after the first two.
+            let run = |gpu: &CudaBackend| {
+                let (_dir, model, r) = load(name, gpu);
+                let ids: Vec<Vec<u32>> = serde_json::from_value(r["input_ids"].clone()).unwrap();
+                let pool = &mut model.new_pool(gpu, 2 * model.max_positions()).unwrap();
+                let mut cache = pool.new_cache();
+                let mut logits = model.prefill(gpu, pool, &mut cache, &ids[0]).unwrap();
+                let steps = STEPS.min(model.max_positions() - ids[0].len());
+                let mut tokens = Vec::new();
+                let mut missed_before = 0;
+                for step in 0..steps {
+                    if step == 2 {
+                        missed_before = gpu.buffer_stats().missed;
+                    }
+                    let id = argmax(&logits);
+                    tokens.push(id);
+                    logits = model.decode_step(gpu, pool, &mut cache, id).unwrap();
+                }
+                (tokens, gpu.buffer_stats().missed - missed_before)
+            };
+            let (got, steady_misses) = run(&reusing);
+            let (want, plain_misses) = run(&plain);
+            assert_eq!(
+                got, want,
+                "{name} ({p}): tokens with reused buffers against fresh ones"
+            );
+            assert_eq!(
+                steady_misses, 0,
+                "{name} ({p}): decode steps after the second asked the driver for memory"
+            );
+            assert!(
+                plain_misses > 0,
+                "{name} ({p}): a backend that keeps nothing reuses nothing"
+            );
+        }
+        assert!(reusing.buffer_stats().reused > 0, "{p}: no buffer was reused");
+        assert_eq!(
+            plain.buffer_stats().reused,
+            0,
+            "{p}: limit 0 still reused a buffer"
+        );
+    }
+}
+
 /// Decode throughput of the tiny models (single sequence and a batch of 8), printed; run with
 /// `cargo test --release -p atomic-worker --test decoder_golden -- --ignored --nocapture`.
 #[test]

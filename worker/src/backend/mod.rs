@@ -27,6 +27,7 @@
 //! Decoders keep their keys and values in backend-owned pools that are written in place
 //! ([`Backend::write_paged`]) and read in place ([`Backend::paged_attention`]); see [`paged`].
 
+pub mod buffer_cache;
 pub mod cpu;
 pub mod cpu_kernels;
 #[cfg(feature = "cuda")]

@@ -15,7 +15,8 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr
 use super::graph::DecodeGraphs;
 use super::kernel_cache::KernelCache;
 use super::kernels::{self, FILES, KernelImage, Origin, Target};
-use super::tensor::CudaTensor;
+use super::tensor::{Buffers, CudaTensor, DeviceBuffer, SharedBufferCache};
+use crate::backend::buffer_cache::{BufferStats, DEFAULT_LIMIT_BYTES, size_class};
 use crate::backend::{BackendError, Precision, Result};
 
 /// Oldest GPU generation accepted: Volta (7.0). The kernels need warp shuffles with masks and
@@ -39,7 +40,7 @@ pub(super) const ATTN_MAX_D: usize = 256;
 
 /// The last upload of one kind of small argument: its host values and their device copy, so
 /// that the same values (every layer's positions, every encoder layer's padding mask and, with
-/// the memory pool reusing addresses, often its attention pointer table) cross the bus once.
+/// the buffer cache reusing addresses, often its attention pointer table) cross the bus once.
 pub(super) struct LastUpload<T: DeviceRepr>(Mutex<Option<Uploaded<T>>>);
 
 /// Host values and their copy on the device.
@@ -74,8 +75,11 @@ pub struct CudaBackend {
     pub(super) attention_pointers: LastUpload<u64>,
     /// Decode-step graphs and their staged inputs; `None` until enabled (`graph.rs`).
     pub(super) graphs: Mutex<Option<DecodeGraphs>>,
-    /// A graph capture is under way on the stream (uploads are refused).
+    /// A graph capture is under way on the stream (uploads are refused; buffers come from the
+    /// driver's pool, so that the graph owns them, not from `buffers`).
     pub(super) capturing: AtomicBool,
+    /// Device buffers that ops dropped, reused for later outputs (`backend::buffer_cache`).
+    buffers: SharedBufferCache,
     /// cuBLAS's workspace (alive as long as the handle).
     _blas_workspace: CudaSlice<u8>,
     /// The GPU's multiprocessors (how many blocks a launch needs to fill it).
@@ -327,6 +331,7 @@ impl CudaBackend {
             attention_pointers: LastUpload::new(),
             graphs: Mutex::new(None),
             capturing: AtomicBool::new(false),
+            buffers: Arc::new(Mutex::new(Buffers::new(DEFAULT_LIMIT_BYTES))),
             _blas_workspace: blas_workspace,
             sm_count,
             gemv_enabled: AtomicBool::new(true),
@@ -382,12 +387,12 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Ops allocate their outputs from the device's default memory pool (stream-ordered
-    /// `cuMemAllocAsync`). By default the pool hands freed memory back to the driver whenever the
-    /// stream synchronises, so every forward pass would map its activations afresh; with an
-    /// unlimited release threshold freed blocks stay in the pool and the next pass's allocations
-    /// are suballocations without a driver round trip. The worker owns its GPU, so holding its
-    /// peak working set is the intended trade.
+    /// What the buffer cache does not serve (new shapes, weights, graph captures) comes from
+    /// the device's default memory pool (stream-ordered `cuMemAllocAsync`). By default the pool
+    /// hands freed memory back to the driver whenever the stream synchronises, so those
+    /// allocations would map memory afresh; with an unlimited release threshold freed blocks
+    /// stay in the pool and are suballocated again. The worker owns its GPU, so holding its peak
+    /// working set is the intended trade.
     fn keep_freed_memory(&self) -> Result<()> {
         let pools = self
             .ctx
@@ -423,19 +428,106 @@ impl CudaBackend {
     /// An uninitialised tensor; every op writes all of its output.
     pub(super) fn alloc(&self, shape: Vec<usize>) -> Result<CudaTensor> {
         let bytes = shape.iter().product::<usize>().max(1) * self.precision.bytes();
-        // SAFETY: the callers overwrite every element before it is read.
-        let buf = unsafe { self.stream.alloc::<u8>(bytes) }
-            .map_err(|e| driver_err(&format!("allocating {bytes} bytes"), e))?;
+        let buf = self.alloc_bytes("a tensor", bytes)?;
         Ok(CudaTensor { buf, shape })
     }
 
+    /// A zeroed tensor of exactly the bytes its shape needs, from the driver: for what lives as
+    /// long as a model (key/value pools), which a size class could round up by an eighth.
     pub(super) fn alloc_zeros(&self, shape: Vec<usize>) -> Result<CudaTensor> {
         let bytes = shape.iter().product::<usize>().max(1) * self.precision.bytes();
-        let buf = self
-            .stream
-            .alloc_zeros::<u8>(bytes)
-            .map_err(|e| driver_err(&format!("allocating {bytes} bytes"), e))?;
+        let mut buf = self.alloc_exact("a zeroed tensor", bytes)?;
+        self.stream
+            .memset_zeros(&mut *buf)
+            .map_err(|e| driver_err(&format!("zeroing {bytes} bytes"), e))?;
         Ok(CudaTensor { buf, shape })
+    }
+
+    /// At least `bytes` of uninitialised device memory: an idle buffer of the cache when one of
+    /// the size class fits, else the class's size from the driver. Inside a graph capture
+    /// always `bytes` from the driver, which makes it graph memory: a cached buffer written by
+    /// a recorded kernel could be handed to another tensor before the graph is replayed.
+    pub(super) fn alloc_bytes(&self, what: &str, bytes: usize) -> Result<DeviceBuffer> {
+        if self.capturing.load(Ordering::Relaxed) {
+            let slice = self.driver_alloc(what, bytes)?;
+            return Ok(DeviceBuffer::new(slice, None));
+        }
+        let reused = self.lock_buffers().cache.take(bytes);
+        let slice = match reused {
+            Some((_, slice)) => slice,
+            None => self.driver_alloc(what, size_class(bytes))?,
+        };
+        Ok(DeviceBuffer::new(slice, Some(self.buffers.clone())))
+    }
+
+    /// Exactly `bytes` of uninitialised device memory from the driver (weights, key/value
+    /// pools: allocated once, where rounding would waste memory). Kept by the cache when
+    /// dropped only if `bytes` happens to be a size class.
+    pub(super) fn alloc_exact(&self, what: &str, bytes: usize) -> Result<DeviceBuffer> {
+        let slice = self.driver_alloc(what, bytes)?;
+        let home = (!self.capturing.load(Ordering::Relaxed)).then(|| self.buffers.clone());
+        Ok(DeviceBuffer::new(slice, home))
+    }
+
+    /// `bytes` from the driver's pool; when it runs out of memory, tried once more after the
+    /// cache's idle buffers are freed (not inside a graph capture, where the frees would be
+    /// recorded into the graph instead of done).
+    fn driver_alloc(&self, what: &str, bytes: usize) -> Result<CudaSlice<u8>> {
+        // SAFETY: the callers overwrite every byte they read.
+        let alloc = || unsafe { self.stream.alloc::<u8>(bytes) };
+        let failed = |e| driver_err(&format!("allocating {what} of {bytes} bytes"), e);
+        match alloc() {
+            Ok(slice) => Ok(slice),
+            Err(e)
+                if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY && !self.capturing.load(Ordering::Relaxed) =>
+            {
+                let idle = self.lock_buffers().cache.drain();
+                if idle.is_empty() {
+                    return Err(failed(e));
+                }
+                tracing::warn!(
+                    freed = idle.len(),
+                    bytes,
+                    "out of GPU memory; freeing the idle cached buffers and trying again"
+                );
+                drop(idle);
+                alloc().map_err(failed)
+            }
+            Err(e) => Err(failed(e)),
+        }
+    }
+
+    fn lock_buffers(&self) -> std::sync::MutexGuard<'_, Buffers> {
+        self.buffers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Marks a graph capture on the stream as begun or ended: allocations then bypass the
+    /// buffer cache (`alloc_bytes`) and its evictions wait (`Buffers`), uploads are refused.
+    pub(super) fn set_capturing(&self, capturing: bool) {
+        self.capturing.store(capturing, Ordering::Relaxed);
+        let deferred = {
+            let mut buffers = self.lock_buffers();
+            buffers.capturing = capturing;
+            if capturing {
+                Vec::new()
+            } else {
+                std::mem::take(&mut buffers.deferred_frees)
+            }
+        };
+        drop(deferred);
+    }
+
+    /// Keeps at most `bytes` of idle device memory for reuse from now on (0: none, every
+    /// dropped buffer goes back to the driver's pool).
+    pub fn set_buffer_cache_limit(&self, bytes: usize) {
+        let evicted = self.lock_buffers().cache.set_limit(bytes);
+        drop(evicted);
+    }
+
+    /// The buffer cache's counts: how many allocations were served by a reused buffer and how
+    /// many went to the driver, and what is idle now.
+    pub fn buffer_stats(&self) -> BufferStats {
+        self.lock_buffers().cache.stats()
     }
 
     /// The precision tensors are stored in.

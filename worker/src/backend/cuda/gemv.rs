@@ -112,7 +112,7 @@ impl CudaBackend {
         int(op, weight.numel())?;
         let accumulate = i32::from(accumulating);
         let (norm_buf, has_norm, eps) = match folded.norm {
-            Some((w, eps)) => (&w.buf, 1, eps),
+            Some((w, eps)) => (&*w.buf, 1, eps),
             None => (&self.placeholder_elem, 0, 0.0),
         };
         let (bias_buf, has_bias) = folded.bias.map_or((&self.placeholder_elem, 0), |b| (&b.buf, 1));

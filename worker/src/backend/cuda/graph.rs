@@ -21,12 +21,12 @@
 //!    warning; that step runs again without a graph, and so do B's later steps.
 //!
 //! What a graph reads must not move: when a step's block tables outgrow B's table buffer, the
-//! buffer is replaced and B's graph dropped, so the step records a new one. Activations are allocated inside the capture from the stream-ordered pool, which makes them
-//! graph-owned memory that every launch reuses; cuBLAS works in the fixed workspace the backend
-//! gives it at start-up, so no product allocates inside a capture.
+//! buffer is replaced and B's graph dropped, so the step records a new one. Activations are
+//! allocated inside the capture from the stream-ordered pool, not the buffer cache, which makes
+//! them graph-owned memory that every launch reuses; cuBLAS works in the fixed workspace the
+//! backend gives it at start-up, so no product allocates inside a capture.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -303,9 +303,9 @@ impl CudaBackend {
         self.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| driver_err("starting a graph capture", e))?;
-        self.capturing.store(true, Ordering::Relaxed);
+        self.set_capturing(true);
         let recorded = forward().and_then(|logits| Ok(self.sample_into_staged(batch, &logits)?));
-        self.capturing.store(false, Ordering::Relaxed);
+        self.set_capturing(false);
         let ended = self
             .stream
             .end_capture(CUgraphInstantiate_flags(0))

@@ -765,7 +765,7 @@ impl CudaBackend {
         int(op, bh * s_q * s_k)?;
         let [qv, kv, vv] = views;
         let plan = unfused_plan(&dims, [qv, kv, vv, out_rows])?;
-        let scores = self.alloc_slice::<u8>("attention scores", score_bytes)?;
+        let scores = self.alloc_bytes("attention scores", score_bytes)?;
         let mut probs = self.alloc(vec![bh, s_q, s_k])?;
         let eb = self.precision.bytes() as u64;
         let addr = |t: &CudaSlice<u8>| addr_u64(t, &self.stream);
@@ -881,9 +881,11 @@ impl Backend for CudaBackend {
         if data.is_empty() {
             return self.alloc_zeros(shape.to_vec());
         }
-        let buf = self
-            .stream
-            .clone_htod(&self.precision.encode(data))
+        // Weights, above all: allocated at their exact size (see `alloc_exact`).
+        let encoded = self.precision.encode(data);
+        let mut buf = self.alloc_exact("a tensor from the host", encoded.len())?;
+        self.stream
+            .memcpy_htod(&encoded, &mut *buf)
             .map_err(|e| driver_err(&format!("copying {} values to the GPU", data.len()), e))?;
         Ok(CudaTensor {
             buf,

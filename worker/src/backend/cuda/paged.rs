@@ -14,7 +14,7 @@ use super::ops::{
     AttentionKernel, HeadRows, MAX_DECODE_SPLITS, UNFUSED_MAX_SCORE_BYTES, attention_cfg, decode_merge_cfg,
     decode_splits, grouped_decode_fits, grouped_heads,
 };
-use super::tensor::CudaTensor;
+use super::tensor::{CudaTensor, DeviceBuffer};
 use crate::backend::shapes::AttnDims;
 use crate::backend::{AttentionMask, PagedPlan, Result, shapes};
 
@@ -263,23 +263,19 @@ impl CudaBackend {
                         ),
                     ));
                 }
-                // One split writes the output itself; more leave partials for decode_merge.
-                let mut partials = self.alloc_slice::<f32>(
-                    "decode partials",
-                    if splits > 1 {
-                        seqs * heads * splits * (d + 2)
-                    } else {
-                        1
-                    },
-                )?;
-                int(op, partials.len())?;
+                // One split writes the output itself (the partials pointer is never read);
+                // more leave partials for decode_merge.
+                let partials = match splits {
+                    1 => None,
+                    _ => Some(self.decode_partials(op, seqs * heads * splits * (d + 2))?),
+                };
                 let hpb = int(op, grouped_heads(heads, kv_heads).0)?;
                 launch!(
                     self,
                     "paged_decode_grouped",
                     cfg,
                     &mut out.buf,
-                    &mut partials,
+                    partials.as_ref().map_or(&self.placeholder_elem, |p| &**p),
                     &q.buf,
                     &keys.buf,
                     &values.buf,
@@ -294,14 +290,12 @@ impl CudaBackend {
                     &scale,
                     &hpb
                 )?;
-                if splits > 1 {
-                    self.merge_decode_partials(&mut out, &partials, paged, splits, heads, d)?;
+                if let Some(partials) = &partials {
+                    self.merge_decode_partials(&mut out, partials, paged, splits, heads, d)?;
                 }
             }
             AttentionKernel::SplitDecode { .. } => {
-                let mut partials =
-                    self.alloc_slice::<f32>("decode partials", seqs * heads * splits * (d + 2))?;
-                int(op, partials.len())?;
+                let mut partials = self.decode_partials(op, seqs * heads * splits * (d + 2))?;
                 attn!("paged_decode_split", &mut partials)?;
                 self.merge_decode_partials(&mut out, &partials, paged, splits, heads, d)?;
             }
@@ -309,11 +303,18 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// Room for `floats` fp32 decode partials (a running maximum, a sum and `d` weighted
+    /// values per sequence, head and split).
+    fn decode_partials(&self, op: &'static str, floats: usize) -> Result<DeviceBuffer> {
+        int(op, floats)?;
+        self.alloc_bytes("decode partials", floats * size_of::<f32>())
+    }
+
     /// `decode_merge`: every sequence's and head's split partials normalised into `out`.
     fn merge_decode_partials(
         &self,
         out: &mut CudaTensor,
-        partials: &CudaSlice<f32>,
+        partials: &DeviceBuffer,
         paged: &CudaPaged,
         splits: usize,
         heads: usize,

@@ -1,14 +1,123 @@
-//! The CUDA backend's tensor: a device buffer and its shape.
+//! The CUDA backend's tensor, a device buffer and its shape, and [`DeviceBuffer`], the device
+//! memory that goes back to the backend's buffer cache when dropped
+//! ([`crate::backend::buffer_cache`]).
 
-use cudarc::driver::CudaSlice;
+use std::mem::ManuallyDrop;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
+
+use crate::backend::buffer_cache::BufferCache;
+
+/// The backend's idle device buffers, shared with every buffer that goes back to them.
+pub(super) type SharedBufferCache = Arc<Mutex<Buffers>>;
+
+/// The buffer cache and what a graph capture changes about it.
+pub(super) struct Buffers {
+    pub(super) cache: BufferCache<CudaSlice<u8>>,
+    /// A graph capture is under way: buffers evicted now are freed when it ends, since a free
+    /// queued inside a capture would be recorded into the graph instead of done.
+    pub(super) capturing: bool,
+    pub(super) deferred_frees: Vec<CudaSlice<u8>>,
+}
+
+impl Buffers {
+    pub(super) fn new(limit: usize) -> Self {
+        Self {
+            cache: BufferCache::new(limit),
+            capturing: false,
+            deferred_frees: Vec::new(),
+        }
+    }
+}
+
+/// Device bytes, handed back to the cache they came from when dropped (in stream order: the
+/// kernels queued before the drop that use the buffer run before any queued after it that
+/// reuse it), or freed when they belong to no cache (buffers allocated inside a graph capture,
+/// which the graph owns). It dereferences to the `CudaSlice` it holds, and passes to kernels as
+/// that slice does.
+pub struct DeviceBuffer {
+    slice: ManuallyDrop<CudaSlice<u8>>,
+    home: Option<SharedBufferCache>,
+}
+
+impl DeviceBuffer {
+    pub(super) fn new(slice: CudaSlice<u8>, home: Option<SharedBufferCache>) -> Self {
+        Self {
+            slice: ManuallyDrop::new(slice),
+            home,
+        }
+    }
+}
+
+impl Deref for DeviceBuffer {
+    type Target = CudaSlice<u8>;
+
+    fn deref(&self) -> &CudaSlice<u8> {
+        &self.slice
+    }
+}
+
+impl DerefMut for DeviceBuffer {
+    fn deref_mut(&mut self) -> &mut CudaSlice<u8> {
+        &mut self.slice
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: `slice` is taken once, here, and not touched again.
+        let slice = unsafe { ManuallyDrop::take(&mut self.slice) };
+        match &self.home {
+            Some(home) => {
+                let size = slice.len();
+                let mut buffers = home.lock().unwrap_or_else(PoisonError::into_inner);
+                let evicted = buffers.cache.give_back(size, slice);
+                if buffers.capturing {
+                    buffers.deferred_frees.extend(evicted);
+                } else {
+                    // Freed (queued on the stream) outside the lock.
+                    drop(buffers);
+                    drop(evicted);
+                }
+            }
+            None => drop(slice),
+        }
+    }
+}
+
+impl std::fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceBuffer")
+            .field("bytes", &self.slice.len())
+            .field("cached", &self.home.is_some())
+            .finish()
+    }
+}
+
+// SAFETY: the argument pushed is the held slice, exactly as cudarc pushes a `&CudaSlice`; the
+// reference keeps the buffer alive for the launch's lifetime `'a`.
+unsafe impl<'a, 'b: 'a> PushKernelArg<&'b DeviceBuffer> for LaunchArgs<'a> {
+    fn arg(&mut self, arg: &'b DeviceBuffer) -> &mut Self {
+        self.arg(&*arg.slice)
+    }
+}
+
+// SAFETY: as above, for a buffer the kernel writes.
+unsafe impl<'a, 'b: 'a> PushKernelArg<&'b mut DeviceBuffer> for LaunchArgs<'a> {
+    fn arg(&mut self, arg: &'b mut DeviceBuffer) -> &mut Self {
+        self.arg(&mut *arg.slice)
+    }
+}
 
 /// A dense row-major tensor in device memory, its elements stored in the backend's precision
 /// (the buffer is raw bytes; the kernels read it as their `elem_t`). The buffer holds at least
-/// one element (CUDA allocations of zero bytes are refused), so it can be longer than the
-/// shape's element count; only the first `numel` elements are meaningful.
+/// one element (CUDA allocations of zero bytes are refused) and may be a reused one larger than
+/// the shape needs; only the first `numel` elements are meaningful.
 #[derive(Debug)]
 pub struct CudaTensor {
-    pub(super) buf: CudaSlice<u8>,
+    pub(super) buf: DeviceBuffer,
     pub(super) shape: Vec<usize>,
 }
 

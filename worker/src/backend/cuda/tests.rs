@@ -790,6 +790,75 @@ fn gpu_elementwise_ops_match_reference() {
     }
 }
 
+/// Buffers that ops drop are handed to later ops (`backend::buffer_cache`): a dropped output's
+/// memory serves the next output of its size class, at once and without a synchronisation (the
+/// kernels queued before the drop still read it first: stream order), and a limit of 0 keeps
+/// nothing. Every result is checked on the host, so a buffer reused too early shows up as a
+/// wrong value.
+#[test]
+fn gpu_dropped_outputs_are_reused_in_stream_order() {
+    use cudarc::driver::DevicePtr;
+    let Some(g) = gpu("gpu_dropped_outputs_are_reused_in_stream_order") else {
+        return;
+    };
+    let addr = |t: &CudaTensor| t.buf.device_ptr(&g.stream).0;
+    let n = 1 << 22;
+    let data = Rng::new(107).vec(n, 3.0);
+    let x = g.from_host(&data, &[n]).unwrap();
+    let doubled: Vec<f32> = data.iter().map(|v| v + v).collect();
+
+    let first = g.add(&x, &x).unwrap();
+    let first_addr = addr(&first);
+    drop(first);
+    let before = g.buffer_stats();
+    let second = g.add(&x, &x).unwrap();
+    let after = g.buffer_stats();
+    assert_eq!(
+        addr(&second),
+        first_addr,
+        "the dropped output's buffer was not reused"
+    );
+    assert_eq!((after.reused, after.missed), (before.reused + 1, before.missed));
+    assert_eq!(g.to_host(&second).unwrap(), doubled);
+
+    // `sum` reads `gelu` after `gelu` is dropped and its buffer rewritten by `third`: all are
+    // queued before any finishes, so only stream order keeps `sum` right.
+    let gelu = g.gelu(&x).unwrap();
+    let sum = g.add(&gelu, &x).unwrap();
+    let gelu_addr = addr(&gelu);
+    drop(gelu);
+    let third = g.add(&x, &x).unwrap();
+    assert_eq!(addr(&third), gelu_addr, "the dropped gelu buffer was not reused");
+    let want_sum = ReferenceBackend
+        .add(
+            &ReferenceBackend
+                .gelu(&CpuTensor::new(data.clone(), vec![n]))
+                .unwrap(),
+            &CpuTensor::new(data.clone(), vec![n]),
+        )
+        .unwrap();
+    assert_close(
+        "gelu + x read before its buffer was reused",
+        &g.to_host(&sum).unwrap(),
+        want_sum.data(),
+        Tol {
+            atol: 2e-6,
+            rtol: 1e-5,
+        },
+    );
+    assert_eq!(g.to_host(&third).unwrap(), doubled);
+    drop((second, third, sum));
+
+    g.set_buffer_cache_limit(0);
+    let before = g.buffer_stats();
+    let off = g.add(&x, &x).unwrap();
+    let after = g.buffer_stats();
+    assert_eq!(after.reused, before.reused, "a limit of 0 kept a buffer");
+    assert_eq!(after.idle_bytes, 0);
+    assert_eq!(g.to_host(&off).unwrap(), doubled);
+    g.set_buffer_cache_limit(crate::backend::buffer_cache::DEFAULT_LIMIT_BYTES);
+}
+
 #[test]
 fn gpu_norms_match_reference() {
     let Some(g) = gpu("gpu_norms_match_reference") else {
