@@ -369,6 +369,14 @@ pub trait Backend: Send + Sync {
     /// Rows of `table [v, d]` selected by `ids`: `[ids.len(), d]`. An id `>= v` is an error.
     fn embedding(&self, ids: &[u32], table: &Self::Tensor) -> Result<Self::Tensor>;
 
+    /// [`Backend::embedding`] of token positions (learned position embeddings): the same
+    /// gather. Said apart from ids because a backend that stages a decode step's ids and
+    /// positions in fixed buffers (CUDA graphs) must read the positions' buffer even when the
+    /// two hold the same numbers.
+    fn position_embedding(&self, positions: &[u32], table: &Self::Tensor) -> Result<Self::Tensor> {
+        self.embedding(positions, table)
+    }
+
     /// Rotary position embedding of `x [tokens, heads, head_dim]` at `positions` (one per token),
     /// in the Hugging Face "rotate_half" convention: with `h = head_dim / 2` and
     /// `freq_i = theta^(-2i / head_dim)`, the pair `(x_i, x_{i+h})` is rotated by `pos · freq_i`.

@@ -197,7 +197,7 @@ impl<B: Backend> Bert<B> {
             .flat_map(|_| 0..u32::try_from(batch.seq).unwrap_or(u32::MAX))
             .collect();
         let words = backend.embedding(&batch.ids, &self.word_embeddings)?;
-        let pos = backend.embedding(&positions, &self.position_embeddings)?;
+        let pos = backend.position_embedding(&positions, &self.position_embeddings)?;
         let types = backend.embedding(&batch.type_ids, &self.token_type_embeddings)?;
         let summed = backend.add(&backend.add(&words, &pos)?, &types)?;
         let eps = c.layer_norm_eps as f32;

@@ -142,7 +142,7 @@ impl<B: Backend> CausalLm<B> for Gpt2<B> {
             .collect();
         let mut x = backend.add(
             &backend.embedding(&step.ids, &self.wte)?,
-            &backend.embedding(&positions, &self.wpe)?,
+            &backend.position_embedding(&positions, &self.wpe)?,
         )?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = backend.layer_norm(&x, &layer.ln_1_weight, &layer.ln_1_bias, eps)?;

@@ -84,6 +84,9 @@ pub struct CudaBackend {
     _blas_workspace: CudaSlice<u8>,
     /// The GPU's multiprocessors (how many blocks a launch needs to fill it).
     pub(super) sm_count: usize,
+    /// Dynamic shared memory the flash kernels may use (`allow_flash_smem`): below what head
+    /// dimension 256 needs on GPUs with 64 KiB per block (Turing).
+    flash_smem_bytes: usize,
     /// Products of a few rows go to the matrix-vector kernel (`gemv.rs`); on unless turned off.
     pub(super) gemv_enabled: AtomicBool,
     /// Decode steps take the grouped-heads decode kernel where it fits (`paged.rs`); on unless
@@ -313,7 +316,7 @@ impl CudaBackend {
             cache_dir: cache.map(|c| c.dir().to_path_buf()),
             seconds: started.elapsed().as_secs_f64(),
         };
-        let backend = Self {
+        let mut backend = Self {
             name: format!("cuda:{ordinal}"),
             precision,
             placeholder_u8: stream
@@ -334,11 +337,12 @@ impl CudaBackend {
             buffers: Arc::new(Mutex::new(Buffers::new(DEFAULT_LIMIT_BYTES))),
             _blas_workspace: blas_workspace,
             sm_count,
+            flash_smem_bytes: 0,
             gemv_enabled: AtomicBool::new(true),
             grouped_decode_enabled: AtomicBool::new(true),
             kernel_build,
         };
-        backend.allow_flash_smem()?;
+        backend.flash_smem_bytes = backend.allow_flash_smem()?;
         backend.keep_freed_memory()?;
         Ok(backend)
     }
@@ -363,8 +367,9 @@ impl CudaBackend {
     }
 
     /// Kernels may use at most 48 KiB of dynamic shared memory unless they opt in to more; flash
-    /// attention at head dimension 256 needs ~80 KiB (available from compute capability 7.0).
-    fn allow_flash_smem(&self) -> Result<()> {
+    /// attention at head dimension 256 needs ~80 KiB (Volta and Ampere on allow more, Turing
+    /// 64 KiB). Returns the bytes opted in to.
+    fn allow_flash_smem(&self) -> Result<usize> {
         let need = flash_smem_bytes(ATTN_MAX_D);
         let limit = self
             .ctx
@@ -383,6 +388,22 @@ impl CudaBackend {
                 )
             }
             .map_err(|e| driver_err(&format!("raising {name}'s shared memory limit"), e))?;
+        }
+        Ok(bytes)
+    }
+
+    /// An error naming the limit when a flash kernel at head dimension `d` needs more shared
+    /// memory than this GPU gives a block, instead of the launch failure it would be.
+    pub(super) fn check_flash_smem(&self, op: &'static str, d: usize) -> Result<()> {
+        let need = flash_smem_bytes(d);
+        if need > self.flash_smem_bytes {
+            return Err(crate::backend::shapes::err(
+                op,
+                format!(
+                    "head_dim {d} needs {need} bytes of shared memory in the flash attention kernel; {} allows {} per block",
+                    self.name, self.flash_smem_bytes
+                ),
+            ));
         }
         Ok(())
     }
@@ -501,20 +522,41 @@ impl CudaBackend {
         self.buffers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Marks a graph capture on the stream as begun or ended: allocations then bypass the
-    /// buffer cache (`alloc_bytes`) and its evictions wait (`Buffers`), uploads are refused.
-    pub(super) fn set_capturing(&self, capturing: bool) {
-        self.capturing.store(capturing, Ordering::Relaxed);
-        let deferred = {
+    /// Marks a graph capture on the stream as begun (after `begin_capture`): allocations then
+    /// bypass the buffer cache (`alloc_bytes`), buffers dropped are held for the graph
+    /// (`Buffers`), uploads are refused.
+    pub(super) fn begin_capturing(&self) {
+        self.capturing.store(true, Ordering::Relaxed);
+        self.lock_buffers().capturing = true;
+    }
+
+    /// Marks the capture as ended (after `end_capture`); returns the buffers dropped during it,
+    /// which its graph may read: the graph keeps them, or, if it failed, they go back to the
+    /// cache (`give_back_buffers`).
+    pub(super) fn end_capturing(&self) -> Vec<CudaSlice<u8>> {
+        self.capturing.store(false, Ordering::Relaxed);
+        let mut buffers = self.lock_buffers();
+        buffers.capturing = false;
+        std::mem::take(&mut buffers.held_by_capture)
+    }
+
+    /// Gives `held` back to the buffer cache (they are free for any later kernel).
+    pub(super) fn give_back_buffers(&self, held: Vec<CudaSlice<u8>>) {
+        let mut evicted = Vec::new();
+        {
             let mut buffers = self.lock_buffers();
-            buffers.capturing = capturing;
-            if capturing {
-                Vec::new()
-            } else {
-                std::mem::take(&mut buffers.deferred_frees)
+            for slice in held {
+                let size = slice.len();
+                evicted.extend(buffers.cache.give_back(size, slice));
             }
-        };
-        drop(deferred);
+        }
+        drop(evicted);
+    }
+
+    /// The error a drop saved (cudarc keeps the last failed free of a `Drop` and returns it from
+    /// the next call that binds the context), taken so that the next call does not fail with it.
+    pub(super) fn take_saved_error(&self) -> std::result::Result<(), DriverError> {
+        self.ctx.check_err()
     }
 
     /// Keeps at most `bytes` of idle device memory for reuse from now on (0: none, every
@@ -564,13 +606,20 @@ impl CudaBackend {
 
     /// `data` on the device: the copy `last` holds when it holds these values, else a new
     /// upload that replaces it (the old buffer is freed in stream order, after the kernels
-    /// queued to read it).
+    /// queued to read it). Refused inside a graph capture, like `upload`.
     pub(super) fn upload_unless_same<T: DeviceRepr + PartialEq + Clone>(
         &self,
         last: &LastUpload<T>,
         what: &str,
         data: &[T],
     ) -> Result<Arc<CudaSlice<T>>> {
+        // Inside a capture even the last upload will not do: a later upload replaces and frees
+        // it while the graph still reads it.
+        if self.capturing.load(Ordering::Relaxed) {
+            return Err(BackendError::Device(format!(
+                "uploading {what} inside a graph capture"
+            )));
+        }
         let mut cache = last.0.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((host, dev)) = cache.as_ref()
             && host.as_slice() == data

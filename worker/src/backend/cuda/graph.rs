@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus};
 use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr, DeviceRepr};
 
 use super::context::{CudaBackend, driver_err};
@@ -61,8 +61,13 @@ struct BatchGraph {
     graph: Option<RecordedGraph>,
 }
 
-/// A graph recorded from the backend's stream.
-struct RecordedGraph(CudaGraph);
+/// A graph recorded from the backend's stream, and the buffers that were dropped while it was
+/// captured (a recorded kernel may read them at every replay, so they live as long as the
+/// graph; usually there are none). Fields drop in order: the graph before its buffers.
+struct RecordedGraph {
+    graph: CudaGraph,
+    _kept: Vec<CudaSlice<u8>>,
+}
 
 // SAFETY: a graph's handles may be used from any thread as long as calls on them are
 // serialised (the driver's rule for graph objects); this one is only touched while the backend's
@@ -173,7 +178,15 @@ impl CudaBackend {
         };
         if grow_tables {
             staged.graph = None; // it reads the old buffer
-            staged.tables = Arc::new(self.alloc_slice("graph block tables", table_capacity)?);
+            match self.alloc_slice("graph block tables", table_capacity) {
+                Ok(tables) => staged.tables = Arc::new(tables),
+                Err(e) => {
+                    // The book counts the larger buffer already: start this batch size afresh.
+                    graphs.batches.remove(&batch);
+                    graphs.book.forget(batch);
+                    return Err(e);
+                }
+            }
         }
         let positions: Vec<u32> = plan
             .seqs
@@ -193,26 +206,19 @@ impl CudaBackend {
         )))
     }
 
-    /// The staged device copy of `values` when a decode step of that many sequences staged
-    /// exactly these positions (`positions`) or these as its token ids or positions
-    /// (`ids_or_positions`: GPT-2 looks its position embeddings up by position), so that a
-    /// capture reads the fixed buffer instead of uploading.
-    pub(super) fn staged_positions(&self, values: &[u32]) -> Option<Arc<CudaSlice<u32>>> {
-        self.staged(values, false)
-    }
-
-    /// See [`CudaBackend::staged_positions`].
-    pub(super) fn staged_ids_or_positions(&self, values: &[u32]) -> Option<Arc<CudaSlice<u32>>> {
-        self.staged(values, true)
-    }
-
-    fn staged(&self, values: &[u32], ids_too: bool) -> Option<Arc<CudaSlice<u32>>> {
+    /// The staged device copy of `positions` when a decode step of that many sequences staged
+    /// exactly these positions, so that a capture reads the fixed buffer instead of uploading.
+    pub(super) fn staged_positions(&self, positions: &[u32]) -> Option<Arc<CudaSlice<u32>>> {
         let guard = self.graphs.lock().unwrap_or_else(PoisonError::into_inner);
-        let staged = guard.as_ref()?.batches.get(&values.len())?;
-        if ids_too && staged.ids_host.as_deref() == Some(values) {
-            return Some(staged.ids.clone());
-        }
-        (staged.positions_host.as_deref() == Some(values)).then(|| staged.positions.clone())
+        let staged = guard.as_ref()?.batches.get(&positions.len())?;
+        (staged.positions_host.as_deref() == Some(positions)).then(|| staged.positions.clone())
+    }
+
+    /// The staged device copy of `ids`, as [`CudaBackend::staged_positions`] for token ids.
+    pub(super) fn staged_ids(&self, ids: &[u32]) -> Option<Arc<CudaSlice<u32>>> {
+        let guard = self.graphs.lock().unwrap_or_else(PoisonError::into_inner);
+        let staged = guard.as_ref()?.batches.get(&ids.len())?;
+        (staged.ids_host.as_deref() == Some(ids)).then(|| staged.ids.clone())
     }
 
     /// `Backend::forward_and_sample` with graphs: `None` when this step cannot use one (graphs
@@ -247,49 +253,56 @@ impl CudaBackend {
             staged.ids_host = Some(ids.to_vec());
             self.write_staged("token draws", &staged.draws, &super::ops::draw_words(draws))?;
             if action == StepAction::Replay
-                && let Some(graph) = &staged.graph
+                && let Some(recorded) = &staged.graph
             {
-                graph
-                    .0
-                    .launch()
-                    .map_err(|e| driver_err("launching a decode graph", e))?;
+                if let Err(e) = recorded.graph.launch() {
+                    // Nothing ran (a launch fails before it starts, e.g. out of memory for the
+                    // graph's own buffers): the step runs plainly, and so do this batch size's
+                    // later steps.
+                    staged.graph = None;
+                    graphs.book.failed(batch);
+                    self.give_up_graph(batch, &driver_err("launching a decode graph", e).to_string());
+                    return Ok(None);
+                }
                 return Ok(Some(self.download_ids(&staged.out)?));
             }
         }
         // Record: the lock is released, since the forward pass looks up staged inputs.
-        match self.capture(batch, forward) {
-            Ok(graph) => {
-                let mut guard = self.graphs.lock().unwrap_or_else(PoisonError::into_inner);
-                let Some(graphs) = guard.as_mut() else {
-                    return Ok(None);
-                };
-                let Some(staged) = graphs.batches.get_mut(&batch) else {
-                    return Ok(None);
-                };
-                graph
-                    .launch()
-                    .map_err(|e| driver_err("launching a decode graph", e))?;
-                staged.graph = Some(RecordedGraph(graph));
+        let captured = self.capture(batch, forward);
+        let mut guard = self.graphs.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(graphs) = guard.as_mut() else {
+            return Ok(None);
+        };
+        let Some(staged) = graphs.batches.get_mut(&batch) else {
+            return Ok(None);
+        };
+        let launched = captured.and_then(|recorded| {
+            recorded
+                .graph
+                .launch()
+                .map_err(|e| crate::Error::Backend(driver_err("launching a decode graph", e)))?;
+            Ok(recorded)
+        });
+        match launched {
+            Ok(recorded) => {
+                staged.graph = Some(recorded);
                 graphs.book.recorded(batch);
                 Ok(Some(self.download_ids(&staged.out)?))
             }
             Err(e) => {
-                tracing::warn!(
-                    batch,
-                    error = %e,
-                    "a decode step could not be recorded as a CUDA graph; this batch size runs without one"
-                );
-                if let Some(graphs) = self
-                    .graphs
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .as_mut()
-                {
-                    graphs.book.failed(batch);
-                }
+                graphs.book.failed(batch);
+                self.give_up_graph(batch, &e.to_string());
                 Ok(None)
             }
         }
+    }
+
+    fn give_up_graph(&self, batch: usize, error: &str) {
+        tracing::warn!(
+            batch,
+            error,
+            "a decode step could not be recorded or replayed as a CUDA graph; this batch size runs without one"
+        );
     }
 
     /// Captures the forward pass and the sampling kernel of a staged decode step of `batch`
@@ -299,26 +312,66 @@ impl CudaBackend {
         &self,
         batch: usize,
         forward: &mut dyn FnMut() -> crate::Result<CudaTensor>,
-    ) -> crate::Result<CudaGraph> {
+    ) -> crate::Result<RecordedGraph> {
+        // cudarc hands an error a drop saved to the next call that binds the context, which
+        // would fail `begin_capture` (or `end_capture`, before it ends the capture) for
+        // something that happened before.
+        if let Err(e) = self.take_saved_error() {
+            tracing::warn!(error = %e, "an earlier asynchronous GPU error, reported before a graph capture");
+        }
         self.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| driver_err("starting a graph capture", e))?;
-        self.set_capturing(true);
+        self.begin_capturing();
         let recorded = forward().and_then(|logits| Ok(self.sample_into_staged(batch, &logits)?));
-        self.set_capturing(false);
+        // Frees that failed inside the capture (an invalidated capture fails them all) are
+        // this capture's failure: taken here so that `end_capture` ends it.
+        let freed = self
+            .take_saved_error()
+            .map_err(|e| driver_err("freeing inside a graph capture", e));
         let ended = self
             .stream
             .end_capture(CUgraphInstantiate_flags(0))
             .map_err(|e| driver_err("ending a graph capture", e));
-        // Frees queued inside a failed capture are reported by the next driver call; this
-        // capture's failure is reported below instead.
-        if recorded.is_err() || ended.is_err() {
-            let _ = self.bind();
+        if ended.is_err() {
+            self.force_end_capture();
         }
-        recorded?;
-        ended?.ok_or_else(|| {
-            crate::Error::Backend(BackendError::Device("the graph capture recorded nothing".into()))
-        })
+        // After the capture, so that nothing given back is freed inside it.
+        let kept = self.end_capturing();
+        let graph = recorded
+            .and_then(|()| Ok(freed?))
+            .and_then(|()| Ok(ended?))
+            .and_then(|graph| {
+                graph.ok_or_else(|| {
+                    crate::Error::Backend(BackendError::Device("the graph capture recorded nothing".into()))
+                })
+            });
+        match graph {
+            Ok(graph) => Ok(RecordedGraph { graph, _kept: kept }),
+            Err(e) => {
+                self.give_back_buffers(kept);
+                let _ = self.take_saved_error();
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends a capture `end_capture` left open, discarding its graph: the stream must not stay
+    /// in capture mode, where every later op would fail.
+    fn force_end_capture(&self) {
+        let stream = self.stream.cu_stream();
+        // SAFETY: the backend's own live stream; a graph returned here is owned by no one else
+        // and destroyed at once.
+        unsafe {
+            if matches!(
+                cudarc::driver::result::stream::is_capturing(stream),
+                Ok(status) if status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+            ) && let Ok(graph) = cudarc::driver::result::stream::end_capture(stream)
+                && !graph.is_null()
+            {
+                let _ = cudarc::driver::result::graph::destroy(graph);
+            }
+        }
     }
 
     /// Queues `sample_rows` over `logits` with batch `batch`'s staged draws, writing its

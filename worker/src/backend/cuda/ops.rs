@@ -425,6 +425,41 @@ impl CudaBackend {
         self.cublas_linear(x, weight, bias, Activation::Identity, None)
     }
 
+    /// `embedding`'s gather, reading `ids` from the buffer `staged` finds for them (a decode
+    /// graph's fixed inputs) or else from an upload.
+    fn gather_rows(
+        &self,
+        op: &'static str,
+        ids: &[u32],
+        table: &CudaTensor,
+        staged: impl Fn(&[u32]) -> Option<Arc<CudaSlice<u32>>>,
+    ) -> Result<CudaTensor> {
+        let (vocab, d) = shapes::embedding(ids, &table.shape)?;
+        let mut out = self.alloc(vec![ids.len(), d])?;
+        if ids.is_empty() || d == 0 {
+            return Ok(out);
+        }
+        int(op, ids.len() * d)?;
+        let (tokens, vocab, di) = (int(op, ids.len())?, int(op, vocab)?, int(op, d)?);
+        let ids_dev = match staged(ids) {
+            Some(staged) => staged,
+            None => Arc::new(self.upload(op, ids)?),
+        };
+        let cfg = rows_cfg(ids.len(), (d.min(BLOCK as usize) as u32).next_multiple_of(32));
+        launch!(
+            self,
+            "embedding",
+            cfg,
+            &mut out.buf,
+            &table.buf,
+            &*ids_dev,
+            &tokens,
+            &vocab,
+            &di
+        )?;
+        Ok(out)
+    }
+
     /// `table[ids] + pos_table[positions]` in one pass (BERT and GPT-2 embeddings); the lookup
     /// tables are `[vocab, d]` and `[max_positions, d]`, one position per id.
     pub fn embedding_add(
@@ -624,7 +659,10 @@ impl CudaBackend {
             };
         }
         match kernel {
-            AttentionKernel::Flash => attn!("flash_attention")?,
+            AttentionKernel::Flash => {
+                self.check_flash_smem(op, d)?;
+                attn!("flash_attention")?
+            }
             AttentionKernel::Decode => attn!("decode_attention")?,
             AttentionKernel::SplitDecode { .. } | AttentionKernel::GroupedDecode { .. } => {
                 return Err(shapes::err(
@@ -764,6 +802,12 @@ impl CudaBackend {
         }
         int(op, bh * s_q * s_k)?;
         let [qv, kv, vv] = views;
+        // Every refusal before the first product is queued.
+        let causal = causal_arg(op, mask)?;
+        if window.is_some() && mask.causal_offset.is_none() {
+            return Err(shapes::err(op, "a sliding window needs a causal mask".into()));
+        }
+        let window = int(op, window.unwrap_or(0))?;
         let plan = unfused_plan(&dims, [qv, kv, vv, out_rows])?;
         let scores = self.alloc_bytes("attention scores", score_bytes)?;
         let mut probs = self.alloc(vec![bh, s_q, s_k])?;
@@ -796,11 +840,6 @@ impl CudaBackend {
         let valid_dev = self.upload_key_valid(mask)?;
         let valid_buf = valid_dev.as_deref().unwrap_or(&self.placeholder_u8);
         let has_valid = i32::from(valid_dev.is_some());
-        let causal = causal_arg(op, mask)?;
-        if window.is_some() && mask.causal_offset.is_none() {
-            return Err(shapes::err(op, "a sliding window needs a causal mask".into()));
-        }
-        let window = int(op, window.unwrap_or(0))?;
         let scale = 1.0 / (d as f32).sqrt();
         let (rows, sqi, ski, hi) = (int(op, bh * s_q)?, int(op, s_q)?, int(op, s_k)?, int(op, heads)?);
         launch!(
@@ -1202,31 +1241,13 @@ impl Backend for CudaBackend {
     }
 
     fn embedding(&self, ids: &[u32], table: &CudaTensor) -> Result<CudaTensor> {
-        let op = "embedding";
-        let (vocab, d) = shapes::embedding(ids, &table.shape)?;
-        let mut out = self.alloc(vec![ids.len(), d])?;
-        if ids.is_empty() || d == 0 {
-            return Ok(out);
-        }
-        int(op, ids.len() * d)?;
-        let (tokens, vocab, di) = (int(op, ids.len())?, int(op, vocab)?, int(op, d)?);
-        let ids_dev = match self.staged_ids_or_positions(ids) {
-            Some(staged) => staged,
-            None => Arc::new(self.upload("token ids", ids)?),
-        };
-        let cfg = rows_cfg(ids.len(), (d.min(BLOCK as usize) as u32).next_multiple_of(32));
-        launch!(
-            self,
-            "embedding",
-            cfg,
-            &mut out.buf,
-            &table.buf,
-            &*ids_dev,
-            &tokens,
-            &vocab,
-            &di
-        )?;
-        Ok(out)
+        self.gather_rows("embedding", ids, table, |ids| self.staged_ids(ids))
+    }
+
+    fn position_embedding(&self, positions: &[u32], table: &CudaTensor) -> Result<CudaTensor> {
+        self.gather_rows("position_embedding", positions, table, |positions| {
+            self.staged_positions(positions)
+        })
     }
 
     fn rope(&self, x: &CudaTensor, positions: &[usize], theta: f32) -> Result<CudaTensor> {

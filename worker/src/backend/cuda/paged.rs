@@ -251,7 +251,10 @@ impl CudaBackend {
             };
         }
         match kernel {
-            AttentionKernel::Flash => attn!("paged_flash_attention", &mut out.buf)?,
+            AttentionKernel::Flash => {
+                self.check_flash_smem(op, d)?;
+                attn!("paged_flash_attention", &mut out.buf)?
+            }
             AttentionKernel::Decode => attn!("paged_decode_attention", &mut out.buf)?,
             AttentionKernel::GroupedDecode { .. } => {
                 if !grouped_decode_fits(d) || !self.aligned_16(&[q, keys, values]) {

@@ -16,10 +16,11 @@ pub(super) type SharedBufferCache = Arc<Mutex<Buffers>>;
 /// The buffer cache and what a graph capture changes about it.
 pub(super) struct Buffers {
     pub(super) cache: BufferCache<CudaSlice<u8>>,
-    /// A graph capture is under way: buffers evicted now are freed when it ends, since a free
-    /// queued inside a capture would be recorded into the graph instead of done.
+    /// A graph capture is under way: buffers dropped now are held, not given back, since a
+    /// recorded kernel may read them whenever the graph is replayed; the graph keeps them
+    /// (`graph.rs`).
     pub(super) capturing: bool,
-    pub(super) deferred_frees: Vec<CudaSlice<u8>>,
+    pub(super) held_by_capture: Vec<CudaSlice<u8>>,
 }
 
 impl Buffers {
@@ -27,15 +28,15 @@ impl Buffers {
         Self {
             cache: BufferCache::new(limit),
             capturing: false,
-            deferred_frees: Vec::new(),
+            held_by_capture: Vec::new(),
         }
     }
 }
 
 /// Device bytes, handed back to the cache they came from when dropped (in stream order: the
 /// kernels queued before the drop that use the buffer run before any queued after it that
-/// reuse it), or freed when they belong to no cache (buffers allocated inside a graph capture,
-/// which the graph owns). It dereferences to the `CudaSlice` it holds, and passes to kernels as
+/// reuse it; during a graph capture to the capture instead), or freed when they belong to no
+/// cache (buffers allocated inside a graph capture, which the graph owns). It dereferences to the `CudaSlice` it holds, and passes to kernels as
 /// that slice does.
 pub struct DeviceBuffer {
     slice: ManuallyDrop<CudaSlice<u8>>,
@@ -73,14 +74,14 @@ impl Drop for DeviceBuffer {
             Some(home) => {
                 let size = slice.len();
                 let mut buffers = home.lock().unwrap_or_else(PoisonError::into_inner);
-                let evicted = buffers.cache.give_back(size, slice);
                 if buffers.capturing {
-                    buffers.deferred_frees.extend(evicted);
-                } else {
-                    // Freed (queued on the stream) outside the lock.
-                    drop(buffers);
-                    drop(evicted);
+                    buffers.held_by_capture.push(slice);
+                    return;
                 }
+                let evicted = buffers.cache.give_back(size, slice);
+                // Freed (queued on the stream) outside the lock.
+                drop(buffers);
+                drop(evicted);
             }
             None => drop(slice),
         }

@@ -22,7 +22,8 @@ use crate::backend::test_util::{
     print_skip, sampling_case,
 };
 use crate::backend::{
-    Activation, AttentionMask, Backend, BackendError, CpuTensor, Precision, ReferenceBackend, Result,
+    Activation, AttentionMask, Backend, BackendError, CpuTensor, DecodeStep, PagedPlan, PagedSeq, Precision,
+    ReferenceBackend, Result,
 };
 use crate::sampling::TokenDraw;
 
@@ -857,6 +858,60 @@ fn gpu_dropped_outputs_are_reused_in_stream_order() {
     assert_eq!(after.idle_bytes, 0);
     assert_eq!(g.to_host(&off).unwrap(), doubled);
     g.set_buffer_cache_limit(crate::backend::buffer_cache::DEFAULT_LIMIT_BYTES);
+}
+
+/// A decode-graph capture that the driver invalidates (a copy to host memory inside it), with a
+/// buffer then freed inside the invalidated capture, falls back to the plain step: the tokens
+/// are the plain step's, that batch size is not graphed, and the stream works afterwards. (A
+/// free failing inside the capture leaves an error that cudarc hands to the next call; were it
+/// handed to `end_capture`, the capture would never end and every later op would fail.)
+#[test]
+fn gpu_a_failed_capture_falls_back_and_leaves_the_stream_usable() {
+    let test = "gpu_a_failed_capture_falls_back_and_leaves_the_stream_usable";
+    // A backend of its own: graphs stay on for the rest of a backend's life.
+    let g = match CudaBackend::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            print_skip(test, &format!("no CUDA device ({e})"));
+            return;
+        }
+    };
+    g.enable_decode_graphs(4);
+    let seq = |k_len, block| PagedSeq {
+        q_len: 1,
+        k_len,
+        blocks: vec![block],
+    };
+    let plan = PagedPlan {
+        block_size: 4,
+        window: None,
+        seqs: vec![seq(3, 0), seq(2, 1)],
+    };
+    let _staged = g.prepare_paged(&plan).unwrap();
+    let rows = [0.1, 0.9, 0.3, 0.2, 0.5, 0.1, 0.7, 0.0];
+    let logits = g.from_host(&rows, &[2, 4]).unwrap();
+    let mut calls = 0;
+    let mut forward = || -> crate::Result<CudaTensor> {
+        calls += 1;
+        let out = g.add(&logits, &logits)?;
+        if calls == 1 {
+            let _ = g.to_host(&out);
+            return Err(BackendError::Device("a planted failure inside the capture".into()).into());
+        }
+        Ok(out)
+    };
+    let step = DecodeStep { key: 7, ids: &[3, 5] };
+    let tokens = g
+        .forward_and_sample(Some(step), &[TokenDraw::GREEDY; 2], &mut forward)
+        .unwrap();
+    assert_eq!(calls, 2, "the step ran once in the capture and once plainly");
+    assert_eq!(tokens, vec![1, 2], "the plain step's greedy tokens");
+    assert!(
+        g.decode_graph_batches().is_empty(),
+        "the failed batch size was recorded"
+    );
+    let doubled: Vec<f32> = rows.iter().map(|v| v + v).collect();
+    assert_eq!(g.to_host(&g.add(&logits, &logits).unwrap()).unwrap(), doubled);
 }
 
 #[test]
