@@ -19,6 +19,9 @@
 #   PYTHON             the Python that holds torch and transformers (default python3)
 #   MAX_STEPS          decode steps per timed run (default 256)
 #   PRECISIONS         the worker's precisions, in order (default fp32,fp16,bf16)
+#   BENCH_DEADLINE     a time (seconds since the epoch) by which both sides must be done: the
+#                      worker's run is then cut TORCH_RESERVE seconds (default 90) before it,
+#                      so that PyTorch's figures, which every ratio needs, still come
 #
 # Expected to take about 6 minutes on an H100 with the default 3 s per figure (an estimate, not
 # yet measured on a GPU): the worker measures three precisions and loads the 1.1B model twice for
@@ -65,11 +68,20 @@ if [ -z "$bin" ]; then
 fi
 
 "$bin" "$models" --check >/dev/null || { echo "bench-gpu: the model folders do not open" >&2; exit 1; }
+# `limit SECONDS`: what is left before BENCH_DEADLINE less SECONDS, as a `timeout` prefix (none
+# without a deadline).
+limit() {
+    if [ -n "${BENCH_DEADLINE:-}" ]; then
+        local left=$((BENCH_DEADLINE - $(date +%s) - $1))
+        echo "timeout -k 5 $((left > 10 ? left : 10))"
+    fi
+}
 echo "bench-gpu: worker (CUDA backend, $precisions)" >&2
-"$bin" "$models" --seconds "$seconds" --max-steps "$max_steps" --precisions "$precisions" |
-    tee "$out/atomic.jsonl" || status=1
+$(limit "${TORCH_RESERVE:-90}") "$bin" "$models" --seconds "$seconds" --max-steps "$max_steps" \
+    --precisions "$precisions" | tee "$out/atomic.jsonl" || status=1
 echo "bench-gpu: PyTorch eager" >&2
-"$py" worker/bench/gpu_torch.py "$models" --seconds "$seconds" --max-steps "$max_steps" | tee "$out/torch.jsonl" || status=1
+$(limit 0) "$py" worker/bench/gpu_torch.py "$models" --seconds "$seconds" --max-steps "$max_steps" |
+    tee "$out/torch.jsonl" || status=1
 echo
 "$py" worker/bench/gpu_report.py "$out/atomic.jsonl" "$out/torch.jsonl" | tee "$out/report.txt"
 exit "$status"

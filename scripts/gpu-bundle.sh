@@ -13,8 +13,9 @@ rm -rf "$out"
 mkdir -p "$out/tests"
 target_dir="${CARGO_TARGET_DIR:-target}"
 # The test executables' paths come from cargo's JSON messages.
+# (cargo's progress and errors go to stderr, shown.)
 cargo test --release -p atomic-worker --features cuda --lib --test bert_golden --test decoder_golden \
-    --no-run --message-format=json 2>/dev/null |
+    --no-run --message-format=json |
     python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -30,5 +31,11 @@ done
 cargo build --release -q -p atomic-worker --features cuda --example gpu_bench --bin atomic-worker
 strip -o "$out/gpu_bench" "$target_dir/release/examples/gpu_bench"
 strip -o "$out/atomic-worker" "$target_dir/release/atomic-worker"
-ls "$out/tests" >/dev/null
+built=$(ls "$out/tests" | wc -l)
+if [ "$built" -ne 3 ]; then
+    echo "gpu-bundle: expected 3 test binaries (atomic_worker, bert_golden, decoder_golden), got $built" >&2
+    exit 1
+fi
+# What the session prints first, so that a stale bundle is seen before device time is spent.
+echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- worker || echo ' with uncommitted changes')" >"$out/REVISION"
 du -sh "$out"

@@ -15,21 +15,36 @@ out="${OUT:-target/gpu-session}"
 mkdir -p "$out"
 seconds="${1:-2}"
 start=$(date +%s)
-timeout "${CHECKS_LIMIT:-180}" bash scripts/gpu-checks.sh >"$out/checks.log" 2>&1
+# Progress lines reach the logs as they are printed (a timeout keeps them); nothing tries the
+# network; the worker's log is plain text (its cache lines are matched).
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NO_COLOR=1
+chmod +x target/gpu-bundle/atomic-worker target/gpu-bundle/gpu_bench target/gpu-bundle/tests/* 2>/dev/null
+if [ -f target/gpu-bundle/REVISION ]; then
+    echo "gpu-session: bundle built from $(cat target/gpu-bundle/REVISION)"
+fi
+python3 -c 'import torch; print("gpu-session: torch", torch.__version__, "CUDA", torch.version.cuda)' 2>&1 | tail -1
+bash scripts/cuda-libs.sh >/dev/null
+# -k: a process that ignores the TERM of its time limit is killed 10 s later, so the next
+# stage still runs.
+timeout -k 10 "${CHECKS_LIMIT:-180}" bash scripts/gpu-checks.sh >"$out/checks.log" 2>&1
 checks=$?
 echo "gpu-session: GPU tests exited $checks after $(($(date +%s) - start)) s (log: checks.log)"
-grep -E "^== |^test result|FAILED|panicked" "$out/checks.log" | head -40
+grep -E "^== |^test result|FAILED|panicked|^gpu-checks:" "$out/checks.log" | head -40
 echo "gpu-session: $(grep -c SKIPPED "$out/checks.log") tests skipped (see checks.log for why)"
 lib_dirs="$(bash scripts/cuda-libs.sh)"
-LD_LIBRARY_PATH="$lib_dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" timeout "${SERVE_LIMIT:-60}" \
+LD_LIBRARY_PATH="$lib_dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" timeout -k 10 "${SERVE_LIMIT:-60}" \
     python3 worker/bench/serve_smoke.py target/gpu-bundle/atomic-worker worker/fixtures/tiny-bert \
     >"$out/serve.log" 2>&1
 serve=$?
 echo "gpu-session: serve smoke exited $serve after $(($(date +%s) - start)) s (log: serve.log)"
 cat "$out/serve.log" | tail -8
+# The benchmark splits its time limit itself (BENCH_DEADLINE): PyTorch's figures, which every
+# ratio needs, keep their share even when the worker's runs are cut short.
+bench_limit="${BENCH_LIMIT:-330}"
 PRECISIONS="${PRECISIONS:-bf16,fp16,fp32}" ATOMIC_BENCH_OUT="$out" \
     ATOMIC_GPU_BENCH="${ATOMIC_GPU_BENCH:-target/gpu-bundle/gpu_bench}" \
-    timeout "${BENCH_LIMIT:-330}" bash scripts/bench-gpu.sh "$seconds" >"$out/bench.log" 2>&1
+    BENCH_DEADLINE=$(($(date +%s) + bench_limit - 15)) \
+    timeout -k 10 "$bench_limit" bash scripts/bench-gpu.sh "$seconds" >"$out/bench.log" 2>&1
 bench=$?
 echo "gpu-session: benchmark exited $bench after $(($(date +%s) - start)) s in all (log: bench.log)"
 # A benchmark stopped at its limit never wrote its report: make one from what it measured.

@@ -18,6 +18,7 @@ failed check.
 import argparse
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def start(binary, model, device, precision, cache, port, log_path):
     log = open(log_path, "w")
     args = [binary, "serve", "--model-dir", model, "--model-name", "m", "--device", device, "--precision", precision,
             "--port", str(port), "--host", "127.0.0.1", "--kernel-cache-dir", cache]
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -99,7 +100,8 @@ def main():
             proc = start(args.binary, args.model, device, args.precision, cache, args.port + i, log_path)
             ready = time.time() - started
             vectors, phases = embed_and_stop(proc, args.port + i)
-            log = open(log_path).read()
+            # Colour codes, should a build still write them, would split `key=value`.
+            log = re.sub(r"\x1b\[[0-9;]*m", "", open(log_path).read())
             built = re.search(r"built the GPU kernels.*", log)
             print(f"serve_smoke: start {i + 1} ({device}): ready in {ready:.2f} s; phases {phases}"
                   + (f"; {built.group(0)}" if built else ""))

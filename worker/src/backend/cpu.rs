@@ -152,7 +152,7 @@ fn zeroed(n: usize) -> Result<Vec<f32>> {
     if n == 0 {
         return Ok(Vec::new());
     }
-    let too_large = || BackendError::Device(format!("out of memory allocating {n} values"));
+    let too_large = || BackendError::OutOfMemory(format!("allocating {n} values"));
     let layout = std::alloc::Layout::array::<f32>(n).map_err(|_| too_large())?;
     // SAFETY: the layout has a non-zero size. A non-null result is `n` zeroed f32 slots (all-zero
     // bits are 0.0) allocated with the global allocator and exactly the layout `Vec` uses for a

@@ -64,9 +64,13 @@ pub enum BackendError {
         index: usize,
         len: usize,
     },
-    /// The device failed (allocation, launch, copy); unused by the CPU backend.
+    /// The device failed (launch, copy, a lost context): it may be unusable from now on.
     #[error("device error: {0}")]
     Device(String),
+    /// An allocation did not fit in the device's memory: this pass failed, smaller ones may
+    /// still run, and the device is fine.
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
 }
 
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
@@ -149,6 +153,12 @@ pub trait Backend: Send + Sync {
 
     /// A short name for logs ("cpu", "cuda:0").
     fn name(&self) -> &str;
+
+    /// Bytes one tensor element takes in this backend's memory: 4 (fp32) unless it stores a
+    /// narrower precision (the CUDA backend in fp16/bf16: 2). What memory budgets divide by.
+    fn element_bytes(&self) -> usize {
+        4
+    }
 
     /// Copies host data into a new tensor; `data.len()` must equal the product of `shape`.
     #[allow(

@@ -116,7 +116,7 @@ impl<B: Backend> KvPool<B> {
 
     /// Pools of as many whole blocks as fit in `bytes` (at least one block).
     pub fn with_bytes(backend: &B, layout: CacheLayout, max_positions: usize, bytes: usize) -> Result<Self> {
-        let positions = bytes / bytes_per_position(&layout).max(1);
+        let positions = bytes / bytes_per_position(&layout, backend.element_bytes()).max(1);
         let whole_blocks = (positions / BLOCK_SIZE).max(1);
         Self::new(backend, layout, max_positions, whole_blocks * BLOCK_SIZE)
     }
@@ -147,9 +147,10 @@ impl<B: Backend> KvPool<B> {
     }
 }
 
-/// Bytes one position takes across all layers (keys and values, `f32`).
-pub fn bytes_per_position(layout: &CacheLayout) -> usize {
-    layout.layers * 2 * layout.kv_heads * layout.head_dim * size_of::<f32>()
+/// Bytes one position takes across all layers (keys and values, `element_bytes` each: the
+/// backend's storage precision).
+pub fn bytes_per_position(layout: &CacheLayout, element_bytes: usize) -> usize {
+    layout.layers * 2 * layout.kv_heads * layout.head_dim * element_bytes
 }
 
 /// Positions reserved in whole blocks: what a sequence of `positions` positions takes from a pool.

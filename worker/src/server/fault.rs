@@ -1,5 +1,6 @@
-//! The record of a failed compute device. A device error (as opposed to a bad input) can leave a
-//! GPU context unusable for every later call: a kernel that trapped, a lost device. The model
+//! The record of a failed compute device. A device error (as opposed to a bad input, or running
+//! out of device memory, which fails one pass and leaves the device usable) can leave a GPU
+//! context unusable for every later call: a kernel that trapped, a lost device. The model
 //! threads record the first one here; from then on `/ready` and `/health` answer 503 with the
 //! reason (so the pod leaves the Service and its liveness probe restarts it with a fresh
 //! context) and new requests are refused at once instead of failing one by one.
@@ -51,6 +52,11 @@ mod tests {
             detail: "x".to_owned(),
         };
         assert!(!fault.note(&Error::Backend(shape)));
+        let oom = BackendError::OutOfMemory("allocating a tensor of 1 GiB: out of GPU memory".to_owned());
+        assert!(
+            !fault.note(&Error::Backend(oom)),
+            "out of memory is not a device failure"
+        );
         assert_eq!(fault.get(), None);
         let first = Error::Backend(BackendError::Device(
             "launching softmax: illegal address".to_owned(),

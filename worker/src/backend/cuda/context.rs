@@ -107,7 +107,7 @@ impl std::fmt::Debug for CudaBackend {
 /// on (smaller batch, smaller model, another GPU).
 pub(super) fn driver_err(context: &str, e: DriverError) -> BackendError {
     if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        BackendError::Device(format!("{context}: out of GPU memory"))
+        BackendError::OutOfMemory(format!("{context}: out of GPU memory"))
     } else {
         BackendError::Device(format!("{context}: {e}"))
     }

@@ -167,8 +167,11 @@ impl CudaBackend {
                     graphs.batches.insert(batch, buffers);
                 }
                 Err(e) => {
+                    // The step runs plainly (its plan uploaded the ordinary way); the next
+                    // step of this batch size tries again.
                     graphs.book.forget(batch);
-                    return Err(e);
+                    tracing::warn!(batch, error = %e, "no staging buffers for a decode graph; this step runs without one");
+                    return Ok(None);
                 }
             }
         }
@@ -181,10 +184,12 @@ impl CudaBackend {
             match self.alloc_slice("graph block tables", table_capacity) {
                 Ok(tables) => staged.tables = Arc::new(tables),
                 Err(e) => {
-                    // The book counts the larger buffer already: start this batch size afresh.
+                    // The book counts the larger buffer already: this batch size starts afresh
+                    // at its next step, and this one runs plainly.
                     graphs.batches.remove(&batch);
                     graphs.book.forget(batch);
-                    return Err(e);
+                    tracing::warn!(batch, error = %e, "no larger block-table buffer for a decode graph; this step runs without one");
+                    return Ok(None);
                 }
             }
         }
@@ -323,7 +328,22 @@ impl CudaBackend {
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| driver_err("starting a graph capture", e))?;
         self.begin_capturing();
-        let recorded = forward().and_then(|logits| Ok(self.sample_into_staged(batch, &logits)?));
+        let recorded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            forward().and_then(|logits| Ok(self.sample_into_staged(batch, &logits)?))
+        }));
+        let recorded = match recorded {
+            Ok(recorded) => recorded,
+            Err(panic) => {
+                // The model thread survives a panic (it answers the step's requests with an
+                // error); the stream must not stay in capture mode behind it.
+                let _ = self.take_saved_error();
+                self.force_end_capture();
+                let kept = self.end_capturing();
+                self.give_back_buffers(kept);
+                let _ = self.take_saved_error();
+                std::panic::resume_unwind(panic);
+            }
+        };
         // Frees that failed inside the capture (an invalidated capture fails them all) are
         // this capture's failure: taken here so that `end_capture` ends it.
         let freed = self

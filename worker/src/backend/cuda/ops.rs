@@ -915,6 +915,10 @@ impl Backend for CudaBackend {
         self.backend_name()
     }
 
+    fn element_bytes(&self) -> usize {
+        self.precision.bytes()
+    }
+
     fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<CudaTensor> {
         shapes::host("from_host", data.len(), shape)?;
         if data.is_empty() {
