@@ -5,8 +5,12 @@
 //! the op's name rather than serve wrong answers.
 //!
 //! Every op the models call runs once, at shapes that take each of a backend's paths (one and
-//! six rows: the GPU's matrix-vector kernel and cuBLAS; prompts and decode steps; dense, fused
-//! and paged attention; greedy and cut token draws). The reference reads the inputs rounded to
+//! six rows: the GPU's matrix-vector kernel, its k loop and tail block, and cuBLAS; prompts and
+//! decode steps; dense, fused and paged attention; on the GPU the grouped decode kernel with
+//! and without key splits, the per-head split kernel (head dim 80), flash and cuBLAS prompts,
+//! sliding windows on both; greedy and cut token draws). One path is left out: dense
+//! attention too large for cuBLAS's scores (long BERT batches) takes the dense flash kernel,
+//! which only the GPU tests check. The reference reads the inputs rounded to
 //! the backend's storage precision. The bounds are twice the GPU tests' (8 roundings of the
 //! precision, relative, and `8 + 4 sqrt(k)` absolute for a product of `k` terms): they catch a
 //! wrong kernel, whose errors are of the order of the values, not rounding, which the backends'
@@ -18,9 +22,11 @@ use super::{AttentionMask, Backend, BackendError, Precision, ReferenceBackend, R
 use crate::sampling::TokenDraw;
 
 /// Sizes of the checked products: `k` terms, outputs per row, and the row counts (the GPU
-/// takes its matrix-vector kernel at up to four rows and cuBLAS beyond).
-const K: usize = 64;
-const M: usize = 24;
+/// takes its matrix-vector kernel at up to four rows and cuBLAS beyond). `K` is more than one
+/// pass of the matrix-vector kernel's k loop (2048) and `M` not a multiple of the outputs a
+/// block of it computes (4, or 2 with SwiGLU), so that its loop and its tail block both run.
+const K: usize = 2056;
+const M: usize = 27;
 const ROWS: [usize; 2] = [2, 6];
 
 /// `|got - want| <= atol + rtol · |want|` elementwise.
@@ -163,6 +169,15 @@ fn projections<B: Backend>(backend: &B, p: Precision) -> Result<()> {
             K,
             inputs,
             |be, t| be.rms_norm_linear(&t[0], &t[1], 1e-6, &t[2], Some(&t[3]))
+        );
+        // Llama's projections: the norm folded in, no bias.
+        check_op!(
+            backend,
+            p,
+            format!("rms_norm_linear without bias {rows}x{K}x{M}"),
+            K,
+            inputs,
+            |be, t| be.rms_norm_linear(&t[0], &t[1], 1e-6, &t[2], None)
         );
         check_op!(
             backend,
@@ -379,25 +394,45 @@ fn paged<B: Backend>(backend: &B, p: Precision) -> Result<()> {
     // Heads, key/value heads and head dimension: small, and a decode step as Llama's are
     // shaped (a group of 4 query heads per key head at d = 64, which on a GPU puts 8 lanes on
     // each key row of the grouped decode kernel).
-    let (small, llama) = ((4, 2, 8), (8, 2, 64));
-    for (what, seqs, positions, dims) in [
-        ("mixed", mixed, vec![20usize, 0, 1, 2], small),
-        ("decode", decode.clone(), vec![20, 3], small),
-        ("decode at head dim 64", decode, vec![20, 3], llama),
+    // Head dimension 80 (Phi's) does not fit the grouped kernel: the per-head decode kernel,
+    // split across blocks on a GPU.
+    let (small, llama, phi) = ((4, 2, 8), (8, 2, 64), (4, 2, 80));
+    // Forty sequences of 8 query heads: enough blocks to fill an H100 or A100 without
+    // splitting the keys, so the grouped kernel writes its output itself.
+    let many: Vec<PagedSeq> = (0..40).map(|i| seq(1, 2 + i % 5, vec![i as u32])).collect();
+    let many_positions: Vec<usize> = many.iter().map(|s| s.k_len - 1).collect();
+    let window = Some(4);
+    for (what, seqs, positions, dims, window) in [
+        ("mixed", mixed.clone(), vec![20usize, 0, 1, 2], small, None),
+        ("decode", decode.clone(), vec![20, 3], small, None),
+        ("decode at head dim 64", decode.clone(), vec![20, 3], llama, None),
+        ("decode at head dim 80", decode, vec![20, 3], phi, None),
+        ("decode of 40 sequences", many, many_positions, llama, None),
         (
             "joining prompt",
-            joining,
+            joining.clone(),
             [vec![20], counting(0, 17)].concat(),
             small,
+            None,
         ),
         (
             "prompts",
             prompts,
             [counting(4, 21), counting(0, 4)].concat(),
             small,
+            None,
+        ),
+        // Mistral's sliding window, on the flash kernel and on the cuBLAS prompt path.
+        ("windowed mixed", mixed, vec![20usize, 0, 1, 2], small, window),
+        (
+            "windowed joining prompt",
+            joining,
+            [vec![20], counting(0, 17)].concat(),
+            small,
+            window,
         ),
     ] {
-        paged_step(backend, p, what, seqs, &positions, dims)?;
+        paged_step(backend, p, what, seqs, &positions, dims, window)?;
     }
     Ok(())
 }
@@ -409,15 +444,21 @@ fn paged_step<B: Backend>(
     seqs: Vec<PagedSeq>,
     positions: &[usize],
     (heads, kv_heads, d): (usize, usize, usize),
+    window: Option<usize>,
 ) -> Result<()> {
     let block_size = 16;
+    let blocks = seqs
+        .iter()
+        .flat_map(|s| s.blocks.iter())
+        .max()
+        .map_or(1, |&b| b as usize + 1);
     let plan = PagedPlan {
         block_size,
-        window: None,
+        window,
         seqs,
     };
-    let pool_shape = [4 * block_size, kv_heads, d];
-    let pool_len = 4 * block_size * kv_heads * d;
+    let pool_shape = [blocks * block_size, kv_heads, d];
+    let pool_len = blocks * block_size * kv_heads * d;
     let (keys, vals) = (
         p.round(&values(90, pool_len, 2.0)),
         p.round(&values(91, pool_len, 1.0)),
