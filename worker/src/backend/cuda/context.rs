@@ -476,7 +476,14 @@ impl CudaBackend {
         let reused = self.lock_buffers().cache.take(bytes);
         let slice = match reused {
             Some((_, slice)) => slice,
-            None => self.driver_alloc(what, size_class(bytes))?,
+            None => match self.driver_alloc(what, size_class(bytes)) {
+                // The class's rounding (up to an eighth) may be what does not fit; the buffer
+                // is then not kept when dropped.
+                Err(BackendError::OutOfMemory(_)) if size_class(bytes) != bytes => {
+                    self.driver_alloc(what, bytes)?
+                }
+                other => other?,
+            },
         };
         Ok(DeviceBuffer::new(slice, Some(self.buffers.clone())))
     }
@@ -490,32 +497,49 @@ impl CudaBackend {
         Ok(DeviceBuffer::new(slice, home))
     }
 
-    /// `bytes` from the driver's pool; when it runs out of memory, tried once more after the
-    /// cache's idle buffers are freed (not inside a graph capture, where the frees would be
-    /// recorded into the graph instead of done).
+    /// `bytes` from the driver's pool (see `retry_out_of_memory`).
     fn driver_alloc(&self, what: &str, bytes: usize) -> Result<CudaSlice<u8>> {
-        // SAFETY: the callers overwrite every byte they read.
-        let alloc = || unsafe { self.stream.alloc::<u8>(bytes) };
-        let failed = |e| driver_err(&format!("allocating {what} of {bytes} bytes"), e);
-        match alloc() {
-            Ok(slice) => Ok(slice),
+        self.retry_out_of_memory(&format!("allocating {what} of {bytes} bytes"), || {
+            // SAFETY: the callers overwrite every byte they read.
+            unsafe { self.stream.alloc::<u8>(bytes) }
+        })
+    }
+
+    /// `attempt()`, and when the driver is out of memory, once more after the buffer cache's
+    /// idle buffers are freed (not inside a graph capture, where the frees would be recorded
+    /// into the graph instead of done). Every allocation of the backend goes through here, so
+    /// that memory the cache holds idle never makes one fail.
+    pub(super) fn retry_out_of_memory<T>(
+        &self,
+        what: &str,
+        attempt: impl Fn() -> std::result::Result<T, DriverError>,
+    ) -> Result<T> {
+        match attempt() {
+            Ok(value) => Ok(value),
             Err(e)
-                if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY && !self.capturing.load(Ordering::Relaxed) =>
+                if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY
+                    && !self.capturing.load(Ordering::Relaxed)
+                    && self.free_idle_buffers() =>
             {
-                let idle = self.lock_buffers().cache.drain();
-                if idle.is_empty() {
-                    return Err(failed(e));
-                }
-                tracing::warn!(
-                    freed = idle.len(),
-                    bytes,
-                    "out of GPU memory; freeing the idle cached buffers and trying again"
-                );
-                drop(idle);
-                alloc().map_err(failed)
+                attempt().map_err(|e| driver_err(what, e))
             }
-            Err(e) => Err(failed(e)),
+            Err(e) => Err(driver_err(what, e)),
         }
+    }
+
+    /// Frees every idle buffer of the cache (to the driver's pool, where any size can reuse
+    /// them); whether there were any.
+    pub(super) fn free_idle_buffers(&self) -> bool {
+        let idle = self.lock_buffers().cache.drain();
+        if idle.is_empty() {
+            return false;
+        }
+        tracing::warn!(
+            freed = idle.len(),
+            "out of GPU memory; freeing the idle cached buffers and trying again"
+        );
+        drop(idle);
+        true
     }
 
     fn lock_buffers(&self) -> std::sync::MutexGuard<'_, Buffers> {
@@ -589,9 +613,7 @@ impl CudaBackend {
                 "uploading {what} inside a graph capture"
             )));
         }
-        self.stream
-            .clone_htod(data)
-            .map_err(|e| driver_err(&format!("uploading {what}"), e))
+        self.retry_out_of_memory(&format!("uploading {what}"), || self.stream.clone_htod(data))
     }
 
     /// `positions` on the device: the staged copy of a graphed decode step, else the last upload

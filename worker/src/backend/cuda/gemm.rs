@@ -11,9 +11,11 @@
 //! cuBLAS is column-major. The callers describe the product in its terms: `C[m × n] =
 //! op(A)[m × k] · op(B)[k × n]`, each operand with its leading dimension.
 
-use cudarc::cublas::result::{gemm_ex, gemm_strided_batched_ex};
+use cudarc::cublas::result::{CublasError, gemm_ex, gemm_strided_batched_ex};
 use cudarc::cublas::sys::cublasGemmBatchedEx;
-use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+use cudarc::cublas::sys::{
+    cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cublasStatus_t, cudaDataType_t,
+};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
 use super::context::CudaBackend;
@@ -60,6 +62,16 @@ fn op(transposed: bool) -> cublasOperation_t {
         cublasOperation_t::CUBLAS_OP_T
     } else {
         cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
+/// `context: error`, out of memory (cuBLAS could not allocate) as its own error: it fails the
+/// product, not the device.
+fn blas_err(context: &str, e: CublasError) -> BackendError {
+    if e.0 == cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED {
+        BackendError::OutOfMemory(format!("{context}: cuBLAS could not allocate"))
+    } else {
+        BackendError::Device(format!("{context}: {e}"))
     }
 }
 
@@ -141,7 +153,7 @@ impl CudaBackend {
                 ),
             }
         };
-        result.map_err(|e| BackendError::Device(format!("cuBLAS {} gemm ({what}): {e}", self.precision)))
+        result.map_err(|e| blas_err(&format!("cuBLAS {} gemm ({what})", self.precision), e))
     }
 
     /// `C[i] = op(A[i]) · op(B[i])` as `g` describes, for the `count` matrices whose device
@@ -193,6 +205,6 @@ impl CudaBackend {
             )
         }
         .result()
-        .map_err(|e| BackendError::Device(format!("cuBLAS {} batched gemm ({what}): {e}", self.precision)))
+        .map_err(|e| blas_err(&format!("cuBLAS {} batched gemm ({what})", self.precision), e))
     }
 }

@@ -260,7 +260,7 @@ impl CudaBackend {
             if action == StepAction::Replay
                 && let Some(recorded) = &staged.graph
             {
-                if let Err(e) = recorded.graph.launch() {
+                if let Err(e) = self.launch_graph(&recorded.graph) {
                     // Nothing ran (a launch fails before it starts, e.g. out of memory for the
                     // graph's own buffers): the step runs plainly, and so do this batch size's
                     // later steps.
@@ -282,9 +282,7 @@ impl CudaBackend {
             return Ok(None);
         };
         let launched = captured.and_then(|recorded| {
-            recorded
-                .graph
-                .launch()
+            self.launch_graph(&recorded.graph)
                 .map_err(|e| crate::Error::Backend(driver_err("launching a decode graph", e)))?;
             Ok(recorded)
         });
@@ -299,6 +297,20 @@ impl CudaBackend {
                 self.give_up_graph(batch, &e.to_string());
                 Ok(None)
             }
+        }
+    }
+
+    /// Launches `graph`; when the driver is out of memory for the graph's own buffers (they
+    /// are allocated at launch), once more after the buffer cache's idle buffers are freed.
+    fn launch_graph(&self, graph: &CudaGraph) -> std::result::Result<(), cudarc::driver::DriverError> {
+        match graph.launch() {
+            Err(e)
+                if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY
+                    && self.free_idle_buffers() =>
+            {
+                graph.launch()
+            }
+            other => other,
         }
     }
 
@@ -341,6 +353,15 @@ impl CudaBackend {
                 let kept = self.end_capturing();
                 self.give_back_buffers(kept);
                 let _ = self.take_saved_error();
+                // A panic that only a capture provokes would recur at every step otherwise.
+                if let Some(graphs) = self
+                    .graphs
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .as_mut()
+                {
+                    graphs.book.failed(batch);
+                }
                 std::panic::resume_unwind(panic);
             }
         };
@@ -409,9 +430,10 @@ impl CudaBackend {
 
     /// A device buffer of `len` elements, its contents undefined until written.
     pub(super) fn alloc_slice<T: DeviceRepr>(&self, what: &str, len: usize) -> Result<CudaSlice<T>> {
-        // SAFETY: every staged buffer is written before a kernel reads it.
-        unsafe { self.stream.alloc::<T>(len.max(1)) }
-            .map_err(|e| driver_err(&format!("allocating {what}"), e))
+        self.retry_out_of_memory(&format!("allocating {what}"), || {
+            // SAFETY: every staged buffer is written before a kernel reads it.
+            unsafe { self.stream.alloc::<T>(len.max(1)) }
+        })
     }
 
     /// Copies `src` into the start of `dst`, in stream order: after every kernel queued before

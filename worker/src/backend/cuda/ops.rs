@@ -557,9 +557,7 @@ impl CudaBackend {
 
     /// A buffer for one token id per row.
     fn alloc_ids(&self, rows: usize) -> Result<CudaSlice<u32>> {
-        self.stream
-            .alloc_zeros::<u32>(rows)
-            .map_err(|e| driver_err("allocating token ids", e))
+        self.retry_out_of_memory("allocating token ids", || self.stream.alloc_zeros::<u32>(rows))
     }
 
     /// The chosen token ids, once the kernels that chose them have run.
