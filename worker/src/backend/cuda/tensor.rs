@@ -36,8 +36,8 @@ impl Buffers {
 /// Device bytes, handed back to the cache they came from when dropped (in stream order: the
 /// kernels queued before the drop that use the buffer run before any queued after it that
 /// reuse it; during a graph capture to the capture instead), or freed when they belong to no
-/// cache (buffers allocated inside a graph capture, which the graph owns). It dereferences to the `CudaSlice` it holds, and passes to kernels as
-/// that slice does.
+/// cache (buffers allocated inside a graph capture, which the graph owns). It dereferences to
+/// the `CudaSlice` it holds, and passes to kernels as that slice does.
 pub struct DeviceBuffer {
     slice: ManuallyDrop<CudaSlice<u8>>,
     home: Option<SharedBufferCache>,
