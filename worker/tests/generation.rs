@@ -856,28 +856,40 @@ fn a_key_value_pool_too_large_for_memory_is_a_clear_error() {
 
 #[test]
 fn the_largest_pass_runs_once_at_start_up() {
-    // What a GPU worker does before it reports ready (its memory pool then holds the peak
-    // working set), checked here on the CPU: the largest pass the limits admit, and no more.
-    // tiny-bert: two sequences of its 64-token maximum fit 130 tokens. The decoders get a pool
-    // of 16 KiB: 64 positions of tiny-llama, 32 of tiny-gpt2 (twice as wide), which caps the
-    // prompt below the budget and the context.
-    for (name, budget, want) in [
-        ("tiny-bert", 130, 128),
-        ("tiny-llama", 100, 64),
-        ("tiny-gpt2", 40, 32),
+    // What a GPU worker does before it reports ready (its buffer cache then holds the peak
+    // working set), checked here on the CPU: the largest pass the schedulers can run, and no
+    // more. tiny-bert: two sequences of its 64-token maximum fit 130 tokens, and with a budget
+    // of 40 one such sequence still runs (alone). The decoders' context is 64 positions; a pool
+    // of 16 KiB holds 64 positions of tiny-llama and 32 of tiny-gpt2 (twice as wide), which
+    // caps the pass below the budget and the context; with a pool of 1 MiB (4096 positions of
+    // tiny-llama) a budget of 150 runs as prompts of 64, 64 and 22 tokens together, and a budget
+    // of 10 as one prompt of the whole context (the first waiting prompt joins whatever its
+    // length).
+    for (name, budget, kv_cache_bytes, want) in [
+        ("tiny-bert", 130, 16 << 10, 128),
+        ("tiny-bert", 40, 16 << 10, 64),
+        ("tiny-llama", 100, 16 << 10, 64),
+        ("tiny-gpt2", 40, 16 << 10, 32),
+        ("tiny-llama", 150, 1 << 20, 150),
+        ("tiny-llama", 10, 1 << 20, 64),
     ] {
         let limits = ModelLimits {
             max_batch_tokens: budget,
-            kv_cache_bytes: 16 << 10,
+            kv_cache_bytes,
         };
         let mut parts = server::load_model(&fixture(name), 1, &limits).unwrap();
         let tokens = server::reserve_working_set(&mut parts, &limits).unwrap();
-        assert_eq!(tokens, want, "{name}");
+        assert_eq!(tokens, want, "{name}, budget {budget}");
         if let ModelParts::Decoder(d) = &mut parts {
-            // The pass gave its blocks back: the whole pool is free for a new sequence.
-            let mut cache = d.model.new_cache();
-            let prompt = vec![0; d.model.kv_capacity_positions()];
-            d.model.step(&mut [&mut cache], &[&prompt]).unwrap();
+            // The pass gave its blocks back: the whole pool is free for new sequences.
+            let (capacity, context) = (d.model.kv_capacity_positions(), d.model.max_positions());
+            let prompts: Vec<Vec<u32>> = (0..capacity / context.min(capacity))
+                .map(|_| vec![0; context.min(capacity)])
+                .collect();
+            let mut caches: Vec<_> = prompts.iter().map(|_| d.model.new_cache()).collect();
+            let mut refs: Vec<_> = caches.iter_mut().collect();
+            let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+            d.model.step(&mut refs, &prompt_refs).unwrap();
         }
     }
 }

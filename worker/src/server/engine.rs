@@ -16,6 +16,7 @@ use crate::backend::{Backend, CpuBackend};
 use crate::config::{BertHead, ModelConfig};
 use crate::model_dir::ModelDir;
 use crate::models::bert::Bert;
+use crate::models::kv_cache::round_to_blocks;
 use crate::tokenizer::{Encoding, Tokenizer};
 
 /// What sits on top of an encoder, with its class names.
@@ -68,20 +69,22 @@ pub fn load_model_on<B: Backend + 'static>(
     }
 }
 
-/// Runs the largest forward pass `limits` allow once and discards it, so that a GPU's memory
-/// pool holds the peak working set before the worker reports ready: running out of memory
-/// shows at start-up rather than on the first large batch, and later passes allocate from
-/// memory the pool already holds (the CUDA backend keeps freed memory). Encoders: as many
-/// sequences of the tokenizer's maximum length as `max_batch_tokens` admits (one at least);
-/// decoders: one prompt of as many tokens as the budget, the context and the key/value pool
-/// allow. Returns the tokens run. The worker calls it on a GPU and only warns when it fails
-/// (smaller batches may still fit).
+/// Runs the largest forward pass `limits` allow once and discards it, so that a GPU's buffer
+/// cache holds the peak working set before the worker reports ready: running out of memory
+/// shows at start-up rather than on the first large batch, and later passes take their
+/// buffers from what the cache already holds. The largest pass is what the schedulers can
+/// run: encoders, as many sequences of the tokenizer's maximum length as `max_batch_tokens`
+/// admits, or one such sequence when it is longer than the budget (it then runs alone);
+/// decoders, prompts of `max_batch_tokens` tokens together, or one prompt of the whole context
+/// when that is longer (the first waiting prompt joins whatever its length), within the
+/// key/value pool. Returns the tokens run. The worker calls it on a GPU and only warns when
+/// it fails (smaller batches may still fit).
 pub fn reserve_working_set(parts: &mut ModelParts, limits: &ModelLimits) -> crate::Result<usize> {
     let budget = limits.max_batch_tokens.max(1);
     match parts {
         ModelParts::Encoder(p) => {
             // Without a known limit, BERT's usual 512 positions.
-            let len = p.tokenizer.max_length().unwrap_or(512).clamp(1, budget);
+            let len = p.tokenizer.max_length().unwrap_or(512).max(1);
             let dummy = Encoding {
                 ids: vec![0; len],
                 type_ids: vec![0; len],
@@ -94,14 +97,25 @@ pub fn reserve_working_set(parts: &mut ModelParts, limits: &ModelLimits) -> crat
         }
         ModelParts::Decoder(p) => {
             let model = &mut p.model;
-            let len = budget
-                .min(model.max_positions())
-                .min(model.kv_capacity_positions())
-                .max(1);
-            let mut cache = model.new_cache();
-            let prompt = vec![0; len];
-            model.step(&mut [&mut cache], &[&prompt])?;
-            Ok(len)
+            let context = model.max_positions().max(1);
+            let capacity = model.kv_capacity_positions();
+            // Prompts of at most the context each, while their blocks fit the pool.
+            let mut left = budget.max(context).min(capacity).max(1);
+            let (mut prompts, mut reserved) = (Vec::new(), 0);
+            while left > 0 {
+                let len = left.min(context);
+                reserved += round_to_blocks(len);
+                if !prompts.is_empty() && reserved > capacity {
+                    break;
+                }
+                prompts.push(vec![0u32; len]);
+                left -= len;
+            }
+            let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+            let mut cache_refs: Vec<_> = caches.iter_mut().collect();
+            let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+            model.step(&mut cache_refs, &prompt_refs)?;
+            Ok(prompts.iter().map(Vec::len).sum())
         }
     }
 }
