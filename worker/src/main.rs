@@ -96,7 +96,7 @@ struct ServeArgs {
 
     /// Device memory, in MiB, that the GPU keeps of the buffers ops drop, to hand to later ops
     /// without asking the driver: after the warm-up pass a forward pass of shapes seen before
-    /// allocates no tensors. 0 turns the reuse off (every buffer goes back to the driver's pool).
+    /// asks the driver for no memory. 0 turns the reuse off (every buffer goes back to the driver's pool).
     #[arg(long, env = "ATOMIC_WORKER_GPU_BUFFER_CACHE_MIB", default_value_t = atomic_worker::backend::buffer_cache::DEFAULT_LIMIT_BYTES >> 20)]
     gpu_buffer_cache_mib: usize,
 

@@ -256,7 +256,7 @@ fn gpu_a_repeated_encoder_batch_reuses_every_buffer() {
         let after = gpu.buffer_stats();
         assert_eq!(
             after.missed, before.missed,
-            "tiny-bert ({p}): the second pass allocated tensors from the driver"
+            "tiny-bert ({p}): the second pass asked the driver for memory"
         );
         assert!(
             after.reused > before.reused,

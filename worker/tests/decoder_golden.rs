@@ -333,10 +333,10 @@ fn gpu_decode_graphs_replay_the_plain_steps() {
 }
 
 /// Decode steps take their buffers from the backend's buffer cache: once a step of a batch
-/// size has run, the steps after it allocate no tensor from the driver (only their few small
-/// uploads of ids, positions and block tables do), and the tokens are those of a backend that
-/// reuses nothing (a reused buffer holds another tensor's old values, which no kernel may
-/// read).
+/// size has run, the steps after it ask the driver for no memory (their tensors and their
+/// uploads of ids, positions and block tables all reuse buffers), and the tokens are those of
+/// a backend that reuses nothing (a reused buffer holds another tensor's old values, which no
+/// kernel may read).
 #[cfg(feature = "cuda")]
 #[test]
 fn gpu_decode_steps_reuse_their_buffers() {
@@ -377,7 +377,7 @@ fn gpu_decode_steps_reuse_their_buffers() {
             );
             assert_eq!(
                 steady_misses, 0,
-                "{name} ({p}): decode steps after the second allocated tensors from the driver"
+                "{name} ({p}): decode steps after the second asked the driver for memory"
             );
             assert!(
                 plain_misses > 0,

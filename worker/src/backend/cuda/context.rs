@@ -15,7 +15,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr
 use super::graph::DecodeGraphs;
 use super::kernel_cache::KernelCache;
 use super::kernels::{self, FILES, KernelImage, Origin, Target};
-use super::tensor::{Buffers, CudaTensor, DeviceBuffer, SharedBufferCache};
+use super::tensor::{Buffers, CudaTensor, DeviceArray, DeviceBuffer, SharedBufferCache};
 use crate::backend::buffer_cache::{BufferStats, DEFAULT_LIMIT_BYTES, size_class};
 use crate::backend::{BackendError, Precision, Result};
 
@@ -44,7 +44,7 @@ pub(super) const ATTN_MAX_D: usize = 256;
 pub(super) struct LastUpload<T: DeviceRepr>(Mutex<Option<Uploaded<T>>>);
 
 /// Host values and their copy on the device.
-type Uploaded<T> = (Vec<T>, Arc<CudaSlice<T>>);
+type Uploaded<T> = (Vec<T>, Arc<DeviceArray<T>>);
 
 impl<T: DeviceRepr + PartialEq + Clone> LastUpload<T> {
     fn new() -> Self {
@@ -601,10 +601,10 @@ impl CudaBackend {
         self.precision
     }
 
-    /// Copies a small host argument (ids, positions, a mask) to the device. Refused inside a
-    /// graph capture, which cannot record a copy from pageable memory (a graphed step's inputs
-    /// are staged before it, see `graph.rs`).
-    pub(super) fn upload<T: DeviceRepr>(&self, what: &str, data: &[T]) -> Result<CudaSlice<T>> {
+    /// Copies a small host argument (ids, positions, a mask) to the device, into a buffer of
+    /// the buffer cache. Refused inside a graph capture, which cannot record a copy from
+    /// pageable memory (a graphed step's inputs are staged before it, see `graph.rs`).
+    pub(super) fn upload<T: DeviceRepr>(&self, what: &str, data: &[T]) -> Result<DeviceArray<T>> {
         if data.is_empty() {
             return Err(BackendError::Device(format!("{what}: nothing to upload")));
         }
@@ -613,13 +613,61 @@ impl CudaBackend {
                 "uploading {what} inside a graph capture"
             )));
         }
-        self.retry_out_of_memory(&format!("uploading {what}"), || self.stream.clone_htod(data))
+        let array = self.alloc_array(what, data.len(), false)?;
+        self.copy_to_array(what, &array, data)?;
+        Ok(array)
+    }
+
+    /// Room for `len` values of `T`, uninitialised: from the buffer cache, or at its exact size
+    /// from the driver (`exact`: the fixed buffers of decode graphs, which live long).
+    pub(super) fn alloc_array<T: DeviceRepr>(
+        &self,
+        what: &str,
+        len: usize,
+        exact: bool,
+    ) -> Result<DeviceArray<T>> {
+        let bytes = len.max(1) * size_of::<T>();
+        let buf = if exact {
+            self.alloc_exact(what, bytes)?
+        } else {
+            self.alloc_bytes(what, bytes)?
+        };
+        DeviceArray::new(buf, len).ok_or_else(|| {
+            BackendError::Device(format!("allocating {what}: a buffer shorter than {bytes} bytes"))
+        })
+    }
+
+    /// Copies `src` into the start of `dst`, in stream order: after every kernel queued before
+    /// that reads `dst`, before every kernel queued after.
+    pub(super) fn copy_to_array<T: DeviceRepr>(
+        &self,
+        what: &str,
+        dst: &DeviceArray<T>,
+        src: &[T],
+    ) -> Result<()> {
+        if src.len() > dst.len() {
+            return Err(BackendError::Device(format!(
+                "copying {what}: {} values for a buffer of {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        let (ptr, _sync) = dst.bytes().device_ptr(&self.stream);
+        // SAFETY: `dst` is a live allocation of at least `src.len()` values of `T`; the copy is
+        // queued on the backend's one stream, which orders it against every kernel that uses
+        // `dst`; a copy from pageable host memory has read `src` by the time it returns.
+        unsafe { cudarc::driver::result::memcpy_htod_async(ptr, src, self.stream.cu_stream()) }
+            .map_err(|e| driver_err(&format!("copying {what} to the GPU"), e))
     }
 
     /// `positions` on the device: the staged copy of a graphed decode step, else the last upload
     /// when they are the same. A replaced buffer is freed in stream order, after the kernels
     /// queued to read it.
-    pub(super) fn upload_positions(&self, positions: &[u32]) -> Result<Arc<CudaSlice<u32>>> {
+    pub(super) fn upload_positions(&self, positions: &[u32]) -> Result<Arc<DeviceArray<u32>>> {
         if let Some(staged) = self.staged_positions(positions) {
             return Ok(staged);
         }
@@ -634,7 +682,7 @@ impl CudaBackend {
         last: &LastUpload<T>,
         what: &str,
         data: &[T],
-    ) -> Result<Arc<CudaSlice<T>>> {
+    ) -> Result<Arc<DeviceArray<T>>> {
         // Inside a capture even the last upload will not do: a later upload replaces and frees
         // it while the graph still reads it.
         if self.capturing.load(Ordering::Relaxed) {
@@ -659,7 +707,7 @@ impl CudaBackend {
         &self,
         op: &'static str,
         positions: &[usize],
-    ) -> Result<Arc<CudaSlice<u32>>> {
+    ) -> Result<Arc<DeviceArray<u32>>> {
         let pos = positions
             .iter()
             .map(|&p| {

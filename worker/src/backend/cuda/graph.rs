@@ -30,11 +30,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus};
-use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr, DeviceRepr};
+use cudarc::driver::{CudaGraph, CudaSlice, DeviceRepr};
 
 use super::context::{CudaBackend, driver_err};
 use super::paged::CudaPaged;
-use super::tensor::CudaTensor;
+use super::tensor::{CudaTensor, DeviceArray};
 use crate::backend::graph_book::{GraphBook, Staging, StepAction};
 use crate::backend::{BackendError, DecodeStep, PagedPlan, Result};
 use crate::sampling::TokenDraw;
@@ -47,17 +47,17 @@ pub(super) struct DecodeGraphs {
 
 /// One batch size's staged inputs, output and graph.
 struct BatchGraph {
-    ids: Arc<CudaSlice<u32>>,
+    ids: Arc<DeviceArray<u32>>,
     /// What `ids` holds (`None` until the first step's ids are staged).
     ids_host: Option<Vec<u32>>,
-    positions: Arc<CudaSlice<u32>>,
+    positions: Arc<DeviceArray<u32>>,
     positions_host: Option<Vec<u32>>,
-    meta: Arc<CudaSlice<i32>>,
-    tables: Arc<CudaSlice<u32>>,
-    slots: Arc<CudaSlice<u32>>,
+    meta: Arc<DeviceArray<i32>>,
+    tables: Arc<DeviceArray<u32>>,
+    slots: Arc<DeviceArray<u32>>,
     /// Four doubles per sequence, as `sample_rows` reads them.
-    draws: CudaSlice<f64>,
-    out: CudaSlice<u32>,
+    draws: DeviceArray<f64>,
+    out: DeviceArray<u32>,
     graph: Option<RecordedGraph>,
 }
 
@@ -213,14 +213,14 @@ impl CudaBackend {
 
     /// The staged device copy of `positions` when a decode step of that many sequences staged
     /// exactly these positions, so that a capture reads the fixed buffer instead of uploading.
-    pub(super) fn staged_positions(&self, positions: &[u32]) -> Option<Arc<CudaSlice<u32>>> {
+    pub(super) fn staged_positions(&self, positions: &[u32]) -> Option<Arc<DeviceArray<u32>>> {
         let guard = self.graphs.lock().unwrap_or_else(PoisonError::into_inner);
         let staged = guard.as_ref()?.batches.get(&positions.len())?;
         (staged.positions_host.as_deref() == Some(positions)).then(|| staged.positions.clone())
     }
 
     /// The staged device copy of `ids`, as [`CudaBackend::staged_positions`] for token ids.
-    pub(super) fn staged_ids(&self, ids: &[u32]) -> Option<Arc<CudaSlice<u32>>> {
+    pub(super) fn staged_ids(&self, ids: &[u32]) -> Option<Arc<DeviceArray<u32>>> {
         let guard = self.graphs.lock().unwrap_or_else(PoisonError::into_inner);
         let staged = guard.as_ref()?.batches.get(&ids.len())?;
         (staged.ids_host.as_deref() == Some(ids)).then(|| staged.ids.clone())
@@ -428,33 +428,13 @@ impl CudaBackend {
         self.sample_rows_into(logits, draws, out)
     }
 
-    /// A device buffer of `len` elements, its contents undefined until written.
-    pub(super) fn alloc_slice<T: DeviceRepr>(&self, what: &str, len: usize) -> Result<CudaSlice<T>> {
-        self.retry_out_of_memory(&format!("allocating {what}"), || {
-            // SAFETY: every staged buffer is written before a kernel reads it.
-            unsafe { self.stream.alloc::<T>(len.max(1)) }
-        })
+    /// A fixed buffer of `len` values for a decode graph, its contents undefined until written.
+    pub(super) fn alloc_slice<T: DeviceRepr>(&self, what: &str, len: usize) -> Result<DeviceArray<T>> {
+        self.alloc_array(what, len, true)
     }
 
-    /// Copies `src` into the start of `dst`, in stream order: after every kernel queued before
-    /// that reads `dst`, before every kernel queued after.
-    fn write_staged<T: DeviceRepr>(&self, what: &str, dst: &CudaSlice<T>, src: &[T]) -> Result<()> {
-        if src.len() > dst.len() {
-            return Err(BackendError::Device(format!(
-                "staging {what}: {} values for a buffer of {}",
-                src.len(),
-                dst.len()
-            )));
-        }
-        if src.is_empty() {
-            return Ok(());
-        }
-        self.bind()?;
-        let (ptr, _sync) = dst.device_ptr(&self.stream);
-        // SAFETY: `dst` is a live allocation of at least `src.len()` elements; the copy is queued
-        // on the backend's one stream, which orders it against every kernel that uses `dst`; a
-        // copy from pageable host memory has read `src` by the time it returns.
-        unsafe { cudarc::driver::result::memcpy_htod_async(ptr, src, self.stream.cu_stream()) }
-            .map_err(|e| driver_err(&format!("staging {what}"), e))
+    /// Copies `src` into the start of the staged buffer `dst` (see `copy_to_array`).
+    fn write_staged<T: DeviceRepr>(&self, what: &str, dst: &DeviceArray<T>, src: &[T]) -> Result<()> {
+        self.copy_to_array(&format!("staged {what}"), dst, src)
     }
 }

@@ -8,7 +8,7 @@
 //! - [`kernel_cache`]: compiled kernels kept on disk between starts (`--kernel-cache-dir`).
 //! - [`tensor`]: [`CudaTensor`], a device buffer and its shape; the buffer goes back to the
 //!   backend's buffer cache when dropped (`backend::buffer_cache`), so passes of shapes seen
-//!   before allocate no tensors.
+//!   before ask the driver for no memory.
 //! - [`gemm`]: matrix products through cuBLAS in the storage precision, fp32 accumulation.
 //! - [`gemv`]: products of a few rows (decode steps) through our matrix-vector kernel, with
 //!   the RMS norm, bias, SwiGLU and residual add folded in.

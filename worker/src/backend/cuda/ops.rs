@@ -12,7 +12,7 @@ use super::gemm::{Batch, Gemm};
 use super::gemv::Folded;
 use super::launch::{BLOCK, elementwise_cfg, int, launch, rows_cfg};
 use super::paged::{CudaPaged, UNFUSED_MIN_PROMPT};
-use super::tensor::CudaTensor;
+use super::tensor::{CudaTensor, DeviceArray};
 use crate::backend::shapes::{self, AttnDims};
 use crate::backend::{Activation, AttentionMask, Backend, DecodeStep, PagedPlan, Result};
 use crate::sampling::TokenDraw;
@@ -432,7 +432,7 @@ impl CudaBackend {
         op: &'static str,
         ids: &[u32],
         table: &CudaTensor,
-        staged: impl Fn(&[u32]) -> Option<Arc<CudaSlice<u32>>>,
+        staged: impl Fn(&[u32]) -> Option<Arc<DeviceArray<u32>>>,
     ) -> Result<CudaTensor> {
         let (vocab, d) = shapes::embedding(ids, &table.shape)?;
         let mut out = self.alloc(vec![ids.len(), d])?;
@@ -523,8 +523,8 @@ impl CudaBackend {
     pub(super) fn sample_rows_into(
         &self,
         logits: &CudaTensor,
-        draws: &CudaSlice<f64>,
-        ids: &mut CudaSlice<u32>,
+        draws: &DeviceArray<f64>,
+        ids: &mut DeviceArray<u32>,
     ) -> Result<()> {
         let op = "sample_rows";
         let (rows, vocab) = shapes::rows(op, &logits.shape)?;
@@ -556,15 +556,15 @@ impl CudaBackend {
     }
 
     /// A buffer for one token id per row.
-    fn alloc_ids(&self, rows: usize) -> Result<CudaSlice<u32>> {
-        self.retry_out_of_memory("allocating token ids", || self.stream.alloc_zeros::<u32>(rows))
+    fn alloc_ids(&self, rows: usize) -> Result<DeviceArray<u32>> {
+        self.alloc_array("token ids", rows, false)
     }
 
     /// The chosen token ids, once the kernels that chose them have run.
-    pub(super) fn download_ids(&self, ids: &CudaSlice<u32>) -> Result<Vec<u32>> {
+    pub(super) fn download_ids(&self, ids: &DeviceArray<u32>) -> Result<Vec<u32>> {
         let host = self
             .stream
-            .clone_dtoh(ids)
+            .clone_dtoh(&ids.view()?)
             .map_err(|e| driver_err("copying token ids to the host", e))?;
         self.synchronize()?;
         Ok(host)
@@ -617,7 +617,9 @@ impl CudaBackend {
         int(op, q.numel())?;
         int(op, k.numel())?;
         let valid_dev = self.upload_key_valid(mask)?;
-        let valid_buf = valid_dev.as_deref().unwrap_or(&self.placeholder_u8);
+        let valid_buf = valid_dev
+            .as_deref()
+            .map_or(&self.placeholder_u8, DeviceArray::bytes);
         let has_valid = i32::from(valid_dev.is_some());
         let causal = causal_arg(op, mask)?;
         let (bi, sqi, ski, hi, kvi, di) = (
@@ -687,7 +689,7 @@ impl CudaBackend {
 
     /// The padding mask on the device, if the mask has one (uploaded once for all the layers
     /// of a batch).
-    fn upload_key_valid(&self, mask: &AttentionMask<'_>) -> Result<Option<Arc<CudaSlice<u8>>>> {
+    fn upload_key_valid(&self, mask: &AttentionMask<'_>) -> Result<Option<Arc<DeviceArray<u8>>>> {
         match mask.key_valid {
             Some(valid) if !valid.is_empty() => {
                 let bytes: Vec<u8> = valid.iter().map(|&b| u8::from(b)).collect();
@@ -827,7 +829,7 @@ impl CudaBackend {
             .collect();
         let pointers_dev =
             self.upload_unless_same(&self.attention_pointers, "attention matrix pointers", &pointers)?;
-        let table = addr_u64(&*pointers_dev, &self.stream);
+        let table = addr_u64(pointers_dev.bytes(), &self.stream);
         let slot = |i: u64| table + i * bh as u64 * 8;
         let what = format!("attention scores {bh}x{s_q}x{s_k}x{d}");
         // SAFETY: every address points into a live buffer of this stream, at a matrix whose
@@ -836,7 +838,9 @@ impl CudaBackend {
         // output bh of s_q rows of d at its row stride.
         unsafe { self.gemm_pointers(&what, plan.scores, bh, [slot(0), slot(1), slot(2)])? };
         let valid_dev = self.upload_key_valid(mask)?;
-        let valid_buf = valid_dev.as_deref().unwrap_or(&self.placeholder_u8);
+        let valid_buf = valid_dev
+            .as_deref()
+            .map_or(&self.placeholder_u8, DeviceArray::bytes);
         let has_valid = i32::from(valid_dev.is_some());
         let scale = 1.0 / (d as f32).sqrt();
         let (rows, sqi, ski, hi) = (int(op, bh * s_q)?, int(op, s_q)?, int(op, s_k)?, int(op, heads)?);

@@ -6,15 +6,13 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use cudarc::driver::CudaSlice;
-
 use super::context::{ATTN_MAX_D, CudaBackend};
 use super::launch::{elementwise_cfg, int, launch, rows_cfg};
 use super::ops::{
     AttentionKernel, HeadRows, MAX_DECODE_SPLITS, UNFUSED_MAX_SCORE_BYTES, attention_cfg, decode_merge_cfg,
     decode_splits, grouped_decode_fits, grouped_heads,
 };
-use super::tensor::{CudaTensor, DeviceBuffer};
+use super::tensor::{CudaTensor, DeviceArray, DeviceBuffer};
 use crate::backend::shapes::AttnDims;
 use crate::backend::{AttentionMask, PagedPlan, Result, shapes};
 
@@ -23,11 +21,11 @@ use crate::backend::{AttentionMask, PagedPlan, Result, shapes};
 pub struct CudaPaged {
     plan: PagedPlan,
     /// 4 ints per sequence: first query row, new tokens, keys, first block table entry.
-    meta: Arc<CudaSlice<i32>>,
+    meta: Arc<DeviceArray<i32>>,
     /// Every sequence's block table, one after another (the buffer may be longer).
-    tables: Arc<CudaSlice<u32>>,
+    tables: Arc<DeviceArray<u32>>,
     /// The pool row of each new token, in packed order.
-    slots: Arc<CudaSlice<u32>>,
+    slots: Arc<DeviceArray<u32>>,
     /// The most new tokens of any sequence (the query extent of the launch grids).
     max_q_len: usize,
 }
@@ -41,9 +39,9 @@ impl CudaPaged {
     /// A decode plan whose device layout was staged into a graph's fixed buffers.
     pub(super) fn staged(
         plan: PagedPlan,
-        meta: Arc<CudaSlice<i32>>,
-        tables: Arc<CudaSlice<u32>>,
-        slots: Arc<CudaSlice<u32>>,
+        meta: Arc<DeviceArray<i32>>,
+        tables: Arc<DeviceArray<u32>>,
+        slots: Arc<DeviceArray<u32>>,
     ) -> Self {
         Self {
             plan,

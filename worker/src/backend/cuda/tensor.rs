@@ -2,11 +2,12 @@
 //! memory that goes back to the backend's buffer cache when dropped
 //! ([`crate::backend::buffer_cache`]).
 
+use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchArgs, PushKernelArg};
 
 use crate::backend::buffer_cache::BufferCache;
 
@@ -109,6 +110,68 @@ unsafe impl<'a, 'b: 'a> PushKernelArg<&'b DeviceBuffer> for LaunchArgs<'a> {
 unsafe impl<'a, 'b: 'a> PushKernelArg<&'b mut DeviceBuffer> for LaunchArgs<'a> {
     fn arg(&mut self, arg: &'b mut DeviceBuffer) -> &mut Self {
         self.arg(&mut *arg.slice)
+    }
+}
+
+/// `len` values of `T` at the start of a [`DeviceBuffer`] (which may be longer): the small
+/// arguments a step uploads (ids, positions, block tables, draws) and the fixed buffers decode
+/// graphs stage them in. Uploads take their buffers from the buffer cache as tensors do, so a
+/// decode step allocates nothing from the driver. Passes to kernels as a pointer to `T`.
+pub struct DeviceArray<T> {
+    buf: DeviceBuffer,
+    len: usize,
+    _elem: PhantomData<T>,
+}
+
+impl<T: DeviceRepr> DeviceArray<T> {
+    /// `buf` read as `len` values of `T`; `None` when it is too short.
+    pub(super) fn new(buf: DeviceBuffer, len: usize) -> Option<Self> {
+        (buf.len() >= len.max(1) * size_of::<T>()).then_some(Self {
+            buf,
+            len,
+            _elem: PhantomData,
+        })
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The bytes it lives in (for device addresses and raw copies).
+    pub(super) fn bytes(&self) -> &CudaSlice<u8> {
+        &self.buf
+    }
+
+    /// Its values as a typed view (for copies to the host).
+    pub(super) fn view(&self) -> crate::backend::Result<CudaView<'_, T>> {
+        // SAFETY: the buffer holds at least `len` values of `T` (checked in `new`), and every
+        // value in it was written as a `T`.
+        unsafe { self.buf.transmute::<T>(self.len) }.ok_or_else(|| {
+            crate::backend::BackendError::Device(format!(
+                "a device array of {} values is too short",
+                self.len
+            ))
+        })
+    }
+}
+
+impl<T> std::fmt::Debug for DeviceArray<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceArray").field("len", &self.len).finish()
+    }
+}
+
+// SAFETY: as for `DeviceBuffer`: the buffer's device pointer, kept alive by the reference.
+unsafe impl<'a, 'b: 'a, T> PushKernelArg<&'b DeviceArray<T>> for LaunchArgs<'a> {
+    fn arg(&mut self, arg: &'b DeviceArray<T>) -> &mut Self {
+        self.arg(&arg.buf)
+    }
+}
+
+// SAFETY: as above, for an array the kernel writes.
+unsafe impl<'a, 'b: 'a, T> PushKernelArg<&'b mut DeviceArray<T>> for LaunchArgs<'a> {
+    fn arg(&mut self, arg: &'b mut DeviceArray<T>) -> &mut Self {
+        self.arg(&mut arg.buf)
     }
 }
 
