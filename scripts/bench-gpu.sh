@@ -38,6 +38,9 @@ out="${ATOMIC_BENCH_OUT:-target/gpu-bench}"
 max_steps="${MAX_STEPS:-256}"
 precisions="${PRECISIONS:-fp32,fp16,bf16}"
 mkdir -p "$out"
+# Some images (NGC's) set this, which makes every fp32 product of PyTorch run in TF32 whatever
+# its precision setting says: fp32 figures and references would then not be fp32.
+unset TORCH_ALLOW_TF32_CUBLAS_OVERRIDE
 
 # The CUDA 13 libraries live in the pip nvidia-* packages of the Python that holds PyTorch.
 lib_dirs="$(PYTHON="$py" bash scripts/cuda-libs.sh)"

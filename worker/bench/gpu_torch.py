@@ -23,6 +23,7 @@ cuBLAS sgemm does, so the fp32 rows compare like with like.
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -98,16 +99,22 @@ def matmul_peaks():
         ("tf32", torch.float32, "high"),
         ("fp32", torch.float32, "highest"),
     ]:
-        torch.set_float32_matmul_precision(precision)
-        a = torch.randn(n, n, device=DEVICE, dtype=dtype)
-        b = torch.randn(n, n, device=DEVICE, dtype=dtype)
-        for _ in range(3):
-            a @ b
-        iters = 5 if name == "fp32" else 20
-        ms = cuda_time_ms(lambda: a @ b, iters)
-        emit(bench="matmul", dtype=name, n=n, us=ms * 1e3, tflops=2 * n**3 / ms / 1e9)
-        del a, b
-    torch.set_float32_matmul_precision("highest")
+        try:
+            torch.set_float32_matmul_precision(precision)
+            a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+            b = torch.randn(n, n, device=DEVICE, dtype=dtype)
+            for _ in range(3):
+                a @ b
+            # About a second of products, as the worker times its own: a GPU held at its power
+            # limit clocks down, and a peak from a burst of milliseconds would not show it.
+            once = cuda_time_ms(lambda: a @ b, 2)
+            iters = max(2, min(2000, int(1000 / max(once, 1e-3))))
+            ms = cuda_time_ms(lambda: a @ b, iters)
+            emit(bench="matmul", dtype=name, n=n, us=ms * 1e3, tflops=2 * n**3 / ms / 1e9)
+            del a, b
+        finally:
+            # TF32 stays off for every later section, whatever failed here.
+            torch.set_float32_matmul_precision("highest")
     empty_cache()
 
 
@@ -222,6 +229,8 @@ def main():
     emit(
         bench="device", name=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke test)", torch=torch.__version__,
         cuda=torch.version.cuda, float32_matmul_precision=torch.get_float32_matmul_precision(),
+        allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+        tf32_override=os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"),
     )
     only = {s for s in args.only.split(",") if s}
     sections = [

@@ -184,7 +184,9 @@ impl<B: Backend> Bert<B> {
         Ok(backend.to_host(&out)?)
     }
 
-    fn encode(&self, backend: &B, batch: &Batch) -> Result<B::Tensor> {
+    /// The last hidden states `[batch, seq, hidden]`, left on the backend (benchmarks time
+    /// the forward pass alone with it; [`Bert::hidden_states`] copies them to the host).
+    pub fn encode(&self, backend: &B, batch: &Batch) -> Result<B::Tensor> {
         let c = &self.config;
         let heads = c.num_attention_heads;
         if batch.seq > c.max_position_embeddings {
