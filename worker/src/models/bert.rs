@@ -209,6 +209,15 @@ impl<B: Backend> Bert<B> {
             &self.embedding_norm_bias,
             eps,
         )?;
+        let act = match c.hidden_act {
+            Activation::Gelu => backend::Activation::Gelu,
+            Activation::GeluTanh => backend::Activation::GeluTanh,
+            other => {
+                return Err(Error::Input(format!(
+                    "BERT activation {other:?} is not supported"
+                )));
+            }
+        };
         let mask = AttentionMask::padding(&batch.valid);
         for layer in &self.layers {
             let qkv = backend.linear(&x, &layer.qkv_weight, Some(&layer.qkv_bias))?;
@@ -221,15 +230,6 @@ impl<B: Backend> Bert<B> {
                 (&layer.attn_norm_weight, &layer.attn_norm_bias),
                 eps,
             )?;
-            let act = match c.hidden_act {
-                Activation::Gelu => backend::Activation::Gelu,
-                Activation::GeluTanh => backend::Activation::GeluTanh,
-                other => {
-                    return Err(Error::Input(format!(
-                        "BERT activation {other:?} is not supported"
-                    )));
-                }
-            };
             let inner = backend.linear_act(
                 &x,
                 &layer.intermediate_weight,

@@ -113,6 +113,13 @@ pub(super) fn driver_err(context: &str, e: DriverError) -> BackendError {
     }
 }
 
+/// `buf` read as `len` values of `T` (`what` names it in the error, which only a buffer
+/// shorter than asked for could give).
+fn array_in<T: DeviceRepr>(buf: DeviceBuffer, what: &str, len: usize) -> Result<DeviceArray<T>> {
+    DeviceArray::new(buf, len)
+        .ok_or_else(|| BackendError::Device(format!("allocating {what}: a buffer shorter than {len} values")))
+}
+
 /// Gives cuBLAS a workspace of [`CUBLAS_WORKSPACE_BYTES`]; the buffer must outlive the handle.
 fn set_blas_workspace(blas: &CudaBlas, stream: &Arc<CudaStream>) -> Result<CudaSlice<u8>> {
     // SAFETY: cuBLAS only uses it as scratch space, in stream order.
@@ -613,28 +620,22 @@ impl CudaBackend {
                 "uploading {what} inside a graph capture"
             )));
         }
-        let array = self.alloc_array(what, data.len(), false)?;
+        let array = self.alloc_array(what, data.len())?;
         self.copy_to_array(what, &array, data)?;
         Ok(array)
     }
 
-    /// Room for `len` values of `T`, uninitialised: from the buffer cache, or at its exact size
-    /// from the driver (`exact`: the fixed buffers of decode graphs, which live long).
-    pub(super) fn alloc_array<T: DeviceRepr>(
-        &self,
-        what: &str,
-        len: usize,
-        exact: bool,
-    ) -> Result<DeviceArray<T>> {
+    /// Room for `len` values of `T`, uninitialised, from the buffer cache.
+    pub(super) fn alloc_array<T: DeviceRepr>(&self, what: &str, len: usize) -> Result<DeviceArray<T>> {
         let bytes = len.max(1) * size_of::<T>();
-        let buf = if exact {
-            self.alloc_exact(what, bytes)?
-        } else {
-            self.alloc_bytes(what, bytes)?
-        };
-        DeviceArray::new(buf, len).ok_or_else(|| {
-            BackendError::Device(format!("allocating {what}: a buffer shorter than {bytes} bytes"))
-        })
+        array_in(self.alloc_bytes(what, bytes)?, what, len)
+    }
+
+    /// [`CudaBackend::alloc_array`] at its exact size from the driver: the fixed buffers decode
+    /// graphs stage their inputs in, which live as long as the graphs.
+    pub(super) fn alloc_staging<T: DeviceRepr>(&self, what: &str, len: usize) -> Result<DeviceArray<T>> {
+        let bytes = len.max(1) * size_of::<T>();
+        array_in(self.alloc_exact(what, bytes)?, what, len)
     }
 
     /// Copies `src` into the start of `dst`, in stream order: after every kernel queued before

@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus};
-use cudarc::driver::{CudaGraph, CudaSlice, DeviceRepr};
+use cudarc::driver::{CudaGraph, CudaSlice};
 
 use super::context::{CudaBackend, driver_err};
 use super::paged::CudaPaged;
@@ -77,15 +77,15 @@ unsafe impl Send for RecordedGraph {}
 impl BatchGraph {
     fn new(backend: &CudaBackend, batch: usize, table_entries: usize) -> Result<Self> {
         Ok(Self {
-            ids: Arc::new(backend.alloc_slice("graph token ids", batch)?),
+            ids: Arc::new(backend.alloc_staging("graph token ids", batch)?),
             ids_host: None,
-            positions: Arc::new(backend.alloc_slice("graph positions", batch)?),
+            positions: Arc::new(backend.alloc_staging("graph positions", batch)?),
             positions_host: None,
-            meta: Arc::new(backend.alloc_slice("graph block table metadata", 4 * batch)?),
-            tables: Arc::new(backend.alloc_slice("graph block tables", table_entries)?),
-            slots: Arc::new(backend.alloc_slice("graph cache slots", batch)?),
-            draws: backend.alloc_slice("graph draws", 4 * batch)?,
-            out: backend.alloc_slice("graph token choices", batch)?,
+            meta: Arc::new(backend.alloc_staging("graph block table metadata", 4 * batch)?),
+            tables: Arc::new(backend.alloc_staging("graph block tables", table_entries)?),
+            slots: Arc::new(backend.alloc_staging("graph cache slots", batch)?),
+            draws: backend.alloc_staging("graph draws", 4 * batch)?,
+            out: backend.alloc_staging("graph token choices", batch)?,
             graph: None,
         })
     }
@@ -181,7 +181,7 @@ impl CudaBackend {
         };
         if grow_tables {
             staged.graph = None; // it reads the old buffer
-            match self.alloc_slice("graph block tables", table_capacity) {
+            match self.alloc_staging("graph block tables", table_capacity) {
                 Ok(tables) => staged.tables = Arc::new(tables),
                 Err(e) => {
                     // The book counts the larger buffer already: this batch size starts afresh
@@ -198,10 +198,10 @@ impl CudaBackend {
             .iter()
             .map(|s| u32::try_from(s.k_len - 1).unwrap_or(u32::MAX))
             .collect();
-        self.write_staged("block table metadata", &staged.meta, meta)?;
-        self.write_staged("block tables", &staged.tables, tables)?;
-        self.write_staged("cache slots", &staged.slots, slots)?;
-        self.write_staged("positions", &staged.positions, &positions)?;
+        self.copy_to_array("staged block table metadata", &staged.meta, meta)?;
+        self.copy_to_array("staged block tables", &staged.tables, tables)?;
+        self.copy_to_array("staged cache slots", &staged.slots, slots)?;
+        self.copy_to_array("staged positions", &staged.positions, &positions)?;
         staged.positions_host = Some(positions);
         Ok(Some(CudaPaged::staged(
             plan.clone(),
@@ -254,9 +254,13 @@ impl CudaBackend {
             let Some(staged) = graphs.batches.get_mut(&batch) else {
                 return Ok(None);
             };
-            self.write_staged("token ids", &staged.ids, ids)?;
+            self.copy_to_array("staged token ids", &staged.ids, ids)?;
             staged.ids_host = Some(ids.to_vec());
-            self.write_staged("token draws", &staged.draws, &super::ops::draw_words(draws))?;
+            self.copy_to_array(
+                "staged token draws",
+                &staged.draws,
+                &super::ops::draw_words(draws),
+            )?;
             if action == StepAction::Replay
                 && let Some(recorded) = &staged.graph
             {
@@ -340,31 +344,11 @@ impl CudaBackend {
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| driver_err("starting a graph capture", e))?;
         self.begin_capturing();
+        // A panic is caught so that the capture below is ended behind it all the same (the model
+        // thread survives it and answers the step's requests with an error), then resumed.
         let recorded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             forward().and_then(|logits| Ok(self.sample_into_staged(batch, &logits)?))
         }));
-        let recorded = match recorded {
-            Ok(recorded) => recorded,
-            Err(panic) => {
-                // The model thread survives a panic (it answers the step's requests with an
-                // error); the stream must not stay in capture mode behind it.
-                let _ = self.take_saved_error();
-                self.force_end_capture();
-                let kept = self.end_capturing();
-                self.give_back_buffers(kept);
-                let _ = self.take_saved_error();
-                // A panic that only a capture provokes would recur at every step otherwise.
-                if let Some(graphs) = self
-                    .graphs
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .as_mut()
-                {
-                    graphs.book.failed(batch);
-                }
-                std::panic::resume_unwind(panic);
-            }
-        };
         // Frees that failed inside the capture (an invalidated capture fails them all) are
         // this capture's failure: taken here so that `end_capture` ends it.
         let freed = self
@@ -379,6 +363,23 @@ impl CudaBackend {
         }
         // After the capture, so that nothing given back is freed inside it.
         let kept = self.end_capturing();
+        let recorded = match recorded {
+            Ok(recorded) => recorded,
+            Err(panic) => {
+                self.give_back_buffers(kept);
+                let _ = self.take_saved_error();
+                // A panic that only a capture provokes would recur at every step otherwise.
+                if let Some(graphs) = self
+                    .graphs
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .as_mut()
+                {
+                    graphs.book.failed(batch);
+                }
+                std::panic::resume_unwind(panic);
+            }
+        };
         let graph = recorded
             .and_then(|()| Ok(freed?))
             .and_then(|()| Ok(ended?))
@@ -426,15 +427,5 @@ impl CudaBackend {
         };
         let BatchGraph { draws, out, .. } = staged;
         self.sample_rows_into(logits, draws, out)
-    }
-
-    /// A fixed buffer of `len` values for a decode graph, its contents undefined until written.
-    pub(super) fn alloc_slice<T: DeviceRepr>(&self, what: &str, len: usize) -> Result<DeviceArray<T>> {
-        self.alloc_array(what, len, true)
-    }
-
-    /// Copies `src` into the start of the staged buffer `dst` (see `copy_to_array`).
-    fn write_staged<T: DeviceRepr>(&self, what: &str, dst: &DeviceArray<T>, src: &[T]) -> Result<()> {
-        self.copy_to_array(&format!("staged {what}"), dst, src)
     }
 }

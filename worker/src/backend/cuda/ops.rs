@@ -557,7 +557,7 @@ impl CudaBackend {
 
     /// A buffer for one token id per row.
     fn alloc_ids(&self, rows: usize) -> Result<DeviceArray<u32>> {
-        self.alloc_array("token ids", rows, false)
+        self.alloc_array("token ids", rows)
     }
 
     /// The chosen token ids, once the kernels that chose them have run.
