@@ -34,7 +34,7 @@ use atomic_worker::ModelDir;
 use atomic_worker::backend::buffer_cache::DEFAULT_LIMIT_BYTES;
 use atomic_worker::backend::cuda::GEMV_MAX_ROWS;
 use atomic_worker::backend::{
-    Activation, AttentionMask, Backend, CudaBackend, CudaTensor, PagedPlan, PagedSeq, Precision,
+    Activation, AttentionMask, Backend, CudaBackend, CudaTensor, PagedPlan, PagedSeq, Pooling, Precision,
 };
 use atomic_worker::config::{BertConfig, LlamaConfig, ModelConfig};
 use atomic_worker::models::bert::{Batch, Bert};
@@ -149,7 +149,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         // The worker's start-up self-test, as `serve` runs it: a failure is reported (and
         // fails the run) but the sections still run, since their figures say where it goes wrong.
         let started = Instant::now();
-        let selftest = atomic_worker::backend::selftest::check(&backend, precision);
+        let selftest = backend.self_test(precision);
         emit(json!({
             "bench": "selftest", "impl": "atomic", "dtype": precision.to_string(),
             "ok": selftest.is_ok(), "ms": started.elapsed().as_secs_f64() * 1e3,
@@ -367,11 +367,11 @@ fn open(folder: &Path) -> anyhow::Result<ModelDir> {
     })
 }
 
-/// Sentences/s of `Bert::embed` (forward pass, hidden states to the host, pooling on the host
-/// as the folder's pooling config says: what the worker's encoder thread does per batch,
-/// `"path": "embed"`), then of the forward pass alone, its hidden states left on the GPU
-/// (`"path": "forward"`: PyTorch's side pools on the GPU and copies only the pooled rows, so
-/// the two bracket it), then the forward pass's ops one by one.
+/// Sentences/s of `Bert::embed` (forward pass, then pooling and normalisation on the GPU as the
+/// folder's pooling config says and the pooled rows to the host: what the worker's encoder
+/// thread does per batch, and what PyTorch's side does; `"path": "embed"`), then of the forward
+/// pass alone, its hidden states left on the GPU (`"path": "forward"`, with cuBLASLt's bias
+/// epilogue and without), then the forward pass's ops one by one.
 fn encoder(b: &CudaBackend, folder: &Path, name: &str, seconds: f64) -> anyhow::Result<()> {
     let dir = open(folder)?;
     let ModelConfig::Bert(config) = &dir.config else {
@@ -395,25 +395,38 @@ fn encoder(b: &CudaBackend, folder: &Path, name: &str, seconds: f64) -> anyhow::
         "ms_per_batch": elapsed * 1e3 / runs as f64,
         "sentences_per_s": (runs * ENC_BATCH) as f64 / elapsed,
     }));
-    model.encode(b, &batch)?;
-    b.synchronize()?;
-    let started = Instant::now();
-    let mut runs = 0;
-    while started.elapsed().as_secs_f64() < seconds {
-        drop(model.encode(b, &batch)?);
-        runs += 1;
-        if runs % 8 == 0 {
-            b.synchronize()?; // keep the host from queueing seconds ahead of the clock
+    // The forward pass with cuBLASLt adding the biases (the worker's default), then with a
+    // bias pass after each product, to show what the epilogue buys.
+    let epilogue = b.bias_epilogue_enabled();
+    for bias_epilogue in [epilogue, false] {
+        if !bias_epilogue && !epilogue {
+            break; // cuBLASLt did not open: the first run already was the bias pass
         }
+        b.set_bias_epilogue(bias_epilogue);
+        model.encode(b, &batch)?;
+        b.synchronize()?;
+        let started = Instant::now();
+        let mut runs = 0;
+        while started.elapsed().as_secs_f64() < seconds {
+            drop(model.encode(b, &batch)?);
+            runs += 1;
+            if runs % 8 == 0 {
+                b.synchronize()?; // keep the host from queueing seconds ahead of the clock
+            }
+        }
+        b.synchronize()?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let (planned, refused) = b.bias_epilogue_plans();
+        emit(json!({
+            "bench": "encoder", "impl": "atomic", "model": name, "dtype": b.precision().to_string(),
+            "path": "forward", "bias_epilogue": bias_epilogue,
+            "epilogue_shapes_planned": planned, "epilogue_shapes_refused": refused,
+            "batch": ENC_BATCH, "seq": ENC_SEQ, "runs": runs,
+            "ms_per_batch": elapsed * 1e3 / runs as f64,
+            "sentences_per_s": (runs * ENC_BATCH) as f64 / elapsed,
+        }));
     }
-    b.synchronize()?;
-    let elapsed = started.elapsed().as_secs_f64();
-    emit(json!({
-        "bench": "encoder", "impl": "atomic", "model": name, "dtype": b.precision().to_string(),
-        "path": "forward", "batch": ENC_BATCH, "seq": ENC_SEQ, "runs": runs,
-        "ms_per_batch": elapsed * 1e3 / runs as f64,
-        "sentences_per_s": (runs * ENC_BATCH) as f64 / elapsed,
-    }));
+    b.set_bias_epilogue(epilogue);
     drop(model);
     encoder_ops(b, config, name)
 }
@@ -601,6 +614,22 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
     );
 
     op.linear(b, "linear_qkv", t, h, 3 * h, true, Activation::Identity, layers)?;
+    // The same product with its bias in a pass of its own (0 calls: what the epilogue saves).
+    if b.bias_epilogue_enabled() {
+        b.set_bias_epilogue(false);
+        let timed = op.linear(
+            b,
+            "linear_qkv_bias_pass",
+            t,
+            h,
+            3 * h,
+            true,
+            Activation::Identity,
+            0,
+        );
+        b.set_bias_epilogue(true);
+        timed?;
+    }
     // Attention read straight out of the fused projection, as Bert runs it.
     let qkv = upload(b, &[t, 3 * h])?;
     let mask = AttentionMask::padding(&batch.valid);
@@ -679,11 +708,39 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
     )?;
     op.linear(b, "linear_ffn_down", t, inter, h, true, Activation::Identity, 0)?;
 
+    // Pooling on the GPU and the pooled rows to the host, as Bert::embed runs them; then the
+    // copy of every hidden state they replace, for comparison (0 calls).
+    let hidden = upload(b, &[ENC_BATCH, ENC_SEQ, h])?;
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.pool(&hidden, &batch.valid, Pooling::Mean, true)?);
+        Ok(())
+    })?;
+    op.emit(
+        "pool_mean_normalize",
+        format!("[{ENC_BATCH},{ENC_SEQ},{h}] -> [{ENC_BATCH},{h}]"),
+        us,
+        1,
+        0.0,
+        act(t * h + ENC_BATCH * h),
+    );
+    let pooled = b.pool(&hidden, &batch.valid, Pooling::Mean, true)?;
+    let us = time_op(b, OP_BUDGET, || {
+        drop(b.to_host(&pooled)?);
+        Ok(())
+    })?;
+    op.emit(
+        "pooled_to_host",
+        format!("[{ENC_BATCH},{h}]"),
+        us,
+        1,
+        0.0,
+        act(ENC_BATCH * h),
+    );
     let us = time_op(b, OP_BUDGET, || {
         drop(b.to_host(&x)?);
         Ok(())
     })?;
-    op.emit("hidden_to_host", format!("[{t},{h}]"), us, 1, 0.0, act(t * h));
+    op.emit("hidden_to_host", format!("[{t},{h}]"), us, 0, 0.0, act(t * h));
     Ok(())
 }
 

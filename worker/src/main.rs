@@ -183,7 +183,7 @@ fn load_on_device(args: &ServeArgs, limits: &ModelLimits, metrics: &Metrics) -> 
         // Every op against the reference before anything is served: a kernel that is wrong on
         // this GPU stops here, by name, instead of answering wrongly.
         let started = std::time::Instant::now();
-        atomic_worker::backend::selftest::check(&backend, args.precision).map_err(|e| e.to_string())?;
+        backend.self_test(args.precision).map_err(|e| e.to_string())?;
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(seconds, "the GPU passed the start-up self-test");
         metrics.record_startup("selftest", seconds);

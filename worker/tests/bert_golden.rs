@@ -8,7 +8,7 @@ use std::path::Path;
 
 use atomic_worker::ModelDir;
 use atomic_worker::backend::{Backend, CpuBackend};
-use atomic_worker::config::ModelConfig;
+use atomic_worker::config::{ModelConfig, PoolingConfig, PoolingMode};
 use atomic_worker::models::bert::{Batch, Bert};
 use serde_json::Value;
 
@@ -72,6 +72,12 @@ on_every_backend!(
     minilm_embeddings
 );
 
+on_every_backend!(
+    tiny_bert_pools_every_mode_over_pytorch_states,
+    gpu_tiny_bert_pools_every_mode_over_pytorch_states,
+    tiny_bert_pooling
+);
+
 fn texts(r: &Value) -> Vec<String> {
     r["texts"]
         .as_array()
@@ -113,6 +119,59 @@ fn tiny_bert_hidden_states<B: Backend>(backend: &B) {
         let alone = model.hidden_states(backend, &single).unwrap();
         let diff = max_abs_diff(&alone, got);
         assert!(diff < 1e-5, "sequence {b}: batched vs alone {diff}");
+    }
+}
+
+/// Every pooling mode of `Bert::embed`, normalised or not, against the same pooling written
+/// out here over PyTorch's hidden states of each sequence's real tokens.
+fn tiny_bert_pooling<B: Backend>(backend: &B) {
+    let folder = fixture("tiny-bert");
+    let r = reference(&folder);
+    let (dir, model) = load(&folder, backend);
+    let (batch, _) = batch_of(&dir, &texts(&r));
+    let h = model.config().hidden_size;
+    let states: Vec<Vec<f32>> = r["last_hidden_state"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(floats)
+        .collect();
+    let modes = [
+        PoolingMode::Cls,
+        PoolingMode::Mean,
+        PoolingMode::Max,
+        PoolingMode::MeanSqrtLen,
+        PoolingMode::LastToken,
+    ];
+    for mode in modes {
+        for normalize in [false, true] {
+            let got = model
+                .embed(backend, &batch, &PoolingConfig { mode, normalize })
+                .unwrap();
+            assert_eq!(got.len(), batch.batch);
+            for (b, rows) in states.iter().enumerate() {
+                let n = rows.len() / h;
+                let column = |c: usize| (0..n).map(move |t| rows[t * h + c]);
+                let mut want: Vec<f32> = (0..h)
+                    .map(|c| match mode {
+                        PoolingMode::Cls => rows[c],
+                        PoolingMode::LastToken => rows[(n - 1) * h + c],
+                        PoolingMode::Max => column(c).fold(f32::NEG_INFINITY, f32::max),
+                        PoolingMode::Mean => column(c).sum::<f32>() / n as f32,
+                        PoolingMode::MeanSqrtLen => column(c).sum::<f32>() / (n as f32).sqrt(),
+                    })
+                    .collect();
+                if normalize {
+                    let norm = want.iter().map(|v| v * v).sum::<f32>().sqrt();
+                    want.iter_mut().for_each(|v| *v /= norm);
+                }
+                let diff = max_abs_diff(&got[b], &want);
+                assert!(
+                    diff < 1e-4,
+                    "{mode:?} normalize {normalize}, sequence {b} of {n} tokens: max |diff| {diff}"
+                );
+            }
+        }
     }
 }
 

@@ -15,6 +15,7 @@
 //! - `cuda::CudaBackend` (cargo feature `cuda`): NVIDIA GPUs, our kernels compiled by NVRTC and
 //!   cuBLAS for matrix products.
 //! - [`device::DeviceSpec`]: the `--device auto|cpu|cuda:N` choice and its fallback rules.
+//! - [`pooling`]: sentence pooling on the host (the CPU and reference backends' [`Backend::pool`]).
 //! - [`selftest::check`]: every op against the reference on small inputs, run when a backend
 //!   starts serving.
 //!
@@ -35,6 +36,7 @@ pub mod cuda;
 pub mod device;
 pub mod graph_book;
 pub mod paged;
+pub mod pooling;
 pub mod reference;
 pub mod selftest;
 mod shapes;
@@ -85,6 +87,22 @@ pub enum Activation {
     GeluTanh,
     /// SiLU: `x · sigmoid(x)`.
     Silu,
+}
+
+/// How [`Backend::pool`] reduces a sequence's token states to one embedding
+/// (sentence-transformers' pooling modes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooling {
+    /// The first position's state, whatever the mask.
+    Cls,
+    /// The mean over the valid tokens.
+    Mean,
+    /// The elementwise maximum over the valid tokens.
+    Max,
+    /// The sum over the valid tokens divided by the square root of their count.
+    MeanSqrtLen,
+    /// The last valid token's state.
+    LastToken,
 }
 
 /// Masking for [`Backend::attention`]. The default attends every query to every key.
@@ -472,6 +490,18 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Tensor> {
         split_attention_qkv(self, qkv, heads, mask)
     }
+
+    /// Pools `hidden [batch, seq, h]` into `[batch, h]` over each sequence's valid tokens
+    /// (`valid`: `batch · seq` flags, true for real tokens) as `pooling` says, then scales each
+    /// row to unit length when `normalize` (dividing by at most [`pooling::NORM_EPS`]). A
+    /// sequence without valid tokens pools to zeros (except [`Pooling::Cls`]).
+    fn pool(
+        &self,
+        hidden: &Self::Tensor,
+        valid: &[bool],
+        pooling: Pooling,
+        normalize: bool,
+    ) -> Result<Self::Tensor>;
 
     /// Checks a step's plan and prepares it for [`Backend::write_paged`] and
     /// [`Backend::paged_attention`].

@@ -323,6 +323,16 @@ impl Backend for ReferenceBackend {
         HostPaged::new(plan)
     }
 
+    fn pool(
+        &self,
+        hidden: &CpuTensor,
+        valid: &[bool],
+        pooling: super::Pooling,
+        normalize: bool,
+    ) -> Result<CpuTensor> {
+        super::pooling::pool_tensor(hidden, valid, pooling, normalize)
+    }
+
     fn write_paged(&self, pool: &mut CpuTensor, new: &CpuTensor, paged: &HostPaged) -> Result<()> {
         paged.plan.check_write(pool.shape(), new.shape())?;
         let w = new.shape()[1] * new.shape()[2];

@@ -8,17 +8,18 @@
 //! six rows: the GPU's matrix-vector kernel, its k loop and tail block, and cuBLAS; prompts and
 //! decode steps; dense, fused and paged attention; on the GPU the grouped decode kernel with
 //! and without key splits, the per-head split kernel (head dim 80), flash and cuBLAS prompts,
-//! sliding windows on both; greedy and cut token draws). One path is left out: dense
-//! attention too large for cuBLAS's scores (long BERT batches) takes the dense flash kernel,
-//! which only the GPU tests check. The reference reads the inputs rounded to
-//! the backend's storage precision. The bounds are twice the GPU tests' (8 roundings of the
+//! sliding windows on both; products with cuBLASLt's bias epilogue and with a bias pass;
+//! sentence pooling in every mode; greedy and cut token draws). One path no small shape reaches: dense attention too large for
+//! cuBLAS's scores (long BERT batches) takes the dense flash kernel; the CUDA backend's
+//! `self_test` runs [`check_attention`] again with that path forced. The reference reads the
+//! inputs rounded to the backend's storage precision. The bounds are twice the GPU tests' (8 roundings of the
 //! precision, relative, and `8 + 4 sqrt(k)` absolute for a product of `k` terms): they catch a
 //! wrong kernel, whose errors are of the order of the values, not rounding, which the backends'
 //! own tests hold tighter. The whole check is a few dozen small launches.
 
 use super::cpu::CpuTensor;
 use super::paged::{PagedPlan, PagedSeq};
-use super::{AttentionMask, Backend, BackendError, Precision, ReferenceBackend, Result};
+use super::{AttentionMask, Backend, BackendError, Pooling, Precision, ReferenceBackend, Result};
 use crate::sampling::TokenDraw;
 
 /// Sizes of the checked products: `k` terms, outputs per row, and the row counts (the GPU
@@ -150,7 +151,41 @@ pub fn check<B: Backend>(backend: &B, precision: Precision) -> Result<()> {
     rows_and_gathers(backend, p)?;
     attention(backend, p)?;
     paged(backend, p)?;
+    pooling(backend, p)?;
     sampling(backend, p)
+}
+
+/// Sentence pooling of a padded batch (a full sequence, a short one, one with a gap) in every
+/// mode, with and without normalising.
+fn pooling<B: Backend>(backend: &B, p: Precision) -> Result<()> {
+    let (batch, seq, h) = (3, 5, 40);
+    let valid: Vec<bool> = [
+        [true; 5],
+        [true, true, false, false, false],
+        [true, false, true, false, false],
+    ]
+    .concat();
+    let hidden = values(90, batch * seq * h, 2.0);
+    let modes = [
+        Pooling::Cls,
+        Pooling::Mean,
+        Pooling::Max,
+        Pooling::MeanSqrtLen,
+        Pooling::LastToken,
+    ];
+    for pooling in modes {
+        for normalize in [false, true] {
+            check_op!(
+                backend,
+                p,
+                format!("pool {pooling:?}{}", if normalize { " normalized" } else { "" }),
+                seq,
+                &[(&hidden, &[batch, seq, h])],
+                |be, t| be.pool(&t[0], &valid, pooling, normalize)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn projections<B: Backend>(backend: &B, p: Precision) -> Result<()> {
@@ -226,6 +261,36 @@ fn projections<B: Backend>(backend: &B, p: Precision) -> Result<()> {
             }
         );
     }
+    // Widths that are whole 16-byte rows in every precision: what a GPU's cuBLASLt takes with
+    // the bias in its epilogue (it may refuse the odd width above, which then takes cuBLAS and
+    // a bias pass).
+    let (rows, k, m) = (40, 64, 48);
+    let (x, w, bias, residual) = (
+        values(70, rows * k, 2.0),
+        values(71, m * k, 0.3),
+        values(72, m, 1.0),
+        values(73, rows * m, 2.0),
+    );
+    let inputs: &[(&[f32], &[usize])] = &[(&x, &[rows, k]), (&w, &[m, k]), (&bias, &[m])];
+    check_op!(
+        backend,
+        p,
+        format!("linear {rows}x{k}x{m}"),
+        k,
+        inputs,
+        |be, t| be.linear(&t[0], &t[1], Some(&t[2]))
+    );
+    check_op!(
+        backend,
+        p,
+        format!("linear_add {rows}x{k}x{m}"),
+        k,
+        inputs,
+        |be, t| {
+            let residual = be.from_host(&p.round(&residual), &[rows, m])?;
+            be.linear_add(&t[0], &t[1], Some(&t[2]), residual)
+        }
+    );
     let (a, b) = (values(60, 2 * 5 * 8, 1.0), values(61, 2 * 8 * 3, 1.0));
     check_op!(
         backend,
@@ -369,6 +434,12 @@ fn rows_and_gathers<B: Backend>(backend: &B, p: Precision) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The attention checks of [`check`] alone, for a backend that runs them again with one of
+/// its paths forced (the CUDA backend's dense flash kernel).
+pub fn check_attention<B: Backend>(backend: &B, precision: Precision) -> Result<()> {
+    attention(backend, precision)
 }
 
 fn attention<B: Backend>(backend: &B, p: Precision) -> Result<()> {

@@ -248,39 +248,23 @@ impl<B: Backend> Bert<B> {
         Ok(x)
     }
 
-    /// Sentence embeddings, pooled as `pooling` says (mean over real tokens or the first token)
-    /// and L2-normalised when it asks for that.
+    /// Sentence embeddings, pooled as `pooling` says over each sequence's real tokens and
+    /// L2-normalised when it asks for that. The pooling runs on the backend, so from a GPU
+    /// only the pooled rows come back.
     pub fn embed(&self, backend: &B, batch: &Batch, pooling: &PoolingConfig) -> Result<Vec<Vec<f32>>> {
         let h = self.config.hidden_size;
-        let hidden = self.hidden_states(backend, batch)?;
-        let mut out = Vec::with_capacity(batch.batch);
-        for b in 0..batch.batch {
-            let rows = &hidden[b * batch.seq * h..(b + 1) * batch.seq * h];
-            let mut pooled = vec![0.0f32; h];
-            match pooling.mode {
-                PoolingMode::Cls => pooled.copy_from_slice(&rows[..h]),
-                PoolingMode::Mean => {
-                    let n = batch.len_of(b).max(1);
-                    for t in 0..batch.seq {
-                        if batch.valid[b * batch.seq + t] {
-                            for (p, v) in pooled.iter_mut().zip(&rows[t * h..(t + 1) * h]) {
-                                *p += v;
-                            }
-                        }
-                    }
-                    pooled.iter_mut().for_each(|p| *p /= n as f32);
-                }
-                other => {
-                    return Err(Error::Input(format!("pooling mode {other:?} is not supported")));
-                }
-            }
-            if pooling.normalize {
-                let norm = pooled.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-                pooled.iter_mut().for_each(|p| *p /= norm);
-            }
-            out.push(pooled);
-        }
-        Ok(out)
+        let mode = match pooling.mode {
+            PoolingMode::Cls => backend::Pooling::Cls,
+            PoolingMode::Mean => backend::Pooling::Mean,
+            PoolingMode::Max => backend::Pooling::Max,
+            PoolingMode::MeanSqrtLen => backend::Pooling::MeanSqrtLen,
+            PoolingMode::LastToken => backend::Pooling::LastToken,
+        };
+        let hidden = self.encode(backend, batch)?;
+        let hidden = backend.reshape(hidden, &[batch.batch, batch.seq, h])?;
+        let pooled = backend.pool(&hidden, &batch.valid, mode, pooling.normalize)?;
+        let rows = backend.to_host(&pooled)?;
+        Ok(rows.chunks(h.max(1)).map(<[f32]>::to_vec).collect())
     }
 
     /// Sequence classification logits `[batch][labels]`.

@@ -12,6 +12,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUmemPool_attribute, CUresult};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError};
 
+use super::bias_epilogue::BiasEpilogue;
 use super::graph::DecodeGraphs;
 use super::kernel_cache::KernelCache;
 use super::kernels::{self, FILES, KernelImage, Origin, Target};
@@ -80,6 +81,10 @@ pub struct CudaBackend {
     pub(super) capturing: AtomicBool,
     /// Device buffers that ops dropped, reused for later outputs (`backend::buffer_cache`).
     buffers: SharedBufferCache,
+    /// Projections with a bias take cuBLASLt's bias epilogue where it can (`bias_epilogue.rs`);
+    /// `None` when cuBLASLt cannot be opened. Declared before the workspace it shares with
+    /// cuBLAS, so it is dropped first.
+    pub(super) bias_epilogue: Option<BiasEpilogue>,
     /// cuBLAS's workspace (alive as long as the handle).
     _blas_workspace: CudaSlice<u8>,
     /// The GPU's multiprocessors (how many blocks a launch needs to fill it).
@@ -92,6 +97,9 @@ pub struct CudaBackend {
     /// Decode steps take the grouped-heads decode kernel where it fits (`paged.rs`); on unless
     /// turned off.
     pub(super) grouped_decode_enabled: AtomicBool,
+    /// Dense prompts whose scores fit take the unfused cuBLAS attention; on unless turned off
+    /// (then every dense prompt takes the flash kernel, as the start-up self-test needs).
+    pub(super) unfused_attention_enabled: AtomicBool,
     kernel_build: KernelBuild,
 }
 
@@ -276,6 +284,15 @@ impl CudaBackend {
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| BackendError::Device(format!("creating the cuBLAS handle: {e}")))?;
         let blas_workspace = set_blas_workspace(&blas, &stream)?;
+        let workspace_ptr = {
+            let (ptr, _sync) = blas_workspace.device_ptr(&stream);
+            ptr
+        };
+        let bias_epilogue = BiasEpilogue::new(precision, (workspace_ptr, CUBLAS_WORKSPACE_BYTES))
+            .inspect_err(
+                |why| tracing::warn!(%why, "biases are added in a pass of their own after each product"),
+            )
+            .ok();
 
         let supported = kernels::supported_archs()?;
         let target = Target::for_gpu(major, minor, &supported)
@@ -342,11 +359,13 @@ impl CudaBackend {
             graphs: Mutex::new(None),
             capturing: AtomicBool::new(false),
             buffers: Arc::new(Mutex::new(Buffers::new(DEFAULT_LIMIT_BYTES))),
+            bias_epilogue,
             _blas_workspace: blas_workspace,
             sm_count,
             flash_smem_bytes: 0,
             gemv_enabled: AtomicBool::new(true),
             grouped_decode_enabled: AtomicBool::new(true),
+            unfused_attention_enabled: AtomicBool::new(true),
             kernel_build,
         };
         backend.flash_smem_bytes = backend.allow_flash_smem()?;
@@ -361,6 +380,20 @@ impl CudaBackend {
             let (ptr, _sync) = t.buf.device_ptr(&self.stream);
             ptr % 16 == 0
         })
+    }
+
+    /// The start-up self-test ([`selftest::check`]) on this GPU in `precision`, then its
+    /// attention checks again with the unfused attention off: the dense flash kernel serves
+    /// only prompts whose scores pass 256 MiB (long BERT batches), which the checks' small
+    /// shapes never reach.
+    ///
+    /// [`selftest::check`]: crate::backend::selftest::check
+    pub fn self_test(&self, precision: Precision) -> Result<()> {
+        crate::backend::selftest::check(self, precision)?;
+        let was = self.unfused_attention_enabled.swap(false, Ordering::Relaxed);
+        let flash = crate::backend::selftest::check_attention(self, precision);
+        self.unfused_attention_enabled.store(was, Ordering::Relaxed);
+        flash.map_err(|e| BackendError::Device(format!("{e} (dense attention through the flash kernel)")))
     }
 
     /// How the kernels were built at start-up.

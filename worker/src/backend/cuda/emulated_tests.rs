@@ -1007,6 +1007,62 @@ fn emulated_row_kernels_match_reference() {
 }
 
 #[test]
+fn emulated_pooling_matches_reference() {
+    // Four sequences of a padded batch: full, one real token, padding in the middle (the last
+    // valid token is not the last position before the padding), and none valid; a hidden size
+    // that is not a multiple of the block, every mode, with and without normalising.
+    let (batch, seq, h) = (4, 6, 300);
+    let valid: Vec<bool> = [
+        [true; 6],
+        [true, false, false, false, false, false],
+        [true, true, false, true, false, false],
+        [false; 6],
+    ]
+    .concat();
+    let modes = [
+        crate::backend::Pooling::Cls,
+        crate::backend::Pooling::Mean,
+        crate::backend::Pooling::Max,
+        crate::backend::Pooling::MeanSqrtLen,
+        crate::backend::Pooling::LastToken,
+    ];
+    for p in Precision::ALL {
+        let Some(emu) = emulator("emulated_pooling_matches_reference", p) else {
+            return;
+        };
+        let mut rng = Rng::new(207);
+        let x = p.round(&rng.vec(batch * seq * h, 2.0));
+        let mut xd = emu.store(&x);
+        let mut flags: Vec<u8> = valid.iter().map(|&v| u8::from(v)).collect();
+        // Sums of up to six rounded values, then one rounding of the output.
+        let tol = emu.tol();
+        for pooling in modes {
+            for normalize in [false, true] {
+                let want =
+                    host(ReferenceBackend.pool(&reference(&x, &[batch, seq, h]), &valid, pooling, normalize));
+                let mut out = vec![0u8; batch * h * p.bytes()];
+                let args = Args::default()
+                    .buf(&mut out)
+                    .buf(&mut xd)
+                    .buf(&mut flags)
+                    .int(seq)
+                    .int(h)
+                    .signed(super::ops::pooling_code(pooling))
+                    .int(usize::from(normalize));
+                emu.launch("pool_rows", (batch, 1, 1), 256, h * 4, args);
+                let got = emu.load(&out);
+                assert_close(
+                    &format!("pool {pooling:?} normalize {normalize} ({p})"),
+                    &got,
+                    &want,
+                    tol,
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn emulated_elementwise_and_gather_kernels_match_reference() {
     for p in Precision::ALL {
         let Some(emu) = emulator("emulated_elementwise_and_gather_kernels_match_reference", p) else {

@@ -78,6 +78,11 @@ pub(crate) const FILES: &[KernelFile] = &[
         functions: &["gemv"],
     },
     KernelFile {
+        name: "pooling.cu",
+        source: include_str!("kernels/pooling.cu"),
+        functions: &["pool_rows"],
+    },
+    KernelFile {
         name: "sampling.cu",
         source: include_str!("kernels/sampling.cu"),
         functions: &["argmax_rows", "sample_rows"],

@@ -2,7 +2,7 @@
 //! one NVIDIA GPU through cudarc, with its libraries loaded at run time, so the feature builds on
 //! machines without CUDA.
 //!
-//! - [`context`]: the device, its stream, cuBLAS, the loaded kernels, error mapping.
+//! - [`context`]: the device, its stream, cuBLAS and cuBLASLt, the loaded kernels, error mapping.
 //! - [`kernels`]: the `.cu` sources (embedded) and their NVRTC compilation, to CUBIN for the
 //!   GPU's architecture (PTX for one newer than NVRTC knows).
 //! - [`kernel_cache`]: compiled kernels kept on disk between starts (`--kernel-cache-dir`).
@@ -10,6 +10,7 @@
 //!   backend's buffer cache when dropped (`backend::buffer_cache`), so passes of shapes seen
 //!   before ask the driver for no memory.
 //! - [`gemm`]: matrix products through cuBLAS in the storage precision, fp32 accumulation.
+//! - [`bias_epilogue`]: products whose bias cuBLASLt adds in its epilogue, planned per shape.
 //! - [`gemv`]: products of a few rows (decode steps) through our matrix-vector kernel, with
 //!   the RMS norm, bias, SwiGLU and residual add folded in.
 //! - [`launch`]: the launch macro and launch shapes the ops share.
@@ -25,13 +26,14 @@
 //! compiled for it) and every op accumulates in fp32. In fp32 results match the CPU backend to
 //! ~1e-5, which is what the GPU tests hold them to; in half precision each stored value carries
 //! one rounding (2^-11 relative for fp16, 2^-8 for bf16) and the tests hold results to bounds
-//! derived from that. Requires libcuda (the driver), libnvrtc and libcublas of CUDA 13 on the
+//! derived from that. Requires libcuda (the driver), libnvrtc and libcublas (libcublasLt optional) of CUDA 13 on the
 //! library path.
 //!
 //! [`Precision`]: crate::backend::Precision
 //!
 //! [`Backend`]: crate::backend::Backend
 
+mod bias_epilogue;
 mod context;
 mod gemm;
 mod gemv;

@@ -4,9 +4,11 @@
 //! launch; matrix products go to cuBLAS, everything else to the kernels in `kernels/`.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 
+use super::bias_epilogue::{BiasOperands, BiasProduct};
 use super::context::{ATTN_MAX_D, CudaBackend, driver_err, flash_smem_bytes};
 use super::gemm::{Batch, Gemm};
 use super::gemv::Folded;
@@ -14,7 +16,7 @@ use super::launch::{BLOCK, elementwise_cfg, int, launch, rows_cfg};
 use super::paged::{CudaPaged, UNFUSED_MIN_PROMPT};
 use super::tensor::{CudaTensor, DeviceArray};
 use crate::backend::shapes::{self, AttnDims};
-use crate::backend::{Activation, AttentionMask, Backend, DecodeStep, PagedPlan, Result};
+use crate::backend::{Activation, AttentionMask, Backend, DecodeStep, PagedPlan, Pooling, Result};
 use crate::sampling::TokenDraw;
 
 /// The `ACT_*` constant of `activation.cu` for an activation.
@@ -26,6 +28,21 @@ fn act_code(act: Activation) -> i32 {
         Activation::Silu => 3,
     }
 }
+
+/// The `POOL_*` constant of `pooling.cu` for a pooling.
+pub(crate) fn pooling_code(pooling: Pooling) -> i32 {
+    match pooling {
+        Pooling::Cls => 0,
+        Pooling::Mean => 1,
+        Pooling::Max => 2,
+        Pooling::MeanSqrtLen => 3,
+        Pooling::LastToken => 4,
+    }
+}
+
+/// The widest hidden state `pool_rows` takes: its fp32 row in the 48 KiB of shared memory a
+/// block gets without opting in (no encoder comes near; BERT-large is 1024).
+pub(crate) const POOL_MAX_HIDDEN: usize = (48 << 10) / size_of::<f32>();
 
 /// Which attention kernel runs; [`Backend::attention`] picks by the number of queries, tests
 /// run both over every case.
@@ -189,12 +206,6 @@ pub(crate) fn unfused_plan(dims: &AttnDims, [q, k, v, out]: [HeadRows; 4]) -> Re
         probs_at: matrices(s_q * s_k),
         out_at: at(out, false),
     })
-}
-
-/// Whether a dense prompt's attention takes the unfused path: its fp32 scores fit
-/// [`UNFUSED_MAX_SCORE_BYTES`].
-fn unfused_fits(dims: &AttnDims) -> bool {
-    dims.batch * dims.heads * dims.s_q * dims.s_k * size_of::<f32>() <= UNFUSED_MAX_SCORE_BYTES
 }
 
 /// The device address of a buffer of this backend's stream.
@@ -367,6 +378,12 @@ impl CudaBackend {
             None if k == 0 => self.alloc_zeros(shape)?,
             None => self.alloc(shape)?,
         };
+        if let Some(bias) = bias
+            && act == Activation::Identity
+            && self.bias_in_epilogue(x, weight, bias, &mut out, (n, k, m), accumulate)?
+        {
+            return Ok(out);
+        }
         if k > 0 {
             // Row-major out[n × m] = x[n × k] · Wᵀ is column-major outᵀ[m × n] = W · xᵀ, where the
             // row-major buffers of W [m × k] and x [n × k] read column-major are Wᵀ (so op T)
@@ -412,6 +429,44 @@ impl CudaBackend {
             )?;
         }
         Ok(out)
+    }
+
+    /// `out (+)= x · weightᵀ + bias` through cuBLASLt's bias epilogue (`bias_epilogue.rs`);
+    /// `Ok(false)`, with nothing enqueued, when it does not take this product.
+    fn bias_in_epilogue(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: &CudaTensor,
+        out: &mut CudaTensor,
+        (n, k, m): (usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<bool> {
+        let Some(epilogue) = &self.bias_epilogue else {
+            return Ok(false);
+        };
+        self.bind()?;
+        let product = BiasProduct {
+            n: n as u64,
+            k: k as u64,
+            m: m as u64,
+            accumulate,
+        };
+        // The guards order the buffers' other uses around the product; they live until it is
+        // enqueued.
+        let (weight_ptr, _w) = weight.buf.device_ptr(&self.stream);
+        let (x_ptr, _x) = x.buf.device_ptr(&self.stream);
+        let (bias_ptr, _b) = bias.buf.device_ptr(&self.stream);
+        let (out_ptr, _o) = out.buf.device_ptr_mut(&self.stream);
+        let operands = BiasOperands {
+            weight: weight_ptr,
+            x: x_ptr,
+            bias: bias_ptr,
+            out: out_ptr,
+        };
+        // SAFETY: the caller checked the shapes: W holds m·k, x n·k, the bias m and out n·m
+        // elements, all in the backend's precision, on its stream.
+        unsafe { epilogue.run(product, operands, self.stream.cu_stream().cast()) }
     }
 
     /// The cuBLAS product (and bias epilogue) whatever the number of rows: what `linear` takes
@@ -685,6 +740,13 @@ impl CudaBackend {
         mask: &AttentionMask<'_>,
     ) -> Result<CudaTensor> {
         self.attention_with(q, k, v, mask, AttentionKernel::Flash)
+    }
+
+    /// Whether a dense prompt's attention takes the unfused path: it is on and the prompt's
+    /// fp32 scores fit [`UNFUSED_MAX_SCORE_BYTES`].
+    fn unfused_fits(&self, dims: &AttnDims) -> bool {
+        self.unfused_attention_enabled.load(Ordering::Relaxed)
+            && dims.batch * dims.heads * dims.s_q * dims.s_k * size_of::<f32>() <= UNFUSED_MAX_SCORE_BYTES
     }
 
     /// The padding mask on the device, if the mask has one (uploaded once for all the layers
@@ -1246,6 +1308,53 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    fn pool(
+        &self,
+        hidden: &CudaTensor,
+        valid: &[bool],
+        pooling: Pooling,
+        normalize: bool,
+    ) -> Result<CudaTensor> {
+        let op = "pool";
+        let (batch, seq, h) = crate::backend::pooling::dims(&hidden.shape, valid.len())?;
+        if h > POOL_MAX_HIDDEN {
+            return Err(shapes::err(
+                op,
+                format!("hidden size {h} exceeds the pooling kernel's {POOL_MAX_HIDDEN}"),
+            ));
+        }
+        if batch * h == 0 || seq == 0 {
+            // Nothing to pool, or no tokens at all (CLS has no first position either): zeros.
+            return self.alloc_zeros(vec![batch, h]);
+        }
+        int(op, hidden.numel())?;
+        let (seq_i, h_i) = (int(op, seq)?, int(op, h)?);
+        // The attention of the same batch uploaded these flags already (its padding mask);
+        // then they do not cross the bus again.
+        let valid_dev = self
+            .upload_key_valid(&AttentionMask::padding(valid))?
+            .ok_or_else(|| shapes::err(op, "no validity flags".into()))?;
+        let mut out = self.alloc(vec![batch, h])?;
+        let (mode, normalize) = (pooling_code(pooling), i32::from(normalize));
+        let cfg = LaunchConfig {
+            shared_mem_bytes: (h * size_of::<f32>()) as u32,
+            ..rows_cfg(batch, BLOCK)
+        };
+        launch!(
+            self,
+            "pool_rows",
+            cfg,
+            &mut out.buf,
+            &hidden.buf,
+            valid_dev.bytes(),
+            &seq_i,
+            &h_i,
+            &mode,
+            &normalize
+        )?;
+        Ok(out)
+    }
+
     fn embedding(&self, ids: &[u32], table: &CudaTensor) -> Result<CudaTensor> {
         self.gather_rows("embedding", ids, table, |ids| self.staged_ids(ids))
     }
@@ -1344,7 +1453,7 @@ impl Backend for CudaBackend {
         if dims.s_q == 1 {
             return self.attention_with(q, k, v, mask, AttentionKernel::Decode);
         }
-        if unfused_fits(&dims) {
+        if self.unfused_fits(&dims) {
             return self.attention_unfused_dense(q, k, v, mask);
         }
         self.attention_with(q, k, v, mask, AttentionKernel::Flash)
@@ -1364,7 +1473,7 @@ impl Backend for CudaBackend {
             &[batch, seq, heads, d],
             mask,
         )?;
-        if seq > 1 && unfused_fits(&dims) {
+        if seq > 1 && self.unfused_fits(&dims) {
             let views = [0, 1, 2].map(|part| HeadRows::fused_qkv(part, seq, heads, d));
             let out = self.attention_unfused((qkv, qkv, qkv), views, dims, mask)?;
             return self.reshape(out, &[tokens, heads * d]);

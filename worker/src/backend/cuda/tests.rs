@@ -14,7 +14,9 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use super::kernel_cache::KernelCache;
 use super::kernels::{self, FILES, KernelImage, Origin, Target};
-use super::ops::{AttentionKernel, MAX_DECODE_SPLITS, decode_splits, grouped_decode_fits, grouped_heads};
+use super::ops::{
+    AttentionKernel, MAX_DECODE_SPLITS, POOL_MAX_HIDDEN, decode_splits, grouped_decode_fits, grouped_heads,
+};
 use super::paged::{ChunkKeys, chunk_keys};
 use super::{CudaBackend, CudaTensor};
 use crate::backend::test_util::{
@@ -22,8 +24,8 @@ use crate::backend::test_util::{
     print_skip, sampling_case,
 };
 use crate::backend::{
-    Activation, AttentionMask, Backend, BackendError, CpuTensor, DecodeStep, PagedPlan, PagedSeq, Precision,
-    ReferenceBackend, Result,
+    Activation, AttentionMask, Backend, BackendError, CpuTensor, DecodeStep, PagedPlan, PagedSeq, Pooling,
+    Precision, ReferenceBackend, Result,
 };
 use crate::sampling::TokenDraw;
 
@@ -1603,12 +1605,138 @@ fn gpu_passes_the_start_up_self_test() {
         let Some(g) = gpu_in("gpu_passes_the_start_up_self_test", p) else {
             return;
         };
-        crate::backend::selftest::check(&*g, p).unwrap_or_else(|e| panic!("{p}: {e}"));
-        // With the matrix-vector kernel off, the same ops through cuBLAS and separate kernels.
+        g.self_test(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+        // With the matrix-vector kernel and the bias epilogue off, the same ops through cuBLAS
+        // and separate kernels.
         g.set_gemv(false);
-        let off = crate::backend::selftest::check(&*g, p);
+        g.set_bias_epilogue(false);
+        let off = g.self_test(p);
         g.set_gemv(true);
-        off.unwrap_or_else(|e| panic!("{p}, gemv off: {e}"));
+        g.set_bias_epilogue(true);
+        off.unwrap_or_else(|e| panic!("{p}, gemv and bias epilogue off: {e}"));
+    }
+}
+
+#[test]
+fn gpu_bias_epilogue_matches_the_bias_pass() {
+    // Products with a bias, with and without a residual, through cuBLASLt's bias epilogue and
+    // through cuBLAS plus the bias_act pass, each against the reference in every precision.
+    // The shapes: BERT's QKV and FFN-down at 128 tokens, an odd width (cuBLASLt may refuse it;
+    // the fallback must then answer) and rows above the matrix-vector kernel's.
+    for p in Precision::ALL {
+        let Some(g) = gpu_in("gpu_bias_epilogue_matches_the_bias_pass", p) else {
+            return;
+        };
+        let g = &*g;
+        let u = unit_roundoff(p);
+        let mut rng = Rng::new(141);
+        for epilogue in [true, false] {
+            g.set_bias_epilogue(epilogue);
+            assert_eq!(g.bias_epilogue_enabled(), epilogue, "{p}: cuBLASLt did not open");
+            let (planned_before, _) = g.bias_epilogue_plans();
+            for &(n, k, m) in &[(128, 768, 2304), (128, 3072, 768), (9, 96, 130), (6, 64, 48)] {
+                let (x, w, b) = (rng.vec(n * k, 1.0), rng.vec(m * k, 0.3), rng.vec(m, 1.0));
+                let residual = rng.vec(n * m, 2.0);
+                let inputs: Inputs<'_> = &[(&x, &[n, k]), (&w, &[m, k]), (&b, &[m]), (&residual, &[n, m])];
+                // The bias pass stores the product before adding the bias (one more rounding,
+                // of the product's size, which grows as sqrt(k)); fp32 as the cuBLAS tests.
+                let tol = match p {
+                    Precision::F32 => Tol {
+                        atol: 2e-4,
+                        rtol: 1e-4,
+                    },
+                    _ => Tol {
+                        atol: u * (4.0 + 2.0 * (k as f32).sqrt()),
+                        rtol: 4.0 * u,
+                    },
+                };
+                let what = |op: &str| format!("{op} {n}x{k}x{m} (epilogue {epilogue})");
+                compare_in!(g, what("linear +bias"), tol, inputs, |be, t| be.linear(
+                    &t[0],
+                    &t[1],
+                    Some(&t[2])
+                ));
+                compare_in!(g, what("linear_add +bias"), tol, inputs, |be, t| {
+                    let residual = be.from_host(&p.round(&residual), &[n, m])?;
+                    be.linear_add(&t[0], &t[1], Some(&t[2]), residual)
+                });
+            }
+            let (planned, refused) = g.bias_epilogue_plans();
+            if epilogue {
+                // The aligned shapes, with and without accumulation, must have been taken
+                // (planned now or by an earlier test): a silent refusal of everything would
+                // leave the fallback doing all the work.
+                assert!(
+                    planned >= 6,
+                    "{p}: cuBLASLt planned {planned} shapes, refused {refused}"
+                );
+            } else {
+                assert_eq!(planned, planned_before, "{p}: the epilogue was off");
+            }
+        }
+        g.set_bias_epilogue(true);
+    }
+}
+
+#[test]
+fn gpu_pooling_matches_reference() {
+    // BERT-base's hidden size at 128 tokens (a block strides over several columns per thread)
+    // and a single-token batch, with padding of every kind, every mode, normalised or not.
+    for p in Precision::ALL {
+        let Some(g) = gpu_in("gpu_pooling_matches_reference", p) else {
+            return;
+        };
+        let g = &*g;
+        let u = unit_roundoff(p);
+        // Means of up to 128 values rounded once (fp32: the GPU's fp32 sum against f64).
+        let tol = match p {
+            Precision::F32 => Tol {
+                atol: 1e-5,
+                rtol: 1e-5,
+            },
+            _ => Tol {
+                atol: 4.0 * u,
+                rtol: 4.0 * u,
+            },
+        };
+        let mut rng = Rng::new(151);
+        for &(batch, seq, h) in &[(5, 128, 768), (2, 1, 384)] {
+            let valid: Vec<bool> = (0..batch * seq)
+                .map(|i| {
+                    let (b, t) = (i / seq, i % seq);
+                    // Sequence b holds its first seq / (b + 1) tokens; the last one has a gap.
+                    t < (seq / (b + 1)).max(1) && !(b == batch - 1 && t == 1)
+                })
+                .collect();
+            let hidden = rng.vec(batch * seq * h, 2.0);
+            for pooling in [
+                Pooling::Cls,
+                Pooling::Mean,
+                Pooling::Max,
+                Pooling::MeanSqrtLen,
+                Pooling::LastToken,
+            ] {
+                for normalize in [false, true] {
+                    compare_in!(
+                        g,
+                        format!("pool {pooling:?} normalize {normalize} [{batch}, {seq}, {h}]"),
+                        tol,
+                        &[(&hidden, &[batch, seq, h])],
+                        |be, t| be.pool(&t[0], &valid, pooling, normalize)
+                    );
+                }
+            }
+        }
+        let hidden = g.zeros(&[2, 3, 4]).unwrap();
+        assert!(
+            g.pool(&hidden, &[true; 5], Pooling::Mean, false).is_err(),
+            "{p}: flags for another batch"
+        );
+        let wide = g.zeros(&[1, 1, POOL_MAX_HIDDEN + 1]).unwrap();
+        assert!(
+            g.pool(&wide, &[true], Pooling::Mean, false).is_err(),
+            "{p}: wider than the kernel takes"
+        );
     }
 }
 
