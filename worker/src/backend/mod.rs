@@ -105,6 +105,17 @@ pub enum Pooling {
     LastToken,
 }
 
+impl Pooling {
+    /// Every mode, for the checks that run them all.
+    pub const ALL: [Pooling; 5] = [
+        Pooling::Cls,
+        Pooling::Mean,
+        Pooling::Max,
+        Pooling::MeanSqrtLen,
+        Pooling::LastToken,
+    ];
+}
+
 /// Masking for [`Backend::attention`]. The default attends every query to every key.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AttentionMask<'a> {

@@ -133,13 +133,7 @@ mod tests {
         assert_eq!(none, [0.0, 0.0], "a sequence without valid tokens");
         let cls = pool_host(&[3.0, 4.0], &[false], (1, 1, 2), Pooling::Cls, true);
         assert_eq!(cls, [0.6, 0.8], "CLS takes the first position whatever the mask");
-        for pooling in [
-            Pooling::Cls,
-            Pooling::Mean,
-            Pooling::Max,
-            Pooling::MeanSqrtLen,
-            Pooling::LastToken,
-        ] {
+        for pooling in Pooling::ALL {
             assert_eq!(
                 pool_host(&[], &[], (2, 0, 3), pooling, true),
                 [0.0; 6],

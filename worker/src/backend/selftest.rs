@@ -166,14 +166,7 @@ fn pooling<B: Backend>(backend: &B, p: Precision) -> Result<()> {
     ]
     .concat();
     let hidden = values(90, batch * seq * h, 2.0);
-    let modes = [
-        Pooling::Cls,
-        Pooling::Mean,
-        Pooling::Max,
-        Pooling::MeanSqrtLen,
-        Pooling::LastToken,
-    ];
-    for pooling in modes {
+    for pooling in Pooling::ALL {
         for normalize in [false, true] {
             check_op!(
                 backend,

@@ -1709,13 +1709,7 @@ fn gpu_pooling_matches_reference() {
                 })
                 .collect();
             let hidden = rng.vec(batch * seq * h, 2.0);
-            for pooling in [
-                Pooling::Cls,
-                Pooling::Mean,
-                Pooling::Max,
-                Pooling::MeanSqrtLen,
-                Pooling::LastToken,
-            ] {
+            for pooling in Pooling::ALL {
                 for normalize in [false, true] {
                     compare_in!(
                         g,
