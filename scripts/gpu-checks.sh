@@ -29,9 +29,9 @@ for test in "$bundle"/tests/*; do
 done
 # A GPU test that found no GPU (libraries missing from the path, say) skips and passes: here
 # that is a failure of the session, not of the test.
-if grep -q "SKIPPED.*no CUDA device\|SKIPPED.*libnvrtc not found" "$log"; then
+if grep -q "SKIPPED.*no CUDA device\|SKIPPED.*libnvrtc not found\|SKIPPED.*cuBLASLt did not open" "$log"; then
     echo "gpu-checks: GPU tests skipped for want of a usable GPU or library:" >&2
-    grep -m 3 "SKIPPED.*no CUDA device\|SKIPPED.*libnvrtc not found" "$log" >&2
+    grep -m 3 "SKIPPED.*no CUDA device\|SKIPPED.*libnvrtc not found\|SKIPPED.*cuBLASLt did not open" "$log" >&2
     status=1
 fi
 rm -f "$log"

@@ -201,7 +201,7 @@ def encoders(ours, theirs):
             planned = f"{num(get(fwd, 'epilogue_shapes_planned'), '{:d}')}/{num(get(fwd, 'epilogue_shapes_refused'), '{:d}')}"
             rows.append([model, dtype, num(a), num(f), num(nb), planned, num(t), num(r, "{:.2f}x"),
                          num(ratio(f, t), "{:.2f}x"), goal])
-    table(["model", "dtype", "worker", "forward", "forward, bias pass", "epilogue shapes planned/refused", "torch",
+    table(["model", "dtype", "worker", "forward", "forward, bias pass", "epilogue shapes planned/refused (backend so far)", "torch",
            "worker / torch", "forward / torch", "1.5x goal"], rows)
 
 
@@ -294,7 +294,7 @@ def time_split(ours):
         total_ms = sum(o["us"] * o["calls"] for o in ops) / 1e3
         note = ""
         if measured and measured >= total_ms:
-            note = f"; the other {measured - total_ms:.2f} ms are host work (pooling, sampling, bookkeeping) and gaps"
+            note = f"; the other {measured - total_ms:.2f} ms are host work (tokens, sampling, bookkeeping) and gaps between launches"
         elif measured:
             note = "; more than the pass, since ops timed alone do not overlap as they do in it"
         print(f"\n  {what}: measured {num(measured, '{:.2f}')} ms; ops add up to {total_ms:.2f} ms{note}")

@@ -722,13 +722,13 @@ impl Backend for CpuBackend {
         HostPaged::new(plan)
     }
 
-    fn pool(
+    fn pool_to_host(
         &self,
         hidden: &CpuTensor,
         valid: &[bool],
         pooling: super::Pooling,
         normalize: bool,
-    ) -> Result<CpuTensor> {
+    ) -> Result<Vec<f32>> {
         super::pooling::pool_tensor(hidden, valid, pooling, normalize)
     }
 

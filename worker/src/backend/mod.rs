@@ -15,7 +15,8 @@
 //! - `cuda::CudaBackend` (cargo feature `cuda`): NVIDIA GPUs, our kernels compiled by NVRTC and
 //!   cuBLAS for matrix products.
 //! - [`device::DeviceSpec`]: the `--device auto|cpu|cuda:N` choice and its fallback rules.
-//! - [`pooling`]: sentence pooling on the host (the CPU and reference backends' [`Backend::pool`]).
+//! - [`pooling`]: sentence pooling on the host (the CPU and reference backends'
+//!   [`Backend::pool_to_host`]).
 //! - [`selftest::check`]: every op against the reference on small inputs, run when a backend
 //!   starts serving.
 //!
@@ -89,7 +90,7 @@ pub enum Activation {
     Silu,
 }
 
-/// How [`Backend::pool`] reduces a sequence's token states to one embedding
+/// How [`Backend::pool_to_host`] reduces a sequence's token states to one embedding
 /// (sentence-transformers' pooling modes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pooling {
@@ -502,17 +503,20 @@ pub trait Backend: Send + Sync {
         split_attention_qkv(self, qkv, heads, mask)
     }
 
-    /// Pools `hidden [batch, seq, h]` into `[batch, h]` over each sequence's valid tokens
-    /// (`valid`: `batch · seq` flags, true for real tokens) as `pooling` says, then scales each
-    /// row to unit length when `normalize` (dividing by at most [`pooling::NORM_EPS`]). A
-    /// sequence without valid tokens pools to zeros (except [`Pooling::Cls`]).
-    fn pool(
+    /// Pools `hidden [batch, seq, h]` over each sequence's valid tokens (`valid`: `batch · seq`
+    /// flags, true for real tokens) as `pooling` says, then scales each row to unit length when
+    /// `normalize` (dividing by its norm or [`pooling::NORM_EPS`], whichever is larger), and
+    /// returns the `[batch, h]` rows on the host. Pooled in fp32 at least and never rounded to
+    /// the storage precision, so half-precision hidden states give embeddings as exact as
+    /// pooling them on the host would. A sequence without valid tokens pools to zeros (except
+    /// [`Pooling::Cls`]).
+    fn pool_to_host(
         &self,
         hidden: &Self::Tensor,
         valid: &[bool],
         pooling: Pooling,
         normalize: bool,
-    ) -> Result<Self::Tensor>;
+    ) -> Result<Vec<f32>>;
 
     /// Checks a step's plan and prepares it for [`Backend::write_paged`] and
     /// [`Backend::paged_attention`].

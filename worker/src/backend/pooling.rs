@@ -1,7 +1,7 @@
 //! Sentence pooling, sentence-transformers' `Pooling` module and optionally its `Normalize`:
 //! the token states of each sequence of a padded batch reduced to one embedding. The host
 //! implementation (in `f64`) serves the CPU and reference backends; a GPU backend pools on the
-//! device, so that only the pooled rows cross the bus.
+//! device, so that only the pooled rows cross the bus (in fp32).
 
 use super::cpu::CpuTensor;
 use super::{Pooling, Result, shapes};
@@ -75,16 +75,16 @@ pub fn pool_host(
     out
 }
 
-/// [`pool_host`] of a host tensor, shapes checked: the CPU and reference backends' `pool`.
+/// [`pool_host`] of a host tensor, shapes checked: the CPU and reference backends'
+/// `pool_to_host`.
 pub(crate) fn pool_tensor(
     hidden: &CpuTensor,
     valid: &[bool],
     pooling: Pooling,
     normalize: bool,
-) -> Result<CpuTensor> {
+) -> Result<Vec<f32>> {
     let dims = dims(hidden.shape(), valid.len())?;
-    let out = pool_host(hidden.data(), valid, dims, pooling, normalize);
-    Ok(CpuTensor::new(out, vec![dims.0, dims.2]))
+    Ok(pool_host(hidden.data(), valid, dims, pooling, normalize))
 }
 
 #[cfg(test)]

@@ -262,9 +262,11 @@ impl<B: Backend> Bert<B> {
         };
         let hidden = self.encode(backend, batch)?;
         let hidden = backend.reshape(hidden, &[batch.batch, batch.seq, h])?;
-        let pooled = backend.pool(&hidden, &batch.valid, mode, pooling.normalize)?;
-        let rows = backend.to_host(&pooled)?;
-        Ok(rows.chunks(h.max(1)).map(<[f32]>::to_vec).collect())
+        let rows = backend.pool_to_host(&hidden, &batch.valid, mode, pooling.normalize)?;
+        if h == 0 {
+            return Ok(vec![Vec::new(); batch.batch]);
+        }
+        Ok(rows.chunks_exact(h).map(<[f32]>::to_vec).collect())
     }
 
     /// Sequence classification logits `[batch][labels]`.

@@ -232,6 +232,13 @@ impl BiasEpilogue {
         self.enabled.load(Ordering::Relaxed)
     }
 
+    /// Whether `p` was planned (`Some(true)`), refused (`Some(false)`) or never seen (`None`).
+    #[cfg(test)]
+    pub(super) fn plan_state(&self, p: BiasProduct) -> Option<bool> {
+        let plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        plans.by_shape.get(&p).map(Option::is_some)
+    }
+
     /// How many shapes have a plan and how many were refused.
     pub(super) fn plan_counts(&self) -> (usize, usize) {
         let plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
@@ -472,6 +479,23 @@ impl CudaBackend {
     /// Whether products with a bias may take the epilogue: cuBLASLt opened and it is on.
     pub fn bias_epilogue_enabled(&self) -> bool {
         self.bias_epilogue.as_ref().is_some_and(BiasEpilogue::enabled)
+    }
+
+    /// Whether the product `x [n, k] · W[m, k]ᵀ` (onto a residual when `accumulate`) was
+    /// planned (`Some(true)`), refused (`Some(false)`) or never seen (`None`), for tests.
+    #[cfg(test)]
+    pub(crate) fn bias_epilogue_plan(
+        &self,
+        (n, k, m): (usize, usize, usize),
+        accumulate: bool,
+    ) -> Option<bool> {
+        let p = BiasProduct {
+            n: n as u64,
+            k: k as u64,
+            m: m as u64,
+            accumulate,
+        };
+        self.bias_epilogue.as_ref().and_then(|e| e.plan_state(p))
     }
 
     /// Product shapes the epilogue has planned and refused so far.

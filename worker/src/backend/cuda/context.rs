@@ -199,6 +199,27 @@ fn load_image(
         .collect()
 }
 
+/// The unfused dense attention turned off for as long as this lives, the previous setting put
+/// back when it is dropped, on every path out (an error or a panic of the checks it guards).
+/// Not for concurrent use: two overlapping guards restore in the order they drop.
+struct UnfusedAttentionOff<'a> {
+    backend: &'a CudaBackend,
+    was: bool,
+}
+
+impl<'a> UnfusedAttentionOff<'a> {
+    fn new(backend: &'a CudaBackend) -> Self {
+        let was = backend.set_unfused_attention(false);
+        Self { backend, was }
+    }
+}
+
+impl Drop for UnfusedAttentionOff<'_> {
+    fn drop(&mut self) {
+        self.backend.set_unfused_attention(self.was);
+    }
+}
+
 /// How the kernels were built at start-up, for the worker's log and the benchmark.
 #[derive(Clone, Debug)]
 pub struct KernelBuild {
@@ -390,10 +411,15 @@ impl CudaBackend {
     /// [`selftest::check`]: crate::backend::selftest::check
     pub fn self_test(&self, precision: Precision) -> Result<()> {
         crate::backend::selftest::check(self, precision)?;
-        let was = self.unfused_attention_enabled.swap(false, Ordering::Relaxed);
-        let flash = crate::backend::selftest::check_attention(self, precision);
-        self.unfused_attention_enabled.store(was, Ordering::Relaxed);
-        flash.map_err(|e| BackendError::Device(format!("{e} (dense attention through the flash kernel)")))
+        let _flash_only = UnfusedAttentionOff::new(self);
+        crate::backend::selftest::check_attention(self, precision)
+            .map_err(|e| BackendError::Device(format!("{e} (dense attention through the flash kernel)")))
+    }
+
+    /// Turns the unfused dense attention on or off (on by default); off, every dense prompt
+    /// takes the flash kernel. Returns the previous setting. For the self-test and tests.
+    pub(crate) fn set_unfused_attention(&self, enabled: bool) -> bool {
+        self.unfused_attention_enabled.swap(enabled, Ordering::Relaxed)
     }
 
     /// How the kernels were built at start-up.

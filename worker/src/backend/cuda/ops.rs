@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig};
 
 use super::bias_epilogue::{BiasOperands, BiasProduct};
 use super::context::{ATTN_MAX_D, CudaBackend, driver_err, flash_smem_bytes};
@@ -40,9 +40,10 @@ pub(crate) fn pooling_code(pooling: Pooling) -> i32 {
     }
 }
 
-/// The widest hidden state `pool_rows` takes: its fp32 row in the 48 KiB of shared memory a
-/// block gets without opting in (no encoder comes near; BERT-large is 1024).
-pub(crate) const POOL_MAX_HIDDEN: usize = (48 << 10) / size_of::<f32>();
+/// The widest hidden state `pool_rows` takes: its fp32 row (dynamic) and its reduction's 32
+/// floats (static) in the 48 KiB of shared memory a block gets without opting in (no encoder
+/// comes near; BERT-large is 1024).
+pub(crate) const POOL_MAX_HIDDEN: usize = (48 << 10) / size_of::<f32>() - 32;
 
 /// Which attention kernel runs; [`Backend::attention`] picks by the number of queries, tests
 /// run both over every case.
@@ -617,10 +618,20 @@ impl CudaBackend {
 
     /// The chosen token ids, once the kernels that chose them have run.
     pub(super) fn download_ids(&self, ids: &DeviceArray<u32>) -> Result<Vec<u32>> {
+        self.download_array("token ids", ids)
+    }
+
+    /// The values of `array` on the host (`what` names them in errors), once the work queued
+    /// before has run.
+    pub(super) fn download_array<T: DeviceRepr + Default + Clone>(
+        &self,
+        what: &str,
+        array: &DeviceArray<T>,
+    ) -> Result<Vec<T>> {
         let host = self
             .stream
-            .clone_dtoh(&ids.view()?)
-            .map_err(|e| driver_err("copying token ids to the host", e))?;
+            .clone_dtoh(&array.view()?)
+            .map_err(|e| driver_err(&format!("copying {what} to the host"), e))?;
         self.synchronize()?;
         Ok(host)
     }
@@ -1308,13 +1319,13 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn pool(
+    fn pool_to_host(
         &self,
         hidden: &CudaTensor,
         valid: &[bool],
         pooling: Pooling,
         normalize: bool,
-    ) -> Result<CudaTensor> {
+    ) -> Result<Vec<f32>> {
         let op = "pool";
         let (batch, seq, h) = crate::backend::pooling::dims(&hidden.shape, valid.len())?;
         if h > POOL_MAX_HIDDEN {
@@ -1325,7 +1336,7 @@ impl Backend for CudaBackend {
         }
         if batch * h == 0 || seq == 0 {
             // Nothing to pool, or no tokens at all (CLS has no first position either): zeros.
-            return self.alloc_zeros(vec![batch, h]);
+            return Ok(vec![0.0; batch * h]);
         }
         int(op, hidden.numel())?;
         let (seq_i, h_i) = (int(op, seq)?, int(op, h)?);
@@ -1334,7 +1345,7 @@ impl Backend for CudaBackend {
         let valid_dev = self
             .upload_key_valid(&AttentionMask::padding(valid))?
             .ok_or_else(|| shapes::err(op, "no validity flags".into()))?;
-        let mut out = self.alloc(vec![batch, h])?;
+        let mut out = self.alloc_array::<f32>("pooled rows", batch * h)?;
         let (mode, normalize) = (pooling_code(pooling), i32::from(normalize));
         let cfg = LaunchConfig {
             shared_mem_bytes: (h * size_of::<f32>()) as u32,
@@ -1344,7 +1355,7 @@ impl Backend for CudaBackend {
             self,
             "pool_rows",
             cfg,
-            &mut out.buf,
+            &mut out,
             &hidden.buf,
             valid_dev.bytes(),
             &seq_i,
@@ -1352,7 +1363,7 @@ impl Backend for CudaBackend {
             &mode,
             &normalize
         )?;
-        Ok(out)
+        self.download_array("pooled rows", &out)
     }
 
     fn embedding(&self, ids: &[u32], table: &CudaTensor) -> Result<CudaTensor> {

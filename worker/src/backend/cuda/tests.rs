@@ -1621,20 +1621,29 @@ fn gpu_passes_the_start_up_self_test() {
 fn gpu_bias_epilogue_matches_the_bias_pass() {
     // Products with a bias, with and without a residual, through cuBLASLt's bias epilogue and
     // through cuBLAS plus the bias_act pass, each against the reference in every precision.
-    // The shapes: BERT's QKV and FFN-down at 128 tokens, an odd width (cuBLASLt may refuse it;
-    // the fallback must then answer) and rows above the matrix-vector kernel's.
+    // The shapes: BERT's QKV and FFN-down at 128 tokens, 6 rows (above the matrix-vector
+    // kernel's), and an odd width that cuBLASLt may refuse (the fallback must then answer).
+    let aligned = [(128, 768, 2304), (128, 3072, 768), (6, 64, 48)];
     for p in Precision::ALL {
-        let Some(g) = gpu_in("gpu_bias_epilogue_matches_the_bias_pass", p) else {
+        let test = "gpu_bias_epilogue_matches_the_bias_pass";
+        let Some(g) = gpu_in(test, p) else {
             return;
         };
         let g = &*g;
+        g.set_bias_epilogue(true);
+        if !g.bias_epilogue_enabled() {
+            print_skip(
+                test,
+                "cuBLASLt did not open (libcublasLt missing?); see the worker's warning",
+            );
+            return;
+        }
         let u = unit_roundoff(p);
         let mut rng = Rng::new(141);
         for epilogue in [true, false] {
             g.set_bias_epilogue(epilogue);
-            assert_eq!(g.bias_epilogue_enabled(), epilogue, "{p}: cuBLASLt did not open");
             let (planned_before, _) = g.bias_epilogue_plans();
-            for &(n, k, m) in &[(128, 768, 2304), (128, 3072, 768), (9, 96, 130), (6, 64, 48)] {
+            for &(n, k, m) in aligned.iter().chain(&[(9, 96, 130)]) {
                 let (x, w, b) = (rng.vec(n * k, 1.0), rng.vec(m * k, 0.3), rng.vec(m, 1.0));
                 let residual = rng.vec(n * m, 2.0);
                 let inputs: Inputs<'_> = &[(&x, &[n, k]), (&w, &[m, k]), (&b, &[m]), (&residual, &[n, m])];
@@ -1661,17 +1670,24 @@ fn gpu_bias_epilogue_matches_the_bias_pass() {
                     be.linear_add(&t[0], &t[1], Some(&t[2]), residual)
                 });
             }
-            let (planned, refused) = g.bias_epilogue_plans();
             if epilogue {
-                // The aligned shapes, with and without accumulation, must have been taken
-                // (planned now or by an earlier test): a silent refusal of everything would
-                // leave the fallback doing all the work.
-                assert!(
-                    planned >= 6,
-                    "{p}: cuBLASLt planned {planned} shapes, refused {refused}"
-                );
+                // Each aligned shape, with and without a residual, must have been taken: a
+                // refusal would leave the fallback doing the work unseen.
+                for &shape in &aligned {
+                    for accumulate in [false, true] {
+                        assert_eq!(
+                            g.bias_epilogue_plan(shape, accumulate),
+                            Some(true),
+                            "{p}: cuBLASLt did not plan {shape:?} (accumulate {accumulate})"
+                        );
+                    }
+                }
             } else {
-                assert_eq!(planned, planned_before, "{p}: the epilogue was off");
+                assert_eq!(
+                    g.bias_epilogue_plans().0,
+                    planned_before,
+                    "{p}: the epilogue was off"
+                );
             }
         }
         g.set_bias_epilogue(true);
@@ -1679,56 +1695,87 @@ fn gpu_bias_epilogue_matches_the_bias_pass() {
 }
 
 #[test]
+fn gpu_the_unfused_attention_off_takes_the_flash_kernel() {
+    // What the start-up self-test relies on to check the dense flash kernel: with the unfused
+    // path off, a prompt small enough for it gives the flash kernel's result bit for bit (the
+    // unfused path sums in another order, so it would differ).
+    let Some(g) = gpu("gpu_the_unfused_attention_off_takes_the_flash_kernel") else {
+        return;
+    };
+    let mut rng = Rng::new(142);
+    let (batch, seq, heads, d) = (2, 37, 4, 64);
+    let n = batch * seq * heads * d;
+    let (q, k, v) = (rng.vec(n, 1.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
+    let shape = [batch, seq, heads, d];
+    let (q, k, v) = (
+        g.from_host(&q, &shape).unwrap(),
+        g.from_host(&k, &shape).unwrap(),
+        g.from_host(&v, &shape).unwrap(),
+    );
+    let valid: Vec<bool> = (0..batch * seq).map(|i| i < seq + 20).collect();
+    let mask = AttentionMask::padding(&valid);
+    let flash = g.to_host(&g.attention_flash(&q, &k, &v, &mask).unwrap()).unwrap();
+    let was = g.set_unfused_attention(false);
+    let forced = g.attention(&q, &k, &v, &mask).and_then(|t| g.to_host(&t));
+    g.set_unfused_attention(was);
+    assert_eq!(forced.unwrap(), flash, "attention with the unfused path off");
+}
+
+#[test]
 fn gpu_pooling_matches_reference() {
-    // BERT-base's hidden size at 128 tokens (a block strides over several columns per thread)
-    // and a single-token batch, with padding of every kind, every mode, normalised or not.
+    // BERT-base's hidden size at 128 tokens (a block strides over several columns per thread),
+    // a single-token batch and the widest row the kernel takes, with padding of every kind (a
+    // sequence without valid tokens too), every mode, normalised or not. The rows come back in
+    // fp32 whatever the storage precision, so in every precision they are held to fp32's
+    // tolerance against the reference over the stored (rounded) states: a row rounded to
+    // fp16 or bf16 on the way would fail.
+    let tol = Tol {
+        atol: 1e-5,
+        rtol: 1e-5,
+    };
     for p in Precision::ALL {
         let Some(g) = gpu_in("gpu_pooling_matches_reference", p) else {
             return;
         };
         let g = &*g;
-        let u = unit_roundoff(p);
-        // Means of up to 128 values rounded once (fp32: the GPU's fp32 sum against f64).
-        let tol = match p {
-            Precision::F32 => Tol {
-                atol: 1e-5,
-                rtol: 1e-5,
-            },
-            _ => Tol {
-                atol: 4.0 * u,
-                rtol: 4.0 * u,
-            },
-        };
         let mut rng = Rng::new(151);
-        for &(batch, seq, h) in &[(5, 128, 768), (2, 1, 384)] {
+        for &(batch, seq, h) in &[(5, 128, 768), (2, 1, 384), (2, 3, POOL_MAX_HIDDEN)] {
             let valid: Vec<bool> = (0..batch * seq)
                 .map(|i| {
                     let (b, t) = (i / seq, i % seq);
-                    // Sequence b holds its first seq / (b + 1) tokens; the last one has a gap.
-                    t < (seq / (b + 1)).max(1) && !(b == batch - 1 && t == 1)
+                    // Sequence b holds its first seq / (b + 1) tokens; the last one has a gap,
+                    // and in the first shape the fourth has none at all.
+                    let holds = t < (seq / (b + 1)).max(1) && !(b == batch - 1 && t == 1);
+                    holds && !(batch == 5 && b == 3)
                 })
                 .collect();
-            let hidden = rng.vec(batch * seq * h, 2.0);
+            let hidden = p.round(&rng.vec(batch * seq * h, 2.0));
+            let uploaded = g.from_host(&hidden, &[batch, seq, h]).unwrap();
             for pooling in Pooling::ALL {
                 for normalize in [false, true] {
-                    compare_in!(
-                        g,
-                        format!("pool {pooling:?} normalize {normalize} [{batch}, {seq}, {h}]"),
-                        tol,
-                        &[(&hidden, &[batch, seq, h])],
-                        |be, t| be.pool(&t[0], &valid, pooling, normalize)
+                    let what = format!("pool {pooling:?} normalize {normalize} [{batch}, {seq}, {h}] ({p})");
+                    let want = crate::backend::pooling::pool_host(
+                        &hidden,
+                        &valid,
+                        (batch, seq, h),
+                        pooling,
+                        normalize,
                     );
+                    let got = g
+                        .pool_to_host(&uploaded, &valid, pooling, normalize)
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    assert_close(&what, &got, &want, tol);
                 }
             }
         }
         let hidden = g.zeros(&[2, 3, 4]).unwrap();
         assert!(
-            g.pool(&hidden, &[true; 5], Pooling::Mean, false).is_err(),
+            g.pool_to_host(&hidden, &[true; 5], Pooling::Mean, false).is_err(),
             "{p}: flags for another batch"
         );
         let wide = g.zeros(&[1, 1, POOL_MAX_HIDDEN + 1]).unwrap();
         assert!(
-            g.pool(&wide, &[true], Pooling::Mean, false).is_err(),
+            g.pool_to_host(&wide, &[true], Pooling::Mean, false).is_err(),
             "{p}: wider than the kernel takes"
         );
     }

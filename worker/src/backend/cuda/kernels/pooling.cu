@@ -9,13 +9,14 @@
 //   POOL_MEAN_SQRT: p[c] = sum_{t in V} x[b, t, c] / sqrt(n)
 //   POOL_LAST:      p[c] = x[b, max V, c]
 //   every mode but CLS gives p = 0 when V is empty; then out[b, c] = p[c], or with normalize
-//   p[c] / max(||p||_2, 1e-12).
+//   p[c] / max(||p||_2, 1e-12). out is fp32 whatever elem_t: the embeddings go to the host as
+//   they are, never rounded to the storage precision.
 //
 // Launch: grid (batch), block 256 (any multiple of 32 up to 1024), dynamic shared memory h
-// floats: each thread keeps the fp32 pooled values of the columns it strides over there (and
-// rereads only those, so only the norm's reduction synchronises), so that the stored output is
-// rounded once. Sums run in fp32 over the tokens in order; the host keeps h * 4 bytes within
-// the 48 KiB a block may have without opting in.
+// floats: each thread keeps the pooled values of the columns it strides over there (and
+// rereads only those, so only the norm's reduction synchronises). Sums run in fp32 over the
+// tokens in order; the host keeps the dynamic h * 4 bytes and the static 128 of the reduction
+// within the 48 KiB a block may have without opting in.
 
 #define POOL_CLS 0
 #define POOL_MEAN 1
@@ -23,7 +24,7 @@
 #define POOL_MEAN_SQRT 3
 #define POOL_LAST 4
 
-extern "C" __global__ void pool_rows(elem_t* out, const elem_t* x, const unsigned char* valid, int seq, int h,
+extern "C" __global__ void pool_rows(float* out, const elem_t* x, const unsigned char* valid, int seq, int h,
                                      int mode, int normalize) {
     extern __shared__ float smem[];
     __shared__ float scratch[32];
@@ -69,8 +70,8 @@ extern "C" __global__ void pool_rows(elem_t* out, const elem_t* x, const unsigne
     if (normalize) {
         scale = 1.0f / fmaxf(sqrtf(block_sum(squares, scratch)), 1e-12f);
     }
-    elem_t* o = out + (size_t)b * h;
+    float* o = out + (size_t)b * h;
     for (int c = threadIdx.x; c < h; c += blockDim.x) {
-        o[c] = store(smem[c] * scale);
+        o[c] = smem[c] * scale;
     }
 }
