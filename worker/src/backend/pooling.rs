@@ -31,8 +31,9 @@ pub(crate) fn dims(hidden: &[usize], valid: usize) -> Result<(usize, usize, usiz
 /// Pools `hidden [batch, seq, h]` (row-major) over each sequence's valid tokens. Every mode
 /// but `Cls` gives zeros for a sequence without valid tokens (which a tokenizer never
 /// produces: every sequence holds at least its first special token); `Cls` does when there is
-/// no position at all (`seq` 0).
-pub fn pool_host(
+/// no position at all (`seq` 0). `hidden` must hold `batch · seq · h` values and `valid`
+/// `batch · seq` flags, as [`dims`] and the tensor types guarantee for the callers.
+pub(crate) fn pool_host(
     hidden: &[f32],
     valid: &[bool],
     (batch, seq, h): (usize, usize, usize),

@@ -4,9 +4,10 @@
 //! for BERT-base at 32 × 128 tokens, 19 MB read and written again per QKV projection, twelve
 //! times a pass; for GPT-2 three such passes a layer (QKV, attention output, FFN down).
 //!
-//! Only the bias is fused. BERT's GELU is the erf form, which no cuBLASLt epilogue computes
-//! (its GELU is the tanh approximation), and our `bias_act` adds a bias and applies an
-//! activation in the one pass, as cheap as the epilogue's bias followed by an activation pass.
+//! Only the bias is fused. BERT's GELU is the erf form, and cuBLASLt does not document its GELU
+//! epilogue as that form (frameworks use it for the tanh approximation); our `bias_act` adds a
+//! bias and applies an activation in the one pass, as cheap as the epilogue's bias followed by
+//! an activation pass.
 //!
 //! A plan per product shape (the descriptors, the layouts and the algorithm cuBLASLt's
 //! heuristic picks for them) is made on a shape's first product and kept, so later passes
@@ -293,7 +294,7 @@ impl BiasEpilogue {
             )
         };
         if let Err(e) = bias_set {
-            tracing::warn!(?p, error = %e, "bias-epilogue product not planned; it takes cuBLAS and bias_act");
+            tracing::warn!(?p, error = %e, "cannot set a bias-epilogue product's bias pointer; it takes cuBLAS and bias_act");
             *plan = None;
             return Ok(false);
         }
