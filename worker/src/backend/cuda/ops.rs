@@ -42,7 +42,7 @@ pub(crate) fn pooling_code(pooling: Pooling) -> i32 {
 
 /// The widest hidden state `pool_rows` takes: its fp32 row (dynamic) and its reduction's 32
 /// floats (static) in the 48 KiB of shared memory a block gets without opting in (no encoder
-/// comes near; BERT-large is 1024).
+/// comes near; BERT-large is 1024). Wider rows are pooled on the host.
 pub(crate) const POOL_MAX_HIDDEN: usize = (48 << 10) / size_of::<f32>() - 32;
 
 /// Which attention kernel runs; [`Backend::attention`] picks by the number of queries, tests
@@ -1329,9 +1329,15 @@ impl Backend for CudaBackend {
         let op = "pool";
         let (batch, seq, h) = crate::backend::pooling::dims(&hidden.shape, valid.len())?;
         if h > POOL_MAX_HIDDEN {
-            return Err(shapes::err(
-                op,
-                format!("hidden size {h} exceeds the pooling kernel's {POOL_MAX_HIDDEN}"),
+            // Wider than the kernel's shared memory (no encoder is): pooled on the host, as
+            // exactly, after a copy of every state.
+            let states = self.to_host(hidden)?;
+            return Ok(crate::backend::pooling::pool_host(
+                &states,
+                valid,
+                (batch, seq, h),
+                pooling,
+                normalize,
             ));
         }
         if batch * h == 0 || seq == 0 {

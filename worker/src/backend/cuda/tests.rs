@@ -1728,7 +1728,8 @@ fn gpu_pooling_matches_reference() {
     // sequence without valid tokens too), every mode, normalised or not. The rows come back in
     // fp32 whatever the storage precision, so in every precision they are held to fp32's
     // tolerance against the reference over the stored (rounded) states: a row rounded to
-    // fp16 or bf16 on the way would fail.
+    // fp16 or bf16 on the way would fail. Then a row one wider than the kernel takes, which is
+    // pooled on the host.
     let tol = Tol {
         atol: 1e-5,
         rtol: 1e-5,
@@ -1773,11 +1774,13 @@ fn gpu_pooling_matches_reference() {
             g.pool_to_host(&hidden, &[true; 5], Pooling::Mean, false).is_err(),
             "{p}: flags for another batch"
         );
-        let wide = g.zeros(&[1, 1, POOL_MAX_HIDDEN + 1]).unwrap();
-        assert!(
-            g.pool_to_host(&wide, &[true], Pooling::Mean, false).is_err(),
-            "{p}: wider than the kernel takes"
-        );
+        // Wider than the kernel takes: pooled on the host, the same values.
+        let h = POOL_MAX_HIDDEN + 1;
+        let states = p.round(&rng.vec(2 * h, 1.0));
+        let wide = g.from_host(&states, &[1, 2, h]).unwrap();
+        let got = g.pool_to_host(&wide, &[true, true], Pooling::Mean, true).unwrap();
+        let want = crate::backend::pooling::pool_host(&states, &[true, true], (1, 2, h), Pooling::Mean, true);
+        assert_close(&format!("pool wider than the kernel ({p})"), &got, &want, tol);
     }
 }
 
