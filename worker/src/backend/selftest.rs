@@ -149,7 +149,7 @@ pub fn check<B: Backend>(backend: &B, precision: Precision) -> Result<()> {
     let p = precision;
     projections(backend, p)?;
     rows_and_gathers(backend, p)?;
-    attention(backend, p)?;
+    check_attention(backend, p)?;
     paged(backend, p)?;
     pooling(backend, p)?;
     sampling(backend, p)
@@ -437,13 +437,9 @@ fn rows_and_gathers<B: Backend>(backend: &B, p: Precision) -> Result<()> {
     Ok(())
 }
 
-/// The attention checks of [`check`] alone, for a backend that runs them again with one of
+/// The attention checks of [`check`], public for a backend that runs them again with one of
 /// its paths forced (the CUDA backend's dense flash kernel).
-pub fn check_attention<B: Backend>(backend: &B, precision: Precision) -> Result<()> {
-    attention(backend, precision)
-}
-
-fn attention<B: Backend>(backend: &B, p: Precision) -> Result<()> {
+pub fn check_attention<B: Backend>(backend: &B, p: Precision) -> Result<()> {
     // A padded encoder batch with grouped heads, a decode step over a cache, and a fused
     // projection (BERT's layout), each through whatever path the backend picks.
     let (batch, seq, heads, kv_heads, d) = (2, 5, 4, 2, 8);
