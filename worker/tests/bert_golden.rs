@@ -294,9 +294,11 @@ fn gpu_half_precision_bert_tracks_pytorch() {
     }
 }
 
-/// An encoder batch run a second time takes every buffer from the backend's buffer cache (the
-/// first run is the warm-up the worker does at load) and gives the same hidden states bit for
-/// bit: a reused buffer's old contents never leak into a result.
+/// An encoder batch run a third time takes every buffer from the backend's buffer cache and
+/// gives the same hidden states bit for bit: a reused buffer's old contents never leak into a
+/// result. The first two runs are the warm-up the worker does at load: what the upload caches
+/// keep from one pass to the next (the padding mask) comes out of the same pool, so the first
+/// pass can leave the second one buffer short.
 #[cfg(feature = "cuda")]
 #[test]
 fn gpu_a_repeated_encoder_batch_reuses_every_buffer() {
@@ -310,19 +312,20 @@ fn gpu_a_repeated_encoder_batch_reuses_every_buffer() {
         let (dir, model) = load(&folder, &gpu);
         let (batch, _) = batch_of(&dir, &texts(&r));
         let first = model.hidden_states(&gpu, &batch).unwrap();
+        model.hidden_states(&gpu, &batch).unwrap();
         let before = gpu.buffer_stats();
-        let second = model.hidden_states(&gpu, &batch).unwrap();
+        let third = model.hidden_states(&gpu, &batch).unwrap();
         let after = gpu.buffer_stats();
         assert_eq!(
             after.missed, before.missed,
-            "tiny-bert ({p}): the second pass asked the driver for memory"
+            "tiny-bert ({p}): the third pass asked the driver for memory"
         );
         assert!(
             after.reused > before.reused,
-            "tiny-bert ({p}): the second pass reused nothing"
+            "tiny-bert ({p}): the third pass reused nothing"
         );
         assert_eq!(
-            first, second,
+            first, third,
             "tiny-bert ({p}): hidden states of the repeated batch"
         );
     }

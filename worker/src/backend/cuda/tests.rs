@@ -380,16 +380,24 @@ fn every_launch_passes_as_many_arguments_as_its_kernel_takes() {
 // ---------------------------------------------------------------------------------------------
 // GPU
 
+/// Says why `test` skips without a GPU and returns `None`; under the emulated GPU
+/// (`scripts/emulated-gpu.sh` sets `ATOMIC_EMULATED_GPU`) a GPU that does not open fails the test.
+fn skip_without_gpu<T>(test: &str, why: &str) -> Option<T> {
+    assert!(
+        std::env::var_os("ATOMIC_EMULATED_GPU").is_none(),
+        "{test}: the emulated GPU did not open: {why}"
+    );
+    print_skip(test, &format!("no CUDA device ({why})"));
+    None
+}
+
 /// The GPU backend shared by the tests (kernels compile once), or why there is none. Tests take
 /// the lock so that their launches and cuBLAS calls do not interleave on the one stream.
 fn gpu(test: &str) -> Option<MutexGuard<'static, CudaBackend>> {
     static GPU: OnceLock<std::result::Result<Mutex<CudaBackend>, String>> = OnceLock::new();
     match GPU.get_or_init(|| CudaBackend::new(0).map(Mutex::new).map_err(|e| e.to_string())) {
         Ok(m) => Some(m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())),
-        Err(e) => {
-            print_skip(test, &format!("no CUDA device ({e})"));
-            None
-        }
+        Err(e) => skip_without_gpu(test, e),
     }
 }
 
@@ -404,10 +412,7 @@ fn gpu_in(test: &str, precision: Precision) -> Option<MutexGuard<'static, CudaBa
             .map_err(|e| e.to_string())
     }) {
         Ok(m) => Some(m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())),
-        Err(e) => {
-            print_skip(test, &format!("no CUDA device ({e})"));
-            None
-        }
+        Err(e) => skip_without_gpu(test, e),
     }
 }
 
@@ -874,7 +879,7 @@ fn gpu_a_failed_capture_falls_back_and_leaves_the_stream_usable() {
     let g = match CudaBackend::new(0) {
         Ok(g) => g,
         Err(e) => {
-            print_skip(test, &format!("no CUDA device ({e})"));
+            skip_without_gpu::<()>(test, &e.to_string());
             return;
         }
     };
@@ -1356,12 +1361,26 @@ fn gpu_attention_matches_reference_for_all_paths() {
         compare!(g, format!("attention q {qs:?}"), tol, inputs, |be, t| be
             .attention(&t[0], &t[1], &t[2], &mask));
     }
-    // Head dims past the kernels' register budget are a shape error, not a launch failure.
-    let big = vec![0.0; 2 * 264];
-    let t = g.from_host(&big, &[1, 2, 1, 264]).unwrap();
-    assert!(matches!(
-        g.attention(&t, &t, &t, &AttentionMask::none()),
-        Err(BackendError::Shape { .. })
+    // Head dims past the fused kernels' register budget are a shape error for them, not a
+    // launch failure; the trait's attention takes such a prompt through the unfused products.
+    let big: Vec<f32> = (0..2 * 264).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
+    let shape = [1, 2, 1, 264];
+    let t = g.from_host(&big, &shape).unwrap();
+    for kernel in [AttentionKernel::Flash, AttentionKernel::Decode] {
+        assert!(
+            matches!(
+                g.attention_with(&t, &t, &t, &AttentionMask::none(), kernel),
+                Err(BackendError::Shape { .. })
+            ),
+            "{kernel:?} attention of head dim 264"
+        );
+    }
+    let inputs: Inputs<'_> = &[(&big, &shape), (&big, &shape), (&big, &shape)];
+    compare!(g, "attention of head dim 264", tol, inputs, |be, t| be.attention(
+        &t[0],
+        &t[1],
+        &t[2],
+        &AttentionMask::none()
     ));
 }
 

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs the worker's GPU tests on the emulated GPU: builds the stand-ins for libcuda, libnvrtc,
+# libcublas and libcublasLt (worker/src/backend/cuda/emulated_gpu/, one g++-built library under
+# those four names) into target/emulated-gpu/ and runs the GPU tests with them first on the
+# library path, so that the whole CUDA backend (host code, cuBLAS descriptors, buffer cache,
+# graph capture and every kernel's own source) runs end to end without a GPU. Kernels are built by
+# the stand-in NVRTC with g++ and cached in target/emulated-gpu/modules/.
+#
+#   bash scripts/emulated-gpu.sh            # the GPU tests (the backend's and the whole-model ones)
+#   bash scripts/emulated-gpu.sh --build    # only build the library; prints its folder
+#
+# Extra arguments go to cargo test (before its `--`). Without g++ it says so and exits 0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v g++ >/dev/null; then
+    echo "SKIPPED emulated GPU: g++ not found" >&2
+    exit 0
+fi
+src="worker/src/backend/cuda/emulated_gpu"
+out="target/emulated-gpu"
+mkdir -p "$out/modules"
+root="$(pwd)"
+lib="$out/libatomic_emulated_gpu.so"
+# Rebuilt when a source (or the kernels' emulator) is newer than the library.
+if [ ! -f "$lib" ] || [ -n "$(find "$src" worker/src/backend/cuda/emulator.h -newer "$lib" -print -quit)" ]; then
+    g++ -std=c++20 -O2 -shared -fPIC -pthread -Wall -Wextra -Werror \
+        -DEMULATOR_H="\"$root/worker/src/backend/cuda/emulator.h\"" \
+        -DMODULE_DIR="\"$root/$out/modules\"" \
+        -o "$lib.partial" "$src"/driver.cpp "$src"/nvrtc.cpp "$src"/cublas.cpp -ldl
+    mv "$lib.partial" "$lib"
+fi
+# The names cudarc loads (CUDA 13).
+for name in libcuda.so libnvrtc.so libcublas.so libcublasLt.so; do
+    ln -sf libatomic_emulated_gpu.so "$out/$name"
+done
+if [ "${1:-}" = "--build" ]; then
+    echo "$root/$out"
+    exit 0
+fi
+
+export LD_LIBRARY_PATH="$root/$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# With ATOMIC_EMULATED_GPU set, a GPU test whose GPU does not open fails instead of skipping.
+export ATOMIC_EMULATED_GPU=1
+cargo test -p atomic-worker --features cuda --lib "$@" -- backend::cuda::tests::gpu_ \
+    backend::cuda::tests::a_second_start_reads_every_kernel_from_the_cache
+# The tiny models cover the whole-model code; the real MiniLM's passes take minutes here.
+ATOMIC_SKIP_MINILM=1 cargo test -p atomic-worker --features cuda --test bert_golden --test decoder_golden "$@" -- gpu_

@@ -1,0 +1,59 @@
+// The emulated GPU: stand-ins for libcuda, libnvrtc, libcublas and libcublasLt, built into one
+// shared library (scripts/emulated-gpu.sh) that the backend loads under those names, so that the
+// whole CUDA backend — its host code, descriptors, buffer cache, graphs and the kernels' own
+// source — runs end to end on a machine without a GPU. It owns no CUDA semantics beyond what the
+// backend relies on, and it checks what a GPU would only show as wrong numbers or a crash:
+//
+// - device memory is host memory; a fresh allocation is filled with 0xff bytes (a NaN in fp32,
+//   fp16 and bf16), so a kernel or product that reads what nothing wrote shows NaNs, and each
+//   allocation is followed by a guard zone whose bytes are checked at every synchronisation and
+//   free, so a write past a buffer's end is reported with the buffer's size;
+// - copies and cuBLAS operands must lie inside one live allocation (a copy or product that
+//   reaches past its buffer is an error naming the call, not a silent overrun);
+// - the stream is executed in host order at the call (one stream, as the backend uses), except
+//   while it is being captured: then work is recorded into the graph and run at each launch of
+//   the instantiated graph; synchronising or copying to the host inside a capture invalidates it,
+//   as it does on a GPU;
+// - kernels are the .cu files compiled by g++ against emulator.h (the "NVRTC" here), so they run
+//   with CUDA's grid, block, barrier and shuffle semantics, one block at a time.
+//
+// What it cannot show: timing, the GPU's own instructions and rounding in the last bits, races
+// that barriers hide, and cuBLAS's choice of algorithm (products here are plain fp32 loops).
+
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <mutex>
+#include <string>
+
+namespace emulated_gpu {
+
+// Every call into the library takes this lock: the kernels' emulator state and the registry of
+// allocations are shared, and the backend's one stream runs in host order anyway.
+std::recursive_mutex& lock();
+
+// Whether [ptr, ptr + bytes) lies inside one live allocation; `what` names the access in the
+// message printed when it does not.
+bool in_bounds(uint64_t ptr, size_t bytes, const char* what);
+
+// Runs `work` on the stream now, or records it when the stream is being captured; false (and
+// nothing recorded) when the capture is no longer valid, where CUDA fails every call.
+[[nodiscard]] bool enqueue(void* stream, std::function<void()> work);
+
+// Whether `stream` is being captured; used by the calls a capture cannot record.
+bool capturing(void* stream);
+
+// Marks the capture of `stream` invalid (what a GPU does on a synchronisation inside it).
+void invalidate_capture(void* stream);
+
+// Reports an error found while executing recorded or queued work; the next synchronisation
+// returns it (CUDA's sticky error).
+void fail_async(const std::string& message);
+
+// Prints an emulator diagnostic to stderr, prefixed so that it stands out in test output.
+void report(const std::string& message);
+
+} // namespace emulated_gpu
