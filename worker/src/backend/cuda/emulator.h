@@ -13,12 +13,16 @@
 //   (every lane of a warp must call them, as the kernels do with FULL_MASK). The kernels' early
 //   returns are block-uniform, so a finished fiber never leaves a barrier waiting.
 // - __shared__ variables are function statics (one block runs at a time); the dynamic shared
-//   memory the launch asks for is a buffer the harness substitutes for `extern __shared__`.
+//   memory the launch asks for is a buffer the harness substitutes for `extern __shared__`,
+//   filled with NaN bytes before each block (on a GPU it starts as garbage).
+// - Blocks alternate between running their threads in ascending and descending order, so that a
+//   thread reading another's write without a barrier between them sees it unwritten in one.
 // - Math is the C library's in the same precision (float expf/erff/tanhf, double exp/pow/sincos);
 //   results can differ from the GPU's in the last bits, never more.
 // What it cannot show: timing, memory-model races the barriers hide, and the GPU's own
 // instructions (PTX conversions are replaced by the compiler's _Float16).
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -248,9 +252,15 @@ int run(void (*kernel)(P...), const unsigned* grid, const unsigned* block, size_
                 }
                 block_barrier = Barrier{threads, 0, 0};
                 warp_barriers.assign(threads / 32, Barrier{32, 0, 0});
+                // Dynamic shared memory starts as garbage on a GPU: NaN bytes here, every block.
+                std::fill(emu_dynamic_smem.begin(), emu_dynamic_smem.end(), 0xff);
+                // Every other block runs its threads in descending order, so that a read of
+                // another thread's write with no barrier between them fails in one of the two.
+                const bool descending = (x + y + z) % 2 == 1;
                 for (bool running = true; running;) {
                     running = false;
-                    for (unsigned t = 0; t < threads; ++t) {
+                    for (unsigned i = 0; i < threads; ++i) {
+                        const unsigned t = descending ? threads - 1 - i : i;
                         if (!fibers[t]->done) {
                             threadIdx = dim3{t, 0, 0};
                             switch_to(t);

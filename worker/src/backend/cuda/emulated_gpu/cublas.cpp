@@ -83,8 +83,8 @@ int validate(const Product& p) {
     if (!known_type(p.a_type) || !known_type(p.c_type) || p.a_type != p.b_type) {
         return STATUS_NOT_SUPPORTED;
     }
-    // Half-precision operands write half precision or fp32; fp32 operands write fp32.
-    if (p.a_type == R_32F && p.c_type != R_32F) {
+    // Operands write their own type or fp32 (COMPUTE_32F's combinations).
+    if (p.c_type != p.a_type && p.c_type != R_32F) {
         return STATUS_NOT_SUPPORTED;
     }
     const long long a_rows = p.transa ? p.k : p.m, b_rows = p.transb ? p.n : p.k;
@@ -430,7 +430,17 @@ int cublasLtMatmul(void*, void* desc, const void* alpha, const void* a, void* la
         !emulated_gpu::in_bounds(reinterpret_cast<uint64_t>(workspace), workspace_bytes, "cublasLtMatmul: workspace")) {
         return STATUS_INVALID_VALUE;
     }
-    const int k = (int)(m->transa ? A->rows : A->cols);
+    // The layouts must agree with each other, as cublasLtMatmul checks (not only the heuristic).
+    const uint64_t rows_a = m->transa ? A->cols : A->rows, inner_a = m->transa ? A->rows : A->cols;
+    const uint64_t inner_b = m->transb ? B->cols : B->rows, cols_b = m->transb ? B->rows : B->cols;
+    if (inner_a != inner_b || rows_a != D->rows || cols_b != D->cols || C->rows != D->rows ||
+        C->cols != D->cols || A->type != B->type) {
+        return STATUS_INVALID_VALUE;
+    }
+    if (m->bias_type >= 0 && m->bias_type != D->type) {
+        return STATUS_NOT_SUPPORTED;
+    }
+    const int k = (int)inner_a;
     Product p{m->transa != 0, m->transb != 0, (int)D->rows, (int)D->cols, k,
               *static_cast<const float*>(alpha), *static_cast<const float*>(beta), A->type, B->type, D->type,
               A->ld, B->ld, D->ld};

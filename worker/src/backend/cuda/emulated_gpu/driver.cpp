@@ -33,20 +33,28 @@ constexpr CUresult CAPTURE_INVALIDATED = 901;
 
 constexpr size_t ALIGN = 256;
 constexpr size_t GUARD = 256;
-constexpr unsigned char GUARD_BYTE = 0xa5;
+constexpr unsigned char GUARD_BYTE = 0xff; // a NaN, as a read past the end then shows
 constexpr unsigned char FRESH_BYTE = 0xff;
 constexpr int SHARED_PER_BLOCK = 48 * 1024;
 constexpr int SHARED_PER_BLOCK_OPTIN = 232448;
 
-// Where an allocation stands with respect to a capture: made outside one, made inside the
-// current capture, or made and freed (a free node) inside it.
-enum class Captured { No, Allocated, Freed };
+// Where an allocation stands with respect to a capture: made outside one; made inside a capture
+// that is still going on, or made and freed (a free node) inside it; after the capture, memory it
+// made and freed is the graph's, which only the graph's own work may touch.
+enum class Captured { No, Allocated, Freed, GraphOwned };
 
 struct Allocation {
     size_t bytes;
     void* base;
     Captured captured;
+    const void* capture = nullptr; // the stream whose capture made it
+    // Made inside a capture and not freed there: the graph keeps the memory so that a relaunch
+    // can hand out the same address again, so a free by the program does not give it back.
+    bool graph_backed = false;
 };
+
+// Whether a graph is being launched: its work may touch the memory it owns.
+bool replaying = false;
 
 std::map<uint64_t, Allocation>& allocations() {
     static std::map<uint64_t, Allocation> live;
@@ -94,7 +102,7 @@ CUresult check_guards() {
     return sticky;
 }
 
-CUresult allocate(CUdeviceptr* out, size_t bytes, Captured captured) {
+CUresult allocate(CUdeviceptr* out, size_t bytes, Captured captured, const void* capture) {
     if (out == nullptr) {
         return INVALID_VALUE;
     }
@@ -109,23 +117,32 @@ CUresult allocate(CUdeviceptr* out, size_t bytes, Captured captured) {
     std::memset(base, FRESH_BYTE, bytes);
     std::memset(static_cast<unsigned char*>(base) + bytes, GUARD_BYTE, payload + GUARD - bytes);
     const auto ptr = reinterpret_cast<uint64_t>(base);
-    allocations()[ptr] = Allocation{bytes, base, captured};
+    allocations()[ptr] = Allocation{bytes, base, captured, capture};
     freed().erase(ptr);
     allocated_bytes += payload;
     *out = ptr;
     return SUCCESS;
 }
 
-CUresult release(CUdeviceptr ptr) {
+// Frees `ptr`; `owner` is a graph freeing the memory it owns.
+CUresult release(CUdeviceptr ptr, bool owner = false) {
     auto it = allocations().find(ptr);
     if (it == allocations().end()) {
         emulated_gpu::report(freed().count(ptr) ? "a buffer freed twice" : "free of an address never allocated");
         return INVALID_VALUE;
     }
+    if (it->second.captured == Captured::GraphOwned && !owner) {
+        emulated_gpu::report("a free of memory a graph allocated and freed inside its capture");
+        return INVALID_VALUE;
+    }
     freed().insert(ptr);
     CUresult result = guard_intact(ptr, it->second) ? SUCCESS : ILLEGAL_ADDRESS;
     allocated_bytes -= (it->second.bytes + ALIGN - 1) / ALIGN * ALIGN;
-    std::free(it->second.base);
+    if (it->second.graph_backed) {
+        std::memset(it->second.base, FRESH_BYTE, it->second.bytes); // kept by the graph, poisoned
+    } else {
+        std::free(it->second.base);
+    }
     allocations().erase(it);
     return result;
 }
@@ -163,11 +180,19 @@ struct Stream {
 struct Recording {
     std::vector<std::function<void()>> work;
     std::vector<uint64_t> freed_inside;
-    std::vector<uint64_t> unfreed;
+    std::vector<Allocation> unfreed; // keyed by base, which is the address
     unsigned launches = 0;
     ~Recording() {
         for (uint64_t ptr : freed_inside) {
-            release(ptr);
+            release(ptr, true);
+        }
+        for (const Allocation& a : unfreed) {
+            auto it = allocations().find(reinterpret_cast<uint64_t>(a.base));
+            if (it != allocations().end()) {
+                it->second.graph_backed = false; // still live: the program's free releases it
+            } else {
+                std::free(a.base);
+            }
         }
     }
 };
@@ -214,6 +239,10 @@ bool in_bounds(uint64_t ptr, size_t bytes, const char* what) {
     if (it != live.begin()) {
         --it;
         if (ptr >= it->first && ptr + bytes <= it->first + it->second.bytes) {
+            if (it->second.captured == Captured::GraphOwned && !replaying) {
+                report(std::string(what) + ": memory a graph allocated and freed inside its capture");
+                return false;
+            }
             return true;
         }
         if (ptr >= it->first && ptr < it->first + it->second.bytes) {
@@ -387,13 +416,14 @@ CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
 
 CUresult cuMemAlloc_v2(CUdeviceptr* out, size_t bytes) {
     Guard g(lock());
-    return allocate(out, bytes, Captured::No);
+    return allocate(out, bytes, Captured::No, nullptr);
 }
 
 CUresult cuMemAllocAsync(CUdeviceptr* out, size_t bytes, void* stream) {
     Guard g(lock());
     // Inside a capture: an allocation node, at this address for the graph's life.
-    return allocate(out, bytes, stream_of(stream)->capturing ? Captured::Allocated : Captured::No);
+    Stream* s = stream_of(stream);
+    return s->capturing ? allocate(out, bytes, Captured::Allocated, s) : allocate(out, bytes, Captured::No, nullptr);
 }
 
 CUresult cuMemFree_v2(CUdeviceptr ptr) {
@@ -413,8 +443,14 @@ CUresult cuMemFreeAsync(CUdeviceptr ptr, void* stream) {
         if (s->invalidated) {
             return CAPTURE_INVALIDATED;
         }
+        if (it->second.captured != Captured::No && it->second.capture != s) {
+            emulated_gpu::report("a buffer of another stream's capture is freed inside this one");
+            s->invalidated = true;
+            return CAPTURE_UNSUPPORTED;
+        }
         switch (it->second.captured) {
         case Captured::No:
+        case Captured::GraphOwned:
             // A free node of memory the graph did not allocate: each replay would free it again.
             emulated_gpu::report("a buffer allocated outside a capture is freed inside it");
             s->invalidated = true;
@@ -462,11 +498,16 @@ CUresult cuMemsetD32Async(CUdeviceptr ptr, unsigned value, size_t n, void* strea
 
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void* stream) {
     Guard g(lock());
+    if (emulated_gpu::capturing(stream)) {
+        // Every host buffer here is pageable, and CUDA cannot capture a copy from pageable
+        // memory.
+        emulated_gpu::report("a host-to-device copy inside a capture");
+        emulated_gpu::invalidate_capture(stream);
+        return CAPTURE_UNSUPPORTED;
+    }
     if (!emulated_gpu::in_bounds(dst, n, "cuMemcpyHtoDAsync")) {
         return INVALID_VALUE;
     }
-    // Recorded in a capture, the copy reads the host memory at each replay, as a graph's
-    // memcpy node does.
     return emulated_gpu::enqueue(stream, [=] { std::memcpy(reinterpret_cast<void*>(dst), src, n); }) ? SUCCESS : CAPTURE_INVALIDATED;
 }
 
@@ -717,13 +758,29 @@ CUresult cuStreamEndCapture(void* stream, void** graph) {
     s->recording = nullptr;
     auto recording = std::make_shared<Recording>();
     recording->work = std::move(*recorded);
+    std::vector<uint64_t> discarded;
     for (auto& [ptr, a] : allocations()) {
-        if (a.captured == Captured::Freed) {
-            recording->freed_inside.push_back(ptr);
-        } else if (a.captured == Captured::Allocated) {
-            recording->unfreed.push_back(ptr);
+        if (a.capture != s || (a.captured != Captured::Allocated && a.captured != Captured::Freed)) {
+            continue;
         }
-        a.captured = Captured::No;
+        if (a.captured == Captured::Freed) {
+            if (s->invalidated) {
+                discarded.push_back(ptr); // no graph: its free node frees it now
+            } else {
+                a.captured = Captured::GraphOwned;
+                recording->freed_inside.push_back(ptr);
+            }
+        } else {
+            a.captured = Captured::No;
+            a.graph_backed = !s->invalidated;
+            if (a.graph_backed) {
+                recording->unfreed.push_back(a);
+            }
+        }
+        a.capture = nullptr;
+    }
+    for (uint64_t ptr : discarded) {
+        release(ptr);
     }
     if (s->invalidated) {
         *graph = nullptr;
@@ -748,16 +805,24 @@ CUresult cuGraphLaunch(void* exec, void* stream) {
     }
     Recording& r = *static_cast<GraphExec*>(exec)->recording;
     if (r.launches++ > 0) {
-        for (uint64_t ptr : r.unfreed) {
-            if (allocations().count(ptr)) {
+        for (const Allocation& a : r.unfreed) {
+            if (allocations().count(reinterpret_cast<uint64_t>(a.base))) {
                 emulated_gpu::report("a graph launched again while memory it allocated is not freed");
                 return INVALID_VALUE;
             }
         }
+        // Its allocation nodes hand out the same addresses again.
+        for (const Allocation& a : r.unfreed) {
+            std::memset(a.base, FRESH_BYTE, a.bytes);
+            allocations()[reinterpret_cast<uint64_t>(a.base)] = a;
+            allocated_bytes += (a.bytes + ALIGN - 1) / ALIGN * ALIGN;
+        }
     }
+    replaying = true;
     for (auto& work : r.work) {
         work();
     }
+    replaying = false;
     return SUCCESS;
 }
 

@@ -27,7 +27,8 @@ namespace {
 
 constexpr int SUCCESS = 0;
 constexpr int INVALID_INPUT = 3;
-constexpr int INVALID_PROGRAM = 5;
+constexpr int INVALID_PROGRAM = 4;
+constexpr int INVALID_OPTION = 5;
 constexpr int COMPILATION = 6;
 
 struct Program {
@@ -103,6 +104,7 @@ const char* nvrtcGetErrorString(int result) {
     case SUCCESS: return "NVRTC_SUCCESS";
     case INVALID_INPUT: return "NVRTC_ERROR_INVALID_INPUT";
     case INVALID_PROGRAM: return "NVRTC_ERROR_INVALID_PROGRAM";
+    case INVALID_OPTION: return "NVRTC_ERROR_INVALID_OPTION";
     case COMPILATION: return "NVRTC_ERROR_COMPILATION";
     default: return "NVRTC_ERROR_INTERNAL_ERROR";
     }
@@ -153,15 +155,21 @@ int nvrtcCompileProgram(void* program, int count, const char* const* options) {
     }
     std::vector<std::string> defines;
     bool cubin = false;
+    std::string standard = "c++17"; // NVRTC's default
     for (int i = 0; i < count; ++i) {
         const std::string o = options[i];
         if (o.rfind("-D", 0) == 0) {
             defines.push_back(o.substr(2));
         } else if (o.rfind("--gpu-architecture=", 0) == 0) {
             cubin = o.find("sm_") != std::string::npos;
+        } else if (o.rfind("--std=", 0) == 0) {
+            standard = o.substr(6); // g++ compiles the file in the standard NVRTC was asked for
+        } else if (o != "--prec-div=true" && o != "--prec-sqrt=true") {
+            p->log = "the emulated NVRTC does not know the option " + o;
+            return INVALID_OPTION;
         }
     }
-    const std::string tu = translation_unit(*p, defines);
+    const std::string tu = "// -std=" + standard + "\n" + translation_unit(*p, defines);
     // The key covers the emulator the unit includes as well as the unit.
     std::stringstream emulator;
     emulator << std::ifstream(EMULATOR_H).rdbuf();
@@ -177,7 +185,7 @@ int nvrtcCompileProgram(void* program, int count, const char* const* options) {
         const std::string unique = stem + "." + std::to_string(getpid()) + "." + std::to_string(compilations++);
         const std::string cpp = unique + ".cpp", log = unique + ".log", partial = unique + ".so";
         std::ofstream(cpp) << tu;
-        const std::string cmd = "g++ -std=c++20 -O1 -shared -fPIC -pthread -w -o '" + partial + "' '" + cpp +
+        const std::string cmd = "g++ -std=" + standard + " -O1 -shared -fPIC -pthread -w -o '" + partial + "' '" + cpp +
                                 "' >'" + log + "' 2>&1 && mv '" + partial + "' '" + lib + "'";
         if (std::system(cmd.c_str()) != 0) {
             std::ifstream in(log);
