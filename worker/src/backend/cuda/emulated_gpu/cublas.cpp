@@ -199,6 +199,15 @@ struct Layout {
     int64_t ld;
 };
 
+// Whether the layouts of D = op(A) · op(B) + C agree with each other (shapes and types), as
+// both the heuristic and cublasLtMatmul check.
+bool layouts_agree(const MatmulDesc& m, const Layout& a, const Layout& b, const Layout& c, const Layout& d) {
+    const uint64_t rows_a = m.transa ? a.cols : a.rows, inner_a = m.transa ? a.rows : a.cols;
+    const uint64_t inner_b = m.transb ? b.cols : b.rows, cols_b = m.transb ? b.rows : b.cols;
+    return inner_a == inner_b && rows_a == d.rows && cols_b == d.cols && c.rows == d.rows && c.cols == d.cols &&
+           a.type == b.type && c.type == d.type;
+}
+
 constexpr int EPILOGUE_DEFAULT = 1;
 constexpr int EPILOGUE_BIAS = 4;
 
@@ -402,10 +411,7 @@ int cublasLtMatmulAlgoGetHeuristic(void*, void* desc, void* a, void* b, void* c,
     if (m->epilogue != EPILOGUE_DEFAULT && m->epilogue != EPILOGUE_BIAS) {
         return STATUS_NOT_SUPPORTED;
     }
-    const uint64_t rows_a = m->transa ? la->cols : la->rows, inner_a = m->transa ? la->rows : la->cols;
-    const uint64_t inner_b = m->transb ? lb->cols : lb->rows, cols_b = m->transb ? lb->rows : lb->cols;
-    if (inner_a != inner_b || rows_a != ld->rows || cols_b != ld->cols || lc->rows != ld->rows ||
-        lc->cols != ld->cols || la->type != lb->type || lc->type != ld->type) {
+    if (!layouts_agree(*m, *la, *lb, *lc, *ld)) {
         return STATUS_INVALID_VALUE;
     }
     std::memset(results, 0, sizeof(HeuristicResult));
@@ -430,17 +436,14 @@ int cublasLtMatmul(void*, void* desc, const void* alpha, const void* a, void* la
         !emulated_gpu::in_bounds(reinterpret_cast<uint64_t>(workspace), workspace_bytes, "cublasLtMatmul: workspace")) {
         return STATUS_INVALID_VALUE;
     }
-    // The layouts must agree with each other, as cublasLtMatmul checks (not only the heuristic).
-    const uint64_t rows_a = m->transa ? A->cols : A->rows, inner_a = m->transa ? A->rows : A->cols;
-    const uint64_t inner_b = m->transb ? B->cols : B->rows, cols_b = m->transb ? B->rows : B->cols;
-    if (inner_a != inner_b || rows_a != D->rows || cols_b != D->cols || C->rows != D->rows ||
-        C->cols != D->cols || A->type != B->type) {
+    // Checked here too, not only by the heuristic, as cublasLtMatmul does.
+    if (!layouts_agree(*m, *A, *B, *C, *D)) {
         return STATUS_INVALID_VALUE;
     }
     if (m->bias_type >= 0 && m->bias_type != D->type) {
         return STATUS_NOT_SUPPORTED;
     }
-    const int k = (int)inner_a;
+    const int k = (int)(m->transa ? A->rows : A->cols);
     Product p{m->transa != 0, m->transb != 0, (int)D->rows, (int)D->cols, k,
               *static_cast<const float*>(alpha), *static_cast<const float*>(beta), A->type, B->type, D->type,
               A->ld, B->ld, D->ld};
