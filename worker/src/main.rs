@@ -238,7 +238,7 @@ fn load_on_device(args: &ServeArgs, limits: &ModelLimits, metrics: &Metrics) -> 
                     Ok(tokens) => tracing::info!(
                         tokens,
                         seconds = started.elapsed().as_secs_f64(),
-                        "ran the largest pass twice: the GPU's memory pool holds its working set"
+                        "ran the largest pass: the GPU's memory pool holds its working set"
                     ),
                     Err(e) => tracing::warn!(
                         error = %e,

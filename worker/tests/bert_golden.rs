@@ -294,11 +294,11 @@ fn gpu_half_precision_bert_tracks_pytorch() {
     }
 }
 
-/// An encoder batch run a third time takes every buffer from the backend's buffer cache and
+/// An encoder batch run a second time takes every buffer from the backend's buffer cache and
 /// gives the same hidden states bit for bit: a reused buffer's old contents never leak into a
-/// result. The first two runs are the warm-up the worker does at load: what the upload caches
-/// keep from one pass to the next (the padding mask) comes out of the same pool, so the first
-/// pass can leave the second one buffer short.
+/// result. The first run is the warm-up the worker does at load. The third run, with a
+/// different padding mask of the same length, overwrites the upload cache's buffer and asks
+/// the driver for nothing either.
 #[cfg(feature = "cuda")]
 #[test]
 fn gpu_a_repeated_encoder_batch_reuses_every_buffer() {
@@ -312,21 +312,44 @@ fn gpu_a_repeated_encoder_batch_reuses_every_buffer() {
         let (dir, model) = load(&folder, &gpu);
         let (batch, _) = batch_of(&dir, &texts(&r));
         let first = model.hidden_states(&gpu, &batch).unwrap();
-        model.hidden_states(&gpu, &batch).unwrap();
         let before = gpu.buffer_stats();
-        let third = model.hidden_states(&gpu, &batch).unwrap();
+        let second = model.hidden_states(&gpu, &batch).unwrap();
         let after = gpu.buffer_stats();
         assert_eq!(
             after.missed, before.missed,
-            "tiny-bert ({p}): the third pass asked the driver for memory"
+            "tiny-bert ({p}): the second pass asked the driver for memory"
         );
         assert!(
             after.reused > before.reused,
-            "tiny-bert ({p}): the third pass reused nothing"
+            "tiny-bert ({p}): the second pass reused nothing"
         );
         assert_eq!(
-            first, third,
+            first, second,
             "tiny-bert ({p}): hidden states of the repeated batch"
+        );
+        // The same shape with its sequences in the other order: another padding mask.
+        let mut reversed = texts(&r);
+        reversed.reverse();
+        let (other_batch, _) = batch_of(&dir, &reversed);
+        let other = model.hidden_states(&gpu, &other_batch).unwrap();
+        assert_eq!(
+            gpu.buffer_stats().missed,
+            after.missed,
+            "tiny-bert ({p}): a batch of the same shape with another mask asked the driver for memory"
+        );
+        // Each sequence's states are the first batch's, moved: a stale mask would change the
+        // padded sequences'.
+        let per_sequence = first.len() / batch.batch;
+        let moved: Vec<f32> = first.chunks(per_sequence).rev().flatten().copied().collect();
+        let tolerance = if p == Precision::F32 { 1e-4 } else { 2e-2 };
+        let worst = moved
+            .iter()
+            .zip(&other)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst <= tolerance,
+            "tiny-bert ({p}): the batch in reverse order differs by {worst} from the first, reversed"
         );
     }
 }

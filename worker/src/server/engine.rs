@@ -69,15 +69,10 @@ pub fn load_model_on<B: Backend + 'static>(
     }
 }
 
-/// How many times [`reserve_working_set`] runs its pass.
-const WARM_UP_PASSES: usize = 2;
-
-/// Runs the largest forward pass `limits` allow twice and discards it, so that a GPU's buffer
+/// Runs the largest forward pass `limits` allow and discards it, so that a GPU's buffer
 /// cache holds the peak working set before the worker reports ready: running out of memory
 /// shows at start-up rather than on the first large batch, and later passes take their
-/// buffers from what the cache already holds. Twice, because what the upload caches keep
-/// between passes (the padding mask, say) is taken from the same pool during the first pass,
-/// which can leave the second a buffer short; the third and later find everything. The largest pass is what the schedulers can
+/// buffers from what the cache already holds. The largest pass is what the schedulers can
 /// run: encoders, as many sequences of the tokenizer's maximum length as `max_batch_tokens`
 /// admits, or one such sequence when it is longer than the budget (it then runs alone);
 /// decoders, prompts of `max_batch_tokens` tokens together, or one prompt of the whole context
@@ -97,9 +92,7 @@ pub fn reserve_working_set(parts: &mut ModelParts, limits: &ModelLimits) -> crat
                 special_tokens_mask: vec![false; len],
             };
             let encodings = vec![dummy; (budget / len).max(1)];
-            for _ in 0..WARM_UP_PASSES {
-                p.encoder.run(Work::Embed, &encodings)?;
-            }
+            p.encoder.run(Work::Embed, &encodings)?;
             Ok(encodings.len() * len)
         }
         ModelParts::Decoder(p) => {
@@ -119,12 +112,10 @@ pub fn reserve_working_set(parts: &mut ModelParts, limits: &ModelLimits) -> crat
                 left -= len;
             }
             let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-            for _ in 0..WARM_UP_PASSES {
-                // Fresh caches each time; dropped, they give their blocks back to the pool.
-                let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
-                let mut cache_refs: Vec<_> = caches.iter_mut().collect();
-                model.step(&mut cache_refs, &prompt_refs)?;
-            }
+            // Dropped, the caches give their blocks back to the pool.
+            let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+            let mut cache_refs: Vec<_> = caches.iter_mut().collect();
+            model.step(&mut cache_refs, &prompt_refs)?;
             Ok(prompts.iter().map(Vec::len).sum())
         }
     }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cudarc::cublas::CudaBlas;
@@ -42,6 +42,10 @@ pub(super) const ATTN_MAX_D: usize = 256;
 /// The last upload of one kind of small argument: its host values and their device copy, so
 /// that the same values (every layer's positions, every encoder layer's padding mask and, with
 /// the buffer cache reusing addresses, often its attention pointer table) cross the bus once.
+/// The copy lives in a buffer of its own, outside the buffer cache, which later values
+/// overwrite in stream order when they fit and nothing else holds it. Kept in the cache's pool,
+/// it would be held across passes that the pool's first pass saw free for part of the time,
+/// leaving the second pass a buffer short.
 pub(super) struct LastUpload<T: DeviceRepr>(Mutex<Option<Uploaded<T>>>);
 
 /// Host values and their copy on the device.
@@ -81,6 +85,9 @@ pub struct CudaBackend {
     pub(super) capturing: AtomicBool,
     /// Device buffers that ops dropped, reused for later outputs (`backend::buffer_cache`).
     buffers: SharedBufferCache,
+    /// Buffers the upload caches (`LastUpload`) asked the driver for: counted with the buffer
+    /// cache's misses in [`CudaBackend::buffer_stats`].
+    upload_buffers_allocated: AtomicU64,
     /// Projections with a bias take cuBLASLt's bias epilogue where it can (`bias_epilogue.rs`);
     /// `None` when cuBLASLt cannot be opened. Declared before the workspace it shares with
     /// cuBLAS, so it is dropped first.
@@ -380,6 +387,7 @@ impl CudaBackend {
             graphs: Mutex::new(None),
             capturing: AtomicBool::new(false),
             buffers: Arc::new(Mutex::new(Buffers::new(DEFAULT_LIMIT_BYTES))),
+            upload_buffers_allocated: AtomicU64::new(0),
             bias_epilogue,
             _blas_workspace: blas_workspace,
             sm_count,
@@ -657,9 +665,12 @@ impl CudaBackend {
     }
 
     /// The buffer cache's counts: how many allocations were served by a reused buffer and how
-    /// many went to the driver, and what is idle now.
+    /// many went to the driver, and what is idle now. The misses include the buffers the
+    /// upload caches allocated, so that they count every request a pass makes of the driver.
     pub fn buffer_stats(&self) -> BufferStats {
-        self.lock_buffers().cache.stats()
+        let mut stats = self.lock_buffers().cache.stats();
+        stats.missed += self.upload_buffers_allocated.load(Ordering::Relaxed);
+        stats
     }
 
     /// The precision tensors are stored in.
@@ -734,31 +745,53 @@ impl CudaBackend {
         self.upload_unless_same(&self.positions, "positions", positions)
     }
 
-    /// `data` on the device: the copy `last` holds when it holds these values, else a new
-    /// upload that replaces it (the old buffer is freed in stream order, after the kernels
-    /// queued to read it). Refused inside a graph capture, like `upload`.
+    /// `data` on the device: the copy `last` holds when it holds these values, else `last`'s
+    /// buffer overwritten with them when they fit it and no caller still holds it (the copy is
+    /// queued after the kernels that read the old values), else a new buffer that replaces it
+    /// (the old one is freed in stream order, after the kernels queued to read it). Refused
+    /// inside a graph capture, like `upload`.
     pub(super) fn upload_unless_same<T: DeviceRepr + PartialEq + Clone>(
         &self,
         last: &LastUpload<T>,
         what: &str,
         data: &[T],
     ) -> Result<Arc<DeviceArray<T>>> {
-        // Inside a capture even the last upload will not do: a later upload replaces and frees
-        // it while the graph still reads it.
+        // Inside a capture even the last upload will not do: a later upload overwrites or
+        // frees it while the graph still reads it.
         if self.capturing.load(Ordering::Relaxed) {
             return Err(BackendError::Device(format!(
                 "uploading {what} inside a graph capture"
             )));
         }
-        let mut cache = last.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((host, dev)) = cache.as_ref()
+        if data.is_empty() {
+            return Err(BackendError::Device(format!("{what}: nothing to upload")));
+        }
+        let mut slot = last.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((host, dev)) = slot.as_ref()
             && host.as_slice() == data
         {
             return Ok(dev.clone());
         }
-        let dev = Arc::new(self.upload(what, data)?);
-        *cache = Some((data.to_vec(), dev.clone()));
+        // Taken out, so that a failed copy leaves no stale values behind.
+        let reusable = slot.take().and_then(|(_, dev)| Arc::into_inner(dev));
+        let array = match reusable.and_then(|array| array.with_len(data.len())) {
+            Some(array) => array,
+            None => self.alloc_upload_buffer::<T>(what, data.len())?,
+        };
+        self.copy_to_array(what, &array, data)?;
+        let dev = Arc::new(array);
+        *slot = Some((data.to_vec(), dev.clone()));
         Ok(dev)
+    }
+
+    /// A buffer of its own for an upload cache: room for `len` values of `T`, rounded up to a
+    /// power of two (at least 256 bytes) so that slowly growing uploads rarely replace it; from
+    /// the driver, and freed to it, never through the buffer cache.
+    fn alloc_upload_buffer<T: DeviceRepr>(&self, what: &str, len: usize) -> Result<DeviceArray<T>> {
+        let bytes = (len.max(1) * size_of::<T>()).next_power_of_two().max(256);
+        let slice = self.driver_alloc(what, bytes)?;
+        self.upload_buffers_allocated.fetch_add(1, Ordering::Relaxed);
+        array_in(DeviceBuffer::new(slice, None), what, len)
     }
 
     /// [`CudaBackend::upload_positions`] from the host's positions, each checked to fit the

@@ -133,6 +133,11 @@ impl<T: DeviceRepr> DeviceArray<T> {
         })
     }
 
+    /// The same buffer read as `len` values of `T`; `None` when it is too short.
+    pub(super) fn with_len(self, len: usize) -> Option<Self> {
+        Self::new(self.buf, len)
+    }
+
     pub(super) fn len(&self) -> usize {
         self.len
     }

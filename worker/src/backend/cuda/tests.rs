@@ -416,6 +416,85 @@ fn gpu_in(test: &str, precision: Precision) -> Option<MutexGuard<'static, CudaBa
     }
 }
 
+/// CUDA's rule for synchronous calls during a stream capture, which the decode graphs rely on
+/// (they capture in thread-local mode) and which the emulated GPU enforces: while a thread-local
+/// capture is under way, a synchronous allocation or a context synchronisation on the thread
+/// that began it fails and invalidates the capture, and the same calls on another thread do
+/// not touch it. On a GPU this checks the rule the emulated GPU was written to.
+#[test]
+fn gpu_a_thread_local_capture_forbids_synchronous_calls_on_its_thread_only() {
+    use cudarc::driver::result::{self, stream::StreamKind};
+    use cudarc::driver::sys::CUstreamCaptureMode;
+    let test = "gpu_a_thread_local_capture_forbids_synchronous_calls_on_its_thread_only";
+    // Held so that no other test's work interleaves with the captures.
+    let Some(_gpu) = gpu(test) else {
+        return;
+    };
+    let ctx = cudarc::driver::CudaContext::new(0).unwrap();
+    ctx.bind_to_thread().unwrap();
+    let stream = result::stream::create(StreamKind::NonBlocking).unwrap();
+    let capture = || {
+        // SAFETY: a live stream of the bound context.
+        unsafe {
+            result::stream::begin_capture(stream, CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        }
+        .unwrap();
+    };
+    // SAFETY (both): a live stream of the bound context, whose capture this test began.
+    let end = || unsafe { result::stream::end_capture(stream) };
+    let forget = |graph: cudarc::driver::sys::CUgraph| {
+        if !graph.is_null() {
+            // SAFETY: a graph the capture just made, used nowhere else.
+            unsafe { result::graph::destroy(graph) }.unwrap();
+        }
+    };
+
+    // Another thread allocates, frees and synchronises freely.
+    capture();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                ctx.bind_to_thread().unwrap();
+                // SAFETY: 256 bytes from the driver, freed at once.
+                let ptr =
+                    unsafe { result::malloc_sync(256) }.expect("a synchronous allocation on another thread");
+                unsafe { result::free_sync(ptr) }.expect("a synchronous free on another thread");
+                ctx.synchronize()
+                    .expect("a context synchronisation on another thread");
+            })
+            .join()
+            .unwrap();
+    });
+    forget(end().expect("the capture after another thread's synchronous calls"));
+
+    // This thread may not: each call fails and ends the capture in failure.
+    type Call<'a> = &'a dyn Fn() -> std::result::Result<(), cudarc::driver::DriverError>;
+    // SAFETY: no memory is used; what a success allocates is freed.
+    let allocate: Call =
+        &|| unsafe { result::malloc_sync(256).map(|ptr| result::free_sync(ptr).unwrap_or(())) };
+    let synchronise: Call = &|| ctx.synchronize();
+    for (what, call) in [
+        ("a synchronous allocation", allocate),
+        ("a context synchronisation", synchronise),
+    ] {
+        capture();
+        assert!(call().is_err(), "{what} inside this thread's capture succeeded");
+        match end() {
+            Ok(graph) => {
+                forget(graph);
+                panic!("the capture survived {what} on its thread");
+            }
+            Err(e) => assert_eq!(
+                e.0,
+                cudarc::driver::sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+                "ending the capture after {what}"
+            ),
+        }
+    }
+    // SAFETY: the stream is idle and used nowhere else.
+    unsafe { result::stream::destroy(stream) }.unwrap();
+}
+
 #[test]
 fn decode_splits_fill_the_gpu_from_the_launch_shape_alone() {
     // 132 multiprocessors (an H100): batch 1 of 32 heads splits 9 ways (288 blocks >= 264);

@@ -13,6 +13,7 @@
 #include <map>
 #include <set>
 #include <memory>
+#include <thread>
 #include <vector>
 
 using CUresult = int;
@@ -167,11 +168,25 @@ struct Function {
 
 // ----- streams and graphs
 
+// CUstreamCaptureMode's values.
+constexpr int CAPTURE_MODE_GLOBAL = 0;
+constexpr int CAPTURE_MODE_THREAD_LOCAL = 1;
+
 struct Stream {
     bool capturing = false;
     bool invalidated = false;
     std::vector<std::function<void()>>* recording = nullptr;
+    // The capture's mode and the thread that began it: which threads it forbids the calls that
+    // could synchronise with its work (see `refuse_unsafe_call`).
+    int capture_mode = CAPTURE_MODE_GLOBAL;
+    std::thread::id capture_thread;
 };
+
+// The streams being captured now.
+std::set<Stream*>& captures() {
+    static std::set<Stream*> streams;
+    return streams;
+}
 
 // What a capture recorded, shared by the graph and the executables instantiated from it (CUDA
 // lets either be destroyed first). Memory allocated and freed inside the capture is the graph's
@@ -280,6 +295,24 @@ using Guard = std::lock_guard<std::recursive_mutex>;
 
 namespace {
 
+// CUDA forbids "potentially unsafe" calls (synchronous allocation, free, copy and memset,
+// context and event synchronisation) while a capture that covers the calling thread is under way:
+// one begun in global mode on any thread, or in thread-local mode on this one. Such a call fails
+// with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidates that capture. `SUCCESS` when none
+// forbids it.
+CUresult refuse_unsafe_call(const char* call) {
+    for (Stream* s : captures()) {
+        const bool covers = s->capture_mode == CAPTURE_MODE_GLOBAL ||
+                            (s->capture_mode == CAPTURE_MODE_THREAD_LOCAL && s->capture_thread == std::this_thread::get_id());
+        if (covers) {
+            emulated_gpu::report(std::string(call) + " while a stream capture forbids it (an unsafe call inside a capture)");
+            s->invalidated = true;
+            return CAPTURE_UNSUPPORTED;
+        }
+    }
+    return SUCCESS;
+}
+
 // A synchronisation point: what a capture cannot contain, and where asynchronous errors surface.
 CUresult synchronise(void* stream) {
     if (emulated_gpu::capturing(stream)) {
@@ -368,6 +401,9 @@ CUresult cuCtxPopCurrent_v2(void** ctx) {
 
 CUresult cuCtxSynchronize() {
     Guard g(lock());
+    if (CUresult refused = refuse_unsafe_call("cuCtxSynchronize"); refused != SUCCESS) {
+        return refused;
+    }
     return check_guards();
 }
 
@@ -416,6 +452,9 @@ CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
 
 CUresult cuMemAlloc_v2(CUdeviceptr* out, size_t bytes) {
     Guard g(lock());
+    if (CUresult refused = refuse_unsafe_call("cuMemAlloc"); refused != SUCCESS) {
+        return refused;
+    }
     return allocate(out, bytes, Captured::No, nullptr);
 }
 
@@ -428,6 +467,9 @@ CUresult cuMemAllocAsync(CUdeviceptr* out, size_t bytes, void* stream) {
 
 CUresult cuMemFree_v2(CUdeviceptr ptr) {
     Guard g(lock());
+    if (CUresult refused = refuse_unsafe_call("cuMemFree"); refused != SUCCESS) {
+        return refused;
+    }
     return release(ptr);
 }
 
@@ -468,6 +510,9 @@ CUresult cuMemFreeAsync(CUdeviceptr ptr, void* stream) {
 
 CUresult cuMemsetD8_v2(CUdeviceptr ptr, unsigned char value, size_t n) {
     Guard g(lock());
+    if (CUresult refused = refuse_unsafe_call("cuMemsetD8"); refused != SUCCESS) {
+        return refused;
+    }
     if (!emulated_gpu::in_bounds(ptr, n, "cuMemsetD8")) {
         return INVALID_VALUE;
     }
@@ -512,6 +557,10 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void* 
 }
 
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    Guard g(lock());
+    if (CUresult refused = refuse_unsafe_call("cuMemcpyHtoD"); refused != SUCCESS) {
+        return refused;
+    }
     return cuMemcpyHtoDAsync_v2(dst, src, n, nullptr);
 }
 
@@ -530,6 +579,9 @@ CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* stream
 
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     Guard g(lock());
+    if (CUresult refused = refuse_unsafe_call("cuMemcpyDtoH"); refused != SUCCESS) {
+        return refused;
+    }
     if (!emulated_gpu::in_bounds(src, n, "cuMemcpyDtoH")) {
         return INVALID_VALUE;
     }
@@ -676,7 +728,9 @@ CUresult cuStreamCreate(void** stream, unsigned) {
 CUresult cuStreamCreateWithPriority(void** stream, unsigned, int) { return cuStreamCreate(stream, 0); }
 
 CUresult cuStreamDestroy_v2(void* stream) {
+    Guard g(lock());
     if (stream != nullptr) {
+        captures().erase(static_cast<Stream*>(stream));
         delete static_cast<Stream*>(stream);
     }
     return SUCCESS;
@@ -711,6 +765,9 @@ CUresult cuEventRecordWithFlags(void* event, void* stream, unsigned) { return cu
 
 CUresult cuEventSynchronize(void*) {
     Guard g(lock());
+    if (CUresult refused = refuse_unsafe_call("cuEventSynchronize"); refused != SUCCESS) {
+        return refused;
+    }
     return check_guards();
 }
 
@@ -726,12 +783,15 @@ CUresult cuEventElapsedTime(float* ms, void* start, void* end) { return cuEventE
 
 // ----- capture and graphs
 
-CUresult cuStreamBeginCapture_v2(void* stream, int) {
+CUresult cuStreamBeginCapture_v2(void* stream, int mode) {
     Guard g(lock());
     Stream* s = stream_of(stream);
-    if (s->capturing) {
+    if (s->capturing || mode < CAPTURE_MODE_GLOBAL || mode > 2) {
         return INVALID_VALUE;
     }
+    s->capture_mode = mode;
+    s->capture_thread = std::this_thread::get_id();
+    captures().insert(s);
     s->capturing = true;
     s->invalidated = false;
     s->recording = new std::vector<std::function<void()>>();
@@ -754,6 +814,7 @@ CUresult cuStreamEndCapture(void* stream, void** graph) {
         return INVALID_VALUE;
     }
     s->capturing = false;
+    captures().erase(s);
     std::unique_ptr<std::vector<std::function<void()>>> recorded(s->recording);
     s->recording = nullptr;
     auto recording = std::make_shared<Recording>();

@@ -13,7 +13,10 @@
 // - the stream is executed in host order at the call (one stream, as the backend uses), except
 //   while it is being captured: then work is recorded into the graph and run at each launch of
 //   the instantiated graph; synchronising, copying to the host or copying from (pageable) host
-//   memory inside a capture invalidates it, as it does on a GPU; memory a capture allocated and
+//   memory inside a capture invalidates it, as it does on a GPU, and so do the calls CUDA forbids
+//   while a capture covers the calling thread (synchronous allocation, free, copy and memset,
+//   context and event synchronisation; global mode covers every thread, thread-local mode the
+//   one that began it); memory a capture allocated and
 //   freed is the graph's, which nothing outside the graph may touch, and memory it allocated and
 //   did not free keeps its address for the graph's relaunches, which wait until it is freed;
 // - kernels are the .cu files compiled by g++ against emulator.h (the "NVRTC" here), so they run
