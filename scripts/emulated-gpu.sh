@@ -6,7 +6,8 @@
 # graph capture and every kernel's own source) runs end to end without a GPU. Kernels are built by
 # the stand-in NVRTC with g++ and cached in target/emulated-gpu/modules/.
 #
-#   bash scripts/emulated-gpu.sh            # the GPU tests (the backend's and the whole-model ones)
+#   bash scripts/emulated-gpu.sh            # the GPU tests (the backend's and the whole-model
+#                                           # ones), then the worker binary served on the "GPU"
 #   bash scripts/emulated-gpu.sh --build    # only build the library; prints its folder
 #
 # Extra arguments go to cargo test (before its `--`). Without g++ it says so and exits 0.
@@ -46,3 +47,13 @@ cargo test -p atomic-worker --features cuda --lib "$@" -- backend::cuda::tests::
     backend::cuda::tests::a_second_start_reads_every_kernel_from_the_cache
 # The tiny models cover the whole-model code; the real MiniLM's passes take minutes here.
 ATOMIC_SKIP_MINILM=1 cargo test -p atomic-worker --features cuda --test bert_golden --test decoder_golden "$@" -- gpu_
+# The worker binary on the emulated GPU, as a pod runs it: start-up (kernel build and cache,
+# self-test, warm-up), then embeddings and greedy completions against the CPU's. A small
+# batch budget keeps the warm-up pass short here.
+cargo build -q -p atomic-worker --features cuda --bin atomic-worker
+worker="${CARGO_TARGET_DIR:-target}/debug/atomic-worker"
+for smoke in "tiny-bert bf16" "tiny-llama fp32"; do
+    read -r model precision <<<"$smoke"
+    ATOMIC_WORKER_MAX_BATCH_TOKENS=128 python3 worker/bench/serve_smoke.py "$worker" "worker/fixtures/$model" \
+        --precision "$precision"
+done

@@ -1,11 +1,15 @@
 """The worker binary end to end on a device, as a pod runs it: `atomic-worker serve` on a model
-folder, started twice over one kernel cache folder, then once on the CPU, each answering one
-embeddings request. Checks, and prints as it goes:
+folder, started twice over one kernel cache folder, then once on the CPU, each answering
+embeddings requests (an encoder) or greedy completions (a decoder). Checks, and prints as it
+goes:
 
 - each start reaches /ready and answers;
 - the second start reads every kernel from the cache (its log says `from_cache=N compiled=0`)
-  and embeds exactly as the first did;
-- the device's embeddings agree with the CPU's (cosine >= 0.999 per text in half precision);
+  and answers exactly as the first did;
+- the device's answers agree with the CPU's: embeddings by cosine (>= 0.999 per text in half
+  precision, 0.99999 in fp32); completions token for token in fp32 (in half precision a tiny
+  random model's near-equal logits may pick another token, so the shared prefix is printed,
+  not checked);
 - /metrics holds the start-up phases (`atomic_worker_startup_seconds`).
 
     python3 worker/bench/serve_smoke.py WORKER_BINARY MODEL_DIR [--device cuda:0] [--precision bf16]
@@ -28,6 +32,14 @@ import urllib.error
 import urllib.request
 
 TEXTS = ["the invoice was charged twice", "where is my parcel?", "thank you, that solved it"]
+# Tokens each greedy completion generates.
+COMPLETION_TOKENS = 8
+
+
+def is_decoder(model):
+    with open(os.path.join(model, "config.json")) as f:
+        config = json.load(f)
+    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.get("architectures", []))
 
 
 def request(port, path, body=None, timeout=10):
@@ -63,18 +75,40 @@ def start(binary, model, device, precision, cache, port, log_path):
     raise SystemExit(f"serve_smoke: not ready after 120 s; log:\n" + open(log_path).read()[-4000:])
 
 
-def embed_and_stop(proc, port):
-    try:
+def ask(port, decoder):
+    """The embeddings of TEXTS, or a greedy completion of each."""
+    if not decoder:
         body = request(port, "/v1/embeddings", {"model": "m", "input": TEXTS})[1]
+        return [d["embedding"] for d in json.loads(body)["data"]]
+    texts = []
+    for prompt in TEXTS:
+        body = json.loads(request(port, "/v1/completions", {
+            "model": "m", "prompt": prompt, "max_tokens": COMPLETION_TOKENS, "temperature": 0})[1])
+        generated = body["usage"]["completion_tokens"]
+        if body["choices"][0]["finish_reason"] == "length" and generated != COMPLETION_TOKENS:
+            raise SystemExit(f"serve_smoke: asked for {COMPLETION_TOKENS} tokens, got {generated}")
+        texts.append(body["choices"][0]["text"])
+    return texts
+
+
+def ask_and_stop(proc, port, decoder):
+    try:
+        answers = ask(port, decoder)
         metrics = request(port, "/metrics")[1]
     except urllib.error.HTTPError as e:
         raise SystemExit(f"serve_smoke: {e.url} answered {e.code}: {e.read().decode(errors='replace')}")
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    vectors = [d["embedding"] for d in json.loads(body)["data"]]
     phases = dict(re.findall(r'atomic_worker_startup_seconds\{phase="(\w+)"\} (\S+)', metrics))
-    return vectors, phases
+    return answers, phases
+
+
+def shared_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def cosine(a, b):
@@ -91,6 +125,7 @@ def main():
     ap.add_argument("--port", type=int, default=18180)
     args = ap.parse_args()
     gpu = args.device != "cpu"
+    decoder = is_decoder(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         cache = f"{tmp}/kernels"
         runs = []
@@ -99,7 +134,7 @@ def main():
             started = time.time()
             proc = start(args.binary, args.model, device, args.precision, cache, args.port + i, log_path)
             ready = time.time() - started
-            vectors, phases = embed_and_stop(proc, args.port + i)
+            answers, phases = ask_and_stop(proc, args.port + i, decoder)
             # Colour codes, should a build still write them, would split `key=value`.
             log = re.sub(r"\x1b\[[0-9;]*m", "", open(log_path).read())
             built = re.search(r"built the GPU kernels.*", log)
@@ -107,7 +142,7 @@ def main():
                   + (f"; {built.group(0)}" if built else ""))
             if "ready" not in phases:
                 raise SystemExit("serve_smoke: /metrics has no atomic_worker_startup_seconds{phase=\"ready\"}")
-            runs.append((vectors, log))
+            runs.append((answers, log))
         (first, log1), (second, log2), (cpu, _) = runs
         if gpu:
             if not re.search(r"from_cache=0 compiled=\d+", log1):
@@ -115,7 +150,15 @@ def main():
             if not re.search(r"from_cache=\d+ compiled=0", log2):
                 raise SystemExit("serve_smoke: the second start did not read every kernel from the cache")
         if first != second:
-            raise SystemExit("serve_smoke: the second start embeds differently from the first")
+            raise SystemExit("serve_smoke: the second start answers differently from the first")
+        if decoder:
+            for prompt, a, b in zip(TEXTS, first, cpu):
+                agreement = "the same" if a == b else f"the first {shared_prefix(a, b)} characters shared"
+                print(f"serve_smoke: {prompt!r}: {args.device} {a!r}, cpu {b!r} ({agreement})")
+            if args.precision == "fp32" and first != cpu:
+                raise SystemExit(f"serve_smoke: {args.device}'s greedy completions differ from the CPU's in fp32")
+            print("serve_smoke: passed")
+            return
         worst = min(cosine(a, b) for a, b in zip(first, cpu))
         print(f"serve_smoke: {args.device} against the CPU: worst cosine {worst:.6f} over {len(TEXTS)} texts")
         bound = 0.999 if gpu and args.precision != "fp32" else 0.99999
