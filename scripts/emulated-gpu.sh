@@ -57,3 +57,6 @@ for smoke in "tiny-bert bf16" "tiny-llama fp32"; do
     ATOMIC_WORKER_MAX_BATCH_TOKENS=128 python3 worker/bench/serve_smoke.py "$worker" "worker/fixtures/$model" \
         --precision "$precision"
 done
+# How it fails on a GPU it cannot use (too old, absent, too small), which only the emulated GPU
+# can be made to be.
+python3 worker/bench/device_failures.py "$worker"

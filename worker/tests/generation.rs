@@ -39,13 +39,26 @@ impl Server {
         model_limits: ModelLimits,
         step_delay: Option<Duration>,
     ) -> Server {
+        let wrap = step_delay.map(|delay| {
+            Box::new(move |model| Box::new(Slow(model, delay)) as Box<dyn Decoder>) as WrapDecoder
+        });
+        Self::start_wrapped(name, limits, model_limits, wrap).await
+    }
+
+    /// A server whose decoder is the fixture's wrapped by `wrap`.
+    async fn start_wrapped(
+        name: &str,
+        limits: Limits,
+        model_limits: ModelLimits,
+        wrap: Option<WrapDecoder>,
+    ) -> Server {
         let folder = fixture(name);
         let metrics = Arc::new(Metrics::new().unwrap());
         let state = AppState::new("tiny", limits, metrics.clone());
-        let parts = match (step_delay, server::load_model(&folder, 2, &model_limits).unwrap()) {
-            (Some(delay), ModelParts::Decoder(d)) => ModelParts::Decoder(DecoderParts {
+        let parts = match (wrap, server::load_model(&folder, 2, &model_limits).unwrap()) {
+            (Some(wrap), ModelParts::Decoder(d)) => ModelParts::Decoder(DecoderParts {
                 tokenizer: d.tokenizer,
-                model: Box::new(Slow(d.model, delay)),
+                model: wrap(d.model),
             }),
             (_, parts) => parts,
         };
@@ -144,6 +157,9 @@ impl Server {
         }
     }
 }
+
+/// What a test puts around the fixture's decoder.
+type WrapDecoder = Box<dyn FnOnce(Box<dyn Decoder>) -> Box<dyn Decoder>>;
 
 /// Sleeps before each decode step.
 struct Slow(Box<dyn Decoder>, Duration);
@@ -892,4 +908,116 @@ fn the_largest_pass_runs_once_at_start_up() {
             d.model.step(&mut refs, &prompt_refs).unwrap();
         }
     }
+}
+
+/// A device that runs out of memory on steps of more than `1` tokens in all, like a GPU too
+/// small for long prompts.
+struct SmallDevice(Box<dyn Decoder>, usize);
+
+impl SmallDevice {
+    fn check(&self, tokens: &[&[u32]]) -> atomic_worker::Result<()> {
+        let n: usize = tokens.iter().map(|t| t.len()).sum();
+        if n > self.1 {
+            return Err(atomic_worker::Error::Backend(
+                atomic_worker::backend::BackendError::OutOfMemory(format!(
+                    "allocating a step of {n} tokens: out of GPU memory"
+                )),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Decoder for SmallDevice {
+    fn step(
+        &mut self,
+        caches: &mut [&mut KvCache],
+        tokens: &[&[u32]],
+    ) -> atomic_worker::Result<Vec<Vec<f32>>> {
+        self.check(tokens)?;
+        self.0.step(caches, tokens)
+    }
+
+    fn step_sample(
+        &mut self,
+        caches: &mut [&mut KvCache],
+        tokens: &[&[u32]],
+        draws: &[atomic_worker::sampling::TokenDraw],
+    ) -> atomic_worker::Result<Vec<u32>> {
+        self.check(tokens)?;
+        self.0.step_sample(caches, tokens, draws)
+    }
+
+    fn eos_token_ids(&self) -> &[u32] {
+        self.0.eos_token_ids()
+    }
+
+    fn new_cache(&self) -> KvCache {
+        self.0.new_cache()
+    }
+
+    fn max_positions(&self) -> usize {
+        self.0.max_positions()
+    }
+
+    fn kv_capacity_positions(&self) -> usize {
+        self.0.kv_capacity_positions()
+    }
+}
+
+/// A step that runs out of device memory fails its requests with 503 `out_of_memory` (plain and
+/// streamed), and the worker stays ready and answers the next, smaller request as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_out_of_device_memory_answers_503_and_the_worker_goes_on() {
+    let wrap: WrapDecoder = Box::new(|model| Box::new(SmallDevice(model, 8)));
+    let mut s = Server::start_wrapped(
+        "tiny-llama",
+        Limits::default(),
+        ModelLimits::default(),
+        Some(wrap),
+    )
+    .await;
+    let long = "the parcel never arrived and nobody answers the phone";
+    assert!(
+        s.tokenizer.encode(long).unwrap().ids.len() > 8,
+        "the prompt must be longer than 8 tokens"
+    );
+    let (status, body) = s.post("/v1/completions", greedy(long)).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "out_of_memory", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("allocating a step of"), "{message}");
+    let mut streamed = greedy(long);
+    streamed["stream"] = json!(true);
+    let events = s.stream("/v1/completions", streamed).await;
+    assert!(
+        events.iter().any(|e| e.contains("out_of_memory")),
+        "no out_of_memory error in the stream: {events:?}"
+    );
+    let ready = s
+        .http
+        .get(format!("{}/ready", s.base))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(
+        ready.as_u16(),
+        200,
+        "a step out of memory made the worker unready"
+    );
+    let short = "hi";
+    assert!(
+        s.tokenizer.encode(short).unwrap().ids.len() <= 8,
+        "the prompt must fit 8 tokens"
+    );
+    let (status, body) = s
+        .post(
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": short, "max_tokens": 2, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], json!(2));
+    s.stop();
 }

@@ -69,6 +69,19 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
 
+    /// 503: the device ran out of memory on the batch holding the request (the worker stays
+    /// up; a retry, or fewer or shorter inputs, may fit).
+    pub fn out_of_memory(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "out_of_memory",
+            format!(
+                "{}; the batch holding this request did not fit the device's memory: retry, or send fewer or shorter inputs",
+                message.into()
+            ),
+        )
+    }
+
     /// 500: the model failed on the request.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
@@ -99,5 +112,31 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(self.body())).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_is_a_retryable_server_error_that_keeps_its_cause() {
+        let e = ApiError::out_of_memory("backend: out of device memory: allocating 1 GiB: out of GPU memory");
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        let body = e.body();
+        assert_eq!(body.error.code.as_deref(), Some("out_of_memory"));
+        assert_eq!(body.error.error_type, "server_error");
+        assert!(
+            body.error
+                .message
+                .starts_with("backend: out of device memory: allocating 1 GiB"),
+            "{}",
+            body.error.message
+        );
+        assert!(
+            body.error.message.contains("fewer or shorter inputs"),
+            "{}",
+            body.error.message
+        );
     }
 }

@@ -461,6 +461,7 @@ async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Output, ApiError> {
                 });
             }
             Event::Error(message) => return Err(ApiError::internal(message)),
+            Event::OutOfMemory(message) => return Err(ApiError::out_of_memory(message)),
         }
     }
     Err(ApiError::unavailable(
@@ -690,6 +691,10 @@ impl StreamState {
             }
             Some(Event::Error(message)) => {
                 stream_error(&mut self.pending, ApiError::internal(message));
+                self.ended = true;
+            }
+            Some(Event::OutOfMemory(message)) => {
+                stream_error(&mut self.pending, ApiError::out_of_memory(message));
                 self.ended = true;
             }
             None if !self.done.get(index).copied().unwrap_or(true) => {

@@ -23,7 +23,7 @@ use tokio::sync::mpsc as tokio_mpsc;
 use super::fault::DeviceFault;
 use super::metrics::Metrics;
 use crate::Error;
-use crate::backend::{Backend, CpuBackend};
+use crate::backend::{Backend, BackendError, CpuBackend};
 use crate::config::ModelConfig;
 use crate::model_dir::ModelDir;
 use crate::models::decoder::CausalLm;
@@ -202,6 +202,9 @@ pub enum Event {
     },
     /// The model failed; nothing more comes.
     Error(String),
+    /// The device ran out of memory on the step holding this sequence (it stays usable);
+    /// nothing more comes.
+    OutOfMemory(String),
 }
 
 /// What a caller asks the generation thread for.
@@ -659,17 +662,24 @@ fn run(
         let output = match result {
             Ok(Ok(output)) if output.len() == active.len() => output,
             other => {
-                let message = match other {
-                    Ok(Ok(l)) => format!("the model gave {} rows for {} sequences", l.len(), active.len()),
+                let event = match other {
+                    Ok(Ok(l)) => Event::Error(format!(
+                        "the model gave {} rows for {} sequences",
+                        l.len(),
+                        active.len()
+                    )),
                     Ok(Err(e)) => {
                         fault.note(&e);
-                        e.to_string()
+                        match e {
+                            Error::Backend(BackendError::OutOfMemory(_)) => Event::OutOfMemory(e.to_string()),
+                            _ => Event::Error(e.to_string()),
+                        }
                     }
-                    Err(_) => "the model panicked on this step".to_owned(),
+                    Err(_) => Event::Error("the model panicked on this step".to_owned()),
                 };
-                tracing::error!(%message, "decode step failed");
+                tracing::error!(?event, "decode step failed");
                 for s in active.drain(..) {
-                    let _ = s.events.send(Event::Error(message.clone()));
+                    let _ = s.events.send(event.clone());
                 }
                 continue;
             }

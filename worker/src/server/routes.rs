@@ -418,6 +418,7 @@ async fn submit(engine: &Engine, work: Work, encodings: Vec<Encoding>) -> Result
         .map_err(|e| match e {
             ScheduleError::Stopped => ApiError::unavailable("the model has stopped"),
             ScheduleError::Model(message) => ApiError::internal(message),
+            ScheduleError::OutOfMemory(message) => ApiError::out_of_memory(message),
         })
 }
 

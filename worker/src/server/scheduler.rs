@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 
 use super::fault::DeviceFault;
 use super::metrics::Metrics;
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendError};
 use crate::config::PoolingConfig;
 use crate::models::bert::{Batch, Bert};
 use crate::tokenizer::Encoding;
@@ -94,6 +94,19 @@ pub enum ScheduleError {
     /// The model failed on a batch holding this request.
     #[error("{0}")]
     Model(String),
+    /// The device ran out of memory on a batch holding this request (it stays usable).
+    #[error("{0}")]
+    OutOfMemory(String),
+}
+
+impl ScheduleError {
+    /// What a failed forward pass tells the requests of its batch.
+    fn of_pass(error: &crate::Error) -> Self {
+        match error {
+            crate::Error::Backend(BackendError::OutOfMemory(_)) => Self::OutOfMemory(error.to_string()),
+            _ => Self::Model(error.to_string()),
+        }
+    }
 }
 
 type Reply = oneshot::Sender<Result<Vec<Output>, ScheduleError>>;
@@ -220,16 +233,18 @@ fn run(
         metrics.observe_stage("forward", started.elapsed().as_secs_f64());
         let outcome = match result {
             Ok(Ok(outputs)) if outputs.len() == batch.len() => Ok(outputs),
-            Ok(Ok(outputs)) => Err(format!(
+            Ok(Ok(outputs)) => Err(ScheduleError::Model(format!(
                 "the model gave {} outputs for {} inputs",
                 outputs.len(),
                 batch.len()
-            )),
+            ))),
             Ok(Err(e)) => {
                 fault.note(&e);
-                Err(e.to_string())
+                Err(ScheduleError::of_pass(&e))
             }
-            Err(_) => Err("the model panicked on this batch".to_owned()),
+            Err(_) => Err(ScheduleError::Model(
+                "the model panicked on this batch".to_owned(),
+            )),
         };
         match outcome {
             Ok(outputs) => {
@@ -238,11 +253,11 @@ fn run(
                     queue[j].outputs.extend(outputs.by_ref().take(end - start));
                 }
             }
-            Err(message) => {
-                tracing::error!(%message, "forward pass failed");
+            Err(error) => {
+                tracing::error!(%error, "forward pass failed");
                 for (j, _, _) in picks {
                     if let Some(reply) = queue[j].reply.take() {
-                        let _ = reply.send(Err(ScheduleError::Model(message.clone())));
+                        let _ = reply.send(Err(error.clone()));
                     }
                 }
             }
@@ -332,5 +347,38 @@ mod tests {
         let s = Scheduler::start(Box::new(Failing), 100, DeviceFault::new(), metrics).unwrap();
         let err = s.submit(Work::Embed, vec![enc(3)]).await.unwrap_err();
         assert_eq!(err, ScheduleError::Model("boom".to_owned()));
+    }
+
+    /// Runs out of device memory on batches of more than `0` tokens, echoes smaller ones.
+    struct SmallDevice(usize);
+
+    impl Encoder for SmallDevice {
+        fn run(&self, work: Work, encodings: &[Encoding]) -> crate::Result<Vec<Output>> {
+            let tokens: usize = encodings.iter().map(|e| e.ids.len()).sum();
+            if tokens > self.0 {
+                return Err(crate::Error::Backend(BackendError::OutOfMemory(format!(
+                    "allocating {tokens} tokens' activations: out of GPU memory"
+                ))));
+            }
+            Echo(Arc::new(Mutex::new(Vec::new()))).run(work, encodings)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_out_of_device_memory_fails_its_requests_alone_and_the_device_stays_usable() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let fault = DeviceFault::new();
+        let s = Scheduler::start(Box::new(SmallDevice(8)), 100, fault.clone(), metrics).unwrap();
+        let err = s.submit(Work::Embed, vec![enc(5), enc(5)]).await.unwrap_err();
+        assert_eq!(
+            err,
+            ScheduleError::OutOfMemory(
+                "backend: out of device memory: allocating 10 tokens' activations: out of GPU memory"
+                    .to_owned()
+            )
+        );
+        assert_eq!(fault.get(), None, "out of memory is not a device failure");
+        let out = s.submit(Work::Embed, vec![enc(5)]).await.unwrap();
+        assert_eq!(out, vec![Output::Vector(vec![5.0])]);
     }
 }

@@ -14,6 +14,7 @@
 #include <set>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 using CUresult = int;
@@ -68,6 +69,22 @@ size_t allocated_bytes = 0;
 std::set<uint64_t>& freed() {
     static std::set<uint64_t> addresses;
     return addresses;
+}
+
+// The compute capability the "GPU" reports: 9.0 unless ATOMIC_EMULATED_GPU_COMPUTE_CAPABILITY
+// says another ("6.1", say, for a GPU the backend does not support).
+std::pair<int, int> compute_capability() {
+    static const std::pair<int, int> cc = [] {
+        int major = 9, minor = 0;
+        if (const char* text = std::getenv("ATOMIC_EMULATED_GPU_COMPUTE_CAPABILITY")) {
+            if (std::sscanf(text, "%d.%d", &major, &minor) != 2) {
+                major = 9;
+                minor = 0;
+            }
+        }
+        return std::make_pair(major, minor);
+    }();
+    return cc;
 }
 
 size_t memory_limit() {
@@ -353,7 +370,11 @@ CUresult cuDeviceGet(int* device, int ordinal) {
 }
 
 CUresult cuDeviceGetName(char* name, int len, int) {
-    std::snprintf(name, (size_t)len, "Atomic emulated GPU (H100-shaped)");
+    if (compute_capability() == std::make_pair(9, 0)) {
+        std::snprintf(name, (size_t)len, "Atomic emulated GPU (H100-shaped)");
+    } else {
+        std::snprintf(name, (size_t)len, "Atomic emulated GPU");
+    }
     return SUCCESS;
 }
 
@@ -368,8 +389,8 @@ CUresult cuDeviceGetAttribute(int* value, int attribute, int) {
     case 8: *value = SHARED_PER_BLOCK; return SUCCESS;        // shared memory per block
     case 10: *value = 32; return SUCCESS;                     // warp size
     case 16: *value = 132; return SUCCESS;                    // multiprocessors
-    case 75: *value = 9; return SUCCESS;                      // compute capability major
-    case 76: *value = 0; return SUCCESS;                      // minor
+    case 75: *value = compute_capability().first; return SUCCESS;  // compute capability major
+    case 76: *value = compute_capability().second; return SUCCESS; // minor
     case 97: *value = SHARED_PER_BLOCK_OPTIN; return SUCCESS; // opt-in shared memory per block
     case 115: *value = 1; return SUCCESS;                     // memory pools supported
     default: *value = 0; return SUCCESS;
