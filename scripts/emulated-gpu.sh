@@ -60,3 +60,18 @@ done
 # How it fails on a GPU it cannot use (too old, absent, too small), which only the emulated GPU
 # can be made to be.
 python3 worker/bench/device_failures.py "$worker"
+# The GPU benchmark's own code, every timed section at tiny sizes (--smoke) with the tiny
+# fixtures in the models' places, then its report: so that a GPU session's benchmark does not
+# stop on the benchmark. The accuracy section is left out: its references come from PyTorch on
+# the GPU machine (worker/bench/gpu_reference.py).
+cargo build -q -p atomic-worker --features cuda --example gpu_bench
+models="$out/bench-models"
+mkdir -p "$models"
+ln -sfn "$root/worker/fixtures/tiny-bert" "$models/bert-base"
+ln -sfn "$root/worker/fixtures/tiny-bert" "$models/minilm"
+ln -sfn "$root/worker/fixtures/tiny-llama" "$models/llama-1b"
+"${CARGO_TARGET_DIR:-target}/debug/examples/gpu_bench" "$models" --smoke --seconds 0.01 --max-steps 4 \
+    --only copy,matmul,encoders,decode --precisions bf16 >"$out/bench-smoke.jsonl"
+: >"$out/bench-smoke-torch.jsonl"
+python3 worker/bench/gpu_report.py "$out/bench-smoke.jsonl" "$out/bench-smoke-torch.jsonl" >"$out/bench-smoke-report.txt"
+echo "emulated GPU: the benchmark ran every timed section ($(wc -l <"$out/bench-smoke.jsonl") result lines; report in $out/bench-smoke-report.txt)"

@@ -27,6 +27,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -53,23 +54,59 @@ const SECTIONS: [&str; 5] = ["accuracy", "copy", "matmul", "encoders", "decode"]
 const ENCODERS: [&str; 2] = ["bert-base", "minilm"];
 const DECODER: &str = "llama-1b";
 
-/// The encoder workload of the issue: 32 sequences of 128 tokens.
-const ENC_BATCH: usize = 32;
-const ENC_SEQ: usize = 128;
-
-/// Decode: a short prompt per sequence, then single-token steps at these batch sizes.
+/// Decode: a short prompt per sequence, then single-token steps.
 const PROMPT: usize = 16;
-const DECODE_BATCHES: [usize; 2] = [1, 32];
 
-/// Bytes copied to measure device bandwidth (the same on the PyTorch side): far larger than
-/// any cache, so the copy runs at the memory's speed.
-const COPY_BYTES: usize = 1 << 30;
+/// The sizes the sections run at.
+struct Workload {
+    /// Encoders: this many sequences of `enc_seq` tokens.
+    enc_batch: usize,
+    enc_seq: usize,
+    /// Decode batch sizes.
+    decode_batches: &'static [usize],
+    /// Bytes copied to measure device bandwidth.
+    copy_bytes: usize,
+    /// The side of the square matrix product, and how long it is timed.
+    matmul_n: usize,
+    matmul_budget: Duration,
+    /// Time spent measuring each single op (after a warm-up call).
+    op_budget: Duration,
+}
 
-/// The square matrix product that shows what cuBLAS reaches at its best in each precision.
-const MATMUL_N: usize = 8192;
+/// The issue's workload, matched by PyTorch's side: 32 sequences of 128 tokens; decode at
+/// batch 1 and 32; a 1 GiB copy (far larger than any cache, so it runs at the memory's speed);
+/// an 8192-square product (what cuBLAS reaches at its best).
+const FULL: Workload = Workload {
+    enc_batch: 32,
+    enc_seq: 128,
+    decode_batches: &[1, 32],
+    copy_bytes: 1 << 30,
+    matmul_n: 8192,
+    matmul_budget: Duration::from_secs(1),
+    op_budget: Duration::from_millis(150),
+};
 
-/// Time spent measuring each single op (after a warm-up call).
-const OP_BUDGET: Duration = Duration::from_millis(150);
+/// `--smoke`: every section at tiny sizes, so that the whole benchmark runs in a minute on the
+/// emulated GPU (scripts/emulated-gpu.sh) against the tiny fixtures. Its figures mean nothing;
+/// that it runs through means a GPU session's benchmark will not stop on the benchmark's own
+/// code.
+const SMOKE: Workload = Workload {
+    enc_batch: 2,
+    enc_seq: 16,
+    decode_batches: &[1, 2],
+    copy_bytes: 1 << 20,
+    matmul_n: 64,
+    matmul_budget: Duration::from_millis(1),
+    op_budget: Duration::from_millis(1),
+};
+
+/// The workload chosen at start (`--smoke` or not); global so that the sections, which many
+/// functions share, need not carry it.
+static WORKLOAD: OnceLock<&'static Workload> = OnceLock::new();
+
+fn workload() -> &'static Workload {
+    WORKLOAD.get().copied().unwrap_or(&FULL)
+}
 
 #[derive(Parser)]
 #[command(about = "GPU benchmark of the worker's CUDA backend (JSON lines on stdout)")]
@@ -96,6 +133,10 @@ struct Args {
     /// section's reference (no GPU needed), then exit.
     #[arg(long)]
     check: bool,
+    /// Tiny sizes for a dry run of every section (on the emulated GPU, with the tiny fixtures
+    /// as the models); the figures mean nothing.
+    #[arg(long)]
+    smoke: bool,
 }
 
 fn main() -> ExitCode {
@@ -117,6 +158,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             SECTIONS.join(", ")
         );
     }
+    let _ = WORKLOAD.set(if args.smoke { &SMOKE } else { &FULL });
     if args.check {
         return check_models(&args.models);
     }
@@ -136,7 +178,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         if !device_shown {
             emit(json!({
                 "bench": "device", "impl": "atomic", "name": backend.device_name(),
-                "ordinal": args.device,
+                "ordinal": args.device, "smoke": args.smoke,
             }));
             device_shown = true;
         }
@@ -297,7 +339,7 @@ fn time_op(
 /// the device bytes over the time `from_host` takes, which in fp16/bf16 includes rounding on the
 /// host, so it is what an upload costs the worker rather than the bus's speed alone.
 fn copy_bandwidth(b: &CudaBackend) -> anyhow::Result<()> {
-    let n = COPY_BYTES / b.precision().bytes();
+    let n = workload().copy_bytes / b.precision().bytes();
     let host = vec![0.0f32; n];
     let t = Instant::now();
     let x = b.from_host(&host, &[n])?;
@@ -308,9 +350,9 @@ fn copy_bandwidth(b: &CudaBackend) -> anyhow::Result<()> {
         Ok(())
     })?;
     emit(json!({
-        "bench": "copy", "impl": "atomic", "dtype": b.precision().to_string(), "bytes": COPY_BYTES,
-        "d2d_gbs": 2.0 * COPY_BYTES as f64 / us / 1e3,
-        "h2d_gbs": COPY_BYTES as f64 / h2d / 1e9,
+        "bench": "copy", "impl": "atomic", "dtype": b.precision().to_string(), "bytes": workload().copy_bytes,
+        "d2d_gbs": 2.0 * workload().copy_bytes as f64 / us / 1e3,
+        "h2d_gbs": workload().copy_bytes as f64 / h2d / 1e9,
     }));
     Ok(())
 }
@@ -319,10 +361,10 @@ fn copy_bandwidth(b: &CudaBackend) -> anyhow::Result<()> {
 /// TF32 in fp32) on a large square product: the best TFLOP/s the worker's products reach in this
 /// precision, to set beside PyTorch's peak in the same precision.
 fn big_matmul(b: &CudaBackend) -> anyhow::Result<()> {
-    let n = MATMUL_N;
+    let n = workload().matmul_n;
     let x = upload(b, &[n, n])?;
     let w = upload(b, &[n, n])?;
-    let us = time_op(b, Duration::from_secs(1), || {
+    let us = time_op(b, workload().matmul_budget, || {
         drop(b.linear(&x, &w, None)?);
         Ok(())
     })?;
@@ -337,21 +379,23 @@ fn big_matmul(b: &CudaBackend) -> anyhow::Result<()> {
 /// Ids as the CPU MiniLM benchmark makes them: [CLS] random words [SEP], below `vocab`.
 fn encoder_batch(vocab: usize) -> Batch {
     let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-    let words = (vocab.saturating_sub(1000)).max(1) as u64;
-    let mut ids = Vec::with_capacity(ENC_BATCH * ENC_SEQ);
-    for _ in 0..ENC_BATCH {
+    // Words from id 1000 on, as in BERT's vocabulary; a tiny model's (--smoke) from its middle.
+    let first = 1000.min(vocab / 2);
+    let words = (vocab - first).max(1) as u64;
+    let mut ids = Vec::with_capacity(workload().enc_batch * workload().enc_seq);
+    for _ in 0..workload().enc_batch {
         ids.push(101);
-        for _ in 1..ENC_SEQ - 1 {
+        for _ in 1..workload().enc_seq - 1 {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            ids.push((1000 + seed % words) as u32);
+            ids.push((first as u64 + seed % words) as u32);
         }
         ids.push(102);
     }
     Batch {
-        batch: ENC_BATCH,
-        seq: ENC_SEQ,
+        batch: workload().enc_batch,
+        seq: workload().enc_seq,
         type_ids: vec![0; ids.len()],
         valid: vec![true; ids.len()],
         ids,
@@ -391,9 +435,9 @@ fn encoder(b: &CudaBackend, folder: &Path, name: &str, seconds: f64) -> anyhow::
     let elapsed = started.elapsed().as_secs_f64();
     emit(json!({
         "bench": "encoder", "impl": "atomic", "model": name, "dtype": b.precision().to_string(),
-        "path": "embed", "batch": ENC_BATCH, "seq": ENC_SEQ, "runs": runs,
+        "path": "embed", "batch": workload().enc_batch, "seq": workload().enc_seq, "runs": runs,
         "ms_per_batch": elapsed * 1e3 / runs as f64,
-        "sentences_per_s": (runs * ENC_BATCH) as f64 / elapsed,
+        "sentences_per_s": (runs * workload().enc_batch) as f64 / elapsed,
     }));
     // The forward pass with cuBLASLt adding the biases (the worker's default), then with a
     // bias pass after each product, to show what the epilogue buys.
@@ -419,9 +463,9 @@ fn encoder(b: &CudaBackend, folder: &Path, name: &str, seconds: f64) -> anyhow::
             "bench": "encoder", "impl": "atomic", "model": name, "dtype": b.precision().to_string(),
             "path": "forward", "bias_epilogue": bias_epilogue,
             "epilogue_shapes_planned": planned, "epilogue_shapes_refused": refused,
-            "batch": ENC_BATCH, "seq": ENC_SEQ, "runs": runs,
+            "batch": workload().enc_batch, "seq": workload().enc_seq, "runs": runs,
             "ms_per_batch": elapsed * 1e3 / runs as f64,
-            "sentences_per_s": (runs * ENC_BATCH) as f64 / elapsed,
+            "sentences_per_s": (runs * workload().enc_batch) as f64 / elapsed,
         }));
         Ok(())
     };
@@ -473,7 +517,7 @@ impl Op<'_> {
         calls: usize,
         f: impl FnMut() -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        let us = time_op(b, OP_BUDGET, f)?;
+        let us = time_op(b, workload().op_budget, f)?;
         let flops = 2.0 * (n * k * m) as f64;
         let bytes = self.bytes(m * k + n * k + n * m);
         self.emit(op, format!("[{n},{k}]x[{m},{k}]ᵀ"), us, calls, flops, bytes);
@@ -492,12 +536,12 @@ impl Op<'_> {
         residual: &CudaTensor,
         mut f: impl FnMut(CudaTensor) -> atomic_worker::backend::Result<CudaTensor>,
     ) -> anyhow::Result<()> {
-        let copy_us = time_op(b, OP_BUDGET, || {
+        let copy_us = time_op(b, workload().op_budget, || {
             drop(b.copy(residual)?);
             Ok(())
         })?;
         let (n, k, m) = shape;
-        let both_us = time_op(b, OP_BUDGET, || {
+        let both_us = time_op(b, workload().op_budget, || {
             drop(f(b.copy(residual)?)?);
             Ok(())
         })?;
@@ -534,7 +578,7 @@ impl Op<'_> {
         let x = upload(b, &[n, k])?;
         let w = upload(b, &[m, k])?;
         let bias_t = if bias { Some(upload(b, &[m])?) } else { None };
-        let us = time_op(b, OP_BUDGET, || {
+        let us = time_op(b, workload().op_budget, || {
             drop(b.linear_act(&x, &w, bias_t.as_ref(), act)?);
             Ok(())
         })?;
@@ -560,7 +604,7 @@ impl Op<'_> {
             upload(b, &[m])?,
             upload(b, &[n, m])?,
         );
-        let us = time_op(b, OP_BUDGET, || {
+        let us = time_op(b, workload().op_budget, || {
             drop(b.linear_add_layer_norm(&x, &w, Some(&bias), &r, (gamma, beta), 1e-12)?);
             Ok(())
         })?;
@@ -582,10 +626,11 @@ impl Op<'_> {
 
 /// The ops of one BERT forward pass at the benchmark's shape, each timed alone.
 fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()> {
+    let (enc_batch, enc_seq) = (workload().enc_batch, workload().enc_seq);
     let op = Op {
         section: "encoder",
         model: name,
-        batch: ENC_BATCH,
+        batch: enc_batch,
         precision: b.precision(),
     };
     let (h, inter, heads, layers) = (
@@ -595,7 +640,7 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
         c.num_hidden_layers,
     );
     let d = h / heads;
-    let t = ENC_BATCH * ENC_SEQ;
+    let t = enc_batch * enc_seq;
     let act = |n: usize| op.bytes(n);
 
     let batch = encoder_batch(c.vocab_size);
@@ -604,8 +649,8 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
     let types = upload(b, &[c.type_vocab_size, h])?;
     let gamma = upload(b, &[h])?;
     let beta = upload(b, &[h])?;
-    let pos_ids: Vec<u32> = (0..t).map(|i| (i % ENC_SEQ) as u32).collect();
-    let us = time_op(b, OP_BUDGET, || {
+    let pos_ids: Vec<u32> = (0..t).map(|i| (i % enc_seq) as u32).collect();
+    let us = time_op(b, workload().op_budget, || {
         let w = b.embedding(&batch.ids, &words)?;
         let p = b.embedding(&pos_ids, &positions)?;
         let ty = b.embedding(&batch.type_ids, &types)?;
@@ -641,15 +686,15 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
     // Attention read straight out of the fused projection, as Bert runs it.
     let qkv = upload(b, &[t, 3 * h])?;
     let mask = AttentionMask::padding(&batch.valid);
-    let us = time_op(b, OP_BUDGET, || {
-        drop(b.attention_qkv(&qkv, (ENC_BATCH, heads), &mask)?);
+    let us = time_op(b, workload().op_budget, || {
+        drop(b.attention_qkv(&qkv, (enc_batch, heads), &mask)?);
         Ok(())
     })?;
-    let attn_flops = 4.0 * (ENC_BATCH * heads * ENC_SEQ * ENC_SEQ * d) as f64;
+    let attn_flops = 4.0 * (enc_batch * heads * enc_seq * enc_seq * d) as f64;
     op.emit(
         "attention_qkv",
         format!(
-            "[{t},{}] as [{ENC_BATCH},{ENC_SEQ},{heads},{d}] x 3, padding mask (unfused: cuBLAS + softmax)",
+            "[{t},{}] as [{enc_batch},{enc_seq},{heads},{d}] x 3, padding mask (unfused: cuBLAS + softmax)",
             3 * h
         ),
         us,
@@ -658,18 +703,18 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
         act(4 * t * h),
     );
     drop(qkv);
-    let q = upload(b, &[ENC_BATCH, ENC_SEQ, heads, d])?;
-    let k = upload(b, &[ENC_BATCH, ENC_SEQ, heads, d])?;
-    let v = upload(b, &[ENC_BATCH, ENC_SEQ, heads, d])?;
+    let q = upload(b, &[enc_batch, enc_seq, heads, d])?;
+    let k = upload(b, &[enc_batch, enc_seq, heads, d])?;
+    let v = upload(b, &[enc_batch, enc_seq, heads, d])?;
     // The fused flash kernel at the same shape, for comparison (0 calls: the pass does not
     // run it).
-    let us = time_op(b, OP_BUDGET, || {
+    let us = time_op(b, workload().op_budget, || {
         drop(b.attention_flash(&q, &k, &v, &mask)?);
         Ok(())
     })?;
     op.emit(
         "attention_flash_alone",
-        format!("[{ENC_BATCH},{ENC_SEQ},{heads},{d}] padding mask"),
+        format!("[{enc_batch},{enc_seq},{heads},{d}] padding mask"),
         us,
         0,
         attn_flops,
@@ -697,7 +742,7 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
     op.linear(b, "linear_attn_out", t, h, h, true, Activation::Identity, 0)?;
     let x = upload(b, &[t, h])?;
     let r = upload(b, &[t, h])?;
-    let us = time_op(b, OP_BUDGET, || {
+    let us = time_op(b, workload().op_budget, || {
         drop(b.add_layer_norm(&x, &r, &gamma, &beta, 1e-12)?);
         Ok(())
     })?;
@@ -718,20 +763,20 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
 
     // Pooling on the GPU and its fp32 rows to the host, as Bert::embed runs them; then the
     // copy of every hidden state they replace, for comparison (0 calls).
-    let hidden = upload(b, &[ENC_BATCH, ENC_SEQ, h])?;
-    let us = time_op(b, OP_BUDGET, || {
+    let hidden = upload(b, &[enc_batch, enc_seq, h])?;
+    let us = time_op(b, workload().op_budget, || {
         drop(b.pool_to_host(&hidden, &batch.valid, Pooling::Mean, true)?);
         Ok(())
     })?;
     op.emit(
         "pool_mean_normalize_to_host",
-        format!("[{ENC_BATCH},{ENC_SEQ},{h}] -> [{ENC_BATCH},{h}] fp32"),
+        format!("[{enc_batch},{enc_seq},{h}] -> [{enc_batch},{h}] fp32"),
         us,
         1,
         0.0,
-        act(t * h) + (ENC_BATCH * h * size_of::<f32>()) as f64,
+        act(t * h) + (enc_batch * h * size_of::<f32>()) as f64,
     );
-    let us = time_op(b, OP_BUDGET, || {
+    let us = time_op(b, workload().op_budget, || {
         drop(b.to_host(&x)?);
         Ok(())
     })?;
@@ -748,9 +793,10 @@ fn check_models(models: &Path) -> anyhow::Result<()> {
         let dir = open(&folder)?;
         let kind = match &dir.config {
             ModelConfig::Bert(c) if name != DECODER => {
-                if c.max_position_embeddings < ENC_SEQ {
+                let enc_seq = workload().enc_seq;
+                if c.max_position_embeddings < enc_seq {
                     bail!(
-                        "{name}: {} positions, the benchmark needs {ENC_SEQ}",
+                        "{name}: {} positions, the benchmark needs {enc_seq}",
                         c.max_position_embeddings
                     );
                 }
@@ -835,7 +881,7 @@ fn decode(b: &CudaBackend, folder: &Path, args: &Args) -> anyhow::Result<()> {
     // CUDA graphs: enabling them is for the rest of the backend's life.
     for graphs in [false, true] {
         if graphs {
-            b.enable_decode_graphs(DECODE_BATCHES.into_iter().max().unwrap_or(1));
+            b.enable_decode_graphs(workload().decode_batches.iter().copied().max().unwrap_or(1));
         }
         // Batches the matrix-vector kernel takes run a second time with it off (cuBLAS and
         // the separate kernels), `"gemv": false`, and, without graphs, every batch once more
@@ -847,7 +893,7 @@ fn decode(b: &CudaBackend, folder: &Path, args: &Args) -> anyhow::Result<()> {
             gemv,
             grouped,
             reuse,
-        } in DECODE_BATCHES.into_iter().flat_map(|batch| {
+        } in workload().decode_batches.iter().copied().flat_map(|batch| {
             let best = Variant {
                 batch,
                 gemv: true,
@@ -964,7 +1010,7 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
 
     let table = upload(b, &[vocab, h])?;
     let ids: Vec<u32> = (0..t as u32).collect();
-    let us = time_op(b, OP_BUDGET, || {
+    let us = time_op(b, workload().op_budget, || {
         drop(b.embedding(&ids, &table)?);
         Ok(())
     })?;
@@ -1019,7 +1065,7 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
     let paged = b.prepare_paged(&plan)?;
     let qkv = upload(b, &[t, q + 2 * kv])?;
     let positions: Vec<usize> = vec![context; t];
-    let us = time_op(b, OP_BUDGET, || {
+    let us = time_op(b, workload().op_budget, || {
         drop(b.split_qkv_rope_paged(
             &qkv,
             (heads, kvh),
@@ -1039,7 +1085,7 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
         0.0,
         act(2 * t * (q + 2 * kv)),
     );
-    let us = time_op(b, OP_BUDGET, || {
+    let us = time_op(b, workload().op_budget, || {
         drop(b.prepare_paged(&plan)?);
         Ok(())
     })?;
@@ -1054,7 +1100,7 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
     );
 
     let qd = upload(b, &[batch, heads, d])?;
-    let us = time_op(b, OP_BUDGET, || {
+    let us = time_op(b, workload().op_budget, || {
         drop(b.paged_attention(&qd, &pool, &values, &paged)?);
         Ok(())
     })?;
@@ -1066,7 +1112,7 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
     op.emit("attention_decode", shape.clone(), us, layers, flops, bytes);
     // The per-head decode kernels for comparison (0 calls: not part of the step).
     b.set_grouped_decode(false);
-    let per_head = time_op(b, OP_BUDGET, || {
+    let per_head = time_op(b, workload().op_budget, || {
         drop(b.paged_attention(&qd, &pool, &values, &paged)?);
         Ok(())
     });
@@ -1121,7 +1167,7 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
     // only the ids come back.
     let logits = upload(b, &[t, vocab])?;
     let greedy = vec![TokenDraw::GREEDY; t];
-    let us = time_op(b, OP_BUDGET, || {
+    let us = time_op(b, workload().op_budget, || {
         drop(b.sample_rows(&logits, &greedy)?);
         Ok(())
     })?;
@@ -1145,7 +1191,7 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
         };
         t
     ];
-    let us = time_op(b, OP_BUDGET, || {
+    let us = time_op(b, workload().op_budget, || {
         drop(b.sample_rows(&logits, &draws)?);
         Ok(())
     })?;

@@ -124,9 +124,11 @@ pub enum Error {
         message: String,
     },
 
-    /// A compute operation failed (shape mismatch, out-of-range token id, device error).
+    /// A compute operation failed (shape mismatch, out-of-range token id, device error). The
+    /// message holds the backend's; it is not also a `source`, which would print it twice in a
+    /// chain (`{:#}`).
     #[error("backend: {0}")]
-    Backend(#[from] backend::BackendError),
+    Backend(backend::BackendError),
 
     /// The worker cannot serve the model as configured (wrong task or labels for the model,
     /// a thread that could not start).
@@ -140,6 +142,12 @@ pub enum Error {
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<backend::BackendError> for Error {
+    fn from(e: backend::BackendError) -> Self {
+        Error::Backend(e)
+    }
+}
 
 impl Error {
     /// Wraps an I/O error on `path`, turning "not found" into [`Error::MissingFile`] because
