@@ -87,6 +87,17 @@ std::pair<int, int> compute_capability() {
     return cc;
 }
 
+// Multiprocessors: 132 (an H100) unless ATOMIC_EMULATED_GPU_SM_COUNT says otherwise. Fewer
+// make the decode kernels split a sequence's keys fewer ways, and so emulate faster.
+int sm_count() {
+    static const int count = [] {
+        const char* text = std::getenv("ATOMIC_EMULATED_GPU_SM_COUNT");
+        const int n = text ? std::atoi(text) : 0;
+        return n > 0 ? n : 132;
+    }();
+    return count;
+}
+
 size_t memory_limit() {
     static const size_t limit = [] {
         const char* mib = std::getenv("ATOMIC_EMULATED_GPU_MEMORY_MIB");
@@ -388,7 +399,7 @@ CUresult cuDeviceGetAttribute(int* value, int attribute, int) {
     case 1: *value = 1024; return SUCCESS;                    // max threads per block
     case 8: *value = SHARED_PER_BLOCK; return SUCCESS;        // shared memory per block
     case 10: *value = 32; return SUCCESS;                     // warp size
-    case 16: *value = 132; return SUCCESS;                    // multiprocessors
+    case 16: *value = sm_count(); return SUCCESS;             // multiprocessors
     case 75: *value = compute_capability().first; return SUCCESS;  // compute capability major
     case 76: *value = compute_capability().second; return SUCCESS; // minor
     case 97: *value = SHARED_PER_BLOCK_OPTIN; return SUCCESS; // opt-in shared memory per block

@@ -22,8 +22,10 @@
 // - kernels are the .cu files compiled by g++ against emulator.h (the "NVRTC" here), so they run
 //   with CUDA's grid, block, barrier and shuffle semantics, one block at a time.
 //
-// Two variables change the "GPU" for tests of how the worker fails: ATOMIC_EMULATED_GPU_MEMORY_MIB
-// (its memory, 16384 by default) and ATOMIC_EMULATED_GPU_COMPUTE_CAPABILITY ("9.0" by default).
+// Variables change the "GPU": ATOMIC_EMULATED_GPU_MEMORY_MIB (its memory, 16384 by default) and
+// ATOMIC_EMULATED_GPU_COMPUTE_CAPABILITY ("9.0") for tests of how the worker fails, and
+// ATOMIC_EMULATED_GPU_SM_COUNT (132) for whole-model runs that need not split decode attention
+// as many ways as an H100 would.
 //
 // What it cannot show: timing, the GPU's own instructions and rounding in the last bits, races
 // that barriers hide, and cuBLAS's choice of algorithm (products here are plain fp32 loops).
