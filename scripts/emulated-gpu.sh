@@ -55,10 +55,11 @@ ATOMIC_EMULATED_GPU_SM_COUNT=16 ATOMIC_SKIP_MINILM=1 cargo test -p atomic-worker
 # batch budget keeps the warm-up pass short here.
 cargo build -q -p atomic-worker --features cuda --bin atomic-worker
 worker="${CARGO_TARGET_DIR:-target}/debug/atomic-worker"
-for smoke in "tiny-bert bf16" "tiny-llama fp32"; do
-    read -r model precision <<<"$smoke"
-    ATOMIC_WORKER_MAX_BATCH_TOKENS=128 python3 worker/bench/serve_smoke.py "$worker" "worker/fixtures/$model" \
-        --precision "$precision"
+for smoke in "tiny-bert bf16 0" "tiny-llama fp32 0" "tiny-llama fp32 4"; do
+    read -r model precision graphs <<<"$smoke"
+    # The last: decode steps replayed from CUDA graphs, as `--cuda-graph-max-batch 4` serves them.
+    ATOMIC_WORKER_MAX_BATCH_TOKENS=128 ATOMIC_WORKER_CUDA_GRAPH_MAX_BATCH="$graphs" \
+        python3 worker/bench/serve_smoke.py "$worker" "worker/fixtures/$model" --precision "$precision"
 done
 # How it fails on a GPU it cannot use (too old, absent, too small), which only the emulated GPU
 # can be made to be.

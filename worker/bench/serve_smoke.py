@@ -10,7 +10,10 @@ goes:
   precision, 0.99999 in fp32); completions token for token in fp32 (in half precision a tiny
   random model's near-equal logits may pick another token, so the shared prefix is printed,
   not checked);
-- /metrics holds the start-up phases (`atomic_worker_startup_seconds`).
+- /metrics holds the start-up phases (`atomic_worker_startup_seconds`) and, on the device, its
+  buffer cache's counts (`atomic_worker_gpu_buffer_requests_total`, some reused) and, for a
+  decoder served with `ATOMIC_WORKER_CUDA_GRAPH_MAX_BATCH` set, decode steps replayed from CUDA
+  graphs (`atomic_worker_decode_graph_steps_total{outcome="replayed"}`).
 
     python3 worker/bench/serve_smoke.py WORKER_BINARY MODEL_DIR [--device cuda:0] [--precision bf16]
 
@@ -101,7 +104,11 @@ def ask_and_stop(proc, port, decoder):
         proc.terminate()
         proc.wait(timeout=60)
     phases = dict(re.findall(r'atomic_worker_startup_seconds\{phase="(\w+)"\} (\S+)', metrics))
-    return answers, phases
+    buffers = {k: float(v) for k, v in re.findall(
+        r'atomic_worker_gpu_buffer_requests_total\{outcome="(\w+)"\} (\S+)', metrics)}
+    graphs = {k: float(v) for k, v in re.findall(
+        r'atomic_worker_decode_graph_steps_total\{outcome="(\w+)"\} (\S+)', metrics)}
+    return answers, phases, buffers, graphs
 
 
 def shared_prefix(a, b):
@@ -134,7 +141,7 @@ def main():
             started = time.time()
             proc = start(args.binary, args.model, device, args.precision, cache, args.port + i, log_path)
             ready = time.time() - started
-            answers, phases = ask_and_stop(proc, args.port + i, decoder)
+            answers, phases, buffers, graphs = ask_and_stop(proc, args.port + i, decoder)
             # Colour codes, should a build still write them, would split `key=value`.
             log = re.sub(r"\x1b\[[0-9;]*m", "", open(log_path).read())
             built = re.search(r"built the GPU kernels.*", log)
@@ -142,6 +149,15 @@ def main():
                   + (f"; {built.group(0)}" if built else ""))
             if "ready" not in phases:
                 raise SystemExit("serve_smoke: /metrics has no atomic_worker_startup_seconds{phase=\"ready\"}")
+            if device != "cpu":
+                print(f"serve_smoke: start {i + 1}: device buffers {buffers}")
+                if buffers.get("reused", 0) <= 0:
+                    raise SystemExit("serve_smoke: /metrics shows no reused device buffer "
+                                     "(atomic_worker_gpu_buffer_requests_total{outcome=\"reused\"})")
+                if decoder and int(os.environ.get("ATOMIC_WORKER_CUDA_GRAPH_MAX_BATCH", "0") or 0) > 0:
+                    print(f"serve_smoke: start {i + 1}: decode graph steps {graphs}")
+                    if graphs.get("replayed", 0) <= 0:
+                        raise SystemExit("serve_smoke: decode graphs are on but /metrics shows no step replayed")
             runs.append((answers, log))
         (first, log1), (second, log2), (cpu, _) = runs
         if gpu:

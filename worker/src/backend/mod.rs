@@ -52,6 +52,19 @@ pub use cpu::{CpuBackend, CpuTensor};
 pub use cuda::{CudaBackend, CudaTensor};
 pub use device::{DeviceSpec, Precision, Selected};
 pub use paged::{PagedPlan, PagedSeq};
+
+/// A device backend's counts since it opened (see [`Backend::device_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Device allocations served by a reused buffer, and those that went to the driver.
+    pub buffers_reused: u64,
+    pub buffers_missed: u64,
+    /// Idle device memory the buffer cache holds now.
+    pub idle_buffer_bytes: u64,
+    /// Decode steps replayed from a CUDA graph, and those recorded into one.
+    pub graph_replays: u64,
+    pub graph_recordings: u64,
+}
 pub use reference::ReferenceBackend;
 
 /// Errors from backend operations.
@@ -188,6 +201,12 @@ pub trait Backend: Send + Sync {
     /// narrower precision (the CUDA backend in fp16/bf16: 2). What memory budgets divide by.
     fn element_bytes(&self) -> usize {
         4
+    }
+
+    /// What a GPU's memory reuse and decode graphs have done so far, for the worker's metrics;
+    /// `None` for backends that keep no such counts (the CPU).
+    fn device_stats(&self) -> Option<DeviceStats> {
+        None
     }
 
     /// Copies host data into a new tensor; `data.len()` must equal the product of `shape`.

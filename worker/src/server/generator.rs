@@ -55,6 +55,10 @@ pub trait Decoder: Send {
     fn max_positions(&self) -> usize;
     /// Positions the key/value pool holds over all sequences.
     fn kv_capacity_positions(&self) -> usize;
+    /// The device's counts for the metrics (`Backend::device_stats`).
+    fn device_stats(&self) -> Option<crate::backend::DeviceStats> {
+        None
+    }
 }
 
 /// A [`CausalLm`] on backend `B`, with its key/value pool.
@@ -113,6 +117,10 @@ impl<B: Backend> Decoder for DecoderOn<B> {
 
     fn kv_capacity_positions(&self) -> usize {
         self.pool.capacity_positions()
+    }
+
+    fn device_stats(&self) -> Option<crate::backend::DeviceStats> {
+        self.backend.device_stats()
     }
 }
 
@@ -659,6 +667,9 @@ fn run(
             }))
         };
         metrics.observe_stage("decode_step", started.elapsed().as_secs_f64());
+        if let Some(stats) = model.device_stats() {
+            metrics.record_device(&stats);
+        }
         let output = match result {
             Ok(Ok(output)) if output.len() == active.len() => output,
             other => {

@@ -1,10 +1,14 @@
 //! The worker's Prometheus metrics, in a registry of their own (one per server, so servers in
 //! one process, as in tests, do not share counters).
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
+
+use crate::backend::DeviceStats;
 
 /// All metrics of one server.
 #[derive(Clone)]
@@ -30,6 +34,15 @@ pub struct Metrics {
     pub failures: IntCounterVec,
     /// Seconds each start-up phase took (what a worker scaled up from zero waits for).
     pub startup_seconds: GaugeVec,
+    /// GPU device allocations by outcome (`reused` a cached buffer, `missed`: the driver).
+    gpu_buffer_requests: IntCounterVec,
+    /// Idle device memory the GPU's buffer cache holds.
+    gpu_idle_buffer_bytes: IntGauge,
+    /// Decode steps run from CUDA graphs by outcome (`replayed`, `recorded`).
+    decode_graph_steps: IntCounterVec,
+    /// The device's counts at the last [`Metrics::record_device`], which the counters above
+    /// have reached (the device counts from its start; the counters add the difference).
+    device_seen: Arc<Mutex<DeviceStats>>,
 }
 
 impl Metrics {
@@ -94,6 +107,28 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(failures.clone()))?;
         registry.register(Box::new(startup_seconds.clone()))?;
+        let gpu_buffer_requests = IntCounterVec::new(
+            Opts::new(
+                "atomic_worker_gpu_buffer_requests_total",
+                "GPU device allocations by outcome: reused (a buffer of the buffer cache) or missed \
+                 (asked of the driver); none on the CPU",
+            ),
+            &["outcome"],
+        )?;
+        let gpu_idle_buffer_bytes = IntGauge::new(
+            "atomic_worker_gpu_idle_buffer_bytes",
+            "Idle device memory the GPU's buffer cache holds for reuse",
+        )?;
+        let decode_graph_steps = IntCounterVec::new(
+            Opts::new(
+                "atomic_worker_decode_graph_steps_total",
+                "Decode steps run from CUDA graphs (--cuda-graph-max-batch) by outcome: replayed or recorded",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(gpu_buffer_requests.clone()))?;
+        registry.register(Box::new(gpu_idle_buffer_bytes.clone()))?;
+        registry.register(Box::new(decode_graph_steps.clone()))?;
         Ok(Self {
             registry,
             queue_size,
@@ -106,7 +141,49 @@ impl Metrics {
             requests,
             failures,
             startup_seconds,
+            gpu_buffer_requests,
+            gpu_idle_buffer_bytes,
+            decode_graph_steps,
+            device_seen: Arc::new(Mutex::new(DeviceStats::default())),
         })
+    }
+
+    /// Brings the GPU metrics up to `stats`, the device's counts since it opened (the model
+    /// threads call it after each pass).
+    pub fn record_device(&self, stats: &DeviceStats) {
+        let mut seen = self.device_seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let add = |counter: &IntCounterVec, outcome: &str, now: u64, before: u64| {
+            counter
+                .with_label_values(&[outcome])
+                .inc_by(now.saturating_sub(before));
+        };
+        add(
+            &self.gpu_buffer_requests,
+            "reused",
+            stats.buffers_reused,
+            seen.buffers_reused,
+        );
+        add(
+            &self.gpu_buffer_requests,
+            "missed",
+            stats.buffers_missed,
+            seen.buffers_missed,
+        );
+        add(
+            &self.decode_graph_steps,
+            "replayed",
+            stats.graph_replays,
+            seen.graph_replays,
+        );
+        add(
+            &self.decode_graph_steps,
+            "recorded",
+            stats.graph_recordings,
+            seen.graph_recordings,
+        );
+        self.gpu_idle_buffer_bytes
+            .set(i64::try_from(stats.idle_buffer_bytes).unwrap_or(i64::MAX));
+        *seen = *stats;
     }
 
     /// Records how long a start-up phase took.
@@ -132,6 +209,34 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_counts_become_counters_that_add_only_what_is_new() {
+        let m = Metrics::new().expect("metrics");
+        let mut stats = DeviceStats {
+            buffers_reused: 10,
+            buffers_missed: 3,
+            idle_buffer_bytes: 4096,
+            graph_replays: 0,
+            graph_recordings: 1,
+        };
+        m.record_device(&stats);
+        stats.buffers_reused = 25;
+        stats.graph_replays = 7;
+        stats.idle_buffer_bytes = 512;
+        m.record_device(&stats);
+        m.record_device(&stats); // nothing new
+        let text = m.render().expect("render");
+        for line in [
+            "atomic_worker_gpu_buffer_requests_total{outcome=\"reused\"} 25",
+            "atomic_worker_gpu_buffer_requests_total{outcome=\"missed\"} 3",
+            "atomic_worker_decode_graph_steps_total{outcome=\"replayed\"} 7",
+            "atomic_worker_decode_graph_steps_total{outcome=\"recorded\"} 1",
+            "atomic_worker_gpu_idle_buffer_bytes 512",
+        ] {
+            assert!(text.contains(line), "no `{line}` in:\n{text}");
+        }
+    }
 
     #[test]
     fn start_up_phases_render_by_name() {

@@ -47,6 +47,11 @@ pub enum Output {
 pub trait Encoder: Send {
     /// Runs `work` on `encodings` (one batch), giving one output per encoding, in order.
     fn run(&self, work: Work, encodings: &[Encoding]) -> crate::Result<Vec<Output>>;
+
+    /// The device's counts for the metrics (`Backend::device_stats`).
+    fn device_stats(&self) -> Option<crate::backend::DeviceStats> {
+        None
+    }
 }
 
 /// A BERT-family encoder on backend `B`.
@@ -82,6 +87,10 @@ impl<B: Backend> Encoder for BertEncoder<B> {
                 .map(Output::Tokens)
                 .collect(),
         })
+    }
+
+    fn device_stats(&self) -> Option<crate::backend::DeviceStats> {
+        self.backend.device_stats()
     }
 }
 
@@ -231,6 +240,9 @@ fn run(
         let started = Instant::now();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| encoder.run(work, &batch)));
         metrics.observe_stage("forward", started.elapsed().as_secs_f64());
+        if let Some(stats) = encoder.device_stats() {
+            metrics.record_device(&stats);
+        }
         let outcome = match result {
             Ok(Ok(outputs)) if outputs.len() == batch.len() => Ok(outputs),
             Ok(Ok(outputs)) => Err(ScheduleError::Model(format!(

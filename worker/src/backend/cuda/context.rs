@@ -80,6 +80,9 @@ pub struct CudaBackend {
     pub(super) attention_pointers: LastUpload<u64>,
     /// Decode-step graphs and their staged inputs; `None` until enabled (`graph.rs`).
     pub(super) graphs: Mutex<Option<DecodeGraphs>>,
+    /// Decode steps replayed from a graph, and recorded into one (for the metrics).
+    pub(super) graph_replays: AtomicU64,
+    pub(super) graph_recordings: AtomicU64,
     /// A graph capture is under way on the stream (uploads are refused; buffers come from the
     /// driver's pool, so that the graph owns them, not from `buffers`).
     pub(super) capturing: AtomicBool,
@@ -385,6 +388,8 @@ impl CudaBackend {
             key_valid: LastUpload::new(),
             attention_pointers: LastUpload::new(),
             graphs: Mutex::new(None),
+            graph_replays: AtomicU64::new(0),
+            graph_recordings: AtomicU64::new(0),
             capturing: AtomicBool::new(false),
             buffers: Arc::new(Mutex::new(Buffers::new(DEFAULT_LIMIT_BYTES))),
             upload_buffers_allocated: AtomicU64::new(0),

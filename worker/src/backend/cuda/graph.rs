@@ -27,6 +27,7 @@
 //! backend gives it at start-up, so no product allocates inside a capture.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus};
@@ -273,6 +274,7 @@ impl CudaBackend {
                     self.give_up_graph(batch, &driver_err("launching a decode graph", e).to_string());
                     return Ok(None);
                 }
+                self.graph_replays.fetch_add(1, Ordering::Relaxed);
                 return Ok(Some(self.download_ids(&staged.out)?));
             }
         }
@@ -294,6 +296,7 @@ impl CudaBackend {
             Ok(recorded) => {
                 staged.graph = Some(recorded);
                 graphs.book.recorded(batch);
+                self.graph_recordings.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(self.download_ids(&staged.out)?))
             }
             Err(e) => {

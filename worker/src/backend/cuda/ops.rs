@@ -994,6 +994,17 @@ impl Backend for CudaBackend {
         self.precision.bytes()
     }
 
+    fn device_stats(&self) -> Option<crate::backend::DeviceStats> {
+        let buffers = self.buffer_stats();
+        Some(crate::backend::DeviceStats {
+            buffers_reused: buffers.reused,
+            buffers_missed: buffers.missed,
+            idle_buffer_bytes: buffers.idle_bytes as u64,
+            graph_replays: self.graph_replays.load(Ordering::Relaxed),
+            graph_recordings: self.graph_recordings.load(Ordering::Relaxed),
+        })
+    }
+
     fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<CudaTensor> {
         shapes::host("from_host", data.len(), shape)?;
         if data.is_empty() {
