@@ -2,14 +2,14 @@
 # Everything to run on a GPU machine, as one command of under ten minutes: the GPU tests
 # (scripts/gpu-checks.sh), the worker binary served twice on the GPU and once on the CPU
 # (worker/bench/serve_smoke.py: start-up, kernel cache, tiny-bert's embeddings and tiny-llama's
-# greedy completions in fp32 against the CPU's), then the
+# greedy completions in fp32 with decode graphs on, against the CPU's), then the
 # benchmark (scripts/bench-gpu.sh), each under its own time limit so that a hang in one still
 # leaves the others' results. Logs, the benchmark's JSON
 # lines and its report go to the folder $OUT names when it is set, else to
 # target/gpu-session. Build the bundle first, on a machine with Rust: bash scripts/gpu-bundle.sh
 #   bash scripts/gpu-session.sh [SECONDS_PER_FIGURE=2]
 # Environment: CHECKS_LIMIT, SERVE_LIMIT (each smoke's) and BENCH_LIMIT (seconds, default 180, 45
-# and 310); PRECISIONS for the
+# and 280: with each stage's 10 s of grace, under the ten minutes); PRECISIONS for the
 # benchmark (default bf16,fp16,fp32: the precisions of the goals first).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,9 +35,10 @@ grep -E "^== |^test result|FAILED|panicked|^gpu-checks:" "$out/checks.log" | hea
 echo "gpu-session: $(grep -c SKIPPED "$out/checks.log") tests skipped (see checks.log for why)"
 lib_dirs="$(bash scripts/cuda-libs.sh)"
 serve=0
-for smoke in "tiny-bert bf16" "tiny-llama fp32"; do
-    read -r model precision <<<"$smoke"
-    LD_LIBRARY_PATH="$lib_dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" timeout -k 10 "${SERVE_LIMIT:-45}" \
+for smoke in "tiny-bert bf16 0" "tiny-llama fp32 4"; do
+    read -r model precision graphs <<<"$smoke"
+    ATOMIC_WORKER_CUDA_GRAPH_MAX_BATCH="$graphs" \
+        LD_LIBRARY_PATH="$lib_dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" timeout -k 10 "${SERVE_LIMIT:-45}" \
         python3 worker/bench/serve_smoke.py target/gpu-bundle/atomic-worker "worker/fixtures/$model" \
         --precision "$precision" >"$out/serve-$model.log" 2>&1
     status=$?
@@ -47,7 +48,7 @@ for smoke in "tiny-bert bf16" "tiny-llama fp32"; do
 done
 # The benchmark splits its time limit itself (BENCH_DEADLINE): PyTorch's figures, which every
 # ratio needs, keep their share even when the worker's runs are cut short.
-bench_limit="${BENCH_LIMIT:-310}"
+bench_limit="${BENCH_LIMIT:-280}"
 PRECISIONS="${PRECISIONS:-bf16,fp16,fp32}" ATOMIC_BENCH_OUT="$out" \
     ATOMIC_GPU_BENCH="${ATOMIC_GPU_BENCH:-target/gpu-bundle/gpu_bench}" \
     BENCH_DEADLINE=$(($(date +%s) + bench_limit - 15)) \

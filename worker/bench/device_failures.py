@@ -53,6 +53,11 @@ class Worker:
     """`atomic-worker serve` on a fixture with the emulated GPU's variables set."""
 
     def __init__(self, binary, fixture, args, gpu, log_dir):
+        try:
+            call("/ready")
+            fail(f"something already answers on port {PORT}; stop it first")
+        except OSError:
+            pass  # free, as it should be
         self.log_path = os.path.join(log_dir, "worker.log")
         env = {**os.environ, "NO_COLOR": "1", **gpu}
         command = [binary, "serve", "--model-dir", f"worker/fixtures/{fixture}", "--model-name", "m",
@@ -122,8 +127,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         worker = Worker(binary, "tiny-bert", ["--device", "auto"], old_gpu, tmp)
         worker.wait_ready()
-        status, _ = call("/v1/embeddings", {"model": "m", "input": ["hello"]})
-        worker.stop()
+        try:
+            status, _ = call("/v1/embeddings", {"model": "m", "input": ["hello"]})
+        finally:
+            worker.stop()
         log = worker.log()
         for phrase in ["no usable GPU", "compute capability 6.1", "running on the CPU"]:
             if phrase not in log:

@@ -56,9 +56,13 @@ def request(port, path, body=None, timeout=10):
 def start(binary, model, device, precision, cache, port, log_path):
     try:
         request(port, "/ready", timeout=2)
-        raise SystemExit(f"serve_smoke: something already answers on port {port}; stop it or pass --port")
+        answered = True
+    except urllib.error.HTTPError:
+        answered = True  # an error status is an answer too
     except OSError:
-        pass  # free, as it should be
+        answered = False  # free, as it should be
+    if answered:
+        raise SystemExit(f"serve_smoke: something already answers on port {port}; stop it or pass --port")
     log = open(log_path, "w")
     args = [binary, "serve", "--model-dir", model, "--model-name", "m", "--device", device, "--precision", precision,
             "--port", str(port), "--host", "127.0.0.1", "--kernel-cache-dir", cache]
@@ -86,7 +90,8 @@ def ask(port, decoder):
     texts = []
     for prompt in TEXTS:
         body = json.loads(request(port, "/v1/completions", {
-            "model": "m", "prompt": prompt, "max_tokens": COMPLETION_TOKENS, "temperature": 0})[1])
+            "model": "m", "prompt": prompt, "max_tokens": COMPLETION_TOKENS, "temperature": 0},
+            timeout=60)[1])
         generated = body["usage"]["completion_tokens"]
         if body["choices"][0]["finish_reason"] == "length" and generated != COMPLETION_TOKENS:
             raise SystemExit(f"serve_smoke: asked for {COMPLETION_TOKENS} tokens, got {generated}")

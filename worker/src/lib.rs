@@ -143,6 +143,13 @@ pub enum Error {
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl Error {
+    /// Whether the device ran out of memory: that pass failed, the device stays usable.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::Backend(backend::BackendError::OutOfMemory(_)))
+    }
+}
+
 impl From<backend::BackendError> for Error {
     fn from(e: backend::BackendError) -> Self {
         Error::Backend(e)

@@ -2,13 +2,16 @@
 //! decoder fixture and checks completions, chat and streaming against the PyTorch references.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use atomic_worker::Tokenizer;
 use atomic_worker::models::kv_cache::KvCache;
+use atomic_worker::server::scheduler::{Encoder, Output, Work};
 use atomic_worker::server::{
     self, AppState, Decoder, DecoderParts, Engine, Limits, Metrics, ModelLimits, ModelParts,
 };
+use atomic_worker::tokenizer::Encoding;
 use futures::future::join_all;
 use serde_json::{Value, json};
 
@@ -40,7 +43,12 @@ impl Server {
         step_delay: Option<Duration>,
     ) -> Server {
         let wrap = step_delay.map(|delay| {
-            Box::new(move |model| Box::new(Slow(model, delay)) as Box<dyn Decoder>) as WrapDecoder
+            Box::new(move |model| {
+                Box::new(TestDecoder {
+                    delay,
+                    ..TestDecoder::new(model)
+                }) as Box<dyn Decoder>
+            }) as WrapDecoder
         });
         Self::start_wrapped(name, limits, model_limits, wrap).await
     }
@@ -158,20 +166,62 @@ impl Server {
     }
 }
 
+/// An encoder that counts the passes it runs.
+struct CountingEncoder(Box<dyn Encoder>, Arc<AtomicUsize>);
+
+impl Encoder for CountingEncoder {
+    fn run(&self, work: Work, encodings: &[Encoding]) -> atomic_worker::Result<Vec<Output>> {
+        self.1.fetch_add(1, Ordering::Relaxed);
+        self.0.run(work, encodings)
+    }
+}
+
 /// What a test puts around the fixture's decoder.
 type WrapDecoder = Box<dyn FnOnce(Box<dyn Decoder>) -> Box<dyn Decoder>>;
 
-/// Sleeps before each decode step.
-struct Slow(Box<dyn Decoder>, Duration);
+/// The fixture's decoder with what a test adds: a sleep before each step (so that generations
+/// last), running out of device memory on steps of more than `oom_above` tokens in all (a GPU
+/// too small for long prompts), and a count of the steps run.
+struct TestDecoder {
+    inner: Box<dyn Decoder>,
+    delay: Duration,
+    oom_above: usize,
+    steps: Arc<AtomicUsize>,
+}
 
-impl Decoder for Slow {
+impl TestDecoder {
+    fn new(inner: Box<dyn Decoder>) -> Self {
+        Self {
+            inner,
+            delay: Duration::ZERO,
+            oom_above: usize::MAX,
+            steps: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn before_step(&self, tokens: &[&[u32]]) -> atomic_worker::Result<()> {
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(self.delay);
+        let n: usize = tokens.iter().map(|t| t.len()).sum();
+        if n > self.oom_above {
+            return Err(atomic_worker::Error::Backend(
+                atomic_worker::backend::BackendError::OutOfMemory(format!(
+                    "allocating a step of {n} tokens: out of GPU memory"
+                )),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Decoder for TestDecoder {
     fn step(
         &mut self,
         caches: &mut [&mut KvCache],
         tokens: &[&[u32]],
     ) -> atomic_worker::Result<Vec<Vec<f32>>> {
-        std::thread::sleep(self.1);
-        self.0.step(caches, tokens)
+        self.before_step(tokens)?;
+        self.inner.step(caches, tokens)
     }
 
     fn step_sample(
@@ -180,24 +230,24 @@ impl Decoder for Slow {
         tokens: &[&[u32]],
         draws: &[atomic_worker::sampling::TokenDraw],
     ) -> atomic_worker::Result<Vec<u32>> {
-        std::thread::sleep(self.1);
-        self.0.step_sample(caches, tokens, draws)
+        self.before_step(tokens)?;
+        self.inner.step_sample(caches, tokens, draws)
     }
 
     fn eos_token_ids(&self) -> &[u32] {
-        self.0.eos_token_ids()
+        self.inner.eos_token_ids()
     }
 
     fn new_cache(&self) -> KvCache {
-        self.0.new_cache()
+        self.inner.new_cache()
     }
 
     fn max_positions(&self) -> usize {
-        self.0.max_positions()
+        self.inner.max_positions()
     }
 
     fn kv_capacity_positions(&self) -> usize {
-        self.0.kv_capacity_positions()
+        self.inner.kv_capacity_positions()
     }
 }
 
@@ -893,9 +943,27 @@ fn the_largest_pass_runs_once_at_start_up() {
             max_batch_tokens: budget,
             kv_cache_bytes,
         };
-        let mut parts = server::load_model(&fixture(name), 1, &limits).unwrap();
+        let passes = Arc::new(AtomicUsize::new(0));
+        let mut parts = match server::load_model(&fixture(name), 1, &limits).unwrap() {
+            ModelParts::Decoder(d) => ModelParts::Decoder(DecoderParts {
+                tokenizer: d.tokenizer,
+                model: Box::new(TestDecoder {
+                    steps: passes.clone(),
+                    ..TestDecoder::new(d.model)
+                }),
+            }),
+            ModelParts::Encoder(mut e) => {
+                e.encoder = Box::new(CountingEncoder(e.encoder, passes.clone()));
+                ModelParts::Encoder(e)
+            }
+        };
         let tokens = server::reserve_working_set(&mut parts, &limits).unwrap();
         assert_eq!(tokens, want, "{name}, budget {budget}");
+        assert_eq!(
+            passes.load(Ordering::Relaxed),
+            1,
+            "{name}, budget {budget}: passes run"
+        );
         if let ModelParts::Decoder(d) = &mut parts {
             // The pass gave its blocks back: the whole pool is free for new sequences.
             let (capacity, context) = (d.model.kv_capacity_positions(), d.model.max_positions());
@@ -910,66 +978,16 @@ fn the_largest_pass_runs_once_at_start_up() {
     }
 }
 
-/// A device that runs out of memory on steps of more than `1` tokens in all, like a GPU too
-/// small for long prompts.
-struct SmallDevice(Box<dyn Decoder>, usize);
-
-impl SmallDevice {
-    fn check(&self, tokens: &[&[u32]]) -> atomic_worker::Result<()> {
-        let n: usize = tokens.iter().map(|t| t.len()).sum();
-        if n > self.1 {
-            return Err(atomic_worker::Error::Backend(
-                atomic_worker::backend::BackendError::OutOfMemory(format!(
-                    "allocating a step of {n} tokens: out of GPU memory"
-                )),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Decoder for SmallDevice {
-    fn step(
-        &mut self,
-        caches: &mut [&mut KvCache],
-        tokens: &[&[u32]],
-    ) -> atomic_worker::Result<Vec<Vec<f32>>> {
-        self.check(tokens)?;
-        self.0.step(caches, tokens)
-    }
-
-    fn step_sample(
-        &mut self,
-        caches: &mut [&mut KvCache],
-        tokens: &[&[u32]],
-        draws: &[atomic_worker::sampling::TokenDraw],
-    ) -> atomic_worker::Result<Vec<u32>> {
-        self.check(tokens)?;
-        self.0.step_sample(caches, tokens, draws)
-    }
-
-    fn eos_token_ids(&self) -> &[u32] {
-        self.0.eos_token_ids()
-    }
-
-    fn new_cache(&self) -> KvCache {
-        self.0.new_cache()
-    }
-
-    fn max_positions(&self) -> usize {
-        self.0.max_positions()
-    }
-
-    fn kv_capacity_positions(&self) -> usize {
-        self.0.kv_capacity_positions()
-    }
-}
-
 /// A step that runs out of device memory fails its requests with 503 `out_of_memory` (plain and
 /// streamed), and the worker stays ready and answers the next, smaller request as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_out_of_device_memory_answers_503_and_the_worker_goes_on() {
-    let wrap: WrapDecoder = Box::new(|model| Box::new(SmallDevice(model, 8)));
+    let wrap: WrapDecoder = Box::new(|model| {
+        Box::new(TestDecoder {
+            oom_above: 8,
+            ..TestDecoder::new(model)
+        })
+    });
     let mut s = Server::start_wrapped(
         "tiny-llama",
         Limits::default(),

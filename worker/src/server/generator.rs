@@ -23,7 +23,7 @@ use tokio::sync::mpsc as tokio_mpsc;
 use super::fault::DeviceFault;
 use super::metrics::Metrics;
 use crate::Error;
-use crate::backend::{Backend, BackendError, CpuBackend};
+use crate::backend::{Backend, CpuBackend};
 use crate::config::ModelConfig;
 use crate::model_dir::ModelDir;
 use crate::models::decoder::CausalLm;
@@ -681,9 +681,10 @@ fn run(
                     )),
                     Ok(Err(e)) => {
                         fault.note(&e);
-                        match e {
-                            Error::Backend(BackendError::OutOfMemory(_)) => Event::OutOfMemory(e.to_string()),
-                            _ => Event::Error(e.to_string()),
+                        if e.is_out_of_memory() {
+                            Event::OutOfMemory(e.to_string())
+                        } else {
+                            Event::Error(e.to_string())
                         }
                     }
                     Err(_) => Event::Error("the model panicked on this step".to_owned()),

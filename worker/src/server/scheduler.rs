@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 
 use super::fault::DeviceFault;
 use super::metrics::Metrics;
-use crate::backend::{Backend, BackendError};
+use crate::backend::Backend;
 use crate::config::PoolingConfig;
 use crate::models::bert::{Batch, Bert};
 use crate::tokenizer::Encoding;
@@ -111,9 +111,10 @@ pub enum ScheduleError {
 impl ScheduleError {
     /// What a failed forward pass tells the requests of its batch.
     fn of_pass(error: &crate::Error) -> Self {
-        match error {
-            crate::Error::Backend(BackendError::OutOfMemory(_)) => Self::OutOfMemory(error.to_string()),
-            _ => Self::Model(error.to_string()),
+        if error.is_out_of_memory() {
+            Self::OutOfMemory(error.to_string())
+        } else {
+            Self::Model(error.to_string())
         }
     }
 }
@@ -294,6 +295,7 @@ fn finish_done(queue: &mut VecDeque<Job>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::BackendError;
     use std::sync::Mutex;
 
     /// Echoes each sequence's length and records the batch sizes it saw.
@@ -361,7 +363,7 @@ mod tests {
         assert_eq!(err, ScheduleError::Model("boom".to_owned()));
     }
 
-    /// Runs out of device memory on batches of more than `0` tokens, echoes smaller ones.
+    /// Runs out of device memory on batches of more tokens than its limit, echoes smaller ones.
     struct SmallDevice(usize);
 
     impl Encoder for SmallDevice {

@@ -52,7 +52,7 @@ pub(super) struct LastUpload<T: DeviceRepr>(Mutex<Option<Uploaded<T>>>);
 type Uploaded<T> = (Vec<T>, Arc<DeviceArray<T>>);
 
 impl<T: DeviceRepr + PartialEq + Clone> LastUpload<T> {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self(Mutex::new(None))
     }
 }
@@ -671,7 +671,8 @@ impl CudaBackend {
 
     /// The buffer cache's counts: how many allocations were served by a reused buffer and how
     /// many went to the driver, and what is idle now. The misses include the buffers the
-    /// upload caches allocated, so that they count every request a pass makes of the driver.
+    /// upload caches allocated; exact-size buffers (weights, key/value pools, graph staging) and
+    /// allocations inside a graph capture are not counted.
     pub fn buffer_stats(&self) -> BufferStats {
         let mut stats = self.lock_buffers().cache.stats();
         stats.missed += self.upload_buffers_allocated.load(Ordering::Relaxed);
@@ -741,8 +742,8 @@ impl CudaBackend {
     }
 
     /// `positions` on the device: the staged copy of a graphed decode step, else the last upload
-    /// when they are the same. A replaced buffer is freed in stream order, after the kernels
-    /// queued to read it.
+    /// when they are the same, else an upload through the positions' cache
+    /// ([`CudaBackend::upload_unless_same`]).
     pub(super) fn upload_positions(&self, positions: &[u32]) -> Result<Arc<DeviceArray<u32>>> {
         if let Some(staged) = self.staged_positions(positions) {
             return Ok(staged);
@@ -791,7 +792,9 @@ impl CudaBackend {
 
     /// A buffer of its own for an upload cache: room for `len` values of `T`, rounded up to a
     /// power of two (at least 256 bytes) so that slowly growing uploads rarely replace it; from
-    /// the driver, and freed to it, never through the buffer cache.
+    /// the driver, and freed to it, never through the buffer cache. (Such a free inside a graph
+    /// capture would be recorded into the graph; none happens there, since uploads are refused
+    /// inside a capture and only they replace these buffers.)
     fn alloc_upload_buffer<T: DeviceRepr>(&self, what: &str, len: usize) -> Result<DeviceArray<T>> {
         let bytes = (len.max(1) * size_of::<T>()).next_power_of_two().max(256);
         let slice = self.driver_alloc(what, bytes)?;

@@ -419,17 +419,20 @@ fn gpu_in(test: &str, precision: Precision) -> Option<MutexGuard<'static, CudaBa
 /// CUDA's rule for synchronous calls during a stream capture, which the decode graphs rely on
 /// (they capture in thread-local mode) and which the emulated GPU enforces: while a thread-local
 /// capture is under way, a synchronous allocation or a context synchronisation on the thread
-/// that began it fails and invalidates the capture, and the same calls on another thread do
-/// not touch it. On a GPU this checks the rule the emulated GPU was written to.
+/// that began it fails and invalidates the capture, and a synchronous allocation and free on
+/// another thread do not touch it. On a GPU this checks the rule the emulated GPU was written
+/// to.
 #[test]
 fn gpu_a_thread_local_capture_forbids_synchronous_calls_on_its_thread_only() {
     use cudarc::driver::result::{self, stream::StreamKind};
     use cudarc::driver::sys::CUstreamCaptureMode;
     let test = "gpu_a_thread_local_capture_forbids_synchronous_calls_on_its_thread_only";
-    // Held so that no other test's work interleaves with the captures.
+    // Every shared backend held, so that no other test opens one, or synchronises, while a
+    // capture is under way (a context synchronisation from any thread would break it).
     let Some(_gpu) = gpu(test) else {
         return;
     };
+    let _all: Vec<_> = Precision::ALL.iter().filter_map(|&p| gpu_in(test, p)).collect();
     let ctx = cudarc::driver::CudaContext::new(0).unwrap();
     ctx.bind_to_thread().unwrap();
     let stream = result::stream::create(StreamKind::NonBlocking).unwrap();
@@ -449,7 +452,7 @@ fn gpu_a_thread_local_capture_forbids_synchronous_calls_on_its_thread_only() {
         }
     };
 
-    // Another thread allocates, frees and synchronises freely.
+    // Another thread allocates and frees freely.
     capture();
     std::thread::scope(|scope| {
         scope
@@ -459,8 +462,6 @@ fn gpu_a_thread_local_capture_forbids_synchronous_calls_on_its_thread_only() {
                 let ptr =
                     unsafe { result::malloc_sync(256) }.expect("a synchronous allocation on another thread");
                 unsafe { result::free_sync(ptr) }.expect("a synchronous free on another thread");
-                ctx.synchronize()
-                    .expect("a context synchronisation on another thread");
             })
             .join()
             .unwrap();
@@ -882,6 +883,58 @@ fn gpu_elementwise_ops_match_reference() {
 /// kernels queued before the drop still read it first: stream order), and a limit of 0 keeps
 /// nothing. Every result is checked on the host, so a buffer reused too early shows up as a
 /// wrong value.
+/// An upload cache (`LastUpload`: positions, padding masks, pointer tables) keeps its values in
+/// a buffer of its own: the same values again are the same copy; new values that fit overwrite
+/// that buffer only when no caller still holds it (a held copy keeps its values); values that do
+/// not fit get a new buffer, which counts as a driver request.
+#[test]
+fn gpu_an_upload_cache_overwrites_its_buffer_only_when_nothing_holds_it() {
+    use super::context::LastUpload;
+    use cudarc::driver::DevicePtr;
+    use std::sync::Arc;
+    let Some(g) = gpu("gpu_an_upload_cache_overwrites_its_buffer_only_when_nothing_holds_it") else {
+        return;
+    };
+    let last = LastUpload::<u32>::new();
+    let addr = |a: &super::tensor::DeviceArray<u32>| a.bytes().device_ptr(&g.stream).0;
+    let read = |a: &super::tensor::DeviceArray<u32>| g.stream.clone_dtoh(&a.view().unwrap()).unwrap();
+
+    let first = g.upload_unless_same(&last, "values", &[1, 2, 3]).unwrap();
+    let again = g.upload_unless_same(&last, "values", &[1, 2, 3]).unwrap();
+    assert!(Arc::ptr_eq(&first, &again), "the same values were uploaded again");
+    drop(again);
+    let missed = g.buffer_stats().missed;
+    // `first` is still held: new values go to another buffer, and `first` keeps its own.
+    let second = g.upload_unless_same(&last, "values", &[4, 5, 6]).unwrap();
+    assert_ne!(addr(&second), addr(&first), "a held upload was overwritten");
+    assert_eq!(read(&first), [1, 2, 3]);
+    assert_eq!(read(&second), [4, 5, 6]);
+    assert_eq!(
+        g.buffer_stats().missed,
+        missed + 1,
+        "the new buffer is a driver request"
+    );
+    drop(first);
+    // Nothing but the cache holds `second`'s buffer once the caller drops it: it is overwritten.
+    let second_addr = addr(&second);
+    drop(second);
+    let third = g.upload_unless_same(&last, "values", &[7, 8]).unwrap();
+    assert_eq!(addr(&third), second_addr, "a free upload buffer was not reused");
+    assert_eq!(third.len(), 2);
+    assert_eq!(read(&third), [7, 8]);
+    assert_eq!(
+        g.buffer_stats().missed,
+        missed + 1,
+        "an overwrite asked the driver"
+    );
+    drop(third);
+    // 100 values do not fit the 256-byte buffer: a new one.
+    let long: Vec<u32> = (0..100).collect();
+    let fourth = g.upload_unless_same(&last, "values", &long).unwrap();
+    assert_eq!(read(&fourth), long);
+    assert_eq!(g.buffer_stats().missed, missed + 2);
+}
+
 #[test]
 fn gpu_dropped_outputs_are_reused_in_stream_order() {
     use cudarc::driver::DevicePtr;

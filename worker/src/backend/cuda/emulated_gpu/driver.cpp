@@ -433,8 +433,13 @@ CUresult cuCtxPopCurrent_v2(void** ctx) {
 
 CUresult cuCtxSynchronize() {
     Guard g(lock());
-    if (CUresult refused = refuse_unsafe_call("cuCtxSynchronize"); refused != SUCCESS) {
-        return refused;
+    // Synchronising the whole context while any of its streams is being captured is invalid
+    // whatever the capture's mode or thread (CUDA's programming guide on stream capture).
+    if (!captures().empty()) {
+        Stream* s = *captures().begin();
+        emulated_gpu::report("cuCtxSynchronize while a stream of the context is being captured");
+        s->invalidated = true;
+        return CAPTURE_UNSUPPORTED;
     }
     return check_guards();
 }

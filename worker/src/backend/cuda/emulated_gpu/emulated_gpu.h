@@ -15,8 +15,9 @@
 //   the instantiated graph; synchronising, copying to the host or copying from (pageable) host
 //   memory inside a capture invalidates it, as it does on a GPU, and so do the calls CUDA forbids
 //   while a capture covers the calling thread (synchronous allocation, free, copy and memset,
-//   context and event synchronisation; global mode covers every thread, thread-local mode the
-//   one that began it); memory a capture allocated and
+//   event synchronisation; global mode covers every thread, thread-local mode the one that
+//   began it), and a context synchronisation from any thread while any capture is under way
+//   (event queries and per-thread capture modes are not modelled); memory a capture allocated and
 //   freed is the graph's, which nothing outside the graph may touch, and memory it allocated and
 //   did not free keeps its address for the graph's relaunches, which wait until it is freed;
 // - kernels are the .cu files compiled by g++ against emulator.h (the "NVRTC" here), so they run
