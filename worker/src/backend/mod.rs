@@ -56,11 +56,8 @@ pub use paged::{PagedPlan, PagedSeq};
 /// A device backend's counts since it opened (see [`Backend::device_stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeviceStats {
-    /// Device allocations served by a reused buffer, and those that went to the driver.
-    pub buffers_reused: u64,
-    pub buffers_missed: u64,
-    /// Idle device memory the buffer cache holds now.
-    pub idle_buffer_bytes: u64,
+    /// The buffer cache's counts (its misses include the upload caches' own buffers).
+    pub buffers: buffer_cache::BufferStats,
     /// Decode steps replayed from a CUDA graph, and those recorded into one.
     pub graph_replays: u64,
     pub graph_recordings: u64,

@@ -160,14 +160,14 @@ impl Metrics {
         add(
             &self.gpu_buffer_requests,
             "reused",
-            stats.buffers_reused,
-            seen.buffers_reused,
+            stats.buffers.reused,
+            seen.buffers.reused,
         );
         add(
             &self.gpu_buffer_requests,
             "missed",
-            stats.buffers_missed,
-            seen.buffers_missed,
+            stats.buffers.missed,
+            seen.buffers.missed,
         );
         add(
             &self.decode_graph_steps,
@@ -182,7 +182,7 @@ impl Metrics {
             seen.graph_recordings,
         );
         self.gpu_idle_buffer_bytes
-            .set(i64::try_from(stats.idle_buffer_bytes).unwrap_or(i64::MAX));
+            .set(i64::try_from(stats.buffers.idle_bytes).unwrap_or(i64::MAX));
         *seen = *stats;
     }
 
@@ -209,21 +209,25 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::buffer_cache::BufferStats;
 
     #[test]
     fn device_counts_become_counters_that_add_only_what_is_new() {
         let m = Metrics::new().expect("metrics");
         let mut stats = DeviceStats {
-            buffers_reused: 10,
-            buffers_missed: 3,
-            idle_buffer_bytes: 4096,
+            buffers: BufferStats {
+                reused: 10,
+                missed: 3,
+                idle_bytes: 4096,
+                ..BufferStats::default()
+            },
             graph_replays: 0,
             graph_recordings: 1,
         };
         m.record_device(&stats);
-        stats.buffers_reused = 25;
+        stats.buffers.reused = 25;
         stats.graph_replays = 7;
-        stats.idle_buffer_bytes = 512;
+        stats.buffers.idle_bytes = 512;
         m.record_device(&stats);
         m.record_device(&stats); // nothing new
         let text = m.render().expect("render");

@@ -688,7 +688,15 @@ impl CudaBackend {
     /// the buffer cache. Refused inside a graph capture, which cannot record a copy from
     /// pageable memory (a graphed step's inputs are staged before it, see `graph.rs`).
     pub(super) fn upload<T: DeviceRepr>(&self, what: &str, data: &[T]) -> Result<DeviceArray<T>> {
-        if data.is_empty() {
+        self.check_upload(what, data.len())?;
+        let array = self.alloc_array(what, data.len())?;
+        self.copy_to_array(what, &array, data)?;
+        Ok(array)
+    }
+
+    /// What every upload refuses: nothing to copy, or a graph capture under way.
+    fn check_upload(&self, what: &str, len: usize) -> Result<()> {
+        if len == 0 {
             return Err(BackendError::Device(format!("{what}: nothing to upload")));
         }
         if self.capturing.load(Ordering::Relaxed) {
@@ -696,9 +704,7 @@ impl CudaBackend {
                 "uploading {what} inside a graph capture"
             )));
         }
-        let array = self.alloc_array(what, data.len())?;
-        self.copy_to_array(what, &array, data)?;
-        Ok(array)
+        Ok(())
     }
 
     /// Room for `len` values of `T`, uninitialised, from the buffer cache.
@@ -764,14 +770,7 @@ impl CudaBackend {
     ) -> Result<Arc<DeviceArray<T>>> {
         // Inside a capture even the last upload will not do: a later upload overwrites or
         // frees it while the graph still reads it.
-        if self.capturing.load(Ordering::Relaxed) {
-            return Err(BackendError::Device(format!(
-                "uploading {what} inside a graph capture"
-            )));
-        }
-        if data.is_empty() {
-            return Err(BackendError::Device(format!("{what}: nothing to upload")));
-        }
+        self.check_upload(what, data.len())?;
         let mut slot = last.0.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((host, dev)) = slot.as_ref()
             && host.as_slice() == data

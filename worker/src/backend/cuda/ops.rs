@@ -995,11 +995,8 @@ impl Backend for CudaBackend {
     }
 
     fn device_stats(&self) -> Option<crate::backend::DeviceStats> {
-        let buffers = self.buffer_stats();
         Some(crate::backend::DeviceStats {
-            buffers_reused: buffers.reused,
-            buffers_missed: buffers.missed,
-            idle_buffer_bytes: buffers.idle_bytes as u64,
+            buffers: self.buffer_stats(),
             graph_replays: self.graph_replays.load(Ordering::Relaxed),
             graph_recordings: self.graph_recordings.load(Ordering::Relaxed),
         })

@@ -323,14 +323,16 @@ using Guard = std::lock_guard<std::recursive_mutex>;
 
 namespace {
 
-// CUDA forbids "potentially unsafe" calls (synchronous allocation, free, copy and memset,
-// context and event synchronisation) while a capture that covers the calling thread is under way:
-// one begun in global mode on any thread, or in thread-local mode on this one. Such a call fails
-// with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidates that capture. `SUCCESS` when none
+// CUDA forbids "potentially unsafe" calls (synchronous allocation, free, copy and memset, event
+// synchronisation) while a capture that covers the calling thread is under way: one begun in
+// global mode on any thread, or in thread-local mode on this one. A call on the whole context
+// (`whole_context`: its synchronisation) is forbidden while any capture is under way, whatever
+// its mode or thread (CUDA's programming guide on stream capture). Such a call fails with
+// CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidates that capture. `SUCCESS` when none
 // forbids it.
-CUresult refuse_unsafe_call(const char* call) {
+CUresult refuse_unsafe_call(const char* call, bool whole_context = false) {
     for (Stream* s : captures()) {
-        const bool covers = s->capture_mode == CAPTURE_MODE_GLOBAL ||
+        const bool covers = whole_context || s->capture_mode == CAPTURE_MODE_GLOBAL ||
                             (s->capture_mode == CAPTURE_MODE_THREAD_LOCAL && s->capture_thread == std::this_thread::get_id());
         if (covers) {
             emulated_gpu::report(std::string(call) + " while a stream capture forbids it (an unsafe call inside a capture)");
@@ -339,6 +341,36 @@ CUresult refuse_unsafe_call(const char* call) {
         }
     }
     return SUCCESS;
+}
+
+// The name and description of each result the stand-ins return, as cuGetErrorName and
+// cuGetErrorString give them.
+struct ErrorText {
+    CUresult code;
+    const char* name;
+    const char* text;
+};
+
+const ErrorText& error_text(CUresult error) {
+    static const ErrorText known[] = {
+        {SUCCESS, "CUDA_SUCCESS", "no error"},
+        {INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE", "invalid argument"},
+        {OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
+        {INVALID_IMAGE, "CUDA_ERROR_INVALID_IMAGE", "device kernel image is invalid"},
+        {INVALID_HANDLE, "CUDA_ERROR_INVALID_HANDLE", "invalid resource handle"},
+        {NOT_FOUND, "CUDA_ERROR_NOT_FOUND", "named symbol not found"},
+        {ILLEGAL_ADDRESS, "CUDA_ERROR_ILLEGAL_ADDRESS", "an illegal memory access was encountered"},
+        {LAUNCH_FAILED, "CUDA_ERROR_LAUNCH_FAILED", "unspecified launch failure"},
+        {CAPTURE_UNSUPPORTED, "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED", "operation not permitted when stream is capturing"},
+        {CAPTURE_INVALIDATED, "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED", "operation failed due to a previous error during capture"},
+    };
+    static const ErrorText unknown{-1, "CUDA_ERROR_UNKNOWN", "unknown error"};
+    for (const ErrorText& e : known) {
+        if (e.code == error) {
+            return e;
+        }
+    }
+    return unknown;
 }
 
 // A synchronisation point: what a capture cannot contain, and where asynchronous errors surface.
@@ -433,48 +465,19 @@ CUresult cuCtxPopCurrent_v2(void** ctx) {
 
 CUresult cuCtxSynchronize() {
     Guard g(lock());
-    // Synchronising the whole context while any of its streams is being captured is invalid
-    // whatever the capture's mode or thread (CUDA's programming guide on stream capture).
-    if (!captures().empty()) {
-        Stream* s = *captures().begin();
-        emulated_gpu::report("cuCtxSynchronize while a stream of the context is being captured");
-        s->invalidated = true;
-        return CAPTURE_UNSUPPORTED;
+    if (CUresult refused = refuse_unsafe_call("cuCtxSynchronize", true); refused != SUCCESS) {
+        return refused;
     }
     return check_guards();
 }
 
 CUresult cuGetErrorString(CUresult error, const char** text) {
-    switch (error) {
-    case SUCCESS: *text = "no error"; break;
-    case INVALID_VALUE: *text = "invalid argument"; break;
-    case OUT_OF_MEMORY: *text = "out of memory"; break;
-    case INVALID_IMAGE: *text = "device kernel image is invalid"; break;
-    case INVALID_HANDLE: *text = "invalid resource handle"; break;
-    case NOT_FOUND: *text = "named symbol not found"; break;
-    case ILLEGAL_ADDRESS: *text = "an illegal memory access was encountered"; break;
-    case LAUNCH_FAILED: *text = "unspecified launch failure"; break;
-    case CAPTURE_UNSUPPORTED: *text = "operation not permitted when stream is capturing"; break;
-    case CAPTURE_INVALIDATED: *text = "operation failed due to a previous error during capture"; break;
-    default: *text = "unknown error"; break;
-    }
+    *text = error_text(error).text;
     return SUCCESS;
 }
 
 CUresult cuGetErrorName(CUresult error, const char** text) {
-    switch (error) {
-    case SUCCESS: *text = "CUDA_SUCCESS"; break;
-    case INVALID_VALUE: *text = "CUDA_ERROR_INVALID_VALUE"; break;
-    case OUT_OF_MEMORY: *text = "CUDA_ERROR_OUT_OF_MEMORY"; break;
-    case INVALID_IMAGE: *text = "CUDA_ERROR_INVALID_IMAGE"; break;
-    case INVALID_HANDLE: *text = "CUDA_ERROR_INVALID_HANDLE"; break;
-    case NOT_FOUND: *text = "CUDA_ERROR_NOT_FOUND"; break;
-    case ILLEGAL_ADDRESS: *text = "CUDA_ERROR_ILLEGAL_ADDRESS"; break;
-    case LAUNCH_FAILED: *text = "CUDA_ERROR_LAUNCH_FAILED"; break;
-    case CAPTURE_UNSUPPORTED: *text = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
-    case CAPTURE_INVALIDATED: *text = "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"; break;
-    default: *text = "CUDA_ERROR_UNKNOWN"; break;
-    }
+    *text = error_text(error).name;
     return SUCCESS;
 }
 
