@@ -28,7 +28,7 @@ if [ ! -f "$lib" ] || [ -n "$(find "$src" worker/src/backend/cuda/emulator.h -ne
     g++ -std=c++20 -O2 -shared -fPIC -pthread -Wall -Wextra -Werror \
         -DEMULATOR_H="\"$root/worker/src/backend/cuda/emulator.h\"" \
         -DMODULE_DIR="\"$root/$out/modules\"" \
-        -o "$lib.partial" "$src"/driver.cpp "$src"/nvrtc.cpp "$src"/cublas.cpp -ldl
+        -o "$lib.partial" "$src"/driver.cpp "$src"/nvrtc.cpp "$src"/cublas.cpp "$src"/parallel.cpp -ldl
     mv "$lib.partial" "$lib"
 fi
 # The names cudarc loads (CUDA 13).

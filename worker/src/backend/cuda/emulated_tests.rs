@@ -28,7 +28,9 @@ use crate::backend::{Backend, CpuTensor, PagedPlan, Precision, ReferenceBackend,
 
 const SHIM: &str = include_str!("emulator.h");
 
-type LaunchFn = unsafe extern "C" fn(*const c_char, *const u32, *const u32, usize, *mut *mut c_void) -> i32;
+/// `emu_launch(name, grid, block, smem, args, first, last)`: the blocks `first..last` of the grid.
+type LaunchFn =
+    unsafe extern "C" fn(*const c_char, *const u32, *const u32, usize, *mut *mut c_void, u64, u64) -> i32;
 
 /// The kernels of one precision compiled for the CPU, loaded from a shared library.
 struct Emulator {
@@ -54,16 +56,16 @@ fn source(precision: Precision) -> String {
         src.push_str(&format!("\n#line 1 \"{}\"\n", file.name));
         src.push_str(&file.source.replace(
             "extern __shared__ float smem[];",
-            "float* smem = reinterpret_cast<float*>(emu_dynamic_smem.data());",
+            "float* smem = emu::dynamic_smem();",
         ));
     }
     src.push_str(
         "\nextern \"C\" int emu_launch(const char* name, const unsigned* grid, const unsigned* block, \
-         size_t smem, void** args) {\n",
+         size_t smem, void** args, uint64_t first, uint64_t last) {\n",
     );
     for name in FILES.iter().flat_map(|f| f.functions) {
         src.push_str(&format!(
-            "    if (strcmp(name, \"{name}\") == 0) return emu::run(&{name}, grid, block, smem, args);\n"
+            "    if (strcmp(name, \"{name}\") == 0) return emu::run(&{name}, grid, block, smem, args, first, last);\n"
         ));
     }
     src.push_str("    return 2;\n}\n");
@@ -168,6 +170,7 @@ impl Emulator {
     fn launch(&self, name: &str, grid: (usize, usize, usize), block: usize, smem: usize, mut args: Args) {
         let name_c = CString::new(name).expect("kernel name");
         let grid = [grid.0 as u32, grid.1 as u32, grid.2 as u32];
+        let blocks = grid.iter().map(|&g| u64::from(g)).product();
         let block = [block as u32, 1, 1];
         let mut pointers: Vec<*mut c_void> = args.0.iter_mut().map(|v| (v as *mut u64).cast()).collect();
         // SAFETY: the arguments follow the kernel's parameter list (the tests mirror the
@@ -179,6 +182,8 @@ impl Emulator {
                 block.as_ptr(),
                 smem,
                 pointers.as_mut_ptr(),
+                0,
+                blocks,
             )
         };
         assert_eq!(rc, 0, "emulated launch of {name} failed ({rc})");

@@ -2,21 +2,29 @@
 // tests can run the kernels' own source on machines without a GPU (see emulated_tests.rs). It is
 // compiled with g++ together with common.cuh and every .cu file, with -DATOMIC_EMULATE.
 //
-// - A launch runs its blocks one after another. Each CUDA thread of a block is a fiber on the
-//   calling OS thread, run round-robin by a small scheduler, so barriers cost a context switch
-//   rather than an OS wake-up. On x86-64 a switch is a few instructions (callee-saved registers
-//   pushed, stack pointers swapped); elsewhere it is swapcontext, which also makes a system call
-//   for the signal mask. Fibers live across blocks and launches, each running one block's body
-//   after another.
+// - A launch's blocks are spread over host threads (the emulated driver hands each thread ranges
+//   of them; emu::run below runs one range). Each CUDA thread of a block is a fiber on its host
+//   thread, run round-robin by a small scheduler, so barriers cost a context switch rather than
+//   an OS wake-up. On x86-64 a switch is a few instructions (callee-saved registers pushed, stack
+//   pointers swapped); elsewhere it is swapcontext, which also makes a system call for the signal
+//   mask. Fibers live across blocks and launches, each running one block's body after another,
+//   and never leave their host thread.
+// - A fiber finds itself from its stack pointer: stacks are aligned to their size and begin with
+//   the fiber's record (its threadIdx and its host thread's block state), so threadIdx, blockIdx,
+//   barriers and shuffles cost no thread-local lookup. Only __shared__ variables are
+//   thread_local (function statics per host thread, one block running on a thread at a time).
 // - __syncthreads waits until every unfinished fiber of the block has arrived (a generation
-//   barrier); __shfl_sync / __shfl_xor_sync exchange through a per-warp buffer between two warp barriers
-//   (every lane of a warp must call them, as the kernels do with FULL_MASK). The kernels' early
-//   returns are block-uniform, so a finished fiber never leaves a barrier waiting.
-// - __shared__ variables are function statics (one block runs at a time); the dynamic shared
-//   memory the launch asks for is a buffer the harness substitutes for `extern __shared__`,
-//   filled with NaN bytes before each block (on a GPU it starts as garbage).
+//   barrier); __shfl_sync / __shfl_xor_sync exchange through a per-warp buffer and one warp
+//   barrier, alternating between two buffers so that a lane writing the next exchange never
+//   overwrites one a slower lane has still to read (every lane of a warp must call them, as the
+//   kernels do with FULL_MASK). The kernels' early returns are block-uniform, so a finished
+//   fiber never leaves a barrier waiting.
+// - The dynamic shared memory the launch asks for is a buffer the harness substitutes for
+//   `extern __shared__` (emu::dynamic_smem), filled with NaN bytes before each block (on a GPU it
+//   starts as garbage).
 // - Blocks alternate between running their threads in ascending and descending order, so that a
-//   thread reading another's write without a barrier between them sees it unwritten in one.
+//   thread reading another's write without a barrier between them sees it unwritten in one; and
+//   blocks run concurrently, as on a GPU, so one reading another block's output races here too.
 // - Math is the C library's in the same precision (float expf/erff/tanhf, double exp/pow/sincos);
 //   results can differ from the GPU's in the last bits, never more.
 // What it cannot show: timing, memory-model races the barriers hide, and the GPU's own
@@ -28,8 +36,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <functional>
+#include <new>
 #include <ucontext.h>
 #include <type_traits>
 #include <utility>
@@ -39,16 +46,10 @@ struct dim3 {
     unsigned int x = 1, y = 1, z = 1;
 };
 
-static dim3 threadIdx, blockIdx;
-static dim3 blockDim, gridDim;
-
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __shared__ static
-
-static std::vector<unsigned char> emu_dynamic_smem;
-static std::vector<uint64_t> emu_exchange;
+#define __shared__ static thread_local
 
 namespace emu {
 
@@ -102,19 +103,6 @@ static void make_context(Context& c, char* stack, size_t bytes, void (*entry)())
 static void swap_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
 #endif
 
-struct Fiber {
-    Context context;
-    std::unique_ptr<char[]> stack;
-    bool done = false;
-};
-
-constexpr size_t STACK_BYTES = 256 * 1024;
-// Every fiber ever needed (the largest block so far); a launch of N threads uses the first N.
-static std::vector<std::unique_ptr<Fiber>> fibers;
-static Context scheduler;
-static unsigned current = 0;
-static std::function<void()> block_body;
-
 // A barrier over the unfinished fibers of a group (the block, or one warp): the last to arrive
 // opens it for the others by starting a new generation, so a barrier costs each fiber a switch
 // or two rather than a scan of the group. A fiber that finishes leaves its groups, which opens a
@@ -130,27 +118,109 @@ struct Barrier {
         }
     }
 };
-static Barrier block_barrier;
-static std::vector<Barrier> warp_barriers;
 
-static void yield() { swap_context(fibers[current]->context, scheduler); }
+// One warp's shuffle state: two exchange buffers used in turn, and its barrier.
+struct Warp {
+    uint64_t exchange[2][32];
+    Barrier barrier;
+};
+
+struct Fiber;
+
+
+// What the fibers of one host thread share: the block running there and its scheduler.
+struct Host {
+    Context scheduler;
+    std::vector<Fiber*> fibers; // every fiber ever needed here; a block of N threads uses N
+    std::vector<unsigned char> done; // per fiber of the block: whether it has finished it
+    unsigned current = 0;
+    dim3 block_idx, block_dim, grid_dim;
+    Barrier block_barrier;
+    std::vector<Warp> warps;
+    std::vector<unsigned char> dynamic_smem;
+    void (*body)(void*) = nullptr; // the current launch's kernel call
+    void* body_arg = nullptr;
+};
+
+constexpr size_t STACK_BYTES = 256 * 1024;
+
+// A fiber's record, at the base of its stack (the lowest addresses; the stack grows down from
+// the top, 256 KiB away).
+struct Fiber {
+    Context context;
+    Host* host;
+    dim3 thread_idx;
+    unsigned shuffles = 0; // which exchange buffer its next shuffle uses
+};
+
+// The fiber running this code: its stack is aligned to STACK_BYTES, with the record at its base.
+// The stack pointer is read in assembly rather than as a local's address: derived from a local,
+// the pointer would let the compiler assume it points into that local and cache the record's
+// fields across a switch.
+static inline Fiber* self() {
+    uintptr_t sp;
+#if defined(__x86_64__)
+    asm("movq %%rsp, %0" : "=r"(sp));
+#else
+    sp = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
+#endif
+    return reinterpret_cast<Fiber*>(sp & ~(uintptr_t)(STACK_BYTES - 1));
+}
+
+static void yield() {
+    Fiber* f = self();
+    swap_context(f->context, f->host->scheduler);
+}
 
 // A fiber's life: the current block's body, then finished until the scheduler resumes it for the
 // next block (of this launch or a later one).
 static void fiber_main() {
     for (;;) {
-        block_body();
-        fibers[current]->done = true;
-        block_barrier.leave();
-        warp_barriers[current / 32].leave();
+        Fiber* f = self();
+        Host* h = f->host;
+        h->body(h->body_arg);
+        h->done[f->thread_idx.x] = 1;
+        h->block_barrier.leave();
+        h->warps[f->thread_idx.x / 32].barrier.leave();
         yield();
     }
 }
 
+// The fibers of the calling host thread (made on its first launch, kept until it exits).
+static Host& host() {
+    struct Owner {
+        Host host;
+        ~Owner() {
+            for (Fiber* f : host.fibers) {
+                std::free(f);
+            }
+        }
+    };
+    static thread_local Owner owner;
+    return owner.host;
+}
+
+static void add_fiber(Host& h) {
+    void* stack = std::aligned_alloc(STACK_BYTES, STACK_BYTES);
+    if (stack == nullptr) {
+        std::fprintf(stderr, "emulated GPU: no memory for a fiber's stack\n");
+        std::abort();
+    }
+    // Only the record is written: the stack's pages are touched only as deep as a kernel goes.
+    Fiber* f = new (stack) Fiber{};
+    f->host = &h;
+    // Every stack is aligned to its size, so fibers' stack tops would fall in the same cache
+    // sets: each starts below its top by its own offset (up to 64 KiB), a line and a page apart.
+    const size_t n = h.fibers.size(), color = n % 64 * 64 + n / 64 % 16 * 4096;
+    char* base = static_cast<char*>(stack);
+    make_context(f->context, base + sizeof(Fiber), STACK_BYTES - sizeof(Fiber) - color, fiber_main);
+    h.fibers.push_back(f);
+}
+
 // Runs fiber `t` until it yields at a barrier or finishes its block.
-static void switch_to(unsigned t) {
-    current = t;
-    swap_context(scheduler, fibers[t]->context);
+static void switch_to(Host& h, unsigned t) {
+    h.current = t;
+    swap_context(h.scheduler, h.fibers[t]->context);
 }
 
 // Waits at `b` until every unfinished fiber of its group has arrived.
@@ -166,11 +236,19 @@ static void wait_at(Barrier& b) {
     }
 }
 
+// The block's dynamic shared memory (what `extern __shared__ float smem[]` names on a GPU).
+static inline float* dynamic_smem() { return reinterpret_cast<float*>(self()->host->dynamic_smem.data()); }
+
 } // namespace emu
+
+#define threadIdx (emu::self()->thread_idx)
+#define blockIdx (emu::self()->host->block_idx)
+#define blockDim (emu::self()->host->block_dim)
+#define gridDim (emu::self()->host->grid_dim)
 
 [[noreturn]] static inline void __trap() { std::abort(); }
 
-static inline void __syncthreads() { emu::wait_at(emu::block_barrier); }
+static inline void __syncthreads() { emu::wait_at(emu::self()->host->block_barrier); }
 
 static inline float __uint_as_float(unsigned int u) {
     float f;
@@ -188,11 +266,10 @@ static inline float __int_as_float(int i) { return __uint_as_float((unsigned int
 // sincos, expf, erff, tanhf, pow: the C library's (glibc declares sincos as a GNU extension).
 using std::isfinite;
 using std::isnan;
-// Fibers switch only at barriers and shuffles, so a read-modify-write is atomic as it stands.
+// A real atomic: blocks run concurrently on host threads (the kernels add integers only).
 template <class T> static T atomicAdd(T* address, T value) {
-    const T old = *address;
-    *address = old + value;
-    return old;
+    static_assert(std::is_integral_v<T>, "the emulator's atomicAdd takes integers");
+    return __atomic_fetch_add(address, value, __ATOMIC_RELAXED);
 }
 static inline int min(int a, int b) { return a < b ? a : b; }
 static inline int max(int a, int b) { return a > b ? a : b; }
@@ -201,14 +278,16 @@ static inline int max(int a, int b) { return a > b ? a : b; }
 // lane ^ src).
 template <class T> static T emu_shuffle(T v, int src, bool xor_lanes) {
     static_assert(sizeof(T) <= sizeof(uint64_t), "shuffled values are at most 8 bytes");
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    emu::Fiber* f = emu::self();
+    const unsigned lane = f->thread_idx.x % 32;
+    emu::Warp& w = f->host->warps[f->thread_idx.x / 32];
+    uint64_t* exchange = w.exchange[f->shuffles++ % 2];
     uint64_t bits = 0;
     memcpy(&bits, &v, sizeof v);
-    emu_exchange[(size_t)warp * 32 + lane] = bits;
-    emu::wait_at(emu::warp_barriers[warp]);
-    const int from = xor_lanes ? (lane ^ src) : src;
-    bits = emu_exchange[(size_t)warp * 32 + (from & 31)];
-    emu::wait_at(emu::warp_barriers[warp]);
+    exchange[lane] = bits;
+    emu::wait_at(w.barrier);
+    const unsigned from = xor_lanes ? (lane ^ (unsigned)src) : (unsigned)src;
+    bits = exchange[from & 31];
     T out;
     memcpy(&out, &bits, sizeof out);
     return out;
@@ -218,7 +297,8 @@ template <class T> static T __shfl_xor_sync(unsigned, T v, int mask) { return em
 
 namespace emu {
 
-// Runs `kernel` over the grid with its arguments read from `args` (one pointer per parameter,
+// Runs `kernel` over the blocks [first, last) of the grid, numbered x fastest, then y, then z,
+// on the calling host thread, with its arguments read from `args` (one pointer per parameter,
 // as cuLaunchKernel takes them).
 template <class... P, size_t... I>
 void call_kernel(void (*kernel)(P...), void** args, std::index_sequence<I...>) {
@@ -226,47 +306,55 @@ void call_kernel(void (*kernel)(P...), void** args, std::index_sequence<I...>) {
 }
 
 template <class... P>
-int run(void (*kernel)(P...), const unsigned* grid, const unsigned* block, size_t smem, void** args) {
-    blockDim = dim3{block[0], block[1], block[2]};
-    gridDim = dim3{grid[0], grid[1], grid[2]};
+int run(void (*kernel)(P...), const unsigned* grid, const unsigned* block, size_t smem, void** args,
+        uint64_t first, uint64_t last) {
     const unsigned threads = block[0] * block[1] * block[2];
     if (threads == 0 || threads > 1024 || threads % 32 != 0 || block[1] != 1 || block[2] != 1) {
         return 1; // the kernels launch 1-D blocks of whole warps
     }
-    emu_dynamic_smem.assign(smem + 16, 0);
-    emu_exchange.assign(threads, 0);
-    while (fibers.size() < threads) {
-        auto f = std::make_unique<Fiber>();
-        // Not value-initialised: the stack's pages are touched only as deep as a kernel goes.
-        f->stack.reset(new char[STACK_BYTES]);
-        make_context(f->context, f->stack.get(), STACK_BYTES, fiber_main);
-        fibers.push_back(std::move(f));
+    if (last > (uint64_t)grid[0] * grid[1] * grid[2] || first > last) {
+        return 1;
     }
-    block_body = [&] { call_kernel(kernel, args, std::index_sequence_for<P...>{}); };
-    for (unsigned z = 0; z < grid[2]; ++z) {
-        for (unsigned y = 0; y < grid[1]; ++y) {
-            for (unsigned x = 0; x < grid[0]; ++x) {
-                blockIdx = dim3{x, y, z};
-                for (unsigned t = 0; t < threads; ++t) {
-                    fibers[t]->done = false;
-                }
-                block_barrier = Barrier{threads, 0, 0};
-                warp_barriers.assign(threads / 32, Barrier{32, 0, 0});
-                // Dynamic shared memory starts as garbage on a GPU: NaN bytes here, every block.
-                std::fill(emu_dynamic_smem.begin(), emu_dynamic_smem.end(), 0xff);
-                // Every other block runs its threads in descending order, so that a read of
-                // another thread's write with no barrier between them fails in one of the two.
-                const bool descending = (x + y + z) % 2 == 1;
-                for (bool running = true; running;) {
-                    running = false;
-                    for (unsigned i = 0; i < threads; ++i) {
-                        const unsigned t = descending ? threads - 1 - i : i;
-                        if (!fibers[t]->done) {
-                            threadIdx = dim3{t, 0, 0};
-                            switch_to(t);
-                            running = running || !fibers[t]->done;
-                        }
-                    }
+    Host& h = host();
+    h.block_dim = dim3{block[0], block[1], block[2]};
+    h.grid_dim = dim3{grid[0], grid[1], grid[2]};
+    h.dynamic_smem.assign(smem + 16, 0);
+    while (h.fibers.size() < threads) {
+        add_fiber(h);
+    }
+    struct Call {
+        void (*kernel)(P...);
+        void** args;
+        static void invoke(void* self) {
+            auto* c = static_cast<Call*>(self);
+            call_kernel(c->kernel, c->args, std::index_sequence_for<P...>{});
+        }
+    } call{kernel, args};
+    h.body = &Call::invoke;
+    h.body_arg = &call;
+    for (uint64_t b = first; b < last; ++b) {
+        const unsigned x = (unsigned)(b % grid[0]), y = (unsigned)(b / grid[0] % grid[1]),
+                       z = (unsigned)(b / grid[0] / grid[1]);
+        h.block_idx = dim3{x, y, z};
+        h.done.assign(threads, 0);
+        for (unsigned t = 0; t < threads; ++t) {
+            h.fibers[t]->thread_idx = dim3{t, 0, 0};
+            h.fibers[t]->shuffles = 0;
+        }
+        h.block_barrier = Barrier{threads, 0, 0};
+        h.warps.assign(threads / 32, Warp{{}, Barrier{32, 0, 0}});
+        // Dynamic shared memory starts as garbage on a GPU: NaN bytes here, every block.
+        std::fill(h.dynamic_smem.begin(), h.dynamic_smem.end(), 0xff);
+        // Every other block runs its threads in descending order, so that a read of another
+        // thread's write with no barrier between them fails in one of the two.
+        const bool descending = (x + y + z) % 2 == 1;
+        for (bool running = true; running;) {
+            running = false;
+            for (unsigned i = 0; i < threads; ++i) {
+                const unsigned t = descending ? threads - 1 - i : i;
+                if (!h.done[t]) {
+                    switch_to(h, t);
+                    running = running || !h.done[t];
                 }
             }
         }

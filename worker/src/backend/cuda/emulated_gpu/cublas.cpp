@@ -127,24 +127,33 @@ void run(const Product& p, const void* a, const void* b, void* c, const void* bi
             cb[(size_t)j * p.k + q] = load(b, p.b_type, p.transb ? (size_t)q * p.ldb + j : (size_t)j * p.ldb + q);
         }
     }
-    for (int j = 0; j < p.n; ++j) {
-        for (int i = 0; i < p.m; ++i) {
-            float acc = 0.0f;
-            const float* x = &ra[(size_t)i * p.k];
-            const float* y = &cb[(size_t)j * p.k];
-            for (int q = 0; q < p.k; ++q) {
-                acc += x[q] * y[q];
+    const auto columns = [&](uint64_t first, uint64_t last) {
+        for (int j = (int)first; j < (int)last; ++j) {
+            for (int i = 0; i < p.m; ++i) {
+                float acc = 0.0f;
+                const float* x = &ra[(size_t)i * p.k];
+                const float* y = &cb[(size_t)j * p.k];
+                for (int q = 0; q < p.k; ++q) {
+                    acc += x[q] * y[q];
+                }
+                const size_t at = (size_t)j * p.ldc + i;
+                float out = p.alpha * acc;
+                if (p.beta != 0.0f) {
+                    out += p.beta * load(c, p.c_type, at);
+                }
+                if (p.bias_type >= 0) {
+                    out += load(bias, p.bias_type, (size_t)i);
+                }
+                store(c, p.c_type, at, out);
             }
-            const size_t at = (size_t)j * p.ldc + i;
-            float out = p.alpha * acc;
-            if (p.beta != 0.0f) {
-                out += p.beta * load(c, p.c_type, at);
-            }
-            if (p.bias_type >= 0) {
-                out += load(bias, p.bias_type, (size_t)i);
-            }
-            store(c, p.c_type, at, out);
         }
+    };
+    // Columns of C are independent: a product large enough to repay waking the helper threads
+    // spreads them over the host's cores.
+    if ((uint64_t)p.m * p.n * p.k >= (1u << 16)) {
+        emulated_gpu::parallel_ranges((uint64_t)p.n, columns);
+    } else {
+        columns(0, (uint64_t)p.n);
     }
 }
 

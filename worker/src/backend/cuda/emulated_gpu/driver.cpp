@@ -7,6 +7,7 @@
 
 #include <dlfcn.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -178,7 +179,7 @@ CUresult release(CUdeviceptr ptr, bool owner = false) {
 
 // ----- modules and kernels
 
-using LaunchFn = int (*)(const char*, const unsigned*, const unsigned*, size_t, void**);
+using LaunchFn = int (*)(const char*, const unsigned*, const unsigned*, size_t, void**, uint64_t, uint64_t);
 using ParamsFn = int (*)(const char*, size_t*, int);
 
 struct Module {
@@ -751,7 +752,13 @@ CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, u
             args.push_back(blob->data() + o);
         }
         const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, 1, 1};
-        if (f->module->launch(f->name.c_str(), grid, block, smem, args.data()) != 0 && sticky == SUCCESS) {
+        std::atomic<bool> failed{false};
+        emulated_gpu::parallel_ranges((uint64_t)gx * gy * gz, [&](uint64_t first, uint64_t last) {
+            if (f->module->launch(f->name.c_str(), grid, block, smem, args.data(), first, last) != 0) {
+                failed = true;
+            }
+        });
+        if (failed && sticky == SUCCESS) {
             emulated_gpu::report("launch failed: " + launch_shape(f, grid, block, smem));
             sticky = LAUNCH_FAILED;
         }

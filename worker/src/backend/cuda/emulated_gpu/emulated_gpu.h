@@ -21,7 +21,8 @@
 //   freed is the graph's, which nothing outside the graph may touch, and memory it allocated and
 //   did not free keeps its address for the graph's relaunches, which wait until it is freed;
 // - kernels are the .cu files compiled by g++ against emulator.h (the "NVRTC" here), so they run
-//   with CUDA's grid, block, barrier and shuffle semantics, one block at a time.
+//   with CUDA's grid, block, barrier and shuffle semantics, their blocks spread over the host's
+//   cores (parallel.cpp; ATOMIC_EMULATED_GPU_THREADS=1 runs them one at a time).
 //
 // Variables change the "GPU": ATOMIC_EMULATED_GPU_MEMORY_MIB (its memory, 16384 by default) and
 // ATOMIC_EMULATED_GPU_COMPUTE_CAPABILITY ("9.0") for tests of how the worker fails, and
@@ -63,6 +64,10 @@ void invalidate_capture(void* stream);
 // Reports an error found while executing recorded or queued work; the next synchronisation
 // returns it (CUDA's sticky error).
 void fail_async(const std::string& message);
+
+// Runs body(first, last) over ranges that cover [0, count), on the calling thread and the
+// library's helper threads at once, and returns when every range has run.
+void parallel_ranges(uint64_t count, const std::function<void(uint64_t, uint64_t)>& body);
 
 // Prints an emulator diagnostic to stderr, prefixed so that it stands out in test output.
 void report(const std::string& message);

@@ -2,7 +2,8 @@
 // into a shared library (cached by a hash of what was compiled), and the "PTX" or "CUBIN" it
 // hands back names that library, which the emulated driver's cuModuleLoadData loads. The
 // library exports two functions over the kernels it finds in the source (every
-// `__global__ void name(`): `emu_launch`, which runs one over a grid (emulator.h), and
+// `__global__ void name(`): `emu_launch`, which runs one over a range of a grid's blocks
+// (emulator.h; the driver spreads a launch's ranges over its host threads), and
 // `emu_kernel_params`, the size of each of its parameters, so that a launch can copy its
 // arguments as cuLaunchKernel does.
 //
@@ -58,7 +59,7 @@ std::string translation_unit(const Program& p, const std::vector<std::string>& d
     tu << "#include \"" << EMULATOR_H << "\"\n";
     std::string source = p.source;
     const std::string dynamic = "extern __shared__ float smem[];";
-    const std::string mapped = "float* smem = reinterpret_cast<float*>(emu_dynamic_smem.data());";
+    const std::string mapped = "float* smem = emu::dynamic_smem();";
     for (size_t at = source.find(dynamic); at != std::string::npos; at = source.find(dynamic, at)) {
         source.replace(at, dynamic.size(), mapped);
     }
@@ -77,9 +78,9 @@ std::string translation_unit(const Program& p, const std::vector<std::string>& d
           "    return n;\n"
           "}\n"
           "extern \"C\" int emu_launch(const char* name, const unsigned* grid, const unsigned* block, size_t smem, "
-          "void** args) {\n";
+          "void** args, uint64_t first, uint64_t last) {\n";
     for (const auto& k : kernels) {
-        tu << "    if (strcmp(name, \"" << k << "\") == 0) return emu::run(&" << k << ", grid, block, smem, args);\n";
+        tu << "    if (strcmp(name, \"" << k << "\") == 0) return emu::run(&" << k << ", grid, block, smem, args, first, last);\n";
     }
     tu << "    return 2;\n}\n"
           "extern \"C\" int emu_kernel_params(const char* name, size_t* sizes, int max) {\n";
