@@ -978,6 +978,59 @@ fn the_largest_pass_runs_once_at_start_up() {
     }
 }
 
+/// A step the device cannot hold runs in smaller pieces of the batch: concurrent requests whose
+/// prompts do not fit one step together each get the text they get alone, and the splits show
+/// in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_out_of_device_memory_runs_in_pieces_and_every_request_gets_its_text() {
+    let dir = atomic_worker::ModelDir::open(&fixture("tiny-llama")).unwrap();
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-llama").join("reference.json")).unwrap())
+            .unwrap();
+    let prompts: Vec<String> = serde_json::from_value(reference["prompts"].clone()).unwrap();
+    // Every prompt fits a step alone; two together do not.
+    let longest = prompts
+        .iter()
+        .map(|p| dir.tokenizer.encode(p).unwrap().ids.len())
+        .max()
+        .unwrap();
+    let wrap: WrapDecoder = Box::new(move |model| {
+        Box::new(TestDecoder {
+            oom_above: longest,
+            delay: Duration::from_millis(10),
+            ..TestDecoder::new(model)
+        })
+    });
+    let mut s = Server::start_wrapped(
+        "tiny-llama",
+        Limits::default(),
+        ModelLimits::default(),
+        Some(wrap),
+    )
+    .await;
+    let want = s.greedy_texts();
+    let requests: Vec<_> = (0..3)
+        .flat_map(|_| prompts.iter())
+        .map(|p| s.post("/v1/completions", greedy(p)))
+        .collect();
+    for (i, (status, body)) in join_all(requests).await.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}: {body}");
+        assert_eq!(
+            body["choices"][0]["text"],
+            json!(want[i % prompts.len()]),
+            "request {i}"
+        );
+    }
+    let metrics = s.metrics().await;
+    let splits = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("atomic_worker_out_of_memory_splits_total{pass=\"decode\"} "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(splits > 0, "no step was split:\n{metrics}");
+    s.stop();
+}
+
 /// A step that runs out of device memory fails its requests with 503 `out_of_memory` (plain and
 /// streamed), and the worker stays ready and answers the next, smaller request as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,12 @@
 //! Admission: every sequence reserves key/value cache for its prompt plus `max_tokens` (at most
 //! the context) when it joins. Sequences join in arrival order while the reservations fit the
 //! cache budget (`--kv-cache-mib`); the rest wait, so memory stays bounded under any load.
+//!
+//! A step that runs out of device memory runs again in smaller pieces of the batch ([`split`]),
+//! and later steps run in pieces no larger than the last that ran, until steps go by without
+//! running out; only a sequence that runs out of memory alone fails (503 `out_of_memory`).
+//!
+//! [`split`]: super::split
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
@@ -22,6 +28,7 @@ use tokio::sync::mpsc as tokio_mpsc;
 
 use super::fault::DeviceFault;
 use super::metrics::Metrics;
+use super::split::{Failure, Pass, PieceLimit};
 use crate::Error;
 use crate::backend::{Backend, CpuBackend};
 use crate::config::ModelConfig;
@@ -446,10 +453,10 @@ impl Sequence {
     }
 
     /// Takes the next token; whether the sequence is finished (and has reported so).
-    fn advance(&mut self, model: &dyn Decoder, tokenizer: &Tokenizer, next: Next<'_>) -> bool {
-        let (id, logits) = match next {
-            Next::Logits(logits) => (self.sampler.sample(logits), Some(logits)),
-            Next::Token(id) => (id, None),
+    fn advance(&mut self, model: &dyn Decoder, tokenizer: &Tokenizer, next: Next) -> bool {
+        let (id, logits) = match &next {
+            Next::Logits(logits) => (self.sampler.sample(logits), Some(logits.as_slice())),
+            Next::Token(id) => (*id, None),
         };
         if model.eos_token_ids().contains(&id) {
             if let Ok(rest) = self.detokenizer.flush(tokenizer) {
@@ -513,35 +520,12 @@ impl Sequence {
     }
 }
 
-/// What a step gives one sequence: its logits, or the token the backend already chose.
-#[derive(Clone, Copy)]
-enum Next<'a> {
-    Logits(&'a [f32]),
+/// What a step gives one sequence: its logits, or, when the backend can choose every sequence's
+/// next token (greedy, or sampling with nothing cut, and no log-probabilities), that token (so a
+/// GPU sends ids instead of a vocabulary of logits per sequence).
+enum Next {
+    Logits(Vec<f32>),
     Token(u32),
-}
-
-/// What a step gives the batch: every sequence's logits, or, when the backend can choose every
-/// sequence's next token (greedy, or sampling with nothing cut, and no log-probabilities), the
-/// tokens (so a GPU sends ids instead of a vocabulary of logits per sequence).
-enum StepOutput {
-    Logits(Vec<Vec<f32>>),
-    Tokens(Vec<u32>),
-}
-
-impl StepOutput {
-    fn len(&self) -> usize {
-        match self {
-            Self::Logits(rows) => rows.len(),
-            Self::Tokens(ids) => ids.len(),
-        }
-    }
-
-    fn get(&self, i: usize) -> Next<'_> {
-        match self {
-            Self::Logits(rows) => Next::Logits(&rows[i]),
-            Self::Tokens(ids) => Next::Token(ids[i]),
-        }
-    }
 }
 
 fn reserved_positions(active: &[Sequence]) -> i64 {
@@ -566,6 +550,7 @@ fn run(
     metrics: &Metrics,
 ) {
     let mut active: Vec<Sequence> = Vec::new();
+    let mut limit = PieceLimit::new();
     let max_positions = model.max_positions();
     let mut waiting: std::collections::VecDeque<Request> = std::collections::VecDeque::new();
     loop {
@@ -647,58 +632,74 @@ fn run(
             }
         }
 
-        let tokens: usize = active.iter().map(|s| s.next.len()).sum();
-        metrics.batch_size.observe(active.len() as f64);
-        metrics.batch_tokens.observe(tokens as f64);
+        // Drawn once for the whole step: a piece retried after running out of memory samples
+        // with the same draws (split.rs).
+        let inputs: Vec<Vec<u32>> = active.iter().map(|s| s.next.clone()).collect();
+        let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+        let draws: Option<Vec<TokenDraw>> = active
+            .iter()
+            .all(Sequence::device_choosable)
+            .then(|| active.iter_mut().map(|s| s.sampler.next_draw()).collect());
         let started = Instant::now();
-        let result = {
-            let inputs: Vec<Vec<u32>> = active.iter().map(|s| s.next.clone()).collect();
-            let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
-            let draws: Option<Vec<TokenDraw>> = active
-                .iter()
-                .all(Sequence::device_choosable)
-                .then(|| active.iter_mut().map(|s| s.sampler.next_draw()).collect());
-            let mut caches: Vec<&mut KvCache> = active.iter_mut().map(|s| &mut s.cache).collect();
-            std::panic::catch_unwind(AssertUnwindSafe(|| match &draws {
-                Some(draws) => model
-                    .step_sample(&mut caches, &refs, draws)
-                    .map(StepOutput::Tokens),
-                None => model.step(&mut caches, &refs).map(StepOutput::Logits),
-            }))
-        };
+        let outcome = limit.run(
+            active.len(),
+            |piece| {
+                let tokens: usize = refs[piece.clone()].iter().map(|t| t.len()).sum();
+                metrics.batch_size.observe(piece.len() as f64);
+                metrics.batch_tokens.observe(tokens as f64);
+                let mut caches: Vec<&mut KvCache> =
+                    active[piece.clone()].iter_mut().map(|s| &mut s.cache).collect();
+                let refs = &refs[piece.clone()];
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| match &draws {
+                    Some(draws) => model
+                        .step_sample(&mut caches, refs, &draws[piece.clone()])
+                        .map(|ids| ids.into_iter().map(Next::Token).collect::<Vec<_>>()),
+                    None => model
+                        .step(&mut caches, refs)
+                        .map(|rows| rows.into_iter().map(Next::Logits).collect()),
+                }));
+                match result {
+                    Ok(Ok(rows)) => Pass::Ran(rows),
+                    Ok(Err(e)) => {
+                        fault.note(&e);
+                        if e.is_out_of_memory() {
+                            Pass::OutOfMemory(e.to_string())
+                        } else {
+                            Pass::Failed(e.to_string())
+                        }
+                    }
+                    Err(_) => Pass::Failed("the model panicked on this step".to_owned()),
+                }
+            },
+            |got, want| format!("the model gave {got} rows for {want} sequences"),
+        );
         metrics.observe_stage("decode_step", started.elapsed().as_secs_f64());
         if let Some(stats) = model.device_stats() {
             metrics.record_device(&stats);
         }
-        let output = match result {
-            Ok(Ok(output)) if output.len() == active.len() => output,
-            other => {
-                let event = match other {
-                    Ok(Ok(l)) => Event::Error(format!(
-                        "the model gave {} rows for {} sequences",
-                        l.len(),
-                        active.len()
-                    )),
-                    Ok(Err(e)) => {
-                        fault.note(&e);
-                        if e.is_out_of_memory() {
-                            Event::OutOfMemory(e.to_string())
-                        } else {
-                            Event::Error(e.to_string())
-                        }
-                    }
-                    Err(_) => Event::Error("the model panicked on this step".to_owned()),
-                };
-                tracing::error!(?event, "decode step failed");
-                for s in active.drain(..) {
-                    let _ = s.events.send(event.clone());
-                }
-                continue;
-            }
-        };
+        if outcome.splits > 0 {
+            metrics.record_out_of_memory_splits("decode", outcome.splits);
+            tracing::warn!(
+                sequences = active.len(),
+                splits = outcome.splits,
+                limit = ?limit.most(),
+                "a decode step ran out of device memory; it ran in smaller pieces"
+            );
+        }
         let mut done = vec![false; active.len()];
-        for (i, (s, d)) in active.iter_mut().zip(&mut done).enumerate() {
-            *d = s.advance(model, tokenizer, output.get(i));
+        for ((s, d), result) in active.iter_mut().zip(&mut done).zip(outcome.results) {
+            *d = match result {
+                Ok(next) => s.advance(model, tokenizer, next),
+                Err(failure) => {
+                    let event = match failure {
+                        Failure::OutOfMemory(message) => Event::OutOfMemory(message),
+                        Failure::Failed(message) => Event::Error(message),
+                    };
+                    tracing::error!(?event, "decode step failed");
+                    let _ = s.events.send(event);
+                    true
+                }
+            };
         }
         let mut flags = done.into_iter();
         active.retain(|_| !flags.next().unwrap_or(true));

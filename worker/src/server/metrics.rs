@@ -40,6 +40,8 @@ pub struct Metrics {
     gpu_idle_buffer_bytes: IntGauge,
     /// Decode steps run from CUDA graphs by outcome (`replayed`, `recorded`).
     decode_graph_steps: IntCounterVec,
+    /// Passes that ran out of device memory and ran again in halves, by model thread.
+    out_of_memory_splits: IntCounterVec,
     /// The device's counts at the last [`Metrics::record_device`], which the counters above
     /// have reached (the device counts from its start; the counters add the difference).
     device_seen: Arc<Mutex<DeviceStats>>,
@@ -128,7 +130,16 @@ impl Metrics {
         )?;
         registry.register(Box::new(gpu_buffer_requests.clone()))?;
         registry.register(Box::new(gpu_idle_buffer_bytes.clone()))?;
+        let out_of_memory_splits = IntCounterVec::new(
+            Opts::new(
+                "atomic_worker_out_of_memory_splits_total",
+                "Passes that ran out of device memory and ran again as two halves, by pass: encode \
+                 (a batch of encodings) or decode (a generation step)",
+            ),
+            &["pass"],
+        )?;
         registry.register(Box::new(decode_graph_steps.clone()))?;
+        registry.register(Box::new(out_of_memory_splits.clone()))?;
         Ok(Self {
             registry,
             queue_size,
@@ -144,6 +155,7 @@ impl Metrics {
             gpu_buffer_requests,
             gpu_idle_buffer_bytes,
             decode_graph_steps,
+            out_of_memory_splits,
             device_seen: Arc::new(Mutex::new(DeviceStats::default())),
         })
     }
@@ -184,6 +196,14 @@ impl Metrics {
         self.gpu_idle_buffer_bytes
             .set(i64::try_from(stats.buffers.idle_bytes).unwrap_or(i64::MAX));
         *seen = *stats;
+    }
+
+    /// Counts `splits` passes of `pass` (`encode`, `decode`) that ran out of device memory and
+    /// ran again in halves.
+    pub fn record_out_of_memory_splits(&self, pass: &str, splits: usize) {
+        self.out_of_memory_splits
+            .with_label_values(&[pass])
+            .inc_by(splits as u64);
     }
 
     /// Records how long a start-up phase took.

@@ -24,6 +24,7 @@ pub mod generator;
 pub mod metrics;
 mod routes;
 pub mod scheduler;
+pub mod split;
 
 pub use engine::{
     Capability, EncoderParts, Engine, Head, ModelLimits, ModelParts, check_decoder_task, check_task,

@@ -6,6 +6,10 @@
 //! taken first-come first-served from the requests waiting for the same kind of work, so a large
 //! request is spread over several batches and small requests ride along with others. A batch
 //! always holds at least one sequence, so a sequence longer than the budget still runs (alone).
+//! A batch that runs out of device memory runs again in halves ([`split`]); only a request
+//! with a sequence that runs out of memory alone fails (503 `out_of_memory`).
+//!
+//! [`split`]: super::split
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -17,6 +21,7 @@ use tokio::sync::oneshot;
 
 use super::fault::DeviceFault;
 use super::metrics::Metrics;
+use super::split::{Failure, Pass, PieceLimit};
 use crate::backend::Backend;
 use crate::config::PoolingConfig;
 use crate::models::bert::{Batch, Bert};
@@ -185,6 +190,7 @@ fn run(
     metrics: &Metrics,
 ) {
     let mut queue: VecDeque<Job> = VecDeque::new();
+    let mut limit = PieceLimit::new();
     loop {
         if queue.is_empty() {
             match rx.recv() {
@@ -236,41 +242,57 @@ fn run(
             }
         }
 
-        metrics.batch_size.observe(batch.len() as f64);
-        metrics.batch_tokens.observe((batch.len() * longest) as f64);
         let started = Instant::now();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| encoder.run(work, &batch)));
+        let outcome = limit.run(
+            batch.len(),
+            |piece| {
+                let piece = &batch[piece];
+                let longest = piece.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+                metrics.batch_size.observe(piece.len() as f64);
+                metrics.batch_tokens.observe((piece.len() * longest) as f64);
+                match std::panic::catch_unwind(AssertUnwindSafe(|| encoder.run(work, piece))) {
+                    Ok(Ok(outputs)) => Pass::Ran(outputs),
+                    Ok(Err(e)) => {
+                        fault.note(&e);
+                        match ScheduleError::of_pass(&e) {
+                            ScheduleError::OutOfMemory(message) => {
+                                Pass::OutOfMemory(ScheduleError::OutOfMemory(message))
+                            }
+                            other => Pass::Failed(other),
+                        }
+                    }
+                    Err(_) => Pass::Failed(ScheduleError::Model(
+                        "the model panicked on this batch".to_owned(),
+                    )),
+                }
+            },
+            |got, want| ScheduleError::Model(format!("the model gave {got} outputs for {want} inputs")),
+        );
         metrics.observe_stage("forward", started.elapsed().as_secs_f64());
         if let Some(stats) = encoder.device_stats() {
             metrics.record_device(&stats);
         }
-        let outcome = match result {
-            Ok(Ok(outputs)) if outputs.len() == batch.len() => Ok(outputs),
-            Ok(Ok(outputs)) => Err(ScheduleError::Model(format!(
-                "the model gave {} outputs for {} inputs",
-                outputs.len(),
-                batch.len()
-            ))),
-            Ok(Err(e)) => {
-                fault.note(&e);
-                Err(ScheduleError::of_pass(&e))
-            }
-            Err(_) => Err(ScheduleError::Model(
-                "the model panicked on this batch".to_owned(),
-            )),
-        };
-        match outcome {
-            Ok(outputs) => {
-                let mut outputs = outputs.into_iter();
-                for (j, start, end) in picks {
-                    queue[j].outputs.extend(outputs.by_ref().take(end - start));
-                }
-            }
-            Err(error) => {
-                tracing::error!(%error, "forward pass failed");
-                for (j, _, _) in picks {
-                    if let Some(reply) = queue[j].reply.take() {
-                        let _ = reply.send(Err(error.clone()));
+        if outcome.splits > 0 {
+            metrics.record_out_of_memory_splits("encode", outcome.splits);
+            tracing::warn!(
+                sequences = batch.len(),
+                splits = outcome.splits,
+                limit = ?limit.most(),
+                "a batch ran out of device memory; it ran in smaller pieces"
+            );
+        }
+        // A job with a sequence that failed gets that sequence's error; the others their outputs.
+        let mut results = outcome.results.into_iter();
+        for (j, start, end) in picks {
+            for result in results.by_ref().take(end - start) {
+                let job = &mut queue[j];
+                match result {
+                    Ok(output) => job.outputs.push(output),
+                    Err(Failure::OutOfMemory(error) | Failure::Failed(error)) => {
+                        if let Some(reply) = job.reply.take() {
+                            tracing::error!(%error, "forward pass failed");
+                            let _ = reply.send(Err(error));
+                        }
                     }
                 }
             }
@@ -378,16 +400,32 @@ mod tests {
         }
     }
 
+    /// A batch the device cannot hold runs in halves and every request gets its outputs; only a
+    /// sequence that runs out of memory alone fails its request, and the device stays usable.
     #[tokio::test]
-    async fn a_batch_out_of_device_memory_fails_its_requests_alone_and_the_device_stays_usable() {
+    async fn a_batch_out_of_device_memory_runs_in_halves_and_only_a_sequence_too_large_alone_fails() {
         let metrics = Arc::new(Metrics::new().unwrap());
         let fault = DeviceFault::new();
-        let s = Scheduler::start(Box::new(SmallDevice(8)), 100, fault.clone(), metrics).unwrap();
-        let err = s.submit(Work::Embed, vec![enc(5), enc(5)]).await.unwrap_err();
+        let s = Scheduler::start(Box::new(SmallDevice(8)), 100, fault.clone(), metrics.clone()).unwrap();
+        let out = s.submit(Work::Embed, vec![enc(5), enc(3), enc(5)]).await.unwrap();
+        assert_eq!(
+            out,
+            vec![
+                Output::Vector(vec![5.0]),
+                Output::Vector(vec![3.0]),
+                Output::Vector(vec![5.0])
+            ]
+        );
+        let text = metrics.render().unwrap();
+        assert!(
+            text.contains("atomic_worker_out_of_memory_splits_total{pass=\"encode\"} 1"),
+            "13 tokens split once, into 5 and 3 + 5:\n{text}"
+        );
+        let err = s.submit(Work::Embed, vec![enc(3), enc(9)]).await.unwrap_err();
         assert_eq!(
             err,
             ScheduleError::OutOfMemory(
-                "backend: out of device memory: allocating 10 tokens' activations: out of GPU memory"
+                "backend: out of device memory: allocating 9 tokens' activations: out of GPU memory"
                     .to_owned()
             )
         );
