@@ -478,6 +478,101 @@ mod tests {
         assert_eq!(pool.free_positions(), 48);
     }
 
+    /// Attends `q`, `k` and `v` (one head of two dimensions per token) over `cache` in `pool`,
+    /// committing the step only when `commit`.
+    fn attend(
+        pool: &mut KvPool<ReferenceBackend>,
+        cache: &mut KvCache,
+        ids: &[u32],
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        commit: bool,
+    ) -> Vec<f32> {
+        let backend = ReferenceBackend;
+        let n = ids.len();
+        let mut caches = [cache];
+        let mut step = Step::new(&backend, pool, &mut caches, &[ids]).unwrap();
+        let tensor = |x: &[f32]| backend.from_host(x, &[n, 1, 2]).unwrap();
+        let out = step
+            .attend(&backend, 0, &tensor(q), &tensor(k), &tensor(v))
+            .unwrap();
+        if commit {
+            step.commit();
+        }
+        backend.to_host(&out).unwrap()
+    }
+
+    /// A step that fails after writing its keys and values (a layer ran, the next ran out of
+    /// memory) commits nothing, and the step run again in its place attends as if the failed
+    /// one had never written: what the generator's retry of a step in smaller pieces relies on.
+    #[test]
+    fn a_failed_steps_writes_are_overwritten_by_the_step_that_replaces_it() {
+        let prompt = (
+            [0.1, 0.2, 0.3, -0.1, 0.5, 0.4],
+            [1.0, 0.0, 0.0, 1.0, 0.5, 0.5],
+            [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        );
+        let next = (
+            [0.3, 0.1, -0.2, 0.6],
+            [0.2, 0.9, -0.4, 0.3],
+            [7.0, 8.0, 9.0, 10.0],
+        );
+        let garbage = [1e3f32, -1e3, 1e3, -1e3];
+        let mut pool = KvPool::new(&ReferenceBackend, layout(None), 16, 16).unwrap();
+        let mut cache = pool.new_cache();
+        attend(
+            &mut pool,
+            &mut cache,
+            &[1, 2, 3],
+            (&prompt.0, &prompt.1, &prompt.2),
+            true,
+        );
+        attend(
+            &mut pool,
+            &mut cache,
+            &[4, 5],
+            (&next.0, &garbage, &garbage),
+            false,
+        );
+        assert_eq!(cache.len(), 3, "the failed step committed nothing");
+        let retried = attend(&mut pool, &mut cache, &[4, 5], (&next.0, &next.1, &next.2), true);
+        let mut fresh_pool = KvPool::new(&ReferenceBackend, layout(None), 16, 16).unwrap();
+        let mut fresh = fresh_pool.new_cache();
+        attend(
+            &mut fresh_pool,
+            &mut fresh,
+            &[1, 2, 3],
+            (&prompt.0, &prompt.1, &prompt.2),
+            true,
+        );
+        let want = attend(
+            &mut fresh_pool,
+            &mut fresh,
+            &[4, 5],
+            (&next.0, &next.1, &next.2),
+            true,
+        );
+        assert_eq!(retried, want);
+        assert_eq!(cache.len(), 5);
+        // The garbage would have shown: attending over it gives other values.
+        let mut dirty_pool = KvPool::new(&ReferenceBackend, layout(None), 16, 16).unwrap();
+        let mut dirty = dirty_pool.new_cache();
+        attend(
+            &mut dirty_pool,
+            &mut dirty,
+            &[1, 2, 3],
+            (&prompt.0, &prompt.1, &prompt.2),
+            true,
+        );
+        let polluted = attend(
+            &mut dirty_pool,
+            &mut dirty,
+            &[4, 5],
+            (&next.0, &garbage, &garbage),
+            false,
+        );
+        assert_ne!(polluted, want);
+    }
+
     #[test]
     fn steps_check_their_sequences() {
         let backend = ReferenceBackend;

@@ -13,8 +13,9 @@
 //! cache budget (`--kv-cache-mib`); the rest wait, so memory stays bounded under any load.
 //!
 //! A step that runs out of device memory runs again in smaller pieces of the batch ([`split`]),
-//! and later steps run in pieces no larger than the last that ran, until steps go by without
-//! running out; only a sequence that runs out of memory alone fails (503 `out_of_memory`).
+//! and later steps in pieces of at most as many new tokens as the largest piece that ran (a
+//! limit that doubles after steps go by without running out); only a sequence that runs out of
+//! memory alone fails (503 `out_of_memory`).
 //!
 //! [`split`]: super::split
 
@@ -643,10 +644,8 @@ fn run(
         let started = Instant::now();
         let outcome = limit.run(
             active.len(),
+            |piece| refs[piece].iter().map(|t| t.len()).sum(),
             |piece| {
-                let tokens: usize = refs[piece.clone()].iter().map(|t| t.len()).sum();
-                metrics.batch_size.observe(piece.len() as f64);
-                metrics.batch_tokens.observe(tokens as f64);
                 let mut caches: Vec<&mut KvCache> =
                     active[piece.clone()].iter_mut().map(|s| &mut s.cache).collect();
                 let refs = &refs[piece.clone()];
@@ -660,20 +659,19 @@ fn run(
                 }));
                 match result {
                     Ok(Ok(rows)) => Pass::Ran(rows),
-                    Ok(Err(e)) => {
-                        fault.note(&e);
-                        if e.is_out_of_memory() {
-                            Pass::OutOfMemory(e.to_string())
-                        } else {
-                            Pass::Failed(e.to_string())
-                        }
-                    }
+                    Ok(Err(e)) if fault.note(&e) => Pass::DeviceFailed(e.to_string()),
+                    Ok(Err(e)) if e.is_out_of_memory() => Pass::OutOfMemory(e.to_string()),
+                    Ok(Err(e)) => Pass::Failed(e.to_string()),
                     Err(_) => Pass::Failed("the model panicked on this step".to_owned()),
                 }
             },
             |got, want| format!("the model gave {got} rows for {want} sequences"),
         );
         metrics.observe_stage("decode_step", started.elapsed().as_secs_f64());
+        for &(sequences, tokens) in &outcome.ran {
+            metrics.batch_size.observe(sequences as f64);
+            metrics.batch_tokens.observe(tokens as f64);
+        }
         if let Some(stats) = model.device_stats() {
             metrics.record_device(&stats);
         }

@@ -245,30 +245,23 @@ fn run(
         let started = Instant::now();
         let outcome = limit.run(
             batch.len(),
-            |piece| {
-                let piece = &batch[piece];
-                let longest = piece.iter().map(|e| e.ids.len()).max().unwrap_or(0);
-                metrics.batch_size.observe(piece.len() as f64);
-                metrics.batch_tokens.observe((piece.len() * longest) as f64);
-                match std::panic::catch_unwind(AssertUnwindSafe(|| encoder.run(work, piece))) {
-                    Ok(Ok(outputs)) => Pass::Ran(outputs),
-                    Ok(Err(e)) => {
-                        fault.note(&e);
-                        match ScheduleError::of_pass(&e) {
-                            ScheduleError::OutOfMemory(message) => {
-                                Pass::OutOfMemory(ScheduleError::OutOfMemory(message))
-                            }
-                            other => Pass::Failed(other),
-                        }
-                    }
-                    Err(_) => Pass::Failed(ScheduleError::Model(
-                        "the model panicked on this batch".to_owned(),
-                    )),
-                }
+            |piece| padded_tokens(&batch[piece]),
+            |piece| match std::panic::catch_unwind(AssertUnwindSafe(|| encoder.run(work, &batch[piece]))) {
+                Ok(Ok(outputs)) => Pass::Ran(outputs),
+                Ok(Err(e)) if fault.note(&e) => Pass::DeviceFailed(ScheduleError::of_pass(&e)),
+                Ok(Err(e)) if e.is_out_of_memory() => Pass::OutOfMemory(ScheduleError::of_pass(&e)),
+                Ok(Err(e)) => Pass::Failed(ScheduleError::of_pass(&e)),
+                Err(_) => Pass::Failed(ScheduleError::Model(
+                    "the model panicked on this batch".to_owned(),
+                )),
             },
             |got, want| ScheduleError::Model(format!("the model gave {got} outputs for {want} inputs")),
         );
         metrics.observe_stage("forward", started.elapsed().as_secs_f64());
+        for &(sequences, tokens) in &outcome.ran {
+            metrics.batch_size.observe(sequences as f64);
+            metrics.batch_tokens.observe(tokens as f64);
+        }
         if let Some(stats) = encoder.device_stats() {
             metrics.record_device(&stats);
         }
@@ -300,6 +293,11 @@ fn run(
         finish_done(&mut queue);
         metrics.queue_size.set(pending(&queue));
     }
+}
+
+/// What a batch of `encodings` costs the model: every sequence padded to the longest.
+fn padded_tokens(encodings: &[Encoding]) -> usize {
+    encodings.len() * encodings.iter().map(|e| e.ids.len()).max().unwrap_or(0)
 }
 
 /// Answers the jobs that have all their outputs and drops those already answered.

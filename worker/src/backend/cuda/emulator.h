@@ -11,8 +11,9 @@
 //   and never leave their host thread.
 // - A fiber finds itself from its stack pointer: stacks are aligned to their size and begin with
 //   the fiber's record (its threadIdx and its host thread's block state), so threadIdx, blockIdx,
-//   barriers and shuffles cost no thread-local lookup. Only __shared__ variables are
-//   thread_local (function statics per host thread, one block running on a thread at a time).
+//   barriers and shuffles cost no thread-local lookup. Only __shared__ variables (function
+//   statics per host thread, one block running on a thread at a time) and the host thread's
+//   block state, looked up once per range of blocks, are thread_local.
 // - __syncthreads waits until every unfinished fiber of the block has arrived (a generation
 //   barrier); __shfl_sync / __shfl_xor_sync exchange through a per-warp buffer and one warp
 //   barrier, alternating between two buffers so that a lane writing the next exchange never
@@ -200,6 +201,10 @@ static Host& host() {
     return owner.host;
 }
 
+// A fiber's memory: STACK_BYTES aligned to its size, its record at the base. There is no guard
+// page (each would be a mapping of its own, and a process holds thousands of fibers): a kernel
+// overflowing its stack, at least 190 KiB where the kernels use a few, would overwrite the
+// record and crash in the scheduler.
 static void add_fiber(Host& h) {
     void* stack = std::aligned_alloc(STACK_BYTES, STACK_BYTES);
     if (stack == nullptr) {
@@ -358,6 +363,7 @@ int run(void (*kernel)(P...), const unsigned* grid, const unsigned* block, size_
                 }
             }
         }
+
     }
     return 0;
 }

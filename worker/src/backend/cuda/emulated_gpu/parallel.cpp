@@ -4,9 +4,11 @@
 // calls are serialised by its lock anyway); the helpers sleep between jobs.
 //
 // ATOMIC_EMULATED_GPU_THREADS sets how many threads share a job (the caller included): the
-// machine's core count by default, 1 to run every block on the calling thread.
+// cores the process may use by default (at most 16), 1 to run every block on the calling thread.
 
 #include "emulated_gpu.h"
+
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -28,7 +30,12 @@ unsigned configured_threads() {
         emulated_gpu::report(std::string("ATOMIC_EMULATED_GPU_THREADS=") + text +
                              " is not a thread count from 1 to 256; using the core count");
     }
-    return std::max(1u, std::thread::hardware_concurrency());
+    // The cores this process may run on (its affinity, which a container's cpuset narrows),
+    // at most 16: a pool's helpers each keep fibers for every kernel library they run.
+    cpu_set_t cpus;
+    CPU_ZERO(&cpus);
+    const int usable = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
+    return (unsigned)std::clamp(usable, 1, 16);
 }
 
 // A job is published under `m` and its ranges are claimed through `next`; `busy` counts the
