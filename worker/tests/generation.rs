@@ -251,6 +251,18 @@ impl Decoder for TestDecoder {
     }
 }
 
+/// A server on tiny-llama whose decoder is the fixture's in a [`TestDecoder`] set up by `adjust`.
+async fn start_test_decoder(adjust: impl FnOnce(TestDecoder) -> TestDecoder + 'static) -> Server {
+    let wrap: WrapDecoder = Box::new(move |model| Box::new(adjust(TestDecoder::new(model))));
+    Server::start_wrapped(
+        "tiny-llama",
+        Limits::default(),
+        ModelLimits::default(),
+        Some(wrap),
+    )
+    .await
+}
+
 fn greedy(prompt: &str) -> Value {
     json!({"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0})
 }
@@ -994,19 +1006,11 @@ async fn a_step_out_of_device_memory_runs_in_pieces_and_every_request_gets_its_t
         .map(|p| dir.tokenizer.encode(p).unwrap().ids.len())
         .max()
         .unwrap();
-    let wrap: WrapDecoder = Box::new(move |model| {
-        Box::new(TestDecoder {
-            oom_above: longest,
-            delay: Duration::from_millis(10),
-            ..TestDecoder::new(model)
-        })
-    });
-    let mut s = Server::start_wrapped(
-        "tiny-llama",
-        Limits::default(),
-        ModelLimits::default(),
-        Some(wrap),
-    )
+    let mut s = start_test_decoder(move |d| TestDecoder {
+        oom_above: longest,
+        delay: Duration::from_millis(10),
+        ..d
+    })
     .await;
     let want = s.greedy_texts();
     let requests: Vec<_> = (0..3)
@@ -1035,19 +1039,7 @@ async fn a_step_out_of_device_memory_runs_in_pieces_and_every_request_gets_its_t
 /// streamed), and the worker stays ready and answers the next, smaller request as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_out_of_device_memory_answers_503_and_the_worker_goes_on() {
-    let wrap: WrapDecoder = Box::new(|model| {
-        Box::new(TestDecoder {
-            oom_above: 8,
-            ..TestDecoder::new(model)
-        })
-    });
-    let mut s = Server::start_wrapped(
-        "tiny-llama",
-        Limits::default(),
-        ModelLimits::default(),
-        Some(wrap),
-    )
-    .await;
+    let mut s = start_test_decoder(|d| TestDecoder { oom_above: 8, ..d }).await;
     let long = "the parcel never arrived and nobody answers the phone";
     assert!(
         s.tokenizer.encode(long).unwrap().ids.len() > 8,

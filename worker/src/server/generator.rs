@@ -668,22 +668,10 @@ fn run(
             |got, want| format!("the model gave {got} rows for {want} sequences"),
         );
         metrics.observe_stage("decode_step", started.elapsed().as_secs_f64());
-        for &(sequences, tokens) in &outcome.ran {
-            metrics.batch_size.observe(sequences as f64);
-            metrics.batch_tokens.observe(tokens as f64);
-        }
         if let Some(stats) = model.device_stats() {
             metrics.record_device(&stats);
         }
-        if outcome.splits > 0 {
-            metrics.record_out_of_memory_splits("decode", outcome.splits);
-            tracing::warn!(
-                sequences = active.len(),
-                splits = outcome.splits,
-                limit = ?limit.most(),
-                "a decode step ran out of device memory; it ran in smaller pieces"
-            );
-        }
+        metrics.record_pieces("decode", &outcome.ran, outcome.splits, limit.most());
         let mut done = vec![false; active.len()];
         for ((s, d), result) in active.iter_mut().zip(&mut done).zip(outcome.results) {
             *d = match result {

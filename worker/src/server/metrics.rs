@@ -198,12 +198,25 @@ impl Metrics {
         *seen = *stats;
     }
 
-    /// Counts `splits` passes of `pass` (`encode`, `decode`) that ran out of device memory and
-    /// ran again in halves.
-    pub fn record_out_of_memory_splits(&self, pass: &str, splits: usize) {
-        self.out_of_memory_splits
-            .with_label_values(&[pass])
-            .inc_by(splits as u64);
+    /// Records what a batch of `pass` (`encode`, `decode`) ran: the pieces that ran (sequences
+    /// and tokens each, as forward passes), and the pieces that ran out of device memory and
+    /// were split in two, with a warning naming the limit now on a piece's tokens.
+    pub fn record_pieces(&self, pass: &str, ran: &[(usize, usize)], splits: usize, limit: Option<usize>) {
+        for &(sequences, tokens) in ran {
+            self.batch_size.observe(sequences as f64);
+            self.batch_tokens.observe(tokens as f64);
+        }
+        if splits > 0 {
+            self.out_of_memory_splits
+                .with_label_values(&[pass])
+                .inc_by(splits as u64);
+            tracing::warn!(
+                pass,
+                splits,
+                token_limit = ?limit,
+                "a batch ran out of device memory; it ran in smaller pieces"
+            );
+        }
     }
 
     /// Records how long a start-up phase took.

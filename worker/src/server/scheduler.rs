@@ -258,22 +258,10 @@ fn run(
             |got, want| ScheduleError::Model(format!("the model gave {got} outputs for {want} inputs")),
         );
         metrics.observe_stage("forward", started.elapsed().as_secs_f64());
-        for &(sequences, tokens) in &outcome.ran {
-            metrics.batch_size.observe(sequences as f64);
-            metrics.batch_tokens.observe(tokens as f64);
-        }
         if let Some(stats) = encoder.device_stats() {
             metrics.record_device(&stats);
         }
-        if outcome.splits > 0 {
-            metrics.record_out_of_memory_splits("encode", outcome.splits);
-            tracing::warn!(
-                sequences = batch.len(),
-                splits = outcome.splits,
-                limit = ?limit.most(),
-                "a batch ran out of device memory; it ran in smaller pieces"
-            );
-        }
+        metrics.record_pieces("encode", &outcome.ran, outcome.splits, limit.most());
         // A job with a sequence that failed gets that sequence's error; the others their outputs.
         let mut results = outcome.results.into_iter();
         for (j, start, end) in picks {
