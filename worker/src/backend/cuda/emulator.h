@@ -128,13 +128,11 @@ struct Warp {
 
 struct Fiber;
 
-
 // What the fibers of one host thread share: the block running there and its scheduler.
 struct Host {
     Context scheduler;
     std::vector<Fiber*> fibers; // every fiber ever needed here; a block of N threads uses N
     std::vector<unsigned char> done; // per fiber of the block: whether it has finished it
-    unsigned current = 0;
     dim3 block_idx, block_dim, grid_dim;
     Barrier block_barrier;
     std::vector<Warp> warps;
@@ -224,7 +222,6 @@ static void add_fiber(Host& h) {
 
 // Runs fiber `t` until it yields at a barrier or finishes its block.
 static void switch_to(Host& h, unsigned t) {
-    h.current = t;
     swap_context(h.scheduler, h.fibers[t]->context);
 }
 
