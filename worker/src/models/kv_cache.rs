@@ -517,16 +517,21 @@ mod tests {
             [7.0, 8.0, 9.0, 10.0],
         );
         let garbage = [1e3f32, -1e3, 1e3, -1e3];
-        let mut pool = KvPool::new(&ReferenceBackend, layout(None), 16, 16).unwrap();
-        let mut cache = pool.new_cache();
-        attend(
-            &mut pool,
-            &mut cache,
-            &[1, 2, 3],
-            (&prompt.0, &prompt.1, &prompt.2),
-            true,
-        );
-        attend(
+        // A pool with the prompt's three positions committed.
+        let prompted = || {
+            let mut pool = KvPool::new(&ReferenceBackend, layout(None), 16, 16).unwrap();
+            let mut cache = pool.new_cache();
+            attend(
+                &mut pool,
+                &mut cache,
+                &[1, 2, 3],
+                (&prompt.0, &prompt.1, &prompt.2),
+                true,
+            );
+            (pool, cache)
+        };
+        let (mut pool, mut cache) = prompted();
+        let polluted = attend(
             &mut pool,
             &mut cache,
             &[4, 5],
@@ -535,15 +540,7 @@ mod tests {
         );
         assert_eq!(cache.len(), 3, "the failed step committed nothing");
         let retried = attend(&mut pool, &mut cache, &[4, 5], (&next.0, &next.1, &next.2), true);
-        let mut fresh_pool = KvPool::new(&ReferenceBackend, layout(None), 16, 16).unwrap();
-        let mut fresh = fresh_pool.new_cache();
-        attend(
-            &mut fresh_pool,
-            &mut fresh,
-            &[1, 2, 3],
-            (&prompt.0, &prompt.1, &prompt.2),
-            true,
-        );
+        let (mut fresh_pool, mut fresh) = prompted();
         let want = attend(
             &mut fresh_pool,
             &mut fresh,
@@ -553,23 +550,7 @@ mod tests {
         );
         assert_eq!(retried, want);
         assert_eq!(cache.len(), 5);
-        // The garbage would have shown: attending over it gives other values.
-        let mut dirty_pool = KvPool::new(&ReferenceBackend, layout(None), 16, 16).unwrap();
-        let mut dirty = dirty_pool.new_cache();
-        attend(
-            &mut dirty_pool,
-            &mut dirty,
-            &[1, 2, 3],
-            (&prompt.0, &prompt.1, &prompt.2),
-            true,
-        );
-        let polluted = attend(
-            &mut dirty_pool,
-            &mut dirty,
-            &[4, 5],
-            (&next.0, &garbage, &garbage),
-            false,
-        );
+        // The garbage would have shown: the failed step, attending over it, gave other values.
         assert_ne!(polluted, want);
     }
 
