@@ -89,8 +89,9 @@ pub enum BackendError {
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
 /// An activation applied in a linear layer's epilogue ([`Backend::linear_act`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Activation {
+    #[default]
     Identity,
     /// GELU, exact erf form.
     Gelu,

@@ -1,13 +1,16 @@
 //! Projections with their bias added by cuBLASLt's epilogue (`CUBLASLT_EPILOGUE_BIAS`): the
-//! product, the residual it accumulates onto (beta 1) and the bias in one kernel. Through
+//! product, the residual it accumulates onto (beta 1) and the bias in one kernel; for GPT-2's
+//! MLP up-projection the bias and its GELU (`CUBLASLT_EPILOGUE_GELU_BIAS`). Through
 //! `cublasGemmEx` the bias is a pass of our `bias_act` kernel over the output after the product:
 //! for BERT-base at 32 × 128 tokens, 19 MB read and written again per QKV projection, twelve
 //! times a pass; for GPT-2 three such passes a layer (QKV, attention output, FFN down).
 //!
-//! Only the bias is fused. BERT's GELU is the erf form, and cuBLASLt does not document its GELU
-//! epilogue as that form (frameworks use it for the tanh approximation); our `bias_act` adds a
-//! bias and applies an activation in the one pass, as cheap as the epilogue's bias followed by
-//! an activation pass.
+//! The GELU epilogue is the tanh approximation (GPT-2's `gelu_new`): cuBLASLt's documentation
+//! names no form, and PyTorch, which takes this epilogue for CUDA's `_addmm_activation`, defines
+//! that op by `gelu(approximate="tanh")`; the GPU tests hold it to the reference's tanh form.
+//! BERT's GELU is the erf form, which no epilogue computes: its up-projection takes cuBLAS and
+//! `bias_act`, which adds the bias and applies the activation in one pass (the bias epilogue
+//! followed by an activation pass would cost the same).
 //!
 //! A plan per product shape (the descriptors, the layouts and the algorithm cuBLASLt's
 //! heuristic picks for them) is made on a shape's first product and kept, so later passes
@@ -44,7 +47,8 @@ use crate::backend::{BackendError, Precision, Result};
 pub(super) const ALIGNMENT: u64 = 256;
 
 /// One projection `out[n, m] = x[n, k] · W[m, k]ᵀ + bias[m]` (row-major), onto `out` as it
-/// is when `accumulate` (a residual added in place). In cuBLAS's column-major terms that is
+/// is when `accumulate` (a residual added in place), through GELU (tanh form) when
+/// `gelu_tanh` (never with `accumulate`). In cuBLAS's column-major terms that is
 /// `outᵀ[m × n] = op_T(W) · xᵀ`, as `cublas_linear` describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) struct BiasProduct {
@@ -52,6 +56,7 @@ pub(super) struct BiasProduct {
     pub k: u64,
     pub m: u64,
     pub accumulate: bool,
+    pub gelu_tanh: bool,
 }
 
 /// The device addresses of a [`BiasProduct`]'s buffers.
@@ -260,7 +265,13 @@ impl BiasEpilogue {
         ops: BiasOperands,
         stream: lt::cudaStream_t,
     ) -> Result<bool> {
-        if !self.enabled() || !ops.aligned() || p.n == 0 || p.k == 0 || p.m == 0 {
+        if !self.enabled()
+            || !ops.aligned()
+            || p.n == 0
+            || p.k == 0
+            || p.m == 0
+            || (p.gelu_tanh && p.accumulate)
+        {
             return Ok(false);
         }
         // A plan left half made by a panic elsewhere is never stored, so a poisoned lock still
@@ -397,11 +408,12 @@ impl BiasEpilogue {
                 A::CUBLASLT_MATMUL_DESC_TRANSB,
                 &cublasOperation_t::CUBLAS_OP_N,
             )?;
-            set_desc(
-                desc,
-                A::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                &cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
-            )?;
+            let epilogue = if p.gelu_tanh {
+                cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS
+            } else {
+                cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+            };
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
             set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &ty)?;
         }
         let mut pref: lt::cublasLtMatmulPreference_t = std::ptr::null_mut();
@@ -482,19 +494,22 @@ impl CudaBackend {
         self.bias_epilogue.as_ref().is_some_and(BiasEpilogue::enabled)
     }
 
-    /// Whether the product `x [n, k] · W[m, k]ᵀ` (onto a residual when `accumulate`) was
-    /// planned (`Some(true)`), refused (`Some(false)`) or never seen (`None`), for tests.
+    /// Whether the product `x [n, k] · W[m, k]ᵀ` (onto a residual when `accumulate`, through
+    /// GELU when `gelu_tanh`) was planned (`Some(true)`), refused (`Some(false)`) or never seen
+    /// (`None`), for tests.
     #[cfg(test)]
     pub(crate) fn bias_epilogue_plan(
         &self,
         (n, k, m): (usize, usize, usize),
         accumulate: bool,
+        gelu_tanh: bool,
     ) -> Option<bool> {
         let p = BiasProduct {
             n: n as u64,
             k: k as u64,
             m: m as u64,
             accumulate,
+            gelu_tanh,
         };
         self.bias_epilogue.as_ref().and_then(|e| e.plan_state(p))
     }

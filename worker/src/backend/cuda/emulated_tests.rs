@@ -16,7 +16,7 @@ use super::gemm::Gemm;
 use super::gemv::gemv_cfg;
 use super::kernels::{self, COMMON, FILES};
 use super::ops::{
-    AttentionKernel, HeadRows, attention_cfg, decode_merge_cfg, draw_words, grouped_decode_fits,
+    AttentionKernel, HeadRows, act_code, attention_cfg, decode_merge_cfg, draw_words, grouped_decode_fits,
     grouped_heads, unfused_plan,
 };
 use super::paged::{prompt_chunk, prompt_chunks};
@@ -24,7 +24,7 @@ use crate::backend::shapes::AttnDims;
 use crate::backend::test_util::{
     AttnCase, AttnInputs, PagedCase, Rng, Tol, assert_close, print_skip, sampling_case,
 };
-use crate::backend::{Backend, CpuTensor, PagedPlan, Precision, ReferenceBackend, Result};
+use crate::backend::{Activation, Backend, CpuTensor, PagedPlan, Precision, ReferenceBackend, Result};
 
 const SHIM: &str = include_str!("emulator.h");
 
@@ -1251,7 +1251,8 @@ fn emulated_gemv_matches_the_compositions() {
             let tol = product_tol(p, k);
             let (mut xd, mut nd, mut wd, mut bd) =
                 (emu.store(&x), emu.store(&norm), emu.store(&w), emu.store(&bias));
-            // (what, norm, bias, accumulate onto the residual, swiglu, the reference)
+            // (what, norm, bias, accumulate onto the residual, swiglu, activation, the
+            // reference)
             let cases = [
                 (
                     "linear +bias",
@@ -1259,6 +1260,7 @@ fn emulated_gemv_matches_the_compositions() {
                     true,
                     false,
                     false,
+                    Activation::Identity,
                     host(r.linear(&rx, &rw_plain, Some(&rb_plain))),
                 ),
                 (
@@ -1267,6 +1269,7 @@ fn emulated_gemv_matches_the_compositions() {
                     true,
                     false,
                     false,
+                    Activation::Identity,
                     host(r.rms_norm_linear(&rx, &rnorm, 1e-6, &rw_plain, Some(&rb_plain))),
                 ),
                 (
@@ -1275,6 +1278,7 @@ fn emulated_gemv_matches_the_compositions() {
                     false,
                     true,
                     false,
+                    Activation::Identity,
                     host(r.linear_add(&rx, &rw_plain, None, reference(&residual, &[rows, n]))),
                 ),
                 (
@@ -1283,6 +1287,7 @@ fn emulated_gemv_matches_the_compositions() {
                     false,
                     false,
                     true,
+                    Activation::Identity,
                     host(r.rms_norm_swiglu(&rx, &rnorm, 1e-6, &rw_gate_up)),
                 ),
                 (
@@ -1291,13 +1296,41 @@ fn emulated_gemv_matches_the_compositions() {
                     true,
                     false,
                     true,
+                    Activation::Identity,
                     host(r.swiglu(&reference(
                         &host(r.linear(&rx, &rw_gate_up, Some(&reference(&bias, &[2 * n])))),
                         &[rows, 2 * n],
                     ))),
                 ),
+                (
+                    "linear +bias gelu (tanh)",
+                    false,
+                    true,
+                    false,
+                    false,
+                    Activation::GeluTanh,
+                    host(r.linear_act(&rx, &rw_plain, Some(&rb_plain), Activation::GeluTanh)),
+                ),
+                (
+                    "linear gelu (erf)",
+                    false,
+                    false,
+                    false,
+                    false,
+                    Activation::Gelu,
+                    host(r.linear_act(&rx, &rw_plain, None, Activation::Gelu)),
+                ),
+                (
+                    "linear +bias silu",
+                    false,
+                    true,
+                    false,
+                    false,
+                    Activation::Silu,
+                    host(r.linear_act(&rx, &rw_plain, Some(&rb_plain), Activation::Silu)),
+                ),
             ];
-            for (what, has_norm, has_bias, accumulate, swiglu, want) in cases {
+            for (what, has_norm, has_bias, accumulate, swiglu, act, want) in cases {
                 let mut out = if accumulate {
                     emu.store(&residual)
                 } else {
@@ -1314,6 +1347,7 @@ fn emulated_gemv_matches_the_compositions() {
                     .int(usize::from(has_bias))
                     .int(usize::from(accumulate))
                     .int(usize::from(swiglu))
+                    .int(act_code(act) as usize)
                     .int(rows)
                     .int(n)
                     .int(k);

@@ -1,6 +1,7 @@
 //! Projections of a few rows (decode steps) through our matrix-vector kernel (`gemv.cu`)
 //! instead of cuBLAS, with the neighbouring ops folded in: the RMS norm before the product,
-//! the bias, SwiGLU over a fused gate/up projection, and the residual add after it. At one to
+//! the bias, an activation (GELU, SiLU) or SwiGLU over a fused gate/up projection, and the
+//! residual add after it. At one to
 //! four rows a projection is a pass over its weight at memory bandwidth, and folding saves the
 //! launches of the separate norm, activation and add kernels, which at batch 1 cost about as
 //! much as the smaller products.
@@ -15,8 +16,9 @@ use cudarc::driver::LaunchConfig;
 
 use super::context::CudaBackend;
 use super::launch::{int, launch};
+use super::ops::act_code;
 use super::tensor::CudaTensor;
-use crate::backend::{Result, shapes};
+use crate::backend::{Activation, Result, shapes};
 
 /// The most rows the kernel takes (`GEMV_MAX_ROWS` in `gemv.cu`); more go to cuBLAS, whose
 /// tensor cores win once each weight element serves several rows.
@@ -37,6 +39,8 @@ pub(super) struct Folded<'a> {
     pub bias: Option<&'a CudaTensor>,
     /// The weight is `[2n, k]` (gate rows, then up rows) and the output `silu(gate) · up`.
     pub swiglu: bool,
+    /// Applied to each output after its bias (the identity with SwiGLU or a residual).
+    pub act: Activation,
 }
 
 /// The kernel's launch shape for `outputs` outputs per row.
@@ -72,7 +76,7 @@ impl CudaBackend {
     }
 
     /// `x [.., k]` through `weight [m, k]` with `folded` around the product, onto `residual`
-    /// when given (in place; not with SwiGLU). The caller has checked the shapes of `x`,
+    /// when given (in place; not with SwiGLU or an activation). The caller has checked the shapes of `x`,
     /// `weight` and the bias and that [`CudaBackend::gemv_fits`] holds; this checks the rest.
     pub(super) fn gemv(
         &self,
@@ -84,12 +88,20 @@ impl CudaBackend {
         let op = "gemv";
         let (rows, k, m) = shapes::linear(&x.shape, &weight.shape, folded.bias.map(|b| b.shape.as_slice()))?;
         let n = if folded.swiglu { m / 2 } else { m };
-        if (folded.swiglu && (m % 2 != 0 || residual.is_some())) || rows > GEMV_MAX_ROWS {
+        let activated = folded.act != Activation::Identity;
+        if (folded.swiglu && (m % 2 != 0 || residual.is_some() || activated))
+            || (activated && residual.is_some())
+            || rows > GEMV_MAX_ROWS
+        {
             return Err(shapes::err(
                 op,
                 format!(
-                    "{rows} rows of {:?} through {:?} (swiglu: {})",
-                    x.shape, weight.shape, folded.swiglu
+                    "{rows} rows of {:?} through {:?} (swiglu: {}, activation: {:?}, residual: {})",
+                    x.shape,
+                    weight.shape,
+                    folded.swiglu,
+                    folded.act,
+                    residual.is_some()
                 ),
             ));
         }
@@ -116,7 +128,8 @@ impl CudaBackend {
             None => (&self.placeholder_elem, 0, 0.0),
         };
         let (bias_buf, has_bias) = folded.bias.map_or((&self.placeholder_elem, 0), |b| (&b.buf, 1));
-        let (swiglu, ri, ni, ki) = (i32::from(folded.swiglu), int(op, rows)?, int(op, n)?, int(op, k)?);
+        let (swiglu, act) = (i32::from(folded.swiglu), act_code(folded.act));
+        let (ri, ni, ki) = (int(op, rows)?, int(op, n)?, int(op, k)?);
         launch!(
             self,
             "gemv",
@@ -131,6 +144,7 @@ impl CudaBackend {
             &has_bias,
             &accumulate,
             &swiglu,
+            &act,
             &ri,
             &ni,
             &ki

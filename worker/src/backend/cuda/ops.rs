@@ -19,8 +19,8 @@ use crate::backend::shapes::{self, AttnDims};
 use crate::backend::{Activation, AttentionMask, Backend, DecodeStep, PagedPlan, Pooling, Result};
 use crate::sampling::TokenDraw;
 
-/// The `ACT_*` constant of `activation.cu` for an activation.
-fn act_code(act: Activation) -> i32 {
+/// The `ACT_*` constant of `common.cuh` for an activation.
+pub(super) fn act_code(act: Activation) -> i32 {
     match act {
         Activation::Identity => 0,
         Activation::Gelu => 1,
@@ -319,8 +319,9 @@ impl CudaBackend {
     }
 
     /// `act(x · weightᵀ + bias)`, onto `residual` when given (then `act` must be the
-    /// identity): the matrix-vector kernel for a few rows, else the cuBLAS product (accumulating
-    /// into the residual in place) followed by one epilogue kernel that adds the bias and
+    /// identity): the matrix-vector kernel for a few rows, bias and activation folded in; else
+    /// the cuBLAS product (accumulating into the residual in place) with the bias, and GELU's
+    /// tanh form, in cuBLASLt's epilogue, or followed by one kernel that adds the bias and
     /// applies the activation in the same pass over the output.
     fn fused_linear(
         &self,
@@ -333,12 +334,13 @@ impl CudaBackend {
         let (n, k, _) = shapes::linear(&x.shape, &weight.shape, bias.map(|b| b.shape.as_slice()))?;
         let mut operands = vec![x, weight];
         operands.extend(bias);
-        if act == Activation::Identity && self.gemv_fits(n, k, &operands) {
+        if self.gemv_fits(n, k, &operands) {
             return self.gemv(
                 x,
                 weight,
                 Folded {
                     bias,
+                    act,
                     ..Folded::default()
                 },
                 residual,
@@ -380,10 +382,18 @@ impl CudaBackend {
             None => self.alloc(shape)?,
         };
         if let Some(bias) = bias
-            && act == Activation::Identity
-            && self.bias_in_epilogue(x, weight, bias, &mut out, (n, k, m), accumulate)?
+            && matches!(act, Activation::Identity | Activation::GeluTanh)
         {
-            return Ok(out);
+            let product = BiasProduct {
+                n: n as u64,
+                k: k as u64,
+                m: m as u64,
+                accumulate,
+                gelu_tanh: act == Activation::GeluTanh,
+            };
+            if self.bias_in_epilogue(x, weight, bias, &mut out, product)? {
+                return Ok(out);
+            }
         }
         if k > 0 {
             // Row-major out[n × m] = x[n × k] · Wᵀ is column-major outᵀ[m × n] = W · xᵀ, where the
@@ -432,27 +442,21 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// `out (+)= x · weightᵀ + bias` through cuBLASLt's bias epilogue (`bias_epilogue.rs`);
-    /// `Ok(false)`, with nothing enqueued, when it does not take this product.
+    /// `out (+)= x · weightᵀ + bias`, through GELU (tanh form) when the product says so, by
+    /// cuBLASLt's epilogue (`bias_epilogue.rs`); `Ok(false)`, with nothing enqueued, when it
+    /// does not take this product.
     fn bias_in_epilogue(
         &self,
         x: &CudaTensor,
         weight: &CudaTensor,
         bias: &CudaTensor,
         out: &mut CudaTensor,
-        (n, k, m): (usize, usize, usize),
-        accumulate: bool,
+        product: BiasProduct,
     ) -> Result<bool> {
         let Some(epilogue) = &self.bias_epilogue else {
             return Ok(false);
         };
         self.bind()?;
-        let product = BiasProduct {
-            n: n as u64,
-            k: k as u64,
-            m: m as u64,
-            accumulate,
-        };
         // The guards order the buffers' other uses around the product; they live until it is
         // enqueued.
         let (weight_ptr, _w) = weight.buf.device_ptr(&self.stream);
@@ -1106,7 +1110,7 @@ impl Backend for CudaBackend {
             let folded = Folded {
                 norm: Some((norm, eps)),
                 bias,
-                swiglu: false,
+                ..Folded::default()
             };
             return self.gemv(x, weight, folded, None);
         }
@@ -1125,8 +1129,8 @@ impl Backend for CudaBackend {
         if m % 2 == 0 && self.gemv_fits(rows, k, &[x, norm, gate_up]) {
             let folded = Folded {
                 norm: Some((norm, eps)),
-                bias: None,
                 swiglu: true,
+                ..Folded::default()
             };
             return self.gemv(x, gate_up, folded, None);
         }

@@ -792,7 +792,8 @@ fn gpu_folded_projections_match_their_compositions() {
     let Some(g) = gpu("gpu_folded_projections_match_their_compositions") else {
         return;
     };
-    // The norm before the product, the bias, SwiGLU and the residual add after it, through the
+    // The norm before the product, the bias, an activation, SwiGLU and the residual add after
+    // it, through the
     // matrix-vector kernel (up to four rows, k a multiple of 8) and through cuBLAS (the kernel
     // switched off, five rows, or k = 17), each against the reference's composition. The
     // product's fp32 tolerance (k up to 2056 terms).
@@ -820,6 +821,15 @@ fn gpu_folded_projections_match_their_compositions() {
                 &t[2],
                 Some(&t[3])
             ));
+            for act in [Activation::Gelu, Activation::GeluTanh, Activation::Silu] {
+                compare!(
+                    g,
+                    what(&format!("linear_act {act:?} +bias")),
+                    tol,
+                    inputs,
+                    |be, t| be.linear_act(&t[0], &t[2], Some(&t[3]), act)
+                );
+            }
             compare!(g, what("rms_norm_linear"), tol, inputs, |be, t| be
                 .rms_norm_linear(&t[0], &t[1], 1e-6, &t[2], Some(&t[3])));
             compare!(g, what("rms_norm_swiglu"), tol, inputs, |be, t| be
@@ -1770,10 +1780,11 @@ fn gpu_passes_the_start_up_self_test() {
 
 #[test]
 fn gpu_bias_epilogue_matches_the_bias_pass() {
-    // Products with a bias, with and without a residual, through cuBLASLt's bias epilogue and
-    // through cuBLAS plus the bias_act pass, each against the reference in every precision.
-    // The shapes: BERT's QKV and FFN-down at 128 tokens, 6 rows (above the matrix-vector
-    // kernel's), and an odd width that cuBLASLt may refuse (the fallback must then answer).
+    // Products with a bias, with and without a residual, and through GELU's tanh form (GPT-2's
+    // MLP), through cuBLASLt's epilogues and through cuBLAS plus the bias_act pass, each
+    // against the reference in every precision. The shapes: BERT's QKV and FFN-down at 128
+    // tokens, 6 rows (above the matrix-vector kernel's), and an odd width that cuBLASLt may
+    // refuse (the fallback must then answer).
     let aligned = [(128, 768, 2304), (128, 3072, 768), (6, 64, 48)];
     for p in Precision::ALL {
         let test = "gpu_bias_epilogue_matches_the_bias_pass";
@@ -1820,16 +1831,18 @@ fn gpu_bias_epilogue_matches_the_bias_pass() {
                     let residual = be.from_host(&p.round(&residual), &[n, m])?;
                     be.linear_add(&t[0], &t[1], Some(&t[2]), residual)
                 });
+                compare_in!(g, what("linear_act +bias gelu (tanh)"), tol, inputs, |be, t| be
+                    .linear_act(&t[0], &t[1], Some(&t[2]), Activation::GeluTanh));
             }
             if epilogue {
                 // Each aligned shape, with and without a residual, must have been taken: a
                 // refusal would leave the fallback doing the work unseen.
                 for &shape in &aligned {
-                    for accumulate in [false, true] {
+                    for (accumulate, gelu_tanh) in [(false, false), (true, false), (false, true)] {
                         assert_eq!(
-                            g.bias_epilogue_plan(shape, accumulate),
+                            g.bias_epilogue_plan(shape, accumulate, gelu_tanh),
                             Some(true),
-                            "{p}: cuBLASLt did not plan {shape:?} (accumulate {accumulate})"
+                            "{p}: cuBLASLt did not plan {shape:?} (accumulate {accumulate}, gelu {gelu_tanh})"
                         );
                     }
                 }

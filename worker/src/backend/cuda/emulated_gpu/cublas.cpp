@@ -1,6 +1,7 @@
 // The emulated GPU's cuBLAS and cuBLASLt: the column-major products the backend asks for
 // (cublasGemmEx, cublasGemmStridedBatchedEx, cublasGemmBatchedEx; cublasLtMatmul with the bias
-// epilogue), in fp32 arithmetic over fp32, fp16 or bf16 operands, each result rounded once to its
+// epilogue, and the bias-and-GELU one, GELU in its tanh form as PyTorch defines the op that
+// takes it), in fp32 arithmetic over fp32, fp16 or bf16 operands, each result rounded once to its
 // type, as cuBLAS's COMPUTE_32F defines them. Arguments cuBLAS rejects (a leading dimension
 // shorter than a column, a data type or compute type it does not take) are rejected, and every
 // operand must lie inside a live allocation. C is read only when beta is not zero, as cuBLAS
@@ -8,6 +9,7 @@
 
 #include "emulated_gpu.h"
 
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -64,8 +66,8 @@ void store(void* base, int type, size_t i, float v) {
     static_cast<uint16_t*>(base)[i] = bits;
 }
 
-// One column-major product D = alpha · op(A) · op(B) + beta · C (+ bias[row]), with C and D one
-// buffer here (as every caller of the backend uses them).
+// One column-major product D = alpha · op(A) · op(B) + beta · C (+ bias[row], then GELU when
+// gelu_tanh), with C and D one buffer here (as every caller of the backend uses them).
 struct Product {
     bool transa, transb;
     int m, n, k;
@@ -73,6 +75,7 @@ struct Product {
     int a_type, b_type, c_type;
     long long lda, ldb, ldc;
     int bias_type = -1; // no bias
+    bool gelu_tanh = false;
 };
 
 // Whether the product's arguments are ones cuBLAS takes.
@@ -143,6 +146,9 @@ void run(const Product& p, const void* a, const void* b, void* c, const void* bi
                 }
                 if (p.bias_type >= 0) {
                     out += load(bias, p.bias_type, (size_t)i);
+                }
+                if (p.gelu_tanh) {
+                    out = 0.5f * out * (1.0f + std::tanh(0.7978845608028654f * (out + 0.044715f * out * out * out)));
                 }
                 store(c, p.c_type, at, out);
             }
@@ -219,6 +225,7 @@ bool layouts_agree(const MatmulDesc& m, const Layout& a, const Layout& b, const 
 
 constexpr int EPILOGUE_DEFAULT = 1;
 constexpr int EPILOGUE_BIAS = 4;
+constexpr int EPILOGUE_GELU_BIAS = 36;
 
 } // namespace
 
@@ -417,7 +424,7 @@ int cublasLtMatmulAlgoGetHeuristic(void*, void* desc, void* a, void* b, void* c,
     if (requested < 1 || m->compute != COMPUTE_32F || m->scale != R_32F) {
         return STATUS_INVALID_VALUE;
     }
-    if (m->epilogue != EPILOGUE_DEFAULT && m->epilogue != EPILOGUE_BIAS) {
+    if (m->epilogue != EPILOGUE_DEFAULT && m->epilogue != EPILOGUE_BIAS && m->epilogue != EPILOGUE_GELU_BIAS) {
         return STATUS_NOT_SUPPORTED;
     }
     if (!layouts_agree(*m, *la, *lb, *lc, *ld)) {
@@ -456,11 +463,12 @@ int cublasLtMatmul(void*, void* desc, const void* alpha, const void* a, void* la
     Product p{m->transa != 0, m->transb != 0, (int)D->rows, (int)D->cols, k,
               *static_cast<const float*>(alpha), *static_cast<const float*>(beta), A->type, B->type, D->type,
               A->ld, B->ld, D->ld};
-    if (m->epilogue == EPILOGUE_BIAS) {
+    if (m->epilogue == EPILOGUE_BIAS || m->epilogue == EPILOGUE_GELU_BIAS) {
         if (m->bias == nullptr) {
             return STATUS_INVALID_VALUE;
         }
         p.bias_type = m->bias_type < 0 ? D->type : m->bias_type;
+        p.gelu_tanh = m->epilogue == EPILOGUE_GELU_BIAS;
     }
     if (const int s = validate(p); s != STATUS_SUCCESS) {
         return s;

@@ -8,44 +8,14 @@
 //                 projection) and out [rows, n] (Llama's MLP, without splitting x first)
 // bias_act:   y[r, c] = act(y[r, c] + bias[c]) in place over a [rows, m] matrix: the
 //                 epilogue of a linear layer (the matrix product itself is cuBLAS), with
-//                 act 0 = identity, 1 = GELU (erf), 2 = GELU (tanh), 3 = SiLU.
+//                 act 0 = identity, 1 = GELU (erf), 2 = GELU (tanh), 3 = SiLU (the
+//                 functions are common.cuh's, which the matrix-vector kernel folds too).
 //
 // Launch: 1-D grid-stride loops, block 256, grid ceil(n / 256) capped by the host; any grid
 // size is correct. erff/tanhf/expf are CUDA's full-precision functions (no fast-math), within
 // 2 ulp, so fp32 results match the CPU backend to ~1e-6 relative. The bias is added in fp32
 // to the stored product (rounded to the storage type once more in half precision, as a
 // PyTorch linear layer followed by an activation rounds).
-
-#define ACT_NONE 0
-#define ACT_GELU 1
-#define ACT_GELU_TANH 2
-#define ACT_SILU 3
-
-__device__ __forceinline__ float act_gelu_erf(float x) {
-    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-}
-
-__device__ __forceinline__ float act_gelu_tanh(float x) {
-    const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-    return 0.5f * x * (1.0f + tanhf(inner));
-}
-
-__device__ __forceinline__ float act_silu(float x) {
-    return x / (1.0f + expf(-x));
-}
-
-__device__ __forceinline__ float activate(float x, int act) {
-    switch (act) {
-    case ACT_GELU:
-        return act_gelu_erf(x);
-    case ACT_GELU_TANH:
-        return act_gelu_tanh(x);
-    case ACT_SILU:
-        return act_silu(x);
-    default:
-        return x;
-    }
-}
 
 #define GRID_STRIDE(i, n) for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (size_t)(n); \
                                i += (size_t)gridDim.x * blockDim.x)

@@ -105,6 +105,40 @@ __device__ __forceinline__ void load_chunk(float* dst, const elem_t* src) {
 #define NAN __int_as_float(0x7fffffff)
 #endif
 
+// The activations of linear layers (bias_act, gemv): GELU in its erf form (BERT, PyTorch's
+// default) and its tanh form (GPT-2's "gelu_new"), SiLU (Llama). erff, tanhf and expf are CUDA's
+// full-precision functions (no fast-math), within 2 ulp.
+#define ACT_NONE 0
+#define ACT_GELU 1
+#define ACT_GELU_TANH 2
+#define ACT_SILU 3
+
+__device__ __forceinline__ float act_gelu_erf(float x) {
+    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+}
+
+__device__ __forceinline__ float act_gelu_tanh(float x) {
+    const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.0f + tanhf(inner));
+}
+
+__device__ __forceinline__ float act_silu(float x) {
+    return x / (1.0f + expf(-x));
+}
+
+__device__ __forceinline__ float activate(float x, int act) {
+    switch (act) {
+    case ACT_GELU:
+        return act_gelu_erf(x);
+    case ACT_GELU_TANH:
+        return act_gelu_tanh(x);
+    case ACT_SILU:
+        return act_silu(x);
+    default:
+        return x;
+    }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) {
         v += __shfl_xor_sync(FULL_MASK, v, offset);

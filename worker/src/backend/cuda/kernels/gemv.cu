@@ -5,12 +5,14 @@
 //   s_r   = 1 / sqrt(sum_k x[r, k]^2 / k + eps)   when has_norm (RMS norm, Llama), else 1
 //   x'    = x[r, k] * norm_w[k]                   when has_norm, else x[r, k]
 //   dot_c = s_r * sum_k x'[k] * weight[c, k] + bias[c]   (bias when has_bias)
-//   plain  (swiglu == 0, wrows = n):  out[r, j] = dot_j, or out[r, j] += dot_j when accumulate
-//          (the residual stream updated in place: a block's output projection and its
-//          residual add)
+//   plain  (swiglu == 0, wrows = n):  out[r, j] = act(dot_j), or out[r, j] += dot_j when
+//          accumulate (the residual stream updated in place: a block's output projection and
+//          its residual add), with act one of common.cuh's activations (ACT_NONE with
+//          accumulate: an activation never follows a residual add)
 //   swiglu (swiglu == 1, wrows = 2n): out[r, j] = silu(dot_j) * dot_{n + j}   (Llama's fused
 //          gate/up projection; not with accumulate)
-//   So one launch is rms_norm + linear, linear + residual add, or rms_norm + linear + SwiGLU,
+//   So one launch is rms_norm + linear, linear + residual add, linear + GELU (GPT-2's and
+//   BERT's MLP up-projections), or rms_norm + linear + SwiGLU,
 //   without storing the intermediate: in half precision it rounds once, where the composed
 //   ops round after each step (the tests hold both to the f64 composition). Each output
 //   element is read (accumulate) and written by one thread.
@@ -38,15 +40,14 @@
 #define GEMV_WARPS 8
 #define GEMV_CHUNK 8
 
-__device__ __forceinline__ float gemv_silu(float x) { return x / (1.0f + expf(-x)); }
-
 extern "C" __global__ void gemv(elem_t* out, const elem_t* x, const elem_t* weight, const elem_t* norm_w,
-                                int has_norm, float eps, const elem_t* bias, int has_bias, int accumulate, int swiglu, int rows,
-                                int n, int k) {
+                                int has_norm, float eps, const elem_t* bias, int has_bias, int accumulate, int swiglu, int act,
+                                int rows, int n, int k) {
     __shared__ float partial[GEMV_WARPS][GEMV_COLS][GEMV_MAX_ROWS];
     __shared__ float squares[GEMV_WARPS][GEMV_MAX_ROWS];
     KERNEL_CHECK(rows >= 1 && rows <= GEMV_MAX_ROWS && k % GEMV_CHUNK == 0 && blockDim.x == GEMV_WARPS * 32);
-    KERNEL_CHECK(!(swiglu && accumulate));
+    KERNEL_CHECK(!(swiglu && accumulate) && act >= ACT_NONE && act <= ACT_SILU);
+    KERNEL_CHECK(act == ACT_NONE || !(swiglu || accumulate));
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     // The block's outputs start at j0; its weight rows are wrow[c] (-1 past the end).
     const int outs = swiglu ? GEMV_COLS / 2 : GEMV_COLS;
@@ -162,7 +163,9 @@ extern "C" __global__ void gemv(elem_t* out, const elem_t* x, const elem_t* weig
     };
     float v = finish(o, j);
     if (swiglu) {
-        v = gemv_silu(v) * finish(o + outs, n + j);
+        v = act_silu(v) * finish(o + outs, n + j);
+    } else {
+        v = activate(v, act);
     }
     if (accumulate) {
         v += load(out[(size_t)r * n + j]);
