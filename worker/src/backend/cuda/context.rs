@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cudarc::cublas::CudaBlas;
@@ -13,6 +13,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUmemPool_at
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError};
 
 use super::bias_epilogue::BiasEpilogue;
+use super::dense_chunks::UNFUSED_MAX_SCORE_BYTES;
 use super::graph::DecodeGraphs;
 use super::kernel_cache::KernelCache;
 use super::kernels::{self, FILES, KernelImage, Origin, Target};
@@ -107,9 +108,12 @@ pub struct CudaBackend {
     /// Decode steps take the grouped-heads decode kernel where it fits (`paged.rs`); on unless
     /// turned off.
     pub(super) grouped_decode_enabled: AtomicBool,
-    /// Dense prompts whose scores fit take the unfused cuBLAS attention; on unless turned off
-    /// (then every dense prompt takes the flash kernel, as the start-up self-test needs).
+    /// Prompts take the unfused cuBLAS attention; on unless turned off (then every dense
+    /// prompt takes the flash kernel, as the start-up self-test needs).
     pub(super) unfused_attention_enabled: AtomicBool,
+    /// The most bytes of fp32 scores one product of the unfused attention materialises
+    /// ([`UNFUSED_MAX_SCORE_BYTES`] unless a test lowers it): larger prompts run in pieces.
+    pub(super) unfused_score_limit: AtomicUsize,
     kernel_build: KernelBuild,
 }
 
@@ -400,6 +404,7 @@ impl CudaBackend {
             gemv_enabled: AtomicBool::new(true),
             grouped_decode_enabled: AtomicBool::new(true),
             unfused_attention_enabled: AtomicBool::new(true),
+            unfused_score_limit: AtomicUsize::new(UNFUSED_MAX_SCORE_BYTES),
             kernel_build,
         };
         backend.flash_smem_bytes = backend.allow_flash_smem()?;
@@ -433,6 +438,15 @@ impl CudaBackend {
     /// takes the flash kernel. Returns the previous setting. For the self-test and tests.
     pub(crate) fn set_unfused_attention(&self, enabled: bool) -> bool {
         self.unfused_attention_enabled.swap(enabled, Ordering::Relaxed)
+    }
+
+    /// Sets the bytes of fp32 scores one piece of the unfused attention may hold (at most
+    /// [`UNFUSED_MAX_SCORE_BYTES`]), so that tests cut small prompts into pieces as large
+    /// ones are cut; returns the previous limit.
+    #[cfg(test)]
+    pub(crate) fn set_unfused_score_limit(&self, bytes: usize) -> usize {
+        self.unfused_score_limit
+            .swap(bytes.min(UNFUSED_MAX_SCORE_BYTES), Ordering::Relaxed)
     }
 
     /// How the kernels were built at start-up.

@@ -10,9 +10,10 @@
 //!   backend's buffer cache when dropped (`backend::buffer_cache`), so passes of shapes seen
 //!   before ask the driver for no memory.
 //! - [`gemm`]: matrix products through cuBLAS in the storage precision, fp32 accumulation.
+//! - [`dense_chunks`]: how a dense prompt's attention is cut into pieces whose scores fit.
 //! - [`bias_epilogue`]: products whose bias cuBLASLt adds in its epilogue, planned per shape.
 //! - [`gemv`]: products of a few rows (decode steps) through our matrix-vector kernel, with
-//!   the RMS norm, bias, SwiGLU and residual add folded in.
+//!   the RMS norm, bias, activation, SwiGLU and residual add folded in.
 //! - [`launch`]: the launch macro and launch shapes the ops share.
 //! - [`ops`]: the operations: cuBLAS for matrix products, our kernels for the rest.
 //! - [`paged`]: key/value pools: a step's block tables uploaded once, rows written in place,
@@ -35,6 +36,7 @@
 
 mod bias_epilogue;
 mod context;
+mod dense_chunks;
 mod gemm;
 mod gemv;
 mod graph;

@@ -10,6 +10,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
 
 use super::bias_epilogue::{BiasOperands, BiasProduct};
 use super::context::{ATTN_MAX_D, CudaBackend, driver_err, flash_smem_bytes};
+use super::dense_chunks::{UNFUSED_MAX_SCORE_BYTES, dense_chunks};
 use super::gemm::{Batch, Gemm};
 use super::gemv::Folded;
 use super::launch::{BLOCK, elementwise_cfg, int, launch, rows_cfg};
@@ -81,10 +82,6 @@ pub(crate) fn grouped_heads(heads: usize, kv_heads: usize) -> (usize, usize) {
 pub(crate) fn grouped_decode_fits(d: usize) -> bool {
     d > 0 && d.is_multiple_of(8) && (d / 8).is_power_of_two() && d <= ATTN_MAX_D
 }
-
-/// The most bytes of fp32 scores the unfused attention ([`CudaBackend::attention_unfused`])
-/// materialises; larger prompts go to the flash kernel.
-pub(super) const UNFUSED_MAX_SCORE_BYTES: usize = 256 << 20;
 
 /// Where the rows of one `[batch, seq, heads, d]`-shaped attention operand sit in its buffer,
 /// in elements: head `h` of token `s` of sequence `b` starts at
@@ -757,11 +754,9 @@ impl CudaBackend {
         self.attention_with(q, k, v, mask, AttentionKernel::Flash)
     }
 
-    /// Whether a dense prompt's attention takes the unfused path: it is on and the prompt's
-    /// fp32 scores fit [`UNFUSED_MAX_SCORE_BYTES`].
-    fn unfused_fits(&self, dims: &AttnDims) -> bool {
+    /// Whether dense prompts take the unfused path (on unless turned off).
+    fn unfused_enabled(&self) -> bool {
         self.unfused_attention_enabled.load(Ordering::Relaxed)
-            && dims.batch * dims.heads * dims.s_q * dims.s_k * size_of::<f32>() <= UNFUSED_MAX_SCORE_BYTES
     }
 
     /// The padding mask on the device, if the mask has one (uploaded once for all the layers
@@ -781,8 +776,8 @@ impl CudaBackend {
     }
 
     /// [`CudaBackend::attention_unfused`] over dense `q [batch, s_q, heads, d]`, `k` and `v`
-    /// `[batch, s_k, kv_heads, d]`, whatever the size (up to its limit): what the trait's
-    /// `attention` takes for prompts; for tests and benchmarks, which time every path.
+    /// `[batch, s_k, kv_heads, d]`: what the trait's `attention` takes for prompts; for tests
+    /// and benchmarks, which time every path.
     pub(crate) fn attention_unfused_dense(
         &self,
         q: &CudaTensor,
@@ -804,11 +799,13 @@ impl CudaBackend {
     /// [`HeadRows`]; the three may be one fused projection): fp32 scores from one batched cuBLAS
     /// product over the (sequence, head) pairs given by address (tensor cores in half
     /// precision), the masked softmax, and a second product that writes each head's output
-    /// straight into `[batch, s_q, heads, d]`. No copies of the inputs are made. Taken for
-    /// prompts whose scores fit [`UNFUSED_MAX_SCORE_BYTES`].
+    /// straight into `[batch, s_q, heads, d]`. No copies of the inputs are made. A prompt whose
+    /// scores exceed the unfused limit runs in pieces ([`dense_chunks`]: whole sequences, or
+    /// runs of one sequence's queries), each with its slice of the padding mask and its own
+    /// causal offset, writing its rows of the output.
     pub(crate) fn attention_unfused(
         &self,
-        qkv: (&CudaTensor, &CudaTensor, &CudaTensor),
+        (q, k, v): (&CudaTensor, &CudaTensor, &CudaTensor),
         views: [HeadRows; 3],
         dims: AttnDims,
         mask: &AttentionMask<'_>,
@@ -826,7 +823,45 @@ impl CudaBackend {
         }
         let mut out = self.alloc(vec![batch, s_q, heads, d])?;
         let out_rows = HeadRows::dense(s_q, heads, d);
-        self.attention_unfused_into(qkv, views, dims, mask, None, (&mut out, out_rows))?;
+        let limit = self.unfused_score_limit.load(Ordering::Relaxed);
+        for c in dense_chunks(&dims, mask.causal_offset, limit) {
+            // A piece's rows: its first sequence's, from its first query on.
+            let from = |rows: HeadRows, query: usize| HeadRows {
+                offset: rows.offset + c.first_seq * rows.batch_stride + query * rows.row_stride,
+                ..rows
+            };
+            let key_valid = match mask.key_valid {
+                // Pieces of several sequences read all their keys, so (seqs - 1) whole
+                // sequences of s_k and the last one's `keys`.
+                Some(valid) => {
+                    let start = c.first_seq * s_k;
+                    let piece = valid.get(start..start + (c.seqs - 1) * s_k + c.keys);
+                    Some(piece.ok_or_else(|| {
+                        shapes::err("attention", format!("{c:?} reaches past the padding mask"))
+                    })?)
+                }
+                None => None,
+            };
+            let piece_mask = AttentionMask {
+                key_valid,
+                causal_offset: mask.causal_offset.map(|o| o + c.first_query),
+            };
+            let piece_dims = AttnDims {
+                batch: c.seqs,
+                s_q: c.queries,
+                s_k: c.keys,
+                ..dims
+            };
+            let [qv, kv, vv] = views;
+            self.attention_unfused_into(
+                (q, k, v),
+                [from(qv, c.first_query), from(kv, 0), from(vv, 0)],
+                piece_dims,
+                &piece_mask,
+                None,
+                (&mut out, from(out_rows, c.first_query)),
+            )?;
+        }
         Ok(out)
     }
 
@@ -1477,12 +1512,13 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         // One query row per sequence (a decode step) leaves 15 of flash's 16 rows per block idle;
         // the decode kernel spreads that row's keys over 8 warps instead. Prompts go through
-        // cuBLAS (tensor cores in half precision) while their scores stay small, else flash.
+        // cuBLAS (tensor cores in half precision), in pieces when their scores are large;
+        // flash only with the unfused path turned off.
         let dims = shapes::attention(&q.shape, &k.shape, &v.shape, mask)?;
         if dims.s_q == 1 {
             return self.attention_with(q, k, v, mask, AttentionKernel::Decode);
         }
-        if self.unfused_fits(&dims) {
+        if self.unfused_enabled() {
             return self.attention_unfused_dense(q, k, v, mask);
         }
         self.attention_with(q, k, v, mask, AttentionKernel::Flash)
@@ -1502,7 +1538,7 @@ impl Backend for CudaBackend {
             &[batch, seq, heads, d],
             mask,
         )?;
-        if seq > 1 && self.unfused_fits(&dims) {
+        if seq > 1 && self.unfused_enabled() {
             let views = [0, 1, 2].map(|part| HeadRows::fused_qkv(part, seq, heads, d));
             let out = self.attention_unfused((qkv, qkv, qkv), views, dims, mask)?;
             return self.reshape(out, &[tokens, heads * d]);

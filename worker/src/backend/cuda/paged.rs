@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 use super::context::{ATTN_MAX_D, CudaBackend};
 use super::launch::{elementwise_cfg, int, launch, rows_cfg};
 use super::ops::{
-    AttentionKernel, HeadRows, MAX_DECODE_SPLITS, UNFUSED_MAX_SCORE_BYTES, attention_cfg, decode_merge_cfg,
-    decode_splits, grouped_decode_fits, grouped_heads,
+    AttentionKernel, HeadRows, MAX_DECODE_SPLITS, attention_cfg, decode_merge_cfg, decode_splits,
+    grouped_decode_fits, grouped_heads,
 };
 use super::tensor::{CudaTensor, DeviceArray, DeviceBuffer};
 use crate::backend::shapes::AttnDims;
@@ -340,8 +340,8 @@ impl CudaBackend {
 
     /// Paged attention of a step with prompts in it with the prompts through cuBLAS: each
     /// prompt's keys and values gathered out of the pools into dense rows (`paged_gather`),
-    /// then the unfused attention over them, in chunks of queries whose fp32 scores fit
-    /// [`UNFUSED_MAX_SCORE_BYTES`], each over the keys it can see ([`chunk_keys`]: with a
+    /// then the unfused attention over them, in chunks of queries whose fp32 scores fit the
+    /// unfused path's limit (`dense_chunks::UNFUSED_MAX_SCORE_BYTES`), each over the keys it can see ([`chunk_keys`]: with a
     /// sliding window, only its window's) and writing its rows of the step's output.
     /// Sequences decoding one token beside them (continuous batching) take the decode kernel,
     /// launched over the first query of every sequence (a prompt's first row is written again
@@ -390,7 +390,8 @@ impl CudaBackend {
                 &kl,
                 &wi
             )?;
-            for chunk in prompt_chunks(s.q_len, s.k_len, heads, UNFUSED_MAX_SCORE_BYTES) {
+            let limit = self.unfused_score_limit.load(Ordering::Relaxed);
+            for chunk in prompt_chunks(s.q_len, s.k_len, heads, limit) {
                 let c = prompt_chunk(
                     q_start,
                     (s.q_len, s.k_len),

@@ -12,6 +12,7 @@
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
+use super::dense_chunks::dense_chunks;
 use super::kernel_cache::KernelCache;
 use super::kernels::{self, FILES, KernelImage, Origin, Target};
 use super::ops::{
@@ -19,6 +20,7 @@ use super::ops::{
 };
 use super::paged::{ChunkKeys, chunk_keys};
 use super::{CudaBackend, CudaTensor};
+use crate::backend::shapes;
 use crate::backend::test_util::{
     AttnCase, AttnInputs, EXACT, PagedCase, PagedInputs, ProjectionInputs, Rng, Tol, assert_close,
     print_skip, sampling_case,
@@ -1557,6 +1559,76 @@ fn gpu_attention_from_a_fused_projection_matches_reference() {
         g.attention_qkv(&odd, (4, 2), &AttentionMask::none()).is_err(),
         "6 rows are not 4 sequences of equal length"
     );
+}
+
+#[test]
+fn gpu_prompts_past_the_score_limit_run_in_pieces() {
+    let Some(g) = gpu("gpu_prompts_past_the_score_limit_run_in_pieces") else {
+        return;
+    };
+    // The unfused attention with its score limit lowered so that these small prompts are cut
+    // as a 32 x 512 BERT batch is under the real one: into pieces of whole sequences (two a
+    // piece), and into runs of one sequence's queries (a limit below one sequence's scores),
+    // through the trait's attention and through attention_qkv, against the reference. Random
+    // padding per sequence and causal offsets check each piece's slice of the mask.
+    let tol = Tol {
+        atol: 1e-5,
+        rtol: 1e-4,
+    };
+    let cases = [
+        AttnCase::new(5, 17, 17, 12, 4, 32, true, None),
+        AttnCase::new(5, 13, 13, 9, 3, 32, true, Some(0)),
+        AttnCase::new(2, 5, 20, 4, 4, 8, false, Some(15)),
+        AttnCase::new(3, 9, 9, 2, 2, 16, true, None),
+    ];
+    let mut rng = Rng::new(143);
+    for c in cases {
+        let per_seq = c.heads * c.s_q * c.s_k * 4;
+        let AttnInputs { q, k, v, valid } = c.inputs(&mut rng);
+        let mask = c.mask(&valid);
+        let (qs, ks) = (c.q_shape(), c.kv_shape());
+        let inputs: Inputs<'_> = &[(&q, &qs), (&k, &ks), (&v, &ks)];
+        // One and two sequences a piece, then two and one queries of a sequence.
+        let per_query = c.heads * c.s_k * 4;
+        for (limit, pieces) in [
+            (per_seq, c.batch),
+            (2 * per_seq, c.batch.div_ceil(2)),
+            (2 * per_query, c.batch * c.s_q.div_ceil(2)),
+            (1, c.batch * c.s_q),
+        ] {
+            let dims = shapes::attention(&qs, &ks, &ks, &mask).unwrap();
+            assert_eq!(
+                dense_chunks(&dims, c.causal, limit).len(),
+                pieces,
+                "{c:?} with a limit of {limit} bytes"
+            );
+            let was = g.set_unfused_score_limit(limit);
+            compare!(
+                g,
+                format!("attention {c:?} in pieces of at most {limit} bytes"),
+                tol,
+                inputs,
+                |be, t| be.attention(&t[0], &t[1], &t[2], &mask)
+            );
+            g.set_unfused_score_limit(was);
+        }
+    }
+    // BERT's fused projection, padded, in pieces of one sequence and of 3 queries.
+    let (batch, seq, heads, d) = (3, 11, 4, 16);
+    let qkv = rng.vec(batch * seq * 3 * heads * d, 2.0);
+    let valid: Vec<bool> = (0..batch * seq).map(|i| i % seq < seq - i / seq * 3).collect();
+    let mask = AttentionMask::padding(&valid);
+    for limit in [heads * seq * seq * 4, 3 * heads * seq * 4] {
+        let was = g.set_unfused_score_limit(limit);
+        compare!(
+            g,
+            format!("attention_qkv in pieces of at most {limit} bytes"),
+            tol,
+            &[(&qkv, &[batch * seq, 3 * heads * d])],
+            |be, t| be.attention_qkv(&t[0], (batch, heads), &mask)
+        );
+        g.set_unfused_score_limit(was);
+    }
 }
 
 /// A paged step on one backend: the pools after writing the new keys and values, then the
