@@ -42,8 +42,24 @@ struct Emulator {
 // the mutex around each emulator.
 unsafe impl Send for Emulator {}
 
+/// A kernel of the tests' own, for the emulator itself: block 0 writes its static shared
+/// array, every block reads it back. On a GPU a later block would read garbage; the emulator
+/// refills static shared memory with 0xff bytes before each block (a function static would
+/// otherwise keep block 0's values).
+const PROBE: &str = r#"
+extern "C" __global__ void probe_static_shared(unsigned int* out) {
+    __shared__ unsigned int seen[64];
+    if (blockIdx.x == 0) {
+        seen[threadIdx.x] = threadIdx.x + 1;
+    }
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = seen[threadIdx.x];
+}
+"#;
+
 /// The C++ translation unit: the shim, the shared helpers once, every kernel file (dynamic
-/// shared memory mapped to the emulator's buffer) and a dispatch table over the kernel names.
+/// shared memory mapped to the emulator's buffer), the tests' probe kernel and a dispatch
+/// table over the kernel names.
 fn source(precision: Precision) -> String {
     let mut src = String::from("#define ATOMIC_EMULATE 1\n");
     if let Some(define) = kernels::precision_define(precision) {
@@ -59,11 +75,17 @@ fn source(precision: Precision) -> String {
             "float* smem = emu::dynamic_smem();",
         ));
     }
+    src.push_str("\n#line 1 \"probe\"\n");
+    src.push_str(PROBE);
     src.push_str(
         "\nextern \"C\" int emu_launch(const char* name, const unsigned* grid, const unsigned* block, \
          size_t smem, void** args, uint64_t first, uint64_t last) {\n",
     );
-    for name in FILES.iter().flat_map(|f| f.functions) {
+    for name in FILES
+        .iter()
+        .flat_map(|f| f.functions)
+        .chain(&["probe_static_shared"])
+    {
         src.push_str(&format!(
             "    if (strcmp(name, \"{name}\") == 0) return emu::run(&{name}, grid, block, smem, args, first, last);\n"
         ));
@@ -1432,4 +1454,31 @@ fn emulated_qkv_rope_paged_writes_the_pools() {
             );
         }
     }
+}
+
+#[test]
+fn the_emulator_refills_static_shared_memory_before_each_block() {
+    let Some(emu) = emulator(
+        "the_emulator_refills_static_shared_memory_before_each_block",
+        Precision::F32,
+    ) else {
+        return;
+    };
+    // Three blocks of 64 threads, all on this host thread: the second and third must not see
+    // the first one's values (nor the second the third's, in the emulator's block order).
+    let mut out = vec![0u32; 3 * 64];
+    emu.launch(
+        "probe_static_shared",
+        (3, 1, 1),
+        64,
+        0,
+        Args::default().buf(&mut out),
+    );
+    let written: Vec<u32> = (1..=64).collect();
+    assert_eq!(&out[..64], &written[..], "block 0 reads what it wrote");
+    assert!(
+        out[64..].iter().all(|&v| v == u32::MAX),
+        "later blocks read static shared memory as garbage (0xff bytes): {:?}",
+        &out[64..72]
+    );
 }

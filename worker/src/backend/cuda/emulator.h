@@ -22,7 +22,11 @@
 //   fiber never leaves a barrier waiting.
 // - The dynamic shared memory the launch asks for is a buffer the harness substitutes for
 //   `extern __shared__` (emu::dynamic_smem), filled with NaN bytes before each block (on a GPU it
-//   starts as garbage).
+//   starts as garbage). Static __shared__ variables are too: they are the kernel library's
+//   thread-local storage, which is nothing else but the host thread's block state, so before
+//   each block every byte of this thread's copy of it but that state's is set to 0xff (a NaN
+//   as a float, a huge count as an integer), where a function static would otherwise keep the
+//   previous block's values and hide a read before the first write.
 // - Blocks alternate between running their threads in ascending and descending order, so that a
 //   thread reading another's write without a barrier between them sees it unwritten in one; and
 //   blocks run concurrently, as on a GPU, so one reading another block's output races here too.
@@ -37,6 +41,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <link.h>
 #include <new>
 #include <ucontext.h>
 #include <type_traits>
@@ -139,6 +144,11 @@ struct Host {
     std::vector<unsigned char> dynamic_smem;
     void (*body)(void*) = nullptr; // the current launch's kernel call
     void* body_arg = nullptr;
+    // This host thread's copy of the library's thread-local storage (the static __shared__
+    // variables and the Owner below), found on the first launch; null if it has none.
+    unsigned char* tls = nullptr;
+    size_t tls_bytes = 0;
+    bool tls_found = false;
 };
 
 constexpr size_t STACK_BYTES = 256 * 1024;
@@ -185,18 +195,74 @@ static void fiber_main() {
     }
 }
 
-// The fibers of the calling host thread (made on its first launch, kept until it exits).
-static Host& host() {
-    struct Owner {
-        Host host;
-        ~Owner() {
-            for (Fiber* f : host.fibers) {
-                std::free(f);
-            }
+// The block state of the calling host thread and its fibers (made on its first launch, kept
+// until it exits).
+struct Owner {
+    Host host;
+    ~Owner() {
+        for (Fiber* f : host.fibers) {
+            std::free(f);
         }
-    };
-    static thread_local Owner owner;
-    return owner.host;
+    }
+};
+
+static Owner& owner() {
+    static thread_local Owner o;
+    return o;
+}
+
+static Host& host() { return owner().host; }
+
+// Finds the calling thread's copy of this library's thread-local storage (of the loaded object
+// whose segments hold this function's code) for h.
+static void find_tls(Host& h) {
+    h.tls_found = true;
+    struct Search {
+        ElfW(Addr) code;
+        Host* host;
+    } search{reinterpret_cast<ElfW(Addr)>(&find_tls), &h};
+    dl_iterate_phdr(
+        [](dl_phdr_info* info, size_t, void* data) {
+            auto* s = static_cast<Search*>(data);
+            bool ours = false;
+            size_t tls_bytes = 0;
+            for (int i = 0; i < info->dlpi_phnum; ++i) {
+                const ElfW(Phdr)& seg = info->dlpi_phdr[i];
+                const ElfW(Addr) start = info->dlpi_addr + seg.p_vaddr;
+                ours = ours || (seg.p_type == PT_LOAD && s->code >= start && s->code < start + seg.p_memsz);
+                if (seg.p_type == PT_TLS) {
+                    tls_bytes = seg.p_memsz;
+                }
+            }
+            if (!ours) {
+                return 0;
+            }
+            s->host->tls = static_cast<unsigned char*>(info->dlpi_tls_data);
+            s->host->tls_bytes = info->dlpi_tls_data != nullptr ? tls_bytes : 0;
+            return 1;
+        },
+        &search);
+}
+
+// Sets every byte of the calling host thread's static __shared__ variables to 0xff: all of the
+// library's thread-local storage but the Owner (the block state), which lives there too.
+static void poison_static_shared(Host& h) {
+    if (!h.tls_found) {
+        find_tls(h);
+        const auto* keep = reinterpret_cast<const unsigned char*>(&owner());
+        if (h.tls != nullptr && (keep < h.tls || keep + sizeof(Owner) > h.tls + h.tls_bytes)) {
+            std::fprintf(stderr, "emulated GPU: the block state is not in the kernel library's "
+                                 "thread-local storage; static shared memory is not refilled\n");
+            h.tls = nullptr;
+        }
+    }
+    if (h.tls == nullptr) {
+        return;
+    }
+    unsigned char* keep = reinterpret_cast<unsigned char*>(&owner());
+    unsigned char* end = h.tls + h.tls_bytes;
+    std::memset(h.tls, 0xff, (size_t)(keep - h.tls));
+    std::memset(keep + sizeof(Owner), 0xff, (size_t)(end - (keep + sizeof(Owner))));
 }
 
 // A fiber's memory: STACK_BYTES aligned to its size, its record at the base. There is no guard
@@ -345,8 +411,9 @@ int run(void (*kernel)(P...), const unsigned* grid, const unsigned* block, size_
         }
         h.block_barrier = Barrier{threads, 0, 0};
         h.warps.assign(threads / 32, Warp{{}, Barrier{32, 0, 0}});
-        // Dynamic shared memory starts as garbage on a GPU: NaN bytes here, every block.
+        // Shared memory starts as garbage on a GPU: NaN bytes here, every block.
         std::fill(h.dynamic_smem.begin(), h.dynamic_smem.end(), 0xff);
+        poison_static_shared(h);
         // Every other block runs its threads in descending order, so that a read of another
         // thread's write with no barrier between them fails in one of the two.
         const bool descending = (x + y + z) % 2 == 1;
