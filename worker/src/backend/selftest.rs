@@ -9,9 +9,9 @@
 //! decode steps; dense, fused and paged attention; on the GPU the grouped decode kernel with
 //! and without key splits, the per-head split kernel (head dim 80), flash and cuBLAS prompts,
 //! sliding windows on both; products with cuBLASLt's bias epilogue and with a bias pass;
-//! sentence pooling in every mode; greedy and cut token draws). One path no small shape reaches: dense attention too large for
-//! cuBLAS's scores (long BERT batches) takes the dense flash kernel; the CUDA backend's
-//! `self_test` runs [`check_attention`] again with that path forced. The reference reads the
+//! sentence pooling in every mode; greedy and cut token draws). One path no small shape reaches: the dense flash kernel,
+//! which serves dense prompts only with the unfused cuBLAS path off (or one query's scores past
+//! 256 MiB); the CUDA backend's `self_test` runs [`check_attention`] again with that path forced. The reference reads the
 //! inputs rounded to the backend's storage precision. The bounds are twice the GPU tests' (8 roundings of the
 //! precision, relative, and `8 + 4 sqrt(k)` absolute for a product of `k` terms): they catch a
 //! wrong kernel, whose errors are of the order of the values, not rounding, which the backends'

@@ -114,6 +114,9 @@ pub struct CudaBackend {
     /// The most bytes of fp32 scores one product of the unfused attention materialises
     /// ([`UNFUSED_MAX_SCORE_BYTES`] unless a test lowers it): larger prompts run in pieces.
     pub(super) unfused_score_limit: AtomicUsize,
+    /// Pieces the unfused attention has run (one pair of products each), for tests.
+    #[cfg(test)]
+    pub(crate) unfused_pieces: AtomicUsize,
     kernel_build: KernelBuild,
 }
 
@@ -405,6 +408,8 @@ impl CudaBackend {
             grouped_decode_enabled: AtomicBool::new(true),
             unfused_attention_enabled: AtomicBool::new(true),
             unfused_score_limit: AtomicUsize::new(UNFUSED_MAX_SCORE_BYTES),
+            #[cfg(test)]
+            unfused_pieces: AtomicUsize::new(0),
             kernel_build,
         };
         backend.flash_smem_bytes = backend.allow_flash_smem()?;
@@ -422,9 +427,10 @@ impl CudaBackend {
     }
 
     /// The start-up self-test ([`selftest::check`]) on this GPU in `precision`, then its
-    /// attention checks again with the unfused attention off: the dense flash kernel serves
-    /// only prompts whose scores pass 256 MiB (long BERT batches), which the checks' small
-    /// shapes never reach.
+    /// attention checks again with the unfused attention off, the only way small shapes reach
+    /// the dense flash kernel (which serves dense prompts only with that path off, or a prompt
+    /// so long that one query's scores pass 256 MiB; paged prompts of under 16 tokens take its
+    /// paged form in the first run).
     ///
     /// [`selftest::check`]: crate::backend::selftest::check
     pub fn self_test(&self, precision: Precision) -> Result<()> {

@@ -2,12 +2,14 @@
 //! causal one) is cut into pieces whose fp32 scores fit the unfused path's limit, so that every
 //! prompt takes the two cuBLAS products and the masked softmax instead of the flash kernel,
 //! which runs its dot products from shared memory without tensor cores: BERT-base at 32 × 512
-//! tokens has 402 MB of scores a layer, two pieces of 16 sequences under the 256 MiB limit.
+//! tokens has 402 MB of scores a layer, two pieces (21 and 11 sequences) under the 256 MiB
+//! limit.
 //!
 //! Pieces are whole sequences while one sequence's scores fit; a sequence whose scores alone
 //! do not is cut into runs of queries ([`prompt_chunks`]), each over the keys its queries can
 //! see (all of them, or up to the last query's causal limit). Pure: the backend turns each
-//! piece into views of its operands and a mask of its own (`CudaBackend::attention_dense`).
+//! piece into views of its operands, its causal offset and its first sequence's entry in the
+//! padding mask (`CudaBackend::attention_unfused`).
 
 use super::paged::prompt_chunks;
 use crate::backend::shapes::AttnDims;

@@ -245,14 +245,20 @@ static void find_tls(Host& h) {
 }
 
 // Sets every byte of the calling host thread's static __shared__ variables to 0xff: all of the
-// library's thread-local storage but the Owner (the block state), which lives there too.
+// library's thread-local storage but the Owner (the block state), which lives there too. So no
+// other thread_local may be added to this header or the kernels: it would be overwritten
+// before every block. (The Owner's initialisation guard, if the compiler keeps one there, is
+// overwritten with 0xff, which still reads as initialised.)
 static void poison_static_shared(Host& h) {
     if (!h.tls_found) {
         find_tls(h);
         const auto* keep = reinterpret_cast<const unsigned char*>(&owner());
-        if (h.tls != nullptr && (keep < h.tls || keep + sizeof(Owner) > h.tls + h.tls_bytes)) {
-            std::fprintf(stderr, "emulated GPU: the block state is not in the kernel library's "
-                                 "thread-local storage; static shared memory is not refilled\n");
+        const char* problem = h.tls == nullptr ? "no thread-local storage of the kernel library was found"
+                              : keep < h.tls || keep + sizeof(Owner) > h.tls + h.tls_bytes
+                                  ? "the block state is not in the kernel library's thread-local storage"
+                                  : nullptr;
+        if (problem != nullptr) {
+            std::fprintf(stderr, "emulated GPU: %s; static shared memory is not refilled\n", problem);
             h.tls = nullptr;
         }
     }

@@ -83,6 +83,15 @@ pub(crate) fn grouped_decode_fits(d: usize) -> bool {
     d > 0 && d.is_multiple_of(8) && (d / 8).is_power_of_two() && d <= ATTN_MAX_D
 }
 
+/// What masks one product of the unfused attention ([`CudaBackend::attention_unfused_into`]):
+/// a causal offset, and the padding mask on the device with the entry its first sequence's
+/// keys start at (uploaded once for every piece of a prompt and every layer).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct DeviceMask<'a> {
+    pub causal_offset: Option<usize>,
+    pub key_valid: Option<(&'a DeviceArray<u8>, usize)>,
+}
+
 /// Where the rows of one `[batch, seq, heads, d]`-shaped attention operand sit in its buffer,
 /// in elements: head `h` of token `s` of sequence `b` starts at
 /// `offset + b · batch_stride + s · row_stride + h · d`. A tensor of that shape is
@@ -742,8 +751,8 @@ impl CudaBackend {
     }
 
     /// Dense attention through the fused flash kernel whatever the size: what the trait's
-    /// `attention` takes only for prompts too large for the unfused path; public so that
-    /// benchmarks can time both.
+    /// `attention` takes only with the unfused path off, or for a prompt so long that one
+    /// query's scores alone pass its limit; public so that benchmarks can time both.
     pub fn attention_flash(
         &self,
         q: &CudaTensor,
@@ -754,9 +763,12 @@ impl CudaBackend {
         self.attention_with(q, k, v, mask, AttentionKernel::Flash)
     }
 
-    /// Whether dense prompts take the unfused path (on unless turned off).
-    fn unfused_enabled(&self) -> bool {
+    /// Whether a dense prompt's attention takes the unfused path: it is on (unless turned off)
+    /// and one query's fp32 scores over every key fit [`UNFUSED_MAX_SCORE_BYTES`], so that
+    /// the prompt can be cut into pieces that fit.
+    fn unfused_fits(&self, dims: &AttnDims) -> bool {
         self.unfused_attention_enabled.load(Ordering::Relaxed)
+            && dims.heads * dims.s_k * size_of::<f32>() <= UNFUSED_MAX_SCORE_BYTES
     }
 
     /// The padding mask on the device, if the mask has one (uploaded once for all the layers
@@ -823,6 +835,8 @@ impl CudaBackend {
         }
         let mut out = self.alloc(vec![batch, s_q, heads, d])?;
         let out_rows = HeadRows::dense(s_q, heads, d);
+        // The padding mask goes up once; each piece reads it from its first sequence's entry.
+        let valid_dev = self.upload_key_valid(mask)?;
         let limit = self.unfused_score_limit.load(Ordering::Relaxed);
         for c in dense_chunks(&dims, mask.causal_offset, limit) {
             // A piece's rows: its first sequence's, from its first query on.
@@ -830,21 +844,9 @@ impl CudaBackend {
                 offset: rows.offset + c.first_seq * rows.batch_stride + query * rows.row_stride,
                 ..rows
             };
-            let key_valid = match mask.key_valid {
-                // Pieces of several sequences read all their keys, so (seqs - 1) whole
-                // sequences of s_k and the last one's `keys`.
-                Some(valid) => {
-                    let start = c.first_seq * s_k;
-                    let piece = valid.get(start..start + (c.seqs - 1) * s_k + c.keys);
-                    Some(piece.ok_or_else(|| {
-                        shapes::err("attention", format!("{c:?} reaches past the padding mask"))
-                    })?)
-                }
-                None => None,
-            };
-            let piece_mask = AttentionMask {
-                key_valid,
+            let piece_mask = DeviceMask {
                 causal_offset: mask.causal_offset.map(|o| o + c.first_query),
+                key_valid: valid_dev.as_deref().map(|valid| (valid, c.first_seq * s_k)),
             };
             let piece_dims = AttnDims {
                 batch: c.seqs,
@@ -857,7 +859,7 @@ impl CudaBackend {
                 (q, k, v),
                 [from(qv, c.first_query), from(kv, 0), from(vv, 0)],
                 piece_dims,
-                &piece_mask,
+                piece_mask,
                 None,
                 (&mut out, from(out_rows, c.first_query)),
             )?;
@@ -865,16 +867,16 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// [`CudaBackend::attention_unfused`] writing into `out` where its view says (every
-    /// element of those rows is written), with a sliding window of `window` keys on top of a
-    /// causal mask when given (query i sees keys causal_offset + i + 1 - window ..=
-    /// causal_offset + i).
+    /// [`CudaBackend::attention_unfused`] of one piece (all its scores at once), writing into
+    /// `out` where its view says (every element of those rows is written), with a sliding
+    /// window of `window` keys on top of a causal mask when given (query i sees keys
+    /// causal_offset + i + 1 - window ..= causal_offset + i).
     pub(crate) fn attention_unfused_into(
         &self,
         (q, k, v): (&CudaTensor, &CudaTensor, &CudaTensor),
         views: [HeadRows; 3],
         dims: AttnDims,
-        mask: &AttentionMask<'_>,
+        mask: DeviceMask<'_>,
         window: Option<usize>,
         (out, out_rows): (&mut CudaTensor, HeadRows),
     ) -> Result<()> {
@@ -915,12 +917,28 @@ impl CudaBackend {
         int(op, bh * s_q * s_k)?;
         let [qv, kv, vv] = views;
         // Every refusal before the first product is queued.
-        let causal = causal_arg(op, mask)?;
+        let causal = mask.causal_offset.map_or(Ok(-1), |o| int(op, o))?;
+        let valid_view = match mask.key_valid {
+            // s_k entries for each of the piece's sequences, from its first one's.
+            Some((valid, from)) if from + batch * s_k <= valid.len() => Some(valid.bytes().slice(from..)),
+            Some((valid, from)) => {
+                return Err(shapes::err(
+                    op,
+                    format!(
+                        "{batch} sequences of {s_k} keys from entry {from} reach past a padding mask of {}",
+                        valid.len()
+                    ),
+                ));
+            }
+            None => None,
+        };
         if window.is_some() && mask.causal_offset.is_none() {
             return Err(shapes::err(op, "a sliding window needs a causal mask".into()));
         }
         let window = int(op, window.unwrap_or(0))?;
         let plan = unfused_plan(&dims, [qv, kv, vv, out_rows])?;
+        #[cfg(test)]
+        self.unfused_pieces.fetch_add(1, Ordering::Relaxed);
         let scores = self.alloc_bytes("attention scores", score_bytes)?;
         let mut probs = self.alloc(vec![bh, s_q, s_k])?;
         let eb = self.precision.bytes() as u64;
@@ -949,11 +967,8 @@ impl CudaBackend {
         // tensors above, the scores and probabilities hold bh matrices of s_q x s_k and the
         // output bh of s_q rows of d at its row stride.
         unsafe { self.gemm_pointers(&what, plan.scores, bh, [slot(0), slot(1), slot(2)])? };
-        let valid_dev = self.upload_key_valid(mask)?;
-        let valid_buf = valid_dev
-            .as_deref()
-            .map_or(&self.placeholder_u8, DeviceArray::bytes);
-        let has_valid = i32::from(valid_dev.is_some());
+        let has_valid = i32::from(valid_view.is_some());
+        let valid_buf = valid_view.unwrap_or_else(|| self.placeholder_u8.slice(..));
         let scale = 1.0 / (d as f32).sqrt();
         let (rows, sqi, ski, hi) = (int(op, bh * s_q)?, int(op, s_q)?, int(op, s_k)?, int(op, heads)?);
         launch!(
@@ -962,7 +977,7 @@ impl CudaBackend {
             rows_cfg(bh * s_q, BLOCK),
             &mut probs.buf,
             &scores,
-            valid_buf,
+            &valid_buf,
             &has_valid,
             &causal,
             &window,
@@ -1513,12 +1528,12 @@ impl Backend for CudaBackend {
         // One query row per sequence (a decode step) leaves 15 of flash's 16 rows per block idle;
         // the decode kernel spreads that row's keys over 8 warps instead. Prompts go through
         // cuBLAS (tensor cores in half precision), in pieces when their scores are large;
-        // flash only with the unfused path turned off.
+        // flash only with the unfused path turned off, or past its limit for one query.
         let dims = shapes::attention(&q.shape, &k.shape, &v.shape, mask)?;
         if dims.s_q == 1 {
             return self.attention_with(q, k, v, mask, AttentionKernel::Decode);
         }
-        if self.unfused_enabled() {
+        if self.unfused_fits(&dims) {
             return self.attention_unfused_dense(q, k, v, mask);
         }
         self.attention_with(q, k, v, mask, AttentionKernel::Flash)
@@ -1538,7 +1553,7 @@ impl Backend for CudaBackend {
             &[batch, seq, heads, d],
             mask,
         )?;
-        if seq > 1 && self.unfused_enabled() {
+        if seq > 1 && self.unfused_fits(&dims) {
             let views = [0, 1, 2].map(|part| HeadRows::fused_qkv(part, seq, heads, d));
             let out = self.attention_unfused((qkv, qkv, qkv), views, dims, mask)?;
             return self.reshape(out, &[tokens, heads * d]);

@@ -9,12 +9,12 @@ use std::sync::atomic::Ordering;
 use super::context::{ATTN_MAX_D, CudaBackend};
 use super::launch::{elementwise_cfg, int, launch, rows_cfg};
 use super::ops::{
-    AttentionKernel, HeadRows, MAX_DECODE_SPLITS, attention_cfg, decode_merge_cfg, decode_splits,
+    AttentionKernel, DeviceMask, HeadRows, MAX_DECODE_SPLITS, attention_cfg, decode_merge_cfg, decode_splits,
     grouped_decode_fits, grouped_heads,
 };
 use super::tensor::{CudaTensor, DeviceArray, DeviceBuffer};
 use crate::backend::shapes::AttnDims;
-use crate::backend::{AttentionMask, PagedPlan, Result, shapes};
+use crate::backend::{PagedPlan, Result, shapes};
 
 /// A step's [`PagedPlan`] on the device.
 #[derive(Debug)]
@@ -403,7 +403,10 @@ impl CudaBackend {
                     (q, &k_dense, &v_dense),
                     [c.rows, c.kv_rows, c.kv_rows],
                     c.dims,
-                    &AttentionMask::causal(c.causal_offset),
+                    DeviceMask {
+                        causal_offset: Some(c.causal_offset),
+                        key_valid: None,
+                    },
                     plan.window,
                     (&mut out, c.rows),
                 )?;

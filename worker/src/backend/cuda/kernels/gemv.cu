@@ -19,8 +19,8 @@
 //
 // Why not cuBLAS: at one to four rows a product is a pass over the weight (2 bytes an element
 // in half precision, one or a few multiply-adds per element), so it runs at memory bandwidth
-// whatever the arithmetic; fusing the norm, bias, SwiGLU and residual saves the separate
-// launches, which at batch 1 cost about as much as the smaller products themselves.
+// whatever the arithmetic; fusing the norm, bias, activation or SwiGLU and residual saves the
+// separate launches, which at batch 1 cost about as much as the smaller products themselves.
 //
 // Layout of the work: a block of GEMV_WARPS warps owns GEMV_COLS weight rows (plain: outputs
 // j0 .. j0 + 4; swiglu: gates j0, j0 + 1 and their up rows n + j0, n + j0 + 1). Each lane reads
