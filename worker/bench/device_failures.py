@@ -11,7 +11,11 @@ sees:
 - a key/value pool larger than the GPU exits naming `--kv-cache-mib`;
 - a GPU too small for the largest batch warns at start-up, then runs a batch that does not fit
   in smaller pieces (counted in /metrics) and answers it whole, and the next one normally, and
-  stays ready (a sequence too large alone answers 503 `out_of_memory`: the worker's tests).
+  stays ready (a sequence too large alone answers 503 `out_of_memory`: the worker's tests);
+- a kernel that traps while serving (ATOMIC_EMULATED_GPU_FAULT_FILE: the driver's sticky
+  CUDA_ERROR_LAUNCH_FAILED, after which the context is unusable) fails its request with the
+  driver's error, then /ready and /health answer 503 naming it, so Kubernetes restarts the pod,
+  and new requests are refused at once; the worker does not crash.
 
     python3 worker/bench/device_failures.py WORKER_BINARY
 
@@ -112,6 +116,42 @@ def expect_exit(binary, name, fixture, args, gpu, phrases):
     print(f"device_failures: {name}: exit {status}: {last}")
 
 
+def kernel_fault(binary, fixture, path, request):
+    """A kernel that traps while `fixture` serves `request` on `path`: that request answers 500
+    naming the driver's error; then /ready and /health answer 503 naming it, new requests are
+    refused at once with 503, and the worker stays up for Kubernetes to restart it."""
+    name = f"a kernel that traps while {fixture} serves"
+    with tempfile.TemporaryDirectory() as tmp:
+        fault = os.path.join(tmp, "fault")
+        worker = Worker(binary, fixture, ["--device", "cuda:0"], {"ATOMIC_EMULATED_GPU_FAULT_FILE": fault}, tmp)
+        worker.wait_ready()
+        try:
+            before = call(path, request)[0]
+            open(fault, "w").close()
+            failed = call(path, request)
+            probes = {probe: call(probe) for probe in ["/ready", "/health"]}
+            refused = call(path, request)
+            alive = worker.proc.poll() is None
+        finally:
+            worker.stop()
+        log = worker.log()
+    if before != 200:
+        fail(f"{name}: the request before the fault answered {before}")
+    status, body = failed
+    if status != 500 or "launch failure" not in str(body):
+        fail(f"{name}: the request that met the fault answered {status} {str(body)[:500]}; expected 500 "
+             f"naming the driver's launch failure. Log:\n{log[-3000:]}")
+    for probe, (code, text) in probes.items():
+        if code != 503 or "compute device failed" not in str(text) or "launch failure" not in str(text):
+            fail(f"{name}: {probe} answered {code} {str(text)[:300]} after the fault")
+    if refused[0] != 503 or "must restart" not in str(refused[1]):
+        fail(f"{name}: a request after the fault answered {refused[0]} {str(refused[1])[:300]}")
+    if not alive or "the worker needs a restart" not in log:
+        fail(f"{name}: still running: {alive}; log:\n{log[-3000:]}")
+    print(f"device_failures: {name}: the request answered 500, the next 503; /ready and /health 503: "
+          f"{str(probes['/ready'][1])[:200]}")
+
+
 def main():
     if len(sys.argv) != 2:
         fail("usage: device_failures.py WORKER_BINARY")
@@ -169,6 +209,10 @@ def main():
             fail(f"after a batch ran out of memory: a small request answered {small[0]}, /ready {ready}")
         print(f"device_failures: a batch that does not fit: {LARGE_BATCH} embeddings in {seconds:.1f} s, "
               f"{splits[0].split()[-1]} splits; the next request answered 200 and /ready 200")
+
+    kernel_fault(binary, "tiny-bert", "/v1/embeddings", {"model": "m", "input": ["my kettle broke"]})
+    kernel_fault(binary, "tiny-llama", "/v1/completions",
+                 {"model": "m", "prompt": "my kettle", "max_tokens": 4, "temperature": 0})
     print("device_failures: passed")
 
 

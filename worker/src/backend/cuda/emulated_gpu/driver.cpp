@@ -6,6 +6,7 @@
 #include "emulated_gpu.h"
 
 #include <dlfcn.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -108,7 +109,17 @@ size_t memory_limit() {
 }
 
 // The first asynchronous failure, reported by the next synchronisation (CUDA's sticky error).
+// From then on the context is unusable, as a GPU's is after a kernel fault: launches,
+// allocations, copies and memsets fail with it too (frees still free, and report it).
 CUresult sticky = SUCCESS;
+
+// Fault injection, for tests of how the worker fails: while the file ATOMIC_EMULATED_GPU_FAULT_FILE
+// names exists, every kernel launch traps, as a kernel failing one of its checks does on a GPU:
+// it does not run, and the sticky error becomes CUDA_ERROR_LAUNCH_FAILED.
+bool fault_injected() {
+    static const char* const path = std::getenv("ATOMIC_EMULATED_GPU_FAULT_FILE");
+    return path != nullptr && access(path, F_OK) == 0;
+}
 
 bool guard_intact(uint64_t ptr, const Allocation& a) {
     const auto* guard = reinterpret_cast<const unsigned char*>(ptr) + a.bytes;
@@ -174,7 +185,7 @@ CUresult release(CUdeviceptr ptr, bool owner = false) {
         std::free(it->second.base);
     }
     allocations().erase(it);
-    return result;
+    return result != SUCCESS ? result : sticky;
 }
 
 // ----- modules and kernels
@@ -493,6 +504,9 @@ CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
 
 CUresult cuMemAlloc_v2(CUdeviceptr* out, size_t bytes) {
     Guard g(lock());
+    if (sticky != SUCCESS) {
+        return sticky;
+    }
     if (CUresult refused = refuse_unsafe_call("cuMemAlloc"); refused != SUCCESS) {
         return refused;
     }
@@ -501,6 +515,9 @@ CUresult cuMemAlloc_v2(CUdeviceptr* out, size_t bytes) {
 
 CUresult cuMemAllocAsync(CUdeviceptr* out, size_t bytes, void* stream) {
     Guard g(lock());
+    if (sticky != SUCCESS) {
+        return sticky;
+    }
     // Inside a capture: an allocation node, at this address for the graph's life.
     Stream* s = stream_of(stream);
     return s->capturing ? allocate(out, bytes, Captured::Allocated, s) : allocate(out, bytes, Captured::No, nullptr);
@@ -551,6 +568,9 @@ CUresult cuMemFreeAsync(CUdeviceptr ptr, void* stream) {
 
 CUresult cuMemsetD8_v2(CUdeviceptr ptr, unsigned char value, size_t n) {
     Guard g(lock());
+    if (sticky != SUCCESS) {
+        return sticky;
+    }
     if (CUresult refused = refuse_unsafe_call("cuMemsetD8"); refused != SUCCESS) {
         return refused;
     }
@@ -563,6 +583,9 @@ CUresult cuMemsetD8_v2(CUdeviceptr ptr, unsigned char value, size_t n) {
 
 CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t n, void* stream) {
     Guard g(lock());
+    if (sticky != SUCCESS) {
+        return sticky;
+    }
     if (!emulated_gpu::in_bounds(ptr, n, "cuMemsetD8Async")) {
         return INVALID_VALUE;
     }
@@ -571,6 +594,9 @@ CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t n, void* s
 
 CUresult cuMemsetD32Async(CUdeviceptr ptr, unsigned value, size_t n, void* stream) {
     Guard g(lock());
+    if (sticky != SUCCESS) {
+        return sticky;
+    }
     if (!emulated_gpu::in_bounds(ptr, n * 4, "cuMemsetD32Async")) {
         return INVALID_VALUE;
     }
@@ -584,6 +610,9 @@ CUresult cuMemsetD32Async(CUdeviceptr ptr, unsigned value, size_t n, void* strea
 
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void* stream) {
     Guard g(lock());
+    if (sticky != SUCCESS) {
+        return sticky;
+    }
     if (emulated_gpu::capturing(stream)) {
         // Every host buffer here is pageable, and CUDA cannot capture a copy from pageable
         // memory.
@@ -607,6 +636,9 @@ CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
 
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* stream) {
     Guard g(lock());
+    if (sticky != SUCCESS) {
+        return sticky;
+    }
     if (emulated_gpu::capturing(stream)) {
         emulated_gpu::invalidate_capture(stream);
         return CAPTURE_UNSUPPORTED;
@@ -620,6 +652,9 @@ CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* stream
 
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     Guard g(lock());
+    if (sticky != SUCCESS) {
+        return sticky;
+    }
     if (CUresult refused = refuse_unsafe_call("cuMemcpyDtoH"); refused != SUCCESS) {
         return refused;
     }
@@ -632,6 +667,9 @@ CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
 
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void* stream) {
     Guard g(lock());
+    if (sticky != SUCCESS) {
+        return sticky;
+    }
     if (!emulated_gpu::in_bounds(dst, n, "cuMemcpyDtoDAsync (destination)") ||
         !emulated_gpu::in_bounds(src, n, "cuMemcpyDtoDAsync (source)")) {
         return INVALID_VALUE;
@@ -721,6 +759,9 @@ CUresult cuFuncGetAttribute(int* value, int attribute, void* function) {
 CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned smem, void* stream, void** params, void** extra) {
     Guard g(lock());
+    if (sticky != SUCCESS) {
+        return sticky;
+    }
     auto* f = static_cast<Function*>(function);
     const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
     const unsigned threads = bx * by * bz;
@@ -752,6 +793,14 @@ CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, u
             args.push_back(blob->data() + o);
         }
         const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, 1, 1};
+        if (fault_injected()) {
+            if (sticky == SUCCESS) {
+                emulated_gpu::report("injected fault (ATOMIC_EMULATED_GPU_FAULT_FILE exists): " +
+                                     launch_shape(f, grid, block, smem) + " traps");
+                sticky = LAUNCH_FAILED;
+            }
+            return;
+        }
         std::atomic<bool> failed{false};
         emulated_gpu::parallel_ranges((uint64_t)gx * gy * gz, [&](uint64_t first, uint64_t last) {
             if (f->module->launch(f->name.c_str(), grid, block, smem, args.data(), first, last) != 0) {
@@ -908,6 +957,9 @@ CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long lon
 
 CUresult cuGraphLaunch(void* exec, void* stream) {
     Guard g(lock());
+    if (sticky != SUCCESS) {
+        return sticky;
+    }
     if (emulated_gpu::capturing(stream)) {
         return CAPTURE_UNSUPPORTED;
     }

@@ -10,6 +10,9 @@
 //   free, so a write past a buffer's end is reported with the buffer's size;
 // - copies and cuBLAS operands must lie inside one live allocation (a copy or product that
 //   reaches past its buffer is an error naming the call, not a silent overrun);
+// - an asynchronous failure (a kernel that failed, a broken guard zone) is the context's sticky
+//   error: the next synchronisation returns it, and from then on launches, allocations, copies
+//   and memsets fail with it, as on a GPU whose context a kernel fault has left unusable;
 // - the stream is executed in host order at the call (one stream, as the backend uses), except
 //   while it is being captured: then work is recorded into the graph and run at each launch of
 //   the instantiated graph; synchronising, copying to the host or copying from (pageable) host
@@ -24,8 +27,9 @@
 //   with CUDA's grid, block, barrier and shuffle semantics, their blocks spread over the host's
 //   cores (parallel.cpp; ATOMIC_EMULATED_GPU_THREADS=1 runs them one at a time).
 //
-// Variables change the "GPU": ATOMIC_EMULATED_GPU_MEMORY_MIB (its memory, 16384 by default) and
-// ATOMIC_EMULATED_GPU_COMPUTE_CAPABILITY ("9.0") for tests of how the worker fails, and
+// Variables change the "GPU": ATOMIC_EMULATED_GPU_MEMORY_MIB (its memory, 16384 by default),
+// ATOMIC_EMULATED_GPU_COMPUTE_CAPABILITY ("9.0") and ATOMIC_EMULATED_GPU_FAULT_FILE (while the
+// file it names exists, every kernel launch traps) for tests of how the worker fails, and
 // ATOMIC_EMULATED_GPU_SM_COUNT (132) for whole-model runs that need not split decode attention
 // as many ways as an H100 would.
 //
