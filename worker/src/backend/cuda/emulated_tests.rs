@@ -42,11 +42,13 @@ struct Emulator {
 // the mutex around each emulator.
 unsafe impl Send for Emulator {}
 
-/// A kernel of the tests' own, for the emulator itself: block 0 writes its static shared
-/// array, every block reads it back. On a GPU a later block would read garbage; the emulator
-/// refills static shared memory with 0xff bytes before each block (a function static would
-/// otherwise keep block 0's values).
-const PROBE: &str = r#"
+/// Kernels of the tests' own, for the emulator itself.
+/// - probe_static_shared: block 0 writes its static shared array, every block reads it back.
+///   On a GPU a later block would read garbage; the emulator refills static shared memory with
+///   0xff bytes before each block (a function static would otherwise keep block 0's values).
+/// - probe_trap: thread 5 of block `trapping` fails a KERNEL_CHECK between two barriers, while
+///   the others wait at them; every thread of a block that completes writes 1.
+const PROBES: &str = r#"
 extern "C" __global__ void probe_static_shared(unsigned int* out) {
     __shared__ unsigned int seen[64];
     if (blockIdx.x == 0) {
@@ -55,10 +57,17 @@ extern "C" __global__ void probe_static_shared(unsigned int* out) {
     __syncthreads();
     out[blockIdx.x * blockDim.x + threadIdx.x] = seen[threadIdx.x];
 }
+
+extern "C" __global__ void probe_trap(unsigned int* out, int trapping) {
+    __syncthreads();
+    KERNEL_CHECK(blockIdx.x != trapping || threadIdx.x != 5);
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = 1;
+}
 "#;
 
 /// The C++ translation unit: the shim, the shared helpers once, every kernel file (dynamic
-/// shared memory mapped to the emulator's buffer), the tests' probe kernel and a dispatch
+/// shared memory mapped to the emulator's buffer), the tests' probe kernels and a dispatch
 /// table over the kernel names.
 fn source(precision: Precision) -> String {
     let mut src = String::from("#define ATOMIC_EMULATE 1\n");
@@ -76,7 +85,7 @@ fn source(precision: Precision) -> String {
         ));
     }
     src.push_str("\n#line 1 \"probe\"\n");
-    src.push_str(PROBE);
+    src.push_str(PROBES);
     src.push_str(
         "\nextern \"C\" int emu_launch(const char* name, const unsigned* grid, const unsigned* block, \
          size_t smem, void** args, uint64_t first, uint64_t last) {\n",
@@ -84,7 +93,7 @@ fn source(precision: Precision) -> String {
     for name in FILES
         .iter()
         .flat_map(|f| f.functions)
-        .chain(&["probe_static_shared"])
+        .chain(&["probe_static_shared", "probe_trap"])
     {
         src.push_str(&format!(
             "    if (strcmp(name, \"{name}\") == 0) return emu::run(&{name}, grid, block, smem, args, first, last);\n"
@@ -189,7 +198,20 @@ impl Args {
 }
 
 impl Emulator {
-    fn launch(&self, name: &str, grid: (usize, usize, usize), block: usize, smem: usize, mut args: Args) {
+    fn launch(&self, name: &str, grid: (usize, usize, usize), block: usize, smem: usize, args: Args) {
+        let rc = self.try_launch(name, grid, block, smem, args);
+        assert_eq!(rc, 0, "emulated launch of {name} failed ({rc})");
+    }
+
+    /// [`Emulator::launch`], returning the emulator's status: 0, or why the launch failed.
+    fn try_launch(
+        &self,
+        name: &str,
+        grid: (usize, usize, usize),
+        block: usize,
+        smem: usize,
+        mut args: Args,
+    ) -> i32 {
         let name_c = CString::new(name).expect("kernel name");
         let grid = [grid.0 as u32, grid.1 as u32, grid.2 as u32];
         let blocks = grid.iter().map(|&g| u64::from(g)).product();
@@ -197,7 +219,7 @@ impl Emulator {
         let mut pointers: Vec<*mut c_void> = args.0.iter_mut().map(|v| (v as *mut u64).cast()).collect();
         // SAFETY: the arguments follow the kernel's parameter list (the tests mirror the
         // backend's launches) and every buffer holds what the kernel indexes.
-        let rc = unsafe {
+        unsafe {
             (self.launch)(
                 name_c.as_ptr(),
                 grid.as_ptr(),
@@ -207,8 +229,7 @@ impl Emulator {
                 0,
                 blocks,
             )
-        };
-        assert_eq!(rc, 0, "emulated launch of {name} failed ({rc})");
+        }
     }
 
     /// A launch with the backend's own launch shape.
@@ -1480,5 +1501,44 @@ fn the_emulator_refills_static_shared_memory_before_each_block() {
         out[64..].iter().all(|&v| v == u32::MAX),
         "later blocks read static shared memory as garbage (0xff bytes): {:?}",
         &out[64..72]
+    );
+}
+
+#[test]
+fn a_trap_fails_the_launch_and_the_emulator_runs_the_next_one() {
+    let Some(emu) = emulator(
+        "a_trap_fails_the_launch_and_the_emulator_runs_the_next_one",
+        Precision::F32,
+    ) else {
+        return;
+    };
+    // On a GPU a failed KERNEL_CHECK aborts the launch (the context's sticky error); here the
+    // launch returns an error instead of the process aborting, and the trapped block's fibers,
+    // stopped at a barrier and in the check, start over for the next launch.
+    let mut out = vec![0u32; 3 * 64];
+    let rc = emu.try_launch(
+        "probe_trap",
+        (3, 1, 1),
+        64,
+        0,
+        Args::default().buf(&mut out).signed(1),
+    );
+    assert_ne!(rc, 0, "a trapping launch must fail");
+    assert!(out[..64].iter().all(|&v| v == 1), "block 0 ran before the trap");
+    assert!(
+        out[64..].iter().all(|&v| v == 0),
+        "no thread of the trapped block or after it wrote"
+    );
+    let mut again = vec![0u32; 3 * 64];
+    emu.launch(
+        "probe_trap",
+        (3, 1, 1),
+        64,
+        0,
+        Args::default().buf(&mut again).signed(-1),
+    );
+    assert!(
+        again.iter().all(|&v| v == 1),
+        "the launch after a trap runs every block"
     );
 }

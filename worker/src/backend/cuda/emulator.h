@@ -27,6 +27,9 @@
 //   each block every byte of this thread's copy of it but that state's is set to 0xff (a NaN
 //   as a float, a huge count as an integer), where a function static would otherwise keep the
 //   previous block's values and hide a read before the first write.
+// - __trap (a failed KERNEL_CHECK) ends the launch as on a GPU: its block stops, the launch
+//   returns an error (the emulated driver's sticky CUDA_ERROR_LAUNCH_FAILED), and the fibers
+//   start over for the next one.
 // - Blocks alternate between running their threads in ascending and descending order, so that a
 //   thread reading another's write without a barrier between them sees it unwritten in one; and
 //   blocks run concurrently, as on a GPU, so one reading another block's output races here too.
@@ -149,6 +152,7 @@ struct Host {
     unsigned char* tls = nullptr;
     size_t tls_bytes = 0;
     bool tls_found = false;
+    bool trapped = false; // a thread of the current block called __trap
 };
 
 constexpr size_t STACK_BYTES = 256 * 1024;
@@ -160,6 +164,8 @@ struct Fiber {
     Host* host;
     dim3 thread_idx;
     unsigned shuffles = 0; // which exchange buffer its next shuffle uses
+    char* stack = nullptr; // where its context starts (again, after a trap)
+    size_t stack_bytes = 0;
 };
 
 // The fiber running this code: its stack is aligned to STACK_BYTES, with the record at its base.
@@ -287,9 +293,20 @@ static void add_fiber(Host& h) {
     // Every stack is aligned to its size, so fibers' stack tops would fall in the same cache
     // sets: each starts below its top by its own offset (up to 64 KiB), a line and a page apart.
     const size_t n = h.fibers.size(), color = n % 64 * 64 + n / 64 % 16 * 4096;
-    char* base = static_cast<char*>(stack);
-    make_context(f->context, base + sizeof(Fiber), STACK_BYTES - sizeof(Fiber) - color, fiber_main);
+    f->stack = static_cast<char*>(stack) + sizeof(Fiber);
+    f->stack_bytes = STACK_BYTES - sizeof(Fiber) - color;
+    make_context(f->context, f->stack, f->stack_bytes, fiber_main);
     h.fibers.push_back(f);
+}
+
+// __trap: the calling fiber's block stops where it is, as a GPU aborts the launch. The fiber
+// goes back to the scheduler for good, which abandons the block and starts its fibers' stacks
+// afresh (the kernels keep nothing on their stacks that needs destroying).
+[[noreturn]] static void trap() {
+    Fiber* f = self();
+    f->host->trapped = true;
+    swap_context(f->context, f->host->scheduler);
+    std::abort(); // never resumed
 }
 
 // Runs fiber `t` until it yields at a barrier or finishes its block.
@@ -320,7 +337,7 @@ static inline float* dynamic_smem() { return reinterpret_cast<float*>(self()->ho
 #define blockDim (emu::self()->host->block_dim)
 #define gridDim (emu::self()->host->grid_dim)
 
-[[noreturn]] static inline void __trap() { std::abort(); }
+[[noreturn]] static inline void __trap() { emu::trap(); }
 
 static inline void __syncthreads() { emu::wait_at(emu::self()->host->block_barrier); }
 
@@ -423,15 +440,24 @@ int run(void (*kernel)(P...), const unsigned* grid, const unsigned* block, size_
         // Every other block runs its threads in descending order, so that a read of another
         // thread's write with no barrier between them fails in one of the two.
         const bool descending = (x + y + z) % 2 == 1;
-        for (bool running = true; running;) {
+        for (bool running = true; running && !h.trapped;) {
             running = false;
-            for (unsigned i = 0; i < threads; ++i) {
+            for (unsigned i = 0; i < threads && !h.trapped; ++i) {
                 const unsigned t = descending ? threads - 1 - i : i;
                 if (!h.done[t]) {
                     switch_to(h, t);
                     running = running || !h.done[t];
                 }
             }
+        }
+        if (h.trapped) {
+            // The launch fails (the driver makes that its sticky error) and the rest of this
+            // range never runs; the block's fibers start over for the next launch.
+            h.trapped = false;
+            for (unsigned t = 0; t < threads; ++t) {
+                make_context(h.fibers[t]->context, h.fibers[t]->stack, h.fibers[t]->stack_bytes, fiber_main);
+            }
+            return 3;
         }
 
     }
