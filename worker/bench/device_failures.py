@@ -12,10 +12,10 @@ sees:
 - a GPU too small for the largest batch warns at start-up, then runs a batch that does not fit
   in smaller pieces (counted in /metrics) and answers it whole, and the next one normally, and
   stays ready (a sequence too large alone answers 503 `out_of_memory`: the worker's tests);
-- a kernel that traps while serving (ATOMIC_EMULATED_GPU_FAULT_FILE: the driver's sticky
-  CUDA_ERROR_LAUNCH_FAILED, after which the context is unusable) fails its request with the
-  driver's error, then /ready and /health answer 503 naming it, so Kubernetes restarts the pod,
-  and new requests are refused at once; the worker does not crash.
+- a launch that fails while serving as a trapping kernel's does (ATOMIC_EMULATED_GPU_FAULT_FILE:
+  the driver's sticky CUDA_ERROR_LAUNCH_FAILED, after which the context is unusable) fails its
+  request with the driver's error, then /ready and /health answer 503 naming it, so Kubernetes
+  restarts the pod, and new requests are refused at once; the worker does not crash.
 
     python3 worker/bench/device_failures.py WORKER_BINARY
 
@@ -101,7 +101,11 @@ class Worker:
 
     def stop(self):
         self.proc.terminate()
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def expect_exit(binary, name, fixture, args, gpu, phrases):
@@ -117,10 +121,11 @@ def expect_exit(binary, name, fixture, args, gpu, phrases):
 
 
 def kernel_fault(binary, fixture, path, request):
-    """A kernel that traps while `fixture` serves `request` on `path`: that request answers 500
-    naming the driver's error; then /ready and /health answer 503 naming it, new requests are
-    refused at once with 503, and the worker stays up for Kubernetes to restart it."""
-    name = f"a kernel that traps while {fixture} serves"
+    """A launch failing as a trapping kernel's does while `fixture` serves `request` on `path`:
+    that request answers 500 naming the driver's error; then /ready and /health answer 503 naming
+    it, new requests are refused with 503 at once (within 5 s), and the worker stays up for
+    Kubernetes to restart it."""
+    name = f"a kernel fault while {fixture} serves"
     with tempfile.TemporaryDirectory() as tmp:
         fault = os.path.join(tmp, "fault")
         worker = Worker(binary, fixture, ["--device", "cuda:0"], {"ATOMIC_EMULATED_GPU_FAULT_FILE": fault}, tmp)
@@ -130,8 +135,13 @@ def kernel_fault(binary, fixture, path, request):
             open(fault, "w").close()
             failed = call(path, request)
             probes = {probe: call(probe) for probe in ["/ready", "/health"]}
+            started = time.monotonic()
             refused = call(path, request)
+            refused_in = time.monotonic() - started
             alive = worker.proc.poll() is None
+        except OSError as e:  # the worker crashed or hung on the fault
+            worker.stop()
+            fail(f"{name}: {e!r}; log:\n{worker.log()[-3000:]}")
         finally:
             worker.stop()
         log = worker.log()
@@ -144,8 +154,9 @@ def kernel_fault(binary, fixture, path, request):
     for probe, (code, text) in probes.items():
         if code != 503 or "compute device failed" not in str(text) or "launch failure" not in str(text):
             fail(f"{name}: {probe} answered {code} {str(text)[:300]} after the fault")
-    if refused[0] != 503 or "must restart" not in str(refused[1]):
-        fail(f"{name}: a request after the fault answered {refused[0]} {str(refused[1])[:300]}")
+    if refused[0] != 503 or "must restart" not in str(refused[1]) or refused_in > 5:
+        fail(f"{name}: a request after the fault answered {refused[0]} in {refused_in:.1f} s: "
+             f"{str(refused[1])[:300]}")
     if not alive or "the worker needs a restart" not in log:
         fail(f"{name}: still running: {alive}; log:\n{log[-3000:]}")
     print(f"device_failures: {name}: the request answered 500, the next 503; /ready and /health 503: "

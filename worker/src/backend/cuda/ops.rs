@@ -1578,9 +1578,16 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         let kernel = self.paged_kernel(paged, q, keys, values);
         // Steps with a long enough prompt (prefill, or a prompt joining running decodes) take
-        // cuBLAS for their prompts; decode steps and short prompts the kernels.
-        let longest = paged.plan().seqs.iter().map(|s| s.q_len).max().unwrap_or(0);
-        if kernel == AttentionKernel::Flash && longest >= UNFUSED_MIN_PROMPT {
+        // cuBLAS for their prompts, unless one query's scores over its keys would pass the
+        // unfused limit (millions of keys); decode steps and short prompts the kernels.
+        let seqs = &paged.plan().seqs;
+        let longest = seqs.iter().map(|s| s.q_len).max().unwrap_or(0);
+        let most_keys = seqs.iter().map(|s| s.k_len).max().unwrap_or(0);
+        let heads = q.shape.get(1).copied().unwrap_or(0);
+        if kernel == AttentionKernel::Flash
+            && longest >= UNFUSED_MIN_PROMPT
+            && heads * most_keys * size_of::<f32>() <= UNFUSED_MAX_SCORE_BYTES
+        {
             return self.paged_prompts_unfused(q, keys, values, paged);
         }
         self.paged_attention_with(q, keys, values, paged, kernel)

@@ -5,7 +5,8 @@
 // type, as cuBLAS's COMPUTE_32F defines them. Arguments cuBLAS rejects (a leading dimension
 // shorter than a column, a data type or compute type it does not take) are rejected, and every
 // operand must lie inside a live allocation. C is read only when beta is not zero, as cuBLAS
-// reads it.
+// reads it. After a fault (the driver's sticky error) every product fails with
+// CUBLAS_STATUS_EXECUTION_FAILED.
 
 #include "emulated_gpu.h"
 
@@ -171,6 +172,9 @@ struct Handle {
 // execution time (a batch read from device pointer tables is read when it runs, as on a GPU).
 int submit(const Handle* h, const Product& p, int compute, int count, const char* what,
            std::function<bool(int, const void**, const void**, void**)> operands) {
+    if (emulated_gpu::context_failed()) {
+        return STATUS_EXECUTION_FAILED; // a fault has left the context unusable
+    }
     if (compute != COMPUTE_32F) {
         return STATUS_NOT_SUPPORTED;
     }
@@ -444,6 +448,9 @@ int cublasLtMatmul(void*, void* desc, const void* alpha, const void* a, void* la
     const auto* m = static_cast<MatmulDesc*>(desc);
     const auto *A = static_cast<Layout*>(la), *B = static_cast<Layout*>(lb), *C = static_cast<Layout*>(lc),
                *D = static_cast<Layout*>(ld);
+    if (emulated_gpu::context_failed()) {
+        return STATUS_EXECUTION_FAILED; // a fault has left the context unusable
+    }
     if (c != d || C->ld != D->ld || C->type != D->type) {
         emulated_gpu::report("cublasLtMatmul: C and D differ (the emulator takes them as one buffer)");
         return STATUS_NOT_SUPPORTED;

@@ -110,15 +110,20 @@ size_t memory_limit() {
 
 // The first asynchronous failure, reported by the next synchronisation (CUDA's sticky error).
 // From then on the context is unusable, as a GPU's is after a kernel fault: launches,
-// allocations, copies and memsets fail with it too (frees still free, and report it).
+// allocations, copies and memsets fail with it too, queued or recorded work no longer runs, and
+// frees still free but return it.
 CUresult sticky = SUCCESS;
 
 // Fault injection, for tests of how the worker fails: while the file ATOMIC_EMULATED_GPU_FAULT_FILE
-// names exists, every kernel launch traps, as a kernel failing one of its checks does on a GPU:
-// it does not run, and the sticky error becomes CUDA_ERROR_LAUNCH_FAILED.
+// names exists, every kernel launch fails as one whose kernel trapped does on a GPU: the kernel
+// does not run, and the sticky error becomes CUDA_ERROR_LAUNCH_FAILED. (A kernel that really
+// traps, a failed KERNEL_CHECK, gives the same error through emulator.h.)
 bool fault_injected() {
-    static const char* const path = std::getenv("ATOMIC_EMULATED_GPU_FAULT_FILE");
-    return path != nullptr && access(path, F_OK) == 0;
+    static const std::string path = [] {
+        const char* p = std::getenv("ATOMIC_EMULATED_GPU_FAULT_FILE");
+        return std::string(p ? p : "");
+    }();
+    return !path.empty() && access(path.c_str(), F_OK) == 0;
 }
 
 bool guard_intact(uint64_t ptr, const Allocation& a) {
@@ -320,9 +325,15 @@ bool enqueue(void* stream, std::function<void()> work) {
         s->recording->push_back(std::move(work));
         return true;
     }
-    work();
+    // Work queued behind a fault never runs (the calls that queue it have already failed,
+    // except cuBLAS's, which check context_failed).
+    if (sticky == SUCCESS) {
+        work();
+    }
     return true;
 }
+
+bool context_failed() { return sticky != SUCCESS; }
 
 bool capturing(void* stream) { return stream_of(stream)->capturing; }
 
@@ -979,7 +990,11 @@ CUresult cuGraphLaunch(void* exec, void* stream) {
         }
     }
     replaying = true;
+    // A replay stops at a fault, as a GPU's stream does: later work never runs.
     for (auto& work : r.work) {
+        if (sticky != SUCCESS) {
+            break;
+        }
         work();
     }
     replaying = false;

@@ -11,8 +11,9 @@
 // - copies and cuBLAS operands must lie inside one live allocation (a copy or product that
 //   reaches past its buffer is an error naming the call, not a silent overrun);
 // - an asynchronous failure (a kernel that failed, a broken guard zone) is the context's sticky
-//   error: the next synchronisation returns it, and from then on launches, allocations, copies
-//   and memsets fail with it, as on a GPU whose context a kernel fault has left unusable;
+//   error: the next synchronisation returns it, and from then on launches, allocations, copies,
+//   memsets and cuBLAS products fail with it and queued or recorded work no longer runs, as on a
+//   GPU whose context a kernel fault has left unusable;
 // - the stream is executed in host order at the call (one stream, as the backend uses), except
 //   while it is being captured: then work is recorded into the graph and run at each launch of
 //   the instantiated graph; synchronising, copying to the host or copying from (pageable) host
@@ -29,7 +30,8 @@
 //
 // Variables change the "GPU": ATOMIC_EMULATED_GPU_MEMORY_MIB (its memory, 16384 by default),
 // ATOMIC_EMULATED_GPU_COMPUTE_CAPABILITY ("9.0") and ATOMIC_EMULATED_GPU_FAULT_FILE (while the
-// file it names exists, every kernel launch traps) for tests of how the worker fails, and
+// file it names exists, every kernel launch fails as a trapping kernel's does) for tests of how
+// the worker fails, and
 // ATOMIC_EMULATED_GPU_SM_COUNT (132) for whole-model runs that need not split decode attention
 // as many ways as an H100 would.
 //
@@ -65,8 +67,11 @@ bool capturing(void* stream);
 // Marks the capture of `stream` invalid (what a GPU does on a synchronisation inside it).
 void invalidate_capture(void* stream);
 
-// Reports an error found while executing recorded or queued work; the next synchronisation
-// returns it (CUDA's sticky error).
+// Whether the context has a sticky error: a fault has left it unusable, so every call fails.
+bool context_failed();
+
+// Reports an error found while executing recorded or queued work; it becomes the sticky error,
+// which the next synchronisation and every later launch, allocation and copy return.
 void fail_async(const std::string& message);
 
 // Runs body(first, last) over ranges that cover [0, count), on the calling thread and the
