@@ -813,8 +813,8 @@ impl CudaBackend {
     /// precision), the masked softmax, and a second product that writes each head's output
     /// straight into `[batch, s_q, heads, d]`. No copies of the inputs are made. A prompt whose
     /// scores exceed the unfused limit runs in pieces ([`dense_chunks`]: whole sequences, or
-    /// runs of one sequence's queries), each with its slice of the padding mask and its own
-    /// causal offset, writing its rows of the output.
+    /// runs of one sequence's queries), each reading the padding mask (uploaded once) from its
+    /// first sequence's entry, with its own causal offset, writing its rows of the output.
     pub(crate) fn attention_unfused(
         &self,
         (q, k, v): (&CudaTensor, &CudaTensor, &CudaTensor),
