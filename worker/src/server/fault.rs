@@ -5,8 +5,10 @@
 //! reason (so the pod leaves the Service and its liveness probe restarts it with a fresh
 //! context) and new requests are refused at once instead of failing one by one.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
 
+use super::split::Pass;
 use crate::Error;
 use crate::backend::BackendError;
 
@@ -36,6 +38,24 @@ impl DeviceFault {
     /// The recorded failure, if any.
     pub fn get(&self) -> Option<&str> {
         self.0.get().map(String::as_str)
+    }
+
+    /// Runs one forward pass of a model thread and says how it ended, as the batch splitting
+    /// needs it: a device failure (recorded here), running out of device memory, another
+    /// error (each described by `describe`) or a panic (`panicked`).
+    pub fn run_pass<T, E>(
+        &self,
+        pass: impl FnOnce() -> crate::Result<Vec<T>>,
+        describe: impl Fn(&Error) -> E,
+        panicked: impl FnOnce() -> E,
+    ) -> Pass<T, E> {
+        match std::panic::catch_unwind(AssertUnwindSafe(pass)) {
+            Ok(Ok(out)) => Pass::Ran(out),
+            Ok(Err(e)) if self.note(&e) => Pass::DeviceFailed(describe(&e)),
+            Ok(Err(e)) if e.is_out_of_memory() => Pass::OutOfMemory(describe(&e)),
+            Ok(Err(e)) => Pass::Failed(describe(&e)),
+            Err(_) => Pass::Failed(panicked()),
+        }
     }
 }
 

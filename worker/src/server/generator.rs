@@ -19,7 +19,6 @@
 //!
 //! [`split`]: super::split
 
-use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -29,7 +28,7 @@ use tokio::sync::mpsc as tokio_mpsc;
 
 use super::fault::DeviceFault;
 use super::metrics::Metrics;
-use super::split::{Failure, Pass, PieceLimit};
+use super::split::{Failure, PieceLimit};
 use crate::Error;
 use crate::backend::{Backend, CpuBackend};
 use crate::config::ModelConfig;
@@ -649,21 +648,18 @@ fn run(
                 let mut caches: Vec<&mut KvCache> =
                     active[piece.clone()].iter_mut().map(|s| &mut s.cache).collect();
                 let refs = &refs[piece.clone()];
-                let result = std::panic::catch_unwind(AssertUnwindSafe(|| match &draws {
-                    Some(draws) => model
-                        .step_sample(&mut caches, refs, &draws[piece.clone()])
-                        .map(|ids| ids.into_iter().map(Next::Token).collect::<Vec<_>>()),
-                    None => model
-                        .step(&mut caches, refs)
-                        .map(|rows| rows.into_iter().map(Next::Logits).collect()),
-                }));
-                match result {
-                    Ok(Ok(rows)) => Pass::Ran(rows),
-                    Ok(Err(e)) if fault.note(&e) => Pass::DeviceFailed(e.to_string()),
-                    Ok(Err(e)) if e.is_out_of_memory() => Pass::OutOfMemory(e.to_string()),
-                    Ok(Err(e)) => Pass::Failed(e.to_string()),
-                    Err(_) => Pass::Failed("the model panicked on this step".to_owned()),
-                }
+                fault.run_pass(
+                    || match &draws {
+                        Some(draws) => model
+                            .step_sample(&mut caches, refs, &draws[piece.clone()])
+                            .map(|ids| ids.into_iter().map(Next::Token).collect::<Vec<_>>()),
+                        None => model
+                            .step(&mut caches, refs)
+                            .map(|rows| rows.into_iter().map(Next::Logits).collect()),
+                    },
+                    Error::to_string,
+                    || "the model panicked on this step".to_owned(),
+                )
             },
             |got, want| format!("the model gave {got} rows for {want} sequences"),
         );

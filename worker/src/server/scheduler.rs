@@ -12,7 +12,6 @@
 //! [`split`]: super::split
 
 use std::collections::VecDeque;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Instant;
@@ -21,7 +20,7 @@ use tokio::sync::oneshot;
 
 use super::fault::DeviceFault;
 use super::metrics::Metrics;
-use super::split::{Failure, Pass, PieceLimit};
+use super::split::{Failure, PieceLimit};
 use crate::backend::Backend;
 use crate::config::PoolingConfig;
 use crate::models::bert::{Batch, Bert};
@@ -246,14 +245,12 @@ fn run(
         let outcome = limit.run(
             batch.len(),
             |piece| padded_tokens(&batch[piece]),
-            |piece| match std::panic::catch_unwind(AssertUnwindSafe(|| encoder.run(work, &batch[piece]))) {
-                Ok(Ok(outputs)) => Pass::Ran(outputs),
-                Ok(Err(e)) if fault.note(&e) => Pass::DeviceFailed(ScheduleError::of_pass(&e)),
-                Ok(Err(e)) if e.is_out_of_memory() => Pass::OutOfMemory(ScheduleError::of_pass(&e)),
-                Ok(Err(e)) => Pass::Failed(ScheduleError::of_pass(&e)),
-                Err(_) => Pass::Failed(ScheduleError::Model(
-                    "the model panicked on this batch".to_owned(),
-                )),
+            |piece| {
+                fault.run_pass(
+                    || encoder.run(work, &batch[piece]),
+                    ScheduleError::of_pass,
+                    || ScheduleError::Model("the model panicked on this batch".to_owned()),
+                )
             },
             |got, want| ScheduleError::Model(format!("the model gave {got} outputs for {want} inputs")),
         );
