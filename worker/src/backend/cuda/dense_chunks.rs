@@ -18,6 +18,13 @@ use crate::backend::shapes::AttnDims;
 /// half as many bytes of probabilities in half precision): prompts with more run in pieces.
 pub(crate) const UNFUSED_MAX_SCORE_BYTES: usize = 256 << 20;
 
+/// Whether one query's fp32 scores over `keys` keys of `heads` heads fit
+/// [`UNFUSED_MAX_SCORE_BYTES`]: the least piece the unfused path can run, so a prompt for which
+/// this fails keeps the flash kernel.
+pub(crate) fn one_query_fits(heads: usize, keys: usize) -> bool {
+    heads * keys * size_of::<f32>() <= UNFUSED_MAX_SCORE_BYTES
+}
+
 /// One piece: sequences `first_seq .. first_seq + seqs`, their queries
 /// `first_query .. first_query + queries`, over keys `0 .. keys`. More than one sequence only
 /// with every query and every key.

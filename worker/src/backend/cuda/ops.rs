@@ -10,7 +10,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
 
 use super::bias_epilogue::{BiasOperands, BiasProduct};
 use super::context::{ATTN_MAX_D, CudaBackend, driver_err, flash_smem_bytes};
-use super::dense_chunks::{UNFUSED_MAX_SCORE_BYTES, dense_chunks};
+use super::dense_chunks::{UNFUSED_MAX_SCORE_BYTES, dense_chunks, one_query_fits};
 use super::gemm::{Batch, Gemm};
 use super::gemv::Folded;
 use super::launch::{BLOCK, elementwise_cfg, int, launch, rows_cfg};
@@ -767,8 +767,7 @@ impl CudaBackend {
     /// and one query's fp32 scores over every key fit [`UNFUSED_MAX_SCORE_BYTES`], so that
     /// the prompt can be cut into pieces that fit.
     fn unfused_fits(&self, dims: &AttnDims) -> bool {
-        self.unfused_attention_enabled.load(Ordering::Relaxed)
-            && dims.heads * dims.s_k * size_of::<f32>() <= UNFUSED_MAX_SCORE_BYTES
+        self.unfused_attention_enabled.load(Ordering::Relaxed) && one_query_fits(dims.heads, dims.s_k)
     }
 
     /// The padding mask on the device, if the mask has one (uploaded once for all the layers
@@ -1586,7 +1585,7 @@ impl Backend for CudaBackend {
         let heads = q.shape.get(1).copied().unwrap_or(0);
         if kernel == AttentionKernel::Flash
             && longest >= UNFUSED_MIN_PROMPT
-            && heads * most_keys * size_of::<f32>() <= UNFUSED_MAX_SCORE_BYTES
+            && one_query_fits(heads, most_keys)
         {
             return self.paged_prompts_unfused(q, keys, values, paged);
         }

@@ -1574,25 +1574,9 @@ impl Drop for ScoreLimit<'_> {
     }
 }
 
-/// `op` on `g`, compared with the reference as `compare!` does, and the pieces of the unfused
-/// attention it ran.
-fn pieces_run(
-    g: &CudaBackend,
-    what: &str,
-    inputs: Inputs<'_>,
-    op_ref: impl Fn(&ReferenceBackend, &[CpuTensor]) -> Result<CpuTensor>,
-    op_gpu: impl Fn(&CudaBackend, &[CudaTensor]) -> Result<CudaTensor>,
-) -> usize {
-    let tol = Tol {
-        atol: 1e-5,
-        rtol: 1e-4,
-    };
-    let (want_shape, want) = run(&ReferenceBackend, inputs, op_ref);
-    let before = g.unfused_pieces.load(std::sync::atomic::Ordering::Relaxed);
-    let (shape, got) = run(g, inputs, op_gpu);
-    assert_eq!(shape, want_shape, "{what}: shape");
-    assert_close(what, &got, &want, tol);
-    g.unfused_pieces.load(std::sync::atomic::Ordering::Relaxed) - before
+/// The pieces the unfused attention has run so far.
+fn pieces(g: &CudaBackend) -> usize {
+    g.unfused_pieces.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[test]
@@ -1606,6 +1590,10 @@ fn gpu_prompts_past_the_score_limit_run_in_pieces() {
     // scores), through the trait's attention and through attention_qkv, against the
     // reference, counting the pieces that ran. Random padding per sequence and causal offsets
     // check each piece's part of the mask.
+    let tol = Tol {
+        atol: 1e-5,
+        rtol: 1e-4,
+    };
     let cases = [
         AttnCase::new(5, 17, 17, 12, 4, 32, true, None),
         AttnCase::new(5, 13, 13, 9, 3, 32, true, Some(0)),
@@ -1619,21 +1607,26 @@ fn gpu_prompts_past_the_score_limit_run_in_pieces() {
         let mask = c.mask(&valid);
         let (qs, ks) = (c.q_shape(), c.kv_shape());
         let inputs: Inputs<'_> = &[(&q, &qs), (&k, &ks), (&v, &ks)];
-        for (limit, pieces) in [
+        for (limit, expected) in [
             (per_seq, c.batch),
             (2 * per_seq, c.batch.div_ceil(2)),
             (2 * per_query, c.batch * c.s_q.div_ceil(2)),
             (1, c.batch * c.s_q),
         ] {
             let _limit = ScoreLimit::new(&g, limit);
-            let ran = pieces_run(
-                &g,
-                &format!("attention {c:?} in pieces of at most {limit} bytes"),
+            let before = pieces(&g);
+            compare!(
+                g,
+                format!("attention {c:?} in pieces of at most {limit} bytes"),
+                tol,
                 inputs,
-                |be, t| be.attention(&t[0], &t[1], &t[2], &mask),
-                |be, t| be.attention(&t[0], &t[1], &t[2], &mask),
+                |be, t| be.attention(&t[0], &t[1], &t[2], &mask)
             );
-            assert_eq!(ran, pieces, "{c:?} with a limit of {limit} bytes");
+            assert_eq!(
+                pieces(&g) - before,
+                expected,
+                "{c:?} with a limit of {limit} bytes"
+            );
         }
     }
     // BERT's fused projection, padded, in pieces of one sequence and of 3 queries.
@@ -1641,16 +1634,21 @@ fn gpu_prompts_past_the_score_limit_run_in_pieces() {
     let qkv = rng.vec(batch * seq * 3 * heads * d, 2.0);
     let valid: Vec<bool> = (0..batch * seq).map(|i| i % seq < seq - i / seq * 3).collect();
     let mask = AttentionMask::padding(&valid);
-    for (limit, pieces) in [(heads * seq * seq * 4, batch), (3 * heads * seq * 4, batch * 4)] {
+    for (limit, expected) in [(heads * seq * seq * 4, batch), (3 * heads * seq * 4, batch * 4)] {
         let _limit = ScoreLimit::new(&g, limit);
-        let ran = pieces_run(
-            &g,
-            &format!("attention_qkv in pieces of at most {limit} bytes"),
+        let before = pieces(&g);
+        compare!(
+            g,
+            format!("attention_qkv in pieces of at most {limit} bytes"),
+            tol,
             &[(&qkv, &[batch * seq, 3 * heads * d])],
-            |be, t| be.attention_qkv(&t[0], (batch, heads), &mask),
-            |be, t| be.attention_qkv(&t[0], (batch, heads), &mask),
+            |be, t| be.attention_qkv(&t[0], (batch, heads), &mask)
         );
-        assert_eq!(ran, pieces, "attention_qkv with a limit of {limit} bytes");
+        assert_eq!(
+            pieces(&g) - before,
+            expected,
+            "attention_qkv with a limit of {limit} bytes"
+        );
     }
 }
 
