@@ -706,20 +706,41 @@ fn encoder_ops(b: &CudaBackend, c: &BertConfig, name: &str) -> anyhow::Result<()
     let q = upload(b, &[enc_batch, enc_seq, heads, d])?;
     let k = upload(b, &[enc_batch, enc_seq, heads, d])?;
     let v = upload(b, &[enc_batch, enc_seq, heads, d])?;
-    // The fused flash kernel at the same shape, for comparison (0 calls: the pass does not
-    // run it).
+    // The fused flash kernels at the same shape, for comparison (0 calls: the pass does not
+    // run them): the one the backend picks (on tensor cores in half precision at head
+    // dimensions 32, 64 and 128), then the SIMT one where that is another kernel.
     let us = time_op(b, workload().op_budget, || {
         drop(b.attention_flash(&q, &k, &v, &mask)?);
         Ok(())
     })?;
+    let tensor_cores = b.tensor_core_flash_fits(d);
     op.emit(
         "attention_flash_alone",
-        format!("[{enc_batch},{enc_seq},{heads},{d}] padding mask"),
+        format!(
+            "[{enc_batch},{enc_seq},{heads},{d}] padding mask ({})",
+            if tensor_cores { "tensor cores" } else { "SIMT" }
+        ),
         us,
         0,
         attn_flops,
         act(4 * t * h),
     );
+    if tensor_cores {
+        let was = b.set_tensor_core_flash(false);
+        let simt = time_op(b, workload().op_budget, || {
+            drop(b.attention_flash(&q, &k, &v, &mask)?);
+            Ok(())
+        });
+        b.set_tensor_core_flash(was);
+        op.emit(
+            "attention_flash_simt_alone",
+            format!("[{enc_batch},{enc_seq},{heads},{d}] padding mask (SIMT)"),
+            simt?,
+            0,
+            attn_flops,
+            act(4 * t * h),
+        );
+    }
 
     // The output projections as Bert::hidden_states runs them (bias, residual and norm after
     // the product in one pass), then the composition they replace for comparison (0 calls).

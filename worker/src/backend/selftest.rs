@@ -466,6 +466,29 @@ pub fn check_attention<B: Backend>(backend: &B, p: Precision) -> Result<()> {
     let causal = AttentionMask::causal(seq - 1);
     check_op!(backend, p, "attention (decode)", d, decode, |be, t| be
         .attention(&t[0], &t[1], &t[2], &causal));
+    // Eight new tokens after 128 cached at head dimension 64 (BERT-base's and Llama's): on
+    // the GPU's tensor-core flash kernel, which serves such prompts in half precision when the
+    // unfused path is off, three tiles of keys, so its running softmax rescales.
+    let (new, keys, d64) = (8, 136, 64);
+    let q64 = values(84, new * heads * d64, 2.0);
+    let (k64, v64) = (
+        values(85, keys * kv_heads * d64, 2.0),
+        values(86, keys * kv_heads * d64, 1.0),
+    );
+    let inputs64: &[(&[f32], &[usize])] = &[
+        (&q64, &[1, new, heads, d64]),
+        (&k64, &[1, keys, kv_heads, d64]),
+        (&v64, &[1, keys, kv_heads, d64]),
+    ];
+    let after_cache = AttentionMask::causal(keys - new);
+    check_op!(
+        backend,
+        p,
+        "attention (prompt after a cache, head dim 64)",
+        d64,
+        inputs64,
+        |be, t| be.attention(&t[0], &t[1], &t[2], &after_cache)
+    );
     let qkv = values(83, batch * seq * 3 * heads * d, 2.0);
     check_op!(
         backend,
@@ -509,6 +532,14 @@ fn paged<B: Backend>(backend: &B, p: Precision) -> Result<()> {
         ("mixed", mixed.clone(), vec![20usize, 0, 1, 2], small, None),
         ("decode", decode.clone(), vec![20, 3], small, None),
         ("decode at head dim 64", decode.clone(), vec![20, 3], llama, None),
+        // A prompt of 3 beside a decode: the GPU's tensor-core flash kernel in half precision.
+        (
+            "mixed at head dim 64",
+            mixed.clone(),
+            vec![20usize, 0, 1, 2],
+            llama,
+            None,
+        ),
         ("decode at head dim 80", decode, vec![20, 3], phi, None),
         ("decode of 40 sequences", many, many_positions, tinyllama, None),
         (

@@ -146,6 +146,19 @@ impl AttnCase {
         Self::new(1, 128, 128, 12, 12, 32, false, None),
     ];
 
+    /// The cases of the tensor-core flash kernels (head dimensions 32, 64 and 128; tiles of 64
+    /// queries and 64 keys): a padded encoder batch whose first row is fully masked, GQA,
+    /// prompts over several query blocks and key tiles with ragged tails, causal prompts and
+    /// queries after a cache.
+    #[cfg(feature = "cuda")]
+    pub(crate) const TENSOR_CORE: [AttnCase; 5] = [
+        Self::new(5, 17, 17, 12, 4, 32, true, None),
+        Self::new(1, 130, 130, 4, 4, 64, false, None),
+        Self::new(2, 70, 70, 3, 1, 64, false, Some(0)),
+        Self::new(3, 2, 33, 4, 2, 128, true, Some(31)),
+        Self::new(2, 5, 100, 2, 2, 128, false, Some(95)),
+    ];
+
     /// Seeded q, k, v and padding mask for this case.
     pub(crate) fn inputs(&self, rng: &mut Rng) -> AttnInputs {
         let q = rng.vec(self.batch * self.s_q * self.heads * self.d, 2.0);
@@ -204,7 +217,7 @@ pub(crate) struct PagedInputs {
 }
 
 impl PagedCase {
-    const fn new(
+    pub(crate) const fn new(
         seqs: &'static [(usize, usize)],
         (heads, kv_heads, d): (usize, usize, usize),
         block_size: usize,
@@ -233,6 +246,17 @@ impl PagedCase {
         Self::new(&[(70, 70), (1, 9)], (4, 1, 128), 16, None), // tiles of 16 queries, 32 keys
         Self::new(&[(3, 19), (1, 5)], (4, 4, 80), 5, None),    // odd block size, d = 80
         Self::new(&[(2, 50)], (2, 2, 256), 16, None),          // the widest head
+    ];
+
+    /// Steps with prompts for the tensor-core flash kernels: decode beside prompts, a sliding
+    /// window, a prompt over two query blocks with one key head, and an odd block size with a
+    /// prompt after a cache over two key tiles.
+    #[cfg(feature = "cuda")]
+    pub(crate) const TENSOR_CORE: [PagedCase; 4] = [
+        Self::new(&[(1, 20), (13, 13), (5, 40)], (4, 4, 32), 16, None),
+        Self::new(&[(1, 40), (9, 30), (3, 3)], (4, 2, 32), 16, Some(8)),
+        Self::new(&[(70, 70), (1, 9)], (4, 1, 128), 16, None),
+        Self::new(&[(3, 19), (20, 85)], (4, 2, 64), 5, None),
     ];
 
     /// Decode steps only (one query per sequence), for the kernels that split each sequence's

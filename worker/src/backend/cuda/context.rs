@@ -108,6 +108,12 @@ pub struct CudaBackend {
     /// Decode steps take the grouped-heads decode kernel where it fits (`paged.rs`); on unless
     /// turned off.
     pub(super) grouped_decode_enabled: AtomicBool,
+    /// The GPU has the tensor-core instructions the `_tc` flash kernels use (compute
+    /// capability 8.0 or later) and tensors are stored in half precision, which they multiply.
+    pub(super) half_precision_mma: bool,
+    /// Prompts that take a flash kernel take its tensor-core form where it fits
+    /// ([`CudaBackend::flash_kernel`]); on unless turned off.
+    pub(super) tensor_core_flash_enabled: AtomicBool,
     /// Prompts take the unfused cuBLAS attention; on unless turned off (then every dense
     /// prompt takes the flash kernel, as the start-up self-test needs).
     pub(super) unfused_attention_enabled: AtomicBool,
@@ -406,6 +412,8 @@ impl CudaBackend {
             flash_smem_bytes: 0,
             gemv_enabled: AtomicBool::new(true),
             grouped_decode_enabled: AtomicBool::new(true),
+            half_precision_mma: major >= 8 && precision != Precision::F32,
+            tensor_core_flash_enabled: AtomicBool::new(true),
             unfused_attention_enabled: AtomicBool::new(true),
             unfused_score_limit: AtomicUsize::new(UNFUSED_MAX_SCORE_BYTES),
             #[cfg(test)]
@@ -444,6 +452,20 @@ impl CudaBackend {
     /// takes the flash kernel. Returns the previous setting. For the self-test and tests.
     pub(crate) fn set_unfused_attention(&self, enabled: bool) -> bool {
         self.unfused_attention_enabled.swap(enabled, Ordering::Relaxed)
+    }
+
+    /// Turns the tensor-core flash kernels on or off (on by default where they fit); off,
+    /// prompts that take a flash kernel take the SIMT one. Returns the previous setting. For
+    /// tests and benchmarks, which compare the two.
+    pub fn set_tensor_core_flash(&self, enabled: bool) -> bool {
+        self.tensor_core_flash_enabled.swap(enabled, Ordering::Relaxed)
+    }
+
+    /// Whether a tensor-core flash kernel serves prompts at head dimension `head_dim` on this
+    /// GPU and precision (unless turned off): fp16 or bf16 on compute capability 8.0 or later,
+    /// at head dimensions 32, 64 and 128.
+    pub fn tensor_core_flash_fits(&self, head_dim: usize) -> bool {
+        self.half_precision_mma && super::ops::TC_FLASH_HEAD_DIMS.contains(&head_dim)
     }
 
     /// Sets the bytes of fp32 scores one piece of the unfused attention may hold (at most

@@ -48,6 +48,9 @@ unsafe impl Send for Emulator {}
 ///   0xff bytes before each block (a function static would otherwise keep block 0's values).
 /// - probe_trap: thread 5 of block `trapping` fails a KERNEL_CHECK between two barriers, while
 ///   the others wait at them; every thread of a block that completes writes 1.
+/// - probe_mma (half precision): one warp's mma_16x8x16 of A [16][16] and B [16][8]
+///   (row-major, stored elements) onto C [16][8] (fp32, overwritten with D), each fragment
+///   filled and read back as common.cuh lays it out.
 const PROBES: &str = r#"
 extern "C" __global__ void probe_static_shared(unsigned int* out) {
     __shared__ unsigned int seen[64];
@@ -63,6 +66,29 @@ extern "C" __global__ void probe_trap(unsigned int* out, int trapping) {
     KERNEL_CHECK(blockIdx.x != trapping || threadIdx.x != 5);
     __syncthreads();
     out[blockIdx.x * blockDim.x + threadIdx.x] = 1;
+}
+
+extern "C" __global__ void probe_mma(float* c, const elem_t* a, const elem_t* b) {
+#if defined(ATOMIC_HAS_MMA)
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const auto pair = [](elem_t lo, elem_t hi) { return (unsigned int)lo.bits | ((unsigned int)hi.bits << 16); };
+    const unsigned int fa[4] = {
+        pair(a[g * 16 + 2 * t], a[g * 16 + 2 * t + 1]),
+        pair(a[(g + 8) * 16 + 2 * t], a[(g + 8) * 16 + 2 * t + 1]),
+        pair(a[g * 16 + 8 + 2 * t], a[g * 16 + 8 + 2 * t + 1]),
+        pair(a[(g + 8) * 16 + 8 + 2 * t], a[(g + 8) * 16 + 8 + 2 * t + 1]),
+    };
+    const unsigned int fb[2] = {
+        pair(b[(2 * t) * 8 + g], b[(2 * t + 1) * 8 + g]),
+        pair(b[(2 * t + 8) * 8 + g], b[(2 * t + 9) * 8 + g]),
+    };
+    float fc[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t], c[(g + 8) * 8 + 2 * t + 1]};
+    mma_16x8x16(fc, fa, fb);
+    c[g * 8 + 2 * t] = fc[0];
+    c[g * 8 + 2 * t + 1] = fc[1];
+    c[(g + 8) * 8 + 2 * t] = fc[2];
+    c[(g + 8) * 8 + 2 * t + 1] = fc[3];
+#endif
 }
 "#;
 
@@ -90,10 +116,11 @@ fn source(precision: Precision) -> String {
         "\nextern \"C\" int emu_launch(const char* name, const unsigned* grid, const unsigned* block, \
          size_t smem, void** args, uint64_t first, uint64_t last) {\n",
     );
-    for name in FILES
-        .iter()
-        .flat_map(|f| f.functions)
-        .chain(&["probe_static_shared", "probe_trap"])
+    for name in
+        FILES
+            .iter()
+            .flat_map(|f| f.functions)
+            .chain(&["probe_static_shared", "probe_trap", "probe_mma"])
     {
         src.push_str(&format!(
             "    if (strcmp(name, \"{name}\") == 0) return emu::run(&{name}, grid, block, smem, args, first, last);\n"
@@ -470,6 +497,34 @@ fn dense_case(c: &AttnCase, p: Precision, rng: &mut Rng) -> (AttnInputs, Vec<f32
     (AttnInputs { q, k, v, valid }, want)
 }
 
+/// The device buffers the dense attention kernels read: queries, keys, values (stored
+/// elements) and the padding mask as bytes (never empty, as the backend's placeholder).
+struct DenseBuffers<'a> {
+    q: &'a mut [u8],
+    k: &'a mut [u8],
+    v: &'a mut [u8],
+    valid: &'a mut [u8],
+}
+
+/// A dense attention kernel's arguments as `CudaBackend::attention_with` passes them.
+fn dense_attention_args(dest: &mut [u8], b: DenseBuffers<'_>, c: &AttnCase) -> Args {
+    Args::default()
+        .buf(dest)
+        .buf(b.q)
+        .buf(b.k)
+        .buf(b.v)
+        .buf(b.valid)
+        .int(usize::from(c.padding))
+        .signed(c.causal.map_or(-1, |o| o as i32))
+        .int(c.batch)
+        .int(c.s_q)
+        .int(c.s_k)
+        .int(c.heads)
+        .int(c.kv_heads)
+        .int(c.d)
+        .float(1.0 / (c.d as f32).sqrt())
+}
+
 #[test]
 fn emulated_dense_attention_matches_reference_for_both_kernels() {
     for p in Precision::ALL {
@@ -492,22 +547,13 @@ fn emulated_dense_attention_matches_reference_for_both_kernels() {
             ] {
                 let cfg = attention_cfg(shape, c.s_q, (c.heads, c.kv_heads), c.batch, d);
                 let mut out = emu.store(&vec![f32::NAN; q.len()]);
-                let args = Args::default()
-                    .buf(&mut out)
-                    .buf(&mut qd)
-                    .buf(&mut kd)
-                    .buf(&mut vd)
-                    .buf(&mut valid_u8)
-                    .int(usize::from(c.padding))
-                    .signed(c.causal.map_or(-1, |o| o as i32))
-                    .int(c.batch)
-                    .int(c.s_q)
-                    .int(c.s_k)
-                    .int(c.heads)
-                    .int(c.kv_heads)
-                    .int(d)
-                    .float(1.0 / (d as f32).sqrt());
-                emu.launch_cfg(kernel, &cfg, args);
+                let buffers = DenseBuffers {
+                    q: &mut qd,
+                    k: &mut kd,
+                    v: &mut vd,
+                    valid: &mut valid_u8,
+                };
+                emu.launch_cfg(kernel, &cfg, dense_attention_args(&mut out, buffers, &c));
                 assert_close(
                     &format!("{kernel} {c:?} ({p})"),
                     &emu.load(&out),
@@ -1474,6 +1520,174 @@ fn emulated_qkv_rope_paged_writes_the_pools() {
                 "qkv_rope_paged values {c:?} ({p})"
             );
         }
+    }
+}
+
+#[test]
+fn emulated_tensor_core_flash_matches_reference() {
+    // The tensor-core flash kernels, dense and paged, in the two precisions they multiply,
+    // against the f64 reference within the emulator's four roundings: the probabilities are
+    // rounded once more than the SIMT kernel rounds them (to the storage type, for the
+    // product with the values), well inside that bound.
+    for p in [Precision::F16, Precision::Bf16] {
+        let Some(emu) = emulator("emulated_tensor_core_flash_matches_reference", p) else {
+            return;
+        };
+        let mut rng = Rng::new(203);
+        for c in AttnCase::TENSOR_CORE {
+            let (AttnInputs { q, k, v, valid }, want) = dense_case(&c, p, &mut rng);
+            let (mut qd, mut kd, mut vd) = (emu.store(&q), emu.store(&k), emu.store(&v));
+            let mut valid_u8: Vec<u8> = valid.iter().map(|&b| u8::from(b)).collect();
+            valid_u8.push(0);
+            let kernel = format!("flash_attention_tc{}", c.d);
+            let cfg = attention_cfg(
+                AttentionKernel::TensorCoreFlash,
+                c.s_q,
+                (c.heads, c.kv_heads),
+                c.batch,
+                c.d,
+            );
+            let mut out = emu.store(&vec![f32::NAN; q.len()]);
+            let buffers = DenseBuffers {
+                q: &mut qd,
+                k: &mut kd,
+                v: &mut vd,
+                valid: &mut valid_u8,
+            };
+            emu.launch_cfg(&kernel, &cfg, dense_attention_args(&mut out, buffers, &c));
+            assert_close(
+                &format!("{kernel} {c:?} ({p})"),
+                &emu.load(&out),
+                &want,
+                emu.tol(),
+            );
+        }
+        for c in PagedCase::TENSOR_CORE {
+            // The pools as the step leaves them (its new rows written by the reference; the
+            // paged test above checks kv_write), then attention over them.
+            let inputs = c.inputs(&mut rng);
+            let r = ReferenceBackend;
+            let paged = r.prepare_paged(&inputs.plan).unwrap();
+            let mut pools = Vec::new();
+            for (pool, new) in [
+                (&inputs.keys, &inputs.new_keys),
+                (&inputs.values, &inputs.new_values),
+            ] {
+                let mut written = reference(&p.round(pool), &inputs.pool_shape);
+                r.write_paged(&mut written, &reference(&p.round(new), &c.new_shape()), &paged)
+                    .unwrap();
+                pools.push(written);
+            }
+            let q = p.round(&inputs.q);
+            let want = host(r.paged_attention(&reference(&q, &c.q_shape()), &pools[0], &pools[1], &paged));
+
+            let (mut meta, mut tables, _) = paged_indices(&inputs.plan);
+            let (mut keys, mut values) = (emu.store(pools[0].data()), emu.store(pools[1].data()));
+            let mut qd = emu.store(&q);
+            let seqs = inputs.plan.seqs.len();
+            let max_q = inputs.plan.seqs.iter().map(|s| s.q_len).max().unwrap_or(0);
+            let kernel = format!("paged_flash_attention_tc{}", c.d);
+            let cfg = attention_cfg(
+                AttentionKernel::TensorCoreFlash,
+                max_q,
+                (c.heads, c.kv_heads),
+                seqs,
+                c.d,
+            );
+            let mut out = emu.store(&vec![f32::NAN; q.len()]);
+            let buffers = PagedBuffers {
+                q: &mut qd,
+                keys: &mut keys,
+                values: &mut values,
+                meta: &mut meta,
+                tables: &mut tables,
+            };
+            emu.launch_cfg(&kernel, &cfg, paged_attention_args(&mut out, buffers, &c, seqs));
+            assert_close(
+                &format!("{kernel} {c:?} ({p})"),
+                &emu.load(&out),
+                &want,
+                emu.tol(),
+            );
+        }
+    }
+}
+
+#[test]
+fn the_tensor_core_flash_kernels_refuse_fp32() {
+    // The host launches them only in half precision; in fp32 they trap rather than read
+    // 4-byte elements as 2-byte ones.
+    let Some(emu) = emulator("the_tensor_core_flash_kernels_refuse_fp32", Precision::F32) else {
+        return;
+    };
+    let c = AttnCase::TENSOR_CORE[1];
+    let n = c.batch * c.s_q * c.heads * c.d;
+    let (mut q, mut k, mut v) = (
+        emu.store(&vec![0.5; n]),
+        emu.store(&vec![0.5; n]),
+        emu.store(&vec![0.5; n]),
+    );
+    let mut valid = vec![0u8];
+    let mut out = emu.store(&vec![0.0; n]);
+    let cfg = attention_cfg(
+        AttentionKernel::TensorCoreFlash,
+        c.s_q,
+        (c.heads, c.kv_heads),
+        c.batch,
+        c.d,
+    );
+    let (g, b) = (cfg.grid_dim, cfg.block_dim);
+    let buffers = DenseBuffers {
+        q: &mut q,
+        k: &mut k,
+        v: &mut v,
+        valid: &mut valid,
+    };
+    let rc = emu.try_launch(
+        "flash_attention_tc64",
+        (g.0 as usize, g.1 as usize, g.2 as usize),
+        b.0 as usize,
+        cfg.shared_mem_bytes as usize,
+        dense_attention_args(&mut out, buffers, &c),
+    );
+    assert_ne!(rc, 0, "the fp32 build of a tensor-core kernel must trap");
+}
+
+#[test]
+fn the_emulated_mma_follows_the_ptx_fragment_layout() {
+    // probe_mma lays A (16 x 16), B (16 x 8) and C out in fragments as common.cuh says PTX's
+    // mma.m16n8k16 takes them, runs mma_16x8x16 and writes D back through the same layout:
+    // D must be A B + C, each element in its place. A lane or register the emulator took
+    // from the wrong place would move or mix elements.
+    for p in [Precision::F16, Precision::Bf16] {
+        let Some(emu) = emulator("the_emulated_mma_follows_the_ptx_fragment_layout", p) else {
+            return;
+        };
+        let mut rng = Rng::new(204);
+        let (a, b) = (p.round(&rng.vec(16 * 16, 2.0)), p.round(&rng.vec(16 * 8, 2.0)));
+        let c: Vec<f32> = (0..16 * 8).map(|i| i as f32 * 0.25).collect();
+        let (mut ad, mut bd, mut cd) = (emu.store(&a), emu.store(&b), c.clone());
+        emu.launch(
+            "probe_mma",
+            (1, 1, 1),
+            32,
+            0,
+            Args::default().buf(&mut cd).buf(&mut ad).buf(&mut bd),
+        );
+        let want: Vec<f32> = (0..16 * 8)
+            .map(|i| {
+                let (row, col) = (i / 8, i % 8);
+                let dot: f64 = (0..16)
+                    .map(|k| f64::from(a[row * 16 + k]) * f64::from(b[k * 8 + col]))
+                    .sum();
+                (dot + f64::from(c[i])) as f32
+            })
+            .collect();
+        let tol = Tol {
+            atol: 1e-5,
+            rtol: 1e-5,
+        };
+        assert_close(&format!("probe_mma ({p})"), &cd, &want, tol);
     }
 }
 

@@ -129,8 +129,12 @@ struct Barrier {
 };
 
 // One warp's shuffle state: two exchange buffers used in turn, and its barrier.
+// The most 32-bit words each lane contributes to one warp_gather (an mma's A and B fragments).
+constexpr int GATHER_WORDS = 8;
+
 struct Warp {
     uint64_t exchange[2][32];
+    uint32_t gathered[2][32][GATHER_WORDS];
     Barrier barrier;
 };
 
@@ -383,6 +387,23 @@ template <class T> static T emu_shuffle(T v, int src, bool xor_lanes) {
     memcpy(&out, &bits, sizeof out);
     return out;
 }
+// Every lane of the calling thread's warp contributes `n` words (`mine`) and receives all 32
+// lanes' (`all[lane * n + i]`): how the emulated mma instruction (common.cuh) sees the whole
+// warp's fragments. Same double buffering as emu_shuffle, whose counter it shares.
+static inline void emu_warp_gather(const uint32_t* mine, int n, uint32_t* all) {
+    if (n < 0 || n > emu::GATHER_WORDS) {
+        emu::trap();
+    }
+    emu::Fiber* f = emu::self();
+    const unsigned lane = f->thread_idx.x % 32;
+    emu::Warp& w = f->host->warps[f->thread_idx.x / 32];
+    uint32_t(*exchange)[emu::GATHER_WORDS] = w.gathered[f->shuffles++ % 2];
+    memcpy(exchange[lane], mine, sizeof(uint32_t) * n);
+    emu::wait_at(w.barrier);
+    for (int l = 0; l < 32; ++l) {
+        memcpy(all + l * n, exchange[l], sizeof(uint32_t) * n);
+    }
+}
 template <class T> static T __shfl_sync(unsigned, T v, int src) { return emu_shuffle(v, src, false); }
 template <class T> static T __shfl_xor_sync(unsigned, T v, int mask) { return emu_shuffle(v, mask, true); }
 
@@ -433,7 +454,7 @@ int run(void (*kernel)(P...), const unsigned* grid, const unsigned* block, size_
             h.fibers[t]->shuffles = 0;
         }
         h.block_barrier = Barrier{threads, 0, 0};
-        h.warps.assign(threads / 32, Warp{{}, Barrier{32, 0, 0}});
+        h.warps.assign(threads / 32, Warp{{}, {}, Barrier{32, 0, 0}});
         // Shared memory starts as garbage on a GPU: NaN bytes here, every block.
         std::fill(h.dynamic_smem.begin(), h.dynamic_smem.end(), 0xff);
         poison_static_shared(h);

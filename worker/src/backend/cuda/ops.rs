@@ -52,6 +52,9 @@ pub(crate) const POOL_MAX_HIDDEN: usize = (48 << 10) / size_of::<f32>() - 32;
 pub(crate) enum AttentionKernel {
     /// Tiles of 16 queries x 32 keys in shared memory (prompts, encoders).
     Flash,
+    /// Tiles of 64 queries x 64 keys, products on tensor cores (prompts, encoders in half
+    /// precision at head dimensions 32, 64 and 128; [`CudaBackend::flash_kernel`]).
+    TensorCoreFlash,
     /// One block per query, warps splitting the keys (decode steps over a KV cache).
     Decode,
     /// Paged decode steps only (one query per sequence): each sequence's keys split across
@@ -263,6 +266,11 @@ pub(super) fn attention_cfg(
             block_dim: (128, 1, 1),
             shared_mem_bytes: flash_smem_bytes(d) as u32,
         },
+        AttentionKernel::TensorCoreFlash => LaunchConfig {
+            grid_dim: (queries.div_ceil(TC_FLASH_ROWS) as u32, heads as u32, seqs as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: tc_flash_smem_bytes(d) as u32,
+        },
         AttentionKernel::Decode => LaunchConfig {
             grid_dim: (heads as u32, queries as u32, seqs as u32),
             block_dim: (256, 1, 1),
@@ -282,6 +290,20 @@ pub(super) fn attention_cfg(
             }
         }
     }
+}
+
+/// Query rows (and keys) per block of the tensor-core flash kernels (`TC_BQ`, `TC_BK` in
+/// attention.cu).
+const TC_FLASH_ROWS: usize = 64;
+
+/// The head dimensions the tensor-core flash kernels are built for (`flash_attention_tc{d}`).
+pub(super) const TC_FLASH_HEAD_DIMS: [usize; 3] = [32, 64, 128];
+
+/// Dynamic shared memory of a tensor-core flash block at head dimension `d`: the key tile with
+/// rows padded by 8 elements and the value tile transposed, 2-byte elements (the query tile
+/// is staged where the key tile goes). At most 35 KiB, within the 48 KiB every kernel has.
+pub(super) const fn tc_flash_smem_bytes(d: usize) -> usize {
+    (TC_FLASH_ROWS * (d + 8) + d * (TC_FLASH_ROWS + 8)) * 2
 }
 
 /// The launch shape of `decode_merge`.
@@ -739,6 +761,14 @@ impl CudaBackend {
                 self.check_flash_smem(op, d)?;
                 attn!("flash_attention")?
             }
+            AttentionKernel::TensorCoreFlash => {
+                self.check_tensor_core_flash(op, d, &[q, k, v])?;
+                match d {
+                    32 => attn!("flash_attention_tc32")?,
+                    64 => attn!("flash_attention_tc64")?,
+                    _ => attn!("flash_attention_tc128")?,
+                }
+            }
             AttentionKernel::Decode => attn!("decode_attention")?,
             AttentionKernel::SplitDecode { .. } | AttentionKernel::GroupedDecode { .. } => {
                 return Err(shapes::err(
@@ -750,9 +780,10 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// Dense attention through the fused flash kernel whatever the size: what the trait's
-    /// `attention` takes only with the unfused path off, or for a prompt so long that one
-    /// query's scores alone pass its limit; public so that benchmarks can time both.
+    /// Dense attention through a fused flash kernel whatever the size ([`Self::flash_kernel`]
+    /// picks which): what the trait's `attention` takes only with the unfused path off, or for
+    /// a prompt so long that one query's scores alone pass its limit; public so that
+    /// benchmarks can time both.
     pub fn attention_flash(
         &self,
         q: &CudaTensor,
@@ -760,7 +791,52 @@ impl CudaBackend {
         v: &CudaTensor,
         mask: &AttentionMask<'_>,
     ) -> Result<CudaTensor> {
-        self.attention_with(q, k, v, mask, AttentionKernel::Flash)
+        let d = q.shape.last().copied().unwrap_or(0);
+        self.attention_with(q, k, v, mask, self.flash_kernel(d, &[q, k, v]))
+    }
+
+    /// The flash kernel for a prompt at head dimension `d` over `tensors` (queries, keys,
+    /// values): the tensor-core one where it fits (half precision on compute capability 8.0
+    /// or later, `d` one it is built for, 16-byte aligned tensors for its vector loads, not
+    /// turned off), else the SIMT one, which takes every precision and head dimension.
+    pub(super) fn flash_kernel(&self, d: usize, tensors: &[&CudaTensor]) -> AttentionKernel {
+        if self.tensor_core_flash_fits(d)
+            && self.tensor_core_flash_enabled.load(Ordering::Relaxed)
+            && self.aligned_16(tensors)
+        {
+            AttentionKernel::TensorCoreFlash
+        } else {
+            AttentionKernel::Flash
+        }
+    }
+
+    /// An error naming what is missing when the tensor-core flash kernel cannot run at head
+    /// dimension `d` over `tensors` (a caller that chose it without [`Self::flash_kernel`]).
+    pub(super) fn check_tensor_core_flash(
+        &self,
+        op: &'static str,
+        d: usize,
+        tensors: &[&CudaTensor],
+    ) -> Result<()> {
+        if !self.half_precision_mma {
+            return Err(shapes::err(
+                op,
+                format!(
+                    "the tensor-core flash kernel needs fp16 or bf16 on compute capability 8.0 or later ({} in {})",
+                    self.name(),
+                    self.precision
+                ),
+            ));
+        }
+        if !TC_FLASH_HEAD_DIMS.contains(&d) || !self.aligned_16(tensors) {
+            return Err(shapes::err(
+                op,
+                format!(
+                    "the tensor-core flash kernel takes head_dim 32, 64 or 128 and 16-byte aligned tensors (got d = {d})"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether a dense prompt's attention takes the unfused path: it is on (unless turned off)
@@ -1527,7 +1603,8 @@ impl Backend for CudaBackend {
         // One query row per sequence (a decode step) leaves 15 of flash's 16 rows per block idle;
         // the decode kernel spreads that row's keys over 8 warps instead. Prompts go through
         // cuBLAS (tensor cores in half precision), in pieces when their scores are large;
-        // flash only with the unfused path turned off, or past its limit for one query.
+        // a flash kernel only with the unfused path turned off, or past its limit for one
+        // query.
         let dims = shapes::attention(&q.shape, &k.shape, &v.shape, mask)?;
         if dims.s_q == 1 {
             return self.attention_with(q, k, v, mask, AttentionKernel::Decode);
@@ -1535,7 +1612,7 @@ impl Backend for CudaBackend {
         if self.unfused_fits(&dims) {
             return self.attention_unfused_dense(q, k, v, mask);
         }
-        self.attention_with(q, k, v, mask, AttentionKernel::Flash)
+        self.attention_with(q, k, v, mask, self.flash_kernel(dims.head_dim, &[q, k, v]))
     }
 
     fn attention_qkv(
@@ -1583,7 +1660,7 @@ impl Backend for CudaBackend {
         let longest = seqs.iter().map(|s| s.q_len).max().unwrap_or(0);
         let most_keys = seqs.iter().map(|s| s.k_len).max().unwrap_or(0);
         let heads = q.shape.get(1).copied().unwrap_or(0);
-        if kernel == AttentionKernel::Flash
+        if matches!(kernel, AttentionKernel::Flash | AttentionKernel::TensorCoreFlash)
             && longest >= UNFUSED_MIN_PROMPT
             && one_query_fits(heads, most_keys)
         {

@@ -253,6 +253,14 @@ impl CudaBackend {
                 self.check_flash_smem(op, d)?;
                 attn!("paged_flash_attention", &mut out.buf)?
             }
+            AttentionKernel::TensorCoreFlash => {
+                self.check_tensor_core_flash(op, d, &[q, keys, values])?;
+                match d {
+                    32 => attn!("paged_flash_attention_tc32", &mut out.buf)?,
+                    64 => attn!("paged_flash_attention_tc64", &mut out.buf)?,
+                    _ => attn!("paged_flash_attention_tc128", &mut out.buf)?,
+                }
+            }
             AttentionKernel::Decode => attn!("paged_decode_attention", &mut out.buf)?,
             AttentionKernel::GroupedDecode { .. } => {
                 if !grouped_decode_fits(d) || !self.aligned_16(&[q, keys, values]) {
@@ -420,8 +428,9 @@ impl CudaBackend {
     /// The kernel for a step: decode steps (one new token per sequence) take the grouped-heads
     /// kernel where it fits (head dimension, 16-byte aligned tensors, not turned off), else
     /// the per-head ones, split across blocks when the blocks of a step would leave most of
-    /// the GPU idle; anything with a prompt in it goes to flash (the trait method sends steps
-    /// with a long enough prompt to `paged_prompts_unfused` instead).
+    /// the GPU idle; anything with a prompt in it goes to a flash kernel, the tensor-core one
+    /// where it fits (the trait method sends steps with a long enough prompt to
+    /// `paged_prompts_unfused` instead).
     pub(super) fn paged_kernel(
         &self,
         paged: &CudaPaged,
@@ -429,14 +438,14 @@ impl CudaBackend {
         keys: &CudaTensor,
         values: &CudaTensor,
     ) -> AttentionKernel {
-        if paged.max_q_len != 1 {
-            return AttentionKernel::Flash;
-        }
         let seqs = paged.plan.seqs.len();
         let (heads, kv_heads, d) = match (q.shape.as_slice(), keys.shape.as_slice()) {
             (&[_, heads, d], &[_, kv_heads, _]) => (heads, kv_heads, d),
             _ => (1, 1, 0), // malformed: paged_attention_queries reports it
         };
+        if paged.max_q_len != 1 {
+            return self.flash_kernel(d, &[q, keys, values]);
+        }
         if self.grouped_decode_enabled.load(Ordering::Relaxed)
             && grouped_decode_fits(d)
             && kv_heads > 0

@@ -17,7 +17,7 @@ use super::kernels::{self, FILES, KernelImage, Origin, Target};
 use super::ops::{
     AttentionKernel, MAX_DECODE_SPLITS, POOL_MAX_HIDDEN, decode_splits, grouped_decode_fits, grouped_heads,
 };
-use super::paged::{ChunkKeys, chunk_keys};
+use super::paged::{ChunkKeys, UNFUSED_MIN_PROMPT, chunk_keys};
 use super::{CudaBackend, CudaTensor};
 use crate::backend::test_util::{
     AttnCase, AttnInputs, EXACT, PagedCase, PagedInputs, ProjectionInputs, Rng, Tol, assert_close,
@@ -1955,6 +1955,122 @@ fn gpu_bias_epilogue_matches_the_bias_pass() {
         }
         g.set_bias_epilogue(true);
     }
+}
+
+#[test]
+fn gpu_tensor_core_flash_matches_reference() {
+    for p in [Precision::F16, Precision::Bf16] {
+        let Some(g) = gpu_in("gpu_tensor_core_flash_matches_reference", p) else {
+            return;
+        };
+        let g = &*g;
+        if !g.tensor_core_flash_fits(64) {
+            print_skip(
+                "gpu_tensor_core_flash_matches_reference",
+                "this GPU has no mma.m16n8k16 (compute capability below 8.0)",
+            );
+            return;
+        }
+        // As the other half-precision ops: four roundings against f64 on the rounded inputs
+        // (the probabilities are rounded for their product with the values, one of them).
+        let u = unit_roundoff(p);
+        let tol = Tol {
+            atol: 4.0 * u,
+            rtol: 4.0 * u,
+        };
+        let mut rng = Rng::new(143);
+        let tc = AttentionKernel::TensorCoreFlash;
+        for c in AttnCase::TENSOR_CORE {
+            let AttnInputs { q, k, v, valid } = c.inputs(&mut rng);
+            let mask = c.mask(&valid);
+            let (qs, ks) = (c.q_shape(), c.kv_shape());
+            let inputs: Inputs<'_> = &[(&q, &qs), (&k, &ks), (&v, &ks)];
+            compare_rounded(
+                g,
+                &format!("tensor-core flash attention {c:?}"),
+                tol,
+                inputs,
+                |be, t| be.attention(&t[0], &t[1], &t[2], &mask),
+                |be, t| be.attention_with(&t[0], &t[1], &t[2], &mask, tc),
+            );
+            // attention_flash takes it where it fits, and the SIMT kernel once turned off.
+            let (_, direct) = run(g, inputs, |be, t| {
+                be.attention_with(&t[0], &t[1], &t[2], &mask, tc)
+            });
+            let (_, picked) = run(g, inputs, |be, t| be.attention_flash(&t[0], &t[1], &t[2], &mask));
+            assert_eq!(
+                picked, direct,
+                "{c:?} ({p}): attention_flash takes the tensor-core kernel"
+            );
+            let was = g.set_tensor_core_flash(false);
+            let (_, simt) = run(g, inputs, |be, t| be.attention_flash(&t[0], &t[1], &t[2], &mask));
+            let (_, flash) = run(g, inputs, |be, t| {
+                be.attention_with(&t[0], &t[1], &t[2], &mask, AttentionKernel::Flash)
+            });
+            g.set_tensor_core_flash(was);
+            assert_eq!(
+                simt, flash,
+                "{c:?} ({p}): turned off, attention_flash takes the SIMT kernel"
+            );
+        }
+        for c in PagedCase::TENSOR_CORE {
+            let mut inputs = c.inputs(&mut rng);
+            for v in [
+                &mut inputs.keys,
+                &mut inputs.values,
+                &mut inputs.new_keys,
+                &mut inputs.new_values,
+                &mut inputs.q,
+            ] {
+                *v = p.round(v);
+            }
+            let [want, ..] = paged_step(&ReferenceBackend, &inputs, &c, |b, q, k, v, pg| {
+                b.paged_attention(q, k, v, pg)
+            });
+            let [got, ..] = paged_step(g, &inputs, &c, |b, q, k, v, pg| {
+                b.paged_attention_with(q, k, v, pg, tc)
+            });
+            assert_close(
+                &format!("tensor-core paged attention {c:?} ({p})"),
+                &got,
+                &want,
+                tol,
+            );
+            // Steps whose prompts are all short keep a flash kernel: this one.
+            if c.seqs.iter().all(|&(q, _)| q < UNFUSED_MIN_PROMPT) {
+                let [picked, ..] =
+                    paged_step(g, &inputs, &c, |b, q, k, v, pg| b.paged_attention(q, k, v, pg));
+                assert_eq!(
+                    picked, got,
+                    "{c:?} ({p}): a short-prompt step takes the tensor-core kernel"
+                );
+            }
+        }
+        // Head dimensions it is not built for are shape errors, not launches.
+        let t = g.from_host(&[0.5; 2 * 80], &[1, 2, 1, 80]).unwrap();
+        assert!(
+            matches!(
+                g.attention_with(&t, &t, &t, &AttentionMask::none(), tc),
+                Err(BackendError::Shape { .. })
+            ),
+            "{p}: tensor-core flash at d = 80"
+        );
+    }
+    // In fp32 it refuses before launching.
+    let Some(g) = gpu("gpu_tensor_core_flash_matches_reference") else {
+        return;
+    };
+    let t = g.from_host(&[0.5; 2 * 64], &[1, 2, 1, 64]).unwrap();
+    let err = g
+        .attention_with(
+            &t,
+            &t,
+            &t,
+            &AttentionMask::none(),
+            AttentionKernel::TensorCoreFlash,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("fp16 or bf16"), "{err}");
 }
 
 #[test]

@@ -30,6 +30,25 @@
 //   probability broadcast by shuffle. The
 //   walk covers only the keys some row of the block can see. Rows past the sequence's queries
 //   are padded and never written; a block with no rows exits at once.
+// flash_attention_tc{32,64,128} / paged_flash_attention_tc{32,64,128} (the same, on tensor
+// cores: half precision, sm_80 and later, head dimension d = the suffix, 16-byte aligned q, k
+// and v, all checked on the host; in fp32 they only trap):
+//   Launch: grid (ceil(max s_q / 64), heads, batch), block 128 (4 warps), dynamic shared memory
+//   (64 * (d + 8) + d * (64 + 8)) storage elements. Each warp owns 16 query rows and loads their
+//   A fragments (see mma_16x8x16 in common.cuh) once from the staged query tile. For each tile
+//   of 64 keys the block stages K (rows padded by 8 elements, so that the 8 rows one fragment
+//   load reads fall in distinct banks) and V transposed (so that a B fragment of V is two
+//   adjacent elements too), with 16-byte loads; then each warp
+//   - computes its 16 x 64 scores in registers, S = Q K^T, and scales and masks them;
+//   - updates each row's running maximum (the 4 lanes holding a row reduce it with two
+//     shuffles) and rescales its fp32 output accumulators and its partial sums by
+//     exp(m_old - m_new);
+//   - packs exp(s - m_new) into the A fragments of O += P V: the accumulator layout of two
+//     adjacent 8-key column tiles is the A layout of their 16 keys, so P never leaves
+//     registers. Probabilities are rounded to the storage type for that product, as the
+//     unfused path rounds them; the running sums add them unrounded.
+//   At the end the 4 lanes of a row add their partial sums. Rows past the sequence's queries
+//   are computed on zero queries and never written; a block with no rows exits at once.
 // decode_attention / paged_decode_attention (one or few queries over a KV cache):
 //   Launch: grid (heads, max s_q, batch), block 256 (8 warps), dynamic shared memory
 //   (d + 8 * (d + 2)) floats. Warp w takes visible keys w, w + 8, ...; for each key the warp
@@ -320,6 +339,202 @@ __device__ void decode_body(const L& lay, elem_t* out, const elem_t* q, const el
         o[c] = store(m_all == -INFINITY ? 0.0f : o_all / l_all); // no visible key: zeros
     }
 }
+
+#define TC_BQ 64
+#define TC_BK 64
+#define TC_PAD 8
+
+// One 32-bit word (two adjacent storage elements) of a staged tile.
+__device__ __forceinline__ unsigned int tile_word(const unsigned short* tile, int index) {
+    return *reinterpret_cast<const unsigned int*>(tile + index);
+}
+
+template <int D, class L>
+__device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const elem_t* k, const elem_t* v, int heads,
+                              int kv_heads, int d, float scale) {
+#if defined(ATOMIC_HAS_MMA)
+    KERNEL_CHECK(d == D && blockDim.x == 128);
+    KERNEL_CHECK(kv_heads > 0 && heads % kv_heads == 0);
+    const int s_q = lay.q_len(), q0 = blockIdx.x * TC_BQ;
+    if (q0 >= s_q) {
+        return; // uniform for the block: a shorter sequence of a packed batch
+    }
+    constexpr int LDK = D + TC_PAD, LDV = TC_BK + TC_PAD, CHUNKS = D / 8;
+    extern __shared__ float smem[];
+    unsigned short* qs = reinterpret_cast<unsigned short*>(smem); // [TC_BQ][LDK], until the fragments are read
+    unsigned short* ks = qs;                                      // [TC_BK][LDK], over the query tile
+    unsigned short* vt = ks + TC_BK * LDK;                        // [D][LDV]: V transposed
+
+    const int h = blockIdx.y;
+    const int kvh = h / (heads / kv_heads);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int row = warp * 16 + g; // this lane's rows of the block: row and row + 8
+
+    for (int idx = threadIdx.x; idx < TC_BQ * CHUNKS; idx += blockDim.x) {
+        const int r = idx / CHUNKS, c = idx % CHUNKS, i = q0 + r;
+        vec16 chunk = {{0u, 0u, 0u, 0u}};
+        if (i < s_q) {
+            chunk = *reinterpret_cast<const vec16*>(q + (lay.q_token(i) * heads + h) * D + c * 8);
+        }
+        *reinterpret_cast<vec16*>(qs + r * LDK + c * 8) = chunk;
+    }
+    __syncthreads();
+    unsigned int qa[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        qa[kk][0] = tile_word(qs, row * LDK + kk * 16 + 2 * t);
+        qa[kk][1] = tile_word(qs, (row + 8) * LDK + kk * 16 + 2 * t);
+        qa[kk][2] = tile_word(qs, row * LDK + kk * 16 + 8 + 2 * t);
+        qa[kk][3] = tile_word(qs, (row + 8) * LDK + kk * 16 + 8 + 2 * t);
+    }
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            o[n][e] = 0.0f;
+        }
+    }
+    // Rows row and row + 8: running maximum, and this lane's part of the running sum.
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+    // Only keys some row of the block can see are walked (visibility ranges grow with i).
+    const int last = min(q0 + TC_BQ, s_q) - 1;
+    const int kv_begin = lay.key_begin(q0), kv_end = lay.key_end(last);
+
+    for (int k0 = kv_begin; k0 < kv_end; k0 += TC_BK) {
+        __syncthreads(); // the previous tile (first time round, the query tile) is fully read
+        for (int idx = threadIdx.x; idx < TC_BK * CHUNKS; idx += blockDim.x) {
+            const int r = idx / CHUNKS, c = idx % CHUNKS, j = k0 + r;
+            vec16 kc = {{0u, 0u, 0u, 0u}}, vc = {{0u, 0u, 0u, 0u}};
+            if (j < kv_end) {
+                const size_t src = (lay.k_token(j) * kv_heads + kvh) * D + c * 8;
+                kc = *reinterpret_cast<const vec16*>(k + src);
+                vc = *reinterpret_cast<const vec16*>(v + src);
+            }
+            *reinterpret_cast<vec16*>(ks + r * LDK + c * 8) = kc;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                vt[(c * 8 + e) * LDV + r] = (unsigned short)(vc.w[e / 2] >> (16 * (e % 2)));
+            }
+        }
+        __syncthreads();
+
+        float s[TC_BK / 8][4];
+#pragma unroll
+        for (int n = 0; n < TC_BK / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[n][e] = 0.0f;
+            }
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const unsigned int b[2] = {tile_word(ks, (n * 8 + g) * LDK + kk * 16 + 2 * t),
+                                           tile_word(ks, (n * 8 + g) * LDK + kk * 16 + 8 + 2 * t)};
+                mma_16x8x16(s[n], qa[kk], b);
+            }
+        }
+
+        float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < TC_BK / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = q0 + row + 8 * (e / 2), j = k0 + n * 8 + 2 * t + e % 2;
+                s[n][e] = j < kv_end && key_visible(lay, i, j) ? s[n][e] * scale : -INFINITY;
+                tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
+            }
+        }
+        float alpha[2], shift[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(FULL_MASK, tile_max[r], 1));
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(FULL_MASK, tile_max[r], 2));
+            const float m_new = fmaxf(m[r], tile_max[r]);
+            // A row with no visible key yet keeps zeros: nothing to rescale, and every
+            // exp(-inf - 0) below is 0.
+            alpha[r] = m_new == -INFINITY ? 1.0f : expf(m[r] - m_new); // 0 while m[r] is -inf
+            shift[r] = m_new == -INFINITY ? 0.0f : m_new;
+            m[r] = m_new;
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int n = 0; n < TC_BK / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[n][e] = expf(s[n][e] - shift[e / 2]);
+                l[e / 2] += s[n][e];
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                o[n][e] *= alpha[e / 2];
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < TC_BK / 16; ++kk) {
+            const unsigned int pa[4] = {pack2(s[2 * kk][0], s[2 * kk][1]), pack2(s[2 * kk][2], s[2 * kk][3]),
+                                        pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                        pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                const unsigned int b[2] = {tile_word(vt, (n * 8 + g) * LDV + kk * 16 + 2 * t),
+                                           tile_word(vt, (n * 8 + g) * LDV + kk * 16 + 8 + 2 * t)};
+                mma_16x8x16(o[n], pa, b);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const int i = q0 + row + 8 * (e / 2);
+        if (i < s_q) {
+            const float inv = l[e / 2] > 0.0f ? 1.0f / l[e / 2] : 0.0f; // no visible key: zeros
+            elem_t* dst = out + (lay.q_token(i) * heads + h) * D + 2 * t + e % 2;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                dst[n * 8] = store(o[n][e] * inv);
+            }
+        }
+    }
+#else
+    const bool half_precision = false; // the host launches these only in fp16 and bf16
+    KERNEL_CHECK(half_precision);
+#endif
+}
+
+// The kernels' parameters (those of flash_attention and paged_flash_attention) and the body
+// each runs at its head dimension, spelled out once; the kernels themselves are written out by
+// name, which is how the emulated NVRTC finds them.
+#define TC_DENSE_PARAMS                                                                                        \
+    elem_t *out, const elem_t *q, const elem_t *k, const elem_t *v, const unsigned char *key_valid,            \
+        int has_valid, int causal_offset, int batch, int s_q, int s_k, int heads, int kv_heads, int d, float scale
+#define TC_DENSE_BODY(D)                                                                                       \
+    const DenseLayout lay{key_valid, has_valid, causal_offset, s_q, s_k, (int)blockIdx.z};                      \
+    tc_flash_body<D>(lay, out, q, k, v, heads, kv_heads, d, scale)
+#define TC_PAGED_PARAMS                                                                                        \
+    elem_t *out, const elem_t *q, const elem_t *k_pool, const elem_t *v_pool, const int *meta,                 \
+        const unsigned int *tables, int seqs, int block_size, int window, int heads, int kv_heads, int d,      \
+        float scale
+#define TC_PAGED_BODY(D)                                                                                       \
+    KERNEL_CHECK((int)blockIdx.z < seqs && block_size > 0);                                                     \
+    const PagedLayout lay(meta, tables, block_size, window, blockIdx.z);                                        \
+    tc_flash_body<D>(lay, out, q, k_pool, v_pool, heads, kv_heads, d, scale)
+
+extern "C" __global__ void flash_attention_tc32(TC_DENSE_PARAMS) { TC_DENSE_BODY(32); }
+extern "C" __global__ void flash_attention_tc64(TC_DENSE_PARAMS) { TC_DENSE_BODY(64); }
+extern "C" __global__ void flash_attention_tc128(TC_DENSE_PARAMS) { TC_DENSE_BODY(128); }
+extern "C" __global__ void paged_flash_attention_tc32(TC_PAGED_PARAMS) { TC_PAGED_BODY(32); }
+extern "C" __global__ void paged_flash_attention_tc64(TC_PAGED_PARAMS) { TC_PAGED_BODY(64); }
+extern "C" __global__ void paged_flash_attention_tc128(TC_PAGED_PARAMS) { TC_PAGED_BODY(128); }
 
 extern "C" __global__ void flash_attention(elem_t* out, const elem_t* q, const elem_t* k, const elem_t* v,
                                                const unsigned char* key_valid, int has_valid, int causal_offset,

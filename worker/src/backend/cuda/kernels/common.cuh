@@ -97,6 +97,63 @@ __device__ __forceinline__ void load_chunk(float* dst, const elem_t* src) {
 #endif
 }
 
+// Tensor cores (half precision on sm_80 and later): mma_16x8x16 is the warp-wide
+// D = A B + C of PTX's mma.sync.aligned.m16n8k16 with A 16 x 16 (row-major), B 16 x 8
+// (column-major), both in the storage type, and C, D in fp32. Each lane holds the fragments
+// the PTX ISA lays out for that shape; with g = lane / 4 and t = lane % 4:
+//   a[0] = A[g][2t, 2t+1]   a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   b[0] = B[2t, 2t+1][g]   b[1] = B[2t+8, 2t+9][g]
+//   c[0], c[1] = C[g][2t, 2t+1]   c[2], c[3] = C[g+8][2t, 2t+1]
+// where a 32-bit register holds two elements, the lower-numbered in its low half (pack2).
+// Every lane of the warp must call it. The emulator computes the same product in fp32 from
+// the whole warp's fragments, gathered as that layout places them.
+#if defined(ATOMIC_F16) || defined(ATOMIC_BF16)
+#define ATOMIC_HAS_MMA 1
+
+__device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+    return (unsigned int)store(lo).bits | ((unsigned int)store(hi).bits << 16);
+}
+
+__device__ __forceinline__ float half_of(unsigned int word, int high) {
+    return load(elem_t{(unsigned short)(high ? word >> 16 : word & 0xffffu)});
+}
+
+__device__ __forceinline__ void mma_16x8x16(float* c, const unsigned int* a, const unsigned int* b) {
+#if defined(ATOMIC_EMULATE)
+    const unsigned int mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    unsigned int all[32 * 6];
+    emu_warp_gather(mine, 6, all);
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    for (int e = 0; e < 4; ++e) {
+        const int row = g + 8 * (e / 2), col = 2 * t + (e % 2);
+        float sum = 0.0f;
+        for (int kk = 0; kk < 16; ++kk) {
+            // A[row][kk] sits in lane (row % 8) * 4 + (kk % 8) / 2, register (row >= 8) + 2 (kk >= 8);
+            // B[kk][col] in lane col * 4 + (kk % 8) / 2, register (kk >= 8).
+            const int a_lane = (row % 8) * 4 + (kk % 8) / 2, a_reg = (row >= 8) + 2 * (kk >= 8);
+            const int b_lane = col * 4 + (kk % 8) / 2, b_reg = 4 + (kk >= 8);
+            sum += half_of(all[a_lane * 6 + a_reg], kk % 2) * half_of(all[b_lane * 6 + b_reg], kk % 2);
+        }
+        c[e] += sum;
+    }
+#elif __CUDA_ARCH__ >= 800
+#if defined(ATOMIC_BF16)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+#else
+    __trap(); // older GPUs: the host never launches the tensor-core kernels there
+#endif
+}
+#endif
+
 // NVRTC compiles without the C library headers that define these.
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
