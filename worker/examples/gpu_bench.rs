@@ -64,6 +64,8 @@ struct Workload {
     enc_seq: usize,
     /// Decode batch sizes.
     decode_batches: &'static [usize],
+    /// The prompt whose attention the decode section times through both prompt paths.
+    prefill_prompt: usize,
     /// Bytes copied to measure device bandwidth.
     copy_bytes: usize,
     /// The side of the square matrix product, and how long it is timed.
@@ -74,12 +76,13 @@ struct Workload {
 }
 
 /// The workload, matched by PyTorch's side: 32 sequences of 128 tokens; decode at
-/// batch 1 and 32; a 1 GiB copy (far larger than any cache, so it runs at the memory's speed);
+/// batch 1 and 32 (and a 512-token prompt's attention); a 1 GiB copy (far larger than any cache, so it runs at the memory's speed);
 /// an 8192-square product (what cuBLAS reaches at its best).
 const FULL: Workload = Workload {
     enc_batch: 32,
     enc_seq: 128,
     decode_batches: &[1, 32],
+    prefill_prompt: 512,
     copy_bytes: 1 << 30,
     matmul_n: 8192,
     matmul_budget: Duration::from_secs(1),
@@ -94,6 +97,7 @@ const SMOKE: Workload = Workload {
     enc_batch: 2,
     enc_seq: 16,
     decode_batches: &[1, 2],
+    prefill_prompt: 20,
     copy_bytes: 1 << 20,
     matmul_n: 64,
     matmul_budget: Duration::from_millis(1),
@@ -1140,6 +1144,55 @@ fn decode_ops(b: &CudaBackend, c: &LlamaConfig, batch: usize, context: usize) ->
     b.set_grouped_decode(true);
     op.emit("attention_decode_per_head", shape, per_head?, 0, flops, bytes);
     drop((qd, pool, values, paged, qkv));
+
+    // A prompt's attention (0 calls: prefill, not part of a step) as the step runs it (cuBLAS
+    // for prompts of 16 tokens or more), then through the flash kernel the backend picks for
+    // short prompts (on tensor cores in half precision at head dimensions 32, 64 and 128):
+    // which one long prompts should take.
+    let prompt = workload().prefill_prompt;
+    let prompt_blocks = prompt.div_ceil(BLOCK_SIZE);
+    let pool = upload(b, &[prompt_blocks * BLOCK_SIZE, kvh, d])?;
+    let values = upload(b, &[prompt_blocks * BLOCK_SIZE, kvh, d])?;
+    let plan = PagedPlan {
+        block_size: BLOCK_SIZE,
+        window: None,
+        seqs: vec![PagedSeq {
+            q_len: prompt,
+            k_len: prompt,
+            blocks: (0..prompt_blocks as u32).collect(),
+        }],
+    };
+    let paged = b.prepare_paged(&plan)?;
+    let qp = upload(b, &[prompt, heads, d])?;
+    let shape = format!("q [{prompt},{heads},{d}] causal over {prompt} keys x {kvh} heads");
+    // Causal: half the score matrix.
+    let (flops, bytes) = (
+        2.0 * (heads * prompt * prompt * d) as f64,
+        act(2 * prompt * kv + 2 * prompt * q),
+    );
+    let us = time_op(b, workload().op_budget, || {
+        drop(b.paged_attention(&qp, &pool, &values, &paged)?);
+        Ok(())
+    })?;
+    op.emit("attention_prefill", shape.clone(), us, 0, flops, bytes);
+    let us = time_op(b, workload().op_budget, || {
+        drop(b.paged_attention_flash(&qp, &pool, &values, &paged)?);
+        Ok(())
+    })?;
+    let kernel = if b.tensor_core_flash_fits(d) {
+        "tensor cores"
+    } else {
+        "SIMT"
+    };
+    op.emit(
+        "attention_prefill_flash",
+        format!("{shape} ({kernel})"),
+        us,
+        0,
+        flops,
+        bytes,
+    );
+    drop((qp, pool, values, paged));
 
     // The residual stream is taken by value (updated in place), so each call gets a fresh
     // copy, made outside the timed call.

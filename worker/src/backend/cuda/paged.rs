@@ -159,6 +159,21 @@ impl CudaBackend {
         Ok(q)
     }
 
+    /// Paged attention through a flash kernel whatever the prompts' lengths (the tensor-core
+    /// one where it fits, [`CudaBackend::flash_kernel`]): what the trait's `paged_attention`
+    /// takes for steps whose prompts are all shorter than [`UNFUSED_MIN_PROMPT`]; public so
+    /// that benchmarks can time it against the cuBLAS prompt path.
+    pub fn paged_attention_flash(
+        &self,
+        q: &CudaTensor,
+        keys: &CudaTensor,
+        values: &CudaTensor,
+        paged: &CudaPaged,
+    ) -> Result<CudaTensor> {
+        let d = q.shape.last().copied().unwrap_or(0);
+        self.paged_attention_with(q, keys, values, paged, self.flash_kernel(d, &[q, keys, values]))
+    }
+
     /// Attention over the pools through the chosen kernel (the trait method picks one).
     pub(crate) fn paged_attention_with(
         &self,

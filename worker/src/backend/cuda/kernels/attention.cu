@@ -511,30 +511,58 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
 #endif
 }
 
-// The kernels' parameters (those of flash_attention and paged_flash_attention) and the body
-// each runs at its head dimension, spelled out once; the kernels themselves are written out by
-// name, which is how the emulated NVRTC finds them.
-#define TC_DENSE_PARAMS                                                                                        \
-    elem_t *out, const elem_t *q, const elem_t *k, const elem_t *v, const unsigned char *key_valid,            \
-        int has_valid, int causal_offset, int batch, int s_q, int s_k, int heads, int kv_heads, int d, float scale
-#define TC_DENSE_BODY(D)                                                                                       \
-    const DenseLayout lay{key_valid, has_valid, causal_offset, s_q, s_k, (int)blockIdx.z};                      \
-    tc_flash_body<D>(lay, out, q, k, v, heads, kv_heads, d, scale)
-#define TC_PAGED_PARAMS                                                                                        \
-    elem_t *out, const elem_t *q, const elem_t *k_pool, const elem_t *v_pool, const int *meta,                 \
-        const unsigned int *tables, int seqs, int block_size, int window, int heads, int kv_heads, int d,      \
-        float scale
-#define TC_PAGED_BODY(D)                                                                                       \
-    KERNEL_CHECK((int)blockIdx.z < seqs && block_size > 0);                                                     \
-    const PagedLayout lay(meta, tables, block_size, window, blockIdx.z);                                        \
-    tc_flash_body<D>(lay, out, q, k_pool, v_pool, heads, kv_heads, d, scale)
+// The kernels at each head dimension, with flash_attention's and paged_flash_attention's
+// parameters.
+extern "C" __global__ void flash_attention_tc32(elem_t* out, const elem_t* q, const elem_t* k, const elem_t* v,
+                                              const unsigned char* key_valid, int has_valid, int causal_offset,
+                                              int batch, int s_q, int s_k, int heads, int kv_heads, int d,
+                                              float scale) {
+    const DenseLayout lay{key_valid, has_valid, causal_offset, s_q, s_k, (int)blockIdx.z};
+    tc_flash_body<32>(lay, out, q, k, v, heads, kv_heads, d, scale);
+}
 
-extern "C" __global__ void flash_attention_tc32(TC_DENSE_PARAMS) { TC_DENSE_BODY(32); }
-extern "C" __global__ void flash_attention_tc64(TC_DENSE_PARAMS) { TC_DENSE_BODY(64); }
-extern "C" __global__ void flash_attention_tc128(TC_DENSE_PARAMS) { TC_DENSE_BODY(128); }
-extern "C" __global__ void paged_flash_attention_tc32(TC_PAGED_PARAMS) { TC_PAGED_BODY(32); }
-extern "C" __global__ void paged_flash_attention_tc64(TC_PAGED_PARAMS) { TC_PAGED_BODY(64); }
-extern "C" __global__ void paged_flash_attention_tc128(TC_PAGED_PARAMS) { TC_PAGED_BODY(128); }
+extern "C" __global__ void flash_attention_tc64(elem_t* out, const elem_t* q, const elem_t* k, const elem_t* v,
+                                              const unsigned char* key_valid, int has_valid, int causal_offset,
+                                              int batch, int s_q, int s_k, int heads, int kv_heads, int d,
+                                              float scale) {
+    const DenseLayout lay{key_valid, has_valid, causal_offset, s_q, s_k, (int)blockIdx.z};
+    tc_flash_body<64>(lay, out, q, k, v, heads, kv_heads, d, scale);
+}
+
+extern "C" __global__ void flash_attention_tc128(elem_t* out, const elem_t* q, const elem_t* k, const elem_t* v,
+                                              const unsigned char* key_valid, int has_valid, int causal_offset,
+                                              int batch, int s_q, int s_k, int heads, int kv_heads, int d,
+                                              float scale) {
+    const DenseLayout lay{key_valid, has_valid, causal_offset, s_q, s_k, (int)blockIdx.z};
+    tc_flash_body<128>(lay, out, q, k, v, heads, kv_heads, d, scale);
+}
+
+extern "C" __global__ void paged_flash_attention_tc32(elem_t* out, const elem_t* q, const elem_t* k_pool,
+                                                    const elem_t* v_pool, const int* meta,
+                                                    const unsigned int* tables, int seqs, int block_size,
+                                                    int window, int heads, int kv_heads, int d, float scale) {
+    KERNEL_CHECK((int)blockIdx.z < seqs && block_size > 0);
+    const PagedLayout lay(meta, tables, block_size, window, blockIdx.z);
+    tc_flash_body<32>(lay, out, q, k_pool, v_pool, heads, kv_heads, d, scale);
+}
+
+extern "C" __global__ void paged_flash_attention_tc64(elem_t* out, const elem_t* q, const elem_t* k_pool,
+                                                    const elem_t* v_pool, const int* meta,
+                                                    const unsigned int* tables, int seqs, int block_size,
+                                                    int window, int heads, int kv_heads, int d, float scale) {
+    KERNEL_CHECK((int)blockIdx.z < seqs && block_size > 0);
+    const PagedLayout lay(meta, tables, block_size, window, blockIdx.z);
+    tc_flash_body<64>(lay, out, q, k_pool, v_pool, heads, kv_heads, d, scale);
+}
+
+extern "C" __global__ void paged_flash_attention_tc128(elem_t* out, const elem_t* q, const elem_t* k_pool,
+                                                    const elem_t* v_pool, const int* meta,
+                                                    const unsigned int* tables, int seqs, int block_size,
+                                                    int window, int heads, int kv_heads, int d, float scale) {
+    KERNEL_CHECK((int)blockIdx.z < seqs && block_size > 0);
+    const PagedLayout lay(meta, tables, block_size, window, blockIdx.z);
+    tc_flash_body<128>(lay, out, q, k_pool, v_pool, heads, kv_heads, d, scale);
+}
 
 extern "C" __global__ void flash_attention(elem_t* out, const elem_t* q, const elem_t* k, const elem_t* v,
                                                const unsigned char* key_valid, int has_valid, int causal_offset,
