@@ -128,7 +128,10 @@ def kernel_fault(binary, fixture, path, request):
     name = f"a kernel fault while {fixture} serves"
     with tempfile.TemporaryDirectory() as tmp:
         fault = os.path.join(tmp, "fault")
-        worker = Worker(binary, fixture, ["--device", "cuda:0"], {"ATOMIC_EMULATED_GPU_FAULT_FILE": fault}, tmp)
+        # A small largest batch: the start-up pass over it is not what this checks, and at the
+        # default 16384 tokens it takes the emulator about as long as wait_ready waits.
+        worker = Worker(binary, fixture, ["--device", "cuda:0", "--max-batch-tokens", "1024"],
+                        {"ATOMIC_EMULATED_GPU_FAULT_FILE": fault}, tmp)
         worker.wait_ready()
         try:
             before = call(path, request)[0]

@@ -149,15 +149,36 @@ impl AttnCase {
     /// The cases of the tensor-core flash kernels (head dimensions 32, 64 and 128; tiles of 64
     /// queries and 64 keys): a padded encoder batch whose first row is fully masked, GQA,
     /// prompts over several query blocks and key tiles with ragged tails, causal prompts and
-    /// queries after a cache.
+    /// queries after a cache, and a causal prompt whose first rows see nothing of the second
+    /// key tile that later rows of their block see (a fully masked tile after a finite maximum).
     #[cfg(feature = "cuda")]
-    pub(crate) const TENSOR_CORE: [AttnCase; 5] = [
+    pub(crate) const TENSOR_CORE: [AttnCase; 6] = [
         Self::new(5, 17, 17, 12, 4, 32, true, None),
         Self::new(1, 130, 130, 4, 4, 64, false, None),
         Self::new(2, 70, 70, 3, 1, 64, false, Some(0)),
         Self::new(3, 2, 33, 4, 2, 128, true, Some(31)),
         Self::new(2, 5, 100, 2, 2, 128, false, Some(95)),
+        Self::new(1, 100, 110, 2, 2, 64, false, Some(10)),
     ];
+
+    /// For the tensor-core flash kernels: a padded batch whose second row's first 70 keys are
+    /// all padding ([`AttnCase::leading_padding_inputs`]), so that its rows see no key in the
+    /// first 64-key tile and start their sums afresh in the second (the rescale of a `-inf`
+    /// maximum is 0).
+    #[cfg(feature = "cuda")]
+    pub(crate) const TENSOR_CORE_LEFT_PADDED: (AttnCase, usize) =
+        (Self::new(2, 80, 130, 2, 2, 64, true, None), 70);
+
+    /// Seeded inputs as [`AttnCase::inputs`], with the first `padded` keys of batch row 1 made
+    /// padding and the rest valid.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn leading_padding_inputs(&self, rng: &mut Rng, padded: usize) -> AttnInputs {
+        let mut inputs = self.inputs(rng);
+        for (j, valid) in inputs.valid[self.s_k..2 * self.s_k].iter_mut().enumerate() {
+            *valid = j >= padded;
+        }
+        inputs
+    }
 
     /// Seeded q, k, v and padding mask for this case.
     pub(crate) fn inputs(&self, rng: &mut Rng) -> AttnInputs {
@@ -216,6 +237,23 @@ pub(crate) struct PagedInputs {
     pub q: Vec<f32>,
 }
 
+#[cfg(feature = "cuda")]
+impl PagedInputs {
+    /// Every input rounded to `p`, as a backend in that precision stores it: the pools, the
+    /// step's new rows and the queries.
+    pub(crate) fn round_to(&mut self, p: super::Precision) {
+        for v in [
+            &mut self.keys,
+            &mut self.values,
+            &mut self.new_keys,
+            &mut self.new_values,
+            &mut self.q,
+        ] {
+            *v = p.round(v);
+        }
+    }
+}
+
 impl PagedCase {
     pub(crate) const fn new(
         seqs: &'static [(usize, usize)],
@@ -249,14 +287,17 @@ impl PagedCase {
     ];
 
     /// Steps with prompts for the tensor-core flash kernels: decode beside prompts, a sliding
-    /// window, a prompt over two query blocks with one key head, and an odd block size with a
-    /// prompt after a cache over two key tiles.
+    /// window, a prompt over two query blocks with one key head, an odd block size with a
+    /// prompt after a cache over two key tiles, and a window of 20 over a long prompt after a
+    /// cache, where a block's first warp sees none of the second key tile its last warp sees
+    /// and the last sees none of the first tile's first 48 keys.
     #[cfg(feature = "cuda")]
-    pub(crate) const TENSOR_CORE: [PagedCase; 4] = [
+    pub(crate) const TENSOR_CORE: [PagedCase; 5] = [
         Self::new(&[(1, 20), (13, 13), (5, 40)], (4, 4, 32), 16, None),
         Self::new(&[(1, 40), (9, 30), (3, 3)], (4, 2, 32), 16, Some(8)),
         Self::new(&[(70, 70), (1, 9)], (4, 1, 128), 16, None),
         Self::new(&[(3, 19), (20, 85)], (4, 2, 64), 5, None),
+        Self::new(&[(100, 130)], (2, 1, 64), 16, Some(20)),
     ];
 
     /// Decode steps only (one query per sequence), for the kernels that split each sequence's

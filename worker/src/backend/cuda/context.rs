@@ -108,8 +108,9 @@ pub struct CudaBackend {
     /// Decode steps take the grouped-heads decode kernel where it fits (`paged.rs`); on unless
     /// turned off.
     pub(super) grouped_decode_enabled: AtomicBool,
-    /// The GPU has the tensor-core instructions the `_tc` flash kernels use (compute
-    /// capability 8.0 or later) and tensors are stored in half precision, which they multiply.
+    /// The kernels were built for an architecture with the tensor-core instructions the `_tc`
+    /// flash kernels use (8.0 or later: the build, not the GPU, decides whether they were
+    /// compiled in or trap) and tensors are stored in half precision, which they multiply.
     pub(super) half_precision_mma: bool,
     /// Prompts that take a flash kernel take its tensor-core form where it fits
     /// ([`CudaBackend::flash_kernel`]); on unless turned off.
@@ -412,7 +413,7 @@ impl CudaBackend {
             flash_smem_bytes: 0,
             gemv_enabled: AtomicBool::new(true),
             grouped_decode_enabled: AtomicBool::new(true),
-            half_precision_mma: major >= 8 && precision != Precision::F32,
+            half_precision_mma: target.arch_number() >= 80 && precision != Precision::F32,
             tensor_core_flash_enabled: AtomicBool::new(true),
             unfused_attention_enabled: AtomicBool::new(true),
             unfused_score_limit: AtomicUsize::new(UNFUSED_MAX_SCORE_BYTES),

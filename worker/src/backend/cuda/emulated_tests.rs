@@ -405,15 +405,7 @@ fn emulated_paged_attention_matches_reference_for_both_kernels() {
             .take(cases_for(p, PagedCase::COMMON.len()))
         {
             let mut inputs = c.inputs(&mut rng);
-            for v in [
-                &mut inputs.keys,
-                &mut inputs.values,
-                &mut inputs.new_keys,
-                &mut inputs.new_values,
-                &mut inputs.q,
-            ] {
-                *v = p.round(v);
-            }
+            inputs.round_to(p);
             // The reference: write, then attend, in f64.
             let r = ReferenceBackend;
             let paged = r.prepare_paged(&inputs.plan).unwrap();
@@ -485,7 +477,12 @@ fn emulated_paged_attention_matches_reference_for_both_kernels() {
 
 /// A dense attention case's inputs rounded to precision `p`, and the f64 reference's output.
 fn dense_case(c: &AttnCase, p: Precision, rng: &mut Rng) -> (AttnInputs, Vec<f32>) {
-    let AttnInputs { q, k, v, valid } = c.inputs(rng);
+    dense_case_of(c, p, c.inputs(rng))
+}
+
+/// [`dense_case`] of given inputs.
+fn dense_case_of(c: &AttnCase, p: Precision, inputs: AttnInputs) -> (AttnInputs, Vec<f32>) {
+    let AttnInputs { q, k, v, valid } = inputs;
     let (q, k, v) = (p.round(&q), p.round(&k), p.round(&v));
     let (qs, ks) = (c.q_shape(), c.kv_shape());
     let want = host(ReferenceBackend.attention(
@@ -1534,8 +1531,18 @@ fn emulated_tensor_core_flash_matches_reference() {
             return;
         };
         let mut rng = Rng::new(203);
-        for c in AttnCase::TENSOR_CORE {
-            let (AttnInputs { q, k, v, valid }, want) = dense_case(&c, p, &mut rng);
+        let mut cases: Vec<(AttnCase, AttnInputs, Vec<f32>)> = AttnCase::TENSOR_CORE
+            .iter()
+            .map(|c| {
+                let (inputs, want) = dense_case(c, p, &mut rng);
+                (*c, inputs, want)
+            })
+            .collect();
+        let (left_padded, padded) = AttnCase::TENSOR_CORE_LEFT_PADDED;
+        let inputs = left_padded.leading_padding_inputs(&mut rng, padded);
+        let (inputs, want) = dense_case_of(&left_padded, p, inputs);
+        cases.push((left_padded, inputs, want));
+        for (c, AttnInputs { q, k, v, valid }, want) in cases {
             let (mut qd, mut kd, mut vd) = (emu.store(&q), emu.store(&k), emu.store(&v));
             let mut valid_u8: Vec<u8> = valid.iter().map(|&b| u8::from(b)).collect();
             valid_u8.push(0);

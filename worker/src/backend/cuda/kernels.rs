@@ -146,6 +146,13 @@ impl Target {
         }
     }
 
+    /// The architecture as compute capability × 10, whichever form is built for it.
+    pub(crate) fn arch_number(self) -> u32 {
+        match self {
+            Target::Cubin(a) | Target::Ptx(a) => a,
+        }
+    }
+
     /// NVRTC's `--gpu-architecture` value: `sm_90` or `compute_90`.
     pub(crate) fn arch(self) -> String {
         match self {

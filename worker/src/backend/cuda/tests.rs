@@ -239,6 +239,10 @@ fn the_target_is_machine_code_when_nvrtc_knows_the_gpu_and_ptx_otherwise() {
     assert!(err.contains("7.0") && err.contains("7.5, 8.0"), "{err}");
     assert_eq!(Target::Cubin(90).arch(), "sm_90");
     assert_eq!(Target::Ptx(80).arch(), "compute_80");
+    // Both forms name the architecture the kernels were built for (the tensor-core kernels
+    // are compiled in from 80 on).
+    assert_eq!(Target::Cubin(90).arch_number(), 90);
+    assert_eq!(Target::Ptx(75).arch_number(), 75);
 }
 
 #[test]
@@ -1980,8 +1984,13 @@ fn gpu_tensor_core_flash_matches_reference() {
         };
         let mut rng = Rng::new(143);
         let tc = AttentionKernel::TensorCoreFlash;
-        for c in AttnCase::TENSOR_CORE {
-            let AttnInputs { q, k, v, valid } = c.inputs(&mut rng);
+        let mut cases: Vec<(AttnCase, AttnInputs)> = AttnCase::TENSOR_CORE
+            .iter()
+            .map(|c| (*c, c.inputs(&mut rng)))
+            .collect();
+        let (left_padded, padded) = AttnCase::TENSOR_CORE_LEFT_PADDED;
+        cases.push((left_padded, left_padded.leading_padding_inputs(&mut rng, padded)));
+        for (c, AttnInputs { q, k, v, valid }) in cases {
             let mask = c.mask(&valid);
             let (qs, ks) = (c.q_shape(), c.kv_shape());
             let inputs: Inputs<'_> = &[(&q, &qs), (&k, &ks), (&v, &ks)];
@@ -2015,15 +2024,7 @@ fn gpu_tensor_core_flash_matches_reference() {
         }
         for c in PagedCase::TENSOR_CORE {
             let mut inputs = c.inputs(&mut rng);
-            for v in [
-                &mut inputs.keys,
-                &mut inputs.values,
-                &mut inputs.new_keys,
-                &mut inputs.new_values,
-                &mut inputs.q,
-            ] {
-                *v = p.round(v);
-            }
+            inputs.round_to(p);
             let [want, ..] = paged_step(&ReferenceBackend, &inputs, &c, |b, q, k, v, pg| {
                 b.paged_attention(q, k, v, pg)
             });
@@ -2335,15 +2336,7 @@ fn gpu_half_precision_ops_match_reference() {
 
         for c in PagedCase::COMMON {
             let mut inputs = c.inputs(&mut rng);
-            for v in [
-                &mut inputs.keys,
-                &mut inputs.values,
-                &mut inputs.new_keys,
-                &mut inputs.new_values,
-                &mut inputs.q,
-            ] {
-                *v = p.round(v);
-            }
+            inputs.round_to(p);
             let [want, want_keys, want_values] =
                 paged_step(&ReferenceBackend, &inputs, &c, |b, q, k, v, pg| {
                     b.paged_attention(q, k, v, pg)

@@ -39,16 +39,20 @@
 //   of 64 keys the block stages K (rows padded by 8 elements, so that the 8 rows one fragment
 //   load reads fall in distinct banks) and V transposed (so that a B fragment of V is two
 //   adjacent elements too), with 16-byte loads; then each warp
-//   - computes its 16 x 64 scores in registers, S = Q K^T, and scales and masks them;
+//   - computes its 16 x 64 scores in registers, S = Q K^T, and scales and masks them, in base
+//     2 (scale * log2 e, so that each exponential below is one exp2);
 //   - updates each row's running maximum (the 4 lanes holding a row reduce it with two
 //     shuffles) and rescales its fp32 output accumulators and its partial sums by
-//     exp(m_old - m_new);
-//   - packs exp(s - m_new) into the A fragments of O += P V: the accumulator layout of two
+//     2^(m_old - m_new);
+//   - packs 2^(s - m_new) into the A fragments of O += P V: the accumulator layout of two
 //     adjacent 8-key column tiles is the A layout of their 16 keys, so P never leaves
 //     registers. Probabilities are rounded to the storage type for that product, as the
 //     unfused path rounds them; the running sums add them unrounded.
-//   At the end the 4 lanes of a row add their partial sums. Rows past the sequence's queries
-//   are computed on zero queries and never written; a block with no rows exits at once.
+//   A warp runs no mma where none of its 16 rows can see a key: not on a tile outside its
+//   rows' keys, nor on the 8-key (scores) and 16-key (values) blocks outside them, and not at
+//   all when its rows are past the sequence's queries (a short prompt's block is mostly such
+//   warps). At the end the 4 lanes of a row add their partial sums. Rows past the queries are
+//   never written; a block with no rows exits at once.
 // decode_attention / paged_decode_attention (one or few queries over a KV cache):
 //   Launch: grid (heads, max s_q, batch), block 256 (8 warps), dynamic shared memory
 //   (d + 8 * (d + 2)) floats. Warp w takes visible keys w, w + 8, ...; for each key the warp
@@ -396,30 +400,60 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
             o[n][e] = 0.0f;
         }
     }
-    // Rows row and row + 8: running maximum, and this lane's part of the running sum.
+    // Rows row and row + 8: running maximum and this lane's part of the running sum, both of
+    // scores in base 2 (scaled by log2(e) with the softmax scale, so that exp is one exp2).
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    const float scale_log2 = scale * 1.4426950408889634f;
 
-    // Only keys some row of the block can see are walked (visibility ranges grow with i).
+    // Only keys some row of the block can see are walked (visibility ranges grow with i), and
+    // each warp computes only on the tiles its own 16 rows see: none for a warp past the end
+    // of a short prompt.
     const int last = min(q0 + TC_BQ, s_q) - 1;
     const int kv_begin = lay.key_begin(q0), kv_end = lay.key_end(last);
+    const int warp_q0 = q0 + warp * 16;
+    const int warp_kv_begin = warp_q0 < s_q ? lay.key_begin(warp_q0) : 0;
+    const int warp_kv_end = warp_q0 < s_q ? lay.key_end(min(warp_q0 + 15, s_q - 1)) : 0;
 
     for (int k0 = kv_begin; k0 < kv_end; k0 += TC_BK) {
         __syncthreads(); // the previous tile (first time round, the query tile) is fully read
         for (int idx = threadIdx.x; idx < TC_BK * CHUNKS; idx += blockDim.x) {
             const int r = idx / CHUNKS, c = idx % CHUNKS, j = k0 + r;
-            vec16 kc = {{0u, 0u, 0u, 0u}}, vc = {{0u, 0u, 0u, 0u}};
+            vec16 kc = {{0u, 0u, 0u, 0u}};
             if (j < kv_end) {
-                const size_t src = (lay.k_token(j) * kv_heads + kvh) * D + c * 8;
-                kc = *reinterpret_cast<const vec16*>(k + src);
-                vc = *reinterpret_cast<const vec16*>(v + src);
+                kc = *reinterpret_cast<const vec16*>(k + (lay.k_token(j) * kv_heads + kvh) * D + c * 8);
             }
             *reinterpret_cast<vec16*>(ks + r * LDK + c * 8) = kc;
+        }
+        // V transposed, two keys per thread so that every store is a whole word: the 32 lanes of
+        // a warp take the 32 key pairs of one chunk, whose words fall in 32 distinct banks (one
+        // thread per key and chunk would put a warp's eight chunks in one bank).
+        for (int idx = threadIdx.x; idx < (TC_BK / 2) * CHUNKS; idx += blockDim.x) {
+            const int pair = idx % (TC_BK / 2), c = idx / (TC_BK / 2), j = k0 + 2 * pair;
+            vec16 first = {{0u, 0u, 0u, 0u}}, second = {{0u, 0u, 0u, 0u}};
+            if (j < kv_end) {
+                first = *reinterpret_cast<const vec16*>(v + (lay.k_token(j) * kv_heads + kvh) * D + c * 8);
+            }
+            if (j + 1 < kv_end) {
+                second = *reinterpret_cast<const vec16*>(v + (lay.k_token(j + 1) * kv_heads + kvh) * D + c * 8);
+            }
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
-                vt[(c * 8 + e) * LDV + r] = (unsigned short)(vc.w[e / 2] >> (16 * (e % 2)));
+                const int shift = 16 * (e % 2);
+                const unsigned int key_j = (first.w[e / 2] >> shift) & 0xffffu;
+                const unsigned int key_j1 = (second.w[e / 2] >> shift) & 0xffffu;
+                *reinterpret_cast<unsigned int*>(vt + (c * 8 + e) * LDV + 2 * pair) = key_j | (key_j1 << 16);
             }
         }
         __syncthreads();
+        // No row of this warp sees a key of the tile (uniform for the warp). Only a tile past
+        // the warp's last key can be: its first key is at most 48 past the block's, which the
+        // first tile covers, since key_begin grows by at most 1 a row.
+        if (k0 >= warp_kv_end) {
+            continue;
+        }
+        // Keys lo..hi of the tile are the ones some row of this warp may see: the column blocks
+        // wholly outside are skipped (their scores stay masked, their probabilities 0).
+        const int lo = warp_kv_begin - k0, hi = warp_kv_end - k0;
 
         float s[TC_BK / 8][4];
 #pragma unroll
@@ -428,11 +462,13 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
             for (int e = 0; e < 4; ++e) {
                 s[n][e] = 0.0f;
             }
+            if (n * 8 + 8 > lo && n * 8 < hi) {
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const unsigned int b[2] = {tile_word(ks, (n * 8 + g) * LDK + kk * 16 + 2 * t),
-                                           tile_word(ks, (n * 8 + g) * LDK + kk * 16 + 8 + 2 * t)};
-                mma_16x8x16(s[n], qa[kk], b);
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    const unsigned int b[2] = {tile_word(ks, (n * 8 + g) * LDK + kk * 16 + 2 * t),
+                                               tile_word(ks, (n * 8 + g) * LDK + kk * 16 + 8 + 2 * t)};
+                    mma_16x8x16(s[n], qa[kk], b);
+                }
             }
         }
 
@@ -442,7 +478,7 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = q0 + row + 8 * (e / 2), j = k0 + n * 8 + 2 * t + e % 2;
-                s[n][e] = j < kv_end && key_visible(lay, i, j) ? s[n][e] * scale : -INFINITY;
+                s[n][e] = j < kv_end && key_visible(lay, i, j) ? s[n][e] * scale_log2 : -INFINITY;
                 tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
             }
         }
@@ -453,8 +489,8 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
             tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(FULL_MASK, tile_max[r], 2));
             const float m_new = fmaxf(m[r], tile_max[r]);
             // A row with no visible key yet keeps zeros: nothing to rescale, and every
-            // exp(-inf - 0) below is 0.
-            alpha[r] = m_new == -INFINITY ? 1.0f : expf(m[r] - m_new); // 0 while m[r] is -inf
+            // 2^(-inf - 0) below is 0.
+            alpha[r] = m_new == -INFINITY ? 1.0f : exp2f(m[r] - m_new); // 0 while m[r] is -inf
             shift[r] = m_new == -INFINITY ? 0.0f : m_new;
             m[r] = m_new;
             l[r] *= alpha[r];
@@ -463,7 +499,7 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
         for (int n = 0; n < TC_BK / 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                s[n][e] = expf(s[n][e] - shift[e / 2]);
+                s[n][e] = exp2f(s[n][e] - shift[e / 2]);
                 l[e / 2] += s[n][e];
             }
         }
@@ -476,6 +512,9 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
         }
 #pragma unroll
         for (int kk = 0; kk < TC_BK / 16; ++kk) {
+            if (kk * 16 + 16 <= lo || kk * 16 >= hi) {
+                continue;
+            }
             const unsigned int pa[4] = {pack2(s[2 * kk][0], s[2 * kk][1]), pack2(s[2 * kk][2], s[2 * kk][3]),
                                         pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                                         pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};

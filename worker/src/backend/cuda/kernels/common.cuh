@@ -111,7 +111,19 @@ __device__ __forceinline__ void load_chunk(float* dst, const elem_t* src) {
 #define ATOMIC_HAS_MMA 1
 
 __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+#if !defined(ATOMIC_EMULATE) && __CUDA_ARCH__ >= 800
+    // One instruction rounds both (to nearest, ties to even, as store); its first source
+    // goes to the high half.
+    unsigned int word;
+#if defined(ATOMIC_BF16)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(word) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(word) : "f"(hi), "f"(lo));
+#endif
+    return word;
+#else
     return (unsigned int)store(lo).bits | ((unsigned int)store(hi).bits << 16);
+#endif
 }
 
 __device__ __forceinline__ float half_of(unsigned int word, int high) {
