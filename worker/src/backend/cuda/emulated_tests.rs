@@ -51,6 +51,10 @@ unsafe impl Send for Emulator {}
 /// - probe_mma (half precision): one warp's mma_16x8x16 of A [16][16] and B [16][8]
 ///   (row-major, stored elements) onto C [16][8] (fp32, overwritten with D), each fragment
 ///   filled and read back as common.cuh lays it out.
+/// - probe_ldmatrix (half precision): one warp stages 32 rows of 8 16-bit values (rows 16
+///   elements apart) in shared memory; lane l addresses row 7 - l % 8 of matrix l / 8, shifted
+///   by `misaligned` elements, and writes the four registers of ldmatrix_x4, then of
+///   ldmatrix_x4_trans, as lane-major words.
 const PROBES: &str = r#"
 extern "C" __global__ void probe_static_shared(unsigned int* out) {
     __shared__ unsigned int seen[64];
@@ -90,6 +94,27 @@ extern "C" __global__ void probe_mma(float* c, const elem_t* a, const elem_t* b)
     c[(g + 8) * 8 + 2 * t + 1] = fc[3];
 #endif
 }
+
+extern "C" __global__ void probe_ldmatrix(unsigned int* out, const unsigned short* tile, int misaligned) {
+#if defined(ATOMIC_HAS_MMA)
+    alignas(16) __shared__ unsigned short rows[32 * 16];
+    const int lane = threadIdx.x % 32;
+    for (int e = lane; e < 32 * 16; e += 32) {
+        rows[e] = tile[e];
+    }
+    __syncthreads();
+    const unsigned short* row = rows + ((lane / 8) * 8 + 7 - lane % 8) * 16 + misaligned;
+    unsigned int r[4];
+    ldmatrix_x4(r, row);
+    for (int i = 0; i < 4; ++i) {
+        out[lane * 4 + i] = r[i];
+    }
+    ldmatrix_x4_trans(r, row);
+    for (int i = 0; i < 4; ++i) {
+        out[128 + lane * 4 + i] = r[i];
+    }
+#endif
+}
 "#;
 
 /// The C++ translation unit: the shim, the shared helpers once, every kernel file (dynamic
@@ -116,12 +141,12 @@ fn source(precision: Precision) -> String {
         "\nextern \"C\" int emu_launch(const char* name, const unsigned* grid, const unsigned* block, \
          size_t smem, void** args, uint64_t first, uint64_t last) {\n",
     );
-    for name in
-        FILES
-            .iter()
-            .flat_map(|f| f.functions)
-            .chain(&["probe_static_shared", "probe_trap", "probe_mma"])
-    {
+    for name in FILES.iter().flat_map(|f| f.functions).chain(&[
+        "probe_static_shared",
+        "probe_trap",
+        "probe_mma",
+        "probe_ldmatrix",
+    ]) {
         src.push_str(&format!(
             "    if (strcmp(name, \"{name}\") == 0) return emu::run(&{name}, grid, block, smem, args, first, last);\n"
         ));
@@ -1696,6 +1721,59 @@ fn the_emulated_mma_follows_the_ptx_fragment_layout() {
         };
         assert_close(&format!("probe_mma ({p})"), &cd, &want, tol);
     }
+}
+
+#[test]
+fn the_emulated_ldmatrix_follows_the_ptx_layout() {
+    // Register i of lane 4g + t holds M_i[g][2t, 2t+1] (ldmatrix) or M_i[2t, 2t+1][g] (.trans),
+    // the lower element in the low half, where row r of matrix i is the row lane 8i + r
+    // addressed (here row 7 - r of the staged matrix i: the address picks the row, not the
+    // lane number). Rows must be 16-byte aligned.
+    let Some(emu) = emulator("the_emulated_ldmatrix_follows_the_ptx_layout", Precision::F16) else {
+        return;
+    };
+    // Distinct values: element c of staged row s is 1000 + 16 s + c (padding 0xffff).
+    let staged = |s: usize, c: usize| (1000 + 16 * s + c) as u32;
+    let mut tile: Vec<u16> = (0..32 * 16)
+        .map(|e| {
+            if e % 16 < 8 {
+                staged(e / 16, e % 16) as u16
+            } else {
+                u16::MAX
+            }
+        })
+        .collect();
+    let mut out = vec![0u32; 256];
+    emu.launch(
+        "probe_ldmatrix",
+        (1, 1, 1),
+        32,
+        0,
+        Args::default().buf(&mut out).buf(&mut tile).int(0),
+    );
+    // M_i[r][c]: the row lane 8i + r addressed.
+    let m = |i: usize, r: usize, c: usize| staged(8 * i + 7 - r, c);
+    for lane in 0..32 {
+        let (g, t) = (lane / 4, lane % 4);
+        for i in 0..4 {
+            let plain = m(i, g, 2 * t) | m(i, g, 2 * t + 1) << 16;
+            let trans = m(i, 2 * t, g) | m(i, 2 * t + 1, g) << 16;
+            assert_eq!(out[lane * 4 + i], plain, "ldmatrix_x4: lane {lane}, register {i}");
+            assert_eq!(
+                out[128 + lane * 4 + i],
+                trans,
+                "ldmatrix_x4_trans: lane {lane}, register {i}"
+            );
+        }
+    }
+    let rc = emu.try_launch(
+        "probe_ldmatrix",
+        (1, 1, 1),
+        32,
+        0,
+        Args::default().buf(&mut out).buf(&mut tile).int(1),
+    );
+    assert_ne!(rc, 0, "rows that are not 16-byte aligned must trap");
 }
 
 #[test]

@@ -299,11 +299,11 @@ const TC_FLASH_ROWS: usize = 64;
 /// The head dimensions the tensor-core flash kernels are built for (`flash_attention_tc{d}`).
 pub(super) const TC_FLASH_HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
-/// Dynamic shared memory of a tensor-core flash block at head dimension `d`: the key tile with
-/// rows padded by 8 elements and the value tile transposed, 2-byte elements (the query tile
-/// is staged where the key tile goes). At most 35 KiB, within the 48 KiB every kernel has.
+/// Dynamic shared memory of a tensor-core flash block at head dimension `d`: the key and value
+/// tiles with rows padded by 8 elements, 2-byte elements (the query tile is staged where the
+/// key tile goes). At most 34 KiB, within the 48 KiB every kernel has.
 pub(super) const fn tc_flash_smem_bytes(d: usize) -> usize {
-    (TC_FLASH_ROWS * (d + 8) + d * (TC_FLASH_ROWS + 8)) * 2
+    2 * TC_FLASH_ROWS * (d + 8) * 2
 }
 
 /// The launch shape of `decode_merge`.

@@ -34,11 +34,12 @@
 // cores: half precision, sm_80 and later, head dimension d = the suffix, 16-byte aligned q, k
 // and v, all checked on the host; in fp32 they only trap):
 //   Launch: grid (ceil(max s_q / 64), heads, batch), block 128 (4 warps), dynamic shared memory
-//   (64 * (d + 8) + d * (64 + 8)) storage elements. Each warp owns 16 query rows and loads their
-//   A fragments (see mma_16x8x16 in common.cuh) once from the staged query tile. For each tile
-//   of 64 keys the block stages K (rows padded by 8 elements, so that the 8 rows one fragment
-//   load reads fall in distinct banks) and V transposed (so that a B fragment of V is two
-//   adjacent elements too), with 16-byte loads; then each warp
+//   2 * 64 * (d + 8) storage elements. Each warp owns 16 query rows and loads their A fragments
+//   (see mma_16x8x16 in common.cuh) once from the staged query tile. For each tile of 64 keys
+//   the block stages K and V as they are laid out, rows padded by 8 elements (so that the 8
+//   rows an ldmatrix phase reads fall in distinct banks), with 16-byte loads and stores; the
+//   fragments come from there by ldmatrix_x4, four registers an instruction, V's through the
+//   transposing form; then each warp
 //   - computes its 16 x 64 scores in registers, S = Q K^T, and scales and masks them, in base
 //     2 (scale * log2 e, so that each exponential below is one exp2);
 //   - updates each row's running maximum (the 4 lanes holding a row reduce it with two
@@ -348,11 +349,6 @@ __device__ void decode_body(const L& lay, elem_t* out, const elem_t* q, const el
 #define TC_BK 64
 #define TC_PAD 8
 
-// One 32-bit word (two adjacent storage elements) of a staged tile.
-__device__ __forceinline__ unsigned int tile_word(const unsigned short* tile, int index) {
-    return *reinterpret_cast<const unsigned int*>(tile + index);
-}
-
 template <int D, class L>
 __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const elem_t* k, const elem_t* v, int heads,
                               int kv_heads, int d, float scale) {
@@ -363,16 +359,18 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
     if (q0 >= s_q) {
         return; // uniform for the block: a shorter sequence of a packed batch
     }
-    constexpr int LDK = D + TC_PAD, LDV = TC_BK + TC_PAD, CHUNKS = D / 8;
+    constexpr int LD = D + TC_PAD, CHUNKS = D / 8;
     extern __shared__ float smem[];
-    unsigned short* qs = reinterpret_cast<unsigned short*>(smem); // [TC_BQ][LDK], until the fragments are read
-    unsigned short* ks = qs;                                      // [TC_BK][LDK], over the query tile
-    unsigned short* vt = ks + TC_BK * LDK;                        // [D][LDV]: V transposed
+    unsigned short* qs = reinterpret_cast<unsigned short*>(smem); // [TC_BQ][LD], until the fragments are read
+    unsigned short* ks = qs;                                      // [TC_BK][LD], over the query tile
+    unsigned short* vs = ks + TC_BK * LD;                         // [TC_BK][LD]
 
     const int h = blockIdx.y;
     const int kvh = h / (heads / kv_heads);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int row = warp * 16 + g; // this lane's rows of the block: row and row + 8
+    // The row this lane addresses in an ldmatrix_x4: row lane % 8 of matrix lane / 8.
+    const int matrix = lane / 8, matrix_row = lane % 8;
 
     for (int idx = threadIdx.x; idx < TC_BQ * CHUNKS; idx += blockDim.x) {
         const int r = idx / CHUNKS, c = idx % CHUNKS, i = q0 + r;
@@ -380,16 +378,15 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
         if (i < s_q) {
             chunk = *reinterpret_cast<const vec16*>(q + (lay.q_token(i) * heads + h) * D + c * 8);
         }
-        *reinterpret_cast<vec16*>(qs + r * LDK + c * 8) = chunk;
+        *reinterpret_cast<vec16*>(qs + r * LD + c * 8) = chunk;
     }
     __syncthreads();
+    // A fragments of the warp's 16 x 16 blocks of Q: matrices (rows 0-7, cols 0-7), (rows 8-15,
+    // cols 0-7), (rows 0-7, cols 8-15), (rows 8-15, cols 8-15) are a[0] .. a[3].
     unsigned int qa[D / 16][4];
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-        qa[kk][0] = tile_word(qs, row * LDK + kk * 16 + 2 * t);
-        qa[kk][1] = tile_word(qs, (row + 8) * LDK + kk * 16 + 2 * t);
-        qa[kk][2] = tile_word(qs, row * LDK + kk * 16 + 8 + 2 * t);
-        qa[kk][3] = tile_word(qs, (row + 8) * LDK + kk * 16 + 8 + 2 * t);
+        ldmatrix_x4(qa[kk], qs + (warp * 16 + (matrix % 2) * 8 + matrix_row) * LD + kk * 16 + (matrix / 2) * 8);
     }
 
     float o[D / 8][4];
@@ -418,31 +415,14 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
         __syncthreads(); // the previous tile (first time round, the query tile) is fully read
         for (int idx = threadIdx.x; idx < TC_BK * CHUNKS; idx += blockDim.x) {
             const int r = idx / CHUNKS, c = idx % CHUNKS, j = k0 + r;
-            vec16 kc = {{0u, 0u, 0u, 0u}};
+            vec16 kc = {{0u, 0u, 0u, 0u}}, vc = {{0u, 0u, 0u, 0u}};
             if (j < kv_end) {
-                kc = *reinterpret_cast<const vec16*>(k + (lay.k_token(j) * kv_heads + kvh) * D + c * 8);
+                const size_t src = (lay.k_token(j) * kv_heads + kvh) * D + c * 8;
+                kc = *reinterpret_cast<const vec16*>(k + src);
+                vc = *reinterpret_cast<const vec16*>(v + src);
             }
-            *reinterpret_cast<vec16*>(ks + r * LDK + c * 8) = kc;
-        }
-        // V transposed, two keys per thread so that every store is a whole word: the 32 lanes of
-        // a warp take the 32 key pairs of one chunk, whose words fall in 32 distinct banks (one
-        // thread per key and chunk would put a warp's eight chunks in one bank).
-        for (int idx = threadIdx.x; idx < (TC_BK / 2) * CHUNKS; idx += blockDim.x) {
-            const int pair = idx % (TC_BK / 2), c = idx / (TC_BK / 2), j = k0 + 2 * pair;
-            vec16 first = {{0u, 0u, 0u, 0u}}, second = {{0u, 0u, 0u, 0u}};
-            if (j < kv_end) {
-                first = *reinterpret_cast<const vec16*>(v + (lay.k_token(j) * kv_heads + kvh) * D + c * 8);
-            }
-            if (j + 1 < kv_end) {
-                second = *reinterpret_cast<const vec16*>(v + (lay.k_token(j + 1) * kv_heads + kvh) * D + c * 8);
-            }
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                const int shift = 16 * (e % 2);
-                const unsigned int key_j = (first.w[e / 2] >> shift) & 0xffffu;
-                const unsigned int key_j1 = (second.w[e / 2] >> shift) & 0xffffu;
-                *reinterpret_cast<unsigned int*>(vt + (c * 8 + e) * LDV + 2 * pair) = key_j | (key_j1 << 16);
-            }
+            *reinterpret_cast<vec16*>(ks + r * LD + c * 8) = kc;
+            *reinterpret_cast<vec16*>(vs + r * LD + c * 8) = vc;
         }
         __syncthreads();
         // No row of this warp sees a key of the tile (uniform for the warp). Only a tile past
@@ -463,11 +443,14 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
                 s[n][e] = 0.0f;
             }
             if (n * 8 + 8 > lo && n * 8 < hi) {
+                // B = K^T of keys n * 8 .. + 7: its fragments for two 16-dim blocks are rows of
+                // K, matrices (dims 0-7, 8-15) of block kk and of kk + 1.
 #pragma unroll
-                for (int kk = 0; kk < D / 16; ++kk) {
-                    const unsigned int b[2] = {tile_word(ks, (n * 8 + g) * LDK + kk * 16 + 2 * t),
-                                               tile_word(ks, (n * 8 + g) * LDK + kk * 16 + 8 + 2 * t)};
+                for (int kk = 0; kk < D / 16; kk += 2) {
+                    unsigned int b[4];
+                    ldmatrix_x4(b, ks + (n * 8 + matrix_row) * LD + kk * 16 + matrix * 8);
                     mma_16x8x16(s[n], qa[kk], b);
+                    mma_16x8x16(s[n], qa[kk + 1], b + 2);
                 }
             }
         }
@@ -518,11 +501,14 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
             const unsigned int pa[4] = {pack2(s[2 * kk][0], s[2 * kk][1]), pack2(s[2 * kk][2], s[2 * kk][3]),
                                         pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                                         pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            // B = V of keys kk * 16 .. + 15: its fragments for two 8-dim blocks are rows of V
+            // transposed, matrices (keys 0-7, 8-15) of dims n * 8 and of (n + 1) * 8.
 #pragma unroll
-            for (int n = 0; n < D / 8; ++n) {
-                const unsigned int b[2] = {tile_word(vt, (n * 8 + g) * LDV + kk * 16 + 2 * t),
-                                           tile_word(vt, (n * 8 + g) * LDV + kk * 16 + 8 + 2 * t)};
+            for (int n = 0; n < D / 8; n += 2) {
+                unsigned int b[4];
+                ldmatrix_x4_trans(b, vs + (kk * 16 + (matrix % 2) * 8 + matrix_row) * LD + (n + matrix / 2) * 8);
                 mma_16x8x16(o[n], pa, b);
+                mma_16x8x16(o[n + 1], pa, b + 2);
             }
         }
     }

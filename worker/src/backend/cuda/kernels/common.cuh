@@ -164,6 +164,70 @@ __device__ __forceinline__ void mma_16x8x16(float* c, const unsigned int* a, con
     __trap(); // older GPUs: the host never launches the tensor-core kernels there
 #endif
 }
+
+// Four 8 x 8 matrices of storage elements from shared memory into fragments, as PTX's
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16 loads them: lanes 8i .. 8i + 7 give the addresses
+// of rows 0 .. 7 of matrix i (each row 8 contiguous elements, 16-byte aligned), and register
+// i of lane l = 4g + t receives, the lower-numbered element in the low half,
+//   ldmatrix_x4:       M_i[g][2t, 2t+1]
+//   ldmatrix_x4_trans: M_i[2t, 2t+1][g]   (the matrix transposed: .trans)
+// Every lane of the warp must call them. A fragment of mma_16x8x16's B is then one register
+// from rows of B^T (non-transposed) or of B (transposed).
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4_impl(unsigned int* r, const unsigned short* row) {
+#if defined(ATOMIC_EMULATE)
+    static_assert(sizeof(row) == 8, "the emulator gathers row addresses as two words");
+    unsigned int mine[2];
+    memcpy(mine, &row, sizeof row);
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+        __trap(); // PTX requires 16-byte aligned rows
+    }
+    unsigned int all[32 * 2];
+    emu_warp_gather(mine, 2, all);
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const auto row_of = [&](int lane_of_row) {
+        const unsigned short* p;
+        memcpy(&p, all + 2 * lane_of_row, sizeof p);
+        return p;
+    };
+    for (int i = 0; i < 4; ++i) {
+        unsigned int lo, hi;
+        if constexpr (TRANS) {
+            lo = row_of(8 * i + 2 * t)[g];
+            hi = row_of(8 * i + 2 * t + 1)[g];
+        } else {
+            lo = row_of(8 * i + g)[2 * t];
+            hi = row_of(8 * i + g)[2 * t + 1];
+        }
+        r[i] = lo | (hi << 16);
+    }
+#elif __CUDA_ARCH__ >= 800
+    // "memory": the rows are what other threads staged before a barrier, so the load must
+    // neither move above it nor be taken for the previous tile's (the address repeats).
+    const unsigned int address = (unsigned int)__cvta_generic_to_shared(row);
+    if constexpr (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(address)
+                     : "memory");
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(address)
+                     : "memory");
+    }
+#else
+    __trap(); // older GPUs: the host never launches the tensor-core kernels there
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned int* r, const unsigned short* row) {
+    ldmatrix_x4_impl<false>(r, row);
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned int* r, const unsigned short* row) {
+    ldmatrix_x4_impl<true>(r, row);
+}
 #endif
 
 // NVRTC compiles without the C library headers that define these.
