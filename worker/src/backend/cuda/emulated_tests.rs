@@ -55,6 +55,8 @@ unsafe impl Send for Emulator {}
 ///   elements apart) in shared memory; lane l addresses row 7 - l % 8 of matrix l / 8, shifted
 ///   by `misaligned` elements, and writes the four registers of ldmatrix_x4, then of
 ///   ldmatrix_x4_trans, as lane-major words.
+/// - probe_butterfly: one warp's lanes_sum at every width and warp_max (the emulator's one-
+///   exchange butterflies), each beside the same butterfly written out in __shfl_xor_sync.
 const PROBES: &str = r#"
 extern "C" __global__ void probe_static_shared(unsigned int* out) {
     __shared__ unsigned int seen[64];
@@ -115,6 +117,26 @@ extern "C" __global__ void probe_ldmatrix(unsigned int* out, const unsigned shor
     }
 #endif
 }
+
+extern "C" __global__ void probe_butterfly(float* out, const float* in) {
+    const int lane = threadIdx.x % 32;
+    const float v = in[lane];
+    int slot = 0;
+    for (int width = 1; width <= 32; width *= 2, ++slot) {
+        float s = v;
+        for (int o = width / 2; o > 0; o >>= 1) {
+            s += __shfl_xor_sync(FULL_MASK, s, o);
+        }
+        out[(2 * slot) * 32 + lane] = lanes_sum(v, width);
+        out[(2 * slot + 1) * 32 + lane] = s;
+    }
+    float mx = v;
+    for (int o = 16; o > 0; o >>= 1) {
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
+    }
+    out[12 * 32 + lane] = warp_max(v);
+    out[13 * 32 + lane] = mx;
+}
 "#;
 
 /// The C++ translation unit: the shim, the shared helpers once, every kernel file (dynamic
@@ -146,6 +168,7 @@ fn source(precision: Precision) -> String {
         "probe_trap",
         "probe_mma",
         "probe_ldmatrix",
+        "probe_butterfly",
     ]) {
         src.push_str(&format!(
             "    if (strcmp(name, \"{name}\") == 0) return emu::run(&{name}, grid, block, smem, args, first, last);\n"
@@ -1774,6 +1797,63 @@ fn the_emulated_ldmatrix_follows_the_ptx_layout() {
         Args::default().buf(&mut out).buf(&mut tile).int(1),
     );
     assert_ne!(rc, 0, "rows that are not 16-byte aligned must trap");
+}
+
+#[test]
+fn the_emulated_butterflies_add_in_the_shuffles_order() {
+    let Some(emu) = emulator(
+        "the_emulated_butterflies_add_in_the_shuffles_order",
+        Precision::F32,
+    ) else {
+        return;
+    };
+    // Magnitudes from 1e-3 to 1e5 and both signs, so that fp32 sums depend on their order.
+    let mut rng = Rng::new(29);
+    let mut input: Vec<f32> = (0..32)
+        .map(|_| {
+            let magnitude = 10f32.powf(rng.next() * 4.0 + 1.0);
+            if rng.next() < 0.0 { -magnitude } else { magnitude }
+        })
+        .collect();
+    let mut out = vec![0f32; 14 * 32];
+    emu.launch(
+        "probe_butterfly",
+        (1, 1, 1),
+        32,
+        0,
+        Args::default().buf(&mut out).buf(&mut input),
+    );
+    let row = |r: usize| &out[r * 32..(r + 1) * 32];
+    let mut order_matters = false;
+    for (slot, width) in [1usize, 2, 4, 8, 16, 32].into_iter().enumerate() {
+        for lane in 0..32 {
+            let (got, want) = (row(2 * slot)[lane], row(2 * slot + 1)[lane]);
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "lanes_sum width {width}, lane {lane}: {got} against the shuffles' {want}"
+            );
+            let group = &input[lane / width * width..][..width];
+            let in_order = group.iter().fold(0f32, |a, &x| a + x);
+            order_matters |= in_order.to_bits() != want.to_bits();
+            let exact: f64 = group.iter().map(|&x| f64::from(x)).sum();
+            assert!(
+                (f64::from(got) - exact).abs()
+                    <= 1e-5 * group.iter().map(|&x| f64::from(x.abs())).sum::<f64>(),
+                "lanes_sum width {width}, lane {lane}: {got} against {exact}"
+            );
+        }
+    }
+    assert!(order_matters, "the inputs must make the order of the sums show");
+    let max = input.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for lane in 0..32 {
+        assert_eq!(
+            row(12)[lane].to_bits(),
+            row(13)[lane].to_bits(),
+            "warp_max, lane {lane}"
+        );
+        assert_eq!(row(12)[lane], max, "warp_max, lane {lane}");
+    }
 }
 
 #[test]

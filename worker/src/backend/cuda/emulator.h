@@ -4,8 +4,9 @@
 //
 // - A launch's blocks are spread over host threads (the emulated driver hands each thread ranges
 //   of them; emu::run below runs one range). Each CUDA thread of a block is a fiber on its host
-//   thread, run round-robin by a small scheduler, so barriers cost a context switch rather than
-//   an OS wake-up. On x86-64 a switch is a few instructions (callee-saved registers pushed, stack
+//   thread; a fiber that stops at a barrier or shuffle switches straight to the block's next
+//   unfinished fiber (round-robin, the scheduler only starting the block and getting it back when
+//   it ends), so barriers cost a context switch rather than an OS wake-up. On x86-64 a switch is a few instructions (callee-saved registers pushed, stack
 //   pointers swapped); elsewhere it is swapcontext, which also makes a system call for the signal
 //   mask. Fibers live across blocks and launches, each running one block's body after another,
 //   and never leave their host thread.
@@ -157,6 +158,8 @@ struct Host {
     size_t tls_bytes = 0;
     bool tls_found = false;
     bool trapped = false; // a thread of the current block called __trap
+    unsigned threads = 0; // of the current block
+    bool descending = false; // whether the current block runs its threads last to first
 };
 
 constexpr size_t STACK_BYTES = 256 * 1024;
@@ -186,9 +189,25 @@ static inline Fiber* self() {
     return reinterpret_cast<Fiber*>(sp & ~(uintptr_t)(STACK_BYTES - 1));
 }
 
+// What runs after fiber `t` stops: the next unfinished fiber of its block in the block's running
+// order, or the scheduler once every fiber has finished; null when `t` is the only one left
+// unfinished. Fibers switch to each other directly: through the scheduler, each stop at a barrier
+// or shuffle would cost two switches, which is most of the emulation's time.
+static Context* next_after(Host& h, unsigned t) {
+    for (unsigned k = 1; k < h.threads; ++k) {
+        const unsigned u = h.descending ? (t + h.threads - k) % h.threads : (t + k) % h.threads;
+        if (!h.done[u]) {
+            return &h.fibers[u]->context;
+        }
+    }
+    return h.done[t] ? &h.scheduler : nullptr;
+}
+
 static void yield() {
     Fiber* f = self();
-    swap_context(f->context, f->host->scheduler);
+    if (Context* next = next_after(*f->host, f->thread_idx.x)) {
+        swap_context(f->context, *next);
+    }
 }
 
 // A fiber's life: the current block's body, then finished until the scheduler resumes it for the
@@ -313,7 +332,7 @@ static void add_fiber(Host& h) {
     std::abort(); // never resumed
 }
 
-// Runs fiber `t` until it yields at a barrier or finishes its block.
+// Runs the current block from fiber `t` until every fiber has finished it or one has trapped.
 static void switch_to(Host& h, unsigned t) {
     swap_context(h.scheduler, h.fibers[t]->context);
 }
@@ -404,6 +423,29 @@ static inline void emu_warp_gather(const uint32_t* mine, int n, uint32_t* all) {
         memcpy(all + l * n, exchange[l], sizeof(uint32_t) * n);
     }
 }
+// The xor butterfly of common.cuh's lanes_sum (`max`: warp_max) over aligned groups of `width`
+// lanes, from one exchange of the warp's values. w[m] holds what lane (lane ^ m) holds after
+// each step, so a step of offset o combines w[m] with w[m + o] (its partner, lane ^ m ^ o), own
+// value first as in `v += shfl_xor(v, o)`: the result is bit for bit the shuffles'.
+static inline float emu_butterfly(float v, int width, bool max) {
+    if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
+        emu::trap();
+    }
+    uint32_t mine = 0, all[32];
+    memcpy(&mine, &v, sizeof v);
+    emu_warp_gather(&mine, 1, all);
+    const unsigned lane = emu::self()->thread_idx.x % 32;
+    float w[32];
+    for (int m = 0; m < width; ++m) {
+        memcpy(&w[m], &all[lane ^ (unsigned)m], sizeof(float));
+    }
+    for (int o = width / 2; o > 0; o >>= 1) {
+        for (int m = 0; m < o; ++m) {
+            w[m] = max ? fmaxf(w[m], w[m + o]) : w[m] + w[m + o];
+        }
+    }
+    return w[0];
+}
 template <class T> static T __shfl_sync(unsigned, T v, int src) { return emu_shuffle(v, src, false); }
 template <class T> static T __shfl_xor_sync(unsigned, T v, int mask) { return emu_shuffle(v, mask, true); }
 
@@ -460,17 +502,9 @@ int run(void (*kernel)(P...), const unsigned* grid, const unsigned* block, size_
         poison_static_shared(h);
         // Every other block runs its threads in descending order, so that a read of another
         // thread's write with no barrier between them fails in one of the two.
-        const bool descending = (x + y + z) % 2 == 1;
-        for (bool running = true; running && !h.trapped;) {
-            running = false;
-            for (unsigned i = 0; i < threads && !h.trapped; ++i) {
-                const unsigned t = descending ? threads - 1 - i : i;
-                if (!h.done[t]) {
-                    switch_to(h, t);
-                    running = running || !h.done[t];
-                }
-            }
-        }
+        h.threads = threads;
+        h.descending = (x + y + z) % 2 == 1;
+        switch_to(h, h.descending ? threads - 1 : 0);
         if (h.trapped) {
             // The launch fails (the driver makes that its sticky error) and the rest of this
             // range never runs; the block's fibers start over for the next launch.

@@ -798,9 +798,7 @@ extern "C" __global__ void paged_decode_grouped(elem_t* out, float* partials, co
             for (int e = 0; e < GQ_CHUNK; ++e) {
                 s += qr[g][e] * kf[e];
             }
-            for (int off = lanes / 2; off > 0; off /= 2) {
-                s += __shfl_xor_sync(FULL_MASK, s, off);
-            }
+            s = lanes_sum(s, lanes);
             if (active) {
                 const float mn = fmaxf(m[g], s);
                 const float a = expf(m[g] - mn), p = expf(s - mn);

@@ -272,8 +272,17 @@ __device__ __forceinline__ float activate(float x, int act) {
     }
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset >>= 1) {
+// Sum of `v` over each aligned group of `width` lanes (a power of two, at most 32), returned to
+// every lane of the group: an xor butterfly, widest step first.
+#if defined(ATOMIC_EMULATE)
+// The emulator computes the same butterfly, in the same order, from one exchange of the warp's
+// values (emulator.h): each shuffle would stop every lane's fiber, which is most of the
+// emulation's time in the kernels that reduce per key or per output.
+__device__ __forceinline__ float lanes_sum(float v, int width) { return emu_butterfly(v, width, false); }
+__device__ __forceinline__ float warp_max(float v) { return emu_butterfly(v, 32, true); }
+#else
+__device__ __forceinline__ float lanes_sum(float v, int width) {
+    for (int offset = width / 2; offset > 0; offset >>= 1) {
         v += __shfl_xor_sync(FULL_MASK, v, offset);
     }
     return v;
@@ -285,6 +294,9 @@ __device__ __forceinline__ float warp_max(float v) {
     }
     return v;
 }
+#endif
+
+__device__ __forceinline__ float warp_sum(float v) { return lanes_sum(v, 32); }
 
 // Sum of `v` over the block, returned to every thread. `scratch` holds 32 floats of shared
 // memory; the trailing barrier lets the caller reuse it for the next reduction at once.
