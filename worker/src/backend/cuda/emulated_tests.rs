@@ -57,6 +57,11 @@ unsafe impl Send for Emulator {}
 ///   ldmatrix_x4_trans, as lane-major words.
 /// - probe_butterfly: one warp's lanes_sum at every width and warp_max (the emulator's one-
 ///   exchange butterflies), each beside the same butterfly written out in __shfl_xor_sync.
+/// - probe_cp_async (half precision): each lane of one warp fills its 16 bytes of a shared
+///   tile with 7s, then copies 16 bytes of `src` over them by cp_async_16 (lanes 24 and up
+///   read none, so zero-fill), reads its own word 0 before waiting, waits, and after a barrier
+///   writes its neighbour's (lane ^ 1) 16 bytes; with `leave_pending` every lane returns
+///   without waiting.
 const PROBES: &str = r#"
 extern "C" __global__ void probe_static_shared(unsigned int* out) {
     __shared__ unsigned int seen[64];
@@ -137,6 +142,27 @@ extern "C" __global__ void probe_butterfly(float* out, const float* in) {
     out[12 * 32 + lane] = warp_max(v);
     out[13 * 32 + lane] = mx;
 }
+
+extern "C" __global__ void probe_cp_async(unsigned int* out, const unsigned int* src, int leave_pending) {
+#if defined(ATOMIC_HAS_MMA)
+    alignas(16) __shared__ unsigned int tile[32 * 4];
+    const int lane = threadIdx.x % 32;
+    for (int e = 0; e < 4; ++e) {
+        tile[lane * 4 + e] = 7;
+    }
+    __syncthreads();
+    cp_async_16(tile + lane * 4, src + lane * 4, lane < 24 ? 16 : 0);
+    if (leave_pending) {
+        return;
+    }
+    out[128 + lane] = tile[lane * 4];
+    cp_async_wait_all();
+    __syncthreads();
+    for (int e = 0; e < 4; ++e) {
+        out[lane * 4 + e] = tile[(lane ^ 1) * 4 + e];
+    }
+#endif
+}
 "#;
 
 /// The C++ translation unit: the shim, the shared helpers once, every kernel file (dynamic
@@ -169,6 +195,7 @@ fn source(precision: Precision) -> String {
         "probe_mma",
         "probe_ldmatrix",
         "probe_butterfly",
+        "probe_cp_async",
     ]) {
         src.push_str(&format!(
             "    if (strcmp(name, \"{name}\") == 0) return emu::run(&{name}, grid, block, smem, args, first, last);\n"
@@ -1854,6 +1881,47 @@ fn the_emulated_butterflies_add_in_the_shuffles_order() {
         );
         assert_eq!(row(12)[lane], max, "warp_max, lane {lane}");
     }
+}
+
+#[test]
+fn emulated_async_copies_land_at_the_wait() {
+    let Some(emu) = emulator("emulated_async_copies_land_at_the_wait", Precision::F16) else {
+        return;
+    };
+    let mut src: Vec<u32> = (0..128).map(|e| 1000 + e).collect();
+    let mut out = vec![0u32; 160];
+    emu.launch(
+        "probe_cp_async",
+        (1, 1, 1),
+        32,
+        0,
+        Args::default().buf(&mut out).buf(&mut src).int(0),
+    );
+    for lane in 0..32 {
+        assert_eq!(
+            out[128 + lane],
+            7,
+            "lane {lane}: a copy must not land before its wait (the emulator's tiles would \
+             otherwise hide a missing wait)"
+        );
+        let other = lane ^ 1;
+        for e in 0..4 {
+            let want = if other < 24 { src[other * 4 + e] } else { 0 };
+            assert_eq!(
+                out[lane * 4 + e],
+                want,
+                "lane {lane} reads lane {other}'s word {e} after the wait and barrier"
+            );
+        }
+    }
+    let rc = emu.try_launch(
+        "probe_cp_async",
+        (1, 1, 1),
+        32,
+        0,
+        Args::default().buf(&mut out).buf(&mut src).int(1),
+    );
+    assert_ne!(rc, 0, "a thread that ends with copies in flight must trap");
 }
 
 #[test]

@@ -34,6 +34,8 @@
 // - Blocks alternate between running their threads in ascending and descending order, so that a
 //   thread reading another's write without a barrier between them sees it unwritten in one; and
 //   blocks run concurrently, as on a GPU, so one reading another block's output races here too.
+// - cp.async copies land only at the issuing thread's next wait, so a tile read before its
+//   wait (or before the barrier after every thread's wait) holds what was there before.
 // - Math is the C library's in the same precision (float expf/erff/tanhf, double exp/pow/sincos);
 //   results can differ from the GPU's in the last bits, never more.
 // What it cannot show: timing, memory-model races the barriers hide, and the GPU's own
@@ -166,11 +168,24 @@ constexpr size_t STACK_BYTES = 256 * 1024;
 
 // A fiber's record, at the base of its stack (the lowest addresses; the stack grows down from
 // the top, 256 KiB away).
+// A cp.async copy a thread has started and not yet waited for: it lands only at the thread's
+// next wait (emu_cp_async_wait_all), so a read of the tile before then sees what was there
+// before, as it may on a GPU.
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    unsigned src_bytes; // read from src; the rest of the 16 bytes are zero-filled
+};
+
+constexpr int MAX_ASYNC_COPIES = 64;
+
 struct Fiber {
     Context context;
     Host* host;
     dim3 thread_idx;
     unsigned shuffles = 0; // which exchange buffer its next shuffle uses
+    AsyncCopy copies[MAX_ASYNC_COPIES];
+    int copies_pending = 0;
     char* stack = nullptr; // where its context starts (again, after a trap)
     size_t stack_bytes = 0;
 };
@@ -212,11 +227,17 @@ static void yield() {
 
 // A fiber's life: the current block's body, then finished until the scheduler resumes it for the
 // next block (of this launch or a later one).
+[[noreturn]] static void trap();
+
 static void fiber_main() {
     for (;;) {
         Fiber* f = self();
         Host* h = f->host;
         h->body(h->body_arg);
+        if (f->copies_pending != 0) {
+            std::fprintf(stderr, "emulated GPU: a thread finished its block with cp.async copies it never waited for\n");
+            trap();
+        }
         h->done[f->thread_idx.x] = 1;
         h->block_barrier.leave();
         h->warps[f->thread_idx.x / 32].barrier.leave();
@@ -446,6 +467,27 @@ static inline float emu_butterfly(float v, int width, bool max) {
     }
     return w[0];
 }
+// cp.async (common.cuh's cp_async_16 and cp_async_wait_all): a copy is recorded and made only
+// at the thread's next wait, so that a kernel reading a staged tile without waiting, or without
+// a barrier after every thread's wait, reads the tile's previous contents and fails its
+// comparison.
+static inline void emu_cp_async(void* dst, const void* src, int src_bytes) {
+    emu::Fiber* f = emu::self();
+    if (f->copies_pending == emu::MAX_ASYNC_COPIES || (src_bytes != 0 && src_bytes != 16) ||
+        reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+        emu::trap(); // PTX's cp.async.cg copies 16 aligned bytes
+    }
+    f->copies[f->copies_pending++] = emu::AsyncCopy{dst, src, (unsigned)src_bytes};
+}
+static inline void emu_cp_async_wait_all() {
+    emu::Fiber* f = emu::self();
+    for (int i = 0; i < f->copies_pending; ++i) {
+        const emu::AsyncCopy c = f->copies[i];
+        memcpy(c.dst, c.src, c.src_bytes);
+        memset(static_cast<char*>(c.dst) + c.src_bytes, 0, 16 - c.src_bytes);
+    }
+    f->copies_pending = 0;
+}
 template <class T> static T __shfl_sync(unsigned, T v, int src) { return emu_shuffle(v, src, false); }
 template <class T> static T __shfl_xor_sync(unsigned, T v, int mask) { return emu_shuffle(v, mask, true); }
 
@@ -511,10 +553,10 @@ int run(void (*kernel)(P...), const unsigned* grid, const unsigned* block, size_
             h.trapped = false;
             for (unsigned t = 0; t < threads; ++t) {
                 make_context(h.fibers[t]->context, h.fibers[t]->stack, h.fibers[t]->stack_bytes, fiber_main);
+                h.fibers[t]->copies_pending = 0;
             }
             return 3;
         }
-
     }
     return 0;
 }

@@ -37,9 +37,11 @@
 //   2 * 64 * (d + 8) storage elements. Each warp owns 16 query rows and loads their A fragments
 //   (see mma_16x8x16 in common.cuh) once from the staged query tile. For each tile of 64 keys
 //   the block stages K and V as they are laid out, rows padded by 8 elements (so that the 8
-//   rows an ldmatrix phase reads fall in distinct banks), with 16-byte loads and stores; the
-//   fragments come from there by ldmatrix_x4, four registers an instruction, V's through the
-//   transposing form; then each warp
+//   rows an ldmatrix phase reads fall in distinct banks), by 16-byte asynchronous copies
+//   (cp.async), each while the block computes on the other: the tile's V lands while its
+//   scores are computed, the next tile's K while its values are added. The fragments come
+//   from there by ldmatrix_x4, four registers an instruction, V's through the transposing
+//   form; then each warp
 //   - computes its 16 x 64 scores in registers, S = Q K^T, and scales and masks them, in base
 //     2 (scale * log2 e, so that each exponential below is one exp2);
 //   - updates each row's running maximum (the 4 lanes holding a row reduce it with two
@@ -349,6 +351,25 @@ __device__ void decode_body(const L& lay, elem_t* out, const elem_t* q, const el
 #define TC_BK 64
 #define TC_PAD 8
 
+#if defined(ATOMIC_HAS_MMA)
+// Starts this thread's asynchronous copies of keys k0 .. k0 + TC_BK - 1 of `src` (K or V, key
+// head kvh) into `tile`, rows of D elements padded to D + TC_PAD. Keys at or past kv_end are
+// zero-filled: their scores are masked and their probabilities 0, and 0 times a zero value
+// adds 0 where 0 times whatever the tile held before could add NaN.
+template <int D, class L>
+__device__ __forceinline__ void tc_stage_tile(const L& lay, unsigned short* tile, const elem_t* src, int k0,
+                                              int kv_end, int kv_heads, int kvh) {
+    constexpr int LD = D + TC_PAD, CHUNKS = D / 8;
+    for (int idx = threadIdx.x; idx < TC_BK * CHUNKS; idx += blockDim.x) {
+        const int r = idx / CHUNKS, c = idx % CHUNKS, j = k0 + r;
+        const bool present = j < kv_end;
+        // A missing key reads nothing, from an address that is still a valid one.
+        const elem_t* from = present ? src + (lay.k_token(j) * kv_heads + kvh) * D + c * 8 : src;
+        cp_async_16(tile + r * LD + c * 8, from, present ? 16 : 0);
+    }
+}
+#endif
+
 template <int D, class L>
 __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const elem_t* k, const elem_t* v, int heads,
                               int kv_heads, int d, float scale) {
@@ -361,9 +382,9 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
     }
     constexpr int LD = D + TC_PAD, CHUNKS = D / 8;
     extern __shared__ float smem[];
-    unsigned short* qs = reinterpret_cast<unsigned short*>(smem); // [TC_BQ][LD], until the fragments are read
-    unsigned short* ks = qs;                                      // [TC_BK][LD], over the query tile
+    unsigned short* ks = reinterpret_cast<unsigned short*>(smem); // [TC_BK][LD]
     unsigned short* vs = ks + TC_BK * LD;                         // [TC_BK][LD]
+    unsigned short* qs = vs; // [TC_BQ][LD], until the fragments are read
 
     const int h = blockIdx.y;
     const int kvh = h / (heads / kv_heads);
@@ -372,6 +393,19 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
     // The row this lane addresses in an ldmatrix_x4: row lane % 8 of matrix lane / 8.
     const int matrix = lane / 8, matrix_row = lane % 8;
 
+    // Only keys some row of the block can see are walked (visibility ranges grow with i), and
+    // each warp computes only on the tiles its own 16 rows see: none for a warp past the end
+    // of a short prompt.
+    const int last = min(q0 + TC_BQ, s_q) - 1;
+    const int kv_begin = lay.key_begin(q0), kv_end = lay.key_end(last);
+    const int warp_q0 = q0 + warp * 16;
+    const int warp_kv_begin = warp_q0 < s_q ? lay.key_begin(warp_q0) : 0;
+    const int warp_kv_end = warp_q0 < s_q ? lay.key_end(min(warp_q0 + 15, s_q - 1)) : 0;
+
+    // The first tile's K is in flight while the query tile is staged and read.
+    if (kv_begin < kv_end) {
+        tc_stage_tile<D>(lay, ks, k, kv_begin, kv_end, kv_heads, kvh);
+    }
     for (int idx = threadIdx.x; idx < TC_BQ * CHUNKS; idx += blockDim.x) {
         const int r = idx / CHUNKS, c = idx % CHUNKS, i = q0 + r;
         vec16 chunk = {{0u, 0u, 0u, 0u}};
@@ -402,38 +436,21 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     const float scale_log2 = scale * 1.4426950408889634f;
 
-    // Only keys some row of the block can see are walked (visibility ranges grow with i), and
-    // each warp computes only on the tiles its own 16 rows see: none for a warp past the end
-    // of a short prompt.
-    const int last = min(q0 + TC_BQ, s_q) - 1;
-    const int kv_begin = lay.key_begin(q0), kv_end = lay.key_end(last);
-    const int warp_q0 = q0 + warp * 16;
-    const int warp_kv_begin = warp_q0 < s_q ? lay.key_begin(warp_q0) : 0;
-    const int warp_kv_end = warp_q0 < s_q ? lay.key_end(min(warp_q0 + 15, s_q - 1)) : 0;
-
     for (int k0 = kv_begin; k0 < kv_end; k0 += TC_BK) {
-        __syncthreads(); // the previous tile (first time round, the query tile) is fully read
-        for (int idx = threadIdx.x; idx < TC_BK * CHUNKS; idx += blockDim.x) {
-            const int r = idx / CHUNKS, c = idx % CHUNKS, j = k0 + r;
-            vec16 kc = {{0u, 0u, 0u, 0u}}, vc = {{0u, 0u, 0u, 0u}};
-            if (j < kv_end) {
-                const size_t src = (lay.k_token(j) * kv_heads + kvh) * D + c * 8;
-                kc = *reinterpret_cast<const vec16*>(k + src);
-                vc = *reinterpret_cast<const vec16*>(v + src);
-            }
-            *reinterpret_cast<vec16*>(ks + r * LD + c * 8) = kc;
-            *reinterpret_cast<vec16*>(vs + r * LD + c * 8) = vc;
-        }
+        cp_async_wait_all(); // this thread's copies of the tile's K
+        // Every thread's K has landed, and the previous tile's V (first time round, the query
+        // tile) is fully read, so the tile's V can take its place.
         __syncthreads();
+        tc_stage_tile<D>(lay, vs, v, k0, kv_end, kv_heads, kvh);
         // No row of this warp sees a key of the tile (uniform for the warp). Only a tile past
         // the warp's last key can be: its first key is at most 48 past the block's, which the
-        // first tile covers, since key_begin grows by at most 1 a row.
-        if (k0 >= warp_kv_end) {
-            continue;
-        }
+        // first tile covers, since key_begin grows by at most 1 a row. Such a warp still
+        // stages and meets every barrier.
+        const bool warp_sees = k0 < warp_kv_end;
         // Keys lo..hi of the tile are the ones some row of this warp may see: the column blocks
-        // wholly outside are skipped (their scores stay masked, their probabilities 0).
-        const int lo = warp_kv_begin - k0, hi = warp_kv_end - k0;
+        // wholly outside are skipped (their scores stay masked, their probabilities 0). A warp
+        // that sees none has the empty range, so runs no mma.
+        const int lo = warp_sees ? warp_kv_begin - k0 : 0, hi = warp_sees ? warp_kv_end - k0 : 0;
 
         float s[TC_BK / 8][4];
 #pragma unroll
@@ -453,6 +470,17 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
                     mma_16x8x16(s[n], qa[kk + 1], b + 2);
                 }
             }
+        }
+
+        cp_async_wait_all(); // this thread's copies of the tile's V
+        // Every thread's V has landed and K is fully read, so the next tile's K can take its
+        // place while this one's values are added.
+        __syncthreads();
+        if (k0 + TC_BK < kv_end) {
+            tc_stage_tile<D>(lay, ks, k, k0 + TC_BK, kv_end, kv_heads, kvh);
+        }
+        if (!warp_sees) {
+            continue;
         }
 
         float tile_max[2] = {-INFINITY, -INFINITY};

@@ -228,6 +228,31 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned int* r, const unsigned shor
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned int* r, const unsigned short* row) {
     ldmatrix_x4_impl<true>(r, row);
 }
+
+// Asynchronous copies from global to shared memory (sm_80 and later), which let a block stage
+// its next tile while it computes on the current one. cp_async_16 starts a copy of 16 bytes
+// (both addresses 16-byte aligned) of which the first `src_bytes` (0 or 16) are read and the
+// rest zero-filled; cp_async_wait_all returns once every copy this thread started has landed.
+// Other threads see the bytes only after the issuing thread's wait and a barrier.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+#if defined(ATOMIC_EMULATE)
+    emu_cp_async(dst, src, src_bytes);
+#elif __CUDA_ARCH__ >= 800
+    const unsigned int address = (unsigned int)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(address), "l"(src), "r"(src_bytes)
+                 : "memory");
+#else
+    __trap(); // older GPUs: the host never launches the tensor-core kernels there
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(ATOMIC_EMULATE)
+    emu_cp_async_wait_all();
+#elif __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
 #endif
 
 // NVRTC compiles without the C library headers that define these.
