@@ -41,6 +41,10 @@ if [ "${1:-}" = "--build" ]; then
 fi
 
 export LD_LIBRARY_PATH="$root/$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The emulated GPU's own checks first (a use of freed memory, a second free, an overrun fail;
+# correct use passes): the tests below rely on them to catch what a GPU would hide.
+g++ -std=c++20 -O1 -Wall -Wextra -Werror -o "$out/selftest" "$src/selftest.cpp" -L"$out" -latomic_emulated_gpu
+"$out/selftest"
 # With ATOMIC_EMULATED_GPU set, a GPU test whose GPU does not open fails instead of skipping.
 export ATOMIC_EMULATED_GPU=1
 cargo test -p atomic-worker --features cuda --lib "$@" -- backend::cuda::tests::gpu_ \

@@ -73,6 +73,51 @@ std::set<uint64_t>& freed() {
     return addresses;
 }
 
+// Freed memory is held back, poisoned, before it goes back to the C library: until it does, no
+// allocation can get its address, so a launch, copy or product that still uses a freed buffer
+// finds its address in no live allocation and fails, rather than silently reading whatever was
+// allocated there next. The oldest buffers leave once the held bytes pass the limit.
+constexpr size_t QUARANTINE_BYTES = 128ull << 20;
+
+struct Quarantine {
+    std::map<uint64_t, size_t> bytes_at; // base -> the buffer's size, to name it in messages
+    std::vector<uint64_t> order;         // oldest first
+    size_t held = 0;
+};
+
+Quarantine& quarantine() {
+    static Quarantine q;
+    return q;
+}
+
+void hold_freed(uint64_t ptr, size_t bytes) {
+    Quarantine& q = quarantine();
+    std::memset(reinterpret_cast<void*>(ptr), FRESH_BYTE, bytes);
+    q.bytes_at[ptr] = bytes;
+    q.order.push_back(ptr);
+    q.held += bytes + GUARD;
+    size_t leaving = 0;
+    while (q.held > QUARANTINE_BYTES && leaving < q.order.size()) {
+        const uint64_t oldest = q.order[leaving++];
+        q.held -= q.bytes_at[oldest] + GUARD;
+        q.bytes_at.erase(oldest);
+        std::free(reinterpret_cast<void*>(oldest));
+    }
+    q.order.erase(q.order.begin(), q.order.begin() + (ptrdiff_t)leaving);
+}
+
+// The size of the freed buffer still held back that `ptr` points into (its end included), or
+// null.
+const size_t* freed_buffer_at(uint64_t ptr) {
+    const auto& held = quarantine().bytes_at;
+    auto it = held.upper_bound(ptr);
+    if (it == held.begin()) {
+        return nullptr;
+    }
+    --it;
+    return ptr >= it->first && ptr <= it->first + it->second ? &it->second : nullptr;
+}
+
 // The compute capability the "GPU" reports: 9.0 unless ATOMIC_EMULATED_GPU_COMPUTE_CAPABILITY
 // says another ("6.1", say, for a GPU the backend does not support).
 std::pair<int, int> compute_capability() {
@@ -187,7 +232,7 @@ CUresult release(CUdeviceptr ptr, bool owner = false) {
     if (it->second.graph_backed) {
         std::memset(it->second.base, FRESH_BYTE, it->second.bytes); // kept by the graph, poisoned
     } else {
-        std::free(it->second.base);
+        hold_freed(ptr, it->second.bytes);
     }
     allocations().erase(it);
     return result != SUCCESS ? result : sticky;
@@ -196,7 +241,7 @@ CUresult release(CUdeviceptr ptr, bool owner = false) {
 // ----- modules and kernels
 
 using LaunchFn = int (*)(const char*, const unsigned*, const unsigned*, size_t, void**, uint64_t, uint64_t);
-using ParamsFn = int (*)(const char*, size_t*, int);
+using ParamsFn = int (*)(const char*, size_t*, unsigned char*, int);
 
 struct Module {
     void* handle;
@@ -208,6 +253,7 @@ struct Function {
     Module* module;
     std::string name;
     std::vector<size_t> param_sizes;
+    std::vector<unsigned char> pointer_params; // per parameter: whether it is a pointer
     int max_dynamic_smem = SHARED_PER_BLOCK;
 };
 
@@ -312,7 +358,11 @@ bool in_bounds(uint64_t ptr, size_t bytes, const char* what) {
             return false;
         }
     }
-    report(std::string(what) + ": address is not in a live allocation");
+    if (const size_t* freed_bytes = freed_buffer_at(ptr)) {
+        report(std::string(what) + ": address is in a " + std::to_string(*freed_bytes) + "-byte buffer already freed");
+    } else {
+        report(std::string(what) + ": address is not in a live allocation");
+    }
     return false;
 }
 
@@ -738,11 +788,13 @@ CUresult cuModuleGetFunction(void** function, void* module, const char* name) {
     Guard g(lock());
     auto* m = static_cast<Module*>(module);
     size_t sizes[64];
-    const int count = m->params(name, sizes, 64);
+    unsigned char pointers[64];
+    const int count = m->params(name, sizes, pointers, 64);
     if (count < 0) {
         return NOT_FOUND;
     }
-    *function = new Function{m, name, std::vector<size_t>(sizes, sizes + count)};
+    *function = new Function{m, name, std::vector<size_t>(sizes, sizes + count),
+                             std::vector<unsigned char>(pointers, pointers + count)};
     return SUCCESS;
 }
 
@@ -804,6 +856,24 @@ CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, u
             args.push_back(blob->data() + o);
         }
         const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, 1, 1};
+        // Every pointer argument is null or points into live memory (its end included, for an
+        // empty view): a freed or never-allocated address faults here, as it may on a GPU, and
+        // the kernel does not run. Checked as the launch runs, so a graph's replay checks too.
+        for (size_t i = 0; i < offsets.size(); ++i) {
+            uint64_t ptr = 0;
+            if (f->pointer_params[i]) {
+                std::memcpy(&ptr, args[i], sizeof ptr);
+            }
+            if (ptr != 0 &&
+                !emulated_gpu::in_bounds(ptr, 0,
+                                         (launch_shape(f, grid, block, smem) + ", argument " + std::to_string(i))
+                                             .c_str())) {
+                if (sticky == SUCCESS) {
+                    sticky = ILLEGAL_ADDRESS;
+                }
+                return;
+            }
+        }
         if (fault_injected()) {
             if (sticky == SUCCESS) {
                 emulated_gpu::report("injected fault (ATOMIC_EMULATED_GPU_FAULT_FILE exists): " +

@@ -9,7 +9,10 @@
 //   allocation is followed by a guard zone whose bytes are checked at every synchronisation and
 //   free, so a write past a buffer's end is reported with the buffer's size;
 // - copies and cuBLAS operands must lie inside one live allocation (a copy or product that
-//   reaches past its buffer is an error naming the call, not a silent overrun);
+//   reaches past its buffer is an error naming the call, not a silent overrun), and a kernel's
+//   pointer arguments must be null or point into one (a launch given a freed buffer faults);
+//   freed memory is held back, poisoned, before the C library gets it back (up to 128 MiB),
+//   so no allocation is handed a freed address that a stale use could still reach;
 // - an asynchronous failure (a kernel that failed, a broken guard zone) is the context's sticky
 //   error: the next synchronisation returns it, and from then on launches, allocations, copies,
 //   memsets and cuBLAS products fail with it and queued or recorded work no longer runs, as on a
@@ -54,7 +57,7 @@ namespace emulated_gpu {
 std::recursive_mutex& lock();
 
 // Whether [ptr, ptr + bytes) lies inside one live allocation; `what` names the access in the
-// message printed when it does not.
+// message printed when it does not (which says so when the address is a freed buffer's).
 bool in_bounds(uint64_t ptr, size_t bytes, const char* what);
 
 // Runs `work` on the stream now, or records it when the stream is being captured; false (and

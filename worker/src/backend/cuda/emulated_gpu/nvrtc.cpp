@@ -4,8 +4,8 @@
 // library exports two functions over the kernels it finds in the source (every
 // `__global__ void name(`): `emu_launch`, which runs one over a range of a grid's blocks
 // (emulator.h; the driver spreads a launch's ranges over its host threads), and
-// `emu_kernel_params`, the size of each of its parameters, so that a launch can copy its
-// arguments as cuLaunchKernel does.
+// `emu_kernel_params`, the size of each of its parameters and whether it is a pointer, so that
+// a launch can copy its arguments as cuLaunchKernel does and check that each pointer is live.
 //
 // Built with EMULATOR_H (the path of emulator.h) and MODULE_DIR (where built libraries go)
 // defined by scripts/emulated-gpu.sh.
@@ -70,11 +70,13 @@ std::string translation_unit(const Program& p, const std::vector<std::string>& d
         kernels.insert((*it)[1]);
     }
     tu << "#line 1 \"emulated-gpu dispatch\"\n"
-          "template <class... P> static int emu_param_sizes(void (*)(P...), size_t* sizes, int max) {\n"
+          "template <class... P> static int emu_param_sizes(void (*)(P...), size_t* sizes, unsigned char* pointers, "
+          "int max) {\n"
           "    const size_t all[] = {sizeof(P)..., 0};\n"
+          "    const unsigned char pointer[] = {(unsigned char)std::is_pointer<P>::value..., 0};\n"
           "    const int n = (int)sizeof...(P);\n"
           "    if (n > max) return -1;\n"
-          "    for (int i = 0; i < n; ++i) sizes[i] = all[i];\n"
+          "    for (int i = 0; i < n; ++i) { sizes[i] = all[i]; pointers[i] = pointer[i]; }\n"
           "    return n;\n"
           "}\n"
           "extern \"C\" int emu_launch(const char* name, const unsigned* grid, const unsigned* block, size_t smem, "
@@ -83,9 +85,9 @@ std::string translation_unit(const Program& p, const std::vector<std::string>& d
         tu << "    if (strcmp(name, \"" << k << "\") == 0) return emu::run(&" << k << ", grid, block, smem, args, first, last);\n";
     }
     tu << "    return 2;\n}\n"
-          "extern \"C\" int emu_kernel_params(const char* name, size_t* sizes, int max) {\n";
+          "extern \"C\" int emu_kernel_params(const char* name, size_t* sizes, unsigned char* pointers, int max) {\n";
     for (const auto& k : kernels) {
-        tu << "    if (strcmp(name, \"" << k << "\") == 0) return emu_param_sizes(&" << k << ", sizes, max);\n";
+        tu << "    if (strcmp(name, \"" << k << "\") == 0) return emu_param_sizes(&" << k << ", sizes, pointers, max);\n";
     }
     tu << "    return -1;\n}\n";
     return tu.str();
