@@ -223,6 +223,28 @@ fn load_image(
         .collect()
 }
 
+/// The self-test's fallback, apart from the GPU: `run` once; where it fails and the tensor-core
+/// flash kernels were in use, `turn_off` them and `run` again. `Ok(Some(why))`: the second run
+/// passed, and `why` is the first one's failure.
+fn with_flash_fallback(
+    tensor_cores_in_use: bool,
+    mut run: impl FnMut() -> Result<()>,
+    turn_off: impl FnOnce(),
+) -> Result<Option<String>> {
+    match run() {
+        Ok(()) => Ok(None),
+        Err(first) if tensor_cores_in_use => {
+            turn_off();
+            run().map(|()| Some(first.to_string())).map_err(|again| {
+                BackendError::Device(format!(
+                    "{first}; with the tensor-core flash kernels off: {again}"
+                ))
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The unfused dense attention turned off for as long as this lives, the previous setting put
 /// back when it is dropped, on every path out (an error or a panic of the checks it guards).
 /// Not for concurrent use: two overlapping guards restore in the order they drop.
@@ -441,12 +463,31 @@ impl CudaBackend {
     /// so long that one query's scores pass 256 MiB; paged prompts of under 16 tokens take its
     /// paged form in the first run).
     ///
+    /// Where it fails while the tensor-core flash kernels are in use, they are turned off and
+    /// the whole test run again: a GPU on which they compute wrongly still serves, on the SIMT
+    /// flash kernel (verified the same way), with a warning that names the failure. A failure
+    /// with them off, or one that leaves the context unusable, stops the start-up as before.
+    ///
     /// [`selftest::check`]: crate::backend::selftest::check
     pub fn self_test(&self, precision: Precision) -> Result<()> {
-        crate::backend::selftest::check(self, precision)?;
-        let _flash_only = UnfusedAttentionOff::new(self);
-        crate::backend::selftest::check_attention(self, precision)
-            .map_err(|e| BackendError::Device(format!("{e} (dense attention through the flash kernel)")))
+        let tensor_cores_in_use =
+            self.half_precision_mma && self.tensor_core_flash_enabled.load(Ordering::Relaxed);
+        let run = || {
+            crate::backend::selftest::check(self, precision)?;
+            let _flash_only = UnfusedAttentionOff::new(self);
+            crate::backend::selftest::check_attention(self, precision)
+                .map_err(|e| BackendError::Device(format!("{e} (dense attention through the flash kernel)")))
+        };
+        let fallback = with_flash_fallback(tensor_cores_in_use, run, || {
+            self.set_tensor_core_flash(false);
+        })?;
+        if let Some(why) = fallback {
+            tracing::warn!(
+                error = %why,
+                "the tensor-core flash kernels failed the start-up self-test; prompts take the SIMT flash kernel"
+            );
+        }
+        Ok(())
     }
 
     /// Turns the unfused dense attention on or off (on by default); off, every dense prompt
@@ -882,5 +923,63 @@ impl CudaBackend {
 
     pub(crate) fn backend_name(&self) -> &str {
         &self.name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// A self-test run that fails its first `failures` calls, counting them all.
+    fn runs(failures: usize, calls: &Cell<usize>) -> impl FnMut() -> Result<()> + '_ {
+        move || {
+            calls.set(calls.get() + 1);
+            if calls.get() <= failures {
+                Err(BackendError::Device(format!("run {} wrong", calls.get())))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[test]
+    fn a_passing_self_test_keeps_the_tensor_cores() {
+        let (calls, turned_off) = (Cell::new(0), Cell::new(false));
+        let out = with_flash_fallback(true, runs(0, &calls), || turned_off.set(true));
+        assert!(matches!(out, Ok(None)), "{out:?}");
+        assert_eq!((calls.get(), turned_off.get()), (1, false));
+    }
+
+    #[test]
+    fn a_tensor_core_failure_falls_back_and_says_why() {
+        let (calls, turned_off) = (Cell::new(0), Cell::new(false));
+        let out = with_flash_fallback(true, runs(1, &calls), || turned_off.set(true));
+        match out {
+            Ok(Some(why)) => assert!(why.contains("run 1 wrong"), "{why}"),
+            other => panic!("expected the fallback, got {other:?}"),
+        }
+        assert_eq!((calls.get(), turned_off.get()), (2, true));
+    }
+
+    #[test]
+    fn a_failure_with_the_tensor_cores_off_stops_the_start() {
+        let (calls, turned_off) = (Cell::new(0), Cell::new(false));
+        let out = with_flash_fallback(true, runs(2, &calls), || turned_off.set(true));
+        let message = out.expect_err("both runs failed").to_string();
+        assert!(
+            message.contains("run 1 wrong") && message.contains("with the tensor-core flash kernels off: "),
+            "{message}"
+        );
+        assert!(message.contains("run 2 wrong"), "{message}");
+        assert_eq!(calls.get(), 2);
+    }
+
+    #[test]
+    fn without_the_tensor_cores_a_failure_is_not_retried() {
+        let (calls, turned_off) = (Cell::new(0), Cell::new(false));
+        let out = with_flash_fallback(false, runs(1, &calls), || turned_off.set(true));
+        assert!(out.is_err());
+        assert_eq!((calls.get(), turned_off.get()), (1, false));
     }
 }

@@ -1863,7 +1863,19 @@ fn gpu_passes_the_start_up_self_test() {
         let Some(g) = gpu_in("gpu_passes_the_start_up_self_test", p) else {
             return;
         };
+        let tensor_cores = || {
+            g.tensor_core_flash_enabled
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let tensor_cores_before = tensor_cores();
         g.self_test(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+        // The self-test would pass with the tensor-core flash kernels failing it, by turning
+        // them off: here that is a failure.
+        assert_eq!(
+            tensor_cores(),
+            tensor_cores_before,
+            "{p}: the tensor-core flash kernels failed the self-test (it turned them off)"
+        );
         // With the matrix-vector kernel and the bias epilogue off, the same ops through cuBLAS
         // and separate kernels.
         g.set_gemv(false);
