@@ -6,8 +6,8 @@
 //   of them; emu::run below runs one range). Each CUDA thread of a block is a fiber on its host
 //   thread; a fiber that stops at a barrier or shuffle switches straight to the block's next
 //   unfinished fiber (round-robin, the scheduler only starting the block and getting it back when
-//   it ends), so barriers cost a context switch rather than an OS wake-up. On x86-64 a switch is a few instructions (callee-saved registers pushed, stack
-//   pointers swapped); elsewhere it is swapcontext, which also makes a system call for the signal
+//   it ends), so barriers cost a context switch rather than an OS wake-up. On x86-64 a switch
+//   is a few instructions (callee-saved registers pushed, stack pointers swapped); elsewhere it is swapcontext, which also makes a system call for the signal
 //   mask. Fibers live across blocks and launches, each running one block's body after another,
 //   and never leave their host thread.
 // - A fiber finds itself from its stack pointer: stacks are aligned to their size and begin with
@@ -166,8 +166,6 @@ struct Host {
 
 constexpr size_t STACK_BYTES = 256 * 1024;
 
-// A fiber's record, at the base of its stack (the lowest addresses; the stack grows down from
-// the top, 256 KiB away).
 // A cp.async copy a thread has started and not yet waited for: it lands only at the thread's
 // next wait (emu_cp_async_wait_all), so a read of the tile before then sees what was there
 // before, as it may on a GPU.
@@ -179,6 +177,8 @@ struct AsyncCopy {
 
 constexpr int MAX_ASYNC_COPIES = 64;
 
+// A fiber's record, at the base of its stack (the lowest addresses; the stack grows down from
+// the top, 256 KiB away).
 struct Fiber {
     Context context;
     Host* host;
@@ -225,10 +225,10 @@ static void yield() {
     }
 }
 
-// A fiber's life: the current block's body, then finished until the scheduler resumes it for the
-// next block (of this launch or a later one).
 [[noreturn]] static void trap();
 
+// A fiber's life: the current block's body, then finished until the scheduler resumes it for the
+// next block (of this launch or a later one).
 static void fiber_main() {
     for (;;) {
         Fiber* f = self();

@@ -339,31 +339,36 @@ void fail_async(const std::string& message) {
     }
 }
 
-bool in_bounds(uint64_t ptr, size_t bytes, const char* what) {
+// Why [ptr, ptr + bytes) does not lie inside one live allocation, or empty when it does: the
+// check of in_bounds without its message, for callers that name the access only on failure.
+std::string out_of_bounds(uint64_t ptr, size_t bytes) {
     auto& live = allocations();
     auto it = live.upper_bound(ptr);
     if (it != live.begin()) {
         --it;
         if (ptr >= it->first && ptr + bytes <= it->first + it->second.bytes) {
             if (it->second.captured == Captured::GraphOwned && !replaying) {
-                report(std::string(what) + ": memory a graph allocated and freed inside its capture");
-                return false;
+                return "memory a graph allocated and freed inside its capture";
             }
-            return true;
+            return "";
         }
         if (ptr >= it->first && ptr < it->first + it->second.bytes) {
-            report(std::string(what) + ": " + std::to_string(bytes) + " bytes at offset " +
-                   std::to_string(ptr - it->first) + " of a " + std::to_string(it->second.bytes) +
-                   "-byte buffer reach past its end");
-            return false;
+            return std::to_string(bytes) + " bytes at offset " + std::to_string(ptr - it->first) + " of a " +
+                   std::to_string(it->second.bytes) + "-byte buffer reach past its end";
         }
     }
     if (const size_t* freed_bytes = freed_buffer_at(ptr)) {
-        report(std::string(what) + ": address is in a " + std::to_string(*freed_bytes) + "-byte buffer already freed");
-    } else {
-        report(std::string(what) + ": address is not in a live allocation");
+        return "address is in a " + std::to_string(*freed_bytes) + "-byte buffer already freed";
     }
-    return false;
+    return "address is not in a live allocation";
+}
+
+bool in_bounds(uint64_t ptr, size_t bytes, const char* what) {
+    const std::string why = out_of_bounds(ptr, bytes);
+    if (!why.empty()) {
+        report(std::string(what) + ": " + why);
+    }
+    return why.empty();
 }
 
 bool enqueue(void* stream, std::function<void()> work) {
@@ -864,10 +869,12 @@ CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, u
             if (f->pointer_params[i]) {
                 std::memcpy(&ptr, args[i], sizeof ptr);
             }
-            if (ptr != 0 &&
-                !emulated_gpu::in_bounds(ptr, 0,
-                                         (launch_shape(f, grid, block, smem) + ", argument " + std::to_string(i))
-                                             .c_str())) {
+            if (ptr == 0) {
+                continue;
+            }
+            if (const std::string why = emulated_gpu::out_of_bounds(ptr, 0); !why.empty()) {
+                emulated_gpu::report(launch_shape(f, grid, block, smem) + ", argument " + std::to_string(i) + ": " +
+                                     why);
                 if (sticky == SUCCESS) {
                     sticky = ILLEGAL_ADDRESS;
                 }
