@@ -55,7 +55,7 @@ unsafe impl Send for Emulator {}
 ///   elements apart) in shared memory; lane l addresses row 7 - l % 8 of matrix l / 8, shifted
 ///   by `misaligned` elements, and writes the four registers of ldmatrix_x4, then of
 ///   ldmatrix_x4_trans, as lane-major words.
-/// - probe_butterfly: one warp's lanes_sum at every width and warp_max (the emulator's one-
+/// - probe_butterfly: one warp's lanes_sum and lanes_max at every width (the emulator's one-
 ///   exchange butterflies), each beside the same butterfly written out in __shfl_xor_sync.
 /// - probe_cp_async (half precision): each lane of one warp fills its 16 bytes of a shared
 ///   tile with 7s, then copies 16 bytes of `src` over them by cp_async_16 (lanes 24 and up
@@ -128,19 +128,16 @@ extern "C" __global__ void probe_butterfly(float* out, const float* in) {
     const float v = in[lane];
     int slot = 0;
     for (int width = 1; width <= 32; width *= 2, ++slot) {
-        float s = v;
+        float s = v, mx = v;
         for (int o = width / 2; o > 0; o >>= 1) {
             s += __shfl_xor_sync(FULL_MASK, s, o);
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
         }
-        out[(2 * slot) * 32 + lane] = lanes_sum(v, width);
-        out[(2 * slot + 1) * 32 + lane] = s;
+        out[(4 * slot) * 32 + lane] = lanes_sum(v, width);
+        out[(4 * slot + 1) * 32 + lane] = s;
+        out[(4 * slot + 2) * 32 + lane] = width == 32 ? warp_max(v) : lanes_max(v, width);
+        out[(4 * slot + 3) * 32 + lane] = mx;
     }
-    float mx = v;
-    for (int o = 16; o > 0; o >>= 1) {
-        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
-    }
-    out[12 * 32 + lane] = warp_max(v);
-    out[13 * 32 + lane] = mx;
 }
 
 extern "C" __global__ void probe_cp_async(unsigned int* out, const unsigned int* src, int leave_pending) {
@@ -1842,7 +1839,7 @@ fn the_emulated_butterflies_add_in_the_shuffles_order() {
             if rng.next() < 0.0 { -magnitude } else { magnitude }
         })
         .collect();
-    let mut out = vec![0f32; 14 * 32];
+    let mut out = vec![0f32; 24 * 32];
     emu.launch(
         "probe_butterfly",
         (1, 1, 1),
@@ -1854,7 +1851,7 @@ fn the_emulated_butterflies_add_in_the_shuffles_order() {
     let mut order_matters = false;
     for (slot, width) in [1usize, 2, 4, 8, 16, 32].into_iter().enumerate() {
         for lane in 0..32 {
-            let (got, want) = (row(2 * slot)[lane], row(2 * slot + 1)[lane]);
+            let (got, want) = (row(4 * slot)[lane], row(4 * slot + 1)[lane]);
             assert_eq!(
                 got.to_bits(),
                 want.to_bits(),
@@ -1869,18 +1866,17 @@ fn the_emulated_butterflies_add_in_the_shuffles_order() {
                     <= 1e-5 * group.iter().map(|&x| f64::from(x.abs())).sum::<f64>(),
                 "lanes_sum width {width}, lane {lane}: {got} against {exact}"
             );
+            let (got, want) = (row(4 * slot + 2)[lane], row(4 * slot + 3)[lane]);
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "lanes_max width {width}, lane {lane}"
+            );
+            let max = group.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(got, max, "lanes_max width {width}, lane {lane}");
         }
     }
     assert!(order_matters, "the inputs must make the order of the sums show");
-    let max = input.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for lane in 0..32 {
-        assert_eq!(
-            row(12)[lane].to_bits(),
-            row(13)[lane].to_bits(),
-            "warp_max, lane {lane}"
-        );
-        assert_eq!(row(12)[lane], max, "warp_max, lane {lane}");
-    }
 }
 
 #[test]

@@ -444,7 +444,7 @@ static inline void emu_warp_gather(const uint32_t* mine, int n, uint32_t* all) {
         memcpy(all + l * n, exchange[l], sizeof(uint32_t) * n);
     }
 }
-// The xor butterfly of common.cuh's lanes_sum (`max`: warp_max) over aligned groups of `width`
+// The xor butterfly of common.cuh's lanes_sum (`max`: lanes_max) over aligned groups of `width`
 // lanes, from one exchange of the warp's values. w[m] holds what lane (lane ^ m) holds after
 // each step, so a step of offset o combines w[m] with w[m + o] (its partner, lane ^ m ^ o), own
 // value first as in `v += shfl_xor(v, o)`: the result is bit for bit the shuffles'.

@@ -496,9 +496,8 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
         float alpha[2], shift[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(FULL_MASK, tile_max[r], 1));
-            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(FULL_MASK, tile_max[r], 2));
-            const float m_new = fmaxf(m[r], tile_max[r]);
+            // A row's 16 columns of the tile are spread over the 4 lanes of its quad.
+            const float m_new = fmaxf(m[r], lanes_max(tile_max[r], 4));
             // A row with no visible key yet keeps zeros: nothing to rescale, and every
             // 2^(-inf - 0) below is 0.
             alpha[r] = m_new == -INFINITY ? 1.0f : exp2f(m[r] - m_new); // 0 while m[r] is -inf
@@ -543,8 +542,7 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
-        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
+        l[r] = lanes_sum(l[r], 4);
     }
 #pragma unroll
     for (int e = 0; e < 4; ++e) {

@@ -297,14 +297,15 @@ __device__ __forceinline__ float activate(float x, int act) {
     }
 }
 
-// Sum of `v` over each aligned group of `width` lanes (a power of two, at most 32), returned to
-// every lane of the group: an xor butterfly, widest step first.
+// Sum (lanes_sum) or maximum (lanes_max) of `v` over each aligned group of `width` lanes (a
+// power of two, at most 32), returned to every lane of the group: an xor butterfly, widest step
+// first.
 #if defined(ATOMIC_EMULATE)
 // The emulator computes the same butterfly, in the same order, from one exchange of the warp's
 // values (emulator.h): each shuffle would stop every lane's fiber, which is most of the
 // emulation's time in the kernels that reduce per key or per output.
 __device__ __forceinline__ float lanes_sum(float v, int width) { return emu_butterfly(v, width, false); }
-__device__ __forceinline__ float warp_max(float v) { return emu_butterfly(v, 32, true); }
+__device__ __forceinline__ float lanes_max(float v, int width) { return emu_butterfly(v, width, true); }
 #else
 __device__ __forceinline__ float lanes_sum(float v, int width) {
     for (int offset = width / 2; offset > 0; offset >>= 1) {
@@ -313,8 +314,8 @@ __device__ __forceinline__ float lanes_sum(float v, int width) {
     return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-    for (int offset = 16; offset > 0; offset >>= 1) {
+__device__ __forceinline__ float lanes_max(float v, int width) {
+    for (int offset = width / 2; offset > 0; offset >>= 1) {
         v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, offset));
     }
     return v;
@@ -322,6 +323,7 @@ __device__ __forceinline__ float warp_max(float v) {
 #endif
 
 __device__ __forceinline__ float warp_sum(float v) { return lanes_sum(v, 32); }
+__device__ __forceinline__ float warp_max(float v) { return lanes_max(v, 32); }
 
 // Sum of `v` over the block, returned to every thread. `scratch` holds 32 floats of shared
 // memory; the trailing barrier lets the caller reuse it for the next reduction at once.
