@@ -496,7 +496,7 @@ __device__ void tc_flash_body(const L& lay, elem_t* out, const elem_t* q, const 
         float alpha[2], shift[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            // A row's 16 columns of the tile are spread over the 4 lanes of its quad.
+            // A row's TC_BK scores of the tile are spread over the 4 lanes of its quad.
             const float m_new = fmaxf(m[r], lanes_max(tile_max[r], 4));
             // A row with no visible key yet keeps zeros: nothing to rescale, and every
             // 2^(-inf - 0) below is 0.
