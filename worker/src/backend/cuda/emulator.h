@@ -7,9 +7,10 @@
 //   thread; a fiber that stops at a barrier or shuffle switches straight to the block's next
 //   unfinished fiber (round-robin, the scheduler only starting the block and getting it back when
 //   it ends), so barriers cost a context switch rather than an OS wake-up. On x86-64 a switch
-//   is a few instructions (callee-saved registers pushed, stack pointers swapped); elsewhere it is swapcontext, which also makes a system call for the signal
-//   mask. Fibers live across blocks and launches, each running one block's body after another,
-//   and never leave their host thread.
+//   is a few instructions (callee-saved registers pushed, stack pointers swapped); elsewhere it
+//   is swapcontext, which also makes a system call for the signal mask. Fibers live across
+//   blocks and launches, each running one block's body after another, and never leave their
+//   host thread.
 // - A fiber finds itself from its stack pointer: stacks are aligned to their size and begin with
 //   the fiber's record (its threadIdx and its host thread's block state), so threadIdx, blockIdx,
 //   barriers and shuffles cost no thread-local lookup. Only __shared__ variables (function
